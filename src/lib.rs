@@ -1,0 +1,2 @@
+//! p2pcheck
+pub mod sys;

@@ -1,0 +1,103 @@
+//! Raw CUDA declarations: the bindgen output for `csrc/wrapper.h` (types, constants and
+//! function-pointer types only; nothing here links to CUDA), plus the C shim's interface.
+//!
+//! `build.rs` regenerates the bindings when CUDA headers and libclang are present and otherwise
+//! uses the committed `src/sys/bindings.rs`. The test below fails when the two drift apart;
+//! `BLESS=1 cargo test` accepts the regenerated output.
+#![allow(non_upper_case_globals, non_camel_case_types, non_snake_case, dead_code)]
+#![allow(clippy::all)]
+
+include!(concat!(env!("OUT_DIR"), "/bindings.rs"));
+
+/// Where this build's bindings came from: `generated from <include dir>` or `committed`.
+pub const BINDINGS_SOURCE: &str = env!("P2PCHECK_BINDINGS_SOURCE");
+
+/// The C shim (`csrc/shim.h`): SM-issued stores and loads through a mapping.
+pub mod shim {
+    use std::os::raw::{c_char, c_int, c_uchar, c_uint, c_ulonglong, c_void};
+
+    /// `p2pc_driver`: driver entry points handed to the shim.
+    #[repr(C)]
+    pub struct p2pc_driver {
+        pub module_load_data: unsafe extern "C" fn(*mut *mut c_void, *const c_void) -> c_int,
+        pub module_get_function:
+            unsafe extern "C" fn(*mut *mut c_void, *mut c_void, *const c_char) -> c_int,
+        pub module_unload: unsafe extern "C" fn(*mut c_void) -> c_int,
+        pub launch_kernel: unsafe extern "C" fn(
+            *mut c_void,
+            c_uint,
+            c_uint,
+            c_uint,
+            c_uint,
+            c_uint,
+            c_uint,
+            c_uint,
+            *mut c_void,
+            *mut *mut c_void,
+            *mut *mut c_void,
+        ) -> c_int,
+        pub ctx_synchronize: unsafe extern "C" fn() -> c_int,
+        pub mem_alloc: unsafe extern "C" fn(*mut c_ulonglong, usize) -> c_int,
+        pub mem_free: unsafe extern "C" fn(c_ulonglong) -> c_int,
+        pub memset_d8: unsafe extern "C" fn(c_ulonglong, c_uchar, usize) -> c_int,
+        pub memcpy_dtoh: unsafe extern "C" fn(*mut c_void, c_ulonglong, usize) -> c_int,
+    }
+
+    /// `p2pc_kernel_report`.
+    #[repr(C)]
+    pub struct p2pc_kernel_report {
+        pub failed_call: *const c_char,
+        pub code: c_int,
+        pub mismatches: c_ulonglong,
+        pub first_bad: c_ulonglong,
+    }
+
+    extern "C" {
+        pub fn p2pc_kernel_store(
+            d: *const p2pc_driver,
+            ptx: *const c_char,
+            ptr: c_ulonglong,
+            n: usize,
+            value: c_uchar,
+            out: *mut p2pc_kernel_report,
+        );
+        pub fn p2pc_kernel_check(
+            d: *const p2pc_driver,
+            ptx: *const c_char,
+            ptr: c_ulonglong,
+            n: usize,
+            value: c_uchar,
+            out: *mut p2pc_kernel_report,
+        );
+    }
+}
+
+#[cfg(test)]
+mod drift {
+    /// The committed bindings must equal what this build generated (when it generated any).
+    #[test]
+    fn committed_bindings_match_generated() {
+        let committed_path = concat!(env!("CARGO_MANIFEST_DIR"), "/src/sys/bindings.rs");
+        let generated = include_str!(concat!(env!("OUT_DIR"), "/bindings.rs"));
+        if !super::BINDINGS_SOURCE.starts_with("generated") {
+            assert!(
+                std::env::var_os("P2PCHECK_REQUIRE_BINDGEN").is_none(),
+                "P2PCHECK_REQUIRE_BINDGEN is set but build.rs could not run bindgen \
+                 (see its cargo warning)"
+            );
+            eprintln!("skipped: bindings were not regenerated in this build (no CUDA headers or libclang)");
+            return;
+        }
+        let committed = std::fs::read_to_string(committed_path).unwrap_or_default();
+        if std::env::var_os("BLESS").is_some() {
+            std::fs::write(committed_path, generated).expect("write src/sys/bindings.rs");
+            return;
+        }
+        assert!(
+            committed == generated,
+            "src/sys/bindings.rs differs from the bindings generated {}; \
+             run `BLESS=1 cargo test --lib drift` to accept them",
+            super::BINDINGS_SOURCE
+        );
+    }
+}
