@@ -1,0 +1,511 @@
+//! The parent side of the check: finds and starts the two workers, relays between them, keeps a
+//! deadline on every wait, and collects one [`PairReport`] per pair.
+//!
+//! The parent never touches CUDA here. The workers talk only to the parent (a star, not a line
+//! between them), so the parent sees every step, can time each one out, and knows which pair
+//! and which step a silent worker was stuck in. Any failure kills both workers with their whole
+//! process groups and reaps them: no path leaves a child behind.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use crate::protocol::{
+    self, FrameReader, KernelOutcome, Message, Pair, ProtocolError, Role, SideVerdict,
+};
+use crate::worker::WORKER_FLAG;
+
+/// How a check runs.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Also test SM-issued stores and loads through the mapping (the C shim's kernels). A pair
+    /// whose kernels fail is then false even where vLLM's copy test passes. `false` gives
+    /// exactly vLLM's algorithm.
+    pub kernel_check: bool,
+    /// How long a worker may take to start CUDA and say Hello.
+    pub startup_timeout: Duration,
+    /// How long the parent waits for any single step of a pair.
+    pub step_timeout: Duration,
+    /// The worker executable; `None` searches as [`locate_worker`] documents.
+    pub worker: Option<PathBuf>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            kernel_check: true,
+            startup_timeout: Duration::from_secs(60),
+            step_timeout: Duration::from_secs(10),
+            worker: None,
+        }
+    }
+}
+
+/// Everything known about one pair after the check.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PairReport {
+    /// The pair (local device ids).
+    pub pair: Pair,
+    /// The producer's verdict.
+    pub producer: SideVerdict,
+    /// The consumer's verdict.
+    pub consumer: SideVerdict,
+}
+
+impl PairReport {
+    /// vLLM's boolean: both sides read back the consumer's bytes (false, with a warning, when
+    /// they disagree).
+    pub fn copy_ok(&self) -> bool {
+        self.producer.copy_ok && self.consumer.copy_ok
+    }
+
+    /// The sides disagree on the copy test (vLLM logs a warning and answers false).
+    pub fn disagree(&self) -> bool {
+        self.producer.copy_ok != self.consumer.copy_ok
+    }
+
+    /// The kernel check, both sides combined: `Ok` only if both saw it pass.
+    pub fn kernel(&self) -> KernelOutcome {
+        match (&self.producer.kernel, &self.consumer.kernel) {
+            (KernelOutcome::Ok, KernelOutcome::Ok) => KernelOutcome::Ok,
+            (KernelOutcome::Failed(a), KernelOutcome::Failed(b)) => {
+                KernelOutcome::Failed(format!("{a}; {b}"))
+            }
+            (KernelOutcome::Failed(why), _) | (_, KernelOutcome::Failed(why)) => {
+                KernelOutcome::Failed(why.clone())
+            }
+            _ => KernelOutcome::NotRun,
+        }
+    }
+
+    /// The verdict: the copy test passed and the kernel check, where it ran, did too.
+    pub fn ok(&self) -> bool {
+        self.copy_ok() && !matches!(self.kernel(), KernelOutcome::Failed(_))
+    }
+
+    /// The driver's claim (`cudaDeviceCanAccessPeer(tgt, src)`), as the consumer asked it.
+    pub fn claim(&self) -> Option<bool> {
+        self.consumer.claim
+    }
+
+    /// Why the pair failed or what was odd about it; empty for a clean pass.
+    pub fn details(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.disagree() {
+            out.push(format!(
+                "producer and consumer disagree (producer {}, consumer {}): counted as false",
+                self.producer.copy_ok, self.consumer.copy_ok
+            ));
+        }
+        for (side, v) in [("producer", &self.producer), ("consumer", &self.consumer)] {
+            if !v.detail.is_empty() {
+                out.push(format!("{side}: {}", v.detail));
+            }
+        }
+        if let KernelOutcome::Failed(why) = self.kernel() {
+            out.push(format!("kernel check: {why}"));
+        }
+        out.dedup();
+        out
+    }
+}
+
+/// The result of one check run.
+#[derive(Clone, Debug)]
+pub struct Report {
+    /// Devices the workers see.
+    pub device_count: u32,
+    /// One entry per pair, in batch order.
+    pub pairs: Vec<PairReport>,
+    /// Wall time from spawning the workers to reaping them.
+    pub elapsed: Duration,
+    /// The worker executable used.
+    pub worker: PathBuf,
+    /// Whether the kernel check ran.
+    pub kernel_check: bool,
+}
+
+impl Report {
+    /// The report for `pair`, if it was checked.
+    pub fn get(&self, src: u32, tgt: u32) -> Option<&PairReport> {
+        self.pairs.iter().find(|p| p.pair == Pair { src, tgt })
+    }
+}
+
+/// Every ordered pair of `n` devices, row-major (src outer), as vLLM's cache orders them.
+pub fn all_pairs(n: u32) -> Vec<Pair> {
+    (0..n)
+        .flat_map(|src| (0..n).map(move |tgt| Pair { src, tgt }))
+        .collect()
+}
+
+/// Finds the worker executable, in this order:
+/// 1. `explicit` (from [`Options::worker`]);
+/// 2. `$P2PCHECK_WORKER`;
+/// 3. `p2pcheck-worker` beside the current executable, then beside the shared library holding
+///    this code (a host that loads `libp2pcheck.so` from elsewhere);
+/// 4. the current executable itself when it is the `p2pcheck` CLI (which also serves as a
+///    worker);
+/// 5. `p2pcheck-worker` on `$PATH`.
+pub fn locate_worker(explicit: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = explicit {
+        return executable(p).with_context(|| format!("worker {} (from options)", p.display()));
+    }
+    if let Some(p) = std::env::var_os("P2PCHECK_WORKER").filter(|v| !v.is_empty()) {
+        let p = PathBuf::from(p);
+        return executable(&p).with_context(|| format!("P2PCHECK_WORKER={}", p.display()));
+    }
+    let exe = std::env::current_exe().ok();
+    let mut dirs: Vec<PathBuf> = exe.iter().filter_map(|e| e.parent().map(Path::to_path_buf)).collect();
+    if let Some(lib) = own_library_path() {
+        dirs.extend(lib.parent().map(Path::to_path_buf));
+    }
+    let mut tried = Vec::new();
+    for dir in &dirs {
+        let p = dir.join("p2pcheck-worker");
+        if executable(&p).is_ok() {
+            return Ok(p);
+        }
+        tried.push(p.display().to_string());
+    }
+    if let Some(e) = exe.filter(|e| e.file_name().is_some_and(|n| n == "p2pcheck")) {
+        return Ok(e);
+    }
+    for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()) {
+        let p = dir.join("p2pcheck-worker");
+        if executable(&p).is_ok() {
+            return Ok(p);
+        }
+    }
+    tried.push("p2pcheck-worker on $PATH".into());
+    bail!(
+        "cannot find the p2pcheck-worker executable (tried {}); install it beside your program \
+         or set P2PCHECK_WORKER to its path",
+        tried.join(", ")
+    )
+}
+
+fn executable(p: &Path) -> Result<PathBuf> {
+    let meta = std::fs::metadata(p).with_context(|| format!("{} does not exist", p.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+        bail!("{} is not an executable file", p.display());
+    }
+    Ok(p.to_path_buf())
+}
+
+/// The file (executable or shared library) that holds this function's code.
+fn own_library_path() -> Option<PathBuf> {
+    let here = own_library_path as fn() -> Option<PathBuf> as *const libc::c_void;
+    // SAFETY: dladdr only reads loader tables for an address inside this object; info is a
+    // valid out-parameter, and dli_fname is a NUL-terminated string owned by the loader.
+    unsafe {
+        let mut info: libc::Dl_info = std::mem::zeroed();
+        if libc::dladdr(here, &mut info) == 0 || info.dli_fname.is_null() {
+            return None;
+        }
+        let name = std::ffi::CStr::from_ptr(info.dli_fname).to_string_lossy().into_owned();
+        Some(PathBuf::from(name))
+    }
+}
+
+/// A running worker; dropping it kills its process group and reaps it.
+struct Worker {
+    role: Role,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    reader: FrameReader,
+    _stdout: ChildStdout,
+    reaped: bool,
+}
+
+impl Worker {
+    fn spawn(path: &Path, role: Role) -> Result<Worker> {
+        let mut child = Command::new(path)
+            .arg(WORKER_FLAG)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            // Its own process group, so a kill reaches anything it started too.
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("cannot start worker {}", path.display()))?;
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().expect("stdout was piped");
+        Ok(Worker {
+            role,
+            reader: FrameReader::new(&stdout),
+            _stdout: stdout,
+            stdin,
+            child,
+            reaped: false,
+        })
+    }
+
+    fn name(&self) -> String {
+        format!("{} (pid {})", role_name(self.role), self.child.id())
+    }
+
+    fn send(&mut self, m: &Message) -> Result<()> {
+        let stdin = self.stdin.as_mut().ok_or_else(|| anyhow!("stdin already closed"))?;
+        write_ignoring_sigpipe(stdin, &protocol::encode(m))
+            .with_context(|| format!("cannot write to the {}", self.name()))
+    }
+
+    /// Closes stdin (the worker's signal to exit) and waits for it, killing it at the deadline.
+    fn finish(&mut self, deadline: Instant) -> Result<()> {
+        self.stdin = None;
+        loop {
+            match self.child.try_wait()? {
+                Some(status) => {
+                    self.reaped = true;
+                    if !status.success() {
+                        bail!("the {} exited with {status}", self.name());
+                    }
+                    return Ok(());
+                }
+                None if Instant::now() >= deadline => {
+                    self.kill();
+                    bail!("the {} did not exit after its batch; killed", self.name());
+                }
+                None => std::thread::sleep(Duration::from_millis(2)),
+            }
+        }
+    }
+
+    fn kill(&mut self) {
+        if self.reaped {
+            return;
+        }
+        // SAFETY: kill(2) on the worker's own process group (it was started with pgid = pid).
+        unsafe {
+            libc::kill(-(self.child.id() as i32), libc::SIGKILL);
+        }
+        let _ = self.child.wait();
+        self.reaped = true;
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Producer => "producer",
+        Role::Consumer => "consumer",
+    }
+}
+
+/// Writes all of `bytes`; a dead reader gives `EPIPE` instead of SIGPIPE killing the process
+/// (a host program may not ignore SIGPIPE the way Rust's runtime does).
+fn write_ignoring_sigpipe(stdin: &mut ChildStdin, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = stdin.as_raw_fd();
+    // SAFETY: signal-mask calls on this thread with valid sigset_t out-parameters; write(2) on
+    // an open pipe end with a live buffer; sigtimedwait only consumes a SIGPIPE this thread
+    // raised while it was blocked.
+    unsafe {
+        let mut pipe_set: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut pipe_set);
+        libc::sigaddset(&mut pipe_set, libc::SIGPIPE);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &pipe_set, &mut old);
+        let mut done = 0;
+        let mut result = Ok(());
+        while done < bytes.len() {
+            let n = libc::write(fd, bytes[done..].as_ptr().cast(), bytes.len() - done);
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                if e.raw_os_error() == Some(libc::EPIPE) {
+                    let zero = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+                    libc::sigtimedwait(&pipe_set, std::ptr::null_mut(), &zero);
+                }
+                result = Err(e);
+                break;
+            }
+            done += n as usize;
+        }
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        result
+    }
+}
+
+/// Which worker a message came from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Producer = 0,
+    Consumer = 1,
+}
+
+/// Next message from either worker, waiting at most until `deadline`.
+fn recv_any(workers: &mut [Worker; 2], deadline: Instant) -> Result<(Side, Message), (Side, ProtocolError)> {
+    let from = |i: usize| if i == 0 { Side::Producer } else { Side::Consumer };
+    loop {
+        for (i, w) in workers.iter_mut().enumerate() {
+            if let Some(m) = w.reader.buffered().map_err(|e| (from(i), e))? {
+                return Ok((from(i), m));
+            }
+        }
+        let fds = [workers[0].reader.fd(), workers[1].reader.fd()];
+        match protocol::poll_readable(&fds, deadline) {
+            Ok(Some(i)) => workers[i].reader.fill().map_err(|e| (from(i), e))?,
+            Ok(None) => return Err((Side::Producer, ProtocolError::Timeout)),
+            Err(e) => return Err((Side::Producer, e)),
+        }
+    }
+}
+
+/// Runs the check for `pairs` (all pairs of the visible devices when `None`).
+///
+/// Errors (the check could not be carried out) name the worker, the pair and the step; pair
+/// failures are not errors but part of the [`Report`].
+pub fn run(pairs: Option<&[Pair]>, opts: &Options) -> Result<Report> {
+    let started = Instant::now();
+    let path = locate_worker(opts.worker.as_deref())?;
+    let mut workers = [
+        Worker::spawn(&path, Role::Producer)?,
+        Worker::spawn(&path, Role::Consumer)?,
+    ];
+    let device_count = hello(&mut workers, &path, started + opts.startup_timeout)?;
+    let pairs = match pairs {
+        Some(p) => p.to_vec(),
+        None => all_pairs(device_count),
+    };
+    if let Some(bad) = pairs.iter().find(|p| p.src >= device_count || p.tgt >= device_count) {
+        bail!(
+            "pair {}->{} names a device this process cannot see: {device_count} visible \
+             (CUDA_VISIBLE_DEVICES={})",
+            bad.src,
+            bad.tgt,
+            std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "<unset>".into())
+        );
+    }
+    for w in workers.iter_mut() {
+        let role = w.role;
+        w.send(&Message::Start {
+            role,
+            kernel_check: opts.kernel_check,
+            pairs: pairs.clone(),
+        })?;
+    }
+    let reports = relay(&mut workers, &pairs, opts.step_timeout)?;
+    let deadline = Instant::now() + opts.step_timeout;
+    for w in workers.iter_mut() {
+        w.finish(deadline)?;
+    }
+    Ok(Report {
+        device_count,
+        pairs: reports,
+        elapsed: started.elapsed(),
+        worker: path,
+        kernel_check: opts.kernel_check,
+    })
+}
+
+/// Waits for both Hellos; returns the device count.
+fn hello(workers: &mut [Worker; 2], path: &Path, deadline: Instant) -> Result<u32> {
+    let mut counts = [None, None];
+    while counts.iter().any(Option::is_none) {
+        let (from, msg) = recv_any(workers, deadline).map_err(|(from, e)| {
+            let w = &workers[from as usize];
+            match e {
+                ProtocolError::Timeout => anyhow!(
+                    "the workers did not start CUDA within the start-up timeout ({})",
+                    path.display()
+                ),
+                e => anyhow!("the {} failed before saying Hello: {e}", w.name()),
+            }
+        })?;
+        let name = workers[from as usize].name();
+        match msg {
+            Message::Hello {
+                version,
+                device_count,
+                ..
+            } => {
+                if version != protocol::VERSION {
+                    bail!(
+                        "the worker {} speaks protocol version {version}, this library {}: \
+                         install the matching p2pcheck-worker",
+                        path.display(),
+                        protocol::VERSION
+                    );
+                }
+                let n = device_count
+                    .map_err(|why| anyhow!("the {name} could not start CUDA: {why}"))?;
+                counts[from as usize] = Some(n);
+            }
+            other => bail!("the {name} sent {other:?} before Hello"),
+        }
+    }
+    let [Some(a), Some(b)] = counts else { unreachable!("loop ends when both are set") };
+    if a != b {
+        bail!("the workers see different device counts ({a} and {b})");
+    }
+    if a == 0 {
+        bail!("no CUDA device is visible (CUDA_VISIBLE_DEVICES={:?})", std::env::var("CUDA_VISIBLE_DEVICES").ok());
+    }
+    Ok(a)
+}
+
+/// Forwards each message to the other worker and records verdicts until every pair has both.
+fn relay(workers: &mut [Worker; 2], pairs: &[Pair], step: Duration) -> Result<Vec<PairReport>> {
+    let mut verdicts: Vec<[Option<SideVerdict>; 2]> = vec![[None, None]; pairs.len()];
+    let mut remaining = 2 * pairs.len();
+    while remaining > 0 {
+        let current = verdicts
+            .iter()
+            .position(|v| v.iter().any(Option::is_none))
+            .unwrap_or(0);
+        let at = |i: usize| {
+            let p = pairs[i.min(pairs.len() - 1)];
+            format!("pair {} ({}->{})", i, p.src, p.tgt)
+        };
+        let (from, msg) = recv_any(workers, Instant::now() + step).map_err(|(from, e)| match e {
+            ProtocolError::Timeout => anyhow!(
+                "{}: no progress for {:.1} s; the workers were killed",
+                at(current),
+                step.as_secs_f64()
+            ),
+            e => anyhow!("{}: the {} failed: {e}", at(current), workers[from as usize].name()),
+        })?;
+        let other = 1 - from as usize;
+        let index = match &msg {
+            Message::Handle { index, .. } if from == Side::Producer => *index,
+            Message::Opened { index, .. } if from == Side::Consumer => *index,
+            Message::Barrier { index, .. } => *index,
+            Message::Verdict { index, .. } => *index,
+            m => bail!("{}: the {} sent {m:?}, which it may not", at(current), workers[from as usize].name()),
+        } as usize;
+        if index >= pairs.len() {
+            bail!("the {} sent a message for pair {index} of {}", workers[from as usize].name(), pairs.len());
+        }
+        match msg {
+            Message::Verdict { verdict, .. } => {
+                if verdicts[index][from as usize].replace(verdict).is_some() {
+                    bail!("{}: two verdicts from the {}", at(index), workers[from as usize].name());
+                }
+                remaining -= 1;
+            }
+            m => workers[other].send(&m)?,
+        }
+    }
+    Ok(pairs
+        .iter()
+        .zip(verdicts)
+        .map(|(&pair, [p, c])| PairReport {
+            pair,
+            producer: p.expect("all verdicts collected"),
+            consumer: c.expect("all verdicts collected"),
+        })
+        .collect())
+}

@@ -1,0 +1,782 @@
+//! The CUDA driver (libcuda) and runtime (libcudart), loaded with `dlopen` at first use.
+//!
+//! Nothing links against CUDA: a machine without a GPU, or with an older driver, loads and runs
+//! p2pcheck and gets an [`Error`] naming what is missing. Libraries load on first need, each
+//! symbol resolves on first call (a symbol an old driver lacks fails only the call that needs
+//! it), and every return code is checked: errors name the call, the device, and CUDA's own error
+//! name and text. `P2PCHECK_TRACE=1` prints every call, its device, result and duration to
+//! stderr: the audit trail of exactly which driver calls were made.
+//!
+//! This is the only module that touches raw pointers; everything above it is safe.
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Instant;
+
+use once_cell::sync::OnceCell;
+
+use crate::sys;
+
+/// Bytes in a CUDA IPC memory handle (`cudaIpcMemHandle_t`).
+pub const IPC_HANDLE_BYTES: usize = 64;
+
+/// Which of the two libraries an error or symbol belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Library {
+    /// libcuda, the driver API.
+    Driver,
+    /// libcudart, the runtime API.
+    Runtime,
+}
+
+impl Library {
+    fn name(self) -> &'static str {
+        match self {
+            Library::Driver => "libcuda",
+            Library::Runtime => "libcudart",
+        }
+    }
+    fn override_var(self) -> &'static str {
+        match self {
+            Library::Driver => "P2PCHECK_LIBCUDA",
+            Library::Runtime => "P2PCHECK_LIBCUDART",
+        }
+    }
+}
+
+/// Everything that can go wrong below the check: loading, resolving, or a failed call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Error {
+    /// The library could not be loaded; one line per path tried, each with `dlerror()`'s text.
+    Load {
+        /// Which library.
+        library: Library,
+        /// `path: reason` for every attempt, in order.
+        attempts: Vec<String>,
+    },
+    /// The library was loaded but lacks a symbol (an older driver, say).
+    Symbol {
+        /// Which library.
+        library: Library,
+        /// The symbol name.
+        symbol: &'static str,
+        /// Where the library was loaded from.
+        path: String,
+        /// `dlerror()`'s text.
+        reason: String,
+    },
+    /// A call returned an error code.
+    Cuda {
+        /// The function called, e.g. `cudaIpcOpenMemHandle`.
+        call: &'static str,
+        /// The device the call concerned, where there is one.
+        device: Option<i32>,
+        /// The raw return code (`CUresult` or `cudaError_t`).
+        code: i32,
+        /// CUDA's name for it, e.g. `cudaErrorInvalidDevice`.
+        name: String,
+        /// CUDA's description, e.g. `invalid device ordinal`.
+        text: String,
+    },
+}
+
+impl Error {
+    /// The CUDA error name of a failed call (`None` for load and symbol errors).
+    pub fn cuda_name(&self) -> Option<&str> {
+        match self {
+            Error::Cuda { name, .. } => Some(name),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Load { library, attempts } => {
+                write!(
+                    f,
+                    "could not load {} (set {} to its path): ",
+                    library.name(),
+                    library.override_var()
+                )?;
+                if attempts.is_empty() {
+                    write!(f, "nothing to try")
+                } else {
+                    write!(f, "{}", attempts.join("; "))
+                }
+            }
+            Error::Symbol {
+                library,
+                symbol,
+                path,
+                reason,
+            } => write!(
+                f,
+                "{} at {path} has no symbol {symbol} (driver too old?): {reason}",
+                library.name()
+            ),
+            Error::Cuda {
+                call,
+                device,
+                code,
+                name,
+                text,
+            } => {
+                write!(f, "{call}")?;
+                if let Some(d) = device {
+                    write!(f, " on device {d}")?;
+                }
+                write!(f, " failed: {name} ({text}, code {code})")?;
+                if *code == sys::CUDA_ERROR_STUB_LIBRARY as i32 {
+                    write!(
+                        f,
+                        "; this is CUDA's stub library, not a driver: no NVIDIA driver is \
+                         installed or the stub shadows it on the library path"
+                    )?;
+                }
+                if *call == "cudaIpcOpenMemHandle" {
+                    write!(
+                        f,
+                        "; inside a container this usually means the processes do not share \
+                         an IPC/PID namespace (docker: --ipc=host --pid=host)"
+                    )?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// Result of a driver-layer operation.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// A `dlopen`ed library, kept for the life of the process.
+struct Lib {
+    handle: usize,
+    path: String,
+}
+
+fn dlerror_text() -> String {
+    // SAFETY: dlerror returns NULL or a NUL-terminated string valid until the next dl* call on
+    // this thread; it is copied at once.
+    unsafe {
+        let e = libc::dlerror();
+        if e.is_null() {
+            "unknown dlerror".into()
+        } else {
+            CStr::from_ptr(e).to_string_lossy().into_owned()
+        }
+    }
+}
+
+fn dlopen(path: &str, flags: c_int) -> std::result::Result<usize, String> {
+    let c = CString::new(path).map_err(|_| "path contains a NUL byte".to_string())?;
+    // SAFETY: c is a valid C string; dlopen has no other preconditions.
+    let h = unsafe { libc::dlopen(c.as_ptr(), flags) };
+    if h.is_null() {
+        Err(dlerror_text())
+    } else {
+        Ok(h as usize)
+    }
+}
+
+/// The file a loaded handle came from (the soname resolves to a real path).
+fn loaded_path(handle: usize, symbol: &CStr) -> Option<String> {
+    // SAFETY: handle came from dlopen; symbol is NUL-terminated; dladdr only reads.
+    unsafe {
+        let addr = libc::dlsym(handle as *mut c_void, symbol.as_ptr());
+        if addr.is_null() {
+            return None;
+        }
+        let mut info: libc::Dl_info = std::mem::zeroed();
+        if libc::dladdr(addr, &mut info) == 0 || info.dli_fname.is_null() {
+            return None;
+        }
+        Some(CStr::from_ptr(info.dli_fname).to_string_lossy().into_owned())
+    }
+}
+
+impl Lib {
+    /// Tries `candidates` in order; a CUDA `stubs/` library is never accepted.
+    fn open(library: Library, candidates: Vec<String>, probe: &CStr) -> Result<Lib> {
+        let mut attempts = Vec::new();
+        for path in candidates {
+            if path.contains("/stubs/") {
+                attempts.push(format!("{path}: refused, a CUDA stub library"));
+                continue;
+            }
+            match dlopen(&path, libc::RTLD_NOW | libc::RTLD_LOCAL) {
+                Ok(handle) => {
+                    let real = loaded_path(handle, probe).unwrap_or_else(|| path.clone());
+                    if real.contains("/stubs/") {
+                        attempts.push(format!("{path}: resolved to the stub library {real}"));
+                        continue;
+                    }
+                    return Ok(Lib { handle, path: real });
+                }
+                Err(e) => attempts.push(format!("{path}: {e}")),
+            }
+        }
+        Err(Error::Load { library, attempts })
+    }
+
+    fn symbol(&self, library: Library, name: &'static CStr) -> Result<usize> {
+        // SAFETY: handle is a live dlopen handle; name is NUL-terminated.
+        let addr = unsafe { libc::dlsym(self.handle as *mut c_void, name.as_ptr()) };
+        if addr.is_null() {
+            Err(Error::Symbol {
+                library,
+                symbol: name.to_str().unwrap_or("?"),
+                path: self.path.clone(),
+                reason: dlerror_text(),
+            })
+        } else {
+            Ok(addr as usize)
+        }
+    }
+}
+
+static LIBCUDA: OnceCell<Result<Lib>> = OnceCell::new();
+static LIBCUDART: OnceCell<Result<Lib>> = OnceCell::new();
+
+fn env_path(var: &str) -> Option<String> {
+    std::env::var(var).ok().filter(|v| !v.is_empty())
+}
+
+/// The driver: `P2PCHECK_LIBCUDA` alone when set, else the soname `libcuda.so.1` (never the
+/// unversioned `libcuda.so`, which in a toolkit is often the stub).
+fn driver_candidates() -> Vec<String> {
+    match env_path("P2PCHECK_LIBCUDA") {
+        Some(p) => vec![p],
+        None => vec!["libcuda.so.1".into()],
+    }
+}
+
+/// The runtime: `P2PCHECK_LIBCUDART` alone when set; else a copy already loaded into this
+/// process (a host that uses torch has one: two runtimes in one process is asking for trouble),
+/// the sonames, `$CUDA_HOME`/`$CUDA_PATH`/`/usr/local/cuda`, and the pip wheels.
+fn runtime_candidates() -> Vec<String> {
+    if let Some(p) = env_path("P2PCHECK_LIBCUDART") {
+        return vec![p];
+    }
+    let mut out = Vec::new();
+    if let Ok(maps) = std::fs::read_to_string("/proc/self/maps") {
+        if let Some(path) = maps
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(5))
+            .find(|p| p.contains("/libcudart.so"))
+        {
+            out.push(path.to_string());
+        }
+    }
+    for soname in ["libcudart.so", "libcudart.so.13", "libcudart.so.12"] {
+        out.push(soname.into());
+    }
+    let mut roots: Vec<PathBuf> = ["CUDA_HOME", "CUDA_PATH"]
+        .iter()
+        .filter_map(|v| env_path(v).map(PathBuf::from))
+        .collect();
+    roots.push(PathBuf::from("/usr/local/cuda"));
+    for root in roots {
+        for lib in ["lib64", "lib"] {
+            out.push(root.join(lib).join("libcudart.so").display().to_string());
+        }
+    }
+    for site in python_site_dirs() {
+        out.push(site.join("nvidia/cu13/lib/libcudart.so.13").display().to_string());
+        out.push(
+            site.join("nvidia/cuda_runtime/lib/libcudart.so.12")
+                .display()
+                .to_string(),
+        );
+    }
+    out
+}
+
+/// site-packages folders where a pip-installed CUDA runtime wheel may live.
+fn python_site_dirs() -> Vec<PathBuf> {
+    let mut prefixes: Vec<PathBuf> = Vec::new();
+    if let Some(v) = env_path("VIRTUAL_ENV") {
+        prefixes.push(PathBuf::from(v).join("lib"));
+    }
+    if let Some(h) = env_path("HOME") {
+        prefixes.push(PathBuf::from(h).join(".local/lib"));
+    }
+    prefixes.push("/usr/local/lib".into());
+    prefixes.push("/usr/lib".into());
+    let mut out = Vec::new();
+    for prefix in prefixes {
+        let Ok(entries) = std::fs::read_dir(&prefix) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with("python3") {
+                out.push(e.path().join("site-packages"));
+                out.push(e.path().join("dist-packages"));
+            }
+        }
+    }
+    out
+}
+
+fn lib(library: Library) -> Result<&'static Lib> {
+    let (cell, candidates, probe): (_, fn() -> Vec<String>, &CStr) = match library {
+        Library::Driver => (&LIBCUDA, driver_candidates, c"cuInit"),
+        Library::Runtime => (&LIBCUDART, runtime_candidates, c"cudaGetErrorName"),
+    };
+    cell.get_or_init(|| Lib::open(library, candidates(), probe))
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// Where the library was loaded from (loading it if needed).
+pub fn library_path(library: Library) -> Result<String> {
+    lib(library).map(|l| l.path.clone())
+}
+
+/// Resolves `name` once per call site and returns it as the bindgen function-pointer type `F`.
+fn resolve<F: Copy>(
+    library: Library,
+    cell: &'static OnceCell<Result<usize>>,
+    name: &'static CStr,
+) -> Result<F> {
+    // Only pointer-sized function-pointer types are ever requested (bindgen's PFN types).
+    const { assert!(std::mem::size_of::<usize>() == std::mem::size_of::<Option<fn()>>()) };
+    assert_eq!(std::mem::size_of::<F>(), std::mem::size_of::<usize>());
+    let addr = cell
+        .get_or_init(|| lib(library).and_then(|l| l.symbol(library, name)))
+        .clone()?;
+    // SAFETY: addr is a non-null symbol address and F is the bindgen-generated
+    // `Option<unsafe extern "C" fn(..)>` type that the CUDA headers declare for this symbol.
+    Ok(unsafe { std::mem::transmute_copy::<usize, F>(&addr) })
+}
+
+/// Trace level: 0 unknown, 1 off, 2 on.
+static TRACE: AtomicU8 = AtomicU8::new(0);
+
+fn tracing() -> bool {
+    match TRACE.load(Ordering::Relaxed) {
+        0 => {
+            let on = std::env::var("P2PCHECK_TRACE").is_ok_and(|v| !v.is_empty() && v != "0");
+            TRACE.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+            on
+        }
+        level => level == 2,
+    }
+}
+
+fn trace(call: &str, device: Option<i32>, code: i32, started: Instant) {
+    if tracing() {
+        let dev = device.map(|d| format!(" device={d}")).unwrap_or_default();
+        eprintln!(
+            "[p2pcheck trace pid={}] {call}{dev} -> {code} ({} us)",
+            std::process::id(),
+            started.elapsed().as_micros()
+        );
+    }
+}
+
+/// Resolves a symbol (once per call site), makes the call, traces it, and returns its raw code.
+macro_rules! raw_call {
+    ($library:expr, $sym:literal as $pfn:ty, $device:expr, |$f:ident| $call:expr) => {{
+        static CELL: OnceCell<Result<usize>> = OnceCell::new();
+        let pfn: $pfn = resolve($library, &CELL, $sym)?;
+        let $f = pfn.ok_or_else(|| Error::Symbol {
+            library: $library,
+            symbol: $sym.to_str().unwrap_or("?"),
+            path: String::new(),
+            reason: "null address".into(),
+        })?;
+        let started = Instant::now();
+        // SAFETY: the symbol has the C type `$pfn` (bindgen, from the CUDA headers); every
+        // pointer argument points to live memory of the declared type for the call's duration.
+        let code = unsafe { $call } as i32;
+        trace($sym.to_str().unwrap_or("?"), $device, code, started);
+        code
+    }};
+}
+
+/// A driver-API call: returns `Err` naming the call unless it returned `CUDA_SUCCESS`.
+macro_rules! cu {
+    ($sym:literal as $pfn:ty, $device:expr, |$f:ident| $call:expr) => {{
+        let code = raw_call!(Library::Driver, $sym as $pfn, $device, |$f| $call);
+        check(Library::Driver, $sym, $device, code)
+    }};
+}
+
+/// A runtime-API call: returns `Err` naming the call unless it returned `cudaSuccess`.
+macro_rules! cuda {
+    ($sym:literal as $pfn:ty, $device:expr, |$f:ident| $call:expr) => {{
+        let code = raw_call!(Library::Runtime, $sym as $pfn, $device, |$f| $call);
+        check(Library::Runtime, $sym, $device, code)
+    }};
+}
+
+fn c_text(p: *const c_char) -> Option<String> {
+    if p.is_null() {
+        None
+    } else {
+        // SAFETY: CUDA's error-name functions return static NUL-terminated strings.
+        Some(unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+    }
+}
+
+/// CUDA's (name, text) for a code; falls back to the number when CUDA cannot say.
+fn describe(library: Library, code: i32) -> (String, String) {
+    let described = match library {
+        Library::Driver => driver_describe(code),
+        Library::Runtime => runtime_describe(code),
+    };
+    described.unwrap_or_else(|_| (format!("error {code}"), "no description available".into()))
+}
+
+fn driver_describe(code: i32) -> Result<(String, String)> {
+    let mut name: *const c_char = std::ptr::null();
+    let mut text: *const c_char = std::ptr::null();
+    raw_call!(Library::Driver, c"cuGetErrorName" as sys::PFN_cuGetErrorName_v6000, None, |f| f(
+        code as sys::CUresult,
+        &mut name
+    ));
+    raw_call!(Library::Driver, c"cuGetErrorString" as sys::PFN_cuGetErrorString_v6000, None, |f| f(
+        code as sys::CUresult,
+        &mut text
+    ));
+    Ok((
+        c_text(name).unwrap_or_else(|| format!("CUresult {code}")),
+        c_text(text).unwrap_or_else(|| "unknown error".into()),
+    ))
+}
+
+fn runtime_describe(code: i32) -> Result<(String, String)> {
+    let name = resolve::<sys::p2pc_PFN_cudaGetErrorName>(
+        Library::Runtime,
+        {
+            static C: OnceCell<Result<usize>> = OnceCell::new();
+            &C
+        },
+        c"cudaGetErrorName",
+    )?;
+    let text = resolve::<sys::p2pc_PFN_cudaGetErrorString>(
+        Library::Runtime,
+        {
+            static C: OnceCell<Result<usize>> = OnceCell::new();
+            &C
+        },
+        c"cudaGetErrorString",
+    )?;
+    let (Some(name), Some(text)) = (name, text) else {
+        return Err(Error::Load {
+            library: Library::Runtime,
+            attempts: vec!["cudaGetErrorName/String resolved to null".into()],
+        });
+    };
+    // SAFETY: both take an error code and return a static string; any code is accepted.
+    let (n, t) = unsafe { (name(code as sys::cudaError_t), text(code as sys::cudaError_t)) };
+    Ok((
+        c_text(n).unwrap_or_else(|| format!("cudaError {code}")),
+        c_text(t).unwrap_or_else(|| "unknown error".into()),
+    ))
+}
+
+fn check(library: Library, call: &'static CStr, device: Option<i32>, code: i32) -> Result<()> {
+    if code == 0 {
+        return Ok(());
+    }
+    let (name, text) = describe(library, code);
+    Err(Error::Cuda {
+        call: call.to_str().unwrap_or("?"),
+        device,
+        code,
+        name,
+        text,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Driver API
+
+/// `cuInit(0)`. A stub library answers `CUDA_ERROR_STUB_LIBRARY`, reported as such.
+pub fn init() -> Result<()> {
+    cu!(c"cuInit" as sys::PFN_cuInit_v2000, None, |f| f(0))
+}
+
+/// `cuDriverGetVersion`: e.g. 13000 for CUDA 13.0.
+pub fn driver_version() -> Result<i32> {
+    let mut v: c_int = 0;
+    cu!(c"cuDriverGetVersion" as sys::PFN_cuDriverGetVersion_v2020, None, |f| f(&mut v))?;
+    Ok(v)
+}
+
+/// `cuDeviceGetCount` (after [`init`]): the devices this process sees.
+pub fn device_count() -> Result<i32> {
+    let mut n: c_int = 0;
+    cu!(c"cuDeviceGetCount" as sys::PFN_cuDeviceGetCount_v2000, None, |f| f(&mut n))?;
+    Ok(n)
+}
+
+fn device_handle(ordinal: i32) -> Result<sys::CUdevice_v1> {
+    let mut dev: sys::CUdevice_v1 = 0;
+    cu!(c"cuDeviceGet" as sys::PFN_cuDeviceGet_v2000, Some(ordinal), |f| f(
+        &mut dev, ordinal
+    ))?;
+    Ok(dev)
+}
+
+/// `cuDeviceGetUuid_v2`, formatted as `GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`.
+pub fn device_uuid(ordinal: i32) -> Result<String> {
+    let dev = device_handle(ordinal)?;
+    let mut uuid = sys::CUuuid::default();
+    cu!(c"cuDeviceGetUuid_v2" as sys::PFN_cuDeviceGetUuid_v11040, Some(ordinal), |f| f(
+        &mut uuid, dev
+    ))?;
+    let b: Vec<u8> = uuid.bytes.iter().map(|&c| c as u8).collect();
+    let hex = |r: std::ops::Range<usize>| b[r].iter().map(|x| format!("{x:02x}")).collect::<String>();
+    Ok(format!(
+        "GPU-{}-{}-{}-{}-{}",
+        hex(0..4),
+        hex(4..6),
+        hex(6..8),
+        hex(8..10),
+        hex(10..16)
+    ))
+}
+
+/// `cuDeviceGetName`.
+pub fn device_name(ordinal: i32) -> Result<String> {
+    let dev = device_handle(ordinal)?;
+    let mut buf = [0 as c_char; 256];
+    cu!(c"cuDeviceGetName" as sys::PFN_cuDeviceGetName_v2000, Some(ordinal), |f| f(
+        buf.as_mut_ptr(),
+        buf.len() as c_int,
+        dev
+    ))?;
+    Ok(c_text(buf.as_ptr()).unwrap_or_default())
+}
+
+/// `cuDeviceCanAccessPeer(tgt, src)`: the driver's claim that `tgt` can reach `src`'s memory.
+/// A device always reaches itself.
+pub fn driver_claims_peer(src: i32, tgt: i32) -> Result<bool> {
+    if src == tgt {
+        return Ok(true);
+    }
+    let (s, t) = (device_handle(src)?, device_handle(tgt)?);
+    let mut can: c_int = 0;
+    cu!(c"cuDeviceCanAccessPeer" as sys::PFN_cuDeviceCanAccessPeer_v4000, Some(tgt), |f| f(
+        &mut can, t, s
+    ))?;
+    Ok(can != 0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Runtime API
+
+/// A device allocation or IPC mapping, by address (never dereferenced on the host).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DevicePtr(pub u64);
+
+impl DevicePtr {
+    fn as_mut_ptr(self) -> *mut c_void {
+        self.0 as usize as *mut c_void
+    }
+}
+
+/// `cudaGetDeviceCount`.
+pub fn runtime_device_count() -> Result<i32> {
+    let mut n: c_int = 0;
+    cuda!(c"cudaGetDeviceCount" as sys::p2pc_PFN_cudaGetDeviceCount, None, |f| f(&mut n))?;
+    Ok(n)
+}
+
+/// `cudaRuntimeGetVersion`.
+pub fn runtime_version() -> Result<i32> {
+    let mut v: c_int = 0;
+    cuda!(c"cudaRuntimeGetVersion" as sys::p2pc_PFN_cudaRuntimeGetVersion, None, |f| f(&mut v))?;
+    Ok(v)
+}
+
+/// `cudaSetDevice`.
+pub fn set_device(device: i32) -> Result<()> {
+    cuda!(c"cudaSetDevice" as sys::p2pc_PFN_cudaSetDevice, Some(device), |f| f(device))
+}
+
+/// `cudaMalloc` on the current device (`device` is for error messages).
+pub fn malloc(device: i32, bytes: usize) -> Result<DevicePtr> {
+    let mut p: *mut c_void = std::ptr::null_mut();
+    cuda!(c"cudaMalloc" as sys::p2pc_PFN_cudaMalloc, Some(device), |f| f(&mut p, bytes))?;
+    Ok(DevicePtr(p as usize as u64))
+}
+
+/// `cudaMemset`.
+pub fn memset(device: i32, p: DevicePtr, value: u8, bytes: usize) -> Result<()> {
+    cuda!(c"cudaMemset" as sys::p2pc_PFN_cudaMemset, Some(device), |f| f(
+        p.as_mut_ptr(),
+        c_int::from(value),
+        bytes
+    ))
+}
+
+/// `cudaDeviceSynchronize`.
+pub fn device_synchronize(device: i32) -> Result<()> {
+    cuda!(c"cudaDeviceSynchronize" as sys::p2pc_PFN_cudaDeviceSynchronize, Some(device), |f| f())
+}
+
+/// `cudaDeviceReset`: destroys the current device's primary context (and every allocation,
+/// mapping and module in it).
+pub fn device_reset(device: i32) -> Result<()> {
+    cuda!(c"cudaDeviceReset" as sys::p2pc_PFN_cudaDeviceReset, Some(device), |f| f())
+}
+
+/// `cudaMemcpy(host, p, bytes, cudaMemcpyDefault)`, as vLLM's check does (kind default).
+pub fn copy_to_host(device: i32, p: DevicePtr, bytes: usize) -> Result<Vec<u8>> {
+    let mut host = vec![0u8; bytes];
+    cuda!(c"cudaMemcpy" as sys::p2pc_PFN_cudaMemcpy, Some(device), |f| f(
+        host.as_mut_ptr().cast(),
+        p.as_mut_ptr(),
+        bytes,
+        sys::cudaMemcpyDefault
+    ))?;
+    Ok(host)
+}
+
+/// `cudaIpcGetMemHandle`: the handle's raw 64 bytes.
+pub fn ipc_get_mem_handle(device: i32, p: DevicePtr) -> Result<[u8; IPC_HANDLE_BYTES]> {
+    let mut h = sys::cudaIpcMemHandle_t::default();
+    cuda!(c"cudaIpcGetMemHandle" as sys::p2pc_PFN_cudaIpcGetMemHandle, Some(device), |f| f(
+        &mut h,
+        p.as_mut_ptr()
+    ))?;
+    Ok(h.reserved.map(|c| c as u8))
+}
+
+/// `cudaIpcOpenMemHandle(.., cudaIpcMemLazyEnablePeerAccess)` on the current device.
+pub fn ipc_open_mem_handle(device: i32, handle: &[u8; IPC_HANDLE_BYTES]) -> Result<DevicePtr> {
+    let h = sys::cudaIpcMemHandle_t {
+        reserved: handle.map(|b| b as c_char),
+    };
+    let mut p: *mut c_void = std::ptr::null_mut();
+    cuda!(c"cudaIpcOpenMemHandle" as sys::p2pc_PFN_cudaIpcOpenMemHandle, Some(device), |f| f(
+        &mut p,
+        h,
+        sys::cudaIpcMemLazyEnablePeerAccess
+    ))?;
+    Ok(DevicePtr(p as usize as u64))
+}
+
+/// `cudaDeviceCanAccessPeer(tgt, src)` through the runtime, as vLLM's fast path asks it.
+pub fn runtime_claims_peer(src: i32, tgt: i32) -> Result<bool> {
+    let mut can: c_int = 0;
+    cuda!(c"cudaDeviceCanAccessPeer" as sys::p2pc_PFN_cudaDeviceCanAccessPeer, Some(tgt), |f| f(
+        &mut can, tgt, src
+    ))?;
+    Ok(can != 0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The shim's kernel check
+
+/// What a kernel step saw.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelReport {
+    /// Bytes that differed from the expected value (always 0 for a store).
+    pub mismatches: u64,
+    /// Offset of the first differing byte.
+    pub first_bad: Option<u64>,
+}
+
+/// The kernels of `csrc/kernels.cu`, NUL-terminated for `cuModuleLoadData`.
+const KERNELS_PTX: &str = concat!(include_str!("../csrc/kernels.ptx"), "\0");
+
+fn shim_table() -> Result<sys::shim::p2pc_driver> {
+    macro_rules! addr {
+        ($sym:literal) => {{
+            static CELL: OnceCell<Result<usize>> = OnceCell::new();
+            let a: usize = resolve(Library::Driver, &CELL, $sym)?;
+            // SAFETY: a is the non-null address of the named driver function, whose C signature
+            // matches the field it fills (see csrc/shim.h).
+            unsafe { std::mem::transmute::<usize, _>(a) }
+        }};
+    }
+    Ok(sys::shim::p2pc_driver {
+        module_load_data: addr!(c"cuModuleLoadData"),
+        module_get_function: addr!(c"cuModuleGetFunction"),
+        module_unload: addr!(c"cuModuleUnload"),
+        launch_kernel: addr!(c"cuLaunchKernel"),
+        ctx_synchronize: addr!(c"cuCtxSynchronize"),
+        mem_alloc: addr!(c"cuMemAlloc_v2"),
+        mem_free: addr!(c"cuMemFree_v2"),
+        memset_d8: addr!(c"cuMemsetD8_v2"),
+        memcpy_dtoh: addr!(c"cuMemcpyDtoH_v2"),
+    })
+}
+
+/// The driver calls the shim can name as failed (csrc/shim.c).
+const SHIM_CALLS: [&str; 9] = [
+    "cuModuleLoadData",
+    "cuModuleGetFunction",
+    "cuModuleUnload",
+    "cuLaunchKernel",
+    "cuCtxSynchronize",
+    "cuMemAlloc_v2",
+    "cuMemFree_v2",
+    "cuMemsetD8_v2",
+    "cuMemcpyDtoH_v2",
+];
+
+type ShimFn = unsafe extern "C" fn(
+    *const sys::shim::p2pc_driver,
+    *const c_char,
+    u64,
+    usize,
+    u8,
+    *mut sys::shim::p2pc_kernel_report,
+);
+
+fn run_shim(f: ShimFn, what: &'static CStr, device: i32, p: DevicePtr, bytes: usize, value: u8) -> Result<KernelReport> {
+    let table = shim_table()?;
+    let mut report = sys::shim::p2pc_kernel_report {
+        failed_call: std::ptr::null(),
+        code: 0,
+        mismatches: 0,
+        first_bad: u64::MAX,
+    };
+    let started = Instant::now();
+    // SAFETY: table holds resolved driver functions, the PTX is NUL-terminated and static, and
+    // report is a live, writable p2pc_kernel_report; p is a device address the shim only passes
+    // to kernels.
+    unsafe { f(&table, KERNELS_PTX.as_ptr().cast(), p.0, bytes, value, &mut report) };
+    trace(what.to_str().unwrap_or("?"), Some(device), report.code, started);
+    if let Some(call) = c_text(report.failed_call) {
+        let (name, text) = describe(Library::Driver, report.code);
+        let call = SHIM_CALLS
+            .iter()
+            .find(|c| **c == call)
+            .copied()
+            .unwrap_or("p2pc shim call");
+        return Err(Error::Cuda {
+            call,
+            device: Some(device),
+            code: report.code,
+            name,
+            text,
+        });
+    }
+    Ok(KernelReport {
+        mismatches: report.mismatches,
+        first_bad: (report.first_bad != u64::MAX).then_some(report.first_bad),
+    })
+}
+
+/// Kernel `p2pc_store`: SM stores of `value` to `bytes` bytes at `p`, then a synchronise.
+pub fn kernel_store(device: i32, p: DevicePtr, bytes: usize, value: u8) -> Result<()> {
+    run_shim(sys::shim::p2pc_kernel_store, c"p2pc_kernel_store", device, p, bytes, value).map(|_| ())
+}
+
+/// Kernel `p2pc_count`: SM loads of `bytes` bytes at `p`, counting those that are not `value`.
+pub fn kernel_check(device: i32, p: DevicePtr, bytes: usize, value: u8) -> Result<KernelReport> {
+    run_shim(sys::shim::p2pc_kernel_check, c"p2pc_kernel_check", device, p, bytes, value)
+}
