@@ -20,9 +20,9 @@ const REQUIRED_HEADERS: [&str; 4] = [
 ];
 
 /// Driver entry points p2pcheck resolves (their `PFN_` types come from cudaTypedefs.h).
-const DRIVER_PFNS: &str = "PFN_cu(Init|DriverGetVersion|DeviceGetCount|DeviceGet|DeviceGetName|\
-DeviceGetUuid|DeviceCanAccessPeer|GetErrorName|GetErrorString|ModuleLoadData|ModuleGetFunction|\
-ModuleUnload|LaunchKernel|CtxSynchronize|MemAlloc|MemFree|MemsetD8|MemcpyDtoH)_v[0-9]+";
+const DRIVER_PFNS: &str = "PFN_cu(Init|DeviceGetCount|GetErrorName|GetErrorString|ModuleLoadData|\
+ModuleGetFunction|ModuleUnload|LaunchKernel|CtxSynchronize|MemAlloc|MemFree|MemsetD8|MemcpyDtoH)\
+_v[0-9]+";
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
@@ -30,7 +30,12 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/shim.c");
     println!("cargo:rerun-if-changed=csrc/shim.h");
     println!("cargo:rerun-if-changed=src/sys/bindings.rs");
-    for var in ["CUDA_HOME", "CUDA_PATH", "P2PCHECK_PYTHON", "P2PCHECK_NO_BINDGEN"] {
+    for var in [
+        "CUDA_HOME",
+        "CUDA_PATH",
+        "P2PCHECK_PYTHON",
+        "P2PCHECK_NO_BINDGEN",
+    ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
@@ -107,7 +112,9 @@ fn generate(manifest: &Path) -> Result<(String, PathBuf), String> {
                 .cloned()
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_default();
-            Err(format!("bindgen could not run (is libclang installed?): {msg}"))
+            Err(format!(
+                "bindgen could not run (is libclang installed?): {msg}"
+            ))
         }
     }
 }
@@ -136,7 +143,8 @@ fn find_cuda_include() -> Option<PathBuf> {
 /// site-packages folders of the Python on PATH (or `P2PCHECK_PYTHON`); empty when there is none.
 fn python_site_dirs() -> Vec<PathBuf> {
     let python = env::var("P2PCHECK_PYTHON").unwrap_or_else(|_| "python3".into());
-    let script = "import site,sys; print('\\n'.join(site.getsitepackages()+[site.getusersitepackages()]))";
+    let script =
+        "import site,sys; print('\\n'.join(site.getsitepackages()+[site.getusersitepackages()]))";
     match Command::new(python).args(["-c", script]).output() {
         Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout)
             .lines()

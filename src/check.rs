@@ -16,6 +16,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use crate::protocol::{
     self, FrameReader, KernelOutcome, Message, Pair, ProtocolError, Role, SideVerdict,
 };
+use crate::visible::{self, VisibleDevices};
 use crate::worker::WORKER_FLAG;
 
 /// How a check runs.
@@ -159,7 +160,10 @@ pub fn locate_worker(explicit: Option<&Path>) -> Result<PathBuf> {
         return executable(&p).with_context(|| format!("P2PCHECK_WORKER={}", p.display()));
     }
     let exe = std::env::current_exe().ok();
-    let mut dirs: Vec<PathBuf> = exe.iter().filter_map(|e| e.parent().map(Path::to_path_buf)).collect();
+    let mut dirs: Vec<PathBuf> = exe
+        .iter()
+        .filter_map(|e| e.parent().map(Path::to_path_buf))
+        .collect();
     if let Some(lib) = own_library_path() {
         dirs.extend(lib.parent().map(Path::to_path_buf));
     }
@@ -207,7 +211,9 @@ fn own_library_path() -> Option<PathBuf> {
         if libc::dladdr(here, &mut info) == 0 || info.dli_fname.is_null() {
             return None;
         }
-        let name = std::ffi::CStr::from_ptr(info.dli_fname).to_string_lossy().into_owned();
+        let name = std::ffi::CStr::from_ptr(info.dli_fname)
+            .to_string_lossy()
+            .into_owned();
         Some(PathBuf::from(name))
     }
 }
@@ -250,7 +256,10 @@ impl Worker {
     }
 
     fn send(&mut self, m: &Message) -> Result<()> {
-        let stdin = self.stdin.as_mut().ok_or_else(|| anyhow!("stdin already closed"))?;
+        let stdin = self
+            .stdin
+            .as_mut()
+            .ok_or_else(|| anyhow!("stdin already closed"))?;
         write_ignoring_sigpipe(stdin, &protocol::encode(m))
             .with_context(|| format!("cannot write to the {}", self.name()))
     }
@@ -326,7 +335,10 @@ fn write_ignoring_sigpipe(stdin: &mut ChildStdin, bytes: &[u8]) -> std::io::Resu
                     continue;
                 }
                 if e.raw_os_error() == Some(libc::EPIPE) {
-                    let zero = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+                    let zero = libc::timespec {
+                        tv_sec: 0,
+                        tv_nsec: 0,
+                    };
                     libc::sigtimedwait(&pipe_set, std::ptr::null_mut(), &zero);
                 }
                 result = Err(e);
@@ -346,20 +358,35 @@ enum Side {
     Consumer = 1,
 }
 
-/// Next message from either worker, waiting at most until `deadline`.
-fn recv_any(workers: &mut [Worker; 2], deadline: Instant) -> Result<(Side, Message), (Side, ProtocolError)> {
-    let from = |i: usize| if i == 0 { Side::Producer } else { Side::Consumer };
+/// Next message from either `active` worker, waiting at most until `deadline`. A worker that
+/// has sent everything it owes is inactive: its exit (EOF) is not an error.
+fn recv_any(
+    workers: &mut [Worker; 2],
+    active: [bool; 2],
+    deadline: Instant,
+) -> Result<(Side, Message), (Side, ProtocolError)> {
+    let side = |i: usize| {
+        if i == 0 {
+            Side::Producer
+        } else {
+            Side::Consumer
+        }
+    };
     loop {
-        for (i, w) in workers.iter_mut().enumerate() {
-            if let Some(m) = w.reader.buffered().map_err(|e| (from(i), e))? {
-                return Ok((from(i), m));
+        for (i, w) in workers.iter_mut().enumerate().filter(|(i, _)| active[*i]) {
+            if let Some(m) = w.reader.buffered().map_err(|e| (side(i), e))? {
+                return Ok((side(i), m));
             }
         }
-        let fds = [workers[0].reader.fd(), workers[1].reader.fd()];
+        let live: Vec<usize> = (0..2).filter(|&i| active[i]).collect();
+        let fds: Vec<_> = live.iter().map(|&i| workers[i].reader.fd()).collect();
         match protocol::poll_readable(&fds, deadline) {
-            Ok(Some(i)) => workers[i].reader.fill().map_err(|e| (from(i), e))?,
-            Ok(None) => return Err((Side::Producer, ProtocolError::Timeout)),
-            Err(e) => return Err((Side::Producer, e)),
+            Ok(Some(k)) => {
+                let i = live[k];
+                workers[i].reader.fill().map_err(|e| (side(i), e))?
+            }
+            Ok(None) => return Err((side(live[0]), ProtocolError::Timeout)),
+            Err(e) => return Err((side(live[0]), e)),
         }
     }
 }
@@ -370,6 +397,16 @@ fn recv_any(workers: &mut [Worker; 2], deadline: Instant) -> Result<(Side, Messa
 /// failures are not errors but part of the [`Report`].
 pub fn run(pairs: Option<&[Pair]>, opts: &Options) -> Result<Report> {
     let started = Instant::now();
+    let visible = visible::from_env();
+    if matches!(&visible.devices, VisibleDevices::List(l) if l.is_empty()) {
+        bail!("CUDA_VISIBLE_DEVICES is set but empty: this process may use no GPU");
+    }
+    if let Some(tail) = &visible.ignored {
+        eprintln!(
+            "p2pcheck: warning: CUDA_VISIBLE_DEVICES: CUDA ignores {tail:?} (an invalid or \
+             repeated entry and everything after it)"
+        );
+    }
     let path = locate_worker(opts.worker.as_deref())?;
     let mut workers = [
         Worker::spawn(&path, Role::Producer)?,
@@ -380,7 +417,10 @@ pub fn run(pairs: Option<&[Pair]>, opts: &Options) -> Result<Report> {
         Some(p) => p.to_vec(),
         None => all_pairs(device_count),
     };
-    if let Some(bad) = pairs.iter().find(|p| p.src >= device_count || p.tgt >= device_count) {
+    if let Some(bad) = pairs
+        .iter()
+        .find(|p| p.src >= device_count || p.tgt >= device_count)
+    {
         bail!(
             "pair {}->{} names a device this process cannot see: {device_count} visible \
              (CUDA_VISIBLE_DEVICES={})",
@@ -415,7 +455,7 @@ pub fn run(pairs: Option<&[Pair]>, opts: &Options) -> Result<Report> {
 fn hello(workers: &mut [Worker; 2], path: &Path, deadline: Instant) -> Result<u32> {
     let mut counts = [None, None];
     while counts.iter().any(Option::is_none) {
-        let (from, msg) = recv_any(workers, deadline).map_err(|(from, e)| {
+        let (from, msg) = recv_any(workers, [true, true], deadline).map_err(|(from, e)| {
             let w = &workers[from as usize];
             match e {
                 ProtocolError::Timeout => anyhow!(
@@ -447,12 +487,17 @@ fn hello(workers: &mut [Worker; 2], path: &Path, deadline: Instant) -> Result<u3
             other => bail!("the {name} sent {other:?} before Hello"),
         }
     }
-    let [Some(a), Some(b)] = counts else { unreachable!("loop ends when both are set") };
+    let [Some(a), Some(b)] = counts else {
+        unreachable!("loop ends when both are set")
+    };
     if a != b {
         bail!("the workers see different device counts ({a} and {b})");
     }
     if a == 0 {
-        bail!("no CUDA device is visible (CUDA_VISIBLE_DEVICES={:?})", std::env::var("CUDA_VISIBLE_DEVICES").ok());
+        bail!(
+            "no CUDA device is visible (CUDA_VISIBLE_DEVICES={:?})",
+            std::env::var("CUDA_VISIBLE_DEVICES").ok()
+        );
     }
     Ok(a)
 }
@@ -470,29 +515,47 @@ fn relay(workers: &mut [Worker; 2], pairs: &[Pair], step: Duration) -> Result<Ve
             let p = pairs[i.min(pairs.len() - 1)];
             format!("pair {} ({}->{})", i, p.src, p.tgt)
         };
-        let (from, msg) = recv_any(workers, Instant::now() + step).map_err(|(from, e)| match e {
-            ProtocolError::Timeout => anyhow!(
-                "{}: no progress for {:.1} s; the workers were killed",
-                at(current),
-                step.as_secs_f64()
-            ),
-            e => anyhow!("{}: the {} failed: {e}", at(current), workers[from as usize].name()),
-        })?;
+        let active = [0, 1].map(|side| verdicts.iter().any(|v| v[side].is_none()));
+        let (from, msg) =
+            recv_any(workers, active, Instant::now() + step).map_err(|(from, e)| match e {
+                ProtocolError::Timeout => anyhow!(
+                    "{}: no progress for {:.1} s; the workers were killed",
+                    at(current),
+                    step.as_secs_f64()
+                ),
+                e => anyhow!(
+                    "{}: the {} failed: {e}",
+                    at(current),
+                    workers[from as usize].name()
+                ),
+            })?;
         let other = 1 - from as usize;
         let index = match &msg {
             Message::Handle { index, .. } if from == Side::Producer => *index,
             Message::Opened { index, .. } if from == Side::Consumer => *index,
             Message::Barrier { index, .. } => *index,
             Message::Verdict { index, .. } => *index,
-            m => bail!("{}: the {} sent {m:?}, which it may not", at(current), workers[from as usize].name()),
+            m => bail!(
+                "{}: the {} sent {m:?}, which it may not",
+                at(current),
+                workers[from as usize].name()
+            ),
         } as usize;
         if index >= pairs.len() {
-            bail!("the {} sent a message for pair {index} of {}", workers[from as usize].name(), pairs.len());
+            bail!(
+                "the {} sent a message for pair {index} of {}",
+                workers[from as usize].name(),
+                pairs.len()
+            );
         }
         match msg {
             Message::Verdict { verdict, .. } => {
                 if verdicts[index][from as usize].replace(verdict).is_some() {
-                    bail!("{}: two verdicts from the {}", at(index), workers[from as usize].name());
+                    bail!(
+                        "{}: two verdicts from the {}",
+                        at(index),
+                        workers[from as usize].name()
+                    );
                 }
                 remaining -= 1;
             }

@@ -197,7 +197,11 @@ fn loaded_path(handle: usize, symbol: &CStr) -> Option<String> {
         if libc::dladdr(addr, &mut info) == 0 || info.dli_fname.is_null() {
             return None;
         }
-        Some(CStr::from_ptr(info.dli_fname).to_string_lossy().into_owned())
+        Some(
+            CStr::from_ptr(info.dli_fname)
+                .to_string_lossy()
+                .into_owned(),
+        )
     }
 }
 
@@ -219,6 +223,8 @@ impl Lib {
                     }
                     return Ok(Lib { handle, path: real });
                 }
+                // dlerror's text usually starts with the path already.
+                Err(e) if e.starts_with(&path) => attempts.push(e),
                 Err(e) => attempts.push(format!("{path}: {e}")),
             }
         }
@@ -288,7 +294,11 @@ fn runtime_candidates() -> Vec<String> {
         }
     }
     for site in python_site_dirs() {
-        out.push(site.join("nvidia/cu13/lib/libcudart.so.13").display().to_string());
+        out.push(
+            site.join("nvidia/cu13/lib/libcudart.so.13")
+                .display()
+                .to_string(),
+        );
         out.push(
             site.join("nvidia/cuda_runtime/lib/libcudart.so.12")
                 .display()
@@ -332,11 +342,6 @@ fn lib(library: Library) -> Result<&'static Lib> {
     cell.get_or_init(|| Lib::open(library, candidates(), probe))
         .as_ref()
         .map_err(Clone::clone)
-}
-
-/// Where the library was loaded from (loading it if needed).
-pub fn library_path(library: Library) -> Result<String> {
-    lib(library).map(|l| l.path.clone())
 }
 
 /// Resolves `name` once per call site and returns it as the bindgen function-pointer type `F`.
@@ -438,14 +443,18 @@ fn describe(library: Library, code: i32) -> (String, String) {
 fn driver_describe(code: i32) -> Result<(String, String)> {
     let mut name: *const c_char = std::ptr::null();
     let mut text: *const c_char = std::ptr::null();
-    raw_call!(Library::Driver, c"cuGetErrorName" as sys::PFN_cuGetErrorName_v6000, None, |f| f(
-        code as sys::CUresult,
-        &mut name
-    ));
-    raw_call!(Library::Driver, c"cuGetErrorString" as sys::PFN_cuGetErrorString_v6000, None, |f| f(
-        code as sys::CUresult,
-        &mut text
-    ));
+    raw_call!(
+        Library::Driver,
+        c"cuGetErrorName" as sys::PFN_cuGetErrorName_v6000,
+        None,
+        |f| f(code as sys::CUresult, &mut name)
+    );
+    raw_call!(
+        Library::Driver,
+        c"cuGetErrorString" as sys::PFN_cuGetErrorString_v6000,
+        None,
+        |f| f(code as sys::CUresult, &mut text)
+    );
     Ok((
         c_text(name).unwrap_or_else(|| format!("CUresult {code}")),
         c_text(text).unwrap_or_else(|| "unknown error".into()),
@@ -476,7 +485,12 @@ fn runtime_describe(code: i32) -> Result<(String, String)> {
         });
     };
     // SAFETY: both take an error code and return a static string; any code is accepted.
-    let (n, t) = unsafe { (name(code as sys::cudaError_t), text(code as sys::cudaError_t)) };
+    let (n, t) = unsafe {
+        (
+            name(code as sys::cudaError_t),
+            text(code as sys::cudaError_t),
+        )
+    };
     Ok((
         c_text(n).unwrap_or_else(|| format!("cudaError {code}")),
         c_text(t).unwrap_or_else(|| "unknown error".into()),
@@ -505,71 +519,15 @@ pub fn init() -> Result<()> {
     cu!(c"cuInit" as sys::PFN_cuInit_v2000, None, |f| f(0))
 }
 
-/// `cuDriverGetVersion`: e.g. 13000 for CUDA 13.0.
-pub fn driver_version() -> Result<i32> {
-    let mut v: c_int = 0;
-    cu!(c"cuDriverGetVersion" as sys::PFN_cuDriverGetVersion_v2020, None, |f| f(&mut v))?;
-    Ok(v)
-}
-
 /// `cuDeviceGetCount` (after [`init`]): the devices this process sees.
 pub fn device_count() -> Result<i32> {
     let mut n: c_int = 0;
-    cu!(c"cuDeviceGetCount" as sys::PFN_cuDeviceGetCount_v2000, None, |f| f(&mut n))?;
+    cu!(
+        c"cuDeviceGetCount" as sys::PFN_cuDeviceGetCount_v2000,
+        None,
+        |f| f(&mut n)
+    )?;
     Ok(n)
-}
-
-fn device_handle(ordinal: i32) -> Result<sys::CUdevice_v1> {
-    let mut dev: sys::CUdevice_v1 = 0;
-    cu!(c"cuDeviceGet" as sys::PFN_cuDeviceGet_v2000, Some(ordinal), |f| f(
-        &mut dev, ordinal
-    ))?;
-    Ok(dev)
-}
-
-/// `cuDeviceGetUuid_v2`, formatted as `GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`.
-pub fn device_uuid(ordinal: i32) -> Result<String> {
-    let dev = device_handle(ordinal)?;
-    let mut uuid = sys::CUuuid::default();
-    cu!(c"cuDeviceGetUuid_v2" as sys::PFN_cuDeviceGetUuid_v11040, Some(ordinal), |f| f(
-        &mut uuid, dev
-    ))?;
-    let b: Vec<u8> = uuid.bytes.iter().map(|&c| c as u8).collect();
-    let hex = |r: std::ops::Range<usize>| b[r].iter().map(|x| format!("{x:02x}")).collect::<String>();
-    Ok(format!(
-        "GPU-{}-{}-{}-{}-{}",
-        hex(0..4),
-        hex(4..6),
-        hex(6..8),
-        hex(8..10),
-        hex(10..16)
-    ))
-}
-
-/// `cuDeviceGetName`.
-pub fn device_name(ordinal: i32) -> Result<String> {
-    let dev = device_handle(ordinal)?;
-    let mut buf = [0 as c_char; 256];
-    cu!(c"cuDeviceGetName" as sys::PFN_cuDeviceGetName_v2000, Some(ordinal), |f| f(
-        buf.as_mut_ptr(),
-        buf.len() as c_int,
-        dev
-    ))?;
-    Ok(c_text(buf.as_ptr()).unwrap_or_default())
-}
-
-/// `cuDeviceCanAccessPeer(tgt, src)`: the driver's claim that `tgt` can reach `src`'s memory.
-/// A device always reaches itself.
-pub fn driver_claims_peer(src: i32, tgt: i32) -> Result<bool> {
-    if src == tgt {
-        return Ok(true);
-    }
-    let (s, t) = (device_handle(src)?, device_handle(tgt)?);
-    let mut can: c_int = 0;
-    cu!(c"cuDeviceCanAccessPeer" as sys::PFN_cuDeviceCanAccessPeer_v4000, Some(tgt), |f| f(
-        &mut can, t, s
-    ))?;
-    Ok(can != 0)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -588,68 +546,86 @@ impl DevicePtr {
 /// `cudaGetDeviceCount`.
 pub fn runtime_device_count() -> Result<i32> {
     let mut n: c_int = 0;
-    cuda!(c"cudaGetDeviceCount" as sys::p2pc_PFN_cudaGetDeviceCount, None, |f| f(&mut n))?;
+    cuda!(
+        c"cudaGetDeviceCount" as sys::p2pc_PFN_cudaGetDeviceCount,
+        None,
+        |f| f(&mut n)
+    )?;
     Ok(n)
-}
-
-/// `cudaRuntimeGetVersion`.
-pub fn runtime_version() -> Result<i32> {
-    let mut v: c_int = 0;
-    cuda!(c"cudaRuntimeGetVersion" as sys::p2pc_PFN_cudaRuntimeGetVersion, None, |f| f(&mut v))?;
-    Ok(v)
 }
 
 /// `cudaSetDevice`.
 pub fn set_device(device: i32) -> Result<()> {
-    cuda!(c"cudaSetDevice" as sys::p2pc_PFN_cudaSetDevice, Some(device), |f| f(device))
+    cuda!(
+        c"cudaSetDevice" as sys::p2pc_PFN_cudaSetDevice,
+        Some(device),
+        |f| f(device)
+    )
 }
 
 /// `cudaMalloc` on the current device (`device` is for error messages).
 pub fn malloc(device: i32, bytes: usize) -> Result<DevicePtr> {
     let mut p: *mut c_void = std::ptr::null_mut();
-    cuda!(c"cudaMalloc" as sys::p2pc_PFN_cudaMalloc, Some(device), |f| f(&mut p, bytes))?;
+    cuda!(
+        c"cudaMalloc" as sys::p2pc_PFN_cudaMalloc,
+        Some(device),
+        |f| f(&mut p, bytes)
+    )?;
     Ok(DevicePtr(p as usize as u64))
 }
 
 /// `cudaMemset`.
 pub fn memset(device: i32, p: DevicePtr, value: u8, bytes: usize) -> Result<()> {
-    cuda!(c"cudaMemset" as sys::p2pc_PFN_cudaMemset, Some(device), |f| f(
-        p.as_mut_ptr(),
-        c_int::from(value),
-        bytes
-    ))
+    cuda!(
+        c"cudaMemset" as sys::p2pc_PFN_cudaMemset,
+        Some(device),
+        |f| f(p.as_mut_ptr(), c_int::from(value), bytes)
+    )
 }
 
 /// `cudaDeviceSynchronize`.
 pub fn device_synchronize(device: i32) -> Result<()> {
-    cuda!(c"cudaDeviceSynchronize" as sys::p2pc_PFN_cudaDeviceSynchronize, Some(device), |f| f())
+    cuda!(
+        c"cudaDeviceSynchronize" as sys::p2pc_PFN_cudaDeviceSynchronize,
+        Some(device),
+        |f| f()
+    )
 }
 
 /// `cudaDeviceReset`: destroys the current device's primary context (and every allocation,
 /// mapping and module in it).
 pub fn device_reset(device: i32) -> Result<()> {
-    cuda!(c"cudaDeviceReset" as sys::p2pc_PFN_cudaDeviceReset, Some(device), |f| f())
+    cuda!(
+        c"cudaDeviceReset" as sys::p2pc_PFN_cudaDeviceReset,
+        Some(device),
+        |f| f()
+    )
 }
 
 /// `cudaMemcpy(host, p, bytes, cudaMemcpyDefault)`, as vLLM's check does (kind default).
 pub fn copy_to_host(device: i32, p: DevicePtr, bytes: usize) -> Result<Vec<u8>> {
     let mut host = vec![0u8; bytes];
-    cuda!(c"cudaMemcpy" as sys::p2pc_PFN_cudaMemcpy, Some(device), |f| f(
-        host.as_mut_ptr().cast(),
-        p.as_mut_ptr(),
-        bytes,
-        sys::cudaMemcpyDefault
-    ))?;
+    cuda!(
+        c"cudaMemcpy" as sys::p2pc_PFN_cudaMemcpy,
+        Some(device),
+        |f| f(
+            host.as_mut_ptr().cast(),
+            p.as_mut_ptr(),
+            bytes,
+            sys::cudaMemcpyDefault
+        )
+    )?;
     Ok(host)
 }
 
 /// `cudaIpcGetMemHandle`: the handle's raw 64 bytes.
 pub fn ipc_get_mem_handle(device: i32, p: DevicePtr) -> Result<[u8; IPC_HANDLE_BYTES]> {
     let mut h = sys::cudaIpcMemHandle_t::default();
-    cuda!(c"cudaIpcGetMemHandle" as sys::p2pc_PFN_cudaIpcGetMemHandle, Some(device), |f| f(
-        &mut h,
-        p.as_mut_ptr()
-    ))?;
+    cuda!(
+        c"cudaIpcGetMemHandle" as sys::p2pc_PFN_cudaIpcGetMemHandle,
+        Some(device),
+        |f| f(&mut h, p.as_mut_ptr())
+    )?;
     Ok(h.reserved.map(|c| c as u8))
 }
 
@@ -659,20 +635,27 @@ pub fn ipc_open_mem_handle(device: i32, handle: &[u8; IPC_HANDLE_BYTES]) -> Resu
         reserved: handle.map(|b| b as c_char),
     };
     let mut p: *mut c_void = std::ptr::null_mut();
-    cuda!(c"cudaIpcOpenMemHandle" as sys::p2pc_PFN_cudaIpcOpenMemHandle, Some(device), |f| f(
-        &mut p,
-        h,
-        sys::cudaIpcMemLazyEnablePeerAccess
-    ))?;
+    cuda!(
+        c"cudaIpcOpenMemHandle" as sys::p2pc_PFN_cudaIpcOpenMemHandle,
+        Some(device),
+        |f| f(&mut p, h, sys::cudaIpcMemLazyEnablePeerAccess)
+    )?;
     Ok(DevicePtr(p as usize as u64))
 }
 
-/// `cudaDeviceCanAccessPeer(tgt, src)` through the runtime, as vLLM's fast path asks it.
+/// The driver's claim that `tgt` can reach `src`'s memory: `cudaDeviceCanAccessPeer(tgt,
+/// src)`, as vLLM's fast path asks it. CUDA answers "no" for a device and itself, where access
+/// needs no peer mapping at all, so that case is `true` without asking.
 pub fn runtime_claims_peer(src: i32, tgt: i32) -> Result<bool> {
+    if src == tgt {
+        return Ok(true);
+    }
     let mut can: c_int = 0;
-    cuda!(c"cudaDeviceCanAccessPeer" as sys::p2pc_PFN_cudaDeviceCanAccessPeer, Some(tgt), |f| f(
-        &mut can, tgt, src
-    ))?;
+    cuda!(
+        c"cudaDeviceCanAccessPeer" as sys::p2pc_PFN_cudaDeviceCanAccessPeer,
+        Some(tgt),
+        |f| f(&mut can, tgt, src)
+    )?;
     Ok(can != 0)
 }
 
@@ -692,25 +675,22 @@ pub struct KernelReport {
 const KERNELS_PTX: &str = concat!(include_str!("../csrc/kernels.ptx"), "\0");
 
 fn shim_table() -> Result<sys::shim::p2pc_driver> {
-    macro_rules! addr {
+    macro_rules! pfn {
         ($sym:literal) => {{
             static CELL: OnceCell<Result<usize>> = OnceCell::new();
-            let a: usize = resolve(Library::Driver, &CELL, $sym)?;
-            // SAFETY: a is the non-null address of the named driver function, whose C signature
-            // matches the field it fills (see csrc/shim.h).
-            unsafe { std::mem::transmute::<usize, _>(a) }
+            resolve(Library::Driver, &CELL, $sym)?
         }};
     }
     Ok(sys::shim::p2pc_driver {
-        module_load_data: addr!(c"cuModuleLoadData"),
-        module_get_function: addr!(c"cuModuleGetFunction"),
-        module_unload: addr!(c"cuModuleUnload"),
-        launch_kernel: addr!(c"cuLaunchKernel"),
-        ctx_synchronize: addr!(c"cuCtxSynchronize"),
-        mem_alloc: addr!(c"cuMemAlloc_v2"),
-        mem_free: addr!(c"cuMemFree_v2"),
-        memset_d8: addr!(c"cuMemsetD8_v2"),
-        memcpy_dtoh: addr!(c"cuMemcpyDtoH_v2"),
+        module_load_data: pfn!(c"cuModuleLoadData"),
+        module_get_function: pfn!(c"cuModuleGetFunction"),
+        module_unload: pfn!(c"cuModuleUnload"),
+        launch_kernel: pfn!(c"cuLaunchKernel"),
+        ctx_synchronize: pfn!(c"cuCtxSynchronize"),
+        mem_alloc: pfn!(c"cuMemAlloc_v2"),
+        mem_free: pfn!(c"cuMemFree_v2"),
+        memset_d8: pfn!(c"cuMemsetD8_v2"),
+        memcpy_dtoh: pfn!(c"cuMemcpyDtoH_v2"),
     })
 }
 
@@ -736,7 +716,14 @@ type ShimFn = unsafe extern "C" fn(
     *mut sys::shim::p2pc_kernel_report,
 );
 
-fn run_shim(f: ShimFn, what: &'static CStr, device: i32, p: DevicePtr, bytes: usize, value: u8) -> Result<KernelReport> {
+fn run_shim(
+    f: ShimFn,
+    what: &'static CStr,
+    device: i32,
+    p: DevicePtr,
+    bytes: usize,
+    value: u8,
+) -> Result<KernelReport> {
     let table = shim_table()?;
     let mut report = sys::shim::p2pc_kernel_report {
         failed_call: std::ptr::null(),
@@ -748,8 +735,22 @@ fn run_shim(f: ShimFn, what: &'static CStr, device: i32, p: DevicePtr, bytes: us
     // SAFETY: table holds resolved driver functions, the PTX is NUL-terminated and static, and
     // report is a live, writable p2pc_kernel_report; p is a device address the shim only passes
     // to kernels.
-    unsafe { f(&table, KERNELS_PTX.as_ptr().cast(), p.0, bytes, value, &mut report) };
-    trace(what.to_str().unwrap_or("?"), Some(device), report.code, started);
+    unsafe {
+        f(
+            &table,
+            KERNELS_PTX.as_ptr().cast(),
+            p.0,
+            bytes,
+            value,
+            &mut report,
+        )
+    };
+    trace(
+        what.to_str().unwrap_or("?"),
+        Some(device),
+        report.code,
+        started,
+    );
     if let Some(call) = c_text(report.failed_call) {
         let (name, text) = describe(Library::Driver, report.code);
         let call = SHIM_CALLS
@@ -773,10 +774,25 @@ fn run_shim(f: ShimFn, what: &'static CStr, device: i32, p: DevicePtr, bytes: us
 
 /// Kernel `p2pc_store`: SM stores of `value` to `bytes` bytes at `p`, then a synchronise.
 pub fn kernel_store(device: i32, p: DevicePtr, bytes: usize, value: u8) -> Result<()> {
-    run_shim(sys::shim::p2pc_kernel_store, c"p2pc_kernel_store", device, p, bytes, value).map(|_| ())
+    run_shim(
+        sys::shim::p2pc_kernel_store,
+        c"p2pc_kernel_store",
+        device,
+        p,
+        bytes,
+        value,
+    )
+    .map(|_| ())
 }
 
 /// Kernel `p2pc_count`: SM loads of `bytes` bytes at `p`, counting those that are not `value`.
 pub fn kernel_check(device: i32, p: DevicePtr, bytes: usize, value: u8) -> Result<KernelReport> {
-    run_shim(sys::shim::p2pc_kernel_check, c"p2pc_kernel_check", device, p, bytes, value)
+    run_shim(
+        sys::shim::p2pc_kernel_check,
+        c"p2pc_kernel_check",
+        device,
+        p,
+        bytes,
+        value,
+    )
 }

@@ -322,10 +322,14 @@ impl<'a> Dec<'a> {
         Ok(self.take(1, what)?[0])
     }
     fn u16(&mut self, what: &str) -> Result<u16, ProtocolError> {
-        Ok(u16::from_le_bytes(self.take(2, what)?.try_into().expect("2 bytes")))
+        Ok(u16::from_le_bytes(
+            self.take(2, what)?.try_into().expect("2 bytes"),
+        ))
     }
     fn u32(&mut self, what: &str) -> Result<u32, ProtocolError> {
-        Ok(u32::from_le_bytes(self.take(4, what)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4, what)?.try_into().expect("4 bytes"),
+        ))
     }
     fn flag(&mut self, what: &str) -> Result<bool, ProtocolError> {
         match self.u8(what)? {
@@ -345,7 +349,9 @@ impl<'a> Dec<'a> {
     fn text(&mut self, what: &str) -> Result<String, ProtocolError> {
         let n = self.u16(what)? as usize;
         if n > MAX_TEXT {
-            return malformed(format!("{what}: {n} bytes is over the {MAX_TEXT}-byte limit"));
+            return malformed(format!(
+                "{what}: {n} bytes is over the {MAX_TEXT}-byte limit"
+            ));
         }
         let bytes = self.take(n, what)?;
         String::from_utf8(bytes.to_vec()).or_else(|_| malformed(format!("{what}: not UTF-8")))
@@ -716,10 +722,18 @@ mod tests {
         })[4..]
             .to_vec();
         body.push(0);
-        assert!(matches!(decode(&body), Err(ProtocolError::Malformed(m)) if m.contains("trailing")));
-        assert!(matches!(decode(&[99]), Err(ProtocolError::Malformed(m)) if m.contains("unknown tag")));
-        assert!(matches!(decode(&[TAG_BARRIER, 0, 0, 0, 0, 7]), Err(ProtocolError::Malformed(m)) if m.contains("stage")));
-        assert!(matches!(decode(&[TAG_OPENED, 0, 0, 0, 0, 5]), Err(ProtocolError::Malformed(m)) if m.contains("boolean")));
+        assert!(
+            matches!(decode(&body), Err(ProtocolError::Malformed(m)) if m.contains("trailing"))
+        );
+        assert!(
+            matches!(decode(&[99]), Err(ProtocolError::Malformed(m)) if m.contains("unknown tag"))
+        );
+        assert!(
+            matches!(decode(&[TAG_BARRIER, 0, 0, 0, 0, 7]), Err(ProtocolError::Malformed(m)) if m.contains("stage"))
+        );
+        assert!(
+            matches!(decode(&[TAG_OPENED, 0, 0, 0, 0, 5]), Err(ProtocolError::Malformed(m)) if m.contains("boolean"))
+        );
         let mut hello = vec![TAG_HELLO];
         hello.extend_from_slice(b"XXXX");
         assert!(matches!(decode(&hello), Err(ProtocolError::Malformed(m)) if m.contains("magic")));
@@ -729,7 +743,9 @@ mod tests {
         assert!(matches!(decode(&start), Err(ProtocolError::Malformed(m)) if m.contains("pairs")));
         // Invalid UTF-8 in a text.
         let bad_text = [TAG_OPENED, 0, 0, 0, 0, 0, 2, 0, 0xff, 0xfe];
-        assert!(matches!(decode(&bad_text), Err(ProtocolError::Malformed(m)) if m.contains("UTF-8")));
+        assert!(
+            matches!(decode(&bad_text), Err(ProtocolError::Malformed(m)) if m.contains("UTF-8"))
+        );
     }
 
     #[test]
@@ -747,9 +763,15 @@ mod tests {
     #[test]
     fn frame_lengths_are_bounded() {
         let mut r = &(MAX_FRAME as u32 + 1).to_le_bytes()[..];
-        assert!(matches!(recv_blocking(&mut r), Err(ProtocolError::Malformed(_))));
+        assert!(matches!(
+            recv_blocking(&mut r),
+            Err(ProtocolError::Malformed(_))
+        ));
         let mut r = &0u32.to_le_bytes()[..];
-        assert!(matches!(recv_blocking(&mut r), Err(ProtocolError::Malformed(_))));
+        assert!(matches!(
+            recv_blocking(&mut r),
+            Err(ProtocolError::Malformed(_))
+        ));
         let mut empty = &[][..];
         assert!(matches!(recv_blocking(&mut empty), Err(ProtocolError::Eof)));
     }
@@ -803,7 +825,12 @@ mod tests {
             // w dropped: EOF after the last frame.
         });
         for m in &msgs {
-            assert_eq!(&reader.recv(Instant::now() + Duration::from_secs(5)).unwrap(), m);
+            assert_eq!(
+                &reader
+                    .recv(Instant::now() + Duration::from_secs(5))
+                    .unwrap(),
+                m
+            );
         }
         writer.join().unwrap();
         assert!(matches!(

@@ -4,7 +4,12 @@
 //! `build.rs` regenerates the bindings when CUDA headers and libclang are present and otherwise
 //! uses the committed `src/sys/bindings.rs`. The test below fails when the two drift apart;
 //! `BLESS=1 cargo test` accepts the regenerated output.
-#![allow(non_upper_case_globals, non_camel_case_types, non_snake_case, dead_code)]
+#![allow(
+    non_upper_case_globals,
+    non_camel_case_types,
+    non_snake_case,
+    dead_code
+)]
 #![allow(clippy::all)]
 
 include!(concat!(env!("OUT_DIR"), "/bindings.rs"));
@@ -14,33 +19,22 @@ pub const BINDINGS_SOURCE: &str = env!("P2PCHECK_BINDINGS_SOURCE");
 
 /// The C shim (`csrc/shim.h`): SM-issued stores and loads through a mapping.
 pub mod shim {
-    use std::os::raw::{c_char, c_int, c_uchar, c_uint, c_ulonglong, c_void};
+    use std::os::raw::{c_char, c_int, c_uchar, c_ulonglong};
 
-    /// `p2pc_driver`: driver entry points handed to the shim.
+    /// `p2pc_driver`: driver entry points handed to the shim. The fields use the driver's
+    /// own pointer types (ABI-identical to the `void *`-based C declarations), so the table is
+    /// filled from resolved symbols without casts.
     #[repr(C)]
     pub struct p2pc_driver {
-        pub module_load_data: unsafe extern "C" fn(*mut *mut c_void, *const c_void) -> c_int,
-        pub module_get_function:
-            unsafe extern "C" fn(*mut *mut c_void, *mut c_void, *const c_char) -> c_int,
-        pub module_unload: unsafe extern "C" fn(*mut c_void) -> c_int,
-        pub launch_kernel: unsafe extern "C" fn(
-            *mut c_void,
-            c_uint,
-            c_uint,
-            c_uint,
-            c_uint,
-            c_uint,
-            c_uint,
-            c_uint,
-            *mut c_void,
-            *mut *mut c_void,
-            *mut *mut c_void,
-        ) -> c_int,
-        pub ctx_synchronize: unsafe extern "C" fn() -> c_int,
-        pub mem_alloc: unsafe extern "C" fn(*mut c_ulonglong, usize) -> c_int,
-        pub mem_free: unsafe extern "C" fn(c_ulonglong) -> c_int,
-        pub memset_d8: unsafe extern "C" fn(c_ulonglong, c_uchar, usize) -> c_int,
-        pub memcpy_dtoh: unsafe extern "C" fn(*mut c_void, c_ulonglong, usize) -> c_int,
+        pub module_load_data: super::PFN_cuModuleLoadData_v2000,
+        pub module_get_function: super::PFN_cuModuleGetFunction_v2000,
+        pub module_unload: super::PFN_cuModuleUnload_v2000,
+        pub launch_kernel: super::PFN_cuLaunchKernel_v4000,
+        pub ctx_synchronize: super::PFN_cuCtxSynchronize_v2000,
+        pub mem_alloc: super::PFN_cuMemAlloc_v3020,
+        pub mem_free: super::PFN_cuMemFree_v3020,
+        pub memset_d8: super::PFN_cuMemsetD8_v3020,
+        pub memcpy_dtoh: super::PFN_cuMemcpyDtoH_v3020,
     }
 
     /// `p2pc_kernel_report`.

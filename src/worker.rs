@@ -12,7 +12,9 @@ use std::io::{self, Read, Write};
 use std::os::fd::FromRawFd;
 
 use crate::driver::{self, DevicePtr};
-use crate::protocol::{self, KernelOutcome, Message, Pair, ProtocolError, Role, SideVerdict, Stage};
+use crate::protocol::{
+    self, KernelOutcome, Message, Pair, ProtocolError, Role, SideVerdict, Stage,
+};
 
 /// The first argument that makes a program act as a p2pcheck worker.
 pub const WORKER_FLAG: &str = "--p2pcheck-worker";
@@ -42,7 +44,10 @@ pub fn main() -> i32 {
     let out = unsafe {
         let fd = libc::dup(1);
         if fd < 0 || libc::dup2(2, 1) < 0 {
-            eprintln!("p2pcheck worker: cannot set up descriptors: {}", io::Error::last_os_error());
+            eprintln!(
+                "p2pcheck worker: cannot set up descriptors: {}",
+                io::Error::last_os_error()
+            );
             return EXIT_PROTOCOL;
         }
         File::from_raw_fd(fd)
@@ -101,8 +106,11 @@ fn unexpected<T>(index: u32, wanted: &str, got: Message) -> Result<T, ProtocolEr
 /// Serves one batch: Hello, Start, then every pair. Returns the exit code.
 pub fn serve(input: impl Read, output: impl Write) -> Result<i32, ProtocolError> {
     let mut link = Link { input, output };
-    // Starting the runtime is the costly part (cuInit); the Hello reports its outcome.
-    let count = driver::runtime_device_count()
+    // Starting CUDA is the costly part (cuInit); the Hello reports its outcome. The driver is
+    // loaded first, through p2pcheck's own search (P2PCHECK_LIBCUDA), so the runtime then
+    // finds that same library already loaded instead of searching on its own.
+    let count = driver::init()
+        .and_then(|_| driver::runtime_device_count())
         .map(|n| n as u32)
         .map_err(|e| e.to_string());
     let failed = count.is_err();
@@ -208,7 +216,9 @@ fn produce<R: Read, W: Write>(
         }
     };
     if let Err(why) = link.recv_opened(index)? {
-        return Ok(failed_verdict(format!("the consumer could not map it: {why}")));
+        return Ok(failed_verdict(format!(
+            "the consumer could not map it: {why}"
+        )));
     }
     link.barrier_out(index, Stage::Copy)?;
     link.barrier_in(index, Stage::Copy)?;
@@ -277,7 +287,8 @@ fn consume<R: Read, W: Write>(
     link.barrier_out(index, Stage::Copy)?;
     let copy = wrote.and_then(|_| verify(d, q, CONSUMER_FILL, "consumer read-back"));
     let kernel = if kernel_check {
-        let stored = driver::kernel_store(d, q, TEST_BYTES, KERNEL_STORE).map_err(|e| e.to_string());
+        let stored =
+            driver::kernel_store(d, q, TEST_BYTES, KERNEL_STORE).map_err(|e| e.to_string());
         link.barrier_out(index, Stage::KernelStored)?;
         link.barrier_in(index, Stage::ProducerRewrote)?;
         let loaded = driver::kernel_check(d, q, TEST_BYTES, PRODUCER_REWRITE)

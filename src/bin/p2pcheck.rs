@@ -1,1 +1,302 @@
-fn main(){}
+//! `p2pcheck`: the command-line tool. See `p2pcheck --help`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use p2pcheck::check::{self, Options, Report};
+use p2pcheck::protocol::KernelOutcome;
+use p2pcheck::{cache, json, visible};
+
+const HELP: &str = "\
+p2pcheck - prove which GPU pairs can really reach each other's memory across processes
+
+USAGE:
+    p2pcheck [OPTIONS]
+
+Checks every ordered pair (src, tgt) of the visible GPUs the way vLLM's can_actually_p2p does:
+a producer process allocates 1 KiB on src and sets it to 1, a consumer process on tgt maps it
+through CUDA IPC and sets it to 2, both read it back. It then also checks SM-issued stores and
+loads through the mapping (the kernel check; --no-kernel-check turns it off). Prints the matrix
+(rows src, columns tgt), the driver's own claim (cudaDeviceCanAccessPeer) where it differs,
+the reason for every failure, and where the vLLM cache file is.
+
+OPTIONS:
+    --json                 Print one JSON object on stdout instead of the table
+    --write-vllm-cache     Write vLLM's cache file gpu_p2p_access_cache_for_<CVD>.json with these
+                           verdicts (atomically, under a lock), so vLLM never runs its own check
+    --cache-dir DIR        Folder of that file [default: $VLLM_CACHE_ROOT, else
+                           $XDG_CACHE_HOME/vllm, else ~/.cache/vllm]
+    --no-kernel-check      Only vLLM's copy test (memset/memcpy), nothing more
+    --timeout SECS         Deadline for each step of a pair [default: 10]
+    --startup-timeout SECS Deadline for the workers to start CUDA [default: 60]
+    --worker PATH          The worker executable [default: $P2PCHECK_WORKER, else
+                           p2pcheck-worker beside this program, else this program]
+    -h, --help             Print this help
+    -V, --version          Print the version and where the CUDA bindings came from
+
+ENVIRONMENT:
+    CUDA_VISIBLE_DEVICES   Passed to the workers unchanged (indices, GPU-/MIG- UUIDs, any order)
+    P2PCHECK_LIBCUDA       Path of libcuda to load [default: libcuda.so.1]
+    P2PCHECK_LIBCUDART     Path of libcudart to load [default: search, see README]
+    P2PCHECK_WORKER        Path of the worker executable
+    P2PCHECK_TRACE=1       Print every CUDA call the workers make, with result and duration
+
+EXIT CODES:
+    0  every pair works
+    1  some pair fails (the output says which and why)
+    2  could not check (no GPU, no driver, bad arguments, a worker failed or timed out)
+";
+
+struct Args {
+    json: bool,
+    write_cache: bool,
+    cache_dir: Option<PathBuf>,
+    opts: Options,
+}
+
+fn seconds(flag: &str, value: Option<String>) -> Result<Duration> {
+    let v = value.ok_or_else(|| anyhow!("{flag} needs a number of seconds"))?;
+    let s: f64 = v
+        .parse()
+        .ok()
+        .filter(|s: &f64| s.is_finite() && *s > 0.0)
+        .ok_or_else(|| anyhow!("{flag} {v:?}: expected a positive number of seconds"))?;
+    Ok(Duration::from_secs_f64(s))
+}
+
+/// Parses the arguments; `Ok(None)` means help or version was printed.
+fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Option<Args>> {
+    let mut args = Args {
+        json: false,
+        write_cache: false,
+        cache_dir: None,
+        opts: Options::default(),
+    };
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "-h" | "--help" => {
+                print!("{HELP}");
+                return Ok(None);
+            }
+            "-V" | "--version" => {
+                println!(
+                    "p2pcheck {} (protocol {}, CUDA bindings {})",
+                    env!("CARGO_PKG_VERSION"),
+                    p2pcheck::protocol::VERSION,
+                    p2pcheck::sys::BINDINGS_SOURCE
+                );
+                return Ok(None);
+            }
+            "--json" => args.json = true,
+            "--write-vllm-cache" => args.write_cache = true,
+            "--no-kernel-check" => args.opts.kernel_check = false,
+            "--cache-dir" => {
+                args.cache_dir = Some(PathBuf::from(
+                    it.next()
+                        .ok_or_else(|| anyhow!("--cache-dir needs a folder"))?,
+                ))
+            }
+            "--timeout" => args.opts.step_timeout = seconds("--timeout", it.next())?,
+            "--startup-timeout" => {
+                args.opts.startup_timeout = seconds("--startup-timeout", it.next())?
+            }
+            "--worker" => {
+                args.opts.worker = Some(PathBuf::from(
+                    it.next().ok_or_else(|| anyhow!("--worker needs a path"))?,
+                ))
+            }
+            other => bail!("unknown argument {other:?} (see --help)"),
+        }
+    }
+    Ok(Some(args))
+}
+
+fn kernel_word(k: &KernelOutcome) -> &'static str {
+    match k {
+        KernelOutcome::NotRun => "not-run",
+        KernelOutcome::Ok => "ok",
+        KernelOutcome::Failed(_) => "fail",
+    }
+}
+
+/// Where the vLLM cache file is, and what happened to it.
+struct CacheNote {
+    path: PathBuf,
+    written: bool,
+    existing: Option<Result<bool, String>>, // Some(Ok(agrees)) when a readable file was there
+}
+
+fn cache_note(args: &Args, report: &Report, verdicts: &[bool]) -> Result<CacheNote> {
+    let n = report.device_count as usize;
+    let cvd = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+    let dir = match &args.cache_dir {
+        Some(d) => d.clone(),
+        None => cache::cache_dir()?,
+    };
+    let path = dir.join(cache::file_name(&visible::cache_key(cvd.as_deref(), n)));
+    let existing = std::fs::read_to_string(&path).ok().map(|text| {
+        cache::parse(&text, n)
+            .map(|v| v == verdicts)
+            .map_err(|e| e.to_string())
+    });
+    if args.write_cache {
+        cache::store(&path, n, verdicts).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(CacheNote {
+        path,
+        written: args.write_cache,
+        existing,
+    })
+}
+
+fn print_table(report: &Report, note: &CacheNote) {
+    let n = report.device_count;
+    let cvd = std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "<unset>".into());
+    println!(
+        "p2pcheck: {n} visible device(s) (CUDA_VISIBLE_DEVICES={cvd}), kernel check {}, {:.2} s",
+        if report.kernel_check { "on" } else { "off" },
+        report.elapsed.as_secs_f64()
+    );
+    let cell = |src: u32, tgt: u32| -> String {
+        let Some(p) = report.get(src, tgt) else {
+            return "-".into();
+        };
+        let word = if p.ok() { "ok" } else { "FAIL" };
+        match p.claim() {
+            Some(claim) if claim != p.ok() => {
+                format!("{word} (driver: {})", if claim { "yes" } else { "no" })
+            }
+            _ => word.into(),
+        }
+    };
+    let cells: Vec<Vec<String>> = (0..n)
+        .map(|s| (0..n).map(|t| cell(s, t)).collect())
+        .collect();
+    let width = cells
+        .iter()
+        .flatten()
+        .map(String::len)
+        .max()
+        .unwrap_or(2)
+        .max(4);
+    print!("{:>8}", "src\\tgt");
+    for t in 0..n {
+        print!("  {t:>width$}");
+    }
+    println!();
+    for (s, row) in cells.iter().enumerate() {
+        print!("{s:>8}");
+        for c in row {
+            print!("  {c:>width$}");
+        }
+        println!();
+    }
+    let troubled: Vec<_> = report
+        .pairs
+        .iter()
+        .filter(|p| !p.details().is_empty())
+        .collect();
+    if !troubled.is_empty() {
+        println!("details:");
+        for p in troubled {
+            for d in p.details() {
+                println!("  {}->{}: {d}", p.pair.src, p.pair.tgt);
+            }
+        }
+    }
+    let state = match (&note.existing, note.written) {
+        (_, true) => "written".to_string(),
+        (None, false) => "absent; --write-vllm-cache writes it".into(),
+        (Some(Ok(true)), false) => "present, agrees with this run".into(),
+        (Some(Ok(false)), false) => {
+            "present, DISAGREES with this run; --write-vllm-cache replaces it".into()
+        }
+        (Some(Err(e)), false) => {
+            format!("present but unusable ({e}); --write-vllm-cache replaces it")
+        }
+    };
+    println!("vLLM cache: {} ({state})", note.path.display());
+}
+
+fn print_json(report: &Report, note: &CacheNote) {
+    let cvd = std::env::var("CUDA_VISIBLE_DEVICES")
+        .map(|v| json::escape(&v))
+        .unwrap_or_else(|_| "null".into());
+    let pairs: Vec<String> = report
+        .pairs
+        .iter()
+        .map(|p| {
+            let claim = p.claim().map_or("null".to_string(), |c| c.to_string());
+            let details: Vec<String> = p.details().iter().map(|d| json::escape(d)).collect();
+            format!(
+                "{{\"src\":{},\"tgt\":{},\"ok\":{},\"copy_ok\":{},\"producer_ok\":{},\"consumer_ok\":{},\"kernel\":\"{}\",\"driver_claim\":{claim},\"details\":[{}]}}",
+                p.pair.src,
+                p.pair.tgt,
+                p.ok(),
+                p.copy_ok(),
+                p.producer.copy_ok,
+                p.consumer.copy_ok,
+                kernel_word(&p.kernel()),
+                details.join(",")
+            )
+        })
+        .collect();
+    let existing = match &note.existing {
+        None => "\"absent\"".to_string(),
+        Some(Ok(true)) => "\"agrees\"".into(),
+        Some(Ok(false)) => "\"disagrees\"".into(),
+        Some(Err(e)) => json::escape(&format!("unusable: {e}")),
+    };
+    println!(
+        "{{\"p2pcheck\":{},\"device_count\":{},\"cuda_visible_devices\":{cvd},\"kernel_check\":{},\"elapsed_s\":{:.3},\"all_ok\":{},\"pairs\":[{}],\"vllm_cache\":{{\"path\":{},\"written\":{},\"before\":{existing}}}}}",
+        json::escape(env!("CARGO_PKG_VERSION")),
+        report.device_count,
+        report.kernel_check,
+        report.elapsed.as_secs_f64(),
+        report.pairs.iter().all(|p| p.ok()),
+        pairs.join(","),
+        json::escape(&note.path.display().to_string()),
+        note.written,
+    );
+}
+
+fn run(args: &Args) -> Result<bool> {
+    let report = check::run(None, &args.opts)?;
+    let verdicts: Vec<bool> = report.pairs.iter().map(|p| p.ok()).collect();
+    let note = cache_note(args, &report, &verdicts)?;
+    if args.json {
+        print_json(&report, &note);
+    } else {
+        print_table(&report, &note);
+    }
+    Ok(verdicts.iter().all(|&v| v))
+}
+
+fn main() -> ExitCode {
+    let mut argv = std::env::args().skip(1).peekable();
+    // The CLI doubles as a worker, so it works with no p2pcheck-worker installed beside it.
+    if argv.peek().map(String::as_str) == Some(p2pcheck::worker::WORKER_FLAG) {
+        return ExitCode::from(p2pcheck::worker::main() as u8);
+    }
+    let args = match parse_args(argv) {
+        Ok(Some(a)) => a,
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("p2pcheck: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(&args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            if args.json {
+                println!("{{\"error\":{}}}", json::escape(&format!("{e:#}")));
+            }
+            eprintln!("p2pcheck: could not check: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -4,7 +4,6 @@ pub const CUDA_VERSION: u32 = 13000;
 pub const CUDART_VERSION: u32 = 13000;
 pub const cudaIpcMemLazyEnablePeerAccess: u32 = 1;
 pub type CUdeviceptr_v2 = ::std::os::raw::c_ulonglong;
-pub type CUdevice_v1 = ::std::os::raw::c_int;
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct CUctx_st {
@@ -146,25 +145,8 @@ pub type PFN_cuGetErrorName_v6000 = ::std::option::Option<
 >;
 pub type PFN_cuInit_v2000 =
     ::std::option::Option<unsafe extern "C" fn(Flags: ::std::os::raw::c_uint) -> CUresult>;
-pub type PFN_cuDriverGetVersion_v2020 = ::std::option::Option<
-    unsafe extern "C" fn(driverVersion: *mut ::std::os::raw::c_int) -> CUresult,
->;
-pub type PFN_cuDeviceGet_v2000 = ::std::option::Option<
-    unsafe extern "C" fn(device: *mut CUdevice_v1, ordinal: ::std::os::raw::c_int) -> CUresult,
->;
 pub type PFN_cuDeviceGetCount_v2000 =
     ::std::option::Option<unsafe extern "C" fn(count: *mut ::std::os::raw::c_int) -> CUresult>;
-pub type PFN_cuDeviceGetName_v2000 = ::std::option::Option<
-    unsafe extern "C" fn(
-        name: *mut ::std::os::raw::c_char,
-        len: ::std::os::raw::c_int,
-        dev: CUdevice_v1,
-    ) -> CUresult,
->;
-pub type PFN_cuDeviceGetUuid_v9020 =
-    ::std::option::Option<unsafe extern "C" fn(uuid: *mut CUuuid, dev: CUdevice_v1) -> CUresult>;
-pub type PFN_cuDeviceGetUuid_v11040 =
-    ::std::option::Option<unsafe extern "C" fn(uuid: *mut CUuuid, dev: CUdevice_v1) -> CUresult>;
 pub type PFN_cuCtxSynchronize_v2000 = ::std::option::Option<unsafe extern "C" fn() -> CUresult>;
 pub type PFN_cuCtxSynchronize_v13000 =
     ::std::option::Option<unsafe extern "C" fn(ctx: CUcontext) -> CUresult>;
@@ -185,13 +167,6 @@ pub type PFN_cuMemAlloc_v3020 = ::std::option::Option<
 >;
 pub type PFN_cuMemFree_v3020 =
     ::std::option::Option<unsafe extern "C" fn(dptr: CUdeviceptr_v2) -> CUresult>;
-pub type PFN_cuDeviceCanAccessPeer_v4000 = ::std::option::Option<
-    unsafe extern "C" fn(
-        canAccessPeer: *mut ::std::os::raw::c_int,
-        dev: CUdevice_v1,
-        peerDev: CUdevice_v1,
-    ) -> CUresult,
->;
 pub type PFN_cuMemcpyDtoH_v3020 = ::std::option::Option<
     unsafe extern "C" fn(
         dstHost: *mut ::std::os::raw::c_void,
