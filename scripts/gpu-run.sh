@@ -56,12 +56,12 @@ median() { sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2
 for ((r = 1; r <= RUNS; r++)); do
   T=$(mktemp -d)
   s=$(date +%s.%N); python3 "$REF" "$T/r.json" >"$T/ref.out" 2>&1; e=$(date +%s.%N)
-  echo -e "reference-wall\t$(echo "$e - $s" | bc)" >>"$OUT/timings.tsv"
+  echo -e "reference-wall\t$(awk -v s="$s" -v e="$e" "BEGIN {printf \"%.3f\", e - s}")" >>"$OUT/timings.tsv"
   echo -e "reference-cache\t$(sed -n 's/.*seconds=\([0-9.]*\).*/\1/p' "$T/ref.out")" >>"$OUT/timings.tsv"
   for mode in vllm full; do
     flag=(); [ $mode = vllm ] && flag=(--no-kernel-check)
     s=$(date +%s.%N); VLLM_CACHE_ROOT=$T "$P2P" "${flag[@]}" >/dev/null 2>&1; e=$(date +%s.%N)
-    echo -e "p2pcheck-$mode\t$(echo "$e - $s" | bc)" >>"$OUT/timings.tsv"
+    echo -e "p2pcheck-$mode\t$(awk -v s="$s" -v e="$e" "BEGIN {printf \"%.3f\", e - s}")" >>"$OUT/timings.tsv"
   done
   rm -rf "$T"
 done

@@ -7,7 +7,7 @@
 //! * [`can_actually_p2p`]: vLLM's batched two-process CUDA-IPC test of a list of pairs;
 //! * [`gpu_p2p_access_check`]: the cached answer for one pair, reading and writing the same
 //!   cache file vLLM does (byte-identical), atomically and under a lock;
-//! * `policy::should_nccl_symm_mem_allreduce` and the all-reduce size tables.
+//! * [`policy::should_nccl_symm_mem_allreduce`] and the all-reduce size tables.
 //!
 //! The layers, bottom to top: [`sys`] (generated bindings), [`driver`] (dlopen, lazy symbols,
 //! checked calls), [`protocol`] (frames over pipes), [`worker`] (the child processes),
@@ -28,6 +28,7 @@ pub mod cache;
 pub mod check;
 pub mod driver;
 pub mod json;
+pub mod policy;
 
 pub mod protocol;
 pub mod sys;
