@@ -29,6 +29,7 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/wrapper.h");
     println!("cargo:rerun-if-changed=csrc/shim.c");
     println!("cargo:rerun-if-changed=csrc/shim.h");
+    println!("cargo:rerun-if-changed=csrc/sim.c");
     println!("cargo:rerun-if-changed=src/sys/bindings.rs");
     for var in [
         "CUDA_HOME",
@@ -66,6 +67,39 @@ fn main() {
         .extra_warnings(true)
         .flag_if_supported("-Werror")
         .compile("p2pcheck_shim");
+
+    build_simulator(&out_dir);
+}
+
+/// The simulated driver (`csrc/sim.c`) is a shared library of its own, embedded in the crate
+/// (`src/sim.rs`) and handed to workers at run time; the cc crate only makes static archives,
+/// so its compiler is driven directly.
+fn build_simulator(out_dir: &Path) {
+    let lib = out_dir.join("libp2pcheck_sim.so");
+    let compiler = cc::Build::new().get_compiler();
+    let status = compiler
+        .to_command()
+        .args([
+            "-std=gnu11",
+            "-O2",
+            "-fPIC",
+            "-shared",
+            "-fvisibility=hidden",
+        ])
+        .args([
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-Wl,-soname,libcuda.so.1",
+            "-o",
+        ])
+        .arg(&lib)
+        .arg("csrc/sim.c")
+        .arg("-lpthread")
+        .status()
+        .expect("run the C compiler for csrc/sim.c");
+    assert!(status.success(), "compiling csrc/sim.c failed");
+    println!("cargo:rustc-env=P2PCHECK_SIM_LIB={}", lib.display());
 }
 
 /// Runs bindgen; `Err` carries the reason generation was not possible.

@@ -8,7 +8,7 @@
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -16,8 +16,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use crate::protocol::{
     self, FrameReader, KernelOutcome, Message, Pair, ProtocolError, Role, SideVerdict,
 };
+use crate::sim::Simulation;
 use crate::visible::{self, VisibleDevices};
-use crate::worker::WORKER_FLAG;
+use crate::worker::{PARENT_PID_VAR, WORKER_FLAG};
 
 /// How a check runs.
 #[derive(Clone, Debug)]
@@ -28,10 +29,13 @@ pub struct Options {
     pub kernel_check: bool,
     /// How long a worker may take to start CUDA and say Hello.
     pub startup_timeout: Duration,
-    /// How long the parent waits for any single step of a pair.
+    /// How long the parent waits for any single step of a pair; a pair that takes longer is
+    /// a [`Verdict::Hang`].
     pub step_timeout: Duration,
     /// The worker executable; `None` searches as [`locate_worker`] documents.
     pub worker: Option<PathBuf>,
+    /// Run the workers on the simulated driver instead of the real one.
+    pub simulate: Option<Simulation>,
 }
 
 impl Default for Options {
@@ -39,10 +43,70 @@ impl Default for Options {
         Options {
             kernel_check: true,
             startup_timeout: Duration::from_secs(60),
-            step_timeout: Duration::from_secs(10),
+            step_timeout: Duration::from_secs(5),
             worker: None,
+            simulate: None,
         }
     }
+}
+
+/// A pair's verdict. Only [`Verdict::Ok`] is `true` for vLLM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Both processes saw every byte the other wrote (and, with the kernel check, SM loads and
+    /// stores through the mapping worked).
+    Ok,
+    /// The pair ran to the end and something was wrong: what was seen.
+    Fails(String),
+    /// A worker stopped answering during this pair; it was killed and fresh workers took over.
+    Hang(String),
+    /// A worker died or broke the protocol during this pair: why.
+    Error(String),
+}
+
+impl Verdict {
+    /// The one-word name: `ok`, `fails`, `hang` or `error`.
+    pub fn word(&self) -> &'static str {
+        match self {
+            Verdict::Ok => "ok",
+            Verdict::Fails(_) => "fails",
+            Verdict::Hang(_) => "hang",
+            Verdict::Error(_) => "error",
+        }
+    }
+
+    /// What was seen or why (empty for `Ok`).
+    pub fn reason(&self) -> &str {
+        match self {
+            Verdict::Ok => "",
+            Verdict::Fails(r) | Verdict::Hang(r) | Verdict::Error(r) => r,
+        }
+    }
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Verdict::Ok => write!(f, "ok"),
+            v => write!(f, "{}: {}", v.word(), v.reason()),
+        }
+    }
+}
+
+/// How a pair's test ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// It ran to the end; each side's own verdict.
+    Done {
+        /// The producer's verdict.
+        producer: SideVerdict,
+        /// The consumer's verdict.
+        consumer: SideVerdict,
+    },
+    /// A worker stopped answering: where it was stuck.
+    Hang(String),
+    /// A worker died or broke the protocol: why.
+    Error(String),
 }
 
 /// Everything known about one pair after the check.
@@ -50,27 +114,35 @@ impl Default for Options {
 pub struct PairReport {
     /// The pair (local device ids).
     pub pair: Pair,
-    /// The producer's verdict.
-    pub producer: SideVerdict,
-    /// The consumer's verdict.
-    pub consumer: SideVerdict,
+    /// How its test ended.
+    pub outcome: Outcome,
 }
 
 impl PairReport {
+    fn sides(&self) -> Option<(&SideVerdict, &SideVerdict)> {
+        match &self.outcome {
+            Outcome::Done { producer, consumer } => Some((producer, consumer)),
+            _ => None,
+        }
+    }
+
     /// vLLM's boolean: both sides read back the consumer's bytes (false, with a warning, when
-    /// they disagree).
-    pub fn copy_ok(&self) -> bool {
-        self.producer.copy_ok && self.consumer.copy_ok
+    /// they disagree); `None` when the pair never ran to the end.
+    pub fn copy_ok(&self) -> Option<bool> {
+        self.sides().map(|(p, c)| p.copy_ok && c.copy_ok)
     }
 
     /// The sides disagree on the copy test (vLLM logs a warning and answers false).
     pub fn disagree(&self) -> bool {
-        self.producer.copy_ok != self.consumer.copy_ok
+        self.sides().is_some_and(|(p, c)| p.copy_ok != c.copy_ok)
     }
 
     /// The kernel check, both sides combined: `Ok` only if both saw it pass.
     pub fn kernel(&self) -> KernelOutcome {
-        match (&self.producer.kernel, &self.consumer.kernel) {
+        let Some((p, c)) = self.sides() else {
+            return KernelOutcome::NotRun;
+        };
+        match (&p.kernel, &c.kernel) {
             (KernelOutcome::Ok, KernelOutcome::Ok) => KernelOutcome::Ok,
             (KernelOutcome::Failed(a), KernelOutcome::Failed(b)) => {
                 KernelOutcome::Failed(format!("{a}; {b}"))
@@ -82,26 +154,46 @@ impl PairReport {
         }
     }
 
-    /// The verdict: the copy test passed and the kernel check, where it ran, did too.
+    /// The verdict.
+    pub fn verdict(&self) -> Verdict {
+        match &self.outcome {
+            Outcome::Hang(why) => Verdict::Hang(why.clone()),
+            Outcome::Error(why) => Verdict::Error(why.clone()),
+            Outcome::Done { .. } => {
+                let details = self.details();
+                if details.is_empty() {
+                    Verdict::Ok
+                } else {
+                    Verdict::Fails(details.join("; "))
+                }
+            }
+        }
+    }
+
+    /// The boolean vLLM expects: only [`Verdict::Ok`] is true.
     pub fn ok(&self) -> bool {
-        self.copy_ok() && !matches!(self.kernel(), KernelOutcome::Failed(_))
+        self.verdict() == Verdict::Ok
     }
 
     /// The driver's claim (`cudaDeviceCanAccessPeer(tgt, src)`), as the consumer asked it.
     pub fn claim(&self) -> Option<bool> {
-        self.consumer.claim
+        self.sides().and_then(|(_, c)| c.claim)
     }
 
-    /// Why the pair failed or what was odd about it; empty for a clean pass.
+    /// What was seen: why the pair failed, hung or errored; empty for a clean pass.
     pub fn details(&self) -> Vec<String> {
+        let (producer, consumer) = match &self.outcome {
+            Outcome::Done { producer, consumer } => (producer, consumer),
+            Outcome::Hang(why) | Outcome::Error(why) => return vec![why.clone()],
+        };
         let mut out = Vec::new();
         if self.disagree() {
             out.push(format!(
                 "producer and consumer disagree (producer {}, consumer {}): counted as false",
-                self.producer.copy_ok, self.consumer.copy_ok
+                producer.copy_ok, consumer.copy_ok
             ));
         }
-        for (side, v) in [("producer", &self.producer), ("consumer", &self.consumer)] {
+        for (side, v) in [("producer", producer), ("consumer", consumer)] {
             if !v.detail.is_empty() {
                 out.push(format!("{side}: {}", v.detail));
             }
@@ -119,14 +211,16 @@ impl PairReport {
 pub struct Report {
     /// Devices the workers see.
     pub device_count: u32,
-    /// One entry per pair, in batch order.
+    /// One entry per pair, in batch order; every pair is accounted for.
     pub pairs: Vec<PairReport>,
-    /// Wall time from spawning the workers to reaping them.
+    /// Wall time from spawning the first workers to reaping the last.
     pub elapsed: Duration,
     /// The worker executable used.
     pub worker: PathBuf,
     /// Whether the kernel check ran.
     pub kernel_check: bool,
+    /// How many times workers were replaced after a hang or a death.
+    pub restarts: u32,
 }
 
 impl Report {
@@ -229,9 +323,13 @@ struct Worker {
 }
 
 impl Worker {
-    fn spawn(path: &Path, role: Role) -> Result<Worker> {
+    fn spawn(path: &Path, role: Role, env: &[(&'static str, String)]) -> Result<Worker> {
         let mut child = Command::new(path)
             .arg(WORKER_FLAG)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            // The worker asks to be killed when its parent dies (see worker::main); it needs
+            // the parent's pid to close the race where the parent died before it asked.
+            .env(PARENT_PID_VAR, std::process::id().to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -264,24 +362,48 @@ impl Worker {
             .with_context(|| format!("cannot write to the {}", self.name()))
     }
 
-    /// Closes stdin (the worker's signal to exit) and waits for it, killing it at the deadline.
-    fn finish(&mut self, deadline: Instant) -> Result<()> {
-        self.stdin = None;
+    /// Waits until `deadline` for the worker to exit and reaps it; `None` if it is still alive.
+    fn wait_until(&mut self, deadline: Instant) -> Option<ExitStatus> {
         loop {
-            match self.child.try_wait()? {
-                Some(status) => {
+            match self.child.try_wait() {
+                Ok(Some(status)) => {
                     self.reaped = true;
-                    if !status.success() {
-                        bail!("the {} exited with {status}", self.name());
-                    }
-                    return Ok(());
+                    return Some(status);
                 }
-                None if Instant::now() >= deadline => {
-                    self.kill();
-                    bail!("the {} did not exit after its batch; killed", self.name());
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(2))
                 }
-                None => std::thread::sleep(Duration::from_millis(2)),
+                _ => return None,
             }
+        }
+    }
+
+    /// Closes stdin (the worker's signal to exit) and reaps it, killing it at the deadline.
+    /// Every verdict is in by now, so a bad exit is only worth a warning.
+    fn finish(&mut self, deadline: Instant) {
+        self.stdin = None;
+        match self.wait_until(deadline) {
+            Some(status) if status.success() => {}
+            Some(status) => eprintln!(
+                "p2pcheck: warning: the {} {} after its batch",
+                self.name(),
+                describe_exit(status)
+            ),
+            None => {
+                self.kill();
+                eprintln!(
+                    "p2pcheck: warning: the {} did not exit after its batch; killed",
+                    self.name()
+                );
+            }
+        }
+    }
+
+    /// Why a worker that closed its pipe is gone (it is reaped here; killed if still alive).
+    fn death_note(&mut self) -> String {
+        match self.wait_until(Instant::now() + Duration::from_secs(1)) {
+            Some(status) => format!("the {} {}", self.name(), describe_exit(status)),
+            None => format!("the {} closed its pipe but did not exit", self.name()),
         }
     }
 
@@ -302,6 +424,27 @@ impl Drop for Worker {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// "exited with code 3", "was killed by signal 11 (SIGSEGV)".
+fn describe_exit(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    if let Some(code) = status.code() {
+        return format!("exited with code {code}");
+    }
+    let sig = status.signal().unwrap_or(0);
+    let name = match sig {
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGILL => "SIGILL",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGINT => "SIGINT",
+        _ => "signal",
+    };
+    format!("was killed by signal {sig} ({name})")
 }
 
 fn role_name(role: Role) -> &'static str {
@@ -393,8 +536,10 @@ fn recv_any(
 
 /// Runs the check for `pairs` (all pairs of the visible devices when `None`).
 ///
-/// Errors (the check could not be carried out) name the worker, the pair and the step; pair
-/// failures are not errors but part of the [`Report`].
+/// Every pair is accounted for in the [`Report`]: a pair whose worker stops answering is a
+/// [`Verdict::Hang`], one whose worker dies is a [`Verdict::Error`]; both workers are then
+/// killed with their process groups and fresh ones take the remaining pairs. `Err` means the
+/// check could not be carried out at all (no worker, no CUDA, bad device ids), and names why.
 pub fn run(pairs: Option<&[Pair]>, opts: &Options) -> Result<Report> {
     let started = Instant::now();
     let visible = visible::from_env();
@@ -408,15 +553,87 @@ pub fn run(pairs: Option<&[Pair]>, opts: &Options) -> Result<Report> {
         );
     }
     let path = locate_worker(opts.worker.as_deref())?;
-    let mut workers = [
-        Worker::spawn(&path, Role::Producer)?,
-        Worker::spawn(&path, Role::Consumer)?,
-    ];
-    let device_count = hello(&mut workers, &path, started + opts.startup_timeout)?;
-    let pairs = match pairs {
-        Some(p) => p.to_vec(),
-        None => all_pairs(device_count),
+    let env = match &opts.simulate {
+        Some(sim) => sim.worker_env()?,
+        None => Vec::new(),
     };
+    let mut batch: Option<Vec<Pair>> = pairs.map(<[Pair]>::to_vec);
+    let mut device_count = 0;
+    let mut reports: Vec<PairReport> = Vec::new();
+    let mut restarts = 0;
+    loop {
+        let mut workers = [
+            Worker::spawn(&path, Role::Producer, &env)?,
+            Worker::spawn(&path, Role::Consumer, &env)?,
+        ];
+        let hello = hello(&mut workers, &path, Instant::now() + opts.startup_timeout);
+        let all = match (&batch, hello) {
+            (None, Ok(n)) => {
+                device_count = n;
+                batch.insert(all_pairs(n))
+            }
+            (Some(b), Ok(n)) if reports.is_empty() => {
+                device_count = n;
+                check_ids(b, n)?;
+                b
+            }
+            (Some(b), Ok(_)) => b,
+            (_, Err(e)) if reports.is_empty() => return Err(e),
+            // Fresh workers after a hang or death could not start: every pair left is an error.
+            (Some(b), Err(e)) => {
+                let why = format!("no fresh worker could start after an earlier failure: {e:#}");
+                let rest = b[reports.len()..].iter().map(|&pair| PairReport {
+                    pair,
+                    outcome: Outcome::Error(why.clone()),
+                });
+                reports.extend(rest);
+                break;
+            }
+            (None, Err(_)) => unreachable!("the batch is known once any report exists"),
+        };
+        let remaining = &all[reports.len()..];
+        if remaining.is_empty() {
+            break;
+        }
+        for w in workers.iter_mut() {
+            let role = w.role;
+            w.send(&Message::Start {
+                role,
+                kernel_check: opts.kernel_check,
+                pairs: remaining.to_vec(),
+            })?;
+        }
+        let (done, broken) = relay(&mut workers, remaining, opts.step_timeout)?;
+        reports.extend(done);
+        match broken {
+            // The workers are killed when `workers` drops; fresh ones take the rest.
+            Some(report) => {
+                reports.push(report);
+                restarts += 1;
+                if reports.len() == all.len() {
+                    break;
+                }
+            }
+            None => {
+                let deadline = Instant::now() + opts.step_timeout;
+                for w in workers.iter_mut() {
+                    w.finish(deadline);
+                }
+                break;
+            }
+        }
+    }
+    Ok(Report {
+        device_count,
+        pairs: reports,
+        elapsed: started.elapsed(),
+        worker: path,
+        kernel_check: opts.kernel_check,
+        restarts,
+    })
+}
+
+fn check_ids(pairs: &[Pair], device_count: u32) -> Result<()> {
     if let Some(bad) = pairs
         .iter()
         .find(|p| p.src >= device_count || p.tgt >= device_count)
@@ -429,26 +646,7 @@ pub fn run(pairs: Option<&[Pair]>, opts: &Options) -> Result<Report> {
             std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "<unset>".into())
         );
     }
-    for w in workers.iter_mut() {
-        let role = w.role;
-        w.send(&Message::Start {
-            role,
-            kernel_check: opts.kernel_check,
-            pairs: pairs.clone(),
-        })?;
-    }
-    let reports = relay(&mut workers, &pairs, opts.step_timeout)?;
-    let deadline = Instant::now() + opts.step_timeout;
-    for w in workers.iter_mut() {
-        w.finish(deadline)?;
-    }
-    Ok(Report {
-        device_count,
-        pairs: reports,
-        elapsed: started.elapsed(),
-        worker: path,
-        kernel_check: opts.kernel_check,
-    })
+    Ok(())
 }
 
 /// Waits for both Hellos; returns the device count.
@@ -502,73 +700,126 @@ fn hello(workers: &mut [Worker; 2], path: &Path, deadline: Instant) -> Result<u3
     Ok(a)
 }
 
-/// Forwards each message to the other worker and records verdicts until every pair has both.
-fn relay(workers: &mut [Worker; 2], pairs: &[Pair], step: Duration) -> Result<Vec<PairReport>> {
+/// The last event the parent saw of the pair in flight, for a hang's message.
+fn last_event(last: Option<&(Side, Message)>) -> String {
+    let Some((from, msg)) = last else {
+        return "before the producer sent its IPC handle".into();
+    };
+    let who = role_name(match from {
+        Side::Producer => Role::Producer,
+        Side::Consumer => Role::Consumer,
+    });
+    let what = match msg {
+        Message::Handle { .. } => "IPC handle".to_string(),
+        Message::Opened { .. } => "answer to opening the handle".into(),
+        Message::Barrier { stage, .. } => format!("{stage:?} barrier"),
+        Message::Verdict { .. } => "verdict".into(),
+        other => format!("{other:?}"),
+    };
+    format!("after the {who}'s {what}")
+}
+
+/// Forwards each message to the other worker and records verdicts until every pair has both,
+/// or a worker hangs or dies. Returns the finished pairs and, if the batch broke off, the
+/// report of the pair in flight ([`Outcome::Hang`] or [`Outcome::Error`]).
+fn relay(
+    workers: &mut [Worker; 2],
+    pairs: &[Pair],
+    step: Duration,
+) -> Result<(Vec<PairReport>, Option<PairReport>)> {
     let mut verdicts: Vec<[Option<SideVerdict>; 2]> = vec![[None, None]; pairs.len()];
-    let mut remaining = 2 * pairs.len();
-    while remaining > 0 {
-        let current = verdicts
-            .iter()
-            .position(|v| v.iter().any(Option::is_none))
-            .unwrap_or(0);
-        let at = |i: usize| {
-            let p = pairs[i.min(pairs.len() - 1)];
-            format!("pair {} ({}->{})", i, p.src, p.tgt)
-        };
-        let active = [0, 1].map(|side| verdicts.iter().any(|v| v[side].is_none()));
-        let (from, msg) =
-            recv_any(workers, active, Instant::now() + step).map_err(|(from, e)| match e {
-                ProtocolError::Timeout => anyhow!(
-                    "{}: no progress for {:.1} s; the workers were killed",
-                    at(current),
-                    step.as_secs_f64()
-                ),
-                e => anyhow!(
-                    "{}: the {} failed: {e}",
-                    at(current),
-                    workers[from as usize].name()
-                ),
-            })?;
-        let other = 1 - from as usize;
-        let index = match &msg {
-            Message::Handle { index, .. } if from == Side::Producer => *index,
-            Message::Opened { index, .. } if from == Side::Consumer => *index,
-            Message::Barrier { index, .. } => *index,
-            Message::Verdict { index, .. } => *index,
-            m => bail!(
-                "{}: the {} sent {m:?}, which it may not",
-                at(current),
-                workers[from as usize].name()
-            ),
-        } as usize;
-        if index >= pairs.len() {
-            bail!(
-                "the {} sent a message for pair {index} of {}",
-                workers[from as usize].name(),
-                pairs.len()
-            );
-        }
-        match msg {
-            Message::Verdict { verdict, .. } => {
-                if verdicts[index][from as usize].replace(verdict).is_some() {
-                    bail!(
-                        "{}: two verdicts from the {}",
-                        at(index),
-                        workers[from as usize].name()
-                    );
+    let mut last: Option<(Side, Message)> = None;
+    let mut current = 0;
+    while current < pairs.len() {
+        let active = [0, 1].map(|side| verdicts[current..].iter().any(|v| v[side].is_none()));
+        let outcome = match recv_any(workers, active, Instant::now() + step) {
+            Ok((from, msg)) => match route(workers, &mut verdicts, from, msg.clone()) {
+                Ok(()) => {
+                    last = Some((from, msg));
+                    None
                 }
-                remaining -= 1;
+                Err(why) => Some(Outcome::Error(why)),
+            },
+            Err((_, ProtocolError::Timeout)) => Some(Outcome::Hang(format!(
+                "no answer for {:.1} s {}; the workers were killed",
+                step.as_secs_f64(),
+                last_event(last.as_ref())
+            ))),
+            Err((from, ProtocolError::Eof)) => {
+                Some(Outcome::Error(workers[from as usize].death_note()))
             }
-            m => workers[other].send(&m)?,
+            Err((from, e)) => Some(Outcome::Error(format!(
+                "the {}: {e}",
+                workers[from as usize].name()
+            ))),
+        };
+        if let Some(outcome) = outcome {
+            let done = finished(pairs, &mut verdicts, current);
+            let broken = PairReport {
+                pair: pairs[current],
+                outcome,
+            };
+            return Ok((done, Some(broken)));
+        }
+        while current < pairs.len() && verdicts[current].iter().all(Option::is_some) {
+            current += 1;
+            last = None;
         }
     }
-    Ok(pairs
+    Ok((finished(pairs, &mut verdicts, pairs.len()), None))
+}
+
+/// Forwards `msg` from `from` to the other worker, or records it if it is a verdict; `Err`
+/// says how the sender broke the protocol.
+fn route(
+    workers: &mut [Worker; 2],
+    verdicts: &mut [[Option<SideVerdict>; 2]],
+    from: Side,
+    msg: Message,
+) -> std::result::Result<(), String> {
+    let name = workers[from as usize].name();
+    let index = match &msg {
+        Message::Handle { index, .. } if from == Side::Producer => *index,
+        Message::Opened { index, .. } if from == Side::Consumer => *index,
+        Message::Barrier { index, .. } | Message::Verdict { index, .. } => *index,
+        m => return Err(format!("the {name} sent {m:?}, which it may not")),
+    } as usize;
+    if index >= verdicts.len() {
+        return Err(format!(
+            "the {name} sent a message for pair {index} of {}",
+            verdicts.len()
+        ));
+    }
+    match msg {
+        Message::Verdict { verdict, .. } => {
+            if verdicts[index][from as usize].replace(verdict).is_some() {
+                return Err(format!("the {name} sent two verdicts for pair {index}"));
+            }
+            Ok(())
+        }
+        // A failed write means the receiver died: say how.
+        m => {
+            let to = &mut workers[1 - from as usize];
+            to.send(&m).map_err(|_| to.death_note())
+        }
+    }
+}
+
+/// Reports for the first `count` pairs, whose verdicts are all in.
+fn finished(
+    pairs: &[Pair],
+    verdicts: &mut [[Option<SideVerdict>; 2]],
+    count: usize,
+) -> Vec<PairReport> {
+    pairs[..count]
         .iter()
-        .zip(verdicts)
+        .zip(verdicts.iter_mut())
         .map(|(&pair, [p, c])| PairReport {
             pair,
-            producer: p.expect("all verdicts collected"),
-            consumer: c.expect("all verdicts collected"),
+            outcome: Outcome::Done {
+                producer: p.take().expect("a finished pair has both verdicts"),
+                consumer: c.take().expect("a finished pair has both verdicts"),
+            },
         })
-        .collect())
+        .collect()
 }

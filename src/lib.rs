@@ -31,6 +31,7 @@ pub mod json;
 pub mod policy;
 
 pub mod protocol;
+pub mod sim;
 pub mod sys;
 pub mod visible;
 pub mod worker;
@@ -41,7 +42,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use once_cell::sync::OnceCell;
 
-pub use check::{Options, PairReport, Report};
+pub use check::{Options, PairReport, Report, Verdict};
 pub use protocol::Pair;
 
 /// How long [`gpu_p2p_access_check`] waits for another process that holds the cache lock
@@ -85,6 +86,7 @@ pub fn can_actually_p2p_with(
             elapsed: Duration::ZERO,
             worker: PathBuf::new(),
             kernel_check: opts.kernel_check,
+            restarts: 0,
         });
     }
     let report = check::run(Some(&pairs), opts)?;

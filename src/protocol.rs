@@ -48,10 +48,12 @@ pub struct Pair {
 pub enum Stage {
     /// vLLM's barrier: the consumer has written 2s and synchronised.
     Copy = 0,
+    /// Kernel check: the producer has read the 2s back, so the consumer may overwrite them.
+    CopyChecked = 1,
     /// Kernel check: the consumer's SM stores are done.
-    KernelStored = 1,
+    KernelStored = 2,
     /// Kernel check: the producer has checked them and written its own value for the consumer.
-    ProducerRewrote = 2,
+    ProducerRewrote = 3,
 }
 
 /// Outcome of the kernel check as one side saw it.
@@ -437,8 +439,9 @@ pub fn decode(body: &[u8]) -> Result<Message, ProtocolError> {
             let index = d.u32("index")?;
             let stage = match d.u8("stage")? {
                 0 => Stage::Copy,
-                1 => Stage::KernelStored,
-                2 => Stage::ProducerRewrote,
+                1 => Stage::CopyChecked,
+                2 => Stage::KernelStored,
+                3 => Stage::ProducerRewrote,
                 v => return malformed(format!("unknown barrier stage {v}")),
             };
             Message::Barrier { index, stage }

@@ -29,6 +29,9 @@ const KERNEL_STORE: u8 = 3;
 /// The producer's value for the consumer's SM loads (kernel check).
 const PRODUCER_REWRITE: u8 = 4;
 
+/// The variable through which the parent passes its pid (see [`main`]).
+pub const PARENT_PID_VAR: &str = "P2PCHECK_PARENT_PID";
+
 /// Exit code when CUDA could not start (the Hello says why).
 pub const EXIT_NO_CUDA: i32 = 4;
 /// Exit code on a protocol violation or broken pipe.
@@ -37,8 +40,21 @@ pub const EXIT_PROTOCOL: i32 = 3;
 /// Runs a worker over this process's stdin and stdout and returns its exit code.
 ///
 /// Stdout is moved to a private descriptor first and fd 1 pointed at stderr, so that nothing a
-/// library prints can corrupt the protocol stream.
+/// library prints can corrupt the protocol stream. The worker asks the kernel to kill it when
+/// its parent dies (`PR_SET_PDEATHSIG`), so a parent killed by Ctrl-C, SIGTERM or SIGKILL never
+/// leaves a worker behind; if the parent is already gone by then, it exits at once.
 pub fn main() -> i32 {
+    // SAFETY: prctl with PR_SET_PDEATHSIG and a signal number has no memory effects.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+    }
+    let parent = std::env::var(PARENT_PID_VAR)
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok());
+    if parent.is_some_and(|p| p != std::os::unix::process::parent_id()) {
+        eprintln!("p2pcheck worker: the parent that started it is gone");
+        return EXIT_PROTOCOL;
+    }
     // SAFETY: dup/dup2 on the process's own standard descriptors; the new descriptor is owned
     // by the File created from it and nothing else.
     let out = unsafe {
@@ -224,6 +240,8 @@ fn produce<R: Read, W: Write>(
     link.barrier_in(index, Stage::Copy)?;
     let copy = verify(d, p, CONSUMER_FILL, "producer read-back");
     let kernel = if kernel_check {
+        // The consumer's SM stores must not overwrite the 2s before this side has read them.
+        link.barrier_out(index, Stage::CopyChecked)?;
         link.barrier_in(index, Stage::KernelStored)?;
         let seen = verify(d, p, KERNEL_STORE, "peer SM stores, as the owner sees them");
         let rewrite = driver::memset(d, p, PRODUCER_REWRITE, TEST_BYTES)
@@ -287,6 +305,7 @@ fn consume<R: Read, W: Write>(
     link.barrier_out(index, Stage::Copy)?;
     let copy = wrote.and_then(|_| verify(d, q, CONSUMER_FILL, "consumer read-back"));
     let kernel = if kernel_check {
+        link.barrier_in(index, Stage::CopyChecked)?;
         let stored =
             driver::kernel_store(d, q, TEST_BYTES, KERNEL_STORE).map_err(|e| e.to_string());
         link.barrier_out(index, Stage::KernelStored)?;

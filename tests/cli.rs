@@ -37,7 +37,7 @@ fn help_documents_options_and_exit_codes() {
         "--timeout",
         "EXIT CODES",
         "0  every pair works",
-        "1  some pair fails",
+        "1  some pair is not ok",
         "2  could not check",
         "P2PCHECK_LIBCUDA",
     ] {

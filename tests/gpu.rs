@@ -66,7 +66,7 @@ fn exact_vllm_mode_and_batch_order() {
     let report = p2pcheck::can_actually_p2p_with(&src, &tgt, &opts).expect("check runs");
     for (i, p) in report.pairs.iter().enumerate() {
         assert_eq!((p.pair.src, p.pair.tgt), (src[i], tgt[i]));
-        assert!(p.copy_ok());
+        assert_eq!(p.copy_ok(), Some(true));
         assert_eq!(p.kernel(), KernelOutcome::NotRun);
     }
     let err = p2pcheck::can_actually_p2p(&[n], &[0]).unwrap_err();
@@ -94,4 +94,80 @@ fn gpu_p2p_access_check_writes_vllms_cache_once() {
     assert!(p2pcheck::gpu_p2p_access_check(n - 1, 0).unwrap());
     assert_eq!(std::fs::metadata(&path).unwrap().modified().unwrap(), mtime);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Pids of this process's children that are p2pcheck workers.
+fn worker_children() -> Vec<i32> {
+    let me = std::process::id().to_string();
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        // pid (comm) state ppid ...: the fields after the last ')'.
+        let ppid = stat
+            .rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().nth(1));
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if ppid == Some(me.as_str())
+            && String::from_utf8_lossy(&cmdline).contains("--p2pcheck-worker")
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_worker_killed_mid_run_gives_error_for_its_pair_and_leaves_nothing() {
+    if !gpu_tests_enabled("a_worker_killed_mid_run_gives_error_for_its_pair_and_leaves_nothing") {
+        return;
+    }
+    // A long batch (pair 0->0 twelve times, about 0.15 s each after start-up), and a killer
+    // thread that SIGKILLs the consumer once the batch is under way.
+    let src = vec![0u32; 12];
+    let tgt = vec![0u32; 12];
+    let killer = std::thread::spawn(|| {
+        let started = std::time::Instant::now();
+        loop {
+            let workers = worker_children();
+            if workers.len() == 2 && started.elapsed() > std::time::Duration::from_millis(900) {
+                let consumer = *workers.iter().max().unwrap(); // spawned second
+                                                               // SAFETY: SIGKILL to a child process of this test.
+                unsafe { libc::kill(consumer, libc::SIGKILL) };
+                return consumer;
+            }
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(20),
+                "no workers seen"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    });
+    let report = p2pcheck::can_actually_p2p_with(&src, &tgt, &options()).expect("check runs");
+    let killed = killer.join().unwrap();
+    let errors: Vec<_> = report
+        .pairs
+        .iter()
+        .filter(|p| matches!(p.verdict(), p2pcheck::Verdict::Error(_)))
+        .collect();
+    eprintln!(
+        "killed consumer {killed}; verdicts: {:?}",
+        report.pairs.iter().map(|p| p.verdict()).collect::<Vec<_>>()
+    );
+    assert_eq!(report.pairs.len(), 12, "every pair accounted for");
+    assert_eq!(errors.len(), 1, "exactly the pair in flight is an error");
+    assert!(
+        errors[0].verdict().reason().contains("SIGKILL"),
+        "{}",
+        errors[0].verdict()
+    );
+    assert_eq!(report.restarts, 1);
+    assert!(
+        report.pairs.iter().filter(|p| p.ok()).count() == 11,
+        "the other pairs still pass"
+    );
+    assert!(worker_children().is_empty(), "no worker left behind");
 }

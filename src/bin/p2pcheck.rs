@@ -5,8 +5,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use p2pcheck::check::{self, Options, Report};
+use p2pcheck::check::{self, Options, Report, Verdict};
 use p2pcheck::protocol::KernelOutcome;
+use p2pcheck::sim::{self, Fault, Simulation};
 use p2pcheck::{cache, json, visible};
 
 const HELP: &str = "\
@@ -19,8 +20,10 @@ Checks every ordered pair (src, tgt) of the visible GPUs the way vLLM's can_actu
 a producer process allocates 1 KiB on src and sets it to 1, a consumer process on tgt maps it
 through CUDA IPC and sets it to 2, both read it back. It then also checks SM-issued stores and
 loads through the mapping (the kernel check; --no-kernel-check turns it off). Prints the matrix
-(rows src, columns tgt), the driver's own claim (cudaDeviceCanAccessPeer) where it differs,
-the reason for every failure, and where the vLLM cache file is.
+(rows src, columns tgt) of verdicts - ok, FAIL (ran, wrong data or a failed call), HANG (a
+worker stopped answering: killed, fresh workers took the remaining pairs), ERROR (a worker died)
+- with the driver's own claim (cudaDeviceCanAccessPeer) where it differs, the reason for every
+failure, and where the vLLM cache file is. Every wait has a deadline; no worker outlives it.
 
 OPTIONS:
     --json                 Print one JSON object on stdout instead of the table
@@ -29,10 +32,18 @@ OPTIONS:
     --cache-dir DIR        Folder of that file [default: $VLLM_CACHE_ROOT, else
                            $XDG_CACHE_HOME/vllm, else ~/.cache/vllm]
     --no-kernel-check      Only vLLM's copy test (memset/memcpy), nothing more
-    --timeout SECS         Deadline for each step of a pair [default: 10]
+    --timeout SECS         Deadline for each step of a pair; past it the pair is HANG [default: 5]
     --startup-timeout SECS Deadline for the workers to start CUDA [default: 60]
     --worker PATH          The worker executable [default: $P2PCHECK_WORKER, else
                            p2pcheck-worker beside this program, else this program]
+    --simulate N           Run on the built-in simulated driver with N GPUs instead of the real
+                           one (no GPU needed); CUDA_VISIBLE_DEVICES applies over them. The vLLM
+                           cache is then only touched in an explicit --cache-dir
+    --fault SRC->TGT:KIND  With --simulate: break pair SRC->TGT (physical ids; repeatable).
+                           KIND: ipc-open-fails, drop-writes, corrupt, sm-only, late-visibility,
+                           hang, crash, one-way, claim-no (see README)
+    --write-sim-lib PATH   Write the simulated driver library to PATH and exit (load it as
+                           libcuda/libcudart to test your own code without a GPU)
     -h, --help             Print this help
     -V, --version          Print the version and where the CUDA bindings came from
 
@@ -45,7 +56,7 @@ ENVIRONMENT:
 
 EXIT CODES:
     0  every pair works
-    1  some pair fails (the output says which and why)
+    1  some pair is not ok: FAIL, HANG or ERROR (the output says which and why)
     2  could not check (no GPU, no driver, bad arguments, a worker failed or timed out)
 ";
 
@@ -66,7 +77,7 @@ fn seconds(flag: &str, value: Option<String>) -> Result<Duration> {
     Ok(Duration::from_secs_f64(s))
 }
 
-/// Parses the arguments; `Ok(None)` means help or version was printed.
+/// Parses the arguments; `Ok(None)` means the work is already done (help, version, sim lib).
 fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Option<Args>> {
     let mut args = Args {
         json: false,
@@ -74,6 +85,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Option<Args>> {
         cache_dir: None,
         opts: Options::default(),
     };
+    let mut faults: Vec<Fault> = Vec::new();
     while let Some(a) = it.next() {
         match a.as_str() {
             "-h" | "--help" => {
@@ -107,8 +119,40 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Option<Args>> {
                     it.next().ok_or_else(|| anyhow!("--worker needs a path"))?,
                 ))
             }
+            "--simulate" => {
+                let n = it
+                    .next()
+                    .ok_or_else(|| anyhow!("--simulate needs a GPU count"))?;
+                let gpus = n
+                    .parse()
+                    .map_err(|_| anyhow!("--simulate {n:?}: expected a number of GPUs"))?;
+                args.opts.simulate = Some(Simulation {
+                    gpus,
+                    faults: Vec::new(),
+                });
+            }
+            "--fault" => faults.push(
+                it.next()
+                    .ok_or_else(|| anyhow!("--fault needs SRC->TGT:KIND"))?
+                    .parse()?,
+            ),
+            "--write-sim-lib" => {
+                let path = it
+                    .next()
+                    .ok_or_else(|| anyhow!("--write-sim-lib needs a path"))?;
+                sim::write_library(path.as_ref())?;
+                return Ok(None);
+            }
             other => bail!("unknown argument {other:?} (see --help)"),
         }
+    }
+    match &mut args.opts.simulate {
+        Some(s) => {
+            s.faults = faults;
+            s.validate()?;
+        }
+        None if !faults.is_empty() => bail!("--fault needs --simulate"),
+        None => {}
     }
     Ok(Some(args))
 }
@@ -128,12 +172,15 @@ struct CacheNote {
     existing: Option<Result<bool, String>>, // Some(Ok(agrees)) when a readable file was there
 }
 
-fn cache_note(args: &Args, report: &Report, verdicts: &[bool]) -> Result<CacheNote> {
+/// The vLLM cache file for this run; `None` for a simulation without an explicit --cache-dir
+/// (simulated verdicts must never land in the real cache by accident).
+fn cache_note(args: &Args, report: &Report, verdicts: &[bool]) -> Result<Option<CacheNote>> {
     let n = report.device_count as usize;
     let cvd = std::env::var("CUDA_VISIBLE_DEVICES").ok();
-    let dir = match &args.cache_dir {
-        Some(d) => d.clone(),
-        None => cache::cache_dir()?,
+    let dir = match (&args.cache_dir, &args.opts.simulate) {
+        (Some(d), _) => d.clone(),
+        (None, Some(_)) => return Ok(None),
+        (None, None) => cache::cache_dir()?,
     };
     let path = dir.join(cache::file_name(&visible::cache_key(cvd.as_deref(), n)));
     let existing = std::fs::read_to_string(&path).ok().map(|text| {
@@ -144,26 +191,45 @@ fn cache_note(args: &Args, report: &Report, verdicts: &[bool]) -> Result<CacheNo
     if args.write_cache {
         cache::store(&path, n, verdicts).with_context(|| format!("writing {}", path.display()))?;
     }
-    Ok(CacheNote {
+    Ok(Some(CacheNote {
         path,
         written: args.write_cache,
         existing,
-    })
+    }))
 }
 
-fn print_table(report: &Report, note: &CacheNote) {
+fn print_table(args: &Args, report: &Report, note: Option<&CacheNote>) {
     let n = report.device_count;
     let cvd = std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "<unset>".into());
+    let machine = match &args.opts.simulate {
+        Some(s) => format!(
+            "simulated, {} GPU(s), faults [{}]",
+            s.gpus,
+            s.faults
+                .iter()
+                .map(Fault::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        None => "real driver".into(),
+    };
     println!(
-        "p2pcheck: {n} visible device(s) (CUDA_VISIBLE_DEVICES={cvd}), kernel check {}, {:.2} s",
+        "p2pcheck: {n} visible device(s) (CUDA_VISIBLE_DEVICES={cvd}; {machine}), kernel check {}, \
+         {:.2} s, {} worker restart(s)",
         if report.kernel_check { "on" } else { "off" },
-        report.elapsed.as_secs_f64()
+        report.elapsed.as_secs_f64(),
+        report.restarts
     );
     let cell = |src: u32, tgt: u32| -> String {
         let Some(p) = report.get(src, tgt) else {
             return "-".into();
         };
-        let word = if p.ok() { "ok" } else { "FAIL" };
+        let word = match p.verdict() {
+            Verdict::Ok => "ok",
+            Verdict::Fails(_) => "FAIL",
+            Verdict::Hang(_) => "HANG",
+            Verdict::Error(_) => "ERROR",
+        };
         match p.claim() {
             Some(claim) if claim != p.ok() => {
                 format!("{word} (driver: {})", if claim { "yes" } else { "no" })
@@ -206,6 +272,10 @@ fn print_table(report: &Report, note: &CacheNote) {
             }
         }
     }
+    let Some(note) = note else {
+        println!("vLLM cache: not consulted (simulation; give --cache-dir to write one)");
+        return;
+    };
     let state = match (&note.existing, note.written) {
         (_, true) => "written".to_string(),
         (None, false) => "absent; --write-vllm-cache writes it".into(),
@@ -220,45 +290,57 @@ fn print_table(report: &Report, note: &CacheNote) {
     println!("vLLM cache: {} ({state})", note.path.display());
 }
 
-fn print_json(report: &Report, note: &CacheNote) {
+fn print_json(args: &Args, report: &Report, note: Option<&CacheNote>) {
     let cvd = std::env::var("CUDA_VISIBLE_DEVICES")
         .map(|v| json::escape(&v))
         .unwrap_or_else(|_| "null".into());
+    let opt = |b: Option<bool>| b.map_or("null".to_string(), |b| b.to_string());
     let pairs: Vec<String> = report
         .pairs
         .iter()
         .map(|p| {
-            let claim = p.claim().map_or("null".to_string(), |c| c.to_string());
+            let verdict = p.verdict();
             let details: Vec<String> = p.details().iter().map(|d| json::escape(d)).collect();
             format!(
-                "{{\"src\":{},\"tgt\":{},\"ok\":{},\"copy_ok\":{},\"producer_ok\":{},\"consumer_ok\":{},\"kernel\":\"{}\",\"driver_claim\":{claim},\"details\":[{}]}}",
+                "{{\"src\":{},\"tgt\":{},\"ok\":{},\"verdict\":\"{}\",\"reason\":{},\"copy_ok\":{},\"kernel\":\"{}\",\"driver_claim\":{},\"details\":[{}]}}",
                 p.pair.src,
                 p.pair.tgt,
                 p.ok(),
-                p.copy_ok(),
-                p.producer.copy_ok,
-                p.consumer.copy_ok,
+                verdict.word(),
+                json::escape(verdict.reason()),
+                opt(p.copy_ok()),
                 kernel_word(&p.kernel()),
+                opt(p.claim()),
                 details.join(",")
             )
         })
         .collect();
-    let existing = match &note.existing {
-        None => "\"absent\"".to_string(),
-        Some(Ok(true)) => "\"agrees\"".into(),
-        Some(Ok(false)) => "\"disagrees\"".into(),
-        Some(Err(e)) => json::escape(&format!("unusable: {e}")),
+    let cache = match note {
+        None => "null".to_string(),
+        Some(note) => {
+            let before = match &note.existing {
+                None => "\"absent\"".to_string(),
+                Some(Ok(true)) => "\"agrees\"".into(),
+                Some(Ok(false)) => "\"disagrees\"".into(),
+                Some(Err(e)) => json::escape(&format!("unusable: {e}")),
+            };
+            format!(
+                "{{\"path\":{},\"written\":{},\"before\":{before}}}",
+                json::escape(&note.path.display().to_string()),
+                note.written
+            )
+        }
     };
     println!(
-        "{{\"p2pcheck\":{},\"device_count\":{},\"cuda_visible_devices\":{cvd},\"kernel_check\":{},\"elapsed_s\":{:.3},\"all_ok\":{},\"pairs\":[{}],\"vllm_cache\":{{\"path\":{},\"written\":{},\"before\":{existing}}}}}",
+        "{{\"p2pcheck\":{},\"device_count\":{},\"cuda_visible_devices\":{cvd},\"simulated\":{},\"kernel_check\":{},\"elapsed_s\":{:.3},\"restarts\":{},\"all_ok\":{},\"pairs\":[{}],\"vllm_cache\":{cache}}}",
         json::escape(env!("CARGO_PKG_VERSION")),
         report.device_count,
+        args.opts.simulate.is_some(),
         report.kernel_check,
         report.elapsed.as_secs_f64(),
+        report.restarts,
         report.pairs.iter().all(|p| p.ok()),
         pairs.join(","),
-        json::escape(&note.path.display().to_string()),
-        note.written,
     );
 }
 
@@ -267,9 +349,9 @@ fn run(args: &Args) -> Result<bool> {
     let verdicts: Vec<bool> = report.pairs.iter().map(|p| p.ok()).collect();
     let note = cache_note(args, &report, &verdicts)?;
     if args.json {
-        print_json(&report, &note);
+        print_json(args, &report, note.as_ref());
     } else {
-        print_table(&report, &note);
+        print_table(args, &report, note.as_ref());
     }
     Ok(verdicts.iter().all(|&v| v))
 }

@@ -1,0 +1,259 @@
+//! The simulated CUDA driver: a machine of N GPUs whose peer paths break on purpose.
+//!
+//! `csrc/sim.c` is a shared library exporting the libcuda and libcudart functions p2pcheck
+//! calls; device memory is host shared memory (one memfd per allocation, so nothing is left in
+//! `/dev/shm` however a process dies), IPC handles really cross processes, and the check's
+//! kernels run by name. It is embedded in this crate and selected per check with
+//! [`crate::Options::simulate`] (`p2pcheck --simulate N --fault SRC->TGT:KIND`), which points the
+//! workers' `P2PCHECK_LIBCUDA`/`P2PCHECK_LIBCUDART` at it. Downstream projects can write it out
+//! with [`write_library`] (`p2pcheck --write-sim-lib PATH`) and load it in place of libcuda to
+//! test their own fallback paths on machines without a GPU. The header comment of `csrc/sim.c`
+//! is the reference for its configuration and fault semantics.
+
+use std::fmt;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use anyhow::{bail, Context, Result};
+use once_cell::sync::OnceCell;
+
+/// The simulator's bytes, built by `build.rs` from `csrc/sim.c`.
+const LIBRARY: &[u8] = include_bytes!(env!("P2PCHECK_SIM_LIB"));
+
+/// The most simulated GPUs (the simulator's own limit).
+pub const MAX_GPUS: u32 = 64;
+
+/// How a pair's peer path is broken. Each applies to one ordered pair `src->tgt`: a process on
+/// `tgt` accessing memory owned by `src` through CUDA IPC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FaultKind {
+    /// `cudaIpcOpenMemHandle` fails, as in a container without a shared IPC namespace.
+    IpcOpenFails,
+    /// The driver says yes; writes through the mapping vanish.
+    DropWrites,
+    /// Writes through the mapping land with some bytes changed.
+    Corrupt,
+    /// Copies and memsets work; SM loads and stores through the mapping do not.
+    SmOnly,
+    /// A kernel's peer stores become visible only when the kernel ends.
+    LateVisibility,
+    /// The first access through the mapping never returns.
+    Hang,
+    /// The process dies on its first access through the mapping.
+    Crash,
+    /// `src->tgt` broken like drop-writes, `tgt->src` fine.
+    OneWay,
+    /// The driver says no, but access works.
+    ClaimNo,
+}
+
+impl FaultKind {
+    /// Every kind, in documentation order.
+    pub const ALL: [FaultKind; 9] = [
+        FaultKind::IpcOpenFails,
+        FaultKind::DropWrites,
+        FaultKind::Corrupt,
+        FaultKind::SmOnly,
+        FaultKind::LateVisibility,
+        FaultKind::Hang,
+        FaultKind::Crash,
+        FaultKind::OneWay,
+        FaultKind::ClaimNo,
+    ];
+
+    /// The name used on the command line and by the simulator.
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::IpcOpenFails => "ipc-open-fails",
+            FaultKind::DropWrites => "drop-writes",
+            FaultKind::Corrupt => "corrupt",
+            FaultKind::SmOnly => "sm-only",
+            FaultKind::LateVisibility => "late-visibility",
+            FaultKind::Hang => "hang",
+            FaultKind::Crash => "crash",
+            FaultKind::OneWay => "one-way",
+            FaultKind::ClaimNo => "claim-no",
+        }
+    }
+}
+
+/// One injected fault: `src->tgt:kind`, in physical simulated GPU ids.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Fault {
+    /// The GPU that owns the memory.
+    pub src: u32,
+    /// The GPU whose process accesses it.
+    pub tgt: u32,
+    /// What goes wrong.
+    pub kind: FaultKind,
+}
+
+impl fmt::Display for Fault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}->{}:{}", self.src, self.tgt, self.kind.name())
+    }
+}
+
+impl FromStr for Fault {
+    type Err = anyhow::Error;
+
+    /// Parses `SRC->TGT:KIND`, e.g. `0->1:drop-writes`.
+    fn from_str(s: &str) -> Result<Fault> {
+        let kinds = || {
+            FaultKind::ALL
+                .iter()
+                .map(|k| k.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let (pair, kind) = s
+            .split_once(':')
+            .with_context(|| format!("fault {s:?}: expected SRC->TGT:KIND"))?;
+        let (src, tgt) = pair
+            .split_once("->")
+            .with_context(|| format!("fault {s:?}: expected SRC->TGT before the colon"))?;
+        let id = |t: &str| {
+            t.trim()
+                .parse::<u32>()
+                .with_context(|| format!("fault {s:?}: {t:?} is not a GPU id"))
+        };
+        let kind = FaultKind::ALL
+            .into_iter()
+            .find(|k| k.name() == kind.trim())
+            .with_context(|| format!("fault {s:?}: unknown kind {kind:?} (one of {})", kinds()))?;
+        Ok(Fault {
+            src: id(src)?,
+            tgt: id(tgt)?,
+            kind,
+        })
+    }
+}
+
+/// A simulated machine: how many GPUs, and which faults.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Simulation {
+    /// Physical GPUs (`CUDA_VISIBLE_DEVICES` then applies over them as CUDA does).
+    pub gpus: u32,
+    /// Injected faults.
+    pub faults: Vec<Fault>,
+}
+
+impl Simulation {
+    /// Checks the GPU count and that every fault names existing GPUs.
+    pub fn validate(&self) -> Result<()> {
+        if self.gpus > MAX_GPUS {
+            bail!("--simulate {}: at most {MAX_GPUS} GPUs", self.gpus);
+        }
+        if let Some(f) = self
+            .faults
+            .iter()
+            .find(|f| f.src >= self.gpus || f.tgt >= self.gpus)
+        {
+            bail!("fault {f}: the simulated machine has GPUs 0..{}", self.gpus);
+        }
+        Ok(())
+    }
+
+    /// The environment a worker needs to run on this simulation.
+    pub fn worker_env(&self) -> Result<Vec<(&'static str, String)>> {
+        self.validate()?;
+        let lib = library_path()?.display().to_string();
+        let faults: Vec<String> = self.faults.iter().map(Fault::to_string).collect();
+        Ok(vec![
+            ("P2PCHECK_LIBCUDA", lib.clone()),
+            ("P2PCHECK_LIBCUDART", lib),
+            ("P2PCHECK_SIM_GPUS", self.gpus.to_string()),
+            ("P2PCHECK_SIM_FAULTS", faults.join(",")),
+        ])
+    }
+}
+
+/// A path to the simulator that this process and its children can `dlopen`: an anonymous
+/// in-memory file (memfd), named through `/proc/<pid>/fd`, so there is no file to clean up.
+pub fn library_path() -> Result<PathBuf> {
+    static MEMFD: OnceCell<OwnedFd> = OnceCell::new();
+    let fd = MEMFD.get_or_try_init(|| {
+        // SAFETY: memfd_create with a NUL-terminated name; the new descriptor is owned by the
+        // OwnedFd below and nothing else.
+        let raw = unsafe { libc::memfd_create(c"p2pcheck-sim".as_ptr(), libc::MFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error()).context("memfd_create for the simulator");
+        }
+        // SAFETY: raw is a fresh, valid descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let mut file = std::fs::File::from(fd.try_clone()?);
+        std::io::Write::write_all(&mut file, LIBRARY).context("writing the simulator")?;
+        Ok::<_, anyhow::Error>(fd)
+    })?;
+    Ok(PathBuf::from(format!(
+        "/proc/{}/fd/{}",
+        std::process::id(),
+        fd.as_raw_fd()
+    )))
+}
+
+/// Writes the simulator library to `path` (for loading in place of libcuda/libcudart).
+pub fn write_library(path: &Path) -> Result<()> {
+    std::fs::write(path, LIBRARY).with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn faults_parse_and_print_round_trip() {
+        for kind in FaultKind::ALL {
+            let text = format!("3->1:{}", kind.name());
+            let f: Fault = text.parse().unwrap();
+            assert_eq!(
+                f,
+                Fault {
+                    src: 3,
+                    tgt: 1,
+                    kind
+                }
+            );
+            assert_eq!(f.to_string(), text);
+        }
+        let spaced: Fault = " 0 -> 2 : hang".parse().unwrap();
+        assert_eq!(spaced.to_string(), "0->2:hang");
+    }
+
+    #[test]
+    fn bad_faults_say_what_is_wrong() {
+        for (text, needle) in [
+            ("0->1", "SRC->TGT:KIND"),
+            ("0-1:hang", "SRC->TGT before"),
+            ("a->1:hang", "not a GPU id"),
+            ("0->1:melt", "unknown kind"),
+            ("0->1:melt", "drop-writes"),
+        ] {
+            let err = text.parse::<Fault>().unwrap_err().to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn simulations_are_validated() {
+        let sim = |gpus, faults: &[&str]| Simulation {
+            gpus,
+            faults: faults.iter().map(|f| f.parse().unwrap()).collect(),
+        };
+        assert!(sim(4, &["3->0:hang"]).validate().is_ok());
+        assert!(sim(4, &["4->0:hang"]).validate().is_err());
+        assert!(sim(65, &[]).validate().is_err());
+        let env = sim(2, &["0->1:crash", "1->0:corrupt"])
+            .worker_env()
+            .unwrap();
+        let get = |k| env.iter().find(|(n, _)| *n == k).unwrap().1.clone();
+        assert_eq!(get("P2PCHECK_SIM_GPUS"), "2");
+        assert_eq!(get("P2PCHECK_SIM_FAULTS"), "0->1:crash,1->0:corrupt");
+        assert_eq!(get("P2PCHECK_LIBCUDA"), get("P2PCHECK_LIBCUDART"));
+        // The path names an in-memory copy of the library: an ELF shared object.
+        let bytes = std::fs::read(get("P2PCHECK_LIBCUDA")).unwrap();
+        assert_eq!(&bytes[..4], b"\x7fELF");
+        assert_eq!(bytes.len(), LIBRARY.len());
+    }
+}
