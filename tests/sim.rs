@@ -1,0 +1,512 @@
+//! End to end on the simulated driver (no GPU): the CLI and the library on 1, 2, 4 and 8 GPUs,
+//! every fault kind alone and mixed, with the expected verdict for every pair; hangs end within
+//! the timeout plus a second; after every run no worker process and no shared-memory segment is
+//! left; concurrent runs do not interfere; SIGTERM/SIGINT of the parent kills its workers.
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use p2pcheck::json::{self, Value};
+
+const WORKER: &str = env!("CARGO_BIN_EXE_p2pcheck-worker");
+
+/// A token no other run shares, put in the environment of one CLI run (and so of its workers).
+fn token() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Pids of live processes whose environment holds `P2PCHECK_TEST_TOKEN=token`.
+fn processes_with(token: &str) -> Vec<u32> {
+    let needle = format!("P2PCHECK_TEST_TOKEN={token}");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_string_lossy().parse().ok()?;
+            let env = std::fs::read(e.path().join("environ")).ok()?;
+            env.split(|&b| b == 0)
+                .any(|v| v == needle.as_bytes())
+                .then_some(pid)
+        })
+        .collect()
+}
+
+fn shm_entries() -> Vec<String> {
+    std::fs::read_dir("/dev/shm")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.contains("p2pcheck"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn command(args: &[&str], env: &[(&str, &str)], token: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_p2pcheck"));
+    cmd.args(args)
+        .env("P2PCHECK_WORKER", WORKER)
+        .env("P2PCHECK_TEST_TOKEN", token)
+        .env_remove("CUDA_VISIBLE_DEVICES");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+/// One CLI run; asserts that it left no process and no shared-memory segment behind.
+fn cli(args: &[&str], env: &[(&str, &str)]) -> (Output, Duration) {
+    let token = token();
+    let started = Instant::now();
+    let out = command(args, env, &token).output().expect("p2pcheck runs");
+    let took = started.elapsed();
+    assert!(
+        processes_with(&token).is_empty(),
+        "workers left behind by {args:?}"
+    );
+    assert!(
+        shm_entries().is_empty(),
+        "shared memory left: {:?}",
+        shm_entries()
+    );
+    (out, took)
+}
+
+/// A finished run's JSON: exit code, device count, and each pair's fields by "src->tgt".
+struct Run {
+    code: i32,
+    devices: usize,
+    restarts: usize,
+    pairs: HashMap<String, HashMap<String, Value>>,
+    stderr: String,
+}
+
+impl Run {
+    fn field(&self, pair: &str, key: &str) -> &Value {
+        &self.pairs[pair][key]
+    }
+    fn verdict(&self, pair: &str) -> String {
+        match self.field(pair, "verdict") {
+            Value::String(s) => s.clone(),
+            other => panic!("{pair}: verdict {other:?}"),
+        }
+    }
+    fn reason(&self, pair: &str) -> String {
+        match self.field(pair, "reason") {
+            Value::String(s) => s.clone(),
+            other => panic!("{pair}: reason {other:?}"),
+        }
+    }
+    /// Every pair except `except` is ok.
+    fn others_ok(&self, except: &[&str]) {
+        for (pair, _) in self
+            .pairs
+            .iter()
+            .filter(|(p, _)| !except.contains(&p.as_str()))
+        {
+            assert_eq!(self.verdict(pair), "ok", "{pair}: {}", self.reason(pair));
+        }
+    }
+}
+
+fn number(v: &Value) -> usize {
+    match v {
+        Value::Number(n) => n.parse().unwrap(),
+        other => panic!("not a number: {other:?}"),
+    }
+}
+
+fn object(v: Value) -> HashMap<String, Value> {
+    match v {
+        Value::Object(fields) => fields.into_iter().collect(),
+        other => panic!("not an object: {other:?}"),
+    }
+}
+
+fn simulate(gpus: u32, faults: &[&str], extra: &[&str], env: &[(&str, &str)]) -> (Run, Duration) {
+    let gpus = gpus.to_string();
+    let mut args = vec!["--json", "--simulate", gpus.as_str()];
+    for f in faults {
+        args.extend(["--fault", f]);
+    }
+    args.extend(extra);
+    let (out, took) = cli(&args, env);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let top = object(
+        json::parse(stdout.trim())
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}\nstderr: {stderr}")),
+    );
+    let Value::Array(pairs) = &top["pairs"] else {
+        panic!("no pairs: {stdout}")
+    };
+    let pairs = pairs
+        .iter()
+        .map(|p| {
+            let p = object(p.clone());
+            (format!("{}->{}", number(&p["src"]), number(&p["tgt"])), p)
+        })
+        .collect();
+    let run = Run {
+        code: out.status.code().expect("exited"),
+        devices: number(&top["device_count"]),
+        restarts: number(&top["restarts"]),
+        pairs,
+        stderr,
+    };
+    (run, took)
+}
+
+#[test]
+fn clean_machines_of_1_2_4_and_8_gpus_pass_every_pair() {
+    for n in [1, 2, 4, 8] {
+        let (run, _) = simulate(n, &[], &[], &[]);
+        assert_eq!(run.code, 0, "{n} GPUs: {}", run.stderr);
+        assert_eq!(run.devices, n as usize);
+        assert_eq!(run.pairs.len(), (n * n) as usize);
+        run.others_ok(&[]);
+        for (pair, fields) in &run.pairs {
+            assert_eq!(fields["kernel"], Value::String("ok".into()), "{pair}");
+            assert_eq!(fields["driver_claim"], Value::Bool(true), "{pair}");
+            assert_eq!(fields["copy_ok"], Value::Bool(true), "{pair}");
+        }
+    }
+}
+
+#[test]
+fn each_fault_kind_alone_gives_its_verdict_on_its_pair_only() {
+    // (fault on 1->2, expected verdict of 1->2, text its reason must hold, copy_ok)
+    let cases: [(&str, &str, &str, Option<bool>); 9] = [
+        (
+            "ipc-open-fails",
+            "fails",
+            "cudaErrorMapBufferObjectFailed",
+            Some(false),
+        ),
+        (
+            "drop-writes",
+            "fails",
+            "1024 of 1024 bytes wrong",
+            Some(false),
+        ),
+        ("corrupt", "fails", "16 of 1024 bytes wrong", Some(false)),
+        ("sm-only", "fails", "kernel check", Some(true)),
+        ("late-visibility", "ok", "", Some(true)),
+        ("hang", "hang", "no answer for 1.0 s", None),
+        ("crash", "error", "SIGSEGV", None),
+        ("one-way", "fails", "1024 of 1024 bytes wrong", Some(false)),
+        ("claim-no", "ok", "", Some(true)),
+    ];
+    for (kind, verdict, reason, copy_ok) in cases {
+        let fault = format!("1->2:{kind}");
+        let (run, took) = simulate(4, &[&fault], &["--timeout", "1"], &[]);
+        assert_eq!(run.devices, 4);
+        assert_eq!(
+            run.verdict("1->2"),
+            verdict,
+            "{kind}: {}",
+            run.reason("1->2")
+        );
+        assert!(
+            run.reason("1->2").contains(reason),
+            "{kind}: {}",
+            run.reason("1->2")
+        );
+        let expected_copy = copy_ok.map_or(Value::Null, Value::Bool);
+        assert_eq!(run.field("1->2", "copy_ok"), &expected_copy, "{kind}");
+        run.others_ok(&["1->2"]);
+        assert_eq!(run.code, if verdict == "ok" { 0 } else { 1 }, "{kind}");
+        let claim = run.field("1->2", "driver_claim");
+        match kind {
+            "claim-no" => assert_eq!(claim, &Value::Bool(false)),
+            "hang" | "crash" => assert_eq!(claim, &Value::Null),
+            _ => assert_eq!(claim, &Value::Bool(true), "{kind}"),
+        }
+        if matches!(kind, "hang" | "crash") {
+            assert_eq!(run.restarts, 1, "{kind}: fresh workers took over");
+        }
+        if kind == "hang" {
+            assert!(
+                took < Duration::from_secs(2) + Duration::from_millis(500),
+                "{took:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn all_faults_mixed_on_8_gpus() {
+    let faults = [
+        "0->1:ipc-open-fails",
+        "1->2:drop-writes",
+        "2->3:corrupt",
+        "3->4:sm-only",
+        "4->5:late-visibility",
+        "5->6:hang",
+        "6->7:crash",
+        "7->0:one-way",
+        "0->7:claim-no",
+        "2->2:hang",
+    ];
+    let (run, took) = simulate(8, &faults, &["--timeout", "1"], &[]);
+    assert_eq!(run.code, 1);
+    assert_eq!(run.pairs.len(), 64);
+    let expect = [
+        ("0->1", "fails"),
+        ("1->2", "fails"),
+        ("2->3", "fails"),
+        ("3->4", "fails"),
+        ("5->6", "hang"),
+        ("6->7", "error"),
+        ("7->0", "fails"),
+        ("2->2", "hang"),
+    ];
+    for (pair, verdict) in expect {
+        assert_eq!(run.verdict(pair), verdict, "{pair}: {}", run.reason(pair));
+    }
+    // one-way: the way back works; late-visibility and claim-no cannot be told from ok.
+    let broken: Vec<&str> = expect.iter().map(|(p, _)| *p).collect();
+    run.others_ok(&broken);
+    assert_eq!(run.field("0->7", "driver_claim"), &Value::Bool(false));
+    assert_eq!(run.restarts, 3);
+    // Two hangs of 1 s each, plus start-ups.
+    assert!(took < Duration::from_secs(4), "{took:?}");
+}
+
+#[test]
+fn vllms_copy_test_alone_cannot_see_sm_only_faults() {
+    let (run, _) = simulate(2, &["0->1:sm-only"], &["--no-kernel-check"], &[]);
+    assert_eq!(run.code, 0);
+    run.others_ok(&[]);
+    assert_eq!(
+        run.field("0->1", "kernel"),
+        &Value::String("not-run".into())
+    );
+}
+
+#[test]
+fn cuda_visible_devices_reordered_sparse_and_by_uuid() {
+    // Physical 2 is local 0, physical 0 is local 1: the fault 2->0 shows at local 0->1.
+    let (run, _) = simulate(
+        4,
+        &["2->0:drop-writes"],
+        &[],
+        &[("CUDA_VISIBLE_DEVICES", "2,0")],
+    );
+    assert_eq!(run.devices, 2);
+    assert_eq!(run.verdict("0->1"), "fails");
+    run.others_ok(&["0->1"]);
+    let (run, _) = simulate(
+        4,
+        &["3->1:corrupt"],
+        &[],
+        &[("CUDA_VISIBLE_DEVICES", "1,3")],
+    );
+    assert_eq!(run.verdict("1->0"), "fails");
+    run.others_ok(&["1->0"]);
+    let uuid = "GPU-51a00000-0000-0000-0000-000000000003";
+    let (run, _) = simulate(4, &[], &[], &[("CUDA_VISIBLE_DEVICES", uuid)]);
+    assert_eq!((run.code, run.devices), (0, 1));
+    // An invalid entry ends the list, as in CUDA, with a warning.
+    let (run, _) = simulate(4, &[], &[], &[("CUDA_VISIBLE_DEVICES", "1,x,2")]);
+    assert_eq!(run.devices, 1);
+    assert!(run.stderr.contains("ignores \"x,2\""), "{}", run.stderr);
+}
+
+#[test]
+fn empty_cuda_visible_devices_and_bad_simulations_exit_2() {
+    for (args, env, needle) in [
+        (
+            &["--simulate", "2"][..],
+            &[("CUDA_VISIBLE_DEVICES", "")][..],
+            "set but empty",
+        ),
+        (
+            &["--simulate", "2", "--fault", "0->5:hang"][..],
+            &[][..],
+            "GPUs 0..2",
+        ),
+        (&["--fault", "0->1:hang"][..], &[][..], "needs --simulate"),
+        (&["--simulate", "0"][..], &[][..], "CUDA_ERROR_NO_DEVICE"),
+    ] {
+        let (out, _) = cli(args, env);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn the_vllm_cache_is_written_only_into_an_explicit_folder_when_simulating() {
+    let dir = std::env::temp_dir().join(format!("p2pcheck-sim-cache-{}", token()));
+    let dir_s = dir.display().to_string();
+    let (out, _) = cli(
+        &[
+            "--simulate",
+            "2",
+            "--fault",
+            "1->0:drop-writes",
+            "--write-vllm-cache",
+            "--cache-dir",
+            &dir_s,
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let text = std::fs::read_to_string(dir.join("gpu_p2p_access_cache_for_0,1.json")).unwrap();
+    assert_eq!(
+        text,
+        "{\n    \"0->0\": true,\n    \"0->1\": true,\n    \"1->0\": false,\n    \"1->1\": true\n}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    let (out, _) = cli(&["--simulate", "2"], &[]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("not consulted"));
+}
+
+#[test]
+fn concurrent_runs_do_not_interfere() {
+    let runs: Vec<(u32, Vec<&str>, &str)> = vec![
+        (4, vec!["0->1:drop-writes"], "0->1"),
+        (4, vec!["3->2:corrupt"], "3->2"),
+        (2, vec!["1->1:ipc-open-fails"], "1->1"),
+        (8, vec!["5->4:sm-only"], "5->4"),
+    ];
+    let handles: Vec<_> = runs
+        .into_iter()
+        .map(|(n, faults, bad)| {
+            std::thread::spawn(move || {
+                let (run, _) = simulate(n, &faults, &[], &[]);
+                assert_eq!(run.verdict(bad), "fails", "{bad}: {}", run.reason(bad));
+                run.others_ok(&[bad]);
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("a concurrent run failed");
+    }
+}
+
+fn spawn_hanging(token: &str) -> Child {
+    command(
+        &["--simulate", "2", "--fault", "0->0:hang", "--timeout", "60"],
+        &[],
+        token,
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap()
+}
+
+#[test]
+fn sigterm_or_sigint_of_the_parent_kills_its_workers() {
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        let token = token();
+        let mut child = spawn_hanging(&token);
+        // Wait until both workers run (the parent is one of the token's processes too).
+        let started = Instant::now();
+        while processes_with(&token).len() < 3 {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "workers never started"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(200)); // into the hanging pair
+                                                        // SAFETY: a signal to our own child process.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let status = child.wait().unwrap();
+        assert!(!status.success());
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !processes_with(&token).is_empty() {
+            assert!(Instant::now() < deadline, "workers outlived the parent");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+#[test]
+fn the_library_runs_on_the_simulator_in_batch_order() {
+    let opts = p2pcheck::Options {
+        worker: Some(WORKER.into()),
+        simulate: Some(p2pcheck::sim::Simulation {
+            gpus: 3,
+            faults: vec!["2->0:drop-writes".parse().unwrap()],
+        }),
+        ..p2pcheck::Options::default()
+    };
+    let src = [2, 0, 1, 2, 2];
+    let tgt = [0, 2, 1, 2, 0];
+    let report = p2pcheck::can_actually_p2p_with(&src, &tgt, &opts).unwrap();
+    let verdicts: Vec<bool> = report.pairs.iter().map(|p| p.ok()).collect();
+    assert_eq!(verdicts, [false, true, true, true, false]);
+    assert!(matches!(
+        report.pairs[0].verdict(),
+        p2pcheck::Verdict::Fails(why) if why.contains("bytes wrong")
+    ));
+    let err = p2pcheck::can_actually_p2p_with(&[3], &[0], &opts).unwrap_err();
+    assert!(format!("{err:#}").contains("cannot see"), "{err:#}");
+    // Its workers were this test process's own children: all reaped, none left.
+    assert!(worker_children().is_empty(), "{:?}", worker_children());
+}
+
+/// Live or zombie children of this process that are p2pcheck workers (the CLI runs of the
+/// other tests start theirs from the CLI process, so they are not counted here).
+fn worker_children() -> Vec<u32> {
+    let me = std::process::id().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_string_lossy().parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let ppid = stat
+                .rsplit(')')
+                .next()?
+                .split_whitespace()
+                .nth(1)?
+                .to_string();
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let worker = String::from_utf8_lossy(&cmdline).contains("--p2pcheck-worker");
+            (ppid == me && worker).then_some(pid)
+        })
+        .collect()
+}
+
+#[test]
+fn the_simulator_library_can_be_written_out() {
+    let path = std::env::temp_dir().join(format!("p2pcheck-sim-{}.so", token()));
+    let (out, _) = cli(&["--write-sim-lib", &path.display().to_string()], &[]);
+    assert_eq!(out.status.code(), Some(0));
+    let bytes = std::fs::read(&path).unwrap();
+    assert_eq!(&bytes[..4], b"\x7fELF");
+    // It is a libcuda: the CLI runs on it through the plain override variables.
+    let lib = path.display().to_string();
+    let (out, _) = cli(
+        &["--json"],
+        &[
+            ("P2PCHECK_LIBCUDA", &lib),
+            ("P2PCHECK_LIBCUDART", &lib),
+            ("P2PCHECK_SIM_GPUS", "2"),
+            ("P2PCHECK_SIM_FAULTS", "0->1:corrupt"),
+            (
+                "VLLM_CACHE_ROOT",
+                &std::env::temp_dir().display().to_string(),
+            ),
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_file(&path).unwrap();
+}
