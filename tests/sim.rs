@@ -510,3 +510,101 @@ fn the_simulator_library_can_be_written_out() {
     );
     std::fs::remove_file(&path).unwrap();
 }
+
+/// Child side of the next test: this test binary re-executed with `ACCESS_CHILD=1` calls
+/// `gpu_p2p_access_check` for every pair in a fresh process, as an engine would.
+#[test]
+fn access_check_child() {
+    if std::env::var_os("ACCESS_CHILD").is_none() {
+        eprintln!("skipped: only runs as the child of the gpu_p2p_access_check test");
+        return;
+    }
+    let n = p2pcheck::visible_device_count().unwrap();
+    for src in 0..n {
+        for tgt in 0..n {
+            let ok = p2pcheck::gpu_p2p_access_check(src, tgt).unwrap();
+            println!("pair {src}->{tgt} {ok}");
+        }
+    }
+    println!("cache {}", p2pcheck::vllm_cache_path(n).unwrap().display());
+}
+
+#[test]
+fn gpu_p2p_access_check_computes_vllms_cache_once_and_recomputes_a_corrupt_one() {
+    let t = token();
+    let dir = std::env::temp_dir().join(format!("p2pcheck-access-{t}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let lib = dir.join("libsim.so");
+    p2pcheck::sim::write_library(&lib).unwrap();
+    let lib = lib.display().to_string();
+    let run = |faults: &str| {
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "access_check_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("ACCESS_CHILD", "1")
+            .env("P2PCHECK_WORKER", WORKER)
+            .env("P2PCHECK_TEST_TOKEN", &t)
+            .env("P2PCHECK_LIBCUDA", &lib)
+            .env("P2PCHECK_LIBCUDART", &lib)
+            .env("P2PCHECK_SIM_GPUS", "4")
+            .env("P2PCHECK_SIM_FAULTS", faults)
+            .env("CUDA_VISIBLE_DEVICES", "3,1")
+            .env("VLLM_CACHE_ROOT", &dir)
+            .output()
+            .expect("the test binary re-runs itself");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(processes_with(&t).is_empty(), "workers left behind");
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // Physical 3 is local 0: the fault 3->1 is local 0->1.
+    let (stdout, _) = run("3->1:drop-writes");
+    assert!(
+        stdout.contains("pair 0->0 true\npair 0->1 false\npair 1->0 true\npair 1->1 true\n"),
+        "{stdout}"
+    );
+    let file = dir.join("gpu_p2p_access_cache_for_3,1.json");
+    assert!(stdout.contains(&file.display().to_string()), "{stdout}");
+    let expected =
+        "{\n    \"0->0\": true,\n    \"0->1\": false,\n    \"1->0\": true,\n    \"1->1\": true\n}";
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), expected);
+    // Cached: a different machine state is not re-checked (vLLM's semantics).
+    let (stdout, _) = run("");
+    assert!(stdout.contains("pair 0->1 false"), "{stdout}");
+    // A truncated file is reported and recomputed.
+    std::fs::write(&file, &expected[..20]).unwrap();
+    let (stdout, stderr) = run("");
+    assert!(stdout.contains("pair 0->1 true"), "{stdout}");
+    assert!(stderr.contains("recomputed"), "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        expected.replace("\"0->1\": false", "\"0->1\": true")
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_worker_is_found_beside_the_cli_without_configuration() {
+    let token = token();
+    let out = command(&["--simulate", "2"], &[], &token)
+        .env_remove("P2PCHECK_WORKER")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(processes_with(&token).is_empty());
+}
