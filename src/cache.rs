@@ -500,13 +500,7 @@ mod tests {
         bail!("compute must not be called")
     }
 
-    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
-        move |name| {
-            vars.iter()
-                .find(|(k, _)| *k == name)
-                .map(|(_, v)| v.to_string())
-        }
-    }
+    use crate::testutil::env;
 
     #[test]
     fn render_writes_python_json_dump_bytes() {

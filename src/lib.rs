@@ -33,6 +33,8 @@ pub mod policy;
 pub mod protocol;
 pub mod sim;
 pub mod sys;
+#[cfg(test)]
+mod testutil;
 pub mod visible;
 pub mod worker;
 

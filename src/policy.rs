@@ -445,13 +445,7 @@ mod tests {
         assert_ne!(ComputeCapability::new(10, 0), ComputeCapability::new(10, 3));
     }
 
-    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
-        move |name| {
-            vars.iter()
-                .find(|(k, _)| *k == name)
-                .map(|(_, v)| v.to_string())
-        }
-    }
+    use crate::testutil::env;
 
     #[test]
     fn env_unset_is_default_off() {

@@ -173,12 +173,21 @@ fn join(a: &str, b: &str) -> String {
     }
 }
 
-fn failed_verdict(detail: String) -> SideVerdict {
+/// One side's verdict from its copy test, its claim, and its kernel check (`None`: not run).
+fn side_verdict(
+    copy: Result<(), String>,
+    claim: Option<bool>,
+    kernel: Option<Result<(), String>>,
+) -> SideVerdict {
     SideVerdict {
-        copy_ok: false,
-        detail,
-        claim: None,
-        kernel: KernelOutcome::NotRun,
+        copy_ok: copy.is_ok(),
+        detail: copy.err().unwrap_or_default(),
+        claim,
+        kernel: match kernel {
+            None => KernelOutcome::NotRun,
+            Some(Ok(())) => KernelOutcome::Ok,
+            Some(Err(why)) => KernelOutcome::Failed(why),
+        },
     }
 }
 
@@ -228,13 +237,12 @@ fn produce<R: Read, W: Write>(
             })?;
             // The consumer answers with an error (it had no handle); the verdict is ours.
             let _ = link.recv_opened(index)?;
-            return Ok(failed_verdict(why));
+            return Ok(side_verdict(Err(why), None, None));
         }
     };
     if let Err(why) = link.recv_opened(index)? {
-        return Ok(failed_verdict(format!(
-            "the consumer could not map it: {why}"
-        )));
+        let why = format!("the consumer could not map it: {why}");
+        return Ok(side_verdict(Err(why), None, None));
     }
     link.barrier_out(index, Stage::Copy)?;
     link.barrier_in(index, Stage::Copy)?;
@@ -248,19 +256,11 @@ fn produce<R: Read, W: Write>(
             .and_then(|_| driver::device_synchronize(d))
             .map_err(|e| e.to_string());
         link.barrier_out(index, Stage::ProducerRewrote)?;
-        match seen.and(rewrite) {
-            Ok(()) => KernelOutcome::Ok,
-            Err(why) => KernelOutcome::Failed(why),
-        }
+        Some(seen.and(rewrite))
     } else {
-        KernelOutcome::NotRun
+        None
     };
-    Ok(SideVerdict {
-        copy_ok: copy.is_ok(),
-        detail: copy.err().unwrap_or_default(),
-        claim: None,
-        kernel,
-    })
+    Ok(side_verdict(copy, None, kernel))
 }
 
 /// Consumer steps 2, 3 and 4 of SPEC section 2, plus its half of the kernel check.
@@ -286,10 +286,7 @@ fn consume<R: Read, W: Write>(
                 index,
                 result: Err(why.clone()),
             })?;
-            return Ok(SideVerdict {
-                claim,
-                ..failed_verdict(why)
-            });
+            return Ok(side_verdict(Err(why), claim, None));
         }
     };
     link.send(Message::Opened {
@@ -319,17 +316,9 @@ fn consume<R: Read, W: Write>(
                     r.mismatches
                 )),
             });
-        match stored.and(loaded) {
-            Ok(()) => KernelOutcome::Ok,
-            Err(why) => KernelOutcome::Failed(why),
-        }
+        Some(stored.and(loaded))
     } else {
-        KernelOutcome::NotRun
+        None
     };
-    Ok(SideVerdict {
-        copy_ok: copy.is_ok(),
-        detail: copy.err().unwrap_or_default(),
-        claim,
-        kernel,
-    })
+    Ok(side_verdict(copy, claim, kernel))
 }

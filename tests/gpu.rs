@@ -6,6 +6,9 @@ use std::path::PathBuf;
 use p2pcheck::check::{self, all_pairs, Options};
 use p2pcheck::protocol::KernelOutcome;
 
+mod common;
+use common::worker_children;
+
 fn gpu_tests_enabled(test: &str) -> bool {
     let on = std::env::var("P2PCHECK_GPU_TESTS").is_ok_and(|v| v == "1");
     if !on {
@@ -96,30 +99,6 @@ fn gpu_p2p_access_check_writes_vllms_cache_once() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// Pids of this process's children that are p2pcheck workers.
-fn worker_children() -> Vec<i32> {
-    let me = std::process::id().to_string();
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
-        // pid (comm) state ppid ...: the fields after the last ')'.
-        let ppid = stat
-            .rsplit(')')
-            .next()
-            .and_then(|r| r.split_whitespace().nth(1));
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        if ppid == Some(me.as_str())
-            && String::from_utf8_lossy(&cmdline).contains("--p2pcheck-worker")
-        {
-            out.push(pid);
-        }
-    }
-    out
-}
-
 #[test]
 fn a_worker_killed_mid_run_gives_error_for_its_pair_and_leaves_nothing() {
     if !gpu_tests_enabled("a_worker_killed_mid_run_gives_error_for_its_pair_and_leaves_nothing") {
@@ -136,7 +115,7 @@ fn a_worker_killed_mid_run_gives_error_for_its_pair_and_leaves_nothing() {
             if workers.len() == 2 && started.elapsed() > std::time::Duration::from_millis(900) {
                 let consumer = *workers.iter().max().unwrap(); // spawned second
                                                                // SAFETY: SIGKILL to a child process of this test.
-                unsafe { libc::kill(consumer, libc::SIGKILL) };
+                unsafe { libc::kill(consumer as i32, libc::SIGKILL) };
                 return consumer;
             }
             assert!(

@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 
 use p2pcheck::json::{self, Value};
 
+mod common;
+use common::worker_children;
+
 const WORKER: &str = env!("CARGO_BIN_EXE_p2pcheck-worker");
 
 /// A token no other run shares, put in the environment of one CLI run (and so of its workers).
@@ -455,29 +458,6 @@ fn the_library_runs_on_the_simulator_in_batch_order() {
     assert!(format!("{err:#}").contains("cannot see"), "{err:#}");
     // Its workers were this test process's own children: all reaped, none left.
     assert!(worker_children().is_empty(), "{:?}", worker_children());
-}
-
-/// Live or zombie children of this process that are p2pcheck workers (the CLI runs of the
-/// other tests start theirs from the CLI process, so they are not counted here).
-fn worker_children() -> Vec<u32> {
-    let me = std::process::id().to_string();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| {
-            let pid: u32 = e.file_name().to_string_lossy().parse().ok()?;
-            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
-            let ppid = stat
-                .rsplit(')')
-                .next()?
-                .split_whitespace()
-                .nth(1)?
-                .to_string();
-            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-            let worker = String::from_utf8_lossy(&cmdline).contains("--p2pcheck-worker");
-            (ppid == me && worker).then_some(pid)
-        })
-        .collect()
 }
 
 #[test]
