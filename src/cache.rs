@@ -402,14 +402,15 @@ pub fn load_or_compute(
     Ok(loaded(verdicts, origin))
 }
 
-/// How long [`store`] waits for a process computing the same file: ample for a cold check.
-const STORE_LOCK_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a caller waits for another process that holds the lock (it is computing the same
+/// file): ample for a cold 8-GPU check. [`store`] uses it; `gpu_p2p_access_check` passes it.
+pub const LOCK_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Writes `verdicts` for `n` devices (row-major) to the cache file `path`, under its lock, and
 /// remembers them in the memo: for writing vLLM's cache from a check run by hand.
 pub fn store(path: &Path, n: usize, verdicts: &[bool]) -> Result<()> {
     check_len(n, verdicts)?;
-    let _lock = FileLock::acquire(&lock_path(path), STORE_LOCK_TIMEOUT)?;
+    let _lock = FileLock::acquire(&lock_path(path), LOCK_TIMEOUT)?;
     write_atomic(path, &render(n, verdicts))?;
     memo().insert(path.to_path_buf(), verdicts.to_vec());
     Ok(())

@@ -47,10 +47,6 @@ use once_cell::sync::OnceCell;
 pub use check::{Options, PairReport, Report, Verdict};
 pub use protocol::Pair;
 
-/// How long [`gpu_p2p_access_check`] waits for another process that holds the cache lock
-/// (it is computing the same file): a cold 8-GPU check takes well under this.
-pub const CACHE_LOCK_TIMEOUT: Duration = Duration::from_secs(300);
-
 /// vLLM's `can_actually_p2p`: checks the pairs `(batch_src[i], batch_tgt[i])` in one batch of
 /// two worker processes and returns one boolean per pair, in order.
 ///
@@ -139,7 +135,7 @@ pub fn gpu_p2p_access_check(src: u32, tgt: u32) -> Result<bool> {
         bail!("device {src}->{tgt} out of range: {n} devices are visible");
     }
     let path = vllm_cache_path(n)?;
-    let loaded = cache::load_or_compute(&path, n as usize, CACHE_LOCK_TIMEOUT, || {
+    let loaded = cache::load_or_compute(&path, n as usize, cache::LOCK_TIMEOUT, || {
         let report = check::run(None, &Options::default())?;
         warn_disagreements(&report);
         if report.device_count != n {
