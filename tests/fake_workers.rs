@@ -1,0 +1,116 @@
+//! The parent against workers that misbehave on purpose (shell scripts speaking just enough of
+//! the protocol): garbage on the pipe, an early exit, silence before or after Hello. Every case
+//! ends with a precise verdict or error, within its deadline, and leaves no process behind.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+/// A Hello frame for one device: length 16, tag 1, "P2PC", version 1, pid 0, ok, count 1.
+const HELLO: &str = r"\x10\x00\x00\x00\x01P2PC\x01\x00\x00\x00\x00\x00\x01\x01\x00\x00\x00";
+
+/// Writes an executable worker script whose body runs after `exec 3>&1`.
+fn fake_worker(name: &str, body: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("p2pcheck-fake-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, format!("#!/bin/bash\n{body}\n")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+fn run_with(worker: &PathBuf, extra: &[&str]) -> (Output, Duration) {
+    let token = format!("fake-{}-{}", std::process::id(), worker.display());
+    let started = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_p2pcheck"))
+        .args(["--json", "--worker"])
+        .arg(worker)
+        .args(extra)
+        .env("P2PCHECK_TEST_TOKEN", &token)
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    // No process of this run (the script or anything it started) is left.
+    std::thread::sleep(Duration::from_millis(50));
+    let left: Vec<_> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            std::fs::read(e.path().join("environ"))
+                .map(|env| {
+                    env.split(|&b| b == 0)
+                        .any(|v| v == format!("P2PCHECK_TEST_TOKEN={token}").as_bytes())
+                })
+                .unwrap_or(false)
+        })
+        .collect();
+    assert!(left.is_empty(), "processes left by {}", worker.display());
+    (out, took)
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn garbage_on_the_pipe_is_an_error_verdict() {
+    let w = fake_worker(
+        "garbage",
+        &format!("printf '{HELLO}'; head -c 4 >/dev/null; printf '\\xff\\xff\\xff\\xff'; sleep 30"),
+    );
+    let (out, took) = run_with(&w, &["--timeout", "5"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let s = stdout(&out);
+    assert!(s.contains("\"verdict\":\"error\""), "{s}");
+    assert!(s.contains("malformed frame"), "{s}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+}
+
+#[test]
+fn a_worker_that_exits_mid_pair_is_an_error_verdict_with_its_exit_code() {
+    let w = fake_worker(
+        "exits",
+        &format!("printf '{HELLO}'; head -c 4 >/dev/null; exit 7"),
+    );
+    let (out, _) = run_with(&w, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let s = stdout(&out);
+    assert!(s.contains("\"verdict\":\"error\""), "{s}");
+    assert!(s.contains("exited with code 7"), "{s}");
+}
+
+#[test]
+fn a_silent_worker_is_a_hang_verdict_within_the_timeout() {
+    let w = fake_worker("silent", &format!("printf '{HELLO}'; sleep 30"));
+    let (out, took) = run_with(&w, &["--timeout", "0.5"]);
+    assert_eq!(out.status.code(), Some(1));
+    let s = stdout(&out);
+    assert!(s.contains("\"verdict\":\"hang\""), "{s}");
+    assert!(
+        s.contains("no answer for 0.5 s before the producer sent its IPC handle"),
+        "{s}"
+    );
+    assert!(took < Duration::from_millis(1500), "{took:?}");
+}
+
+#[test]
+fn a_worker_that_never_says_hello_is_a_start_up_error() {
+    let w = fake_worker("mute", "sleep 30");
+    let (out, took) = run_with(&w, &["--startup-timeout", "0.5"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stdout(&out).contains("did not start CUDA within the start-up timeout"));
+    assert!(took < Duration::from_millis(1500), "{took:?}");
+}
+
+#[test]
+fn a_worker_of_another_protocol_version_is_refused() {
+    let w = fake_worker(
+        "v9",
+        r"printf '\x0a\x00\x00\x00\x01P2PC\x09\x00\x00\x00\x00'; sleep 30",
+    );
+    let (out, _) = run_with(&w, &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let s = stdout(&out);
+    assert!(s.contains("speaks protocol version 9"), "{s}");
+}
