@@ -6,8 +6,13 @@
 
 #define THREADS 256u
 
-/* Records the first failing call; returns nonzero when `rc` is a failure. */
+/* Logs the call, records the first failing one; returns nonzero when `rc` is a failure. */
 static int failed(p2pc_kernel_report *out, const char *call, int rc) {
+    if (out->n_calls < P2PC_MAX_CALLS) {
+        out->calls[out->n_calls] = call;
+        out->codes[out->n_calls] = rc;
+        out->n_calls++;
+    }
     if (rc == 0) return 0;
     if (out->failed_call == NULL) {
         out->failed_call = call;

@@ -24,13 +24,19 @@ typedef struct p2pc_driver {
     int (*memcpy_dtoh)(void *dst, p2pc_devptr src, size_t bytes);
 } p2pc_driver;
 
+#define P2PC_MAX_CALLS 16
+
 /* Outcome of one kernel step. failed_call is NULL when every driver call succeeded; otherwise it
- * names the call (a static string) and code holds its CUresult. */
+ * names the call (a static string) and code holds its CUresult. calls/codes list every driver
+ * call made, in order, for the caller's audit trace. */
 typedef struct p2pc_kernel_report {
     const char *failed_call;
     int code;
     unsigned long long mismatches; /* p2pc_check: bytes that differed from the expected value */
     unsigned long long first_bad;  /* offset of the first such byte, or ~0ULL */
+    int n_calls;
+    const char *calls[P2PC_MAX_CALLS];
+    int codes[P2PC_MAX_CALLS];
 } p2pc_kernel_report;
 
 /* SM stores: writes `value` to bytes [0, n) at `ptr` with kernel p2pc_store, then synchronises. */

@@ -730,6 +730,9 @@ fn run_shim(
         code: 0,
         mismatches: 0,
         first_bad: u64::MAX,
+        n_calls: 0,
+        calls: [std::ptr::null(); sys::shim::P2PC_MAX_CALLS],
+        codes: [0; sys::shim::P2PC_MAX_CALLS],
     };
     let started = Instant::now();
     // SAFETY: table holds resolved driver functions, the PTX is NUL-terminated and static, and
@@ -745,12 +748,23 @@ fn run_shim(
             &mut report,
         )
     };
-    trace(
-        what.to_str().unwrap_or("?"),
-        Some(device),
-        report.code,
-        started,
-    );
+    if tracing() {
+        // The driver calls the shim made, in order, each with its return code.
+        let n = (report.n_calls.max(0) as usize).min(sys::shim::P2PC_MAX_CALLS);
+        let inner: Vec<String> = (0..n)
+            .map(|i| {
+                let call = c_text(report.calls[i]).unwrap_or_default();
+                format!("{call}={}", report.codes[i])
+            })
+            .collect();
+        let what = what.to_str().unwrap_or("?");
+        trace(
+            &format!("{what} [{}]", inner.join(" ")),
+            Some(device),
+            report.code,
+            started,
+        );
+    }
     if let Some(call) = c_text(report.failed_call) {
         let (name, text) = describe(Library::Driver, report.code);
         let call = SHIM_CALLS

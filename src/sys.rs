@@ -37,6 +37,9 @@ pub mod shim {
         pub memcpy_dtoh: super::PFN_cuMemcpyDtoH_v3020,
     }
 
+    /// `P2PC_MAX_CALLS`.
+    pub const P2PC_MAX_CALLS: usize = 16;
+
     /// `p2pc_kernel_report`.
     #[repr(C)]
     pub struct p2pc_kernel_report {
@@ -44,6 +47,9 @@ pub mod shim {
         pub code: c_int,
         pub mismatches: c_ulonglong,
         pub first_bad: c_ulonglong,
+        pub n_calls: c_int,
+        pub calls: [*const c_char; P2PC_MAX_CALLS],
+        pub codes: [c_int; P2PC_MAX_CALLS],
     }
 
     extern "C" {

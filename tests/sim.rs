@@ -588,3 +588,35 @@ fn the_worker_is_found_beside_the_cli_without_configuration() {
     );
     assert!(processes_with(&token).is_empty());
 }
+
+#[test]
+fn the_trace_names_every_cuda_call_with_its_result() {
+    let (out, _) = cli(&["--simulate", "2"], &[("P2PCHECK_TRACE", "1")]);
+    assert_eq!(out.status.code(), Some(0));
+    let trace = String::from_utf8_lossy(&out.stderr);
+    for call in [
+        "cuInit -> 0",
+        "cudaGetDeviceCount -> 0",
+        "cudaSetDevice device=0 -> 0",
+        "cudaMalloc device=0 -> 0",
+        "cudaMemset device=0 -> 0",
+        "cudaDeviceSynchronize device=0 -> 0",
+        "cudaIpcGetMemHandle device=0 -> 0",
+        "cudaDeviceCanAccessPeer device=1 -> 0",
+        "cudaIpcOpenMemHandle device=0 -> 0",
+        "cudaMemcpy device=0 -> 0",
+        "p2pc_kernel_store [cuModuleLoadData=0 cuModuleGetFunction=0 cuLaunchKernel=0 \
+         cuCtxSynchronize=0 cuModuleUnload=0] device=0 -> 0",
+        "cuMemsetD8_v2=0",
+        "cuMemcpyDtoH_v2=0",
+        "cudaDeviceReset device=0 -> 0",
+    ] {
+        assert!(trace.contains(call), "trace lacks {call:?}:\n{trace}");
+    }
+    // Both workers trace, each line with its pid.
+    let pids: std::collections::HashSet<&str> = trace
+        .lines()
+        .filter_map(|l| l.strip_prefix("[p2pcheck trace pid=")?.split(']').next())
+        .collect();
+    assert_eq!(pids.len(), 2, "{trace}");
+}
