@@ -378,11 +378,14 @@ fn tracing() -> bool {
 fn trace(call: &str, device: Option<i32>, code: i32, started: Instant) {
     if tracing() {
         let dev = device.map(|d| format!(" device={d}")).unwrap_or_default();
-        eprintln!(
-            "[p2pcheck trace pid={}] {call}{dev} -> {code} ({} us)",
+        let line = format!(
+            "[p2pcheck trace pid={}] {call}{dev} -> {code} ({} us)\n",
             std::process::id(),
             started.elapsed().as_micros()
         );
+        // One write per line: both workers share stderr, and eprintln! may split a line into
+        // several writes that interleave with the other worker's.
+        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
     }
 }
 
