@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::io::AsRawFd;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -25,6 +25,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use once_cell::sync::Lazy;
 
 use crate::json::{self, Value};
+use crate::os;
 
 /// The directory vLLM keeps its cache in, given an environment lookup: `$VLLM_CACHE_ROOT`, else
 /// `$XDG_CACHE_HOME/vllm`, else `$HOME/.cache/vllm`; a leading `~` is expanded with `$HOME` as
@@ -264,18 +265,9 @@ impl FileLock {
             .with_context(|| format!("cannot open the lock file {}", path.display()))?;
         let deadline = Instant::now() + timeout;
         let mut nap = Duration::from_millis(2);
-        loop {
-            // SAFETY: `file` is open for the whole call, so its descriptor is valid; flock
-            // touches no memory of ours.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-                break;
-            }
-            let err = io::Error::last_os_error();
-            match err.raw_os_error() {
-                Some(libc::EINTR) => continue,
-                Some(libc::EWOULDBLOCK) => {}
-                _ => return Err(err).with_context(|| format!("cannot lock {}", path.display())),
-            }
+        while !os::try_lock_exclusive(&file)
+            .with_context(|| format!("cannot lock {}", path.display()))?
+        {
             let now = Instant::now();
             if now >= deadline {
                 return Err(anyhow!(

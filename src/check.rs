@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+use crate::os;
 use crate::protocol::{
     self, FrameReader, KernelOutcome, Message, Pair, ProtocolError, Role, SideVerdict,
 };
@@ -297,19 +298,7 @@ fn executable(p: &Path) -> Result<PathBuf> {
 
 /// The file (executable or shared library) that holds this function's code.
 fn own_library_path() -> Option<PathBuf> {
-    let here = own_library_path as fn() -> Option<PathBuf> as *const libc::c_void;
-    // SAFETY: dladdr only reads loader tables for an address inside this object; info is a
-    // valid out-parameter, and dli_fname is a NUL-terminated string owned by the loader.
-    unsafe {
-        let mut info: libc::Dl_info = std::mem::zeroed();
-        if libc::dladdr(here, &mut info) == 0 || info.dli_fname.is_null() {
-            return None;
-        }
-        let name = std::ffi::CStr::from_ptr(info.dli_fname)
-            .to_string_lossy()
-            .into_owned();
-        Some(PathBuf::from(name))
-    }
+    os::object_containing(own_library_path as fn() -> Option<PathBuf> as usize)
 }
 
 /// A running worker; dropping it kills its process group and reaps it.
@@ -358,7 +347,7 @@ impl Worker {
             .stdin
             .as_mut()
             .ok_or_else(|| anyhow!("stdin already closed"))?;
-        write_ignoring_sigpipe(stdin, &protocol::encode(m))
+        os::write_all_without_sigpipe(stdin, &protocol::encode(m))
             .with_context(|| format!("cannot write to the {}", self.name()))
     }
 
@@ -411,10 +400,8 @@ impl Worker {
         if self.reaped {
             return;
         }
-        // SAFETY: kill(2) on the worker's own process group (it was started with pgid = pid).
-        unsafe {
-            libc::kill(-(self.child.id() as i32), libc::SIGKILL);
-        }
+        // The worker was started as its own process group leader (pgid = pid).
+        os::kill_process_group(self.child.id());
         let _ = self.child.wait();
         self.reaped = true;
     }
@@ -454,46 +441,6 @@ fn role_name(role: Role) -> &'static str {
     }
 }
 
-/// Writes all of `bytes`; a dead reader gives `EPIPE` instead of SIGPIPE killing the process
-/// (a host program may not ignore SIGPIPE the way Rust's runtime does).
-fn write_ignoring_sigpipe(stdin: &mut ChildStdin, bytes: &[u8]) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let fd = stdin.as_raw_fd();
-    // SAFETY: signal-mask calls on this thread with valid sigset_t out-parameters; write(2) on
-    // an open pipe end with a live buffer; sigtimedwait only consumes a SIGPIPE this thread
-    // raised while it was blocked.
-    unsafe {
-        let mut pipe_set: libc::sigset_t = std::mem::zeroed();
-        let mut old: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut pipe_set);
-        libc::sigaddset(&mut pipe_set, libc::SIGPIPE);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &pipe_set, &mut old);
-        let mut done = 0;
-        let mut result = Ok(());
-        while done < bytes.len() {
-            let n = libc::write(fd, bytes[done..].as_ptr().cast(), bytes.len() - done);
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                if e.raw_os_error() == Some(libc::EPIPE) {
-                    let zero = libc::timespec {
-                        tv_sec: 0,
-                        tv_nsec: 0,
-                    };
-                    libc::sigtimedwait(&pipe_set, std::ptr::null_mut(), &zero);
-                }
-                result = Err(e);
-                break;
-            }
-            done += n as usize;
-        }
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
-        result
-    }
-}
-
 /// Which worker a message came from.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Side {
@@ -523,13 +470,13 @@ fn recv_any(
         }
         let live: Vec<usize> = (0..2).filter(|&i| active[i]).collect();
         let fds: Vec<_> = live.iter().map(|&i| workers[i].reader.fd()).collect();
-        match protocol::poll_readable(&fds, deadline) {
+        match os::poll_readable(&fds, deadline) {
             Ok(Some(k)) => {
                 let i = live[k];
                 workers[i].reader.fill().map_err(|e| (side(i), e))?
             }
             Ok(None) => return Err((side(live[0]), ProtocolError::Timeout)),
-            Err(e) => return Err((side(live[0]), e)),
+            Err(e) => return Err((side(live[0]), ProtocolError::Io(e))),
         }
     }
 }

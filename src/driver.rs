@@ -9,6 +9,8 @@
 //!
 //! This is the only module that touches raw pointers; everything above it is safe.
 
+#![allow(unsafe_code)]
+
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::fmt;
 use std::path::PathBuf;
@@ -187,22 +189,12 @@ fn dlopen(path: &str, flags: c_int) -> std::result::Result<usize, String> {
 
 /// The file a loaded handle came from (the soname resolves to a real path).
 fn loaded_path(handle: usize, symbol: &CStr) -> Option<String> {
-    // SAFETY: handle came from dlopen; symbol is NUL-terminated; dladdr only reads.
-    unsafe {
-        let addr = libc::dlsym(handle as *mut c_void, symbol.as_ptr());
-        if addr.is_null() {
-            return None;
-        }
-        let mut info: libc::Dl_info = std::mem::zeroed();
-        if libc::dladdr(addr, &mut info) == 0 || info.dli_fname.is_null() {
-            return None;
-        }
-        Some(
-            CStr::from_ptr(info.dli_fname)
-                .to_string_lossy()
-                .into_owned(),
-        )
+    // SAFETY: handle came from dlopen and symbol is NUL-terminated.
+    let addr = unsafe { libc::dlsym(handle as *mut c_void, symbol.as_ptr()) };
+    if addr.is_null() {
+        return None;
     }
+    crate::os::object_containing(addr as usize).map(|p| p.display().to_string())
 }
 
 impl Lib {

@@ -24,10 +24,14 @@
 //! # Ok::<(), anyhow::Error>(())
 //! ```
 
+// `unsafe` lives only at the FFI edges: `driver` (CUDA), `os` (libc) and `sys` (bindings).
+#![deny(unsafe_code)]
+
 pub mod cache;
 pub mod check;
 pub mod driver;
 pub mod json;
+pub mod os;
 pub mod policy;
 
 pub mod protocol;

@@ -14,6 +14,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::time::Instant;
 
 use crate::driver::IPC_HANDLE_BYTES;
+use crate::os;
 
 /// Protocol version; bumped on any change to the encoding.
 pub const VERSION: u16 = 1;
@@ -544,22 +545,16 @@ impl FrameReader {
     /// Reads what the pipe has now (call after `poll` said it is readable).
     pub fn fill(&mut self) -> Result<(), ProtocolError> {
         let mut chunk = [0u8; 4096];
-        // SAFETY: fd is an open pipe end owned by the caller; chunk is a writable buffer of the
-        // length passed.
-        let n = unsafe { libc::read(self.fd, chunk.as_mut_ptr().cast(), chunk.len()) };
-        match n {
-            0 => Err(ProtocolError::Eof),
-            n if n > 0 => {
-                self.buf.extend_from_slice(&chunk[..n as usize]);
+        match os::read(self.fd, &mut chunk) {
+            Ok(0) => Err(ProtocolError::Eof),
+            Ok(n) => {
+                self.buf.extend_from_slice(&chunk[..n]);
                 Ok(())
             }
-            _ => {
-                let e = io::Error::last_os_error();
-                match e.kind() {
-                    io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock => Ok(()),
-                    _ => Err(ProtocolError::Io(e)),
-                }
-            }
+            Err(e) => match e.kind() {
+                io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock => Ok(()),
+                _ => Err(ProtocolError::Io(e)),
+            },
         }
     }
 
@@ -569,42 +564,10 @@ impl FrameReader {
             if let Some(m) = self.buffered()? {
                 return Ok(m);
             }
-            match poll_readable(&[self.fd], deadline)? {
+            match os::poll_readable(&[self.fd], deadline)? {
                 Some(_) => self.fill()?,
                 None => return Err(ProtocolError::Timeout),
             }
-        }
-    }
-}
-
-/// Waits until one of `fds` is readable (or hung up); returns its position, or `None` at the
-/// deadline.
-pub fn poll_readable(fds: &[RawFd], deadline: Instant) -> Result<Option<usize>, ProtocolError> {
-    let mut pfds: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|&fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let ms = left.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: pfds is a live array of pollfd of the length passed.
-        let rc = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(ProtocolError::Io(e));
-        }
-        if let Some(i) = pfds.iter().position(|p| p.revents != 0) {
-            return Ok(Some(i));
-        }
-        if Instant::now() >= deadline {
-            return Ok(None);
         }
     }
 }
@@ -794,23 +757,9 @@ mod tests {
         }
     }
 
-    fn pipe() -> (std::fs::File, std::fs::File) {
-        let mut fds = [0; 2];
-        // SAFETY: fds is a two-element array, as pipe(2) requires.
-        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-        use std::os::fd::FromRawFd;
-        // SAFETY: both descriptors were just created and are owned by nothing else.
-        unsafe {
-            (
-                std::fs::File::from_raw_fd(fds[0]),
-                std::fs::File::from_raw_fd(fds[1]),
-            )
-        }
-    }
-
     #[test]
     fn reader_reassembles_split_frames_and_honours_deadlines() {
-        let (r, mut w) = pipe();
+        let (r, mut w) = os::pipe().unwrap();
         let mut reader = FrameReader::new(&r);
         let msgs = samples();
         let bytes: Vec<u8> = msgs.iter().flat_map(encode).collect();

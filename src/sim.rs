@@ -11,12 +11,14 @@
 //! is the reference for its configuration and fault semantics.
 
 use std::fmt;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use anyhow::{bail, Context, Result};
 use once_cell::sync::OnceCell;
+
+use crate::os;
 
 /// The simulator's bytes, built by `build.rs` from `csrc/sim.c`.
 const LIBRARY: &[u8] = include_bytes!(env!("P2PCHECK_SIM_LIB"));
@@ -174,14 +176,7 @@ impl Simulation {
 pub fn library_path() -> Result<PathBuf> {
     static MEMFD: OnceCell<OwnedFd> = OnceCell::new();
     let fd = MEMFD.get_or_try_init(|| {
-        // SAFETY: memfd_create with a NUL-terminated name; the new descriptor is owned by the
-        // OwnedFd below and nothing else.
-        let raw = unsafe { libc::memfd_create(c"p2pcheck-sim".as_ptr(), libc::MFD_CLOEXEC) };
-        if raw < 0 {
-            return Err(std::io::Error::last_os_error()).context("memfd_create for the simulator");
-        }
-        // SAFETY: raw is a fresh, valid descriptor that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let fd = os::memfd(c"p2pcheck-sim").context("memfd_create for the simulator")?;
         let mut file = std::fs::File::from(fd.try_clone()?);
         std::io::Write::write_all(&mut file, LIBRARY).context("writing the simulator")?;
         Ok::<_, anyhow::Error>(fd)

@@ -11,6 +11,7 @@
     dead_code
 )]
 #![allow(clippy::all)]
+#![allow(unsafe_code)]
 
 include!(concat!(env!("OUT_DIR"), "/bindings.rs"));
 

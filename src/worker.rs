@@ -7,11 +7,10 @@
 //! Every CUDA failure becomes part of a verdict; only a broken pipe or a protocol violation ends
 //! the worker early (the parent then sees EOF at once).
 
-use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::FromRawFd;
 
 use crate::driver::{self, DevicePtr};
+use crate::os;
 use crate::protocol::{
     self, KernelOutcome, Message, Pair, ProtocolError, Role, SideVerdict, Stage,
 };
@@ -44,9 +43,9 @@ pub const EXIT_PROTOCOL: i32 = 3;
 /// its parent dies (`PR_SET_PDEATHSIG`), so a parent killed by Ctrl-C, SIGTERM or SIGKILL never
 /// leaves a worker behind; if the parent is already gone by then, it exits at once.
 pub fn main() -> i32 {
-    // SAFETY: prctl with PR_SET_PDEATHSIG and a signal number has no memory effects.
-    unsafe {
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+    if let Err(e) = os::die_with_parent() {
+        eprintln!("p2pcheck worker: PR_SET_PDEATHSIG failed: {e}");
+        return EXIT_PROTOCOL;
     }
     let parent = std::env::var(PARENT_PID_VAR)
         .ok()
@@ -55,18 +54,12 @@ pub fn main() -> i32 {
         eprintln!("p2pcheck worker: the parent that started it is gone");
         return EXIT_PROTOCOL;
     }
-    // SAFETY: dup/dup2 on the process's own standard descriptors; the new descriptor is owned
-    // by the File created from it and nothing else.
-    let out = unsafe {
-        let fd = libc::dup(1);
-        if fd < 0 || libc::dup2(2, 1) < 0 {
-            eprintln!(
-                "p2pcheck worker: cannot set up descriptors: {}",
-                io::Error::last_os_error()
-            );
+    let out = match os::take_stdout() {
+        Ok(out) => out,
+        Err(e) => {
+            eprintln!("p2pcheck worker: cannot set up descriptors: {e}");
             return EXIT_PROTOCOL;
         }
-        File::from_raw_fd(fd)
     };
     match serve(io::stdin().lock(), out) {
         Ok(code) => code,
