@@ -419,8 +419,9 @@ fn check_len(n: usize, verdicts: &[bool]) -> Result<()> {
     Ok(())
 }
 
-/// The cache file: `None` if absent, else its verdicts or what is wrong with it.
-fn read(path: &Path, n: usize) -> Result<Option<Result<Vec<bool>, String>>> {
+/// The cache file: `None` if absent, else its verdicts or what is wrong with it; `Err` only
+/// when it exists but cannot be read.
+pub fn read(path: &Path, n: usize) -> Result<Option<Result<Vec<bool>, String>>> {
     let bytes = match fs::read(path) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),

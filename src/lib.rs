@@ -124,9 +124,16 @@ pub fn visible_device_count() -> Result<u32> {
 
 /// The vLLM cache file for `n` devices and this process's `CUDA_VISIBLE_DEVICES`.
 pub fn vllm_cache_path(n: u32) -> Result<PathBuf> {
-    let cvd = std::env::var("CUDA_VISIBLE_DEVICES").ok();
-    let key = visible::cache_key(cvd.as_deref(), n as usize);
-    Ok(cache::cache_dir()?.join(cache::file_name(&key)))
+    Ok(vllm_cache_path_in(&cache::cache_dir()?, n))
+}
+
+/// The vLLM cache file for `n` devices and this process's `CUDA_VISIBLE_DEVICES`, in `dir`.
+pub fn vllm_cache_path_in(dir: &std::path::Path, n: u32) -> PathBuf {
+    let cvd = std::env::var(visible::VAR).ok();
+    dir.join(cache::file_name(&visible::cache_key(
+        cvd.as_deref(),
+        n as usize,
+    )))
 }
 
 /// vLLM's `gpu_p2p_access_check`: can a process on `tgt` use memory owned by a process on

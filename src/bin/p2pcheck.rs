@@ -8,7 +8,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use p2pcheck::check::{self, Options, Report, Verdict};
 use p2pcheck::protocol::KernelOutcome;
 use p2pcheck::sim::{self, Fault, Simulation};
-use p2pcheck::{cache, json, visible};
+use p2pcheck::{cache, json};
 
 const HELP: &str = "\
 p2pcheck - prove which GPU pairs can really reach each other's memory across processes
@@ -176,18 +176,17 @@ struct CacheNote {
 /// (simulated verdicts must never land in the real cache by accident).
 fn cache_note(args: &Args, report: &Report, verdicts: &[bool]) -> Result<Option<CacheNote>> {
     let n = report.device_count as usize;
-    let cvd = std::env::var("CUDA_VISIBLE_DEVICES").ok();
     let dir = match (&args.cache_dir, &args.opts.simulate) {
         (Some(d), _) => d.clone(),
         (None, Some(_)) => return Ok(None),
         (None, None) => cache::cache_dir()?,
     };
-    let path = dir.join(cache::file_name(&visible::cache_key(cvd.as_deref(), n)));
-    let existing = std::fs::read_to_string(&path).ok().map(|text| {
-        cache::parse(&text, n)
-            .map(|v| v == verdicts)
-            .map_err(|e| e.to_string())
-    });
+    let path = p2pcheck::vllm_cache_path_in(&dir, report.device_count);
+    // An existing file that cannot be read is reported as unusable, not as absent.
+    let existing = match cache::read(&path, n) {
+        Ok(file) => file.map(|parsed| parsed.map(|v| v == verdicts)),
+        Err(e) => Some(Err(format!("{e:#}"))),
+    };
     if args.write_cache {
         cache::store(&path, n, verdicts).with_context(|| format!("writing {}", path.display()))?;
     }
