@@ -556,10 +556,10 @@ pub fn run(pairs: Option<&[Pair]>, opts: &Options) -> Result<Report> {
             // The workers are killed when `workers` drops; fresh ones take the rest.
             Some(report) => {
                 reports.push(report);
-                restarts += 1;
                 if reports.len() == all.len() {
                     break;
                 }
+                restarts += 1;
             }
             None => {
                 let deadline = Instant::now() + opts.step_timeout;
