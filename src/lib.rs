@@ -30,6 +30,7 @@
 pub mod cache;
 pub mod check;
 pub mod driver;
+pub mod fingerprint;
 pub mod json;
 pub mod os;
 pub mod policy;
