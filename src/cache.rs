@@ -10,11 +10,19 @@
 //!   never leaves a truncated file behind;
 //! * processes racing on a cold cache compute it once: the writer holds an advisory lock
 //!   ([`FileLock`], on [`lock_path`]) that waiters give up on after a deadline;
-//! * a corrupt file is recomputed and reported ([`Origin::Recomputed`]) instead of crashing.
+//! * a corrupt file is recomputed and reported ([`Origin::Recomputed`]) instead of crashing;
+//! * hostile folder contents cannot redirect it: every file in the cache folder is reached
+//!   through the open folder by its name alone, never following a symbolic link and never
+//!   blocking on a FIFO or reading a device; reads are bounded ([`max_file_len`]); a lock file
+//!   that is not a plain regular file is refused, untouched ([`FileLock`]). So nothing outside
+//!   the cache folder is created, truncated or written. The folder path itself may be a link.
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
+use std::ffi::{OsStr, OsString};
+use std::fs::{self, File};
 use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -130,7 +138,8 @@ pub fn parse(text: &str, n: usize) -> Result<Vec<bool>, String> {
         Value::Object(members) => members,
         other => return Err(format!("it holds {}, not a JSON object", other.kind())),
     };
-    let mut verdicts: Vec<Option<bool>> = vec![None; n * n];
+    // Found verdicts by pair: no bigger than the text, whatever `n` is.
+    let mut found: HashMap<(usize, usize), bool> = HashMap::new();
     for (key, value) in &members {
         let Some((i, j)) = parse_pair_key(key) else {
             continue;
@@ -143,7 +152,9 @@ pub fn parse(text: &str, n: usize) -> Result<Vec<bool>, String> {
             ));
         }
         match value {
-            Value::Bool(b) => verdicts[i * n + j] = Some(*b),
+            Value::Bool(b) => {
+                found.insert((i, j), *b);
+            }
             other => {
                 return Err(format!(
                     "key {} holds {}, not true or false",
@@ -153,16 +164,17 @@ pub fn parse(text: &str, n: usize) -> Result<Vec<bool>, String> {
             }
         }
     }
-    let found = verdicts.iter().filter(|v| v.is_some()).count();
-    verdicts
-        .iter()
-        .enumerate()
-        .map(|(k, v)| {
-            v.ok_or_else(|| {
+    let pairs = n
+        .checked_mul(n)
+        .ok_or_else(|| format!("{n} devices are too many"))?;
+    // Stops at the first missing key: after at most found.len() + 1 pairs, whatever `n` is.
+    (0..pairs)
+        .map(|k| {
+            found.get(&(k / n, k % n)).copied().ok_or_else(|| {
                 format!(
-                    "key {} is missing (the file has {found} of the {} pairs)",
+                    "key {} is missing (the file has {} of the {pairs} pairs)",
                     json::escape(&pair_key(k / n, k % n)),
-                    n * n
+                    found.len()
                 )
             })
         })
@@ -185,57 +197,247 @@ fn parse_pair_key(key: &str) -> Option<(usize, usize)> {
     Some((index(i)?, index(j)?))
 }
 
-/// Writes `contents` to `path` atomically: readers see the old file or the new one, never a
-/// part. Writes a temp file in the same directory (created if missing), fsyncs it, renames it
-/// over `path` and fsyncs the directory; the temp file is removed if any step fails.
-pub fn write_atomic(path: &Path, contents: &str) -> Result<()> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let name = path
-        .file_name()
-        .with_context(|| format!("cannot write {}: it names no file", path.display()))?;
-    let dir = create_parent(path)?;
-    // Unique per process and call, and hidden, so no two writers share one and `ls` skips it.
-    let tmp = dir.join(format!(
-        ".{}.tmp.{}.{}",
-        name.to_string_lossy(),
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let written = write_then_rename(&tmp, path, contents);
-    if written.is_err() {
-        let _ = fs::remove_file(&tmp); // it may not exist; the first error is the one to report
+/// Checks a cache folder path where it enters p2pcheck (a `--cache-dir` argument, say), before
+/// anything is read or written in it.
+///
+/// Refused: the empty path (the files would land in the current directory: write `.` to mean
+/// that), a path with a NUL byte, and a path that exists but is not a folder (after following
+/// symbolic links: the folder path itself may be a link, that is the user's choice). A missing
+/// folder is fine: it is created when the cache file is written.
+pub fn check_dir(path: &Path) -> Result<()> {
+    check_dir_path(path)?;
+    match fs::metadata(path) {
+        Ok(meta) if !meta.is_dir() => bail!(
+            "the cache folder {} is not a folder: it is {}",
+            path.display(),
+            kind(meta.mode())
+        ),
+        // Missing: created on write; unreadable: the error comes where it is used.
+        _ => Ok(()),
     }
-    written?;
-    // Make the rename itself durable. Best effort: some file systems refuse to fsync a
-    // directory, and the new file is already in place either way.
-    if let Ok(d) = File::open(&dir) {
-        let _ = d.sync_all();
+}
+
+/// The checks of [`check_dir`] that need no file system.
+fn check_dir_path(path: &Path) -> Result<()> {
+    if path.as_os_str().is_empty() {
+        bail!("the cache folder path is empty: name a folder (`.` for the current one)");
+    }
+    if path.as_os_str().as_bytes().contains(&0) {
+        bail!("the cache folder path {path:?} contains a NUL byte");
     }
     Ok(())
 }
 
-fn write_then_rename(tmp: &Path, path: &Path, contents: &str) -> Result<()> {
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(tmp)
-        .with_context(|| format!("cannot create the temp file {}", tmp.display()))?;
-    file.write_all(contents.as_bytes())
-        .and_then(|()| file.sync_all())
-        .with_context(|| format!("cannot write the temp file {}", tmp.display()))?;
-    fs::rename(tmp, path)
-        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+/// A cache file (or lock file) path split into its folder, never empty, and its name, one
+/// path component.
+fn split(path: &Path) -> Result<(&Path, &OsStr)> {
+    if path.as_os_str().is_empty() {
+        bail!("the cache file path is empty");
+    }
+    let name = path
+        .file_name()
+        .with_context(|| format!("cannot use {}: it names no file", path.display()))?;
+    let dir = path.parent().unwrap_or_else(|| Path::new(""));
+    check_dir_path(dir).with_context(|| format!("cannot use {}", path.display()))?;
+    Ok((dir, name))
 }
 
-/// Creates `path`'s parent directory if missing and returns it (`.` for a bare file name).
-fn create_parent(path: &Path) -> Result<PathBuf> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    fs::create_dir_all(&dir)
-        .with_context(|| format!("cannot create the directory {}", dir.display()))?;
-    Ok(dir)
+/// What a file is, from its `st_mode`, in words: "a symbolic link", "a FIFO", ….
+fn kind(mode: u32) -> &'static str {
+    match mode & libc::S_IFMT {
+        libc::S_IFREG => "a regular file",
+        libc::S_IFDIR => "a directory",
+        libc::S_IFLNK => "a symbolic link",
+        libc::S_IFIFO => "a FIFO",
+        libc::S_IFSOCK => "a socket",
+        libc::S_IFCHR => "a character device",
+        libc::S_IFBLK => "a block device",
+        _ => "a file of unknown type",
+    }
+}
+
+fn is_regular(mode: u32) -> bool {
+    mode & libc::S_IFMT == libc::S_IFREG
+}
+
+fn is_dir(mode: u32) -> bool {
+    mode & libc::S_IFMT == libc::S_IFDIR
+}
+
+/// `ELOOP` from an `open_at`: the entry is a symbolic link (`O_NOFOLLOW`).
+fn is_link_error(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ELOOP)
+}
+
+/// `render(n, all false).len()`, the longest file [`render`] writes for `n` devices, computed
+/// without rendering (so no `n` can exhaust memory); saturates instead of overflowing.
+fn rendered_len(n: usize) -> u64 {
+    if n == 0 {
+        return 2; // "{}"
+    }
+    let n = n as u64;
+    // The decimal digits of all of 0..n together.
+    let (mut digits, mut lo, mut hi, mut width) = (0u64, 0u64, 10u64, 1u64);
+    while lo < n {
+        digits = digits.saturating_add((n.min(hi) - lo).saturating_mul(width));
+        lo = hi;
+        hi = hi.saturating_mul(10);
+        width += 1;
+    }
+    // Each member is `    "i->j": false` (15 bytes and the digits of i and j), members are
+    // joined by ",\n" and wrapped in "{\n" … "\n}": 17 n² + 2 + 2 n·digits.
+    n.saturating_mul(n)
+        .saturating_mul(17)
+        .saturating_add(2)
+        .saturating_add(n.saturating_mul(digits).saturating_mul(2))
+}
+
+/// The most bytes [`read`] accepts in a cache file for `n` devices: twice the longest file
+/// [`render`] writes, plus 4 KiB, as vLLM reads any JSON with the right keys (other spacing,
+/// extra keys). A bigger file is unusable (and recomputed), and no more than this plus one
+/// byte is ever read from it.
+pub fn max_file_len(n: usize) -> u64 {
+    rendered_len(n).saturating_mul(2).saturating_add(4096)
+}
+
+/// A cache folder, open: every entry in it is reached through this descriptor by one name,
+/// and never followed when it is a symbolic link, so nothing outside the folder is touched.
+struct Folder<'a> {
+    fd: File,
+    path: &'a Path,
+}
+
+impl<'a> Folder<'a> {
+    /// Opens the folder `dir`; `None` if it does not exist.
+    fn open(dir: &'a Path) -> Result<Option<Folder<'a>>> {
+        match os::open_dir(dir) {
+            Ok(fd) => Ok(Some(Folder {
+                fd: File::from(fd),
+                path: dir,
+            })),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Folder::open_error(dir, e)),
+        }
+    }
+
+    /// Opens the folder `dir`, creating it (and its parents) if missing.
+    fn create(dir: &'a Path) -> Result<Folder<'a>> {
+        fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the directory {}", dir.display()))?;
+        match os::open_dir(dir) {
+            Ok(fd) => Ok(Folder {
+                fd: File::from(fd),
+                path: dir,
+            }),
+            Err(e) => Err(Folder::open_error(dir, e)),
+        }
+    }
+
+    fn open_error(dir: &Path, e: io::Error) -> anyhow::Error {
+        if e.raw_os_error() == Some(libc::ENOTDIR) {
+            anyhow!("{} is not a folder", dir.display())
+        } else {
+            anyhow::Error::new(e).context(format!("cannot open the folder {}", dir.display()))
+        }
+    }
+
+    /// The entry `name`, not followed; `None` if there is none.
+    fn stat(&self, name: &OsStr) -> io::Result<Option<os::EntryStat>> {
+        match os::stat_at(&self.fd, name) {
+            Ok(entry) => Ok(Some(entry)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// What the entry `name` of type `mode` is, in words; for a symbolic link with its target
+    /// (read, never followed), best effort.
+    fn describe(&self, name: &OsStr, mode: u32) -> String {
+        let what = kind(mode);
+        if mode & libc::S_IFMT != libc::S_IFLNK {
+            return what.to_string();
+        }
+        match fs::read_link(self.path.join(name)) {
+            Ok(target) => format!("{what} (to {})", target.display()),
+            Err(_) => what.to_string(),
+        }
+    }
+
+    /// Writes `contents` to the temp file `tmp` (created, never reused), fsyncs it and renames
+    /// it over `name`; the temp file is removed if a step after its creation fails.
+    fn write_then_rename(
+        &self,
+        tmp: &OsStr,
+        name: &OsStr,
+        contents: &str,
+        path: &Path,
+    ) -> Result<()> {
+        let tmp_path = self.path.join(tmp);
+        let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL;
+        let mut file = os::open_at(&self.fd, tmp, flags, 0o666)
+            .with_context(|| format!("cannot create the temp file {}", tmp_path.display()))?;
+        let written = file
+            .write_all(contents.as_bytes())
+            .and_then(|()| file.sync_all())
+            .with_context(|| format!("cannot write the temp file {}", tmp_path.display()))
+            .and_then(|()| {
+                os::rename_at(&self.fd, tmp, name).map_err(|e| {
+                    let mut what =
+                        format!("cannot rename {} to {}", tmp_path.display(), path.display());
+                    if let Ok(Some(entry)) = self.stat(name) {
+                        if is_dir(entry.mode) {
+                            what.push_str(
+                                ": it is a directory, which the cache file cannot replace \
+                                 (remove it)",
+                            );
+                        }
+                    }
+                    anyhow::Error::new(e).context(what)
+                })
+            });
+        if written.is_err() {
+            // Ours (O_EXCL made it); the first error is the one to report.
+            let _ = os::unlink_at(&self.fd, tmp);
+        }
+        written
+    }
+}
+
+/// A temp file name for the cache file `name`: hidden (so `ls` skips it), unique per process
+/// and call, and short enough to be a valid name whatever `name`'s length.
+fn temp_name(name: &OsStr) -> OsString {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let full = name.to_string_lossy();
+    let mut stem = String::new();
+    for c in full.chars() {
+        if stem.len() + c.len_utf8() > 150 {
+            break;
+        }
+        stem.push(c);
+    }
+    OsString::from(format!(
+        ".{stem}.tmp.{}.{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+/// Writes `contents` to `path` atomically: readers see the old file or the new one, never a
+/// part. Writes a temp file in the same directory (created if missing), fsyncs it, renames it
+/// over `path` and fsyncs the directory; the temp file is removed if any step fails.
+///
+/// Every file is reached through the open folder by its name alone: the temp file is created
+/// new (`O_EXCL`, never through a link), and the rename replaces the directory entry `path`,
+/// whatever it is (a symbolic link, a FIFO…), without writing through it. A directory there
+/// cannot be replaced: that is an error. An empty folder path (a bare file name) is refused.
+pub fn write_atomic(path: &Path, contents: &str) -> Result<()> {
+    let (dir, name) = split(path)?;
+    let folder = Folder::create(dir)?;
+    folder.write_then_rename(&temp_name(name), name, contents, path)?;
+    // Make the rename itself durable. Best effort: some file systems refuse to fsync a
+    // directory, and the new file is already in place either way.
+    let _ = folder.fd.sync_all();
+    Ok(())
 }
 
 /// An exclusive advisory lock (`flock(2)`) on a file, held until dropped.
@@ -243,6 +445,10 @@ fn create_parent(path: &Path) -> Result<PathBuf> {
 /// The lock file is never deleted: deleting it would let a process lock the old, unlinked file
 /// while another locks a new one. The holder writes its pid into it, so a waiter that gives up
 /// can say who had it.
+///
+/// Only a regular file with one name is used as the lock file: a symbolic link, FIFO, device,
+/// directory or hard-linked file in its place is refused with an error naming it, and left as
+/// it is (never followed, truncated, replaced or removed).
 #[derive(Debug)]
 pub struct FileLock {
     /// Closing the file (on drop) releases the lock.
@@ -253,16 +459,12 @@ pub struct FileLock {
 impl FileLock {
     /// Locks `path` (created, with its directory, if missing), waiting at most `timeout` for
     /// another holder to let go; the error then names the lock file, the timeout and the pid
-    /// that last took the lock.
+    /// that last took the lock. An existing `path` that is not a regular file with a single
+    /// name is refused at once, untouched.
     pub fn acquire(path: &Path, timeout: Duration) -> Result<FileLock> {
-        create_parent(path)?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false) // the holder's pid is in there
-            .open(path)
-            .with_context(|| format!("cannot open the lock file {}", path.display()))?;
+        let (dir, name) = split(path)?;
+        let folder = Folder::create(dir)?;
+        let file = open_lock_file(&folder, name, path)?;
         let deadline = Instant::now() + timeout;
         let mut nap = Duration::from_millis(2);
         while !os::try_lock_exclusive(&file)
@@ -304,15 +506,62 @@ impl FileLock {
     }
 }
 
-/// Who last took a lock, from the pid its holder wrote.
-fn last_holder(mut file: File) -> String {
-    let mut text = String::new();
-    match file
-        .read_to_string(&mut text)
-        .map(|_| text.trim().parse::<u32>())
-    {
-        Ok(Ok(pid)) => format!("last taken by pid {pid}"),
-        _ => "its holder is unknown".to_string(),
+/// Opens (creating if missing) the lock file `name` in `folder`, refusing anything but a
+/// regular file with one name: checked on the entry before opening (so no FIFO or device is
+/// even opened) and again on the open descriptor (in case the entry changed in between).
+fn open_lock_file(folder: &Folder, name: &OsStr, path: &Path) -> Result<File> {
+    let refuse = |what: String| {
+        anyhow!(
+            "refusing to use the lock file {}: it is {what}, not a regular file with a single \
+             name; p2pcheck does not follow, truncate, replace or remove it: if nothing needs \
+             it, remove it",
+            path.display()
+        )
+    };
+    let check = |mode: u32, nlink: u64| -> Result<()> {
+        if !is_regular(mode) {
+            return Err(refuse(folder.describe(name, mode)));
+        }
+        if nlink > 1 {
+            return Err(refuse(format!(
+                "a regular file with {nlink} hard links (another name of a file that may be \
+                 outside {})",
+                folder.path.display()
+            )));
+        }
+        Ok(())
+    };
+    let cannot = || format!("cannot open the lock file {}", path.display());
+    if let Some(entry) = folder.stat(name).with_context(cannot)? {
+        check(entry.mode, entry.nlink)?;
+    }
+    let flags = libc::O_RDWR | libc::O_CREAT | libc::O_NONBLOCK;
+    let file = match os::open_at(&folder.fd, name, flags, 0o666) {
+        Ok(file) => file,
+        Err(e) if is_link_error(&e) => {
+            return Err(refuse(folder.describe(name, libc::S_IFLNK)));
+        }
+        Err(e) => return Err(e).with_context(cannot),
+    };
+    let meta = file.metadata().with_context(cannot)?;
+    check(meta.mode(), meta.nlink())?;
+    // O_NONBLOCK only kept open(2) from blocking on a FIFO; it changes nothing for a regular
+    // file, so it stays.
+    Ok(file)
+}
+
+/// Who last took a lock, from the pid its holder wrote (the first 64 bytes at most).
+fn last_holder(file: File) -> String {
+    let mut bytes = Vec::new();
+    let pid = file
+        .take(64)
+        .read_to_end(&mut bytes)
+        .ok()
+        .and_then(|_| std::str::from_utf8(&bytes).ok())
+        .and_then(|text| text.trim().parse::<u32>().ok());
+    match pid {
+        Some(pid) => format!("last taken by pid {pid}"),
+        None => "its holder is unknown".to_string(),
     }
 }
 
@@ -361,14 +610,20 @@ pub fn forget_memo() {
 /// under [`FileLock`] on [`lock_path`] (waiting at most `lock_timeout`), the file again (another
 /// process may just have written it), else `compute()` (which must return `n * n` verdicts,
 /// row-major), written with [`write_atomic`]. So racing processes compute once. An unreadable
-/// file (permissions, a directory) is an error; an unparsable one is recomputed.
+/// file (permissions, a directory) is an error; an unusable one (unparsable, too big for `n`
+/// devices, or a symbolic link, FIFO, socket or device in the file's place: see [`read`]) is
+/// recomputed and its directory entry replaced by a regular file. A lock file that is not a
+/// regular file with one name is an error ([`FileLock::acquire`]), as is an empty folder path.
 pub fn load_or_compute(
     path: &Path,
     n: usize,
     lock_timeout: Duration,
     compute: impl FnOnce() -> Result<Vec<bool>>,
 ) -> Result<Loaded> {
-    if let Some(verdicts) = memo().get(path).filter(|v| v.len() == n * n) {
+    if let Some(verdicts) = memo()
+        .get(path)
+        .filter(|v| n.checked_mul(n) == Some(v.len()))
+    {
         return Ok(Loaded {
             verdicts: verdicts.clone(),
             origin: Origin::Memo,
@@ -402,6 +657,7 @@ pub const LOCK_TIMEOUT: Duration = Duration::from_secs(300);
 /// remembers them in the memo: for writing vLLM's cache from a check run by hand.
 pub fn store(path: &Path, n: usize, verdicts: &[bool]) -> Result<()> {
     check_len(n, verdicts)?;
+    split(path)?; // so that a bad path is named as given, not as its lock file
     let _lock = FileLock::acquire(&lock_path(path), LOCK_TIMEOUT)?;
     write_atomic(path, &render(n, verdicts))?;
     memo().insert(path.to_path_buf(), verdicts.to_vec());
@@ -409,24 +665,74 @@ pub fn store(path: &Path, n: usize, verdicts: &[bool]) -> Result<()> {
 }
 
 fn check_len(n: usize, verdicts: &[bool]) -> Result<()> {
-    if verdicts.len() != n * n {
+    if n.checked_mul(n) != Some(verdicts.len()) {
         bail!(
             "{} verdicts for {n} devices; expected {}",
             verdicts.len(),
-            n * n
+            n.saturating_mul(n)
         );
     }
     Ok(())
 }
 
 /// The cache file: `None` if absent, else its verdicts or what is wrong with it; `Err` only
-/// when it exists but cannot be read.
+/// when it exists but cannot be read or replaced.
+///
+/// The file is opened through its folder, by name, never following a symbolic link and never
+/// blocking: a symbolic link, FIFO, socket or device in its place is not opened at all but
+/// reported as unusable ("it is a FIFO, not a regular file"), and so is a file bigger than
+/// [`max_file_len`] (no more than that plus one byte is read). Such an entry is safe to replace
+/// (the rename replaces the entry, never writes through it); a directory is not: it is an
+/// `Err`. An empty folder path (a bare file name) is an `Err` too.
 pub fn read(path: &Path, n: usize) -> Result<Option<Result<Vec<bool>, String>>> {
-    let bytes = match fs::read(path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    let (dir, name) = split(path)?;
+    let cannot = || format!("cannot read {}", path.display());
+    let Some(folder) = Folder::open(dir).with_context(cannot)? else {
+        return Ok(None);
     };
+    let not_regular = |mode: u32| -> Result<Option<String>> {
+        if is_dir(mode) {
+            bail!("it is a directory, which the cache file cannot replace (remove it)");
+        }
+        Ok((!is_regular(mode))
+            .then(|| format!("it is {}, not a regular file", folder.describe(name, mode))))
+    };
+    let Some(entry) = folder.stat(name).with_context(cannot)? else {
+        return Ok(None);
+    };
+    if let Some(reason) = not_regular(entry.mode).with_context(cannot)? {
+        return Ok(Some(Err(reason)));
+    }
+    let file = match os::open_at(&folder.fd, name, libc::O_RDONLY | libc::O_NONBLOCK, 0) {
+        Ok(file) => file,
+        // The entry changed since it was looked at.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if is_link_error(&e) => {
+            return Ok(Some(Err(format!(
+                "it is {}, not a regular file",
+                folder.describe(name, libc::S_IFLNK)
+            ))))
+        }
+        Err(e) => return Err(e).with_context(cannot),
+    };
+    let meta = file.metadata().with_context(cannot)?;
+    if let Some(reason) = not_regular(meta.mode()).with_context(cannot)? {
+        return Ok(Some(Err(reason)));
+    }
+    let bound = max_file_len(n);
+    let too_big = |len: u64| {
+        format!("it is {len} bytes, more than the {bound} a cache of {n} device(s) can hold")
+    };
+    if meta.len() > bound {
+        return Ok(Some(Err(too_big(meta.len()))));
+    }
+    let mut bytes = Vec::new();
+    file.take(bound.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .with_context(cannot)?;
+    if bytes.len() as u64 > bound {
+        return Ok(Some(Err(too_big(bytes.len() as u64)))); // it grew since the fstat
+    }
     Ok(Some(match String::from_utf8(bytes) {
         Ok(text) => parse(&text, n),
         Err(e) => Err(format!(
@@ -948,5 +1254,127 @@ mod tests {
         );
         let err = store(&path, 2, &[true]).unwrap_err().to_string();
         assert_eq!(err, "1 verdicts for 2 devices; expected 4");
+    }
+
+    #[test]
+    fn the_size_bound_follows_the_longest_rendering() {
+        for n in 0..=120 {
+            let longest = render(n, &vec![false; n * n]).len() as u64;
+            assert_eq!(rendered_len(n), longest, "n={n}");
+            assert_eq!(max_file_len(n), 2 * longest + 4096, "n={n}");
+        }
+        // Any n, without overflow or rendering.
+        assert_eq!(max_file_len(usize::MAX), u64::MAX);
+        assert!(max_file_len(1 << 20) > max_file_len(1 << 19));
+    }
+
+    #[test]
+    fn parse_and_check_len_take_any_device_count() {
+        assert_eq!(
+            parse("{}", 1 << 20),
+            Err("key \"0->0\" is missing (the file has 0 of the 1099511627776 pairs)".into())
+        );
+        assert_eq!(
+            parse(N2, usize::MAX),
+            Err(format!("{} devices are too many", usize::MAX))
+        );
+        let err = check_len(usize::MAX, &V2).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!(
+                "4 verdicts for {} devices; expected {}",
+                usize::MAX,
+                usize::MAX
+            )
+        );
+    }
+
+    #[test]
+    fn paths_are_split_into_a_folder_and_one_name() {
+        fn split(p: &'static str) -> Result<(&'static Path, &'static OsStr), String> {
+            super::split(Path::new(p)).map_err(|e| format!("{e:#}"))
+        }
+        assert_eq!(
+            split("/c/a.json"),
+            Ok((Path::new("/c"), OsStr::new("a.json")))
+        );
+        assert_eq!(
+            split("./a.json"),
+            Ok((Path::new("."), OsStr::new("a.json")))
+        );
+        let empty = "the cache folder path is empty: name a folder (`.` for the current one)";
+        assert_eq!(split("a.json"), Err(format!("cannot use a.json: {empty}")));
+        assert_eq!(split(""), Err("the cache file path is empty".into()));
+        assert_eq!(split("/"), Err("cannot use /: it names no file".into()));
+        assert_eq!(
+            split("/c/.."),
+            Err("cannot use /c/..: it names no file".into())
+        );
+        assert_eq!(
+            check_dir(Path::new("a\0b")).unwrap_err().to_string(),
+            "the cache folder path \"a\\0b\" contains a NUL byte"
+        );
+    }
+
+    #[test]
+    fn temp_names_stay_valid_file_names() {
+        let long = "é".repeat(200); // 400 bytes: too long for a name, kept short in the temp
+        let tmp = temp_name(OsStr::new(&long));
+        let tmp = tmp.to_str().unwrap();
+        assert!(tmp.len() < 200, "{}", tmp.len());
+        assert!(tmp.starts_with(".éé") && tmp.contains(".tmp."), "{tmp}");
+        assert_ne!(temp_name(OsStr::new("a")), temp_name(OsStr::new("a")));
+    }
+
+    #[test]
+    fn a_regular_file_in_place_of_the_folder_is_named() {
+        let tmp = TempDir::new();
+        let plain = tmp.0.join("plain");
+        fs::write(&plain, "").unwrap();
+        let path = plain.join("cache.json");
+        let err = format!("{:#}", read(&path, 2).unwrap_err());
+        assert_eq!(
+            err,
+            format!(
+                "cannot read {}: {} is not a folder",
+                path.display(),
+                plain.display()
+            )
+        );
+        assert_eq!(
+            check_dir(&plain).unwrap_err().to_string(),
+            format!(
+                "the cache folder {} is not a folder: it is a regular file",
+                plain.display()
+            )
+        );
+    }
+
+    #[test]
+    fn a_symlinked_temp_name_is_never_written_through() {
+        // The temp file is created O_EXCL: a planted entry of that name fails the write (and
+        // is not removed, as it is not ours), whatever it points to.
+        let tmp = TempDir::new();
+        let victim = tmp.0.join("victim");
+        fs::write(&victim, "precious").unwrap();
+        let dir = tmp.0.join("cache");
+        fs::create_dir(&dir).unwrap();
+        let folder = Folder::create(&dir).unwrap();
+        let name = OsStr::new("c.json");
+        let planted = OsStr::new(".c.json.tmp.planted");
+        std::os::unix::fs::symlink(&victim, dir.join(planted)).unwrap();
+        let err = format!(
+            "{:#}",
+            folder
+                .write_then_rename(planted, name, N2, &dir.join(name))
+                .unwrap_err()
+        );
+        assert!(err.starts_with("cannot create the temp file"), "{err}");
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "precious");
+        assert!(fs::symlink_metadata(dir.join(planted))
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert!(fs::symlink_metadata(dir.join(name)).is_err());
     }
 }

@@ -3,11 +3,12 @@
 
 #![allow(unsafe_code)]
 
-use std::ffi::CStr;
+use std::ffi::{CStr, CString, OsStr};
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::path::PathBuf;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// The file (executable or shared library) whose code contains `addr`, from the loader.
@@ -187,5 +188,223 @@ pub fn pipe() -> io::Result<(File, File)> {
             return Err(io::Error::last_os_error());
         }
         Ok((File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])))
+    }
+}
+
+// ---- Files inside one folder, by descriptor, never through a symbolic link ----
+//
+// The cache module opens its folder once ([`open_dir`]) and then reaches every entry in it
+// through that descriptor: a name is always a single path component, and the last (only)
+// component is never followed when it is a symbolic link. So whatever the entries are, nothing
+// outside the folder is opened, created, truncated, renamed or removed.
+
+/// `name` as a C string, if it is one file name: not empty, not `.` or `..`, no `/` and no NUL.
+/// A name with a `/` would walk through further directories (and follow links there).
+fn entry_name(name: &OsStr) -> io::Result<CString> {
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes == b"." || bytes == b".." || bytes.contains(&b'/') {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{name:?} is not a single file name"),
+        ));
+    }
+    CString::new(bytes).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{name:?} contains a NUL byte"),
+        )
+    })
+}
+
+/// Opens the folder `path` (`O_DIRECTORY | O_CLOEXEC`, read-only) as a handle for the `*_at`
+/// functions below. The path itself may go through symbolic links; an entry that is not a
+/// folder is `ENOTDIR`.
+pub fn open_dir(path: &Path) -> io::Result<OwnedFd> {
+    let c_path = CString::new(path.as_os_str().as_bytes()).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} contains a NUL byte", path.display()),
+        )
+    })?;
+    loop {
+        // SAFETY: c_path is NUL-terminated and outlives the call; the new descriptor is owned by
+        // the OwnedFd alone.
+        let fd = unsafe {
+            libc::open(
+                c_path.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if fd >= 0 {
+            // SAFETY: fd was just returned by open(2) and nothing else owns it.
+            return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// `openat(dir, name, flags | O_NOFOLLOW | O_CLOEXEC | O_NOCTTY, mode)`: opens the entry `name`
+/// of the folder `dir` without following it when it is a symbolic link (that is `ELOOP`,
+/// whatever `flags` say) and without making a terminal this process's controlling terminal.
+/// `mode` matters only with `O_CREAT` (less the umask). `name` must be one file name.
+pub fn open_at(
+    dir: &impl AsFd,
+    name: &OsStr,
+    flags: libc::c_int,
+    mode: libc::mode_t,
+) -> io::Result<File> {
+    let c_name = entry_name(name)?;
+    let flags = flags | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NOCTTY;
+    loop {
+        // SAFETY: the folder descriptor is borrowed, so open for the call; c_name is
+        // NUL-terminated; openat reads the mode argument only with O_CREAT, and it is passed as
+        // the unsigned int the variadic call expects. The new descriptor is owned by the File
+        // alone.
+        let fd = unsafe {
+            libc::openat(
+                dir.as_fd().as_raw_fd(),
+                c_name.as_ptr(),
+                flags,
+                libc::c_uint::from(mode),
+            )
+        };
+        if fd >= 0 {
+            // SAFETY: fd was just returned by openat(2) and nothing else owns it.
+            return Ok(unsafe { File::from_raw_fd(fd) });
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// What `fstatat(2)` says of one folder entry, the entry itself (a symbolic link is described,
+/// not followed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryStat {
+    /// `st_mode`: the file type (`mode & libc::S_IFMT`) and permission bits.
+    pub mode: u32,
+    /// `st_nlink`: how many names the file has.
+    pub nlink: u64,
+    /// `st_size`, in bytes (for a symbolic link, the length of its target).
+    pub size: u64,
+}
+
+/// `fstatat(dir, name, AT_SYMLINK_NOFOLLOW)`: the entry `name` of the folder `dir`, not
+/// followed. `name` must be one file name.
+pub fn stat_at(dir: &impl AsFd, name: &OsStr) -> io::Result<EntryStat> {
+    let c_name = entry_name(name)?;
+    // SAFETY: stat is plain data, written by fstatat before it is read.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: the folder descriptor is borrowed, so open for the call; c_name is NUL-terminated;
+    // st is a valid, writable stat.
+    let rc = unsafe {
+        libc::fstatat(
+            dir.as_fd().as_raw_fd(),
+            c_name.as_ptr(),
+            &mut st,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(EntryStat {
+        mode: st.st_mode,
+        #[allow(clippy::useless_conversion)] // nlink_t is u32 on some targets
+        nlink: u64::from(st.st_nlink),
+        size: u64::try_from(st.st_size).unwrap_or(0),
+    })
+}
+
+/// `renameat(dir, from, dir, to)`: atomically points the entry `to` of the folder `dir` at the
+/// file now named `from`, replacing whatever entry `to` was (a symbolic link is replaced, never
+/// written through). Both must be single file names.
+pub fn rename_at(dir: &impl AsFd, from: &OsStr, to: &OsStr) -> io::Result<()> {
+    let (c_from, c_to) = (entry_name(from)?, entry_name(to)?);
+    let fd = dir.as_fd().as_raw_fd();
+    // SAFETY: the folder descriptor is borrowed, so open for the call; both names are
+    // NUL-terminated and outlive it.
+    if unsafe { libc::renameat(fd, c_from.as_ptr(), fd, c_to.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `unlinkat(dir, name, 0)`: removes the entry `name` (not a folder) of the folder `dir`; a
+/// symbolic link is removed itself, its target untouched. `name` must be one file name.
+pub fn unlink_at(dir: &impl AsFd, name: &OsStr) -> io::Result<()> {
+    let c_name = entry_name(name)?;
+    // SAFETY: the folder descriptor is borrowed, so open for the call; c_name is NUL-terminated.
+    if unsafe { libc::unlinkat(dir.as_fd().as_raw_fd(), c_name.as_ptr(), 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_functions_take_one_file_name_only() {
+        let dir = open_dir(Path::new("/")).unwrap();
+        for bad in ["", ".", "..", "../etc", "a/b", "tmp/", "a\0b"] {
+            let name = OsStr::new(bad);
+            for e in [
+                open_at(&dir, name, libc::O_RDONLY, 0)
+                    .map(|_| ())
+                    .unwrap_err(),
+                stat_at(&dir, name).map(|_| ()).unwrap_err(),
+                rename_at(&dir, name, OsStr::new("x")).unwrap_err(),
+                rename_at(&dir, OsStr::new("x"), name).unwrap_err(),
+                unlink_at(&dir, name).unwrap_err(),
+            ] {
+                assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{bad:?}: {e}");
+            }
+        }
+        assert_eq!(
+            open_dir(Path::new("/\0")).unwrap_err().kind(),
+            io::ErrorKind::InvalidInput
+        );
+    }
+
+    #[test]
+    fn links_are_described_not_followed() {
+        let dir = std::env::temp_dir().join(format!("p2pcheck-os-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", dir.join("zero")).unwrap();
+        let fd = open_dir(&dir);
+        let results = fd.map(|fd| {
+            (
+                stat_at(&fd, OsStr::new("zero")).map(|st| st.mode & libc::S_IFMT),
+                open_at(&fd, OsStr::new("zero"), libc::O_RDONLY, 0).map_err(|e| e.raw_os_error()),
+                open_at(
+                    &fd,
+                    OsStr::new("new"),
+                    libc::O_RDWR | libc::O_CREAT | libc::O_EXCL,
+                    0o600,
+                )
+                .map(|_| ()),
+                rename_at(&fd, OsStr::new("new"), OsStr::new("zero")),
+                stat_at(&fd, OsStr::new("zero")).map(|st| (st.mode & libc::S_IFMT, st.nlink)),
+                unlink_at(&fd, OsStr::new("zero")),
+            )
+        });
+        let names = std::fs::read_dir(&dir).map(|d| d.count());
+        let _ = std::fs::remove_dir_all(&dir);
+        let (link, open, create, rename, replaced, unlink) = results.unwrap();
+        assert_eq!(link.unwrap(), libc::S_IFLNK);
+        assert_eq!(open.unwrap_err(), Some(libc::ELOOP));
+        create.unwrap();
+        rename.unwrap();
+        assert_eq!(replaced.unwrap(), (libc::S_IFREG, 1));
+        unlink.unwrap();
+        assert_eq!(names.unwrap(), 0);
     }
 }

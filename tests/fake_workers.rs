@@ -2,22 +2,26 @@
 //! the protocol): garbage on the pipe, an early exit, silence before or after Hello. Every case
 //! ends with a precise verdict or error, within its deadline, and leaves no process behind.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use common::TempDir;
+
 /// A Hello frame for one device: length 16, tag 1, "P2PC", version 1, pid 0, ok, count 1.
 const HELLO: &str = r"\x10\x00\x00\x00\x01P2PC\x01\x00\x00\x00\x00\x00\x01\x01\x00\x00\x00";
 
-/// Writes an executable worker script whose body runs after `exec 3>&1`.
-fn fake_worker(name: &str, body: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("p2pcheck-fake-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
+/// Writes an executable worker script whose body runs after `exec 3>&1`, in a folder of its
+/// own that is removed when the returned guard drops.
+fn fake_worker(name: &str, body: &str) -> (TempDir, PathBuf) {
+    let dir = TempDir::new("p2pcheck-fake");
+    let path = dir.path().join(name);
     std::fs::write(&path, format!("#!/bin/bash\n{body}\n")).unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    path
+    (dir, path)
 }
 
 fn run_with(worker: &PathBuf, extra: &[&str]) -> (Output, Duration) {
@@ -55,7 +59,7 @@ fn stdout(o: &Output) -> String {
 
 #[test]
 fn garbage_on_the_pipe_is_an_error_verdict() {
-    let w = fake_worker(
+    let (_dir, w) = fake_worker(
         "garbage",
         &format!("printf '{HELLO}'; head -c 4 >/dev/null; printf '\\xff\\xff\\xff\\xff'; sleep 30"),
     );
@@ -69,7 +73,7 @@ fn garbage_on_the_pipe_is_an_error_verdict() {
 
 #[test]
 fn a_worker_that_exits_mid_pair_is_an_error_verdict_with_its_exit_code() {
-    let w = fake_worker(
+    let (_dir, w) = fake_worker(
         "exits",
         &format!("printf '{HELLO}'; head -c 4 >/dev/null; exit 7"),
     );
@@ -82,7 +86,7 @@ fn a_worker_that_exits_mid_pair_is_an_error_verdict_with_its_exit_code() {
 
 #[test]
 fn a_silent_worker_is_a_hang_verdict_within_the_timeout() {
-    let w = fake_worker("silent", &format!("printf '{HELLO}'; sleep 30"));
+    let (_dir, w) = fake_worker("silent", &format!("printf '{HELLO}'; sleep 30"));
     let (out, took) = run_with(&w, &["--timeout", "0.5"]);
     assert_eq!(out.status.code(), Some(1));
     let s = stdout(&out);
@@ -96,7 +100,7 @@ fn a_silent_worker_is_a_hang_verdict_within_the_timeout() {
 
 #[test]
 fn a_worker_that_never_says_hello_is_a_start_up_error() {
-    let w = fake_worker("mute", "sleep 30");
+    let (_dir, w) = fake_worker("mute", "sleep 30");
     let (out, took) = run_with(&w, &["--startup-timeout", "0.5"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stdout(&out).contains("did not start CUDA within the start-up timeout"));
@@ -105,7 +109,7 @@ fn a_worker_that_never_says_hello_is_a_start_up_error() {
 
 #[test]
 fn a_worker_of_another_protocol_version_is_refused() {
-    let w = fake_worker(
+    let (_dir, w) = fake_worker(
         "v9",
         r"printf '\x0a\x00\x00\x00\x01P2PC\x09\x00\x00\x00\x00'; sleep 30",
     );
