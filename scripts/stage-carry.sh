@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds release binaries and the GPU test binary here and copies them, with the vLLM-style
-# reference, into .carry/ (git-ignored) for the device tool's `carry`.
+# reference, the floor (scripts/floor.c, a bare CUDA process) and scripts/bench.py, into .carry/
+# (git-ignored) for the device tool's `carry`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --bins
@@ -13,4 +14,6 @@ rm -rf .carry && mkdir -p .carry
 cp target/release/p2pcheck target/release/p2pcheck-worker .carry/
 cp "$test_bin" .carry/gpu-tests
 cp ../shared/bench/vllm_style_reference.py .carry/
+gcc -O2 -Wall -Wextra -Werror -o .carry/floor scripts/floor.c -ldl
+cp scripts/bench.py .carry/
 ls -la .carry
