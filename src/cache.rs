@@ -576,7 +576,12 @@ pub enum Origin {
     Computed,
     /// The cache file was unusable: computed and written over it.
     Recomputed {
-        /// What was wrong with the file, e.g. `key "0->1" is missing (…)`.
+        /// What was wrong with the file, e.g. `key "0->1" is missing (…)`, or why it is stale.
+        reason: String,
+    },
+    /// Computed but not written: an answer for this call only.
+    NotPersisted {
+        /// Why (a pair hung or errored once).
         reason: String,
     },
 }
@@ -603,22 +608,57 @@ pub fn forget_memo() {
     memo().clear();
 }
 
-/// The verdicts for `n` devices from the cache file `path`, computing and writing them if the
-/// file is missing or unusable.
-///
-/// In order: this process's memo; the file, read without the lock (vLLM's fast path); else,
-/// under [`FileLock`] on [`lock_path`] (waiting at most `lock_timeout`), the file again (another
-/// process may just have written it), else `compute()` (which must return `n * n` verdicts,
-/// row-major), written with [`write_atomic`]. So racing processes compute once. An unreadable
-/// file (permissions, a directory) is an error; an unusable one (unparsable, too big for `n`
-/// devices, or a symbolic link, FIFO, socket or device in the file's place: see [`read`]) is
-/// recomputed and its directory entry replaced by a regular file. A lock file that is not a
-/// regular file with one name is an error ([`FileLock::acquire`]), as is an empty folder path.
+/// [`load_or_compute_checked`] for a file that is never stale, whose verdicts always persist:
+/// vLLM's own semantics, atomic and computed once.
 pub fn load_or_compute(
     path: &Path,
     n: usize,
     lock_timeout: Duration,
     compute: impl FnOnce() -> Result<Vec<bool>>,
+) -> Result<Loaded> {
+    load_or_compute_checked(
+        path,
+        n,
+        lock_timeout,
+        || None,
+        || {
+            Ok(Computed {
+                verdicts: compute()?,
+                not_persisted: None,
+            })
+        },
+        || Ok(()),
+    )
+}
+
+/// What a computation gave [`load_or_compute_checked`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Computed {
+    /// One verdict per ordered pair, row-major.
+    pub verdicts: Vec<bool>,
+    /// Why the verdicts must not be written (a hang or an error seen once is not a fact about
+    /// the machine), or `None` to write them.
+    pub not_persisted: Option<String>,
+}
+
+/// The verdicts for `n` devices from the cache file `path`, computing and writing them if the
+/// file is missing, unusable or stale (a fingerprint that no longer matches the machine).
+///
+/// In order: this process's memo; the file, read without the lock (vLLM's fast path), used
+/// unless `stale()` gives a reason; else, under [`FileLock`] on [`lock_path`] (waiting at most
+/// `lock_timeout`), the file again (another process may just have written it), else
+/// `compute()` (which must return `n * n` verdicts, row-major), written with [`write_atomic`]
+/// and then `written()` called (the fingerprint beside it) — unless the computation says its
+/// verdicts must not persist: then they are the answer for this call only. So racing processes
+/// compute once. An unreadable file (permissions, a directory) is an error; an unparsable one
+/// is recomputed.
+pub fn load_or_compute_checked(
+    path: &Path,
+    n: usize,
+    lock_timeout: Duration,
+    stale: impl Fn() -> Option<String>,
+    compute: impl FnOnce() -> Result<Computed>,
+    written: impl FnOnce() -> Result<()>,
 ) -> Result<Loaded> {
     if let Some(verdicts) = memo()
         .get(path)
@@ -634,23 +674,34 @@ pub fn load_or_compute(
         Loaded { verdicts, origin }
     };
     if let Some(Ok(verdicts)) = read(path, n)? {
-        return Ok(loaded(verdicts, Origin::File));
+        if stale().is_none() {
+            return Ok(loaded(verdicts, Origin::File));
+        }
     }
     let _lock = FileLock::acquire(&lock_path(path), lock_timeout)?;
     let origin = match read(path, n)? {
-        Some(Ok(verdicts)) => return Ok(loaded(verdicts, Origin::File)),
+        Some(Ok(verdicts)) => match stale() {
+            None => return Ok(loaded(verdicts, Origin::File)),
+            Some(reason) => Origin::Recomputed { reason },
+        },
         Some(Err(reason)) => Origin::Recomputed { reason },
         None => Origin::Computed,
     };
-    let verdicts = compute()
+    let computed = compute()
         .with_context(|| format!("cannot compute the P2P verdicts for {}", path.display()))?;
-    check_len(n, &verdicts).context("the P2P check returned the wrong number of verdicts")?;
-    write_atomic(path, &render(n, &verdicts))?;
-    Ok(loaded(verdicts, origin))
+    check_len(n, &computed.verdicts)
+        .context("the P2P check returned the wrong number of verdicts")?;
+    if let Some(reason) = computed.not_persisted {
+        return Ok(Loaded {
+            verdicts: computed.verdicts,
+            origin: Origin::NotPersisted { reason },
+        });
+    }
+    write_atomic(path, &render(n, &computed.verdicts))?;
+    written()?;
+    Ok(loaded(computed.verdicts, origin))
 }
 
-/// How long a caller waits for another process that holds the lock (it is computing the same
-/// file): ample for a cold 8-GPU check. [`store`] uses it; `gpu_p2p_access_check` passes it.
 pub const LOCK_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Writes `verdicts` for `n` devices (row-major) to the cache file `path`, under its lock, and
@@ -685,6 +736,33 @@ fn check_len(n: usize, verdicts: &[bool]) -> Result<()> {
 /// (the rename replaces the entry, never writes through it); a directory is not: it is an
 /// `Err`. An empty folder path (a bare file name) is an `Err` too.
 pub fn read(path: &Path, n: usize) -> Result<Option<Result<Vec<bool>, String>>> {
+    let bound = max_file_len(n);
+    let too_big = |len: u64| {
+        format!("it is {len} bytes, more than the {bound} a cache of {n} device(s) can hold")
+    };
+    Ok(read_bounded(path, bound, too_big)?.map(|bytes| {
+        bytes.and_then(|bytes| match String::from_utf8(bytes) {
+            Ok(text) => parse(&text, n),
+            Err(e) => Err(format!(
+                "it is not UTF-8 text (bad byte at offset {})",
+                e.utf8_error().valid_up_to()
+            )),
+        })
+    }))
+}
+
+/// A small file in a cache folder, read as [`read`] reads the cache file (through its folder,
+/// no link followed, never blocking, regular files only) and at most `bound` bytes: `None` if
+/// absent, else its bytes or why it cannot be used. For the fingerprint beside vLLM's file.
+pub fn read_small(path: &Path, bound: u64) -> Result<Option<Result<Vec<u8>, String>>> {
+    read_bounded(path, bound, |len| format!("it is {len} bytes, more than {bound}"))
+}
+
+fn read_bounded(
+    path: &Path,
+    bound: u64,
+    too_big: impl Fn(u64) -> String,
+) -> Result<Option<Result<Vec<u8>, String>>> {
     let (dir, name) = split(path)?;
     let cannot = || format!("cannot read {}", path.display());
     let Some(folder) = Folder::open(dir).with_context(cannot)? else {
@@ -719,10 +797,6 @@ pub fn read(path: &Path, n: usize) -> Result<Option<Result<Vec<bool>, String>>> 
     if let Some(reason) = not_regular(meta.mode()).with_context(cannot)? {
         return Ok(Some(Err(reason)));
     }
-    let bound = max_file_len(n);
-    let too_big = |len: u64| {
-        format!("it is {len} bytes, more than the {bound} a cache of {n} device(s) can hold")
-    };
     if meta.len() > bound {
         return Ok(Some(Err(too_big(meta.len()))));
     }
@@ -733,13 +807,7 @@ pub fn read(path: &Path, n: usize) -> Result<Option<Result<Vec<bool>, String>>> 
     if bytes.len() as u64 > bound {
         return Ok(Some(Err(too_big(bytes.len() as u64)))); // it grew since the fstat
     }
-    Ok(Some(match String::from_utf8(bytes) {
-        Ok(text) => parse(&text, n),
-        Err(e) => Err(format!(
-            "it is not UTF-8 text (bad byte at offset {})",
-            e.utf8_error().valid_up_to()
-        )),
-    }))
+    Ok(Some(Ok(bytes)))
 }
 
 #[cfg(test)]

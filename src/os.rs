@@ -36,9 +36,24 @@ pub fn kill_process_group(pgid: u32) {
     }
 }
 
-/// Writes all of `bytes` to `fd`; a reader that is gone gives `EPIPE` instead of SIGPIPE
-/// killing the process (a host program may not ignore SIGPIPE the way Rust's runtime does).
-pub fn write_all_without_sigpipe(fd: &impl AsRawFd, bytes: &[u8]) -> io::Result<()> {
+/// Sets `O_NONBLOCK` on `fd` (the parent's end of a worker's stdin: writes must never block).
+pub fn set_nonblocking(fd: &impl AsRawFd) -> io::Result<()> {
+    let fd = fd.as_raw_fd();
+    // SAFETY: fcntl on the caller's open descriptor; F_GETFL/F_SETFL touch no memory of ours.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Writes all of `bytes` to the non-blocking `fd`, waiting for room at most until `deadline`
+/// (then `TimedOut`: a reader that stopped reading cannot stall us). A reader that is gone gives
+/// `EPIPE` instead of SIGPIPE killing the process (a host program may not ignore SIGPIPE the way
+/// Rust's runtime does).
+pub fn write_all_until(fd: &impl AsRawFd, bytes: &[u8], deadline: Instant) -> io::Result<()> {
     let fd = fd.as_raw_fd();
     // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
     let mut pipe_set: libc::sigset_t = unsafe { std::mem::zeroed() };
@@ -59,24 +74,68 @@ pub fn write_all_without_sigpipe(fd: &impl AsRawFd, bytes: &[u8]) -> io::Result<
             continue;
         }
         let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::Interrupted {
-            continue;
+        match e.kind() {
+            io::ErrorKind::Interrupted => continue,
+            io::ErrorKind::WouldBlock => match poll_one(fd, libc::POLLOUT, deadline) {
+                Ok(true) => continue,
+                Ok(false) => {
+                    result = Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the reader did not make room before the deadline",
+                    ));
+                    break;
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            },
+            _ => {
+                if e.raw_os_error() == Some(libc::EPIPE) {
+                    // Consume the SIGPIPE raised while it was blocked, so it never fires later.
+                    let zero = libc::timespec {
+                        tv_sec: 0,
+                        tv_nsec: 0,
+                    };
+                    // SAFETY: valid sigset_t and timespec; a null siginfo is allowed.
+                    unsafe { libc::sigtimedwait(&pipe_set, std::ptr::null_mut(), &zero) };
+                }
+                result = Err(e);
+                break;
+            }
         }
-        if e.raw_os_error() == Some(libc::EPIPE) {
-            // Consume the SIGPIPE raised while it was blocked, so it never fires later.
-            let zero = libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            };
-            // SAFETY: valid sigset_t and timespec; a null siginfo is allowed.
-            unsafe { libc::sigtimedwait(&pipe_set, std::ptr::null_mut(), &zero) };
-        }
-        result = Err(e);
-        break;
     }
     // SAFETY: restores the mask saved above.
     unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
     result
+}
+
+/// Waits until `fd` has one of `events` (or an error or hang-up): `Ok(false)` at the deadline.
+fn poll_one(fd: RawFd, events: i16, deadline: Instant) -> io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ms = left.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: p is one live pollfd.
+        let rc = unsafe { libc::poll(&mut p, 1, ms) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if p.revents != 0 {
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+    }
 }
 
 /// One `read(2)` from `fd` into `buf`: `Ok(0)` at end of file.
@@ -179,6 +238,7 @@ pub fn take_stdout() -> io::Result<File> {
 }
 
 /// A pipe: (read end, write end), both close-on-exec.
+#[cfg(test)]
 pub fn pipe() -> io::Result<(File, File)> {
     let mut fds = [0; 2];
     // SAFETY: fds is a two-element array, as pipe2(2) requires; both new descriptors are owned

@@ -6,33 +6,48 @@
 //! [`ProtocolError`], never a panic or an unbounded allocation. The first frame a worker sends is
 //! [`Message::Hello`] carrying [`VERSION`]; the parent refuses any other version.
 //!
+//! Version 2: every message about a pair carries its [`Job`] (position, pair, role, tier), so
+//! several pairs can be in flight on one pipe, and outcomes are typed ([`Problem`]): the failing
+//! CUDA call with its code, or the mismatch count and first bad offset, never just a string.
 //! The IPC handle travels as its raw 64 bytes.
 
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
-use std::time::Instant;
 
-use crate::driver::IPC_HANDLE_BYTES;
+use crate::cuda::{self, IPC_HANDLE_BYTES};
 use crate::os;
 
 /// Protocol version; bumped on any change to the encoding.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Magic bytes at the start of a Hello payload.
 pub const MAGIC: [u8; 4] = *b"P2PC";
 /// Largest frame accepted, tag included: far above any real message (a Start of 8 x 8 pairs is
-/// about 520 bytes), small enough that garbage on the pipe cannot make us allocate much.
+/// about 1.3 KB), small enough that garbage on the pipe cannot make us allocate much.
 pub const MAX_FRAME: usize = 64 * 1024;
 /// Longest string carried (error texts), in bytes; longer ones are cut at a char boundary.
 pub const MAX_TEXT: usize = 4096;
+/// Most devices a worker may claim to see, or a Setup may name: far above any machine (NVLink
+/// domains reach 72 GPUs), small enough that N x N pairs stay cheap.
+pub const MAX_DEVICES: u32 = 256;
 
-/// The part a worker plays for every pair of its batch.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The part a worker plays in a job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Role {
     /// Owns the memory: allocates on `src`, exports the IPC handle, checks it afterwards.
     Producer,
     /// Maps the producer's memory on `tgt` and writes it.
     Consumer,
+}
+
+impl Role {
+    /// `producer` or `consumer`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Producer => "producer",
+            Role::Consumer => "consumer",
+        }
+    }
 }
 
 /// One ordered pair: memory on `src`, accessed from `tgt` (local device ids).
@@ -44,7 +59,59 @@ pub struct Pair {
     pub tgt: u32,
 }
 
-/// Rendezvous points of one pair, in the order they happen.
+impl fmt::Display for Pair {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}->{}", self.src, self.tgt)
+    }
+}
+
+/// How much evidence a check gathers, cumulative: each level includes the ones below.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Level {
+    /// vLLM's test: copy-engine memset through the mapping, both sides read back.
+    Copy = 0,
+    /// Also SM-issued stores and loads through the mapping (the C shim's kernels).
+    Kernel = 1,
+}
+
+impl Level {
+    /// Every level, weakest first.
+    pub const ALL: [Level; 2] = [Level::Copy, Level::Kernel];
+
+    /// `copy` or `kernel`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Copy => "copy",
+            Level::Kernel => "kernel",
+        }
+    }
+}
+
+impl std::str::FromStr for Level {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Level, String> {
+        Level::ALL
+            .into_iter()
+            .find(|l| l.name() == s)
+            .ok_or_else(|| format!("unknown level {s:?} (copy or kernel)"))
+    }
+}
+
+/// What a message is about: the pair's position in its batch, the pair, the sender's or
+/// receiver's role in it, and the tier it belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Job {
+    /// Position of the pair in the batch (a batch may hold one pair twice).
+    pub index: u32,
+    /// The pair.
+    pub pair: Pair,
+    /// The role of the worker this message comes from or goes to.
+    pub role: Role,
+    /// The tier the step belongs to.
+    pub tier: Level,
+}
+
+/// Rendezvous points of one pair in the vLLM engine, in the order they happen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stage {
     /// vLLM's barrier: the consumer has written 2s and synchronised.
@@ -57,78 +124,267 @@ pub enum Stage {
     ProducerRewrote = 3,
 }
 
-/// Outcome of the kernel check as one side saw it.
+/// Which read-back found wrong bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Check {
+    /// A copy-engine read-back (`cudaMemcpy` to the host) after the consumer's memset.
+    CopyReadBack,
+    /// The owner's read-back of the consumer's SM stores.
+    KernelStores,
+    /// The consumer's SM loads of what the owner wrote.
+    KernelLoads,
+}
+
+impl Check {
+    /// What was checked, in words.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Check::CopyReadBack => "copy read-back",
+            Check::KernelStores => "peer SM stores, as the owner sees them",
+            Check::KernelLoads => "SM loads through the mapping",
+        }
+    }
+}
+
+/// Why one side's part of a pair failed: typed, so that reports, the C ABI and the trace can
+/// use the parts; [`Display`](fmt::Display) is for people.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum KernelOutcome {
-    /// Not run (disabled, or the mapping never opened).
+pub enum Problem {
+    /// A CUDA call returned an error code.
+    Cuda {
+        /// The function, e.g. `cudaIpcOpenMemHandle`.
+        call: String,
+        /// The device it concerned (the worker's local ordinal), where there is one.
+        device: Option<i32>,
+        /// The raw return code.
+        code: i32,
+        /// CUDA's name for it, e.g. `cudaErrorMapBufferObjectFailed`.
+        name: String,
+        /// CUDA's description.
+        text: String,
+    },
+    /// The CUDA libraries could not be loaded or lack a symbol.
+    Driver(String),
+    /// Bytes read back were not what was written.
+    Mismatch {
+        /// Which read-back.
+        check: Check,
+        /// Bytes that differed.
+        wrong: u64,
+        /// Bytes checked.
+        total: u64,
+        /// Offset of the first differing byte.
+        first_bad: u64,
+        /// The value found there (`None` where the kernel does not report it).
+        seen: Option<u8>,
+        /// The value expected.
+        expected: u8,
+    },
+    /// The other side could not do its part, so this side could not test: what it said.
+    Peer(Box<Problem>),
+}
+
+impl From<cuda::Error> for Problem {
+    fn from(e: cuda::Error) -> Problem {
+        match e {
+            cuda::Error::Cuda {
+                call,
+                device,
+                code,
+                name,
+                text,
+            } => Problem::Cuda {
+                call: call.to_string(),
+                device,
+                code,
+                name,
+                text,
+            },
+            other => Problem::Driver(other.to_string()),
+        }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Problem::Cuda {
+                call,
+                device,
+                code,
+                name,
+                text,
+            } => cuda::fmt_failure(f, call, *device, *code, name, text),
+            Problem::Driver(why) => f.write_str(why),
+            Problem::Mismatch {
+                check,
+                wrong,
+                total,
+                first_bad,
+                seen,
+                expected,
+            } => {
+                write!(
+                    f,
+                    "{}: {wrong} of {total} bytes wrong, first at byte {first_bad}",
+                    check.describe()
+                )?;
+                if let Some(seen) = seen {
+                    write!(f, " ({seen:#04x}, expected {expected:#04x})")?;
+                }
+                Ok(())
+            }
+            Problem::Peer(p) => write!(f, "the other side could not take part: {p}"),
+        }
+    }
+}
+
+/// Outcome of a tier beyond copy as one side saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TierOutcome {
+    /// Not run (not requested, or the mapping never opened).
     NotRun,
     /// Every byte matched.
     Ok,
-    /// Wrong data or a failed call; the text says which.
-    Failed(String),
+    /// Wrong data or a failed call.
+    Failed(Problem),
 }
 
 /// One side's verdict for one pair.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SideVerdict {
-    /// vLLM's boolean: this side read back all 2s after the consumer's memset.
-    pub copy_ok: bool,
-    /// Why `copy_ok` is false (empty when true).
-    pub detail: String,
+    /// vLLM's test: `Ok` when this side read back all 2s after the consumer's memset.
+    pub copy: Result<(), Problem>,
     /// Consumer only: `cudaDeviceCanAccessPeer(tgt, src)`, when it could be asked.
     pub claim: Option<bool>,
-    /// The kernel check, as this side saw it.
-    pub kernel: KernelOutcome,
+    /// The kernel tier, as this side saw it.
+    pub kernel: TierOutcome,
 }
 
-/// Every message, both directions. Which side may send which is the check's business.
+/// One step of a pair in the parallel engine, as the parent asks a worker to do it. Slots are
+/// the producer's buffer cut in `SLOT_BYTES` pieces (`worker::parallel`), one per consumer device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Producer: set the slot to `value` (copy engine) and synchronise.
+    Fill {
+        /// The byte.
+        value: u8,
+    },
+    /// Consumer: map the producer's buffer (once per handle), set the slot to `value`
+    /// (copy engine), synchronise, read it back.
+    Write {
+        /// The producer's buffer.
+        handle: [u8; IPC_HANDLE_BYTES],
+        /// The byte.
+        value: u8,
+    },
+    /// Producer: check that the slot holds `expect` everywhere (`check` names the read-back),
+    /// then, if `refill`, set it to that value.
+    Verify {
+        /// The byte expected.
+        expect: u8,
+        /// Which read-back this is.
+        check: Check,
+        /// The byte to write afterwards, if any.
+        refill: Option<u8>,
+    },
+    /// Consumer: SM stores of `value` into the slot through the mapping.
+    KernelStore {
+        /// The byte.
+        value: u8,
+    },
+    /// Consumer: SM loads of the slot through the mapping, expecting `expect`.
+    KernelLoad {
+        /// The byte expected.
+        expect: u8,
+    },
+}
+
+/// Every message, both directions. Which side may send which is the engine's business.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
-    /// Worker -> parent, first frame: CUDA started (`device_count`) or not (`error`).
+    /// Worker -> parent, first frame: CUDA started (`device_count`) or not.
     Hello {
         /// The worker's protocol version.
         version: u16,
         /// The worker's pid.
         pid: u32,
         /// Devices the worker sees, or why CUDA could not start.
-        device_count: Result<u32, String>,
+        device_count: Result<u32, Problem>,
     },
-    /// Parent -> worker: the batch.
+    /// Parent -> worker (vLLM engine): the batch.
     Start {
         /// Producer or consumer.
         role: Role,
-        /// Run the SM-kernel stage after vLLM's copy stage.
-        kernel_check: bool,
+        /// How much to check.
+        level: Level,
         /// The pairs, in order.
         pairs: Vec<Pair>,
     },
-    /// Producer -> parent -> consumer: the handle of pair `index`, or why there is none.
+    /// Producer -> parent -> consumer: the handle of a pair, or why there is none.
     Handle {
-        /// Position in the batch.
-        index: u32,
+        /// The pair.
+        job: Job,
         /// The raw handle, or the producer's error.
-        handle: Result<[u8; IPC_HANDLE_BYTES], String>,
+        handle: Result<[u8; IPC_HANDLE_BYTES], Problem>,
     },
     /// Consumer -> parent -> producer: whether `cudaIpcOpenMemHandle` worked.
     Opened {
-        /// Position in the batch.
-        index: u32,
+        /// The pair.
+        job: Job,
         /// Ok, or the open's error.
-        result: Result<(), String>,
+        result: Result<(), Problem>,
     },
     /// Either way: a barrier token.
     Barrier {
-        /// Position in the batch.
-        index: u32,
+        /// The pair.
+        job: Job,
         /// Which rendezvous.
         stage: Stage,
     },
-    /// Worker -> parent: this side's verdict for pair `index`.
+    /// Worker -> parent (vLLM engine): this side's verdict for a pair.
     Verdict {
-        /// Position in the batch.
-        index: u32,
+        /// The pair.
+        job: Job,
         /// The verdict.
         verdict: SideVerdict,
+        /// The worker's peak resident memory so far (`VmHWM`), in KiB.
+        peak_rss_kb: u32,
+    },
+    /// Parent -> worker (parallel engine): use local device `device` for the whole run and, if
+    /// `slots` > 0, export a buffer of that many slots, all set to the producer's value.
+    Setup {
+        /// The local ordinal this worker uses.
+        device: u32,
+        /// Slots to export (0: this worker only maps others' memory).
+        slots: u32,
+    },
+    /// Worker -> parent (parallel engine): the device is set up; the buffer's handle if one
+    /// was asked for.
+    Ready {
+        /// The handle (`None` when no slots were asked for), or why set-up failed.
+        result: Result<Option<[u8; IPC_HANDLE_BYTES]>, Problem>,
+    },
+    /// Parent -> worker (parallel engine): do `op` on `slot` for `job`.
+    Step {
+        /// The pair and role.
+        job: Job,
+        /// The slot of the producer's buffer.
+        slot: u32,
+        /// What to do.
+        op: Op,
+    },
+    /// Worker -> parent (parallel engine): how a step went.
+    Done {
+        /// The pair and role.
+        job: Job,
+        /// Done, or what failed.
+        result: Result<(), Problem>,
+        /// A consumer's write: the driver's claim (`cudaDeviceCanAccessPeer(tgt, src)`), where
+        /// the worker could ask it (it sees both devices).
+        claim: Option<bool>,
+        /// The worker's peak resident memory so far (`VmHWM`), in KiB.
+        peak_rss_kb: u32,
     },
 }
 
@@ -137,8 +393,6 @@ pub enum Message {
 pub enum ProtocolError {
     /// The peer closed its end (a worker that exited or died).
     Eof,
-    /// The deadline passed with no complete frame.
-    Timeout,
     /// A read or write failed.
     Io(io::Error),
     /// The bytes are not a valid frame.
@@ -149,7 +403,6 @@ impl fmt::Display for ProtocolError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ProtocolError::Eof => write!(f, "pipe closed"),
-            ProtocolError::Timeout => write!(f, "no message before the deadline"),
             ProtocolError::Io(e) => write!(f, "pipe I/O failed: {e}"),
             ProtocolError::Malformed(why) => write!(f, "malformed frame: {why}"),
         }
@@ -179,6 +432,12 @@ impl Enc {
     fn u32(&mut self, v: u32) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn i32(&mut self, v: i32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
     fn text(&mut self, s: &str) {
         let mut end = s.len().min(MAX_TEXT);
         while !s.is_char_boundary(end) {
@@ -187,21 +446,102 @@ impl Enc {
         self.u16(end as u16);
         self.0.extend_from_slice(&s.as_bytes()[..end]);
     }
-    fn flag(&mut self, b: bool) {
-        self.u8(u8::from(b));
-    }
     fn opt_bool(&mut self, b: Option<bool>) {
         self.u8(match b {
             None => 2,
             Some(b) => u8::from(b),
         });
     }
-    fn result_text(&mut self, r: &Result<(), String>) {
+    fn opt_u8(&mut self, v: Option<u8>) {
+        match v {
+            None => self.u8(0),
+            Some(v) => {
+                self.u8(1);
+                self.u8(v);
+            }
+        }
+    }
+    fn handle(&mut self, h: &[u8; IPC_HANDLE_BYTES]) {
+        self.0.extend_from_slice(h);
+    }
+    fn pair(&mut self, p: Pair) {
+        self.u32(p.src);
+        self.u32(p.tgt);
+    }
+    fn job(&mut self, j: &Job) {
+        self.u32(j.index);
+        self.pair(j.pair);
+        self.u8(j.role as u8);
+        self.u8(j.tier as u8);
+    }
+    fn problem(&mut self, p: &Problem) {
+        match p {
+            Problem::Cuda {
+                call,
+                device,
+                code,
+                name,
+                text,
+            } => {
+                self.u8(0);
+                self.text(call);
+                match device {
+                    None => self.u8(0),
+                    Some(d) => {
+                        self.u8(1);
+                        self.i32(*d);
+                    }
+                }
+                self.i32(*code);
+                self.text(name);
+                self.text(text);
+            }
+            Problem::Driver(why) => {
+                self.u8(1);
+                self.text(why);
+            }
+            Problem::Mismatch {
+                check,
+                wrong,
+                total,
+                first_bad,
+                seen,
+                expected,
+            } => {
+                self.u8(2);
+                self.u8(*check as u8);
+                self.u64(*wrong);
+                self.u64(*total);
+                self.u64(*first_bad);
+                self.opt_u8(*seen);
+                self.u8(*expected);
+            }
+            Problem::Peer(inner) => {
+                self.u8(3);
+                // One level deep is all a peer report needs; deeper nesting is flattened.
+                match inner.as_ref() {
+                    Problem::Peer(deeper) => self.problem(&Problem::Driver(deeper.to_string())),
+                    p => self.problem(p),
+                }
+            }
+        }
+    }
+    fn result_unit(&mut self, r: &Result<(), Problem>) {
         match r {
             Ok(()) => self.u8(1),
-            Err(e) => {
+            Err(p) => {
                 self.u8(0);
-                self.text(e);
+                self.problem(p);
+            }
+        }
+    }
+    fn tier(&mut self, t: &TierOutcome) {
+        match t {
+            TierOutcome::NotRun => self.u8(0),
+            TierOutcome::Ok => self.u8(1),
+            TierOutcome::Failed(p) => {
+                self.u8(2);
+                self.problem(p);
             }
         }
     }
@@ -213,6 +553,10 @@ const TAG_HANDLE: u8 = 3;
 const TAG_OPENED: u8 = 4;
 const TAG_BARRIER: u8 = 5;
 const TAG_VERDICT: u8 = 6;
+const TAG_SETUP: u8 = 7;
+const TAG_READY: u8 = 8;
+const TAG_STEP: u8 = 9;
+const TAG_DONE: u8 = 10;
 
 /// Encodes `msg` as one complete frame (length prefix included).
 pub fn encode(msg: &Message) -> Vec<u8> {
@@ -234,65 +578,119 @@ pub fn encode(msg: &Message) -> Vec<u8> {
                 }
                 Err(why) => {
                     e.u8(0);
-                    e.text(why);
+                    e.problem(why);
                 }
             }
         }
-        Message::Start {
-            role,
-            kernel_check,
-            pairs,
-        } => {
+        Message::Start { role, level, pairs } => {
             e.u8(TAG_START);
-            e.u8(match role {
-                Role::Producer => 0,
-                Role::Consumer => 1,
-            });
-            e.flag(*kernel_check);
+            e.u8(*role as u8);
+            e.u8(*level as u8);
             e.u32(pairs.len() as u32);
             for p in pairs {
-                e.u32(p.src);
-                e.u32(p.tgt);
+                e.pair(*p);
             }
         }
-        Message::Handle { index, handle } => {
+        Message::Handle { job, handle } => {
             e.u8(TAG_HANDLE);
-            e.u32(*index);
+            e.job(job);
             match handle {
                 Ok(h) => {
                     e.u8(1);
-                    e.0.extend_from_slice(h);
+                    e.handle(h);
                 }
                 Err(why) => {
                     e.u8(0);
-                    e.text(why);
+                    e.problem(why);
                 }
             }
         }
-        Message::Opened { index, result } => {
+        Message::Opened { job, result } => {
             e.u8(TAG_OPENED);
-            e.u32(*index);
-            e.result_text(result);
+            e.job(job);
+            e.result_unit(result);
         }
-        Message::Barrier { index, stage } => {
+        Message::Barrier { job, stage } => {
             e.u8(TAG_BARRIER);
-            e.u32(*index);
+            e.job(job);
             e.u8(*stage as u8);
         }
-        Message::Verdict { index, verdict } => {
+        Message::Verdict {
+            job,
+            verdict,
+            peak_rss_kb,
+        } => {
             e.u8(TAG_VERDICT);
-            e.u32(*index);
-            e.flag(verdict.copy_ok);
-            e.text(&verdict.detail);
+            e.job(job);
+            e.result_unit(&verdict.copy);
             e.opt_bool(verdict.claim);
-            match &verdict.kernel {
-                KernelOutcome::NotRun => e.u8(0),
-                KernelOutcome::Ok => e.u8(1),
-                KernelOutcome::Failed(why) => {
+            e.tier(&verdict.kernel);
+            e.u32(*peak_rss_kb);
+        }
+        Message::Setup { device, slots } => {
+            e.u8(TAG_SETUP);
+            e.u32(*device);
+            e.u32(*slots);
+        }
+        Message::Ready { result } => {
+            e.u8(TAG_READY);
+            match result {
+                Ok(None) => e.u8(1),
+                Ok(Some(h)) => {
                     e.u8(2);
-                    e.text(why);
+                    e.handle(h);
+                }
+                Err(why) => {
+                    e.u8(0);
+                    e.problem(why);
                 }
             }
+        }
+        Message::Step { job, slot, op } => {
+            e.u8(TAG_STEP);
+            e.job(job);
+            e.u32(*slot);
+            match op {
+                Op::Fill { value } => {
+                    e.u8(0);
+                    e.u8(*value);
+                }
+                Op::Write { handle, value } => {
+                    e.u8(1);
+                    e.handle(handle);
+                    e.u8(*value);
+                }
+                Op::Verify {
+                    expect,
+                    check,
+                    refill,
+                } => {
+                    e.u8(2);
+                    e.u8(*expect);
+                    e.u8(*check as u8);
+                    e.opt_u8(*refill);
+                }
+                Op::KernelStore { value } => {
+                    e.u8(3);
+                    e.u8(*value);
+                }
+                Op::KernelLoad { expect } => {
+                    e.u8(4);
+                    e.u8(*expect);
+                }
+            }
+        }
+        Message::Done {
+            job,
+            result,
+            claim,
+            peak_rss_kb,
+        } => {
+            e.u8(TAG_DONE);
+            e.job(job);
+            e.result_unit(result);
+            e.opt_bool(*claim);
+            e.u32(*peak_rss_kb);
         }
     }
     let len = (e.0.len() - 4) as u32;
@@ -321,18 +719,25 @@ impl<'a> Dec<'a> {
         self.pos += n;
         Ok(s)
     }
+    fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N], ProtocolError> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N, what)?);
+        Ok(out)
+    }
     fn u8(&mut self, what: &str) -> Result<u8, ProtocolError> {
         Ok(self.take(1, what)?[0])
     }
     fn u16(&mut self, what: &str) -> Result<u16, ProtocolError> {
-        Ok(u16::from_le_bytes(
-            self.take(2, what)?.try_into().expect("2 bytes"),
-        ))
+        Ok(u16::from_le_bytes(self.array(what)?))
     }
     fn u32(&mut self, what: &str) -> Result<u32, ProtocolError> {
-        Ok(u32::from_le_bytes(
-            self.take(4, what)?.try_into().expect("4 bytes"),
-        ))
+        Ok(u32::from_le_bytes(self.array(what)?))
+    }
+    fn u64(&mut self, what: &str) -> Result<u64, ProtocolError> {
+        Ok(u64::from_le_bytes(self.array(what)?))
+    }
+    fn i32(&mut self, what: &str) -> Result<i32, ProtocolError> {
+        Ok(i32::from_le_bytes(self.array(what)?))
     }
     fn flag(&mut self, what: &str) -> Result<bool, ProtocolError> {
         match self.u8(what)? {
@@ -349,6 +754,13 @@ impl<'a> Dec<'a> {
             v => malformed(format!("{what}: {v} is not an optional boolean")),
         }
     }
+    fn opt_u8(&mut self, what: &str) -> Result<Option<u8>, ProtocolError> {
+        Ok(if self.flag(what)? {
+            Some(self.u8(what)?)
+        } else {
+            None
+        })
+    }
     fn text(&mut self, what: &str) -> Result<String, ProtocolError> {
         let n = self.u16(what)? as usize;
         if n > MAX_TEXT {
@@ -359,11 +771,88 @@ impl<'a> Dec<'a> {
         let bytes = self.take(n, what)?;
         String::from_utf8(bytes.to_vec()).or_else(|_| malformed(format!("{what}: not UTF-8")))
     }
-    fn result_text(&mut self, what: &str) -> Result<Result<(), String>, ProtocolError> {
+    fn role(&mut self) -> Result<Role, ProtocolError> {
+        match self.u8("role")? {
+            0 => Ok(Role::Producer),
+            1 => Ok(Role::Consumer),
+            v => malformed(format!("role {v} is neither producer nor consumer")),
+        }
+    }
+    fn level(&mut self) -> Result<Level, ProtocolError> {
+        let v = self.u8("level")?;
+        Level::ALL
+            .into_iter()
+            .find(|l| *l as u8 == v)
+            .map_or_else(|| malformed(format!("unknown level {v}")), Ok)
+    }
+    fn device(&mut self, what: &str) -> Result<u32, ProtocolError> {
+        let d = self.u32(what)?;
+        if d >= MAX_DEVICES {
+            return malformed(format!("{what} {d} is not below {MAX_DEVICES}"));
+        }
+        Ok(d)
+    }
+    fn pair(&mut self) -> Result<Pair, ProtocolError> {
+        Ok(Pair {
+            src: self.device("src")?,
+            tgt: self.device("tgt")?,
+        })
+    }
+    fn job(&mut self) -> Result<Job, ProtocolError> {
+        Ok(Job {
+            index: self.u32("job index")?,
+            pair: self.pair()?,
+            role: self.role()?,
+            tier: self.level()?,
+        })
+    }
+    fn check(&mut self) -> Result<Check, ProtocolError> {
+        match self.u8("check")? {
+            0 => Ok(Check::CopyReadBack),
+            1 => Ok(Check::KernelStores),
+            2 => Ok(Check::KernelLoads),
+            v => malformed(format!("unknown check {v}")),
+        }
+    }
+    fn problem(&mut self, depth: u8) -> Result<Problem, ProtocolError> {
+        Ok(match self.u8("problem kind")? {
+            0 => Problem::Cuda {
+                call: self.text("call")?,
+                device: if self.flag("has device")? {
+                    Some(self.i32("device")?)
+                } else {
+                    None
+                },
+                code: self.i32("code")?,
+                name: self.text("error name")?,
+                text: self.text("error text")?,
+            },
+            1 => Problem::Driver(self.text("driver problem")?),
+            2 => Problem::Mismatch {
+                check: self.check()?,
+                wrong: self.u64("wrong bytes")?,
+                total: self.u64("total bytes")?,
+                first_bad: self.u64("first bad offset")?,
+                seen: self.opt_u8("seen")?,
+                expected: self.u8("expected")?,
+            },
+            3 if depth == 0 => Problem::Peer(Box::new(self.problem(1)?)),
+            v => return malformed(format!("unknown problem kind {v} at depth {depth}")),
+        })
+    }
+    fn result_unit(&mut self, what: &str) -> Result<Result<(), Problem>, ProtocolError> {
         Ok(if self.flag(what)? {
             Ok(())
         } else {
-            Err(self.text(what)?)
+            Err(self.problem(0)?)
+        })
+    }
+    fn tier(&mut self) -> Result<TierOutcome, ProtocolError> {
+        Ok(match self.u8("tier outcome")? {
+            0 => TierOutcome::NotRun,
+            1 => TierOutcome::Ok,
+            2 => TierOutcome::Failed(self.problem(0)?),
+            v => return malformed(format!("unknown tier outcome {v}")),
         })
     }
 }
@@ -382,14 +871,14 @@ pub fn decode(body: &[u8]) -> Result<Message, ProtocolError> {
                 return Ok(Message::Hello {
                     version,
                     pid: 0,
-                    device_count: Err(format!("protocol version {version}")),
+                    device_count: Err(Problem::Driver(format!("protocol version {version}"))),
                 });
             }
             let pid = d.u32("pid")?;
             let device_count = if d.flag("hello status")? {
                 Ok(d.u32("device count")?)
             } else {
-                Err(d.text("hello error")?)
+                Err(d.problem(0)?)
             };
             Message::Hello {
                 version,
@@ -398,46 +887,33 @@ pub fn decode(body: &[u8]) -> Result<Message, ProtocolError> {
             }
         }
         TAG_START => {
-            let role = match d.u8("role")? {
-                0 => Role::Producer,
-                1 => Role::Consumer,
-                v => return malformed(format!("role {v} is neither producer nor consumer")),
-            };
-            let kernel_check = d.flag("kernel_check")?;
+            let role = d.role()?;
+            let level = d.level()?;
             let n = d.u32("pair count")? as usize;
-            if n > (MAX_FRAME - 10) / 8 {
+            if n > (MAX_FRAME - 7) / 8 {
                 return malformed(format!("{n} pairs cannot fit in a frame"));
             }
             let mut pairs = Vec::with_capacity(n);
             for _ in 0..n {
-                pairs.push(Pair {
-                    src: d.u32("src")?,
-                    tgt: d.u32("tgt")?,
-                });
+                pairs.push(d.pair()?);
             }
-            Message::Start {
-                role,
-                kernel_check,
-                pairs,
-            }
+            Message::Start { role, level, pairs }
         }
         TAG_HANDLE => {
-            let index = d.u32("index")?;
+            let job = d.job()?;
             let handle = if d.flag("handle status")? {
-                Ok(d.take(IPC_HANDLE_BYTES, "IPC handle")?
-                    .try_into()
-                    .expect("64 bytes"))
+                Ok(d.array("IPC handle")?)
             } else {
-                Err(d.text("handle error")?)
+                Err(d.problem(0)?)
             };
-            Message::Handle { index, handle }
+            Message::Handle { job, handle }
         }
         TAG_OPENED => Message::Opened {
-            index: d.u32("index")?,
-            result: d.result_text("open result")?,
+            job: d.job()?,
+            result: d.result_unit("open result")?,
         },
         TAG_BARRIER => {
-            let index = d.u32("index")?;
+            let job = d.job()?;
             let stage = match d.u8("stage")? {
                 0 => Stage::Copy,
                 1 => Stage::CopyChecked,
@@ -445,29 +921,61 @@ pub fn decode(body: &[u8]) -> Result<Message, ProtocolError> {
                 3 => Stage::ProducerRewrote,
                 v => return malformed(format!("unknown barrier stage {v}")),
             };
-            Message::Barrier { index, stage }
+            Message::Barrier { job, stage }
         }
-        TAG_VERDICT => {
-            let index = d.u32("index")?;
-            let copy_ok = d.flag("copy_ok")?;
-            let detail = d.text("detail")?;
-            let claim = d.opt_bool("claim")?;
-            let kernel = match d.u8("kernel outcome")? {
-                0 => KernelOutcome::NotRun,
-                1 => KernelOutcome::Ok,
-                2 => KernelOutcome::Failed(d.text("kernel detail")?),
-                v => return malformed(format!("unknown kernel outcome {v}")),
-            };
-            Message::Verdict {
-                index,
-                verdict: SideVerdict {
-                    copy_ok,
-                    detail,
-                    claim,
-                    kernel,
+        TAG_VERDICT => Message::Verdict {
+            job: d.job()?,
+            verdict: SideVerdict {
+                copy: d.result_unit("copy result")?,
+                claim: d.opt_bool("claim")?,
+                kernel: d.tier()?,
+            },
+            peak_rss_kb: d.u32("peak RSS")?,
+        },
+        TAG_SETUP => Message::Setup {
+            device: d.device("device")?,
+            slots: d.device("slots")?,
+        },
+        TAG_READY => Message::Ready {
+            result: match d.u8("ready status")? {
+                0 => Err(d.problem(0)?),
+                1 => Ok(None),
+                2 => Ok(Some(d.array("IPC handle")?)),
+                v => return malformed(format!("unknown ready status {v}")),
+            },
+        },
+        TAG_STEP => {
+            let job = d.job()?;
+            let slot = d.device("slot")?;
+            let op = match d.u8("op")? {
+                0 => Op::Fill {
+                    value: d.u8("value")?,
                 },
-            }
+                1 => Op::Write {
+                    handle: d.array("IPC handle")?,
+                    value: d.u8("value")?,
+                },
+                2 => Op::Verify {
+                    expect: d.u8("expect")?,
+                    check: d.check()?,
+                    refill: d.opt_u8("refill")?,
+                },
+                3 => Op::KernelStore {
+                    value: d.u8("value")?,
+                },
+                4 => Op::KernelLoad {
+                    expect: d.u8("expect")?,
+                },
+                v => return malformed(format!("unknown op {v}")),
+            };
+            Message::Step { job, slot, op }
         }
+        TAG_DONE => Message::Done {
+            job: d.job()?,
+            result: d.result_unit("step status")?,
+            claim: d.opt_bool("claim")?,
+            peak_rss_kb: d.u32("peak RSS")?,
+        },
         tag => return malformed(format!("unknown tag {tag}")),
     };
     if d.pos != body.len() {
@@ -557,25 +1065,42 @@ impl FrameReader {
             },
         }
     }
-
-    /// One message, waiting at most until `deadline`.
-    pub fn recv(&mut self, deadline: Instant) -> Result<Message, ProtocolError> {
-        loop {
-            if let Some(m) = self.buffered()? {
-                return Ok(m);
-            }
-            match os::poll_readable(&[self.fd], deadline)? {
-                Some(_) => self.fill()?,
-                None => return Err(ProtocolError::Timeout),
-            }
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
+
+    fn job(role: Role) -> Job {
+        Job {
+            index: 3,
+            pair: Pair { src: 7, tgt: 2 },
+            role,
+            tier: Level::Kernel,
+        }
+    }
+
+    fn cuda_problem() -> Problem {
+        Problem::Cuda {
+            call: "cudaIpcOpenMemHandle".into(),
+            device: Some(1),
+            code: 205,
+            name: "cudaErrorMapBufferObjectFailed".into(),
+            text: "mapping of buffer object failed".into(),
+        }
+    }
+
+    fn mismatch() -> Problem {
+        Problem::Mismatch {
+            check: Check::KernelLoads,
+            wrong: 17,
+            total: 1024,
+            first_bad: 7,
+            seen: Some(0xee),
+            expected: 4,
+        }
+    }
 
     fn samples() -> Vec<Message> {
         let mut h = [0u8; IPC_HANDLE_BYTES];
@@ -591,55 +1116,111 @@ mod tests {
             Message::Hello {
                 version: VERSION,
                 pid: 1,
-                device_count: Err("cuInit failed: CUDA_ERROR_NO_DEVICE".into()),
+                device_count: Err(Problem::Cuda {
+                    call: "cuInit".into(),
+                    device: None,
+                    code: 100,
+                    name: "CUDA_ERROR_NO_DEVICE".into(),
+                    text: "no CUDA-capable device is detected".into(),
+                }),
             },
             Message::Start {
                 role: Role::Consumer,
-                kernel_check: true,
+                level: Level::Kernel,
                 pairs: vec![Pair { src: 0, tgt: 1 }, Pair { src: 7, tgt: 3 }],
             },
-            Message::Start {
-                role: Role::Producer,
-                kernel_check: false,
-                pairs: vec![],
-            },
             Message::Handle {
-                index: 3,
+                job: job(Role::Producer),
                 handle: Ok(h),
             },
             Message::Handle {
-                index: 0,
-                handle: Err("cudaMalloc failed".into()),
+                job: job(Role::Producer),
+                handle: Err(Problem::Driver("could not load libcudart".into())),
             },
             Message::Opened {
-                index: 9,
+                job: job(Role::Consumer),
+                result: Err(cuda_problem()),
+            },
+            Message::Opened {
+                job: job(Role::Consumer),
                 result: Ok(()),
             },
-            Message::Opened {
-                index: 9,
-                result: Err("cudaErrorMapBufferObjectFailed ünïcode".into()),
-            },
             Message::Barrier {
-                index: 2,
+                job: job(Role::Consumer),
                 stage: Stage::ProducerRewrote,
             },
             Message::Verdict {
-                index: 5,
+                job: job(Role::Consumer),
                 verdict: SideVerdict {
-                    copy_ok: false,
-                    detail: "byte 0 is 0x01".into(),
-                    claim: Some(true),
-                    kernel: KernelOutcome::Failed("3 bytes wrong".into()),
+                    copy: Err(Problem::Peer(Box::new(cuda_problem()))),
+                    claim: Some(false),
+                    kernel: TierOutcome::Failed(mismatch()),
                 },
+                peak_rss_kb: 107_000,
             },
             Message::Verdict {
-                index: 5,
+                job: job(Role::Producer),
                 verdict: SideVerdict {
-                    copy_ok: true,
-                    detail: String::new(),
+                    copy: Ok(()),
                     claim: None,
-                    kernel: KernelOutcome::Ok,
+                    kernel: TierOutcome::Ok,
                 },
+                peak_rss_kb: 0,
+            },
+            Message::Setup {
+                device: 5,
+                slots: 8,
+            },
+            Message::Ready {
+                result: Ok(Some(h)),
+            },
+            Message::Ready { result: Ok(None) },
+            Message::Ready {
+                result: Err(cuda_problem()),
+            },
+            Message::Step {
+                job: job(Role::Consumer),
+                slot: 2,
+                op: Op::Write {
+                    handle: h,
+                    value: 2,
+                },
+            },
+            Message::Step {
+                job: job(Role::Producer),
+                slot: 2,
+                op: Op::Verify {
+                    expect: 3,
+                    check: Check::KernelStores,
+                    refill: Some(4),
+                },
+            },
+            Message::Step {
+                job: job(Role::Producer),
+                slot: 0,
+                op: Op::Fill { value: 1 },
+            },
+            Message::Step {
+                job: job(Role::Consumer),
+                slot: 1,
+                op: Op::KernelStore { value: 3 },
+            },
+            Message::Step {
+                job: job(Role::Consumer),
+                slot: 1,
+                op: Op::KernelLoad { expect: 4 },
+            },
+            Message::Done {
+                job: job(Role::Consumer),
+                result: Ok(()),
+                claim: Some(true),
+                peak_rss_kb: 5,
+            },
+            Message::Done {
+                job: job(Role::Producer),
+                result: Err(mismatch()),
+                claim: None,
+                peak_rss_kb: 5,
             },
         ]
     }
@@ -659,12 +1240,12 @@ mod tests {
     fn the_handle_travels_as_its_raw_64_bytes() {
         let h = [0xabu8; IPC_HANDLE_BYTES];
         let frame = encode(&Message::Handle {
-            index: 1,
+            job: job(Role::Producer),
             handle: Ok(h),
         });
-        // length(4) tag(1) index(4) status(1) handle(64)
-        assert_eq!(frame.len(), 4 + 1 + 4 + 1 + 64);
-        assert_eq!(&frame[10..], &h[..]);
+        // length(4) tag(1) job(4+8+1+1) status(1) handle(64)
+        assert_eq!(frame.len(), 4 + 1 + 14 + 1 + 64);
+        assert_eq!(&frame[20..], &h[..]);
     }
 
     #[test]
@@ -681,9 +1262,30 @@ mod tests {
     }
 
     #[test]
+    fn random_bytes_never_panic() {
+        // xorshift: deterministic, no crates. Mutations of real frames reach deep branches.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let frames: Vec<Vec<u8>> = samples().iter().map(|m| encode(m)[4..].to_vec()).collect();
+        for i in 0..20_000 {
+            let mut body = frames[i % frames.len()].clone();
+            for _ in 0..1 + next() % 4 {
+                let at = (next() as usize) % body.len();
+                body[at] = next() as u8;
+            }
+            let _ = decode(&body);
+        }
+    }
+
+    #[test]
     fn trailing_bytes_unknown_tags_and_bad_values_are_rejected() {
         let mut body = encode(&Message::Barrier {
-            index: 1,
+            job: job(Role::Producer),
             stage: Stage::Copy,
         })[4..]
             .to_vec();
@@ -694,11 +1296,14 @@ mod tests {
         assert!(
             matches!(decode(&[99]), Err(ProtocolError::Malformed(m)) if m.contains("unknown tag"))
         );
+        let mut barrier = encode(&Message::Barrier {
+            job: job(Role::Producer),
+            stage: Stage::Copy,
+        })[4..]
+            .to_vec();
+        *barrier.last_mut().unwrap() = 7;
         assert!(
-            matches!(decode(&[TAG_BARRIER, 0, 0, 0, 0, 7]), Err(ProtocolError::Malformed(m)) if m.contains("stage"))
-        );
-        assert!(
-            matches!(decode(&[TAG_OPENED, 0, 0, 0, 0, 5]), Err(ProtocolError::Malformed(m)) if m.contains("boolean"))
+            matches!(decode(&barrier), Err(ProtocolError::Malformed(m)) if m.contains("stage"))
         );
         let mut hello = vec![TAG_HELLO];
         hello.extend_from_slice(b"XXXX");
@@ -707,11 +1312,41 @@ mod tests {
         let mut start = vec![TAG_START, 0, 0];
         start.extend_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(decode(&start), Err(ProtocolError::Malformed(m)) if m.contains("pairs")));
+        // A device id beyond any machine is refused, not used to size anything.
+        let setup = encode(&Message::Setup {
+            device: 0,
+            slots: 1,
+        });
+        let mut huge = setup[4..].to_vec();
+        huge[5..9].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(decode(&huge), Err(ProtocolError::Malformed(m)) if m.contains("slots")));
         // Invalid UTF-8 in a text.
-        let bad_text = [TAG_OPENED, 0, 0, 0, 0, 0, 2, 0, 0xff, 0xfe];
+        let mut bad_text = encode(&Message::Opened {
+            job: job(Role::Consumer),
+            result: Err(Problem::Driver("ab".into())),
+        })[4..]
+            .to_vec();
+        let n = bad_text.len();
+        bad_text[n - 2..].copy_from_slice(&[0xff, 0xfe]);
         assert!(
             matches!(decode(&bad_text), Err(ProtocolError::Malformed(m)) if m.contains("UTF-8"))
         );
+    }
+
+    #[test]
+    fn nested_peer_problems_are_flattened_and_refused_on_the_wire() {
+        let deep = Problem::Peer(Box::new(Problem::Peer(Box::new(mismatch()))));
+        let m = Message::Opened {
+            job: job(Role::Consumer),
+            result: Err(deep),
+        };
+        match decode(&encode(&m)[4..]).unwrap() {
+            Message::Opened {
+                result: Err(Problem::Peer(inner)),
+                ..
+            } => assert!(matches!(*inner, Problem::Driver(_))),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -746,14 +1381,30 @@ mod tests {
     fn long_texts_are_cut_at_a_char_boundary() {
         let long = "é".repeat(MAX_TEXT); // 2 bytes each
         let m = Message::Opened {
-            index: 0,
-            result: Err(long),
+            job: job(Role::Consumer),
+            result: Err(Problem::Driver(long)),
         };
         match decode(&encode(&m)[4..]).unwrap() {
-            Message::Opened { result: Err(t), .. } => {
+            Message::Opened {
+                result: Err(Problem::Driver(t)),
+                ..
+            } => {
                 assert!(t.len() <= MAX_TEXT && t.chars().all(|c| c == 'é'));
             }
             other => panic!("{other:?}"),
+        }
+    }
+
+    /// One message, waiting at most until `deadline` (`None` at the deadline).
+    fn recv(reader: &mut FrameReader, deadline: Instant) -> Result<Option<Message>, ProtocolError> {
+        loop {
+            if let Some(m) = reader.buffered()? {
+                return Ok(Some(m));
+            }
+            match os::poll_readable(&[reader.fd()], deadline)? {
+                Some(_) => reader.fill()?,
+                None => return Ok(None),
+            }
         }
     }
 
@@ -766,8 +1417,8 @@ mod tests {
         // Nothing written: times out promptly.
         let t = Instant::now();
         assert!(matches!(
-            reader.recv(Instant::now() + Duration::from_millis(50)),
-            Err(ProtocolError::Timeout)
+            recv(&mut reader, Instant::now() + Duration::from_millis(50)),
+            Ok(None)
         ));
         assert!(t.elapsed() < Duration::from_secs(2));
         let writer = std::thread::spawn(move || {
@@ -778,15 +1429,15 @@ mod tests {
         });
         for m in &msgs {
             assert_eq!(
-                &reader
-                    .recv(Instant::now() + Duration::from_secs(5))
+                &recv(&mut reader, Instant::now() + Duration::from_secs(5))
+                    .unwrap()
                     .unwrap(),
                 m
             );
         }
         writer.join().unwrap();
         assert!(matches!(
-            reader.recv(Instant::now() + Duration::from_secs(5)),
+            recv(&mut reader, Instant::now() + Duration::from_secs(5)),
             Err(ProtocolError::Eof)
         ));
     }

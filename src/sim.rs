@@ -157,6 +157,23 @@ impl Simulation {
         Ok(())
     }
 
+    /// The simulated machine as `/proc/driver/nvidia` would describe it: GPU k has the UUID
+    /// the simulator gives it (`csrc/sim.c`), bus id `0000:<k+1>:00.0`, one model; so single-GPU
+    /// visibility works on the simulator exactly as on a real machine.
+    pub fn machine(&self) -> crate::fingerprint::Machine {
+        crate::fingerprint::Machine {
+            driver_version: "simulated".into(),
+            boot_id: "00000000-0000-0000-0000-000000000000".into(),
+            gpus: (0..self.gpus)
+                .map(|k| crate::fingerprint::Gpu {
+                    bus_id: format!("0000:{:02x}:00.0", k + 1),
+                    uuid: format!("GPU-51a00000-0000-0000-0000-{k:012x}"),
+                    model: "p2pcheck simulated GPU".into(),
+                })
+                .collect(),
+        }
+    }
+
     /// The environment a worker needs to run on this simulation.
     pub fn worker_env(&self) -> Result<Vec<(&'static str, String)>> {
         self.validate()?;

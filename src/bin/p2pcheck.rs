@@ -1,39 +1,56 @@
 //! `p2pcheck`: the command-line tool. See `p2pcheck --help`.
 
+use std::ffi::OsString;
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
-use p2pcheck::check::{self, Options, Report, Verdict};
-use p2pcheck::protocol::KernelOutcome;
 use p2pcheck::sim::{self, Fault, Simulation};
-use p2pcheck::{cache, json};
+use p2pcheck::{
+    cache, json, AccessOptions, Engine, Level, Options, Report, TierOutcome, Verdict, Visibility,
+};
 
 const HELP: &str = "\
 p2pcheck - prove which GPU pairs can really reach each other's memory across processes
 
 USAGE:
     p2pcheck [OPTIONS]
+    p2pcheck access-check SRC TGT [OPTIONS]
 
-Checks every ordered pair (src, tgt) of the visible GPUs the way vLLM's can_actually_p2p does:
-a producer process allocates 1 KiB on src and sets it to 1, a consumer process on tgt maps it
-through CUDA IPC and sets it to 2, both read it back. It then also checks SM-issued stores and
-loads through the mapping (the kernel check; --no-kernel-check turns it off). Prints the matrix
-(rows src, columns tgt) of verdicts - ok, FAIL (ran, wrong data or a failed call), HANG (a
-worker stopped answering: killed, fresh workers took the remaining pairs), ERROR (a worker died)
-- with the driver's own claim (cudaDeviceCanAccessPeer) where it differs, the reason for every
-failure, and where the vLLM cache file is. Every wait has a deadline; no worker outlives it.
+Checks every ordered pair (src, tgt) of the visible GPUs: a process on src owns memory, a
+process on tgt maps it through CUDA IPC and writes it, both read it back (vLLM's
+can_actually_p2p), then SM-issued stores and loads through the mapping (the kernel tier). By
+default one worker process per GPU checks every pair at once, each seeing only its own GPU;
+--engine vllm runs vLLM's procedure exactly (two processes, pair after pair, a device reset
+after each). Prints the matrix (rows src, columns tgt) of verdicts - ok, FAIL (ran, wrong data
+or a failed call), HANG (a worker stopped answering: killed), ERROR (a worker died) - with the
+driver's own claim (cudaDeviceCanAccessPeer) where it differs, the reason for every failure,
+and where the vLLM cache file is. A pair that hangs or errors is retried once on fresh workers.
+Every wait has a deadline; no worker outlives the check.
+
+access-check SRC TGT answers vLLM's gpu_p2p_access_check(SRC, TGT): true or false, from vLLM's
+cache file when the fingerprint beside it matches this machine (no CUDA call at all), else from
+a check of every pair, written to the cache with its fingerprint.
 
 OPTIONS:
     --json                 Print one JSON object on stdout instead of the table
+    --engine ENGINE        parallel (default) or vllm (vLLM's procedure exactly)
+    --level LEVEL          copy (vLLM's test only) or kernel (also SM stores and loads)
+                           [default: kernel]
+    --no-kernel-check      The same as --level copy
+    --visibility WHICH     one (default: each worker sees only its GPU, by UUID) or all (each
+                           sees every GPU; used anyway where GPUs cannot be named: MIG, no
+                           /proc/driver/nvidia)
     --write-vllm-cache     Write vLLM's cache file gpu_p2p_access_cache_for_<CVD>.json with these
-                           verdicts (atomically, under a lock), so vLLM never runs its own check
+                           verdicts and p2pcheck's fingerprint beside it (atomically, under a
+                           lock), so vLLM never runs its own check
     --cache-dir DIR        Folder of that file [default: $VLLM_CACHE_ROOT, else
                            $XDG_CACHE_HOME/vllm, else ~/.cache/vllm]
-    --no-kernel-check      Only vLLM's copy test (memset/memcpy), nothing more
-    --timeout SECS         Deadline for each step of a pair; past it the pair is HANG [default: 5]
-    --startup-timeout SECS Deadline for the workers to start CUDA [default: 60]
+    --refresh              access-check: check again even if the cache is valid
+    --timeout SECS         Deadline for each step of a pair; past it the pair is HANG
+                           [default: 5; 0.001 to 86400]
+    --startup-timeout SECS Deadline for a worker to start CUDA [default: 60; 0.001 to 86400]
     --worker PATH          The worker executable [default: $P2PCHECK_WORKER, else
                            p2pcheck-worker beside this program, else this program]
     --simulate N           Run on the built-in simulated driver with N GPUs instead of the real
@@ -48,14 +65,14 @@ OPTIONS:
     -V, --version          Print the version and where the CUDA bindings came from
 
 ENVIRONMENT:
-    CUDA_VISIBLE_DEVICES   Passed to the workers unchanged (indices, GPU-/MIG- UUIDs, any order)
+    CUDA_VISIBLE_DEVICES   The GPUs to check (indices, GPU-/MIG- UUIDs, any order)
     P2PCHECK_LIBCUDA       Path of libcuda to load [default: libcuda.so.1]
     P2PCHECK_LIBCUDART     Path of libcudart to load [default: search, see README]
     P2PCHECK_WORKER        Path of the worker executable
     P2PCHECK_TRACE=1       Print every CUDA call the workers make, with result and duration
 
 EXIT CODES:
-    0  every pair works
+    0  every pair works (access-check: the answer was given, true or false)
     1  some pair is not ok: FAIL, HANG or ERROR (the output says which and why)
     2  could not check (no GPU, no driver, bad arguments, a worker failed or timed out)
 ";
@@ -63,31 +80,67 @@ EXIT CODES:
 struct Args {
     json: bool,
     write_cache: bool,
+    refresh: bool,
     cache_dir: Option<PathBuf>,
+    access: Option<(u32, u32)>,
     opts: Options,
 }
 
-fn seconds(flag: &str, value: Option<String>) -> Result<Duration> {
-    let v = value.ok_or_else(|| anyhow!("{flag} needs a number of seconds"))?;
-    let s: f64 = v
-        .parse()
+/// A command-line error: the message, for exit code 2.
+type ArgResult<T> = Result<T, String>;
+
+fn text(flag: &str, value: Option<OsString>, what: &str) -> ArgResult<String> {
+    let v = value.ok_or_else(|| format!("{flag} needs {what}"))?;
+    v.into_string()
+        .map_err(|v| format!("{flag} {v:?}: not UTF-8 text"))
+}
+
+fn seconds(flag: &str, value: Option<OsString>) -> ArgResult<Duration> {
+    let v = text(flag, value, "a number of seconds")?;
+    let (lo, hi) = p2pcheck::TIMEOUT_RANGE;
+    v.parse::<f64>()
         .ok()
-        .filter(|s: &f64| s.is_finite() && *s > 0.0)
-        .ok_or_else(|| anyhow!("{flag} {v:?}: expected a positive number of seconds"))?;
-    Ok(Duration::from_secs_f64(s))
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .ok_or_else(|| format!("{flag} {v:?}: expected a positive number of seconds"))
+        .and_then(|s| {
+            if s < lo.as_secs_f64() || s > hi.as_secs_f64() {
+                Err(format!(
+                    "{flag} {v}: must be between {} and {} seconds",
+                    lo.as_secs_f64(),
+                    hi.as_secs_f64()
+                ))
+            } else {
+                Ok(Duration::from_secs_f64(s))
+            }
+        })
+}
+
+fn device(what: &str, value: Option<OsString>) -> ArgResult<u32> {
+    let v = text("access-check", value, what)?;
+    v.parse()
+        .map_err(|_| format!("access-check {what} {v:?}: expected a device number"))
 }
 
 /// Parses the arguments; `Ok(None)` means the work is already done (help, version, sim lib).
-fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Option<Args>> {
+fn parse_args(mut it: impl Iterator<Item = OsString>) -> ArgResult<Option<Args>> {
     let mut args = Args {
         json: false,
         write_cache: false,
+        refresh: false,
         cache_dir: None,
+        access: None,
         opts: Options::default(),
     };
     let mut faults: Vec<Fault> = Vec::new();
+    let mut first = true;
     while let Some(a) = it.next() {
+        let a = a
+            .into_string()
+            .map_err(|a| format!("argument {a:?} is not UTF-8 text"))?;
         match a.as_str() {
+            "access-check" if first => {
+                args.access = Some((device("SRC", it.next())?, device("TGT", it.next())?))
+            }
             "-h" | "--help" => {
                 print!("{HELP}");
                 return Ok(None);
@@ -96,72 +149,78 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Option<Args>> {
                 println!(
                     "p2pcheck {} (protocol {}, CUDA bindings {})",
                     env!("CARGO_PKG_VERSION"),
-                    p2pcheck::protocol::VERSION,
-                    p2pcheck::sys::BINDINGS_SOURCE
+                    p2pcheck::PROTOCOL_VERSION,
+                    p2pcheck::BINDINGS_SOURCE
                 );
                 return Ok(None);
             }
             "--json" => args.json = true,
             "--write-vllm-cache" => args.write_cache = true,
-            "--no-kernel-check" => args.opts.kernel_check = false,
+            "--refresh" => args.refresh = true,
+            "--no-kernel-check" => args.opts.level = Level::Copy,
+            "--level" => args.opts.level = text(&a, it.next(), "copy or kernel")?.parse()?,
+            "--engine" => {
+                args.opts.engine = match text(&a, it.next(), "parallel or vllm")?.as_str() {
+                    "parallel" => Engine::Parallel,
+                    "vllm" => Engine::Vllm,
+                    other => return Err(format!("--engine {other:?}: parallel or vllm")),
+                }
+            }
+            "--visibility" => {
+                args.opts.visibility = match text(&a, it.next(), "one or all")?.as_str() {
+                    "one" => Visibility::One,
+                    "all" => Visibility::All,
+                    other => return Err(format!("--visibility {other:?}: one or all")),
+                }
+            }
             "--cache-dir" => {
-                args.cache_dir = Some(PathBuf::from(
-                    it.next()
-                        .ok_or_else(|| anyhow!("--cache-dir needs a folder"))?,
-                ))
+                let dir = PathBuf::from(it.next().ok_or("--cache-dir needs a folder")?);
+                cache::check_dir(&dir).map_err(|e| format!("--cache-dir: {e:#}"))?;
+                args.cache_dir = Some(dir);
             }
-            "--timeout" => args.opts.step_timeout = seconds("--timeout", it.next())?,
-            "--startup-timeout" => {
-                args.opts.startup_timeout = seconds("--startup-timeout", it.next())?
-            }
+            "--timeout" => args.opts.step_timeout = seconds(&a, it.next())?,
+            "--startup-timeout" => args.opts.startup_timeout = seconds(&a, it.next())?,
             "--worker" => {
-                args.opts.worker = Some(PathBuf::from(
-                    it.next().ok_or_else(|| anyhow!("--worker needs a path"))?,
-                ))
+                args.opts.worker = Some(PathBuf::from(it.next().ok_or("--worker needs a path")?))
             }
             "--simulate" => {
-                let n = it
-                    .next()
-                    .ok_or_else(|| anyhow!("--simulate needs a GPU count"))?;
+                let n = text(&a, it.next(), "a GPU count")?;
                 let gpus = n
                     .parse()
-                    .map_err(|_| anyhow!("--simulate {n:?}: expected a number of GPUs"))?;
+                    .map_err(|_| format!("--simulate {n:?}: expected a number of GPUs"))?;
                 args.opts.simulate = Some(Simulation {
                     gpus,
                     faults: Vec::new(),
                 });
             }
             "--fault" => faults.push(
-                it.next()
-                    .ok_or_else(|| anyhow!("--fault needs SRC->TGT:KIND"))?
-                    .parse()?,
+                text(&a, it.next(), "SRC->TGT:KIND")?
+                    .parse()
+                    .map_err(|e| format!("{e:#}"))?,
             ),
             "--write-sim-lib" => {
-                let path = it
-                    .next()
-                    .ok_or_else(|| anyhow!("--write-sim-lib needs a path"))?;
-                sim::write_library(path.as_ref())?;
+                let path = PathBuf::from(it.next().ok_or("--write-sim-lib needs a path")?);
+                sim::write_library(&path).map_err(|e| format!("{e:#}"))?;
                 return Ok(None);
             }
-            other => bail!("unknown argument {other:?} (see --help)"),
+            other => return Err(format!("unknown argument {other:?} (see --help)")),
         }
+        first = false;
     }
     match &mut args.opts.simulate {
-        Some(s) => {
-            s.faults = faults;
-            s.validate()?;
-        }
-        None if !faults.is_empty() => bail!("--fault needs --simulate"),
+        Some(s) => s.faults = faults,
+        None if !faults.is_empty() => return Err("--fault needs --simulate".into()),
         None => {}
     }
+    args.opts.validate().map_err(|e| e.to_string())?;
     Ok(Some(args))
 }
 
-fn kernel_word(k: &KernelOutcome) -> &'static str {
+fn tier_word(k: &TierOutcome) -> &'static str {
     match k {
-        KernelOutcome::NotRun => "not-run",
-        KernelOutcome::Ok => "ok",
-        KernelOutcome::Failed(_) => "fail",
+        TierOutcome::NotRun => "not-run",
+        TierOutcome::Ok => "ok",
+        TierOutcome::Failed(_) => "fail",
     }
 }
 
@@ -173,33 +232,56 @@ struct CacheNote {
 }
 
 /// The vLLM cache file for this run; `None` for a simulation without an explicit --cache-dir
-/// (simulated verdicts must never land in the real cache by accident).
-fn cache_note(args: &Args, report: &Report, verdicts: &[bool]) -> Result<Option<CacheNote>> {
+/// (simulated verdicts must never land in the real cache by accident). Warnings are added to
+/// `warnings`.
+fn cache_note(
+    args: &Args,
+    report: &Report,
+    warnings: &mut Vec<String>,
+) -> Result<Option<CacheNote>, String> {
     let n = report.device_count as usize;
     let dir = match (&args.cache_dir, &args.opts.simulate) {
         (Some(d), _) => d.clone(),
         (None, Some(_)) => return Ok(None),
-        (None, None) => cache::cache_dir()?,
+        (None, None) => cache::cache_dir().map_err(|e| format!("{e:#}"))?,
     };
-    let path = p2pcheck::vllm_cache_path_in(&dir, report.device_count);
+    let path = p2pcheck::vllm_cache_path_in(&dir, report.device_count).map_err(|e| e.to_string())?;
+    let verdicts: Vec<bool> = report.pairs.iter().map(|p| p.ok()).collect();
     // An existing file that cannot be read is reported as unusable, not as absent.
     let existing = match cache::read(&path, n) {
         Ok(file) => file.map(|parsed| parsed.map(|v| v == verdicts)),
         Err(e) => Some(Err(format!("{e:#}"))),
     };
+    let mut written = false;
     if args.write_cache {
-        cache::store(&path, n, verdicts).with_context(|| format!("writing {}", path.display()))?;
+        match p2pcheck::store_report(&dir, report, args.opts.simulate.as_ref()) {
+            Ok((_, None)) => written = true,
+            Ok((_, Some(why))) => {
+                written = true;
+                warnings.push(format!("the cache was written without a fingerprint: {why}"));
+            }
+            // A verdict that is not a fact (a single hang) must not be written; the run's
+            // answer stands, so this is a warning, not a failure.
+            Err(e @ p2pcheck::Error::Cache { .. }) => warnings.push(e.to_string()),
+            Err(e) => return Err(e.to_string()),
+        }
     }
     Ok(Some(CacheNote {
         path,
-        written: args.write_cache,
+        written,
         existing,
     }))
 }
 
-fn print_table(args: &Args, report: &Report, note: Option<&CacheNote>) {
+fn cvd_shown() -> String {
+    match std::env::var_os("CUDA_VISIBLE_DEVICES") {
+        None => "<unset>".into(),
+        Some(v) => format!("{v:?}"),
+    }
+}
+
+fn print_table(args: &Args, report: &Report, note: Option<&CacheNote>, warnings: &[String]) {
     let n = report.device_count;
-    let cvd = std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "<unset>".into());
     let machine = match &args.opts.simulate {
         Some(s) => format!(
             "simulated, {} GPU(s), faults [{}]",
@@ -213,10 +295,17 @@ fn print_table(args: &Args, report: &Report, note: Option<&CacheNote>) {
         None => "real driver".into(),
     };
     println!(
-        "p2pcheck: {n} visible device(s) (CUDA_VISIBLE_DEVICES={cvd}; {machine}), kernel check {}, \
-         {:.2} s, {} worker restart(s)",
-        if report.kernel_check { "on" } else { "off" },
-        report.elapsed.as_secs_f64(),
+        "p2pcheck: {n} visible device(s) (CUDA_VISIBLE_DEVICES={}; {machine}), engine {}, level \
+         {}, workers see {}, {:.2} s to answer, {} worker(s), {} restart(s)",
+        cvd_shown(),
+        report.engine.name(),
+        report.level.name(),
+        match report.visibility {
+            Visibility::One => "their own GPU",
+            Visibility::All => "every GPU",
+        },
+        report.answer.as_secs_f64(),
+        report.workers_started,
         report.restarts
     );
     let cell = |src: u32, tgt: u32| -> String {
@@ -267,9 +356,12 @@ fn print_table(args: &Args, report: &Report, note: Option<&CacheNote>) {
         println!("details:");
         for p in troubled {
             for d in p.details() {
-                println!("  {}->{}: {d}", p.pair.src, p.pair.tgt);
+                println!("  {}: {d}", p.pair);
             }
         }
+    }
+    for w in warnings {
+        println!("warning: {w}");
     }
     let Some(note) = note else {
         println!("vLLM cache: not consulted (simulation; give --cache-dir to write one)");
@@ -289,10 +381,10 @@ fn print_table(args: &Args, report: &Report, note: Option<&CacheNote>) {
     println!("vLLM cache: {} ({state})", note.path.display());
 }
 
-fn print_json(args: &Args, report: &Report, note: Option<&CacheNote>) {
-    let cvd = std::env::var("CUDA_VISIBLE_DEVICES")
-        .map(|v| json::escape(&v))
-        .unwrap_or_else(|_| "null".into());
+fn print_json(args: &Args, report: &Report, note: Option<&CacheNote>, warnings: &[String]) {
+    let cvd = std::env::var_os("CUDA_VISIBLE_DEVICES")
+        .map(|v| json::escape(&v.to_string_lossy()))
+        .unwrap_or_else(|| "null".into());
     let opt = |b: Option<bool>| b.map_or("null".to_string(), |b| b.to_string());
     let pairs: Vec<String> = report
         .pairs
@@ -301,15 +393,16 @@ fn print_json(args: &Args, report: &Report, note: Option<&CacheNote>) {
             let verdict = p.verdict();
             let details: Vec<String> = p.details().iter().map(|d| json::escape(d)).collect();
             format!(
-                "{{\"src\":{},\"tgt\":{},\"ok\":{},\"verdict\":\"{}\",\"reason\":{},\"copy_ok\":{},\"kernel\":\"{}\",\"driver_claim\":{},\"details\":[{}]}}",
+                "{{\"src\":{},\"tgt\":{},\"ok\":{},\"verdict\":\"{}\",\"reason\":{},\"copy_ok\":{},\"kernel\":\"{}\",\"driver_claim\":{},\"attempts\":{},\"details\":[{}]}}",
                 p.pair.src,
                 p.pair.tgt,
                 p.ok(),
                 verdict.word(),
                 json::escape(verdict.reason()),
                 opt(p.copy_ok()),
-                kernel_word(&p.kernel()),
+                tier_word(&p.kernel()),
                 opt(p.claim()),
+                p.attempts,
                 details.join(",")
             )
         })
@@ -330,53 +423,114 @@ fn print_json(args: &Args, report: &Report, note: Option<&CacheNote>) {
             )
         }
     };
+    let workers: Vec<String> = report
+        .workers
+        .iter()
+        .map(|w| {
+            format!(
+                "{{\"pid\":{},\"label\":{},\"saw\":{},\"peak_rss_kb\":{}}}",
+                w.pid,
+                json::escape(&w.label),
+                w.sees.map_or("null".into(), |s| s.to_string()),
+                w.peak_rss_kb
+            )
+        })
+        .collect();
+    let warnings: Vec<String> = warnings.iter().map(|w| json::escape(w)).collect();
     println!(
-        "{{\"p2pcheck\":{},\"device_count\":{},\"cuda_visible_devices\":{cvd},\"simulated\":{},\"kernel_check\":{},\"elapsed_s\":{:.3},\"restarts\":{},\"all_ok\":{},\"pairs\":[{}],\"vllm_cache\":{cache}}}",
+        "{{\"p2pcheck\":{},\"device_count\":{},\"cuda_visible_devices\":{cvd},\"simulated\":{},\"engine\":\"{}\",\"level\":\"{}\",\"kernel_check\":{},\"visibility\":\"{}\",\"answer_s\":{:.4},\"elapsed_s\":{:.4},\"restarts\":{},\"workers_started\":{},\"peak_in_flight\":{},\"worker_max_rss_kb\":{},\"workers\":[{}],\"all_ok\":{},\"pairs\":[{}],\"warnings\":[{}],\"vllm_cache\":{cache}}}",
         json::escape(env!("CARGO_PKG_VERSION")),
         report.device_count,
         args.opts.simulate.is_some(),
-        report.kernel_check,
-        report.elapsed.as_secs_f64(),
+        report.engine.name(),
+        report.level.name(),
+        report.level >= Level::Kernel,
+        report.visibility.name(),
+        report.answer.as_secs_f64(),
+        report.answer.as_secs_f64(),
         report.restarts,
+        report.workers_started,
+        report.peak_in_flight,
+        report
+            .worker_max_rss_kb()
+            .map_or("null".into(), |k| k.to_string()),
+        workers.join(","),
         report.pairs.iter().all(|p| p.ok()),
         pairs.join(","),
+        warnings.join(","),
     );
 }
 
-fn run(args: &Args) -> Result<bool> {
-    let report = check::run(None, &args.opts)?;
-    let verdicts: Vec<bool> = report.pairs.iter().map(|p| p.ok()).collect();
-    let note = cache_note(args, &report, &verdicts)?;
+fn run(args: &Args) -> Result<bool, String> {
+    let mut pending = p2pcheck::start(None, args.opts.clone());
+    let report = pending.wait().map_err(|e| e.to_string())?;
+    let mut warnings = report.warnings.clone();
+    let note = cache_note(args, &report, &mut warnings)?;
     if args.json {
-        print_json(args, &report, note.as_ref());
+        print_json(args, &report, note.as_ref(), &warnings);
     } else {
-        print_table(args, &report, note.as_ref());
+        print_table(args, &report, note.as_ref(), &warnings);
     }
-    Ok(verdicts.iter().all(|&v| v))
+    // The answer is out before the workers have torn their contexts down.
+    let _ = std::io::stdout().flush();
+    for w in pending.finish() {
+        eprintln!("p2pcheck: warning: {w}");
+    }
+    Ok(report.pairs.iter().all(|p| p.ok()))
+}
+
+fn access_check(args: &Args, src: u32, tgt: u32) -> Result<bool, String> {
+    let opts = AccessOptions {
+        check: args.opts.clone(),
+        cache_dir: args.cache_dir.clone(),
+        refresh: args.refresh,
+    };
+    if args.opts.simulate.is_some() && args.cache_dir.is_none() {
+        return Err("access-check --simulate needs an explicit --cache-dir".into());
+    }
+    let access = p2pcheck::access_check(src, tgt, &opts).map_err(|e| e.to_string())?;
+    for w in &access.warnings {
+        eprintln!("p2pcheck: warning: {w}");
+    }
+    if args.json {
+        println!(
+            "{{\"src\":{src},\"tgt\":{tgt},\"answer\":{},\"origin\":{},\"cache\":{}}}",
+            access.answer,
+            json::escape(&format!("{:?}", access.origin)),
+            json::escape(&access.path.display().to_string())
+        );
+    } else {
+        println!("{}", access.answer);
+    }
+    Ok(true)
 }
 
 fn main() -> ExitCode {
-    let mut argv = std::env::args().skip(1).peekable();
+    let mut argv = std::env::args_os().skip(1).peekable();
     // The CLI doubles as a worker, so it works with no p2pcheck-worker installed beside it.
-    if argv.peek().map(String::as_str) == Some(p2pcheck::worker::WORKER_FLAG) {
-        return ExitCode::from(p2pcheck::worker::main() as u8);
+    if argv.peek().and_then(|a| a.to_str()) == Some(p2pcheck::WORKER_FLAG) {
+        return ExitCode::from(p2pcheck::worker_main() as u8);
     }
     let args = match parse_args(argv) {
         Ok(Some(a)) => a,
         Ok(None) => return ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("p2pcheck: {e:#}");
+            eprintln!("p2pcheck: {e}");
             return ExitCode::from(2);
         }
     };
-    match run(&args) {
+    let result = match args.access {
+        Some((src, tgt)) => access_check(&args, src, tgt),
+        None => run(&args),
+    };
+    match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {
             if args.json {
-                println!("{{\"error\":{}}}", json::escape(&format!("{e:#}")));
+                println!("{{\"error\":{}}}", json::escape(&e));
             }
-            eprintln!("p2pcheck: could not check: {e:#}");
+            eprintln!("p2pcheck: could not check: {e}");
             ExitCode::from(2)
         }
     }

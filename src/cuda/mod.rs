@@ -7,9 +7,13 @@
 //! name and text. `P2PCHECK_TRACE=1` prints every call, its device, result and duration to
 //! stderr: the audit trail of exactly which driver calls were made.
 //!
-//! This is the only module that touches raw pointers; everything above it is safe.
+//! This is the only module that touches raw pointers; everything above it is safe. The calls
+//! are crate-private: a public "safe" function taking a device address could touch any memory.
+//! [`owned`] wraps allocations and IPC mappings so that `Drop` frees them.
 
 #![allow(unsafe_code)]
+
+pub(crate) mod owned;
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::fmt;
@@ -126,30 +130,41 @@ impl fmt::Display for Error {
                 code,
                 name,
                 text,
-            } => {
-                write!(f, "{call}")?;
-                if let Some(d) = device {
-                    write!(f, " on device {d}")?;
-                }
-                write!(f, " failed: {name} ({text}, code {code})")?;
-                if *code == sys::CUDA_ERROR_STUB_LIBRARY as i32 {
-                    write!(
-                        f,
-                        "; this is CUDA's stub library, not a driver: no NVIDIA driver is \
-                         installed or the stub shadows it on the library path"
-                    )?;
-                }
-                if *call == "cudaIpcOpenMemHandle" {
-                    write!(
-                        f,
-                        "; inside a container this usually means the processes do not share \
-                         an IPC/PID namespace (docker: --ipc=host --pid=host)"
-                    )?;
-                }
-                Ok(())
-            }
+            } => fmt_failure(f, call, *device, *code, name, text),
         }
     }
+}
+
+/// How a failed CUDA call reads, with the hint that fits (shared by [`Error`] and
+/// [`crate::protocol::Problem`], which carries the same parts across the pipe).
+pub(crate) fn fmt_failure(
+    f: &mut fmt::Formatter<'_>,
+    call: &str,
+    device: Option<i32>,
+    code: i32,
+    name: &str,
+    text: &str,
+) -> fmt::Result {
+    write!(f, "{call}")?;
+    if let Some(d) = device {
+        write!(f, " on device {d}")?;
+    }
+    write!(f, " failed: {name} ({text}, code {code})")?;
+    if code == sys::CUDA_ERROR_STUB_LIBRARY as i32 {
+        write!(
+            f,
+            "; this is CUDA's stub library, not a driver: no NVIDIA driver is installed or the \
+             stub shadows it on the library path"
+        )?;
+    }
+    if call == "cudaIpcOpenMemHandle" {
+        write!(
+            f,
+            "; inside a container this usually means the processes do not share an IPC/PID \
+             namespace (docker: --ipc=host --pid=host)"
+        )?;
+    }
+    Ok(())
 }
 
 impl std::error::Error for Error {}
@@ -510,12 +525,12 @@ fn check(library: Library, call: &'static CStr, device: Option<i32>, code: i32) 
 // Driver API
 
 /// `cuInit(0)`. A stub library answers `CUDA_ERROR_STUB_LIBRARY`, reported as such.
-pub fn init() -> Result<()> {
+pub(crate) fn init() -> Result<()> {
     cu!(c"cuInit" as sys::PFN_cuInit_v2000, None, |f| f(0))
 }
 
 /// `cuDeviceGetCount` (after [`init`]): the devices this process sees.
-pub fn device_count() -> Result<i32> {
+pub(crate) fn device_count() -> Result<i32> {
     let mut n: c_int = 0;
     cu!(
         c"cuDeviceGetCount" as sys::PFN_cuDeviceGetCount_v2000,
@@ -528,18 +543,24 @@ pub fn device_count() -> Result<i32> {
 // ---------------------------------------------------------------------------------------------
 // Runtime API
 
-/// A device allocation or IPC mapping, by address (never dereferenced on the host).
+/// A device allocation or IPC mapping, by address (never dereferenced on the host). Only this
+/// crate makes them, from CUDA's answers; [`owned`] holds the ones that must be freed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DevicePtr(pub u64);
+pub(crate) struct DevicePtr(u64);
 
 impl DevicePtr {
     fn as_mut_ptr(self) -> *mut c_void {
         self.0 as usize as *mut c_void
     }
+
+    /// The address `bytes` further on (inside the same allocation, as the caller ensures).
+    pub(crate) fn offset(self, bytes: u64) -> DevicePtr {
+        DevicePtr(self.0 + bytes)
+    }
 }
 
 /// `cudaGetDeviceCount`.
-pub fn runtime_device_count() -> Result<i32> {
+pub(crate) fn runtime_device_count() -> Result<i32> {
     let mut n: c_int = 0;
     cuda!(
         c"cudaGetDeviceCount" as sys::p2pc_PFN_cudaGetDeviceCount,
@@ -550,7 +571,7 @@ pub fn runtime_device_count() -> Result<i32> {
 }
 
 /// `cudaSetDevice`.
-pub fn set_device(device: i32) -> Result<()> {
+pub(crate) fn set_device(device: i32) -> Result<()> {
     cuda!(
         c"cudaSetDevice" as sys::p2pc_PFN_cudaSetDevice,
         Some(device),
@@ -559,7 +580,7 @@ pub fn set_device(device: i32) -> Result<()> {
 }
 
 /// `cudaMalloc` on the current device (`device` is for error messages).
-pub fn malloc(device: i32, bytes: usize) -> Result<DevicePtr> {
+pub(crate) fn malloc(device: i32, bytes: usize) -> Result<DevicePtr> {
     let mut p: *mut c_void = std::ptr::null_mut();
     cuda!(
         c"cudaMalloc" as sys::p2pc_PFN_cudaMalloc,
@@ -570,7 +591,7 @@ pub fn malloc(device: i32, bytes: usize) -> Result<DevicePtr> {
 }
 
 /// `cudaMemset`.
-pub fn memset(device: i32, p: DevicePtr, value: u8, bytes: usize) -> Result<()> {
+pub(crate) fn memset(device: i32, p: DevicePtr, value: u8, bytes: usize) -> Result<()> {
     cuda!(
         c"cudaMemset" as sys::p2pc_PFN_cudaMemset,
         Some(device),
@@ -579,7 +600,7 @@ pub fn memset(device: i32, p: DevicePtr, value: u8, bytes: usize) -> Result<()> 
 }
 
 /// `cudaDeviceSynchronize`.
-pub fn device_synchronize(device: i32) -> Result<()> {
+pub(crate) fn device_synchronize(device: i32) -> Result<()> {
     cuda!(
         c"cudaDeviceSynchronize" as sys::p2pc_PFN_cudaDeviceSynchronize,
         Some(device),
@@ -589,7 +610,7 @@ pub fn device_synchronize(device: i32) -> Result<()> {
 
 /// `cudaDeviceReset`: destroys the current device's primary context (and every allocation,
 /// mapping and module in it).
-pub fn device_reset(device: i32) -> Result<()> {
+pub(crate) fn device_reset(device: i32) -> Result<()> {
     cuda!(
         c"cudaDeviceReset" as sys::p2pc_PFN_cudaDeviceReset,
         Some(device),
@@ -598,7 +619,7 @@ pub fn device_reset(device: i32) -> Result<()> {
 }
 
 /// `cudaMemcpy(host, p, bytes, cudaMemcpyDefault)`, as vLLM's check does (kind default).
-pub fn copy_to_host(device: i32, p: DevicePtr, bytes: usize) -> Result<Vec<u8>> {
+pub(crate) fn copy_to_host(device: i32, p: DevicePtr, bytes: usize) -> Result<Vec<u8>> {
     let mut host = vec![0u8; bytes];
     cuda!(
         c"cudaMemcpy" as sys::p2pc_PFN_cudaMemcpy,
@@ -613,8 +634,24 @@ pub fn copy_to_host(device: i32, p: DevicePtr, bytes: usize) -> Result<Vec<u8>> 
     Ok(host)
 }
 
+/// `cudaFree`.
+pub(crate) fn free(device: i32, p: DevicePtr) -> Result<()> {
+    cuda!(c"cudaFree" as sys::p2pc_PFN_cudaFree, Some(device), |f| f(
+        p.as_mut_ptr()
+    ))
+}
+
+/// `cudaIpcCloseMemHandle`: unmaps a peer's memory opened with [`ipc_open_mem_handle`].
+pub(crate) fn ipc_close_mem_handle(device: i32, p: DevicePtr) -> Result<()> {
+    cuda!(
+        c"cudaIpcCloseMemHandle" as sys::p2pc_PFN_cudaIpcCloseMemHandle,
+        Some(device),
+        |f| f(p.as_mut_ptr())
+    )
+}
+
 /// `cudaIpcGetMemHandle`: the handle's raw 64 bytes.
-pub fn ipc_get_mem_handle(device: i32, p: DevicePtr) -> Result<[u8; IPC_HANDLE_BYTES]> {
+pub(crate) fn ipc_get_mem_handle(device: i32, p: DevicePtr) -> Result<[u8; IPC_HANDLE_BYTES]> {
     let mut h = sys::cudaIpcMemHandle_t::default();
     cuda!(
         c"cudaIpcGetMemHandle" as sys::p2pc_PFN_cudaIpcGetMemHandle,
@@ -625,7 +662,7 @@ pub fn ipc_get_mem_handle(device: i32, p: DevicePtr) -> Result<[u8; IPC_HANDLE_B
 }
 
 /// `cudaIpcOpenMemHandle(.., cudaIpcMemLazyEnablePeerAccess)` on the current device.
-pub fn ipc_open_mem_handle(device: i32, handle: &[u8; IPC_HANDLE_BYTES]) -> Result<DevicePtr> {
+pub(crate) fn ipc_open_mem_handle(device: i32, handle: &[u8; IPC_HANDLE_BYTES]) -> Result<DevicePtr> {
     let h = sys::cudaIpcMemHandle_t {
         reserved: handle.map(|b| b as c_char),
     };
@@ -641,7 +678,7 @@ pub fn ipc_open_mem_handle(device: i32, handle: &[u8; IPC_HANDLE_BYTES]) -> Resu
 /// The driver's claim that `tgt` can reach `src`'s memory: `cudaDeviceCanAccessPeer(tgt,
 /// src)`, as vLLM's fast path asks it. CUDA answers "no" for a device and itself, where access
 /// needs no peer mapping at all, so that case is `true` without asking.
-pub fn runtime_claims_peer(src: i32, tgt: i32) -> Result<bool> {
+pub(crate) fn runtime_claims_peer(src: i32, tgt: i32) -> Result<bool> {
     if src == tgt {
         return Ok(true);
     }
@@ -659,7 +696,7 @@ pub fn runtime_claims_peer(src: i32, tgt: i32) -> Result<bool> {
 
 /// What a kernel step saw.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct KernelReport {
+pub(crate) struct KernelReport {
     /// Bytes that differed from the expected value (always 0 for a store).
     pub mismatches: u64,
     /// Offset of the first differing byte.
@@ -667,7 +704,7 @@ pub struct KernelReport {
 }
 
 /// The kernels of `csrc/kernels.cu`, NUL-terminated for `cuModuleLoadData`.
-const KERNELS_PTX: &str = concat!(include_str!("../csrc/kernels.ptx"), "\0");
+const KERNELS_PTX: &str = concat!(include_str!("../../csrc/kernels.ptx"), "\0");
 
 fn shim_table() -> Result<sys::shim::p2pc_driver> {
     macro_rules! pfn {
@@ -782,7 +819,7 @@ fn run_shim(
 }
 
 /// Kernel `p2pc_store`: SM stores of `value` to `bytes` bytes at `p`, then a synchronise.
-pub fn kernel_store(device: i32, p: DevicePtr, bytes: usize, value: u8) -> Result<()> {
+pub(crate) fn kernel_store(device: i32, p: DevicePtr, bytes: usize, value: u8) -> Result<()> {
     run_shim(
         sys::shim::p2pc_kernel_store,
         c"p2pc_kernel_store",
@@ -795,7 +832,7 @@ pub fn kernel_store(device: i32, p: DevicePtr, bytes: usize, value: u8) -> Resul
 }
 
 /// Kernel `p2pc_count`: SM loads of `bytes` bytes at `p`, counting those that are not `value`.
-pub fn kernel_check(device: i32, p: DevicePtr, bytes: usize, value: u8) -> Result<KernelReport> {
+pub(crate) fn kernel_check(device: i32, p: DevicePtr, bytes: usize, value: u8) -> Result<KernelReport> {
     run_shim(
         sys::shim::p2pc_kernel_check,
         c"p2pc_kernel_check",

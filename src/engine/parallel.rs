@@ -1,0 +1,702 @@
+//! The parallel engine: one worker per GPU, each with one context for the whole run, every
+//! pair in flight at once, no device reset.
+//!
+//! Worker `P[d]` owns GPU `d`'s buffer (one slot per consumer device) and maps every peer's;
+//! a same-GPU pair `d->d` needs a second process on `d`, `S[d]`, started only when that pair is
+//! asked. All workers start together; each says Hello, is told its device, exports its buffer
+//! once, and then does the steps the parent sends, in order. A pair's steps alternate between
+//! its consumer and its producer ([`steps`]); pairs on different workers run concurrently.
+//!
+//! Deadlines: each worker has at most one step "at its head"; its clock starts when the step
+//! becomes the head (sent to an idle worker, or the one before it answered) and nothing the
+//! worker sends extends it — a reply that is not the head step's is a protocol error. A worker
+//! that misses its deadline is killed: its head pair is `hang`; one that dies or breaks the
+//! protocol makes its head pair `error`; every other unfinished pair it was part of is
+//! interrupted and run again by the next round on fresh workers, while the pairs that do not
+//! involve it finish here.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use super::pool::{next_event, Event, Graveyard, Worker};
+use super::{
+    all_pairs, check_ids, hello_count, Ctx, Outcome, RoundError, RoundOut, Visibility,
+    WorkerInfo, CANCEL_POLL,
+};
+use crate::cuda::IPC_HANDLE_BYTES;
+use crate::error::Error;
+use crate::protocol::{
+    Check, Job, Level, Message, Op, Pair, Problem, Role, SideVerdict, TierOutcome,
+};
+use crate::visible;
+use crate::worker::{CONSUMER_FILL, KERNEL_STORE, PRODUCER_REWRITE};
+
+/// The steps of one pair at `level`: who does what, in order.
+fn steps(level: Level) -> Vec<(Role, StepKind)> {
+    let mut s = vec![
+        (Role::Consumer, StepKind::Write),
+        (Role::Producer, StepKind::VerifyCopy),
+    ];
+    if level >= Level::Kernel {
+        s.extend([
+            (Role::Consumer, StepKind::KernelStore),
+            (Role::Producer, StepKind::VerifyStores),
+            (Role::Consumer, StepKind::KernelLoad),
+        ]);
+    }
+    s
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StepKind {
+    /// Consumer: map, copy-engine memset of 2s, read back (vLLM's consumer half).
+    Write,
+    /// Producer: read back the 2s (vLLM's producer half).
+    VerifyCopy,
+    /// Consumer: SM stores of 3s.
+    KernelStore,
+    /// Producer: read back the 3s, then write 4s.
+    VerifyStores,
+    /// Consumer: SM loads of the 4s.
+    KernelLoad,
+}
+
+/// A worker's part in the run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Part {
+    /// `P[d]`: owns GPU d's buffer; consumer of every other GPU's.
+    Primary(u32),
+    /// `S[d]`: the second process on GPU d, consumer of `d->d`.
+    Secondary(u32),
+}
+
+impl Part {
+    fn device(self) -> u32 {
+        match self {
+            Part::Primary(d) | Part::Secondary(d) => d,
+        }
+    }
+    fn label(self) -> String {
+        match self {
+            Part::Primary(d) => format!("worker of GPU {d}"),
+            Part::Secondary(d) => format!("second worker of GPU {d}"),
+        }
+    }
+}
+
+enum State {
+    /// Started; no Hello yet.
+    Starting,
+    /// Told its device; no Ready yet.
+    SettingUp,
+    /// Ready: its buffer's handle (primaries).
+    Ready(Option<[u8; IPC_HANDLE_BYTES]>),
+    /// Set-up failed: why (its pairs fail with it, as vLLM's would).
+    Failed(Problem),
+    /// Killed or dead.
+    Gone,
+}
+
+struct Member {
+    part: Part,
+    state: State,
+    /// Steps sent and not yet answered, oldest first: (job, step number).
+    queue: VecDeque<(usize, usize)>,
+    info: WorkerInfo,
+}
+
+struct JobState {
+    pair: Pair,
+    producer: usize,
+    consumer: usize,
+    /// The next step to send; `None` before the first.
+    next: usize,
+    started: bool,
+    finished: bool,
+    p: SideVerdict,
+    c: SideVerdict,
+    kernel_c: Vec<Result<(), Problem>>,
+    outcome: Option<Outcome>,
+}
+
+fn fresh_side() -> SideVerdict {
+    SideVerdict {
+        copy: Ok(()),
+        claim: None,
+        kernel: TierOutcome::NotRun,
+    }
+}
+
+/// Runs `pairs` (all pairs when `None`) on fresh workers, one (or two) per GPU.
+pub(super) fn round(
+    ctx: &Ctx,
+    pairs: Option<&[Pair]>,
+    graveyard: &mut Graveyard,
+) -> Result<RoundOut, RoundError> {
+    let mut run = Run {
+        ctx,
+        workers: Vec::new(),
+        members: Vec::new(),
+        jobs: Vec::new(),
+        in_flight: 0,
+        peak_in_flight: 0,
+        n: 0,
+    };
+    let result = run.go(pairs);
+    let infos: Vec<WorkerInfo> = run.members.iter().map(|m| m.info.clone()).collect();
+    for w in run.workers.drain(..).flatten() {
+        if result.is_ok() {
+            graveyard.bury(w);
+        } else {
+            graveyard.kill(w);
+        }
+    }
+    let (pairs, outcomes) = result?;
+    Ok(RoundOut {
+        n: run.n,
+        pairs,
+        outcomes,
+        workers: infos,
+        peak_in_flight: run.peak_in_flight,
+    })
+}
+
+struct Run<'a> {
+    ctx: &'a Ctx<'a>,
+    workers: Vec<Option<Worker>>,
+    members: Vec<Member>,
+    jobs: Vec<JobState>,
+    in_flight: u32,
+    peak_in_flight: u32,
+    n: u32,
+}
+
+type Outcomes = (Vec<Pair>, Vec<Option<Outcome>>);
+
+impl Run<'_> {
+    fn go(&mut self, pairs: Option<&[Pair]>) -> Result<Outcomes, RoundError> {
+        // The device count: known from /proc when the GPUs could be named; otherwise one
+        // worker seeing every GPU is started first and asked.
+        let n = match &self.ctx.gpus {
+            Some(g) => g.len() as u32,
+            None => {
+                let i = self.spawn(Part::Primary(0))?;
+                self.wait_hello(i)?
+            }
+        };
+        self.n = n;
+        let batch = match pairs {
+            Some(p) => {
+                check_ids(p, n)?;
+                p.to_vec()
+            }
+            None => all_pairs(n),
+        };
+        // A pair asked twice runs once: both positions get its outcome.
+        let mut unique: BTreeMap<Pair, Vec<usize>> = BTreeMap::new();
+        for (i, p) in batch.iter().enumerate() {
+            unique.entry(*p).or_default().push(i);
+        }
+        let mut parts: Vec<Part> = Vec::new();
+        for p in unique.keys() {
+            let needed = if p.src == p.tgt {
+                vec![Part::Primary(p.src), Part::Secondary(p.src)]
+            } else {
+                vec![Part::Primary(p.src), Part::Primary(p.tgt)]
+            };
+            for part in needed {
+                if !parts.contains(&part) {
+                    parts.push(part);
+                }
+            }
+        }
+        for part in &parts {
+            if !self.members.iter().any(|m| m.part == *part) {
+                self.spawn(*part)?;
+            }
+        }
+        let index_of = |members: &[Member], part: Part| {
+            members
+                .iter()
+                .position(|m| m.part == part)
+                .expect("every part was spawned")
+        };
+        for &pair in unique.keys() {
+            let consumer = if pair.src == pair.tgt {
+                Part::Secondary(pair.src)
+            } else {
+                Part::Primary(pair.tgt)
+            };
+            self.jobs.push(JobState {
+                pair,
+                producer: index_of(&self.members, Part::Primary(pair.src)),
+                consumer: index_of(&self.members, consumer),
+                next: 0,
+                started: false,
+                finished: false,
+                p: fresh_side(),
+                c: fresh_side(),
+                kernel_c: Vec::new(),
+                outcome: None,
+            });
+        }
+        // A worker already past Hello (the one asked for the count) is set up now.
+        for i in 0..self.members.len() {
+            if matches!(self.members[i].state, State::SettingUp) {
+                self.setup(i)?;
+            }
+        }
+        self.event_loop()?;
+        let by_pair: BTreeMap<Pair, Option<Outcome>> = self
+            .jobs
+            .iter()
+            .map(|j| (j.pair, j.outcome.clone()))
+            .collect();
+        let outcomes = batch.iter().map(|p| by_pair[p].clone()).collect();
+        Ok((batch, outcomes))
+    }
+
+    fn spawn(&mut self, part: Part) -> Result<usize, RoundError> {
+        let mut env = self.ctx.env.clone();
+        if let (Visibility::One, Some(gpus)) = (self.ctx.visibility, &self.ctx.gpus) {
+            let gpu = &gpus[part.device() as usize];
+            env.push((visible::VAR.to_string(), gpu.uuid.clone()));
+        }
+        let mut w = Worker::spawn(&self.ctx.path, part.label(), &env)?;
+        w.deadline = Some(Instant::now() + self.ctx.opts.startup_timeout);
+        self.members.push(Member {
+            part,
+            state: State::Starting,
+            queue: VecDeque::new(),
+            info: WorkerInfo {
+                pid: w.pid(),
+                label: part.label(),
+                sees: None,
+                peak_rss_kb: 0,
+            },
+        });
+        self.workers.push(Some(w));
+        Ok(self.workers.len() - 1)
+    }
+
+    /// Waits for worker `i`'s Hello alone (the count-first start): its device count.
+    fn wait_hello(&mut self, i: usize) -> Result<u32, RoundError> {
+        while matches!(self.members[i].state, State::Starting) {
+            self.check_cancel()?;
+            if let Some((from, event)) = next_event(&mut self.workers, Instant::now() + CANCEL_POLL)
+            {
+                self.on_event(from, event)?;
+            }
+        }
+        Ok(self.members[i].info.sees.unwrap_or(0))
+    }
+
+    fn check_cancel(&self) -> Result<(), RoundError> {
+        if self.ctx.cancel.load(Ordering::Relaxed) {
+            return Err(Error::Cancelled.into());
+        }
+        Ok(())
+    }
+
+    fn worker(&mut self, i: usize) -> &mut Worker {
+        self.workers[i].as_mut().expect("a live worker")
+    }
+
+    fn setup(&mut self, i: usize) -> Result<(), RoundError> {
+        let part = self.members[i].part;
+        let (device, slots) = match (self.ctx.visibility, part) {
+            (Visibility::One, Part::Primary(_)) => (0, self.n),
+            (Visibility::One, Part::Secondary(_)) => (0, 0),
+            (Visibility::All, Part::Primary(d)) => (d, self.n),
+            (Visibility::All, Part::Secondary(d)) => (d, 0),
+        };
+        let deadline = Instant::now() + self.ctx.opts.startup_timeout;
+        let w = self.worker(i);
+        w.deadline = Some(deadline);
+        w.send(&Message::Setup { device, slots }, deadline)
+            .map_err(|why| RoundError::Fatal(Error::Worker(why)))?;
+        self.members[i].state = State::SettingUp;
+        Ok(())
+    }
+
+    fn event_loop(&mut self) -> Result<(), RoundError> {
+        while self.jobs.iter().any(|j| !j.finished) {
+            self.check_cancel()?;
+            let Some((from, event)) = next_event(&mut self.workers, Instant::now() + CANCEL_POLL)
+            else {
+                continue;
+            };
+            self.on_event(from, event)?;
+        }
+        Ok(())
+    }
+
+    fn on_event(&mut self, from: usize, event: Event) -> Result<(), RoundError> {
+        let name = self.worker(from).name();
+        let starting = matches!(
+            self.members[from].state,
+            State::Starting | State::SettingUp
+        );
+        match event {
+            Event::Timeout if starting => Err(Error::Worker(format!(
+                "the {name} did not start CUDA and set up its GPU within the start-up timeout \
+                 ({:?})",
+                self.ctx.opts.startup_timeout
+            ))
+            .into()),
+            Event::Broken(why) if starting => {
+                Err(Error::Worker(format!("failed while starting: {why}")).into())
+            }
+            Event::Timeout => {
+                let what = self.head_description(from);
+                self.lose(
+                    from,
+                    Outcome::Hang(format!(
+                        "the {name} gave no answer within {:.1} s {what}; it was killed",
+                        self.ctx.opts.step_timeout.as_secs_f64()
+                    )),
+                );
+                Ok(())
+            }
+            Event::Broken(why) => {
+                self.lose(from, Outcome::Error(why));
+                Ok(())
+            }
+            Event::Message(m) => self.on_message(from, m),
+        }
+    }
+
+    fn on_message(&mut self, from: usize, m: Message) -> Result<(), RoundError> {
+        let name = self.worker(from).name();
+        match (&self.members[from].state, m) {
+            (
+                State::Starting,
+                Message::Hello {
+                    version,
+                    device_count,
+                    ..
+                },
+            ) => {
+                let sees = hello_count(&name, &self.ctx.path, version, device_count)?;
+                self.members[from].info.sees = Some(sees);
+                self.worker(from).sees = Some(sees);
+                match self.ctx.visibility {
+                    Visibility::One if sees != 1 => {
+                        return Err(RoundError::Fallback(format!(
+                            "the {name}, shown only its GPU's UUID, saw {sees} GPUs"
+                        )))
+                    }
+                    Visibility::All if self.n != 0 && sees != self.n => {
+                        return Err(RoundError::Fallback(format!(
+                            "/proc/driver/nvidia lists {} visible GPUs but the driver counts {sees}",
+                            self.n
+                        )))
+                    }
+                    _ => {}
+                }
+                self.members[from].state = State::SettingUp;
+                if self.n != 0 {
+                    self.setup(from)?;
+                } else {
+                    self.worker(from).deadline = None;
+                }
+                Ok(())
+            }
+            (State::SettingUp, Message::Ready { result }) => {
+                self.worker(from).deadline = None;
+                self.members[from].state = match result {
+                    Ok(handle) => State::Ready(handle),
+                    Err(p) => State::Failed(p),
+                };
+                if matches!(self.members[from].part, Part::Primary(_))
+                    && matches!(self.members[from].state, State::Ready(None))
+                {
+                    self.lose(
+                        from,
+                        Outcome::Error(format!("the {name} exported no buffer")),
+                    );
+                }
+                self.start_ready_jobs();
+                Ok(())
+            }
+            (
+                State::Ready(_),
+                Message::Done {
+                    job,
+                    result,
+                    claim,
+                    peak_rss_kb,
+                },
+            ) => {
+                self.members[from].info.peak_rss_kb = peak_rss_kb;
+                let Some(&(j, step)) = self.members[from].queue.front() else {
+                    self.lose(
+                        from,
+                        Outcome::Error(format!("the {name} answered a step it was not given")),
+                    );
+                    return Ok(());
+                };
+                let expected = &self.jobs[j];
+                let role = steps(self.ctx.opts.level)[step].0;
+                if job.pair != expected.pair || job.role != role || job.index != j as u32 {
+                    self.lose(
+                        from,
+                        Outcome::Error(format!(
+                            "the {name} answered for {job:?}, not for the step it was given"
+                        )),
+                    );
+                    return Ok(());
+                }
+                self.members[from].queue.pop_front();
+                let next_head = !self.members[from].queue.is_empty();
+                let deadline = Instant::now() + self.ctx.opts.step_timeout;
+                self.worker(from).deadline = next_head.then_some(deadline);
+                self.record(j, step, result, claim);
+                Ok(())
+            }
+            (_, other) => {
+                self.lose(
+                    from,
+                    Outcome::Error(format!(
+                        "the {name} sent {} out of turn",
+                        message_name(&other)
+                    )),
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// Starts every job whose two workers are set up.
+    fn start_ready_jobs(&mut self) {
+        for j in 0..self.jobs.len() {
+            let job = &self.jobs[j];
+            if job.started || job.finished {
+                continue;
+            }
+            let (p, c) = (job.producer, job.consumer);
+            let failed = |m: &Member| match &m.state {
+                State::Failed(why) => Some(why.clone()),
+                _ => None,
+            };
+            if let Some(why) = failed(&self.members[p]) {
+                let job = &mut self.jobs[j];
+                job.p.copy = Err(why.clone());
+                job.c.copy = Err(Problem::Peer(Box::new(why)));
+                self.finish(j);
+                continue;
+            }
+            if let Some(why) = failed(&self.members[c]) {
+                let job = &mut self.jobs[j];
+                job.c.copy = Err(why.clone());
+                job.p.copy = Err(Problem::Peer(Box::new(why)));
+                self.finish(j);
+                continue;
+            }
+            if matches!(self.members[p].state, State::Ready(Some(_)))
+                && matches!(self.members[c].state, State::Ready(_))
+            {
+                self.jobs[j].started = true;
+                self.in_flight += 1;
+                self.peak_in_flight = self.peak_in_flight.max(self.in_flight);
+                self.send_next(j);
+            }
+        }
+    }
+
+    /// Sends job `j`'s next step to whichever worker does it, or finishes the job.
+    fn send_next(&mut self, j: usize) {
+        let plan = steps(self.ctx.opts.level);
+        let step = self.jobs[j].next;
+        if step >= plan.len() {
+            self.finish(j);
+            return;
+        }
+        let (role, kind) = plan[step];
+        let job = &self.jobs[j];
+        let w = match role {
+            Role::Producer => job.producer,
+            Role::Consumer => job.consumer,
+        };
+        let handle = match &self.members[job.producer].state {
+            State::Ready(Some(h)) => *h,
+            _ => [0; IPC_HANDLE_BYTES],
+        };
+        let op = match kind {
+            StepKind::Write => Op::Write {
+                handle,
+                value: CONSUMER_FILL,
+            },
+            StepKind::VerifyCopy => Op::Verify {
+                expect: CONSUMER_FILL,
+                check: Check::CopyReadBack,
+                refill: None,
+            },
+            StepKind::KernelStore => Op::KernelStore {
+                value: KERNEL_STORE,
+            },
+            StepKind::VerifyStores => Op::Verify {
+                expect: KERNEL_STORE,
+                check: Check::KernelStores,
+                refill: Some(PRODUCER_REWRITE),
+            },
+            StepKind::KernelLoad => Op::KernelLoad {
+                expect: PRODUCER_REWRITE,
+            },
+        };
+        let tier = match kind {
+            StepKind::Write | StepKind::VerifyCopy => Level::Copy,
+            _ => Level::Kernel,
+        };
+        let message = Message::Step {
+            job: Job {
+                index: j as u32,
+                pair: job.pair,
+                role,
+                tier,
+            },
+            slot: job.pair.tgt,
+            op,
+        };
+        self.jobs[j].next = step + 1;
+        let idle = self.members[w].queue.is_empty();
+        self.members[w].queue.push_back((j, step));
+        let deadline = Instant::now() + self.ctx.opts.step_timeout;
+        let worker = self.worker(w);
+        if idle {
+            worker.deadline = Some(deadline);
+        }
+        if let Err(why) = worker.send(&message, deadline) {
+            self.lose(w, Outcome::Error(why));
+        }
+    }
+
+    /// Records the answer to step `step` of job `j` and moves the job on.
+    fn record(&mut self, j: usize, step: usize, result: Result<(), Problem>, claim: Option<bool>) {
+        if self.jobs[j].finished {
+            return; // interrupted meanwhile: the answer no longer matters
+        }
+        let (role, kind) = steps(self.ctx.opts.level)[step];
+        // A worker names devices as its CUDA sees them (ordinal 0 when it sees only its own
+        // GPU): report the device as this process numbers it.
+        let pair = self.jobs[j].pair;
+        let result = result.map_err(|p| match p {
+            Problem::Cuda {
+                call,
+                device: Some(_),
+                code,
+                name,
+                text,
+            } => Problem::Cuda {
+                call,
+                device: Some(match role {
+                    Role::Producer => pair.src as i32,
+                    Role::Consumer => pair.tgt as i32,
+                }),
+                code,
+                name,
+                text,
+            },
+            p => p,
+        });
+        let job = &mut self.jobs[j];
+        match kind {
+            StepKind::Write => {
+                job.c.claim = claim;
+                // Without a mapping nothing else can run: the producer's side is the peer's
+                // failure, as in vLLM when the open fails.
+                let unmapped = matches!(&result, Err(Problem::Cuda { call, .. }) if call == "cudaIpcOpenMemHandle")
+                    || matches!(&result, Err(Problem::Driver(_)));
+                if let (true, Err(why)) = (unmapped, &result) {
+                    job.p.copy = Err(Problem::Peer(Box::new(why.clone())));
+                    job.c.copy = result;
+                    self.finish(j);
+                    return;
+                }
+                job.c.copy = result;
+            }
+            StepKind::VerifyCopy => job.p.copy = result,
+            StepKind::KernelStore | StepKind::KernelLoad => job.kernel_c.push(result),
+            StepKind::VerifyStores => {
+                job.p.kernel = match result {
+                    Ok(()) => TierOutcome::Ok,
+                    Err(p) => TierOutcome::Failed(p),
+                }
+            }
+        }
+        self.send_next(j);
+    }
+
+    fn finish(&mut self, j: usize) {
+        let job = &mut self.jobs[j];
+        if job.finished {
+            return;
+        }
+        if !job.kernel_c.is_empty() {
+            job.c.kernel = match job.kernel_c.drain(..).find(Result::is_err) {
+                Some(Err(p)) => TierOutcome::Failed(p),
+                _ => TierOutcome::Ok,
+            };
+        }
+        job.finished = true;
+        if job.started {
+            self.in_flight -= 1;
+        }
+        job.outcome = Some(Outcome::Done {
+            producer: job.p.clone(),
+            consumer: job.c.clone(),
+        });
+    }
+
+    /// What worker `w` was doing, for a hang's message.
+    fn head_description(&self, w: usize) -> String {
+        match self.members[w].queue.front() {
+            Some(&(j, step)) => format!(
+                "to step {:?} of pair {}",
+                steps(self.ctx.opts.level)[step].1,
+                self.jobs[j].pair
+            ),
+            None => "while idle".into(),
+        }
+    }
+
+    /// Worker `w` hung, died or broke the protocol: it is killed; the pair at its head gets
+    /// `outcome`; every other unfinished pair it takes part in is interrupted (`None`: the
+    /// next round reruns it).
+    fn lose(&mut self, w: usize, outcome: Outcome) {
+        let head = self.members[w].queue.front().map(|&(j, _)| j);
+        self.members[w].state = State::Gone;
+        self.members[w].queue.clear();
+        if let Some(mut worker) = self.workers[w].take() {
+            worker.kill();
+            self.members[w].info.peak_rss_kb = self.members[w].info.peak_rss_kb.max(worker.peak_rss_kb);
+        }
+        for j in 0..self.jobs.len() {
+            let job = &mut self.jobs[j];
+            if job.finished || (job.producer != w && job.consumer != w) {
+                continue;
+            }
+            job.finished = true;
+            if job.started {
+                self.in_flight -= 1;
+            }
+            job.outcome = (head == Some(j)).then(|| outcome.clone());
+        }
+    }
+}
+
+fn message_name(m: &Message) -> &'static str {
+    match m {
+        Message::Hello { .. } => "Hello",
+        Message::Start { .. } => "Start",
+        Message::Handle { .. } => "Handle",
+        Message::Opened { .. } => "Opened",
+        Message::Barrier { .. } => "Barrier",
+        Message::Verdict { .. } => "Verdict",
+        Message::Setup { .. } => "Setup",
+        Message::Ready { .. } => "Ready",
+        Message::Step { .. } => "Step",
+        Message::Done { .. } => "Done",
+    }
+}

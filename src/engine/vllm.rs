@@ -1,0 +1,281 @@
+//! vLLM's procedure (SPEC section 2) over the pool: a producer and a consumer take the batch
+//! pair after pair; the parent relays every message between them (a star, not a line between
+//! them), so it sees every step, can time each pair out, and knows which pair and step a silent
+//! worker was stuck in.
+
+use std::time::Instant;
+
+use super::pool::{next_event, Event, Graveyard, Worker};
+use super::{all_pairs, check_ids, hello_count, Ctx, Outcome, RoundError, RoundOut, WorkerInfo};
+use crate::error::Error;
+use crate::protocol::{Job, Message, Pair, Role, SideVerdict};
+
+/// Messages one side may send for one pair: Handle or Opened, four barriers, a verdict — and
+/// some slack. More is a worker flooding the pipe, which must not keep a pair alive.
+const MAX_MESSAGES_PER_PAIR: u32 = 12;
+
+/// Runs `pairs` (all pairs when `None`) on a fresh producer and consumer.
+pub(super) fn round(
+    ctx: &Ctx,
+    pairs: Option<&[Pair]>,
+    graveyard: &mut Graveyard,
+) -> Result<RoundOut, RoundError> {
+    let mut workers: Vec<Option<Worker>> = Vec::new();
+    for role in [Role::Producer, Role::Consumer] {
+        // A worker already started is killed when `workers` drops.
+        workers.push(Some(Worker::spawn(&ctx.path, role.name().to_string(), &ctx.env)?));
+    }
+    let result = batch(ctx, pairs, &mut workers);
+    let infos = workers
+        .iter()
+        .flatten()
+        .map(|w| WorkerInfo {
+            pid: w.pid(),
+            label: w.label.clone(),
+            sees: w.sees,
+            peak_rss_kb: w.peak_rss_kb,
+        })
+        .collect();
+    let broken = !matches!(&result, Ok((_, _, outcomes)) if outcomes.iter().all(Option::is_some));
+    for w in workers.into_iter().flatten() {
+        if broken {
+            graveyard.kill(w);
+        } else {
+            graveyard.bury(w);
+        }
+    }
+    let (n, pairs, outcomes) = result?;
+    Ok(RoundOut {
+        n,
+        pairs,
+        outcomes,
+        workers: infos,
+        peak_in_flight: 1,
+    })
+}
+
+type Batch = (u32, Vec<Pair>, Vec<Option<Outcome>>);
+
+fn batch(
+    ctx: &Ctx,
+    pairs: Option<&[Pair]>,
+    workers: &mut [Option<Worker>],
+) -> Result<Batch, RoundError> {
+    let n = hello(ctx, workers)?;
+    let pairs = match pairs {
+        Some(p) => {
+            check_ids(p, n)?;
+            p.to_vec()
+        }
+        None => all_pairs(n),
+    };
+    let mut outcomes: Vec<Option<Outcome>> = vec![None; pairs.len()];
+    if pairs.is_empty() {
+        return Ok((n, pairs, outcomes));
+    }
+    let deadline = Instant::now() + ctx.opts.step_timeout;
+    for (i, role) in [Role::Producer, Role::Consumer].into_iter().enumerate() {
+        let w = workers[i].as_mut().expect("spawned");
+        let start = Message::Start {
+            role,
+            level: ctx.opts.level,
+            pairs: pairs.clone(),
+        };
+        w.send(&start, deadline)
+            .map_err(|why| RoundError::Fatal(Error::Worker(why)))?;
+    }
+    relay(ctx, workers, &pairs, &mut outcomes)?;
+    Ok((n, pairs, outcomes))
+}
+
+/// Waits for both Hellos; returns the device count.
+fn hello(ctx: &Ctx, workers: &mut [Option<Worker>]) -> Result<u32, RoundError> {
+    let deadline = Instant::now() + ctx.opts.startup_timeout;
+    for w in workers.iter_mut().flatten() {
+        w.deadline = Some(deadline);
+    }
+    let mut counts = [None, None];
+    while counts.iter().any(Option::is_none) {
+        if ctx.cancel.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(Error::Cancelled.into());
+        }
+        let Some((from, event)) = next_event(workers, Instant::now() + super::CANCEL_POLL) else {
+            continue;
+        };
+        let name = workers[from].as_ref().expect("spawned").name();
+        match event {
+            Event::Message(Message::Hello {
+                version,
+                device_count,
+                ..
+            }) => {
+                let n = hello_count(&name, &ctx.path, version, device_count)?;
+                let w = workers[from].as_mut().expect("spawned");
+                w.sees = Some(n);
+                w.deadline = None;
+                counts[from] = Some(n);
+            }
+            Event::Message(other) => {
+                return Err(Error::Worker(format!("the {name} sent {other:?} before Hello")).into())
+            }
+            Event::Timeout => {
+                return Err(Error::Worker(format!(
+                    "the workers did not start CUDA within the start-up timeout ({:?}, {})",
+                    ctx.opts.startup_timeout,
+                    ctx.path.display()
+                ))
+                .into())
+            }
+            Event::Broken(why) => {
+                return Err(Error::Worker(format!("failed before saying Hello: {why}")).into())
+            }
+        }
+    }
+    let [Some(a), Some(b)] = counts else {
+        unreachable!("the loop ends when both are set")
+    };
+    if a != b {
+        return Err(Error::Worker(format!("the workers see different device counts ({a} and {b})")).into());
+    }
+    Ok(a)
+}
+
+/// The last event the parent saw of the pair in flight, for a hang's message.
+fn last_event(last: Option<&(usize, Message)>) -> String {
+    let Some((from, msg)) = last else {
+        return "before the producer sent its IPC handle".into();
+    };
+    let who = if *from == 0 { "producer" } else { "consumer" };
+    let what = match msg {
+        Message::Handle { .. } => "IPC handle".to_string(),
+        Message::Opened { .. } => "answer to opening the handle".into(),
+        Message::Barrier { stage, .. } => format!("{stage:?} barrier"),
+        Message::Verdict { .. } => "verdict".into(),
+        other => format!("{other:?}"),
+    };
+    format!("after the {who}'s {what}")
+}
+
+/// Forwards each message to the other worker and records verdicts until every pair has both,
+/// or a worker hangs or dies. The pair in flight when it breaks gets [`Outcome::Hang`] or
+/// [`Outcome::Error`]; the pairs after it stay `None` (interrupted).
+///
+/// Each pair has one deadline, set when it becomes the pair in flight: messages do not extend
+/// it, and a side may send only so many messages for it.
+fn relay(
+    ctx: &Ctx,
+    workers: &mut [Option<Worker>],
+    pairs: &[Pair],
+    outcomes: &mut [Option<Outcome>],
+) -> Result<(), RoundError> {
+    let step = ctx.opts.step_timeout;
+    let mut verdicts: Vec<[Option<SideVerdict>; 2]> = vec![[None, None]; pairs.len()];
+    let mut last: Option<(usize, Message)> = None;
+    let mut current = 0;
+    let mut deadline = Instant::now() + step;
+    let mut sent = [0u32; 2];
+    while current < pairs.len() {
+        if ctx.cancel.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(Error::Cancelled.into());
+        }
+        for (side, w) in workers.iter_mut().enumerate() {
+            let w = w.as_mut().expect("spawned");
+            // A worker that sent everything it owes exits: that is not an error.
+            w.listening = verdicts[current..].iter().any(|v| v[side].is_none());
+            w.deadline = Some(deadline);
+        }
+        let Some((from, event)) = next_event(workers, Instant::now() + super::CANCEL_POLL) else {
+            continue;
+        };
+        let outcome = match event {
+            Event::Message(msg) => {
+                sent[from] += 1;
+                let name = workers[from].as_ref().expect("spawned").name();
+                if sent[from] > MAX_MESSAGES_PER_PAIR {
+                    Some(Outcome::Error(format!(
+                        "the {name} sent more than {MAX_MESSAGES_PER_PAIR} messages for one pair"
+                    )))
+                } else {
+                    match route(workers, &mut verdicts, from, msg.clone(), deadline) {
+                        Ok(()) => {
+                            last = Some((from, msg));
+                            None
+                        }
+                        Err(why) => Some(Outcome::Error(why)),
+                    }
+                }
+            }
+            Event::Timeout => Some(Outcome::Hang(format!(
+                "no answer within {:.1} s {}; the workers were killed",
+                step.as_secs_f64(),
+                last_event(last.as_ref())
+            ))),
+            Event::Broken(why) => Some(Outcome::Error(why)),
+        };
+        if let Some(outcome) = outcome {
+            for (i, v) in verdicts.iter_mut().enumerate().take(current) {
+                outcomes[i] = done(v);
+            }
+            outcomes[current] = Some(outcome);
+            return Ok(());
+        }
+        while current < pairs.len() && verdicts[current].iter().all(Option::is_some) {
+            outcomes[current] = done(&mut verdicts[current]);
+            current += 1;
+            last = None;
+            deadline = Instant::now() + step;
+            sent = [0, 0];
+        }
+    }
+    Ok(())
+}
+
+fn done(v: &mut [Option<SideVerdict>; 2]) -> Option<Outcome> {
+    let [p, c] = v;
+    Some(Outcome::Done {
+        producer: p.take().expect("a finished pair has both verdicts"),
+        consumer: c.take().expect("a finished pair has both verdicts"),
+    })
+}
+
+/// Forwards `msg` from worker `from` to the other, or records it if it is a verdict; `Err`
+/// says how the sender broke the protocol (or how the receiver is gone).
+fn route(
+    workers: &mut [Option<Worker>],
+    verdicts: &mut [[Option<SideVerdict>; 2]],
+    from: usize,
+    msg: Message,
+    deadline: Instant,
+) -> Result<(), String> {
+    let name = workers[from].as_ref().expect("spawned").name();
+    let job: Job = match &msg {
+        Message::Handle { job, .. } if from == 0 => *job,
+        Message::Opened { job, .. } if from == 1 => *job,
+        Message::Barrier { job, .. } | Message::Verdict { job, .. } => *job,
+        m => return Err(format!("the {name} sent {m:?}, which it may not")),
+    };
+    let index = job.index as usize;
+    if index >= verdicts.len() {
+        return Err(format!(
+            "the {name} sent a message for pair {index} of {}",
+            verdicts.len()
+        ));
+    }
+    match msg {
+        Message::Verdict {
+            verdict,
+            peak_rss_kb,
+            ..
+        } => {
+            workers[from].as_mut().expect("spawned").peak_rss_kb = peak_rss_kb;
+            if verdicts[index][from].replace(verdict).is_some() {
+                return Err(format!("the {name} sent two verdicts for pair {index}"));
+            }
+            Ok(())
+        }
+        m => workers[1 - from]
+            .as_mut()
+            .expect("spawned")
+            .send(&m, deadline),
+    }
+}

@@ -1,0 +1,181 @@
+//! The child side of the check: a worker process that does its part of each pair, talking to
+//! its parent over stdin/stdout with [`crate::protocol`].
+//!
+//! A worker is started by fork+exec of the `p2pcheck-worker` executable (or any program that
+//! calls [`main`] when its first argument is [`WORKER_FLAG`]), never by a bare fork: the parent
+//! may own a CUDA context, which a forked child cannot use. It exits when its stdin closes.
+//! The parent's first message picks the engine: `Start` runs vLLM's producer or consumer for a
+//! batch ([`vllm`]), `Setup` makes it one GPU's worker in the parallel engine ([`parallel`]).
+//! Every CUDA failure becomes part of an outcome; only a broken pipe or a protocol violation
+//! ends the worker early (the parent then sees EOF at once).
+
+mod parallel;
+mod vllm;
+
+use std::io::{self, Read, Write};
+
+use crate::cuda::{self, DevicePtr};
+use crate::os;
+use crate::protocol::{self, Check, Message, Problem, ProtocolError};
+
+/// The first argument that makes a program act as a p2pcheck worker.
+pub const WORKER_FLAG: &str = "--p2pcheck-worker";
+/// Bytes tested per pair, as in vLLM.
+pub const TEST_BYTES: usize = 1024;
+/// The producer's initial value (vLLM: 1).
+pub(crate) const PRODUCER_FILL: u8 = 1;
+/// The consumer's value written with cudaMemset (vLLM: 2).
+pub(crate) const CONSUMER_FILL: u8 = 2;
+/// The consumer's value written by SM stores (kernel tier).
+pub(crate) const KERNEL_STORE: u8 = 3;
+/// The producer's value for the consumer's SM loads (kernel tier).
+pub(crate) const PRODUCER_REWRITE: u8 = 4;
+
+/// The variable through which the parent passes its pid (see [`main`]).
+pub const PARENT_PID_VAR: &str = "P2PCHECK_PARENT_PID";
+
+/// Exit code when CUDA could not start (the Hello says why).
+pub const EXIT_NO_CUDA: i32 = 4;
+/// Exit code on a protocol violation or broken pipe.
+pub const EXIT_PROTOCOL: i32 = 3;
+
+/// Runs a worker over this process's stdin and stdout and returns its exit code.
+///
+/// Stdout is moved to a private descriptor first and fd 1 pointed at stderr, so that nothing a
+/// library prints can corrupt the protocol stream. The worker asks the kernel to kill it when
+/// its parent dies (`PR_SET_PDEATHSIG`), so a parent killed by Ctrl-C, SIGTERM or SIGKILL never
+/// leaves a worker behind; if the parent is already gone by then, it exits at once.
+pub fn main() -> i32 {
+    if let Err(e) = os::die_with_parent() {
+        eprintln!("p2pcheck worker: PR_SET_PDEATHSIG failed: {e}");
+        return EXIT_PROTOCOL;
+    }
+    let parent = std::env::var(PARENT_PID_VAR)
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok());
+    if parent.is_some_and(|p| p != std::os::unix::process::parent_id()) {
+        eprintln!("p2pcheck worker: the parent that started it is gone");
+        return EXIT_PROTOCOL;
+    }
+    let out = match os::take_stdout() {
+        Ok(out) => out,
+        Err(e) => {
+            eprintln!("p2pcheck worker: cannot set up descriptors: {e}");
+            return EXIT_PROTOCOL;
+        }
+    };
+    match serve(io::stdin().lock(), out) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("p2pcheck worker {}: {e}", std::process::id());
+            EXIT_PROTOCOL
+        }
+    }
+}
+
+/// The worker's two pipe ends.
+pub(crate) struct Link<R, W> {
+    input: R,
+    output: W,
+}
+
+impl<R: Read, W: Write> Link<R, W> {
+    pub(crate) fn send(&mut self, m: Message) -> Result<(), ProtocolError> {
+        protocol::send(&mut self.output, &m)
+    }
+    pub(crate) fn recv(&mut self) -> Result<Message, ProtocolError> {
+        protocol::recv_blocking(&mut self.input)
+    }
+}
+
+/// A protocol violation: the parent sent `got` where `wanted` belonged.
+pub(crate) fn unexpected<T>(wanted: &str, got: Message) -> Result<T, ProtocolError> {
+    Err(ProtocolError::Malformed(format!(
+        "expected {wanted}, got {got:?}"
+    )))
+}
+
+/// Serves one run: Hello, then the engine the parent's first message names. Returns the exit
+/// code.
+pub fn serve(input: impl Read, output: impl Write) -> Result<i32, ProtocolError> {
+    let mut link = Link { input, output };
+    // Starting CUDA is the costly part (cuInit); the Hello reports its outcome. The driver is
+    // loaded first, through p2pcheck's own search (P2PCHECK_LIBCUDA), so the runtime then
+    // finds that same library already loaded instead of searching on its own.
+    let count = cuda::init()
+        .and_then(|_| cuda::runtime_device_count())
+        .map(|n| n as u32)
+        .map_err(Problem::from);
+    link.send(Message::Hello {
+        version: protocol::VERSION,
+        pid: std::process::id(),
+        device_count: count.clone(),
+    })?;
+    let Ok(sees) = count else {
+        return Ok(EXIT_NO_CUDA);
+    };
+    match link.recv()? {
+        Message::Start { role, level, pairs } => vllm::run(&mut link, role, level, &pairs)?,
+        Message::Setup { device, slots } => parallel::run(&mut link, device, slots, sees)?,
+        other => return unexpected("Start or Setup", other),
+    }
+    Ok(0)
+}
+
+/// Copies `bytes` at `p` to the host (`cudaMemcpy`, kind default, as vLLM) and checks that every
+/// byte is `expected`.
+pub(crate) fn verify(
+    device: i32,
+    p: DevicePtr,
+    bytes: usize,
+    expected: u8,
+    check: Check,
+) -> Result<(), Problem> {
+    let host = cuda::copy_to_host(device, p, bytes)?;
+    let mut wrong = host.iter().enumerate().filter(|(_, &b)| b != expected);
+    match wrong.next() {
+        None => Ok(()),
+        Some((first, &seen)) => Err(Problem::Mismatch {
+            check,
+            wrong: 1 + wrong.count() as u64,
+            total: bytes as u64,
+            first_bad: first as u64,
+            seen: Some(seen),
+            expected,
+        }),
+    }
+}
+
+/// SM loads of `bytes` at `p` (the shim's kernel), expecting `expected` everywhere.
+pub(crate) fn kernel_verify(
+    device: i32,
+    p: DevicePtr,
+    bytes: usize,
+    expected: u8,
+) -> Result<(), Problem> {
+    let r = cuda::kernel_check(device, p, bytes, expected)?;
+    match r.first_bad {
+        None => Ok(()),
+        Some(first_bad) => Err(Problem::Mismatch {
+            check: Check::KernelLoads,
+            wrong: r.mismatches,
+            total: bytes as u64,
+            first_bad,
+            seen: None,
+            expected,
+        }),
+    }
+}
+
+/// This process's peak resident memory so far (`VmHWM` in `/proc/self/status`), in KiB; 0
+/// where the kernel does not say.
+pub(crate) fn peak_rss_kb() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
