@@ -755,7 +755,9 @@ pub fn read(path: &Path, n: usize) -> Result<Option<Result<Vec<bool>, String>>> 
 /// no link followed, never blocking, regular files only) and at most `bound` bytes: `None` if
 /// absent, else its bytes or why it cannot be used. For the fingerprint beside vLLM's file.
 pub fn read_small(path: &Path, bound: u64) -> Result<Option<Result<Vec<u8>, String>>> {
-    read_bounded(path, bound, |len| format!("it is {len} bytes, more than {bound}"))
+    read_bounded(path, bound, |len| {
+        format!("it is {len} bytes, more than {bound}")
+    })
 }
 
 fn read_bounded(

@@ -65,7 +65,9 @@ pub use engine::{
     Verdict, Visibility, WorkerInfo, TIMEOUT_RANGE,
 };
 pub use error::{Error, Result};
-pub use protocol::{Check, Level, Pair, Problem, SideVerdict, TierOutcome, VERSION as PROTOCOL_VERSION};
+pub use protocol::{
+    Check, Level, Pair, Problem, SideVerdict, TierOutcome, VERSION as PROTOCOL_VERSION,
+};
 pub use sys::BINDINGS_SOURCE;
 pub use worker::{main as worker_main, TEST_BYTES, WORKER_FLAG};
 
@@ -199,7 +201,9 @@ pub struct Access {
 /// the device count and every verdict. Consulted before anything else, so a repeated question
 /// costs a lock and a hash lookup.
 type AnswerKey = (Option<OsString>, Option<PathBuf>, Level);
-static ANSWERS: Lazy<Mutex<HashMap<AnswerKey, (u32, Vec<bool>)>>> = Lazy::new(Mutex::default);
+/// The device count and every verdict, row-major.
+type Answers = HashMap<AnswerKey, (u32, Vec<bool>)>;
+static ANSWERS: Lazy<Mutex<Answers>> = Lazy::new(Mutex::default);
 
 /// The most bytes a fingerprint file may have (a few lines per GPU).
 const FINGERPRINT_MAX: u64 = 64 * 1024;
@@ -261,14 +265,15 @@ pub fn store_report(
         )));
     }
     let cvd = cvd_text()?;
-    let fp = current_fingerprint(cvd.as_deref(), report.level, simulate)
-        .and_then(|fp| match fp.gpus.len() == n {
+    let fp = current_fingerprint(cvd.as_deref(), report.level, simulate).and_then(|fp| {
+        match fp.gpus.len() == n {
             true => Ok(fp),
             false => Err(format!(
                 "/proc/driver/nvidia names {} visible GPUs, the workers saw {n}",
                 fp.gpus.len()
             )),
-        });
+        }
+    });
     let beside = fingerprint::path_beside(&path);
     let _lock = cache::FileLock::acquire(&cache::lock_path(&path), cache::LOCK_TIMEOUT)
         .map_err(|e| Error::cache(&path, e))?;
@@ -315,7 +320,11 @@ pub fn access_check(src: u32, tgt: u32, opts: &AccessOptions) -> Result<Access> 
     }
     let cvd = cvd_text()?;
     let mut warnings = Vec::new();
-    let known = current_fingerprint(cvd.as_deref(), opts.check.level, opts.check.simulate.as_ref());
+    let known = current_fingerprint(
+        cvd.as_deref(),
+        opts.check.level,
+        opts.check.simulate.as_ref(),
+    );
     let (n, current) = match known {
         Ok(fp) => (fp.gpus.len() as u32, Some(fp)),
         Err(why) => {

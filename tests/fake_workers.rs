@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use common::TempDir;
 
-/// A Hello frame for one device: length 16, tag 1, "P2PC", version 1, pid 0, ok, count 1.
-const HELLO: &str = r"\x10\x00\x00\x00\x01P2PC\x01\x00\x00\x00\x00\x00\x01\x01\x00\x00\x00";
+/// A Hello frame for one device: length 16, tag 1, "P2PC", version 2, pid 0, ok, count 1.
+const HELLO: &str = r"\x10\x00\x00\x00\x01P2PC\x02\x00\x00\x00\x00\x00\x01\x01\x00\x00\x00";
 
 /// Writes an executable worker script whose body runs after `exec 3>&1`, in a folder of its
 /// own that is removed when the returned guard drops.
@@ -24,11 +24,14 @@ fn fake_worker(name: &str, body: &str) -> (TempDir, PathBuf) {
     (dir, path)
 }
 
-fn run_with(worker: &PathBuf, extra: &[&str]) -> (Output, Duration) {
+/// Runs the CLI with `worker` on `engine`. The parallel engine does its Hello and set-up before
+/// any pair: a worker that breaks there leaves no answer (exit 2); the vLLM engine starts its
+/// batch right after Hello, so the same breakage is the pair's verdict (retried once).
+fn run_with(worker: &PathBuf, engine: &str, extra: &[&str]) -> (Output, Duration) {
     let token = format!("fake-{}-{}", std::process::id(), worker.display());
     let started = Instant::now();
     let out = Command::new(env!("CARGO_BIN_EXE_p2pcheck"))
-        .args(["--json", "--worker"])
+        .args(["--json", "--engine", engine, "--worker"])
         .arg(worker)
         .args(extra)
         .env("P2PCHECK_TEST_TOKEN", &token)
@@ -63,11 +66,20 @@ fn garbage_on_the_pipe_is_an_error_verdict() {
         "garbage",
         &format!("printf '{HELLO}'; head -c 4 >/dev/null; printf '\\xff\\xff\\xff\\xff'; sleep 30"),
     );
-    let (out, took) = run_with(&w, &["--timeout", "5"]);
+    let (out, took) = run_with(&w, "vllm", &["--timeout", "5"]);
     assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
     let s = stdout(&out);
     assert!(s.contains("\"verdict\":\"error\""), "{s}");
     assert!(s.contains("malformed frame"), "{s}");
+    assert!(s.contains("\"attempts\":2"), "retried once: {s}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    let (out, took) = run_with(&w, "parallel", &["--timeout", "5"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stdout(&out));
+    let s = stdout(&out);
+    assert!(
+        s.contains("failed while starting") && s.contains("malformed frame"),
+        "{s}"
+    );
     assert!(took < Duration::from_secs(5), "{took:?}");
 }
 
@@ -77,34 +89,53 @@ fn a_worker_that_exits_mid_pair_is_an_error_verdict_with_its_exit_code() {
         "exits",
         &format!("printf '{HELLO}'; head -c 4 >/dev/null; exit 7"),
     );
-    let (out, _) = run_with(&w, &[]);
+    let (out, _) = run_with(&w, "vllm", &[]);
     assert_eq!(out.status.code(), Some(1));
     let s = stdout(&out);
     assert!(s.contains("\"verdict\":\"error\""), "{s}");
     assert!(s.contains("exited with code 7"), "{s}");
+    let (out, _) = run_with(&w, "parallel", &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stdout(&out).contains("exited with code 7"),
+        "{}",
+        stdout(&out)
+    );
 }
 
 #[test]
 fn a_silent_worker_is_a_hang_verdict_within_the_timeout() {
     let (_dir, w) = fake_worker("silent", &format!("printf '{HELLO}'; sleep 30"));
-    let (out, took) = run_with(&w, &["--timeout", "0.5"]);
+    let (out, took) = run_with(&w, "vllm", &["--timeout", "0.5"]);
     assert_eq!(out.status.code(), Some(1));
     let s = stdout(&out);
     assert!(s.contains("\"verdict\":\"hang\""), "{s}");
     assert!(
-        s.contains("no answer for 0.5 s before the producer sent its IPC handle"),
+        s.contains("no answer within 0.5 s before the producer sent its IPC handle"),
         "{s}"
     );
+    // Two attempts of 0.5 s each, and start-ups.
+    assert!(took < Duration::from_millis(2500), "{took:?}");
+    let (out, took) = run_with(&w, "parallel", &["--startup-timeout", "0.5"]);
+    assert_eq!(out.status.code(), Some(2));
+    let s = stdout(&out);
+    assert!(s.contains("did not start CUDA and set up its GPU"), "{s}");
     assert!(took < Duration::from_millis(1500), "{took:?}");
 }
 
 #[test]
 fn a_worker_that_never_says_hello_is_a_start_up_error() {
     let (_dir, w) = fake_worker("mute", "sleep 30");
-    let (out, took) = run_with(&w, &["--startup-timeout", "0.5"]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(stdout(&out).contains("did not start CUDA within the start-up timeout"));
-    assert!(took < Duration::from_millis(1500), "{took:?}");
+    for engine in ["vllm", "parallel"] {
+        let (out, took) = run_with(&w, engine, &["--startup-timeout", "0.5"]);
+        assert_eq!(out.status.code(), Some(2));
+        assert!(
+            stdout(&out).contains("did not start CUDA"),
+            "{engine}: {}",
+            stdout(&out)
+        );
+        assert!(took < Duration::from_millis(1500), "{took:?}");
+    }
 }
 
 #[test]
@@ -113,8 +144,10 @@ fn a_worker_of_another_protocol_version_is_refused() {
         "v9",
         r"printf '\x0a\x00\x00\x00\x01P2PC\x09\x00\x00\x00\x00'; sleep 30",
     );
-    let (out, _) = run_with(&w, &[]);
-    assert_eq!(out.status.code(), Some(2));
-    let s = stdout(&out);
-    assert!(s.contains("speaks protocol version 9"), "{s}");
+    for engine in ["vllm", "parallel"] {
+        let (out, _) = run_with(&w, engine, &[]);
+        assert_eq!(out.status.code(), Some(2));
+        let s = stdout(&out);
+        assert!(s.contains("speaks protocol version 9"), "{engine}: {s}");
+    }
 }

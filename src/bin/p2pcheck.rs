@@ -245,7 +245,8 @@ fn cache_note(
         (None, Some(_)) => return Ok(None),
         (None, None) => cache::cache_dir().map_err(|e| format!("{e:#}"))?,
     };
-    let path = p2pcheck::vllm_cache_path_in(&dir, report.device_count).map_err(|e| e.to_string())?;
+    let path =
+        p2pcheck::vllm_cache_path_in(&dir, report.device_count).map_err(|e| e.to_string())?;
     let verdicts: Vec<bool> = report.pairs.iter().map(|p| p.ok()).collect();
     // An existing file that cannot be read is reported as unusable, not as absent.
     let existing = match cache::read(&path, n) {
@@ -258,7 +259,9 @@ fn cache_note(
             Ok((_, None)) => written = true,
             Ok((_, Some(why))) => {
                 written = true;
-                warnings.push(format!("the cache was written without a fingerprint: {why}"));
+                warnings.push(format!(
+                    "the cache was written without a fingerprint: {why}"
+                ));
             }
             // A verdict that is not a fact (a single hang) must not be written; the run's
             // answer stands, so this is a warning, not a failure.

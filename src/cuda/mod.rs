@@ -662,7 +662,10 @@ pub(crate) fn ipc_get_mem_handle(device: i32, p: DevicePtr) -> Result<[u8; IPC_H
 }
 
 /// `cudaIpcOpenMemHandle(.., cudaIpcMemLazyEnablePeerAccess)` on the current device.
-pub(crate) fn ipc_open_mem_handle(device: i32, handle: &[u8; IPC_HANDLE_BYTES]) -> Result<DevicePtr> {
+pub(crate) fn ipc_open_mem_handle(
+    device: i32,
+    handle: &[u8; IPC_HANDLE_BYTES],
+) -> Result<DevicePtr> {
     let h = sys::cudaIpcMemHandle_t {
         reserved: handle.map(|b| b as c_char),
     };
@@ -832,7 +835,12 @@ pub(crate) fn kernel_store(device: i32, p: DevicePtr, bytes: usize, value: u8) -
 }
 
 /// Kernel `p2pc_count`: SM loads of `bytes` bytes at `p`, counting those that are not `value`.
-pub(crate) fn kernel_check(device: i32, p: DevicePtr, bytes: usize, value: u8) -> Result<KernelReport> {
+pub(crate) fn kernel_check(
+    device: i32,
+    p: DevicePtr,
+    bytes: usize,
+    value: u8,
+) -> Result<KernelReport> {
     run_shim(
         sys::shim::p2pc_kernel_check,
         c"p2pc_kernel_check",

@@ -179,6 +179,8 @@ impl std::fmt::Display for Verdict {
 }
 
 /// How a pair's test ended.
+// One per pair, and most are `Done`: boxing the large variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
     /// It ran to the end; each side's own verdict.
@@ -225,8 +227,7 @@ impl PairReport {
     /// vLLM's boolean for the copy test: both sides read back the consumer's bytes (false when
     /// they disagree); `None` when the pair never ran to the end.
     pub fn copy_ok(&self) -> Option<bool> {
-        self.sides()
-            .map(|(p, c)| p.copy.is_ok() && c.copy.is_ok())
+        self.sides().map(|(p, c)| p.copy.is_ok() && c.copy.is_ok())
     }
 
     /// The sides disagree on the copy test (vLLM logs a warning and answers false).
@@ -417,7 +418,9 @@ impl Pending {
             Err(mpsc::TryRecvError::Empty) => None,
             Err(mpsc::TryRecvError::Disconnected) => {
                 self.taken = true;
-                Some(Err(Error::Worker("the check's thread ended without an answer".into())))
+                Some(Err(Error::Worker(
+                    "the check's thread ended without an answer".into(),
+                )))
             }
         }
     }
@@ -428,9 +431,11 @@ impl Pending {
             return Err(Error::InvalidInput("the report was already taken".into()));
         }
         self.taken = true;
-        self.answer
-            .recv()
-            .unwrap_or_else(|_| Err(Error::Worker("the check's thread ended without an answer".into())))
+        self.answer.recv().unwrap_or_else(|_| {
+            Err(Error::Worker(
+                "the check's thread ended without an answer".into(),
+            ))
+        })
     }
 
     /// Stops the check: workers are killed, [`Pending::wait`] gives [`Error::Cancelled`]
@@ -481,7 +486,20 @@ pub fn start(pairs: Option<Vec<Pair>>, opts: Options) -> Pending {
         .name("p2pcheck".into())
         .spawn(move || {
             let mut graveyard = Graveyard::default();
-            let result = run_rounds(pairs.as_deref(), &opts, &mut graveyard, &flag);
+            // A bug here must not take an embedding host down, nor leave the caller waiting.
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                run_rounds(pairs.as_deref(), &opts, &mut graveyard, &flag)
+            }))
+            .unwrap_or_else(|panic| {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                Err(Error::Worker(format!(
+                    "internal error in the check (a bug): {what}"
+                )))
+            });
             let _ = tx.send(result);
             graveyard.reap(Instant::now() + REAP_TIMEOUT)
         });
@@ -494,7 +512,9 @@ pub fn start(pairs: Option<Vec<Pair>>, opts: Options) -> Pending {
         },
         Err(e) => {
             let (tx, rx) = mpsc::channel();
-            let _ = tx.send(Err(Error::Worker(format!("cannot start the check's thread: {e}"))));
+            let _ = tx.send(Err(Error::Worker(format!(
+                "cannot start the check's thread: {e}"
+            ))));
             Pending {
                 answer: rx,
                 cancel,
@@ -570,11 +590,17 @@ fn run_rounds(
     let mut warnings = Vec::new();
     let cvd = visible::from_env();
     if matches!(&cvd.devices, VisibleDevices::List(l) if l.is_empty()) {
-        return Err(Error::NoDevice(format!(
-            "CUDA_VISIBLE_DEVICES={:?} selects no GPU: CUDA stops at the first invalid entry, \
-             here the first",
-            std::env::var_os(visible::VAR).unwrap_or_default()
-        )));
+        let value = std::env::var_os(visible::VAR).unwrap_or_default();
+        let first = value.to_string_lossy();
+        let first = first.split(',').next().unwrap_or_default().trim();
+        return Err(Error::NoDevice(if value.is_empty() {
+            "CUDA_VISIBLE_DEVICES is set but empty: CUDA shows this process no GPU".into()
+        } else {
+            format!(
+                "CUDA_VISIBLE_DEVICES={value:?} selects no GPU: CUDA stops at the first invalid \
+                 entry, here the first ({first:?})"
+            )
+        }));
     }
     if let Some(tail) = &cvd.ignored {
         warnings.push(format!(
@@ -604,10 +630,13 @@ fn run_rounds(
     };
     let mut workers = Vec::new();
     let mut peak_in_flight = 0;
-    let mut round = |ctx: &mut Ctx, pairs: Option<&[Pair]>| -> Result<RoundOut> {
+    // `hold`: pairs from this position on are retries of a hang or an error; they run after
+    // the others, so that a second hang cannot interrupt them.
+    let mut round = |ctx: &mut Ctx, pairs: Option<&[Pair]>, hold: usize| -> Result<RoundOut> {
         loop {
             let out = match ctx.opts.engine {
-                Engine::Parallel => parallel::round(ctx, pairs, graveyard),
+                Engine::Parallel => parallel::round(ctx, pairs, hold, graveyard),
+                // The vLLM engine runs its batch in order: the retries are last already.
                 Engine::Vllm => vllm::round(ctx, pairs, graveyard),
             };
             match out {
@@ -621,7 +650,7 @@ fn run_rounds(
             }
         }
     };
-    let first = round(&mut ctx, pairs)?;
+    let first = round(&mut ctx, pairs, usize::MAX)?;
     let n = first.n;
     let batch = first.pairs.clone();
     let mut finals: Vec<Option<PairReport>> = vec![None; batch.len()];
@@ -633,7 +662,7 @@ fn run_rounds(
     loop {
         workers.append(&mut out.workers);
         peak_in_flight = peak_in_flight.max(out.peak_in_flight);
-        let mut next = Vec::new();
+        let (mut next, mut retry) = (Vec::new(), Vec::new());
         for (&i, outcome) in current.iter().zip(out.outcomes.drain(..)) {
             match outcome {
                 None => next.push(i),
@@ -641,7 +670,7 @@ fn run_rounds(
                     attempts[i] += 1;
                     if !o.is_fact() && attempts[i] < 2 {
                         earlier[i] = Some(Verdict::from_outcome(&o).to_string());
-                        next.push(i);
+                        retry.push(i);
                     } else {
                         finals[i] = Some(PairReport {
                             pair: batch[i],
@@ -653,6 +682,8 @@ fn run_rounds(
                 }
             }
         }
+        let hold = next.len();
+        next.append(&mut retry);
         if next.is_empty() {
             break;
         }
@@ -662,9 +693,11 @@ fn run_rounds(
         restarts += 1;
         let rerun: Vec<Pair> = next.iter().map(|&i| batch[i]).collect();
         let fresh = if restarts > max_rounds(batch.len()) {
-            Err(Error::Worker(format!("gave up after {restarts} rounds of fresh workers")))
+            Err(Error::Worker(format!(
+                "gave up after {restarts} rounds of fresh workers"
+            )))
         } else {
-            round(&mut ctx, Some(&rerun))
+            round(&mut ctx, Some(&rerun), hold)
         };
         out = match fresh {
             Ok(out) => out,
@@ -748,9 +781,11 @@ fn plan(opts: &Options) -> (Option<Vec<Gpu>>, Visibility, Option<String>) {
         (Visibility::One, Ok(_)) => (
             None,
             Visibility::All,
-            Some("each worker sees every GPU: /proc/driver/nvidia lists none of the visible GPUs; \
+            Some(
+                "each worker sees every GPU: /proc/driver/nvidia lists none of the visible GPUs; \
                   counting with the driver"
-                .into()),
+                    .into(),
+            ),
         ),
         (Visibility::One, Err(why)) => (
             None,

@@ -19,10 +19,10 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use super::pool::{next_event, Event, Graveyard, Worker};
+use super::pool::{next_event, Event, Graveyard, SendError, Worker};
 use super::{
-    all_pairs, check_ids, hello_count, Ctx, Outcome, RoundError, RoundOut, Visibility,
-    WorkerInfo, CANCEL_POLL,
+    all_pairs, check_ids, hello_count, Ctx, Outcome, RoundError, RoundOut, Visibility, WorkerInfo,
+    CANCEL_POLL,
 };
 use crate::cuda::IPC_HANDLE_BYTES;
 use crate::error::Error;
@@ -31,6 +31,10 @@ use crate::protocol::{
 };
 use crate::visible;
 use crate::worker::{CONSUMER_FILL, KERNEL_STORE, PRODUCER_REWRITE};
+
+/// How long a round that saw a failure waits for a worker's exit to show (see
+/// `discount_failures_caused_by_a_death`): a dying process's pipe closes within microseconds.
+const DEATH_GRACE: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// The steps of one pair at `level`: who does what, in order.
 fn steps(level: Level) -> Vec<(Role, StepKind)> {
@@ -118,6 +122,8 @@ struct JobState {
     c: SideVerdict,
     kernel_c: Vec<Result<(), Problem>>,
     outcome: Option<Outcome>,
+    /// A retry: starts when every other job has finished.
+    held: bool,
 }
 
 fn fresh_side() -> SideVerdict {
@@ -129,9 +135,13 @@ fn fresh_side() -> SideVerdict {
 }
 
 /// Runs `pairs` (all pairs when `None`) on fresh workers, one (or two) per GPU.
+///
+/// Pairs at positions `hold` and later (retries of a hang or an error) start only when every
+/// other pair has finished, so that a second hang interrupts nothing else.
 pub(super) fn round(
     ctx: &Ctx,
     pairs: Option<&[Pair]>,
+    hold: usize,
     graveyard: &mut Graveyard,
 ) -> Result<RoundOut, RoundError> {
     let mut run = Run {
@@ -143,7 +153,7 @@ pub(super) fn round(
         peak_in_flight: 0,
         n: 0,
     };
-    let result = run.go(pairs);
+    let result = run.go(pairs, hold);
     let infos: Vec<WorkerInfo> = run.members.iter().map(|m| m.info.clone()).collect();
     for w in run.workers.drain(..).flatten() {
         if result.is_ok() {
@@ -175,7 +185,7 @@ struct Run<'a> {
 type Outcomes = (Vec<Pair>, Vec<Option<Outcome>>);
 
 impl Run<'_> {
-    fn go(&mut self, pairs: Option<&[Pair]>) -> Result<Outcomes, RoundError> {
+    fn go(&mut self, pairs: Option<&[Pair]>, hold: usize) -> Result<Outcomes, RoundError> {
         // The device count: known from /proc when the GPUs could be named; otherwise one
         // worker seeing every GPU is started first and asked.
         let n = match &self.ctx.gpus {
@@ -222,7 +232,7 @@ impl Run<'_> {
                 .position(|m| m.part == part)
                 .expect("every part was spawned")
         };
-        for &pair in unique.keys() {
+        for (&pair, positions) in &unique {
             let consumer = if pair.src == pair.tgt {
                 Part::Secondary(pair.src)
             } else {
@@ -239,6 +249,7 @@ impl Run<'_> {
                 c: fresh_side(),
                 kernel_c: Vec::new(),
                 outcome: None,
+                held: positions.iter().all(|&i| i >= hold),
             });
         }
         // A worker already past Hello (the one asked for the count) is set up now.
@@ -329,15 +340,47 @@ impl Run<'_> {
             };
             self.on_event(from, event)?;
         }
+        self.discount_failures_caused_by_a_death()
+    }
+
+    /// A pair whose other worker died can fail for that reason alone (a consumer's open of a
+    /// dead producer's memory fails): such a failure is not a fact about the machine. The
+    /// parent may read the failure before the death, so when a pair failed, every worker's
+    /// pipe gets a short grace to show an exit; then a failed pair with a worker lost in this
+    /// round is interrupted instead (the next round runs it again on fresh workers).
+    fn discount_failures_caused_by_a_death(&mut self) -> Result<(), RoundError> {
+        let failed = |j: &JobState| {
+            matches!(&j.outcome, Some(Outcome::Done { producer, consumer })
+                if producer.copy.is_err() || consumer.copy.is_err()
+                    || matches!(producer.kernel, TierOutcome::Failed(_))
+                    || matches!(consumer.kernel, TierOutcome::Failed(_)))
+        };
+        if !self.jobs.iter().any(failed) {
+            return Ok(());
+        }
+        let grace = Instant::now() + DEATH_GRACE;
+        for w in self.workers.iter_mut().flatten() {
+            w.deadline = Some(grace);
+        }
+        while let Some((from, event)) = next_event(&mut self.workers, grace) {
+            match event {
+                Event::Timeout => break,
+                event => self.on_event(from, event)?,
+            }
+        }
+        for j in 0..self.jobs.len() {
+            let job = &self.jobs[j];
+            let lost = |w: usize| matches!(self.members[w].state, State::Gone);
+            if failed(job) && (lost(job.producer) || lost(job.consumer)) {
+                self.jobs[j].outcome = None;
+            }
+        }
         Ok(())
     }
 
     fn on_event(&mut self, from: usize, event: Event) -> Result<(), RoundError> {
         let name = self.worker(from).name();
-        let starting = matches!(
-            self.members[from].state,
-            State::Starting | State::SettingUp
-        );
+        let starting = matches!(self.members[from].state, State::Starting | State::SettingUp);
         match event {
             Event::Timeout if starting => Err(Error::Worker(format!(
                 "the {name} did not start CUDA and set up its GPU within the start-up timeout \
@@ -468,11 +511,12 @@ impl Run<'_> {
         }
     }
 
-    /// Starts every job whose two workers are set up.
+    /// Starts every job whose two workers are set up (retries once the others are done).
     fn start_ready_jobs(&mut self) {
+        let others_done = self.jobs.iter().all(|j| j.held || j.finished);
         for j in 0..self.jobs.len() {
             let job = &self.jobs[j];
-            if job.started || job.finished {
+            if job.started || job.finished || (job.held && !others_done) {
                 continue;
             }
             let (p, c) = (job.producer, job.consumer);
@@ -567,8 +611,12 @@ impl Run<'_> {
         if idle {
             worker.deadline = Some(deadline);
         }
-        if let Err(why) = worker.send(&message, deadline) {
-            self.lose(w, Outcome::Error(why));
+        match worker.try_send(&message, deadline) {
+            Ok(()) => {}
+            Err(SendError::Stuck(why)) => self.lose(w, Outcome::Hang(why)),
+            // Its exit shows on its pipe, after whatever it answered before dying: the poll
+            // loop reads those first, then the pair at its head gets the error.
+            Err(SendError::Gone) => {}
         }
     }
 
@@ -647,6 +695,9 @@ impl Run<'_> {
             producer: job.p.clone(),
             consumer: job.c.clone(),
         });
+        if self.jobs.iter().any(|j| j.held && !j.started) {
+            self.start_ready_jobs();
+        }
     }
 
     /// What worker `w` was doing, for a hang's message.
@@ -670,7 +721,8 @@ impl Run<'_> {
         self.members[w].queue.clear();
         if let Some(mut worker) = self.workers[w].take() {
             worker.kill();
-            self.members[w].info.peak_rss_kb = self.members[w].info.peak_rss_kb.max(worker.peak_rss_kb);
+            self.members[w].info.peak_rss_kb =
+                self.members[w].info.peak_rss_kb.max(worker.peak_rss_kb);
         }
         for j in 0..self.jobs.len() {
             let job = &mut self.jobs[j];
@@ -682,6 +734,9 @@ impl Run<'_> {
                 self.in_flight -= 1;
             }
             job.outcome = (head == Some(j)).then(|| outcome.clone());
+        }
+        if self.jobs.iter().any(|j| j.held && !j.started) {
+            self.start_ready_jobs();
         }
     }
 }

@@ -32,7 +32,8 @@ pub fn locate_worker(explicit: Option<&Path>) -> Result<PathBuf> {
     }
     if let Some(p) = std::env::var_os("P2PCHECK_WORKER").filter(|v| !v.is_empty()) {
         let p = PathBuf::from(p);
-        return executable(&p).map_err(|e| Error::Worker(format!("P2PCHECK_WORKER: {e}")));
+        return executable(&p)
+            .map_err(|e| Error::Worker(format!("P2PCHECK_WORKER={}: {e}", p.display())));
     }
     let exe = std::env::current_exe().ok();
     let mut dirs: Vec<PathBuf> = exe
@@ -91,6 +92,15 @@ pub(crate) enum Event {
     /// It closed its pipe or sent bytes that are not a frame: why, in words (it is reaped
     /// and its exit described when it is gone).
     Broken(String),
+}
+
+/// Why a message could not be sent.
+#[derive(Debug)]
+pub(crate) enum SendError {
+    /// The worker did not read within the deadline: why, in words.
+    Stuck(String),
+    /// Its end of the pipe is closed: it exited or died.
+    Gone,
 }
 
 /// One running worker process.
@@ -161,15 +171,32 @@ impl Worker {
     }
 
     /// Sends `m`, giving up at `deadline`; `Err` says why in words.
-    pub(crate) fn send(&mut self, m: &Message, deadline: Instant) -> std::result::Result<(), String> {
+    pub(crate) fn send(
+        &mut self,
+        m: &Message,
+        deadline: Instant,
+    ) -> std::result::Result<(), String> {
+        self.try_send(m, deadline).map_err(|e| match e {
+            SendError::Stuck(why) => why,
+            SendError::Gone => self.death_note(),
+        })
+    }
+
+    /// Sends `m`, giving up at `deadline`, telling a worker that stopped reading from one that
+    /// is gone (whose last messages may still wait in its pipe: read them before its death).
+    pub(crate) fn try_send(
+        &mut self,
+        m: &Message,
+        deadline: Instant,
+    ) -> std::result::Result<(), SendError> {
         let Some(stdin) = self.stdin.as_ref() else {
-            return Err(format!("the {}'s pipe is already closed", self.name()));
+            return Err(SendError::Gone);
         };
         os::write_all_until(stdin, &protocol::encode(m), deadline).map_err(|e| {
             if e.kind() == std::io::ErrorKind::TimedOut {
-                format!("the {} stopped reading its pipe", self.name())
+                SendError::Stuck(format!("the {} stopped reading its pipe", self.name()))
             } else {
-                self.death_note()
+                SendError::Gone
             }
         })
     }
@@ -180,7 +207,10 @@ impl Worker {
             Some(status) => format!("the {} {}", self.name(), describe_exit(status)),
             None => {
                 self.kill();
-                format!("the {} closed its pipe but did not exit; killed", self.name())
+                format!(
+                    "the {} closed its pipe but did not exit; killed",
+                    self.name()
+                )
             }
         }
     }
@@ -283,7 +313,10 @@ pub(crate) fn next_event(workers: &mut [Option<Worker>], wake: Instant) -> Optio
             Ok(None) => return None,
             Err(e) => {
                 let w = workers[first].as_mut().expect("live");
-                return Some((first, Event::Broken(format!("polling the {}: {e}", w.name()))));
+                return Some((
+                    first,
+                    Event::Broken(format!("polling the {}: {e}", w.name())),
+                ));
             }
         }
     }

@@ -23,7 +23,11 @@ pub(super) fn round(
     let mut workers: Vec<Option<Worker>> = Vec::new();
     for role in [Role::Producer, Role::Consumer] {
         // A worker already started is killed when `workers` drops.
-        workers.push(Some(Worker::spawn(&ctx.path, role.name().to_string(), &ctx.env)?));
+        workers.push(Some(Worker::spawn(
+            &ctx.path,
+            role.name().to_string(),
+            &ctx.env,
+        )?));
     }
     let result = batch(ctx, pairs, &mut workers);
     let infos = workers
@@ -36,9 +40,12 @@ pub(super) fn round(
             peak_rss_kb: w.peak_rss_kb,
         })
         .collect();
-    let broken = !matches!(&result, Ok((_, _, outcomes)) if outcomes.iter().all(Option::is_some));
+    // Workers that hung, died or broke the protocol are killed; after a clean batch they are
+    // told to exit (stdin closed) and reaped later.
+    let clean = matches!(&result, Ok((_, _, outcomes))
+        if outcomes.iter().all(|o| matches!(o, Some(Outcome::Done { .. }))));
     for w in workers.into_iter().flatten() {
-        if broken {
+        if !clean {
             graveyard.kill(w);
         } else {
             graveyard.bury(w);
@@ -135,7 +142,10 @@ fn hello(ctx: &Ctx, workers: &mut [Option<Worker>]) -> Result<u32, RoundError> {
         unreachable!("the loop ends when both are set")
     };
     if a != b {
-        return Err(Error::Worker(format!("the workers see different device counts ({a} and {b})")).into());
+        return Err(Error::Worker(format!(
+            "the workers see different device counts ({a} and {b})"
+        ))
+        .into());
     }
     Ok(a)
 }
@@ -213,9 +223,7 @@ fn relay(
             Event::Broken(why) => Some(Outcome::Error(why)),
         };
         if let Some(outcome) = outcome {
-            for (i, v) in verdicts.iter_mut().enumerate().take(current) {
-                outcomes[i] = done(v);
-            }
+            // The pairs before it have their outcomes; those after it stay interrupted.
             outcomes[current] = Some(outcome);
             return Ok(());
         }

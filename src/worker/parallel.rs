@@ -126,9 +126,8 @@ impl Worker {
                 (result, claim)
             }
             (Role::Consumer, Op::KernelStore { value }) => (
-                self.mapped(job.pair.src).and_then(|m| {
-                    Ok(cuda::kernel_store(d, m.at(offset), bytes, value)?)
-                }),
+                self.mapped(job.pair.src)
+                    .and_then(|m| Ok(cuda::kernel_store(d, m.at(offset), bytes, value)?)),
                 None,
             ),
             (Role::Consumer, Op::KernelLoad { expect }) => (
@@ -160,6 +159,9 @@ impl Worker {
     /// The driver's claim for the job's pair, where this worker sees both devices.
     fn claim(&self, job: Job) -> Option<bool> {
         let (src, tgt) = (job.pair.src, job.pair.tgt);
+        if src == tgt {
+            return Some(true); // no peer mapping at all (see cuda::runtime_claims_peer)
+        }
         let sees_both = src.max(tgt) < self.sees && tgt as i32 == self.device;
         sees_both
             .then(|| cuda::runtime_claims_peer(src as i32, tgt as i32).ok())
@@ -183,7 +185,9 @@ impl Worker {
 
     fn mapped(&self, src: u32) -> Result<&PeerMapping, Problem> {
         self.mappings.get(&src).ok_or_else(|| {
-            Problem::Driver(format!("no mapping of device {src}'s buffer: it never opened"))
+            Problem::Driver(format!(
+                "no mapping of device {src}'s buffer: it never opened"
+            ))
         })
     }
 

@@ -10,8 +10,7 @@ use super::{
 };
 use crate::cuda;
 use crate::protocol::{
-    Check, Job, Level, Message, Pair, Problem, ProtocolError, Role, SideVerdict, Stage,
-    TierOutcome,
+    Check, Job, Level, Message, Pair, Problem, ProtocolError, Role, SideVerdict, Stage, TierOutcome,
 };
 
 impl<R: Read, W: Write> Link<R, W> {
@@ -179,7 +178,10 @@ fn consume<R: Read, W: Write>(
             return Ok(side_verdict(Err(why), claim, None));
         }
     };
-    link.send(Message::Opened { job, result: Ok(()) })?;
+    link.send(Message::Opened {
+        job,
+        result: Ok(()),
+    })?;
     // A failure here is this side's "false"; the barriers still run so the producer is not
     // left waiting.
     let wrote = cuda::memset(d, q, CONSUMER_FILL, TEST_BYTES)
