@@ -32,7 +32,7 @@ say "machine: $N GPU(s), driver $DRIVER, $(uname -r)"
 
 # 1. The GPU tests.
 if want 1; then
-  P2PCHECK_GPU_TESTS=1 "$C/gpu-tests" --test-threads=1 >"$OUT/gpu-tests.log" 2>&1
+  P2PCHECK_GPU_TESTS=1 "$C/gpu-tests" --ignored --test-threads=1 >"$OUT/gpu-tests.log" 2>&1
   say "gpu tests: $(grep -E '^test result' "$OUT/gpu-tests.log" || echo 'no result line (see gpu-tests.log)')"
 fi
 
@@ -50,8 +50,8 @@ if want 2; then
     with_cvd "$f" timeout 300 python3 "$REF" "$T/ref.json" >"$T/ref.out" 2>&1
     if [ "$f" = unset ]; then key=$(seq_key "$N"); else key=$f; fi
     line="CVD=$f:"
-    for engine in default vllm; do
-      flag=(); [ $engine = vllm ] && flag=(--engine vllm)
+    for engine in default all vllm; do
+      flag=(); [ $engine = vllm ] && flag=(--engine vllm); [ $engine = all ] && flag=(--visibility all)
       with_cvd "$f" env VLLM_CACHE_ROOT="$T/$engine" "$P2P" --write-vllm-cache "${flag[@]}" >"$T/$engine.out" 2>&1
       rc=$?
       ours="$T/$engine/gpu_p2p_access_cache_for_$key.json"
