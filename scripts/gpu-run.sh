@@ -88,6 +88,10 @@ fi
 if want 5; then
   P2PCHECK_LIBCUDA=/nonexistent "$P2P" >/dev/null 2>"$OUT/err-lib.log"; say "P2PCHECK_LIBCUDA=/nonexistent: exit $? ($(head -c 150 "$OUT/err-lib.log"))"
   CUDA_VISIBLE_DEVICES= "$P2P" >/dev/null 2>"$OUT/err-empty.log"; say "CUDA_VISIBLE_DEVICES='': exit $? ($(head -c 150 "$OUT/err-empty.log"))"
+  T=$(mktemp -d)
+  VLLM_CACHE_ROOT=$T "$C/access_check" >"$OUT/access-check.out" 2>&1
+  say "library gpu_p2p_access_check (examples/access_check), exit $?: $(head -1 "$OUT/access-check.out"); $(tail -1 "$OUT/access-check.out")"
+  rm -rf "$T"
   "$P2P" --json >"$OUT/json.out" 2>&1; say "--json: exit $?, $(python3 -c "import json,sys; d=json.load(open('$OUT/json.out')); print('all_ok', d['all_ok'], 'pairs', len(d['pairs']))")"
 fi
 sleep 0.5; say "leftover workers: $(pgrep -xc p2pcheck-worker || true)"

@@ -4,14 +4,14 @@
 # (git-ignored) for the device tool's `carry`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --bins
+cargo build --release --bins --example access_check
 test_bin=$(cargo test --release --no-run --test gpu --message-format=json 2>/dev/null |
   python3 -c 'import json,sys
 for l in sys.stdin:
     m=json.loads(l)
     if m.get("reason")=="compiler-artifact" and m["target"]["name"]=="gpu" and m.get("executable"): print(m["executable"])')
 rm -rf .carry && mkdir -p .carry
-cp target/release/p2pcheck target/release/p2pcheck-worker .carry/
+cp target/release/p2pcheck target/release/p2pcheck-worker target/release/examples/access_check .carry/
 cp "$test_bin" .carry/gpu-tests
 cp ../shared/bench/vllm_style_reference.py .carry/
 gcc -O2 -Wall -Wextra -Werror -o .carry/floor scripts/floor.c -ldl

@@ -875,8 +875,13 @@ pub fn decode(body: &[u8]) -> Result<Message, ProtocolError> {
                 });
             }
             let pid = d.u32("pid")?;
+            // A count beyond any machine is refused here, before anything is sized by it.
             let device_count = if d.flag("hello status")? {
-                Ok(d.u32("device count")?)
+                let n = d.u32("device count")?;
+                if n > MAX_DEVICES {
+                    return malformed(format!("a device count of {n} is over {MAX_DEVICES}"));
+                }
+                Ok(n)
             } else {
                 Err(d.problem(0)?)
             };
@@ -1359,6 +1364,23 @@ mod tests {
             Message::Hello { version, .. } => assert_eq!(version, VERSION + 1),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_hello_claiming_more_devices_than_any_machine_is_refused() {
+        let mut frame = encode(&Message::Hello {
+            version: VERSION,
+            pid: 1,
+            device_count: Ok(MAX_DEVICES),
+        });
+        assert!(decode(&frame[4..]).is_ok());
+        let n = frame.len();
+        frame[n - 4..].copy_from_slice(&(MAX_DEVICES + 1).to_le_bytes());
+        assert!(
+            matches!(decode(&frame[4..]), Err(ProtocolError::Malformed(m)) if m.contains("device count"))
+        );
+        frame[n - 4..].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decode(&frame[4..]).is_err());
     }
 
     #[test]
