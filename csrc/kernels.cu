@@ -1,25 +1,164 @@
-// GPU kernels of p2pcheck's kernel check: loads and stores issued by SMs through a CUDA IPC
-// mapping of a peer's memory (what custom all-reduce kernels do), as opposed to the copy-engine
-// memset/memcpy of the vLLM-compatible check. Compiled to PTX by scripts/gen-ptx.sh; the
-// committed csrc/kernels.ptx is what the library embeds and the driver JIT-compiles.
-// volatile: every access must really travel to the peer's memory, not stay in a register or L1.
+// GPU kernels of p2pcheck's kernel and handshake tiers: SM-issued loads and stores through a
+// CUDA IPC mapping of a peer's memory (what custom all-reduce kernels do), and a ping-pong of
+// kernels resident at the same time in two processes (how they synchronise), as opposed to
+// the copy-engine memset/memcpy of vLLM's test. Compiled to PTX by scripts/gen-ptx.sh; the
+// committed csrc/kernels.ptx is what the library embeds and the driver JIT-compiles. The
+// simulated driver (csrc/sim.c) implements the same kernels by name, with the same pattern.
+// volatile: every access must really travel to the memory, not stay in a register or L1.
 
-extern "C" __global__ void p2pc_store(volatile unsigned char *p, unsigned long long n,
-                                      unsigned char value) {
-    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
-         i += (unsigned long long)gridDim.x * blockDim.x)
-        p[i] = value;
+typedef unsigned long long u64;
+typedef unsigned int u32;
+
+// The byte expected at offset o for a seed: a hash, so that a store to a wrong address, a lost
+// page or a stale buffer shows as wrong bytes, unlike a constant fill.
+__device__ __forceinline__ unsigned char pat(u64 o, u64 seed) {
+    u64 x = o + seed * 0x9E3779B97F4A7C15ull;
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdull;
+    x ^= x >> 33;
+    x *= 0xc4ceb9fe1a85ec53ull;
+    x ^= x >> 33;
+    return (unsigned char)x;
+}
+
+// Stores the pattern for `seed` into [p, p+n) with SM stores of `width` bytes (1, 4, 8, 16),
+// word i going to offset (i*width + shift) % n. shift is 0 except under the test-only planted
+// fault, which must then be caught.
+extern "C" __global__ void p2pc_pattern_store(unsigned char *p, u64 n, u64 seed, u32 width,
+                                              u64 shift) {
+    u64 words = n / width;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < words;
+         i += (u64)gridDim.x * blockDim.x) {
+        u64 o = i * width;
+        u64 at = (o + shift) % n;
+        if (width == 1) {
+            *(volatile unsigned char *)(p + at) = pat(o, seed);
+        } else if (width == 4) {
+            u32 v = 0;
+            for (int k = 0; k < 4; k++) v |= (u32)pat(o + k, seed) << (8 * k);
+            *(volatile u32 *)(p + at) = v;
+        } else if (width == 8) {
+            u64 v = 0;
+            for (int k = 0; k < 8; k++) v |= (u64)pat(o + k, seed) << (8 * k);
+            *(volatile u64 *)(p + at) = v;
+        } else {
+            u32 w[4];
+            for (int q = 0; q < 4; q++) {
+                w[q] = 0;
+                for (int k = 0; k < 4; k++) w[q] |= (u32)pat(o + 4 * q + k, seed) << (8 * k);
+            }
+            // One 16-byte store (volatile uint4 has no assignment in CUDA C++).
+            asm volatile("st.volatile.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p + at),
+                         "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
+                         : "memory");
+        }
+    }
     __threadfence_system();
 }
 
-extern "C" __global__ void p2pc_count(const volatile unsigned char *p, unsigned long long n,
-                                      unsigned char value, unsigned long long *mismatches,
-                                      unsigned long long *first_bad) {
-    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
-         i += (unsigned long long)gridDim.x * blockDim.x) {
-        if (p[i] != value) {
-            atomicAdd(mismatches, 1ULL);
-            atomicMin(first_bad, i);
+__device__ __forceinline__ void count_byte(unsigned char got, u64 o, u64 seed, u64 old_seed,
+                                           u64 *counters) {
+    if (got != pat(o, seed)) {
+        atomicAdd(&counters[0], 1ull);
+        atomicMin(&counters[1], o);
+        if (got == pat(o, old_seed)) atomicAdd(&counters[2], 1ull);
+    }
+}
+
+// Loads every byte of [p, p+n) with SM loads of `width` bytes and counts those that differ
+// from the pattern for `seed`: counters = [wrong, first bad offset, wrong but equal to the
+// pattern for `old_seed` (the old contents: a write that never arrived)].
+extern "C" __global__ void p2pc_pattern_check(const unsigned char *p, u64 n, u64 seed,
+                                              u64 old_seed, u32 width, u64 *counters) {
+    u64 words = n / width;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < words;
+         i += (u64)gridDim.x * blockDim.x) {
+        u64 o = i * width;
+        if (width == 1) {
+            count_byte(*(const volatile unsigned char *)(p + o), o, seed, old_seed, counters);
+        } else if (width == 4) {
+            u32 v = *(const volatile u32 *)(p + o);
+            for (int k = 0; k < 4; k++)
+                count_byte((unsigned char)(v >> (8 * k)), o + k, seed, old_seed, counters);
+        } else if (width == 8) {
+            u64 v = *(const volatile u64 *)(p + o);
+            for (int k = 0; k < 8; k++)
+                count_byte((unsigned char)(v >> (8 * k)), o + k, seed, old_seed, counters);
+        } else {
+            u32 w[4];
+            asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+                         : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3])
+                         : "l"(p + o)
+                         : "memory");
+            for (int q = 0; q < 4; q++)
+                for (int k = 0; k < 4; k++)
+                    count_byte((unsigned char)(w[q] >> (8 * k)), o + 4 * q + k, seed, old_seed,
+                               counters);
         }
     }
+}
+
+__device__ __forceinline__ u64 now_ns() {
+    u64 t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+__device__ __forceinline__ u32 load_acquire(const u32 *p) {
+    u32 v;
+    asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ void store_release(u32 *p, u32 v) {
+    asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+// Waits until *flag == want or the deadline passes (on the GPU's own clock); true if it came.
+__device__ bool wait_flag(const u32 *flag, u32 want, u64 deadline) {
+    while (load_acquire(flag) != want)
+        if (now_ns() > deadline) return false;
+    return true;
+}
+
+// One side of a ping-pong between kernels resident at the same time in two processes, through
+// `area` (2048 bytes of the owner's memory): flag_c at +0, flag_p at +128, payload_c (256 bytes)
+// at +256, payload_p at +1024. Role 1, the driver (through the IPC mapping), writes its payload
+// and releases flag_c = r, then acquires flag_p == r and checks the answer; role 0, the server
+// (the owner), the other way round. Every wait ends at start + budget_ns on the GPU clock.
+// out = [rounds done, payload bytes wrong, timed out, elapsed ns]. One thread.
+extern "C" __global__ void p2pc_handshake(unsigned char *area, u32 rounds, u32 role, u64 seed,
+                                          u64 budget_ns, u64 *out) {
+    u32 *flag_c = (u32 *)(area + 0);
+    u32 *flag_p = (u32 *)(area + 128);
+    volatile unsigned char *payload_c = area + 256;
+    volatile unsigned char *payload_p = area + 1024;
+    u64 start = now_ns();
+    u64 deadline = start + budget_ns;
+    u64 done = 0, errors = 0, timed_out = 0;
+    for (u32 r = 1; r <= rounds; r++) {
+        u64 base = (u64)r * 512;
+        if (role == 1) {
+            for (int j = 0; j < 256; j++) payload_c[j] = pat(base + j, seed);
+            store_release(flag_c, r);
+            if (!wait_flag(flag_p, r, deadline)) {
+                timed_out = 1;
+                break;
+            }
+            for (int j = 0; j < 256; j++) errors += payload_p[j] != pat(base + 256 + j, seed);
+        } else {
+            if (!wait_flag(flag_c, r, deadline)) {
+                timed_out = 1;
+                break;
+            }
+            for (int j = 0; j < 256; j++) errors += payload_c[j] != pat(base + j, seed);
+            for (int j = 0; j < 256; j++) payload_p[j] = pat(base + 256 + j, seed);
+            store_release(flag_p, r);
+        }
+        done++;
+    }
+    out[0] = done;
+    out[1] = errors;
+    out[2] = timed_out;
+    out[3] = now_ns() - start;
 }

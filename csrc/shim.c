@@ -7,12 +7,12 @@
 #define THREADS 256u
 
 /* Logs the call, records the first failing one; returns nonzero when `rc` is a failure. */
-static int failed(p2pc_kernel_report *out, const char *call, int rc) {
+static int failed(p2pc_report *out, const char *call, int rc) {
     if (out->n_calls < P2PC_MAX_CALLS) {
         out->calls[out->n_calls] = call;
         out->codes[out->n_calls] = rc;
-        out->n_calls++;
     }
+    out->n_calls++;
     if (rc == 0) return 0;
     if (out->failed_call == NULL) {
         out->failed_call = call;
@@ -21,55 +21,66 @@ static int failed(p2pc_kernel_report *out, const char *call, int rc) {
     return 1;
 }
 
-static unsigned blocks_for(size_t n) {
-    size_t blocks = (n + THREADS - 1) / THREADS;
+static unsigned blocks_for(unsigned long long words) {
+    unsigned long long blocks = (words + THREADS - 1) / THREADS;
     if (blocks == 0) blocks = 1;
     return blocks > 1024 ? 1024u : (unsigned)blocks;
 }
 
-static void report_init(p2pc_kernel_report *out) {
+static void report_init(p2pc_report *out) {
     memset(out, 0, sizeof *out);
-    out->first_bad = ~0ULL;
 }
 
-void p2pc_kernel_store(const p2pc_driver *d, const char *ptx, p2pc_devptr ptr, size_t n,
-                       unsigned char value, p2pc_kernel_report *out) {
-    void *module = NULL, *fn = NULL;
-    unsigned long long count = n;
-    void *params[] = {&ptr, &count, &value};
+void p2pc_pattern_store(const p2pc_driver *d, void *function, p2pc_devptr ptr,
+                        unsigned long long n, unsigned long long seed, unsigned width,
+                        unsigned long long shift, p2pc_report *out) {
+    void *params[] = {&ptr, &n, &seed, &width, &shift};
     report_init(out);
-    if (failed(out, "cuModuleLoadData", d->module_load_data(&module, ptx))) return;
-    if (!failed(out, "cuModuleGetFunction", d->module_get_function(&fn, module, "p2pc_store")) &&
-        !failed(out, "cuLaunchKernel",
-                d->launch_kernel(fn, blocks_for(n), 1, 1, THREADS, 1, 1, 0, NULL, params, NULL)))
+    if (width == 0) width = 1;
+    if (!failed(out, "cuLaunchKernel",
+                d->launch_kernel(function, blocks_for(n / width), 1, 1, THREADS, 1, 1, 0, NULL,
+                                 params, NULL)))
         failed(out, "cuCtxSynchronize", d->ctx_synchronize());
-    failed(out, "cuModuleUnload", d->module_unload(module));
 }
 
-void p2pc_kernel_check(const p2pc_driver *d, const char *ptx, p2pc_devptr ptr, size_t n,
-                       unsigned char value, p2pc_kernel_report *out) {
-    void *module = NULL, *fn = NULL;
-    p2pc_devptr counters = 0; /* {mismatches, first_bad} */
-    unsigned long long host[2] = {0, ~0ULL};
-    unsigned long long count = n;
-    p2pc_devptr mismatches, first_bad;
-    void *params[] = {&ptr, &count, &value, &mismatches, &first_bad};
+/* Runs `function` (one launch of grid x THREADS, or 1 x 1) with `params`, whose last parameter
+ * points at `count` u64 counters in a fresh allocation set from `init`, and copies them into
+ * out->results. */
+static void with_counters(const p2pc_driver *d, void *function, unsigned grid, unsigned block,
+                          void **params, p2pc_devptr *counters, const unsigned long long *init,
+                          unsigned count, p2pc_report *out) {
+    size_t bytes = count * sizeof(unsigned long long);
+    if (failed(out, "cuMemAlloc_v2", d->mem_alloc(counters, bytes))) return;
+    int ok = 1;
+    for (unsigned i = 0; i < count && ok; i++)
+        ok = !failed(out, "cuMemsetD8_v2",
+                     d->memset_d8(*counters + i * sizeof(unsigned long long),
+                                  init[i] ? 0xff : 0, sizeof(unsigned long long)));
+    if (ok && !failed(out, "cuLaunchKernel",
+                      d->launch_kernel(function, grid, 1, 1, block, 1, 1, 0, NULL, params, NULL)) &&
+        !failed(out, "cuCtxSynchronize", d->ctx_synchronize()))
+        failed(out, "cuMemcpyDtoH_v2", d->memcpy_dtoh(out->results, *counters, bytes));
+    failed(out, "cuMemFree_v2", d->mem_free(*counters));
+}
+
+void p2pc_pattern_check(const p2pc_driver *d, void *function, p2pc_devptr ptr,
+                        unsigned long long n, unsigned long long seed,
+                        unsigned long long old_seed, unsigned width, p2pc_report *out) {
+    p2pc_devptr counters = 0;
+    void *params[] = {&ptr, &n, &seed, &old_seed, &width, &counters};
+    /* {wrong, first bad, stale}: first bad starts at ~0 (all bytes 0xff). */
+    static const unsigned long long init[3] = {0, ~0ULL, 0};
     report_init(out);
-    if (failed(out, "cuModuleLoadData", d->module_load_data(&module, ptx))) return;
-    if (!failed(out, "cuModuleGetFunction", d->module_get_function(&fn, module, "p2pc_count")) &&
-        !failed(out, "cuMemAlloc_v2", d->mem_alloc(&counters, sizeof host))) {
-        mismatches = counters;
-        first_bad = counters + sizeof host[0];
-        if (!failed(out, "cuMemsetD8_v2", d->memset_d8(mismatches, 0, sizeof host[0])) &&
-            !failed(out, "cuMemsetD8_v2", d->memset_d8(first_bad, 0xff, sizeof host[1])) &&
-            !failed(out, "cuLaunchKernel",
-                    d->launch_kernel(fn, blocks_for(n), 1, 1, THREADS, 1, 1, 0, NULL, params, NULL)) &&
-            !failed(out, "cuCtxSynchronize", d->ctx_synchronize()) &&
-            !failed(out, "cuMemcpyDtoH_v2", d->memcpy_dtoh(host, counters, sizeof host))) {
-            out->mismatches = host[0];
-            out->first_bad = host[1];
-        }
-        failed(out, "cuMemFree_v2", d->mem_free(counters));
-    }
-    failed(out, "cuModuleUnload", d->module_unload(module));
+    if (width == 0) width = 1;
+    with_counters(d, function, blocks_for(n / width), THREADS, params, &counters, init, 3, out);
+}
+
+void p2pc_handshake(const p2pc_driver *d, void *function, p2pc_devptr area, unsigned rounds,
+                    unsigned role, unsigned long long seed, unsigned long long budget_ns,
+                    p2pc_report *out) {
+    p2pc_devptr results = 0;
+    void *params[] = {&area, &rounds, &role, &seed, &budget_ns, &results};
+    static const unsigned long long init[4] = {0, 0, 0, 0};
+    report_init(out);
+    with_counters(d, function, 1, 1, params, &results, init, 4, out);
 }

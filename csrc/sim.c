@@ -45,16 +45,31 @@
  *   sm-only          copy-engine work (cudaMemset, cudaMemcpy, cuMemsetD8, cuMemcpyDtoH) works;
  *                    kernel loads through the mapping read 0xEE and kernel stores vanish.
  *   late-visibility  a kernel's stores through the mapping are buffered and become visible only
- *                    when the kernel ends. Kernels are synchronous here, so this cannot be seen
- *                    at the API level: it documents a fault the check cannot detect.
+ *                    when the kernel ends (then in program order). Kernels run to completion
+ *                    inside cuLaunchKernel, so a kernel that only stores, or a store followed by
+ *                    a later launch that loads, cannot tell; two kernels of two processes
+ *                    running at the same time can: p2pc_handshake's driver never gets its flag
+ *                    through in time, and both sides time out.
  *   hang             the first access through the mapping (memset, memcpy, kernel) never
  *                    returns (a pause() loop; the process stays killable by SIGTERM/SIGKILL).
  *   crash            the first access through the mapping kills the process with SIGSEGV.
  *   one-way          exactly drop-writes on SRC->TGT; TGT->SRC untouched (an alias that makes
  *                    the intent explicit).
  *   claim-no         cudaDeviceCanAccessPeer(&c, TGT, SRC) answers 0 although access works.
+ *   partial          every write through the mapping (cudaMemset, cuMemsetD8, cudaMemcpy into
+ *                    it, kernel stores) to a byte whose allocation offset lies in an odd 64 KiB
+ *                    page ((offset / 65536) % 2 == 1) silently vanishes; writes to even pages
+ *                    land; reads work.
+ *   shifted          kernel stores through the mapping land 4096 bytes further than addressed
+ *                    (allocation offset + 4096); the bytes that would land at or past the
+ *                    allocation's end vanish. Copy-engine writes and all loads are unaffected.
  * Without faults cudaDeviceCanAccessPeer answers 1 for two distinct valid devices and 0 for a
  * device and itself, as real CUDA does. hang and crash print one line on stderr first.
+ * Several kinds on one pair compose per written byte, in this order: drop-writes (and one-way)
+ * drops it; sm-only drops a kernel store; shifted moves a kernel store (+4096, or drops it past
+ * the end); partial drops it when its (landing) offset is in an odd 64 KiB page; corrupt XORs
+ * it when its (landing) offset % 64 == 7; late-visibility delays all of that to the kernel's
+ * end. sm-only also makes kernel loads read 0xEE. hang and crash fire before any of them.
  *
  * MEMORY MODEL. Every allocation (cudaMalloc, cuMemAlloc_v2) is its own
  * memfd_create("p2pcheck-sim") + ftruncate + mmap(MAP_SHARED); the device pointer is the host
@@ -75,21 +90,61 @@
  * CUDA_ERROR_NOT_INITIALIZED (3) before cuInit or any runtime call, and with
  * CUDA_ERROR_INVALID_CONTEXT (201) when this thread has no live context (no runtime call yet, or
  * after cudaDeviceReset). cudaDeviceReset releases every allocation, IPC mapping and module
- * created while the current device was current. One mutex guards all tables.
+ * created while the current device was current. One mutex per process guards all tables; it is
+ * held while a kernel runs, p2pc_handshake's waiting included, so a process runs one kernel at
+ * a time and another thread's calls wait for it to end (each process has its own mutex: two
+ * processes' kernels do run at the same time).
  *
  * KERNELS (cuModuleLoadData takes PTX text; only the ".entry NAME(" kernels it defines can be
- * fetched with cuModuleGetFunction, others fail with CUDA_ERROR_NOT_FOUND, 500):
+ * fetched with cuModuleGetFunction, others fail with CUDA_ERROR_NOT_FOUND, 500). Pointers are
+ * u64 device addresses. Loads and stores are SM (kernel) accesses: the faults above apply to
+ * each byte, and to the counters and results a kernel writes too. An access outside every live
+ * region is CUDA_ERROR_ILLEGAL_ADDRESS (700), and a misaligned one (where noted)
+ * CUDA_ERROR_MISALIGNED_ADDRESS (716); both are checked for every pointer before anything runs,
+ * so such a launch touches nothing. Invalid scalar arguments are CUDA_ERROR_INVALID_VALUE (1),
+ * checked first (a GPU kernel cannot report them: p2pcheck must never pass them).
  *   p2pc_store(u8 *p, u64 n, u8 value)                     p[0..n) = value
  *   p2pc_count(const u8 *p, u64 n, u8 value, u64 *mismatches, u64 *first_bad)
  *       for each i with p[i] != value: *mismatches += 1, *first_bad = min(*first_bad, i)
+ *   With pat(o, seed): x = o + seed * 0x9E3779B97F4A7C15; x ^= x >> 33;
+ *   x *= 0xff51afd7ed558ccd; x ^= x >> 33; x *= 0xc4ceb9fe1a85ec53; x ^= x >> 33; the low byte
+ *   of x (all arithmetic mod 2^64):
+ *   p2pc_pattern_store(u8 *p, u64 n, u64 seed, u32 width, u64 shift)
+ *       width is 1, 4, 8 or 16, n a multiple of 16 and shift a multiple of 16 below n (shift 0
+ *       when n is 0), else invalid value; p % width != 0 is misaligned. For each word
+ *       o = i * width < n, the bytes pat(o + k, seed), k < width, go to p + (o + shift) % n + k:
+ *       byte q of [p, p+n) gets pat((q - shift) mod n, seed). Width only says how a GPU stores.
+ *   p2pc_pattern_check(const u8 *p, u64 n, u64 seed, u64 old_seed, u32 width, u64 *counters)
+ *       width and n validated as for p2pc_pattern_store (p % width misaligned); counters is 3
+ *       u64 [wrong, first_bad, stale] (8-aligned), which the caller sets to [0, ~0, 0]. For each
+ *       o < n with got = p[o] != pat(o, seed): wrong += 1, first_bad = min(first_bad, o), and
+ *       if got == pat(o, old_seed) also stale += 1. The counters are loaded and stored (as
+ *       p2pc_count's) only when something was wrong; stale only when it grows.
+ *   p2pc_handshake(u8 *area, u32 rounds, u32 role, u64 seed, u64 budget_ns, u64 *out)
+ *       a ping-pong between two processes' kernels running at the same time. area: 2048 bytes
+ *       (4-aligned), u32 flag_c at +0, u32 flag_p at +128, payload_c at +256 and payload_p at
+ *       +1024 (256 bytes each), both flags 0 at the start. role 0 (server: in the process that
+ *       owns the memory) and role 1 (driver: the other process, through its IPC mapping); any
+ *       other role is invalid value. For r = 1..rounds: the driver writes payload_c[j] =
+ *       pat(r*512 + j, seed), j < 256, release-stores flag_c = r, waits (acquire loads) for
+ *       flag_p == r, then counts the bytes payload_p[j] != pat(r*512 + 256 + j, seed); the
+ *       server waits for flag_c == r, counts the bytes payload_c[j] != pat(r*512 + j, seed),
+ *       writes payload_p[j] = pat(r*512 + 256 + j, seed) and release-stores flag_p = r. Every
+ *       wait ends at the kernel's start (CLOCK_MONOTONIC) + budget_ns: then the kernel stops
+ *       with timed_out = 1. At the end, out (4 u64, 8-aligned) gets [rounds_done (rounds whose
+ *       last step this side completed), payload_errors, timed_out, elapsed_ns] as plain kernel
+ *       stores. Waiting yields the CPU between loads (64 times, then sleeps ~2 us
+ *       between them), with this process's mutex held.
  * Grid and block sizes are validated (no zero dimension, at most 1024 threads a block) and
- * otherwise ignored.
+ * otherwise ignored. A launch whose late-visibility buffer cannot be allocated still performs
+ * every store (at once) and then fails with CUDA_ERROR_OUT_OF_MEMORY (2).
  */
 #define _GNU_SOURCE
 
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stddef.h>
 #include <signal.h>
 #include <stdint.h>
@@ -100,6 +155,7 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/types.h>
+#include <time.h>
 #include <unistd.h>
 
 #define SIM_EXPORT __attribute__((visibility("default")))
@@ -165,6 +221,7 @@ enum {
     E_INVALID_HANDLE = 400,     /* CUDA_ERROR_INVALID_HANDLE / cudaErrorInvalidResourceHandle */
     E_NOT_FOUND = 500,          /* driver only */
     E_ILLEGAL_ADDRESS = 700,
+    E_MISALIGNED_ADDRESS = 716,
     E_UNKNOWN = 999,
 };
 
@@ -196,6 +253,7 @@ static const struct err_desc ERRORS[] = {
     {500, "CUDA_ERROR_NOT_FOUND", "cudaErrorSymbolNotFound", "named symbol not found"},
     {700, "CUDA_ERROR_ILLEGAL_ADDRESS", "cudaErrorIllegalAddress",
      "an illegal memory access was encountered"},
+    {716, "CUDA_ERROR_MISALIGNED_ADDRESS", "cudaErrorMisalignedAddress", "misaligned address"},
     {999, "CUDA_ERROR_UNKNOWN", "cudaErrorUnknown", "unknown error"},
 };
 
@@ -217,6 +275,8 @@ enum {
     F_HANG = 1u << 5,
     F_CRASH = 1u << 6,
     F_CLAIM_NO = 1u << 7,
+    F_PARTIAL = 1u << 8,
+    F_SHIFTED = 1u << 9,
 };
 
 static const struct {
@@ -227,7 +287,8 @@ static const struct {
     {"corrupt", F_CORRUPT},               {"sm-only", F_SM_ONLY},
     {"late-visibility", F_LATE},          {"hang", F_HANG},
     {"crash", F_CRASH},                   {"one-way", F_DROP_WRITES},
-    {"claim-no", F_CLAIM_NO},
+    {"claim-no", F_CLAIM_NO},             {"partial", F_PARTIAL},
+    {"shifted", F_SHIFTED},
 };
 
 struct config {
@@ -344,7 +405,7 @@ static const char *parse_fault_item(struct config *c, const char *s, const char 
         }
     }
     return "unknown kind (ipc-open-fails, drop-writes, corrupt, sm-only, late-visibility, hang, "
-           "crash, one-way, claim-no)";
+           "crash, one-way, claim-no, partial, shifted)";
 }
 
 static void parse_faults(struct config *c) {
@@ -412,8 +473,10 @@ struct region {
     uint64_t ino, dev; /* the memfd's identity, written into IPC handles */
 };
 
-enum { K_STORE, K_COUNT, K_NUM };
-static const char *const KERNEL_NAMES[K_NUM] = {"p2pc_store", "p2pc_count"};
+enum { K_STORE, K_COUNT, K_PATTERN_STORE, K_PATTERN_CHECK, K_HANDSHAKE, K_NUM };
+static const char *const KERNEL_NAMES[K_NUM] = {
+    "p2pc_store", "p2pc_count", "p2pc_pattern_store", "p2pc_pattern_check", "p2pc_handshake",
+};
 
 struct module;
 struct function {
@@ -614,18 +677,60 @@ static void trigger(const struct region *r, unsigned mask) {
     }
 }
 
-/* Writes n bytes at offset off of r: a copy from src, or `fill` when src is NULL. */
-static void write_bytes(struct region *r, size_t off, const void *src, unsigned char fill,
-                        size_t n, unsigned mask, int by_kernel) {
-    if (mask & F_DROP_WRITES) return;
-    if (by_kernel && (mask & F_SM_ONLY)) return;
+#define PARTIAL_PAGE ((size_t)65536) /* partial: odd pages of this size lose their writes */
+#define SHIFT_BYTES ((size_t)4096)   /* shifted: how much further kernel stores land */
+
+/* Puts n bytes at offset off of r (a copy from src, or `fill` when src is NULL), then applies
+ * corrupt. release: a flag store that must become visible after every earlier store, as one
+ * atomic 32-bit store when it is one aligned word. */
+static void land(struct region *r, size_t off, const unsigned char *src, unsigned char fill,
+                 size_t n, unsigned mask, int release) {
+    unsigned char *dst = r->base + off;
+    if (release && src != NULL && n == sizeof(uint32_t) && off % sizeof(uint32_t) == 0) {
+        unsigned char b[sizeof(uint32_t)];
+        memcpy(b, src, sizeof b);
+        if (mask & F_CORRUPT)
+            for (size_t k = 0; k < sizeof b; k++)
+                if ((off + k) % 64 == 7) b[k] ^= 0x5a;
+        uint32_t v;
+        memcpy(&v, b, sizeof v);
+        __atomic_store_n((uint32_t *)(void *)dst, v, __ATOMIC_RELEASE);
+        return;
+    }
+    if (release) __atomic_thread_fence(__ATOMIC_RELEASE);
     if (src != NULL)
-        memmove(r->base + off, src, n);
+        memmove(dst, src, n);
     else
-        memset(r->base + off, fill, n);
+        memset(dst, fill, n);
     if (mask & F_CORRUPT) {
         size_t o = off + ((7 + 64 - off % 64) % 64); /* first offset >= off with o % 64 == 7 */
         for (; o < off + n; o += 64) r->base[o] ^= 0x5a;
+    }
+}
+
+/* Writes n bytes at offset off of r (off + n <= r->size): a copy from src, or `fill` when src
+ * is NULL, with the write faults of mask applied (by_kernel: an SM store, else copy engine). */
+static void write_bytes(struct region *r, size_t off, const void *src, unsigned char fill,
+                        size_t n, unsigned mask, int by_kernel, int release) {
+    const unsigned char *s = src;
+    if (mask & F_DROP_WRITES) return;
+    if (by_kernel && (mask & F_SM_ONLY)) return;
+    if (by_kernel && (mask & F_SHIFTED)) {
+        if (r->size - off <= SHIFT_BYTES) return; /* lands at or past the end: all vanish */
+        off += SHIFT_BYTES;
+        if (n > r->size - off) n = r->size - off; /* the part past the end vanishes */
+    }
+    if (!(mask & F_PARTIAL)) {
+        land(r, off, s, fill, n, mask, release);
+        return;
+    }
+    while (n > 0) {
+        size_t chunk = PARTIAL_PAGE - off % PARTIAL_PAGE;
+        if (chunk > n) chunk = n;
+        if ((off / PARTIAL_PAGE) % 2 == 0) land(r, off, s, fill, chunk, mask, release);
+        off += chunk;
+        n -= chunk;
+        if (s != NULL) s += chunk;
     }
 }
 
@@ -644,7 +749,7 @@ static int sim_memset(uintptr_t p, unsigned char value, size_t n) {
     if (r == NULL) return E_INVALID_VALUE;
     unsigned mask = fault_mask(r);
     trigger(r, mask);
-    write_bytes(r, p - (uintptr_t)r->base, NULL, value, n, mask, 0);
+    write_bytes(r, p - (uintptr_t)r->base, NULL, value, n, mask, 0, 0);
     return E_OK;
 }
 
@@ -665,7 +770,7 @@ static int sim_copy(uintptr_t dst, uintptr_t src, size_t n, int kind) {
     trigger(rd, md);
     /* Copy-engine reads through a mapping are never altered by the faults. */
     if (rd != NULL)
-        write_bytes(rd, dst - (uintptr_t)rd->base, (const void *)src, 0, n, md, 0);
+        write_bytes(rd, dst - (uintptr_t)rd->base, (const void *)src, 0, n, md, 0, 0);
     else
         memmove((void *)dst, (const void *)src, n);
     return E_OK;
@@ -679,47 +784,95 @@ struct pending {
     struct region *r;
     size_t off, n;
     unsigned char fill;
-    int has_bytes;
-    unsigned char bytes[8];
+    unsigned char *bytes; /* a copy of the stored bytes (malloc'd); NULL: n times fill */
     unsigned mask;
+    int release;
 };
 
+/* One kernel's run: its buffered stores, as many as it makes. */
 struct launch {
-    struct pending pending[4];
-    int npending;
+    struct pending *pending;
+    size_t npending, cap;
+    int oom; /* a store could not be buffered: it was written at once, the launch fails */
 };
 
-/* A kernel store of n bytes (src, or fill when src is NULL; src at most 8 bytes). */
-static void kernel_store(struct launch *l, struct region *r, size_t off, const void *src,
-                         unsigned char fill, size_t n, unsigned mask) {
-    if ((mask & F_LATE) && l->npending < (int)(sizeof l->pending / sizeof l->pending[0]) &&
-        (src == NULL || n <= sizeof l->pending[0].bytes)) {
-        struct pending *p = &l->pending[l->npending++];
-        p->r = r;
-        p->off = off;
-        p->n = n;
-        p->fill = fill;
-        p->has_bytes = src != NULL;
-        if (src != NULL) memcpy(p->bytes, src, n);
-        p->mask = mask;
-        return;
+#define LAUNCH_INIT {.pending = NULL, .npending = 0, .cap = 0, .oom = 0}
+
+/* Buffers a store for kernel_end; 0 when memory ran out (nothing buffered). */
+static int buffer_store(struct launch *l, struct region *r, size_t off, const void *src,
+                        unsigned char fill, size_t n, unsigned mask, int release) {
+    if (l->npending == l->cap) {
+        size_t cap = l->cap ? 2 * l->cap : 16;
+        struct pending *grown = realloc(l->pending, cap * sizeof *grown);
+        if (grown == NULL) return 0;
+        l->pending = grown;
+        l->cap = cap;
     }
-    write_bytes(r, off, src, fill, n, mask, 1);
+    unsigned char *copy = NULL;
+    if (src != NULL) {
+        copy = malloc(n ? n : 1);
+        if (copy == NULL) return 0;
+        memcpy(copy, src, n);
+    }
+    l->pending[l->npending++] = (struct pending){
+        .r = r, .off = off, .n = n, .fill = fill, .bytes = copy, .mask = mask, .release = release};
+    return 1;
 }
 
-/* The kernel ends: buffered stores become visible, in program order. */
-static void kernel_end(struct launch *l) {
-    for (int i = 0; i < l->npending; i++) {
-        struct pending *p = &l->pending[i];
-        write_bytes(p->r, p->off, p->has_bytes ? p->bytes : NULL, p->fill, p->n, p->mask, 1);
+/* A kernel store of n bytes at offset off of r (src, or fill when src is NULL). release: a
+ * flag store (see land). Under late-visibility it is buffered until kernel_end; when that
+ * buffer cannot grow, the store is written at once (never lost) and the launch fails. */
+static void kernel_store_ex(struct launch *l, struct region *r, size_t off, const void *src,
+                            unsigned char fill, size_t n, unsigned mask, int release) {
+    if (n == 0) return;
+    if ((mask & F_LATE) && buffer_store(l, r, off, src, fill, n, mask, release)) return;
+    if (mask & F_LATE) {
+        if (!l->oom)
+            fprintf(stderr, "p2pcheck-sim: out of memory buffering a late-visibility store; "
+                            "written at once, the launch fails\n");
+        l->oom = 1;
     }
-    l->npending = 0;
+    write_bytes(r, off, src, fill, n, mask, 1, release);
+}
+
+static void kernel_store(struct launch *l, struct region *r, size_t off, const void *src,
+                         unsigned char fill, size_t n, unsigned mask) {
+    kernel_store_ex(l, r, off, src, fill, n, mask, 0);
+}
+
+/* The kernel ends: buffered stores become visible, in program order. The launch's result. */
+static int kernel_end(struct launch *l) {
+    for (size_t i = 0; i < l->npending; i++) {
+        struct pending *p = &l->pending[i];
+        write_bytes(p->r, p->off, p->bytes, p->fill, p->n, p->mask, 1, p->release);
+        free(p->bytes);
+    }
+    free(l->pending);
+    int oom = l->oom;
+    *l = (struct launch)LAUNCH_INIT;
+    return oom ? E_OUT_OF_MEMORY : E_OK;
 }
 
 static int param_u64(void **params, int i, uint64_t *out) {
     if (params[i] == NULL) return E_INVALID_VALUE;
     memcpy(out, params[i], sizeof *out);
     return E_OK;
+}
+
+static int param_u32(void **params, int i, uint32_t *out) {
+    if (params[i] == NULL) return E_INVALID_VALUE;
+    memcpy(out, params[i], sizeof *out);
+    return E_OK;
+}
+
+/* The region holding [p, p+n) for a kernel, or NULL (an illegal address). */
+static struct region *kernel_range(uint64_t p, uint64_t n) {
+    if (n > SIZE_MAX || p > UINTPTR_MAX) return NULL;
+    return find_range((uintptr_t)p, (size_t)n);
+}
+
+static size_t region_off(const struct region *r, uint64_t p) {
+    return (size_t)((uintptr_t)p - (uintptr_t)r->base);
 }
 
 static int run_store(void **params) {
@@ -734,10 +887,9 @@ static int run_store(void **params) {
     if (r == NULL) return E_ILLEGAL_ADDRESS;
     unsigned mask = fault_mask(r);
     trigger(r, mask);
-    struct launch l = {.npending = 0};
+    struct launch l = LAUNCH_INIT;
     kernel_store(&l, r, (uintptr_t)p - (uintptr_t)r->base, NULL, value, (size_t)n, mask);
-    kernel_end(&l);
-    return E_OK;
+    return kernel_end(&l);
 }
 
 static int run_count(void **params) {
@@ -768,7 +920,7 @@ static int run_count(void **params) {
         }
     }
     if (count == 0) return E_OK; /* no atomic ran: the counters are untouched */
-    struct launch l = {.npending = 0};
+    struct launch l = LAUNCH_INIT;
     uint64_t m, f;
     size_t offm = (uintptr_t)mism_addr - (uintptr_t)rm->base;
     size_t offf = (uintptr_t)first_addr - (uintptr_t)rf->base;
@@ -777,8 +929,195 @@ static int run_count(void **params) {
     kernel_store(&l, rm, offm, &m, 0, 8, mm);
     kernel_load(rf, offf, &f, 8, mf);
     if (first < f) kernel_store(&l, rf, offf, &first, 0, 8, mf);
-    kernel_end(&l);
-    return E_OK;
+    return kernel_end(&l);
+}
+
+/* The test pattern, exactly as the GPU kernels compute it. */
+static unsigned char pat(uint64_t o, uint64_t seed) {
+    uint64_t x = o + seed * 0x9E3779B97F4A7C15ull;
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdull;
+    x ^= x >> 33;
+    x *= 0xc4ceb9fe1a85ec53ull;
+    x ^= x >> 33;
+    return (unsigned char)x;
+}
+
+static int valid_width(uint32_t width) {
+    return width == 1 || width == 4 || width == 8 || width == 16;
+}
+
+/* Bytes a pattern kernel handles at a time (the store buffer lives on the stack). */
+#define PATTERN_CHUNK ((size_t)16384)
+
+static int run_pattern_store(void **params) {
+    uint64_t p, n, seed, shift;
+    uint32_t width;
+    if (param_u64(params, 0, &p) || param_u64(params, 1, &n) || param_u64(params, 2, &seed) ||
+        param_u32(params, 3, &width) || param_u64(params, 4, &shift))
+        return E_INVALID_VALUE;
+    if (!valid_width(width) || n % 16 != 0 || shift % 16 != 0 || (n ? shift >= n : shift != 0))
+        return E_INVALID_VALUE;
+    if (n == 0) return E_OK;
+    struct region *r = kernel_range(p, n);
+    if (r == NULL) return E_ILLEGAL_ADDRESS;
+    if (p % width != 0) return E_MISALIGNED_ADDRESS;
+    unsigned mask = fault_mask(r);
+    trigger(r, mask);
+    /* Words never wrap (n, shift and every word's o are multiples of width), so byte q of
+     * [p, p+n) gets pat(o, seed) with o = (q - shift) mod n, whatever the width. */
+    struct launch l = LAUNCH_INIT;
+    unsigned char buf[PATTERN_CHUNK];
+    size_t off = region_off(r, p);
+    for (uint64_t q = 0; q < n;) {
+        size_t len = n - q < PATTERN_CHUNK ? (size_t)(n - q) : PATTERN_CHUNK;
+        for (size_t k = 0; k < len; k++) {
+            uint64_t at = q + k;
+            buf[k] = pat(at >= shift ? at - shift : at + n - shift, seed);
+        }
+        kernel_store(&l, r, off + (size_t)q, buf, 0, len, mask);
+        q += len;
+    }
+    return kernel_end(&l);
+}
+
+static int run_pattern_check(void **params) {
+    uint64_t p, n, seed, old_seed, counters;
+    uint32_t width;
+    if (param_u64(params, 0, &p) || param_u64(params, 1, &n) || param_u64(params, 2, &seed) ||
+        param_u64(params, 3, &old_seed) || param_u32(params, 4, &width) ||
+        param_u64(params, 5, &counters))
+        return E_INVALID_VALUE;
+    if (!valid_width(width) || n % 16 != 0) return E_INVALID_VALUE;
+    /* Every address is checked before anything runs: a bad one touches nothing. */
+    struct region *r = n ? kernel_range(p, n) : NULL;
+    struct region *rc = kernel_range(counters, 3 * sizeof(uint64_t));
+    if ((n && r == NULL) || rc == NULL) return E_ILLEGAL_ADDRESS;
+    if (p % width != 0 || counters % sizeof(uint64_t) != 0) return E_MISALIGNED_ADDRESS;
+    unsigned mask = fault_mask(r), mc = fault_mask(rc);
+    if (r != NULL) trigger(r, mask);
+    trigger(rc, mc);
+    uint64_t wrong = 0, first = UINT64_MAX, stale = 0;
+    if (r != NULL) {
+        unsigned char buf[PATTERN_CHUNK];
+        size_t off = region_off(r, p);
+        for (uint64_t o = 0; o < n;) {
+            size_t len = n - o < PATTERN_CHUNK ? (size_t)(n - o) : PATTERN_CHUNK;
+            kernel_load(r, off + (size_t)o, buf, len, mask);
+            for (size_t k = 0; k < len; k++) {
+                if (buf[k] == pat(o + k, seed)) continue;
+                if (wrong++ == 0) first = o + k;
+                if (buf[k] == pat(o + k, old_seed)) stale++;
+            }
+            o += len;
+        }
+    }
+    if (wrong == 0) return E_OK; /* no atomic ran: the counters are untouched */
+    struct launch l = LAUNCH_INIT;
+    size_t offc = region_off(rc, counters);
+    uint64_t v;
+    kernel_load(rc, offc, &v, 8, mc);
+    v += wrong;
+    kernel_store(&l, rc, offc, &v, 0, 8, mc);
+    kernel_load(rc, offc + 8, &v, 8, mc);
+    if (first < v) kernel_store(&l, rc, offc + 8, &first, 0, 8, mc);
+    if (stale != 0) {
+        kernel_load(rc, offc + 16, &v, 8, mc);
+        v += stale;
+        kernel_store(&l, rc, offc + 16, &v, 0, 8, mc);
+    }
+    return kernel_end(&l);
+}
+
+/* p2pc_handshake's area: where each side's flag and payload lie. */
+enum {
+    HS_AREA = 2048,
+    HS_FLAG_C = 0,
+    HS_FLAG_P = 128,
+    HS_PAYLOAD_C = 256,
+    HS_PAYLOAD_P = 1024,
+    HS_PAYLOAD = 256,
+};
+
+static uint64_t now_ns(void) {
+    struct timespec ts;
+    if (clock_gettime(CLOCK_MONOTONIC, &ts) != 0) die("clock_gettime", errno);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* Waits until the u32 flag at offset off of r reads `want` (acquire loads); 0 on the
+ * deadline. sm-only: the kernel loads 0xEE bytes and never sees it. */
+static int wait_flag(const struct region *r, size_t off, uint32_t want, unsigned mask,
+                     uint64_t deadline) {
+    for (unsigned spins = 0;; spins++) {
+        uint32_t v = 0xEEEEEEEEu;
+        if (!(mask & F_SM_ONLY))
+            v = __atomic_load_n((const uint32_t *)(const void *)(r->base + off), __ATOMIC_ACQUIRE);
+        if (v == want) return 1;
+        if (now_ns() >= deadline) return 0;
+        /* First yield (quick when the other side runs on another CPU, and gives it this one
+         * when they share it), then sleep: a long wait must not burn a CPU. */
+        if (spins < 64) {
+            sched_yield();
+        } else {
+            struct timespec pause_for = {.tv_sec = 0, .tv_nsec = 2000};
+            nanosleep(&pause_for, NULL); /* EINTR: just look again */
+        }
+    }
+}
+
+static int run_handshake(void **params) {
+    uint64_t area, seed, budget, out;
+    uint32_t rounds, role;
+    if (param_u64(params, 0, &area) || param_u32(params, 1, &rounds) ||
+        param_u32(params, 2, &role) || param_u64(params, 3, &seed) ||
+        param_u64(params, 4, &budget) || param_u64(params, 5, &out))
+        return E_INVALID_VALUE;
+    if (role > 1) return E_INVALID_VALUE;
+    /* Every address is checked before anything runs: a bad one touches nothing. */
+    struct region *ra = kernel_range(area, HS_AREA);
+    struct region *ro = kernel_range(out, 4 * sizeof(uint64_t));
+    if (ra == NULL || ro == NULL) return E_ILLEGAL_ADDRESS;
+    if (area % sizeof(uint32_t) != 0 || out % sizeof(uint64_t) != 0) return E_MISALIGNED_ADDRESS;
+    unsigned ma = fault_mask(ra), mo = fault_mask(ro);
+    trigger(ra, ma);
+    trigger(ro, mo);
+    uint64_t start = now_ns();
+    uint64_t deadline = budget > UINT64_MAX - start ? UINT64_MAX : start + budget;
+    int driver = role == 1;
+    size_t base = region_off(ra, area);
+    /* Mine: what this side writes; theirs: what it waits for and checks. */
+    size_t my_flag = base + (driver ? HS_FLAG_C : HS_FLAG_P);
+    size_t their_flag = base + (driver ? HS_FLAG_P : HS_FLAG_C);
+    size_t my_payload = base + (driver ? HS_PAYLOAD_C : HS_PAYLOAD_P);
+    size_t their_payload = base + (driver ? HS_PAYLOAD_P : HS_PAYLOAD_C);
+    uint64_t my_pat = driver ? 0 : HS_PAYLOAD, their_pat = driver ? HS_PAYLOAD : 0;
+    struct launch l = LAUNCH_INIT;
+    uint64_t done = 0, errors = 0, timed_out = 0;
+    unsigned char buf[HS_PAYLOAD];
+    for (uint32_t r = 1; r != 0 && r <= rounds; r++) {
+        uint64_t at = (uint64_t)r * 512;
+        if (driver) {
+            for (size_t j = 0; j < HS_PAYLOAD; j++) buf[j] = pat(at + my_pat + j, seed);
+            kernel_store(&l, ra, my_payload, buf, 0, HS_PAYLOAD, ma);
+            kernel_store_ex(&l, ra, my_flag, &r, 0, sizeof r, ma, 1);
+        }
+        if (!wait_flag(ra, their_flag, r, ma, deadline)) {
+            timed_out = 1;
+            break;
+        }
+        kernel_load(ra, their_payload, buf, HS_PAYLOAD, ma);
+        for (size_t j = 0; j < HS_PAYLOAD; j++) errors += buf[j] != pat(at + their_pat + j, seed);
+        if (!driver) {
+            for (size_t j = 0; j < HS_PAYLOAD; j++) buf[j] = pat(at + my_pat + j, seed);
+            kernel_store(&l, ra, my_payload, buf, 0, HS_PAYLOAD, ma);
+            kernel_store_ex(&l, ra, my_flag, &r, 0, sizeof r, ma, 1);
+        }
+        done++;
+    }
+    uint64_t result[4] = {done, errors, timed_out, now_ns() - start};
+    kernel_store(&l, ro, region_off(ro, out), result, 0, sizeof result, mo);
+    return kernel_end(&l);
 }
 
 /* Records which supported kernels the PTX text defines (".entry NAME("). */
@@ -962,7 +1301,13 @@ SIM_EXPORT int cuLaunchKernel(void *f, unsigned gridX, unsigned gridY, unsigned 
     if (!gridX || !gridY || !gridZ || !blockX || !blockY || !blockZ ||
         (unsigned long long)blockX * blockY * blockZ > 1024 || kernelParams == NULL)
         return unlock_return(E_INVALID_VALUE);
-    rc = fn->kernel == K_STORE ? run_store(kernelParams) : run_count(kernelParams);
+    switch (fn->kernel) {
+    case K_STORE: rc = run_store(kernelParams); break;
+    case K_COUNT: rc = run_count(kernelParams); break;
+    case K_PATTERN_STORE: rc = run_pattern_store(kernelParams); break;
+    case K_PATTERN_CHECK: rc = run_pattern_check(kernelParams); break;
+    default: rc = run_handshake(kernelParams); break;
+    }
     return unlock_return(rc);
 }
 

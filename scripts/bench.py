@@ -33,10 +33,11 @@ import sys
 import tempfile
 import time
 
-VARIANTS = ["floor-one", "floor-all", "p2pcheck", "p2pcheck-all", "p2pcheck-vllm", "reference",
-            "warm-lookup"]
-P2P_FLAGS = {"p2pcheck": [], "p2pcheck-all": ["--visibility", "all"],
-             "p2pcheck-vllm": ["--engine", "vllm"]}
+VARIANTS = ["floor-one", "floor-all", "p2pcheck", "p2pcheck-copy", "p2pcheck-all", "p2pcheck-vllm",
+            "reference", "warm-lookup"]
+# p2pcheck-copy: vLLM's copy tier alone, so the time the kernel and handshake tiers add shows.
+P2P_FLAGS = {"p2pcheck": [], "p2pcheck-copy": ["--level", "copy"],
+             "p2pcheck-all": ["--visibility", "all"], "p2pcheck-vllm": ["--engine", "vllm"]}
 # Environment that would change what is measured; dropped from every child's environment.
 NOISE = ("P2PCHECK_TRACE",)
 TRACE_RE = re.compile(r"\[p2pcheck trace\b[^\]]*?\bpid=(\d+)[^\]]*\]\s*(\S+)")
@@ -669,7 +670,8 @@ class Gpu:
         timed("floor-one: last exit", "floor-one", "exit_s")
         timed("floor-all: last handle read (answer)", "floor-all", "answer_s")
         timed("floor-all: last exit", "floor-all", "exit_s")
-        for v, name in (("p2pcheck", "p2pcheck"), ("p2pcheck-all", "p2pcheck --visibility all"),
+        for v, name in (("p2pcheck", "p2pcheck"), ("p2pcheck-copy", "p2pcheck --level copy"),
+                        ("p2pcheck-all", "p2pcheck --visibility all"),
                         ("p2pcheck-vllm", "p2pcheck --engine vllm")):
             timed(name + ": answer (JSON line read)", v, "answer_s")
             timed(name + ": answer_s (its own clock)", v, "json_answer_s")

@@ -62,11 +62,12 @@ use once_cell::sync::{Lazy, OnceCell};
 pub use cuda::{Error as CudaError, Library};
 pub use engine::{
     all_pairs, locate_worker, start, Engine, Options, Outcome, PairReport, Pending, Report,
-    Verdict, Visibility, WorkerInfo, TIMEOUT_RANGE,
+    Verdict, Visibility, WorkerInfo, DEFAULT_KERNEL_BYTES, TIMEOUT_RANGE,
 };
 pub use error::{Error, Result};
 pub use protocol::{
-    Check, Level, Pair, Problem, SideVerdict, TierOutcome, VERSION as PROTOCOL_VERSION,
+    Check, Class, Level, Pair, Problem, SideVerdict, TierOutcome, TierParams,
+    VERSION as PROTOCOL_VERSION,
 };
 pub use sys::BINDINGS_SOURCE;
 pub use worker::{main as worker_main, TEST_BYTES, WORKER_FLAG};

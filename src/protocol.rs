@@ -70,19 +70,25 @@ impl fmt::Display for Pair {
 pub enum Level {
     /// vLLM's test: copy-engine memset through the mapping, both sides read back.
     Copy = 0,
-    /// Also SM-issued stores and loads through the mapping (the C shim's kernels).
+    /// Also SM-issued stores and loads of a position-dependent pattern through the mapping,
+    /// 1, 4, 8 and 16 bytes wide, over many pages (the C shim's kernels).
     Kernel = 1,
+    /// Also kernels resident at the same time on both sides, exchanging a payload and a flag
+    /// for several rounds with system-scope release/acquire (how all-reduce kernels
+    /// synchronise), every wait bounded on the GPU clock.
+    Handshake = 2,
 }
 
 impl Level {
     /// Every level, weakest first.
-    pub const ALL: [Level; 2] = [Level::Copy, Level::Kernel];
+    pub const ALL: [Level; 3] = [Level::Copy, Level::Kernel, Level::Handshake];
 
-    /// `copy` or `kernel`.
+    /// `copy`, `kernel` or `handshake`.
     pub fn name(self) -> &'static str {
         match self {
             Level::Copy => "copy",
             Level::Kernel => "kernel",
+            Level::Handshake => "handshake",
         }
     }
 }
@@ -93,8 +99,25 @@ impl std::str::FromStr for Level {
         Level::ALL
             .into_iter()
             .find(|l| l.name() == s)
-            .ok_or_else(|| format!("unknown level {s:?} (copy or kernel)"))
+            .ok_or_else(|| format!("unknown level {s:?} (copy, kernel or handshake)"))
     }
+}
+
+/// How the tiers beyond copy run: the same for every pair of a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TierParams {
+    /// Bytes of the kernel tier's pattern area per pair (a multiple of 256 KiB); 0 at level
+    /// copy (then nothing beyond vLLM's 1 KiB is allocated).
+    pub kernel_bytes: u32,
+    /// The run's seed: every pattern derives from it, so stale data from an earlier run shows.
+    pub seed: u64,
+    /// Test only: the consumer's SM stores land this many bytes off (a planted fault, which
+    /// the kernel tier must catch); 0 otherwise.
+    pub shift: u32,
+    /// Handshake rounds between two GPUs (same-GPU pairs do fewer: their kernels time-slice).
+    pub rounds: u32,
+    /// Each handshake kernel's budget on the GPU clock, in milliseconds.
+    pub budget_ms: u32,
 }
 
 /// What a message is about: the pair's position in its batch, the pair, the sender's or
@@ -116,12 +139,12 @@ pub struct Job {
 pub enum Stage {
     /// vLLM's barrier: the consumer has written 2s and synchronised.
     Copy = 0,
-    /// Kernel check: the producer has read the 2s back, so the consumer may overwrite them.
-    CopyChecked = 1,
-    /// Kernel check: the consumer's SM stores are done.
-    KernelStored = 2,
-    /// Kernel check: the producer has checked them and written its own value for the consumer.
-    ProducerRewrote = 3,
+    /// Kernel tier: the consumer's SM stores are done.
+    KernelStored = 1,
+    /// Kernel tier: the producer has checked them and written the load pattern.
+    ProducerRewrote = 2,
+    /// Handshake tier: the producer launches its kernel; the consumer launches its own.
+    Handshake = 3,
 }
 
 /// Which read-back found wrong bytes.
@@ -177,8 +200,25 @@ pub enum Problem {
         first_bad: u64,
         /// The value found there (`None` where the kernel does not report it).
         seen: Option<u8>,
-        /// The value expected.
+        /// The value expected (for a pattern: 0, the bytes differ by offset).
         expected: u8,
+        /// Width of the accesses in bytes: 0 for the copy engine, else 1, 4, 8 or 16 (SM).
+        width: u8,
+        /// Of the wrong bytes, those still holding the old contents: writes that never arrived.
+        stale: u64,
+    },
+    /// The handshake tier did not complete.
+    Handshake {
+        /// Rounds asked for.
+        rounds: u32,
+        /// Rounds completed.
+        done: u64,
+        /// Payload bytes wrong when their flag said they were ready.
+        payload_errors: u64,
+        /// A wait reached its deadline on the GPU clock.
+        timed_out: bool,
+        /// GPU time the kernel ran.
+        elapsed_ns: u64,
     },
     /// The other side could not do its part, so this side could not test: what it said.
     Peer(Box<Problem>),
@@ -223,18 +263,123 @@ impl fmt::Display for Problem {
                 first_bad,
                 seen,
                 expected,
+                width,
+                stale,
             } => {
+                write!(f, "{}", check.describe())?;
+                if *width > 0 {
+                    write!(f, " ({width}-byte accesses)")?;
+                }
                 write!(
                     f,
-                    "{}: {wrong} of {total} bytes wrong, first at byte {first_bad}",
-                    check.describe()
+                    ": {wrong} of {total} bytes wrong, first at byte {first_bad}"
                 )?;
                 if let Some(seen) = seen {
                     write!(f, " ({seen:#04x}, expected {expected:#04x})")?;
                 }
+                if *stale > 0 {
+                    write!(f, ", {stale} of them still the old contents")?;
+                }
+                Ok(())
+            }
+            Problem::Handshake {
+                rounds,
+                done,
+                payload_errors,
+                timed_out,
+                elapsed_ns,
+            } => {
+                write!(f, "handshake: {done} of {rounds} rounds")?;
+                if *timed_out {
+                    write!(
+                        f,
+                        ", then no flag from the other kernel within {:.1} ms",
+                        *elapsed_ns as f64 / 1e6
+                    )?;
+                }
+                if *payload_errors > 0 {
+                    write!(f, ", {payload_errors} payload bytes wrong")?;
+                }
                 Ok(())
             }
             Problem::Peer(p) => write!(f, "the other side could not take part: {p}"),
+        }
+    }
+}
+
+/// What kind of failure a [`Problem`] is: the diagnosis a person acts on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Class {
+    /// Nothing written through the mapping arrived: the old contents remain.
+    NeverWritten,
+    /// Some pages arrived, others kept their old contents.
+    Partial,
+    /// Data arrived, but wrong.
+    WrongData,
+    /// `cudaIpcOpenMemHandle` failed: the memory could not be mapped at all.
+    OpenFailed,
+    /// A flag from the other kernel never became visible within the deadline.
+    Timeout,
+    /// Another failed call, or the driver could not be used.
+    Other,
+}
+
+impl Class {
+    /// `never-written`, `partial`, `wrong-data`, `open-failed`, `timeout`, `other`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Class::NeverWritten => "never-written",
+            Class::Partial => "partial",
+            Class::WrongData => "wrong-data",
+            Class::OpenFailed => "open-failed",
+            Class::Timeout => "timeout",
+            Class::Other => "other",
+        }
+    }
+
+    /// What usually causes it, for a person.
+    pub fn hint(self) -> &'static str {
+        match self {
+            Class::NeverWritten => {
+                "writes through the peer mapping never arrived; over PCIe, ACS with a \
+                 translating IOMMU does this (check ACS in `lspci -vvv` and the IOMMU mode)"
+            }
+            Class::Partial => "only some pages arrived: a peer path that loses part of the traffic",
+            Class::WrongData => "data arrived but wrong: a broken peer path or driver",
+            Class::OpenFailed => {
+                "the memory could not be mapped; in a container the processes must share the \
+                 IPC and PID namespaces (docker: --ipc=host --pid=host)"
+            }
+            Class::Timeout => {
+                "kernels running at the same time did not see each other's flags: a peer \
+                 path that does not keep resident kernels coherent (what all-reduce needs)"
+            }
+            Class::Other => "see the failing call",
+        }
+    }
+}
+
+impl Problem {
+    /// The diagnosis.
+    pub fn class(&self) -> Class {
+        match self {
+            Problem::Cuda { call, .. } if call == "cudaIpcOpenMemHandle" => Class::OpenFailed,
+            Problem::Cuda { .. } | Problem::Driver(_) => Class::Other,
+            Problem::Mismatch {
+                wrong,
+                total,
+                stale,
+                ..
+            } => match (*stale == *wrong, *wrong == *total) {
+                (true, true) => Class::NeverWritten,
+                (true, false) => Class::Partial,
+                (false, _) => Class::WrongData,
+            },
+            Problem::Handshake {
+                timed_out: true, ..
+            } => Class::Timeout,
+            Problem::Handshake { .. } => Class::WrongData,
+            Problem::Peer(p) => p.class(),
         }
     }
 }
@@ -259,45 +404,37 @@ pub struct SideVerdict {
     pub claim: Option<bool>,
     /// The kernel tier, as this side saw it.
     pub kernel: TierOutcome,
+    /// The handshake tier, as this side saw it.
+    pub handshake: TierOutcome,
 }
 
 /// One step of a pair in the parallel engine, as the parent asks a worker to do it. Slots are
-/// the producer's buffer cut in `SLOT_BYTES` pieces (`worker::parallel`), one per consumer device.
+/// the producer's buffer cut in equal pieces (`worker::Layout`), one per consumer device.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
-    /// Producer: set the slot to `value` (copy engine) and synchronise.
-    Fill {
-        /// The byte.
-        value: u8,
-    },
-    /// Consumer: map the producer's buffer (once per handle), set the slot to `value`
-    /// (copy engine), synchronise, read it back.
+    /// Consumer: map the producer's buffer (once per handle), set the slot's copy bytes to
+    /// `value` (copy engine), synchronise, read them back.
     Write {
         /// The producer's buffer.
         handle: [u8; IPC_HANDLE_BYTES],
         /// The byte.
         value: u8,
     },
-    /// Producer: check that the slot holds `expect` everywhere (`check` names the read-back),
-    /// then, if `refill`, set it to that value.
+    /// Producer: check that the slot's copy bytes hold `expect` everywhere.
     Verify {
         /// The byte expected.
         expect: u8,
-        /// Which read-back this is.
-        check: Check,
-        /// The byte to write afterwards, if any.
-        refill: Option<u8>,
     },
-    /// Consumer: SM stores of `value` into the slot through the mapping.
-    KernelStore {
-        /// The byte.
-        value: u8,
-    },
-    /// Consumer: SM loads of the slot through the mapping, expecting `expect`.
-    KernelLoad {
-        /// The byte expected.
-        expect: u8,
-    },
+    /// Consumer: SM stores of the store pattern into the slot's kernel area, every width.
+    KernelStore,
+    /// Producer: check the store pattern in its slot with SM loads, then write the load
+    /// pattern there.
+    VerifyStores,
+    /// Consumer: SM loads of the load pattern through the mapping, every width.
+    KernelLoad,
+    /// Either side: its half of the handshake on the slot's handshake area (the producer
+    /// serves on its own memory, the consumer drives through the mapping).
+    Handshake,
 }
 
 /// Every message, both directions. Which side may send which is the engine's business.
@@ -318,6 +455,8 @@ pub enum Message {
         role: Role,
         /// How much to check.
         level: Level,
+        /// How the tiers beyond copy run.
+        tiers: TierParams,
         /// The pairs, in order.
         pairs: Vec<Pair>,
     },
@@ -358,6 +497,8 @@ pub enum Message {
         device: u32,
         /// Slots to export (0: this worker only maps others' memory).
         slots: u32,
+        /// How the tiers beyond copy run (the slot layout follows from it).
+        tiers: TierParams,
     },
     /// Worker -> parent (parallel engine): the device is set up; the buffer's handle if one
     /// was asked for.
@@ -507,6 +648,8 @@ impl Enc {
                 first_bad,
                 seen,
                 expected,
+                width,
+                stale,
             } => {
                 self.u8(2);
                 self.u8(*check as u8);
@@ -515,6 +658,22 @@ impl Enc {
                 self.u64(*first_bad);
                 self.opt_u8(*seen);
                 self.u8(*expected);
+                self.u8(*width);
+                self.u64(*stale);
+            }
+            Problem::Handshake {
+                rounds,
+                done,
+                payload_errors,
+                timed_out,
+                elapsed_ns,
+            } => {
+                self.u8(4);
+                self.u32(*rounds);
+                self.u64(*done);
+                self.u64(*payload_errors);
+                self.u8(u8::from(*timed_out));
+                self.u64(*elapsed_ns);
             }
             Problem::Peer(inner) => {
                 self.u8(3);
@@ -534,6 +693,13 @@ impl Enc {
                 self.problem(p);
             }
         }
+    }
+    fn tiers(&mut self, t: &TierParams) {
+        self.u32(t.kernel_bytes);
+        self.u64(t.seed);
+        self.u32(t.shift);
+        self.u32(t.rounds);
+        self.u32(t.budget_ms);
     }
     fn tier(&mut self, t: &TierOutcome) {
         match t {
@@ -582,10 +748,16 @@ pub fn encode(msg: &Message) -> Vec<u8> {
                 }
             }
         }
-        Message::Start { role, level, pairs } => {
+        Message::Start {
+            role,
+            level,
+            tiers,
+            pairs,
+        } => {
             e.u8(TAG_START);
             e.u8(*role as u8);
             e.u8(*level as u8);
+            e.tiers(tiers);
             e.u32(pairs.len() as u32);
             for p in pairs {
                 e.pair(*p);
@@ -625,12 +797,18 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             e.result_unit(&verdict.copy);
             e.opt_bool(verdict.claim);
             e.tier(&verdict.kernel);
+            e.tier(&verdict.handshake);
             e.u32(*peak_rss_kb);
         }
-        Message::Setup { device, slots } => {
+        Message::Setup {
+            device,
+            slots,
+            tiers,
+        } => {
             e.u8(TAG_SETUP);
             e.u32(*device);
             e.u32(*slots);
+            e.tiers(tiers);
         }
         Message::Ready { result } => {
             e.u8(TAG_READY);
@@ -651,33 +829,19 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             e.job(job);
             e.u32(*slot);
             match op {
-                Op::Fill { value } => {
-                    e.u8(0);
-                    e.u8(*value);
-                }
                 Op::Write { handle, value } => {
                     e.u8(1);
                     e.handle(handle);
                     e.u8(*value);
                 }
-                Op::Verify {
-                    expect,
-                    check,
-                    refill,
-                } => {
+                Op::Verify { expect } => {
                     e.u8(2);
                     e.u8(*expect);
-                    e.u8(*check as u8);
-                    e.opt_u8(*refill);
                 }
-                Op::KernelStore { value } => {
-                    e.u8(3);
-                    e.u8(*value);
-                }
-                Op::KernelLoad { expect } => {
-                    e.u8(4);
-                    e.u8(*expect);
-                }
+                Op::KernelStore => e.u8(3),
+                Op::VerifyStores => e.u8(4),
+                Op::KernelLoad => e.u8(5),
+                Op::Handshake => e.u8(6),
             }
         }
         Message::Done {
@@ -835,6 +999,15 @@ impl<'a> Dec<'a> {
                 first_bad: self.u64("first bad offset")?,
                 seen: self.opt_u8("seen")?,
                 expected: self.u8("expected")?,
+                width: self.u8("width")?,
+                stale: self.u64("stale bytes")?,
+            },
+            4 => Problem::Handshake {
+                rounds: self.u32("rounds")?,
+                done: self.u64("rounds done")?,
+                payload_errors: self.u64("payload errors")?,
+                timed_out: self.flag("timed out")?,
+                elapsed_ns: self.u64("elapsed")?,
             },
             3 if depth == 0 => Problem::Peer(Box::new(self.problem(1)?)),
             v => return malformed(format!("unknown problem kind {v} at depth {depth}")),
@@ -845,6 +1018,15 @@ impl<'a> Dec<'a> {
             Ok(())
         } else {
             Err(self.problem(0)?)
+        })
+    }
+    fn tiers(&mut self) -> Result<TierParams, ProtocolError> {
+        Ok(TierParams {
+            kernel_bytes: self.u32("kernel bytes")?,
+            seed: self.u64("seed")?,
+            shift: self.u32("shift")?,
+            rounds: self.u32("rounds")?,
+            budget_ms: self.u32("budget")?,
         })
     }
     fn tier(&mut self) -> Result<TierOutcome, ProtocolError> {
@@ -894,15 +1076,21 @@ pub fn decode(body: &[u8]) -> Result<Message, ProtocolError> {
         TAG_START => {
             let role = d.role()?;
             let level = d.level()?;
+            let tiers = d.tiers()?;
             let n = d.u32("pair count")? as usize;
-            if n > (MAX_FRAME - 7) / 8 {
+            if n > (MAX_FRAME - 31) / 8 {
                 return malformed(format!("{n} pairs cannot fit in a frame"));
             }
             let mut pairs = Vec::with_capacity(n);
             for _ in 0..n {
                 pairs.push(d.pair()?);
             }
-            Message::Start { role, level, pairs }
+            Message::Start {
+                role,
+                level,
+                tiers,
+                pairs,
+            }
         }
         TAG_HANDLE => {
             let job = d.job()?;
@@ -921,9 +1109,9 @@ pub fn decode(body: &[u8]) -> Result<Message, ProtocolError> {
             let job = d.job()?;
             let stage = match d.u8("stage")? {
                 0 => Stage::Copy,
-                1 => Stage::CopyChecked,
-                2 => Stage::KernelStored,
-                3 => Stage::ProducerRewrote,
+                1 => Stage::KernelStored,
+                2 => Stage::ProducerRewrote,
+                3 => Stage::Handshake,
                 v => return malformed(format!("unknown barrier stage {v}")),
             };
             Message::Barrier { job, stage }
@@ -934,12 +1122,14 @@ pub fn decode(body: &[u8]) -> Result<Message, ProtocolError> {
                 copy: d.result_unit("copy result")?,
                 claim: d.opt_bool("claim")?,
                 kernel: d.tier()?,
+                handshake: d.tier()?,
             },
             peak_rss_kb: d.u32("peak RSS")?,
         },
         TAG_SETUP => Message::Setup {
             device: d.device("device")?,
             slots: d.device("slots")?,
+            tiers: d.tiers()?,
         },
         TAG_READY => Message::Ready {
             result: match d.u8("ready status")? {
@@ -953,24 +1143,17 @@ pub fn decode(body: &[u8]) -> Result<Message, ProtocolError> {
             let job = d.job()?;
             let slot = d.device("slot")?;
             let op = match d.u8("op")? {
-                0 => Op::Fill {
-                    value: d.u8("value")?,
-                },
                 1 => Op::Write {
                     handle: d.array("IPC handle")?,
                     value: d.u8("value")?,
                 },
                 2 => Op::Verify {
                     expect: d.u8("expect")?,
-                    check: d.check()?,
-                    refill: d.opt_u8("refill")?,
                 },
-                3 => Op::KernelStore {
-                    value: d.u8("value")?,
-                },
-                4 => Op::KernelLoad {
-                    expect: d.u8("expect")?,
-                },
+                3 => Op::KernelStore,
+                4 => Op::VerifyStores,
+                5 => Op::KernelLoad,
+                6 => Op::Handshake,
                 v => return malformed(format!("unknown op {v}")),
             };
             Message::Step { job, slot, op }
@@ -1104,6 +1287,18 @@ mod tests {
             first_bad: 7,
             seen: Some(0xee),
             expected: 4,
+            width: 16,
+            stale: 3,
+        }
+    }
+
+    fn tiers() -> TierParams {
+        TierParams {
+            kernel_bytes: 2 << 20,
+            seed: 0x0123_4567_89ab_cdef,
+            shift: 64,
+            rounds: 16,
+            budget_ms: 1000,
         }
     }
 
@@ -1132,6 +1327,7 @@ mod tests {
             Message::Start {
                 role: Role::Consumer,
                 level: Level::Kernel,
+                tiers: tiers(),
                 pairs: vec![Pair { src: 0, tgt: 1 }, Pair { src: 7, tgt: 3 }],
             },
             Message::Handle {
@@ -1160,6 +1356,13 @@ mod tests {
                     copy: Err(Problem::Peer(Box::new(cuda_problem()))),
                     claim: Some(false),
                     kernel: TierOutcome::Failed(mismatch()),
+                    handshake: TierOutcome::Failed(Problem::Handshake {
+                        rounds: 16,
+                        done: 3,
+                        payload_errors: 2,
+                        timed_out: true,
+                        elapsed_ns: 1_000_000_000,
+                    }),
                 },
                 peak_rss_kb: 107_000,
             },
@@ -1169,12 +1372,14 @@ mod tests {
                     copy: Ok(()),
                     claim: None,
                     kernel: TierOutcome::Ok,
+                    handshake: TierOutcome::NotRun,
                 },
                 peak_rss_kb: 0,
             },
             Message::Setup {
                 device: 5,
                 slots: 8,
+                tiers: tiers(),
             },
             Message::Ready {
                 result: Ok(Some(h)),
@@ -1194,26 +1399,27 @@ mod tests {
             Message::Step {
                 job: job(Role::Producer),
                 slot: 2,
-                op: Op::Verify {
-                    expect: 3,
-                    check: Check::KernelStores,
-                    refill: Some(4),
-                },
+                op: Op::Verify { expect: 2 },
+            },
+            Message::Step {
+                job: job(Role::Consumer),
+                slot: 1,
+                op: Op::KernelStore,
             },
             Message::Step {
                 job: job(Role::Producer),
-                slot: 0,
-                op: Op::Fill { value: 1 },
+                slot: 1,
+                op: Op::VerifyStores,
             },
             Message::Step {
                 job: job(Role::Consumer),
                 slot: 1,
-                op: Op::KernelStore { value: 3 },
+                op: Op::KernelLoad,
             },
             Message::Step {
-                job: job(Role::Consumer),
+                job: job(Role::Producer),
                 slot: 1,
-                op: Op::KernelLoad { expect: 4 },
+                op: Op::Handshake,
             },
             Message::Done {
                 job: job(Role::Consumer),
@@ -1315,12 +1521,14 @@ mod tests {
         assert!(matches!(decode(&hello), Err(ProtocolError::Malformed(m)) if m.contains("magic")));
         // A pair count that cannot fit is refused before allocating.
         let mut start = vec![TAG_START, 0, 0];
+        start.extend_from_slice(&[0; 24]); // the tier parameters
         start.extend_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(decode(&start), Err(ProtocolError::Malformed(m)) if m.contains("pairs")));
         // A device id beyond any machine is refused, not used to size anything.
         let setup = encode(&Message::Setup {
             device: 0,
             slots: 1,
+            tiers: tiers(),
         });
         let mut huge = setup[4..].to_vec();
         huge[5..9].copy_from_slice(&u32::MAX.to_le_bytes());

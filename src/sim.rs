@@ -48,11 +48,15 @@ pub enum FaultKind {
     OneWay,
     /// The driver says no, but access works.
     ClaimNo,
+    /// Writes through the mapping to odd 64 KiB pages vanish; even pages and reads work.
+    Partial,
+    /// SM stores through the mapping land 4096 bytes further than addressed.
+    Shifted,
 }
 
 impl FaultKind {
     /// Every kind, in documentation order.
-    pub const ALL: [FaultKind; 9] = [
+    pub const ALL: [FaultKind; 11] = [
         FaultKind::IpcOpenFails,
         FaultKind::DropWrites,
         FaultKind::Corrupt,
@@ -62,6 +66,8 @@ impl FaultKind {
         FaultKind::Crash,
         FaultKind::OneWay,
         FaultKind::ClaimNo,
+        FaultKind::Partial,
+        FaultKind::Shifted,
     ];
 
     /// The name used on the command line and by the simulator.
@@ -76,6 +82,8 @@ impl FaultKind {
             FaultKind::Crash => "crash",
             FaultKind::OneWay => "one-way",
             FaultKind::ClaimNo => "claim-no",
+            FaultKind::Partial => "partial",
+            FaultKind::Shifted => "shifted",
         }
     }
 }
@@ -231,6 +239,19 @@ mod tests {
         }
         let spaced: Fault = " 0 -> 2 : hang".parse().unwrap();
         assert_eq!(spaced.to_string(), "0->2:hang");
+    }
+
+    #[test]
+    fn the_simulator_knows_every_kind() {
+        // Its parser's table holds each name as a NUL-terminated string.
+        for kind in FaultKind::ALL {
+            let name = format!("{}\0", kind.name());
+            assert!(
+                LIBRARY.windows(name.len()).any(|w| w == name.as_bytes()),
+                "{}",
+                kind.name()
+            );
+        }
     }
 
     #[test]

@@ -18,18 +18,15 @@ include!(concat!(env!("OUT_DIR"), "/bindings.rs"));
 /// Where this build's bindings came from: `generated from <include dir>` or `committed`.
 pub const BINDINGS_SOURCE: &str = env!("P2PCHECK_BINDINGS_SOURCE");
 
-/// The C shim (`csrc/shim.h`): SM-issued stores and loads through a mapping.
+/// The C shim (`csrc/shim.h`): launches the kernel and handshake tiers' kernels.
 pub mod shim {
-    use std::os::raw::{c_char, c_int, c_uchar, c_ulonglong};
+    use std::os::raw::{c_char, c_int, c_uint, c_ulonglong, c_void};
 
     /// `p2pc_driver`: driver entry points handed to the shim. The fields use the driver's
     /// own pointer types (ABI-identical to the `void *`-based C declarations), so the table is
     /// filled from resolved symbols without casts.
     #[repr(C)]
     pub struct p2pc_driver {
-        pub module_load_data: super::PFN_cuModuleLoadData_v2000,
-        pub module_get_function: super::PFN_cuModuleGetFunction_v2000,
-        pub module_unload: super::PFN_cuModuleUnload_v2000,
         pub launch_kernel: super::PFN_cuLaunchKernel_v4000,
         pub ctx_synchronize: super::PFN_cuCtxSynchronize_v2000,
         pub mem_alloc: super::PFN_cuMemAlloc_v3020,
@@ -41,34 +38,47 @@ pub mod shim {
     /// `P2PC_MAX_CALLS`.
     pub const P2PC_MAX_CALLS: usize = 16;
 
-    /// `p2pc_kernel_report`.
+    /// `p2pc_report`.
     #[repr(C)]
-    pub struct p2pc_kernel_report {
+    pub struct p2pc_report {
         pub failed_call: *const c_char,
         pub code: c_int,
-        pub mismatches: c_ulonglong,
-        pub first_bad: c_ulonglong,
         pub n_calls: c_int,
         pub calls: [*const c_char; P2PC_MAX_CALLS],
         pub codes: [c_int; P2PC_MAX_CALLS],
+        pub results: [c_ulonglong; 4],
     }
 
     extern "C" {
-        pub fn p2pc_kernel_store(
+        pub fn p2pc_pattern_store(
             d: *const p2pc_driver,
-            ptx: *const c_char,
+            function: *mut c_void,
             ptr: c_ulonglong,
-            n: usize,
-            value: c_uchar,
-            out: *mut p2pc_kernel_report,
+            n: c_ulonglong,
+            seed: c_ulonglong,
+            width: c_uint,
+            shift: c_ulonglong,
+            out: *mut p2pc_report,
         );
-        pub fn p2pc_kernel_check(
+        pub fn p2pc_pattern_check(
             d: *const p2pc_driver,
-            ptx: *const c_char,
+            function: *mut c_void,
             ptr: c_ulonglong,
-            n: usize,
-            value: c_uchar,
-            out: *mut p2pc_kernel_report,
+            n: c_ulonglong,
+            seed: c_ulonglong,
+            old_seed: c_ulonglong,
+            width: c_uint,
+            out: *mut p2pc_report,
+        );
+        pub fn p2pc_handshake(
+            d: *const p2pc_driver,
+            function: *mut c_void,
+            area: c_ulonglong,
+            rounds: c_uint,
+            role: c_uint,
+            seed: c_ulonglong,
+            budget_ns: c_ulonglong,
+            out: *mut p2pc_report,
         );
     }
 }

@@ -52,6 +52,7 @@ fn every_pair_of_the_visible_gpus_passes_both_tiers_in_both_engines() {
             assert_eq!(p.pair, expected, "pairs come back in batch order");
             assert!(p.ok(), "{engine:?} {}: {:?}", p.pair, p.details());
             assert_eq!(p.kernel(), TierOutcome::Ok);
+            assert_eq!(p.handshake(), TierOutcome::Ok);
             assert_eq!(p.attempts, 1);
             // The claim is asked where the consumer sees both GPUs; an H200 machine's driver
             // claims every pair.
@@ -183,4 +184,37 @@ fn a_worker_killed_mid_run_is_retried_and_leaves_nothing() {
     );
     pending.finish();
     assert!(worker_children().is_empty(), "no worker left behind");
+}
+
+#[test]
+#[ignore = "needs NVIDIA GPUs: run with --ignored and P2PCHECK_GPU_TESTS=1"]
+fn a_planted_shifted_store_is_caught_by_the_kernel_tier_as_wrong_data() {
+    require_gpu_run();
+    for engine in [Engine::Parallel, Engine::Vllm] {
+        let opts = Options {
+            engine,
+            test_plant_shifted_stores: true,
+            ..options()
+        };
+        let report = p2pcheck::check(None, &opts).expect("the check runs");
+        for p in &report.pairs {
+            assert_eq!(
+                p.copy_ok(),
+                Some(true),
+                "{engine:?} {}: the copy tier cannot see it",
+                p.pair
+            );
+            assert_eq!(
+                p.failed_tier(),
+                Some(Level::Kernel),
+                "{engine:?} {}",
+                p.pair
+            );
+            let TierOutcome::Failed(why) = p.kernel() else {
+                panic!("{engine:?} {}: {:?}", p.pair, p.kernel())
+            };
+            assert_eq!(why.class(), p2pcheck::Class::WrongData, "{why}");
+            eprintln!("{engine:?} {}: {why}", p.pair);
+        }
+    }
 }

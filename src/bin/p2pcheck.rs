@@ -18,13 +18,15 @@ USAGE:
     p2pcheck [OPTIONS]
     p2pcheck access-check SRC TGT [OPTIONS]
 
-Checks every ordered pair (src, tgt) of the visible GPUs: a process on src owns memory, a
-process on tgt maps it through CUDA IPC and writes it, both read it back (vLLM's
-can_actually_p2p), then SM-issued stores and loads through the mapping (the kernel tier). By
+Checks every ordered pair (src, tgt) of the visible GPUs in three tiers: copy (a process on src
+owns memory, a process on tgt maps it through CUDA IPC and writes it, both read it back:
+vLLM's can_actually_p2p), kernel (SM-issued stores and loads of a pattern through the mapping)
+and handshake (kernels resident on both sides at once, exchanging flags). A failure is
+classified (never-written, partial, wrong-data, open-failed, timeout) with a hint. By
 default one worker process per GPU checks every pair at once, each seeing only its own GPU;
 --engine vllm runs vLLM's procedure exactly (two processes, pair after pair, a device reset
-after each). Prints the matrix (rows src, columns tgt) of verdicts - ok, FAIL (ran, wrong data
-or a failed call), HANG (a worker stopped answering: killed), ERROR (a worker died) - with the
+after each). Prints the matrix (rows src, columns tgt) of verdicts - ok, FAIL:TIER (ran; the
+weakest tier that failed), HANG (a worker stopped answering: killed), ERROR (a worker died) - with the
 driver's own claim (cudaDeviceCanAccessPeer) where it differs, the reason for every failure,
 and where the vLLM cache file is. A pair that hangs or errors is retried once on fresh workers.
 Every wait has a deadline; no worker outlives the check.
@@ -36,9 +38,16 @@ a check of every pair, written to the cache with its fingerprint.
 OPTIONS:
     --json                 Print one JSON object on stdout instead of the table
     --engine ENGINE        parallel (default) or vllm (vLLM's procedure exactly)
-    --level LEVEL          copy (vLLM's test only) or kernel (also SM stores and loads)
-                           [default: kernel]
+    --level LEVEL          copy (vLLM's test only), kernel (also SM stores and loads of a
+                           position-dependent pattern, 1/4/8/16 bytes wide) or handshake (also
+                           kernels resident on both sides exchanging flags) [default: handshake]
     --no-kernel-check      The same as --level copy
+    --kernel-bytes BYTES   The kernel tier's pattern area per pair [default: 2097152; a
+                           multiple of 262144]
+    --handshake-rounds N   Handshake rounds between two GPUs [default: 16; same GPU: 3]
+    --test-only-plant-shifted-stores
+                           TEST ONLY: make the kernel tier's SM stores land 64 bytes off, a
+                           planted fault it must catch; never use it to check a machine
     --visibility WHICH     one (default: each worker sees only its GPU, by UUID) or all (each
                            sees every GPU; used anyway where GPUs cannot be named: MIG, no
                            /proc/driver/nvidia)
@@ -58,7 +67,7 @@ OPTIONS:
                            cache is then only touched in an explicit --cache-dir
     --fault SRC->TGT:KIND  With --simulate: break pair SRC->TGT (physical ids; repeatable).
                            KIND: ipc-open-fails, drop-writes, corrupt, sm-only, late-visibility,
-                           hang, crash, one-way, claim-no (see README)
+                           hang, crash, one-way, claim-no, partial, shifted (see README)
     --write-sim-lib PATH   Write the simulated driver library to PATH and exit (load it as
                            libcuda/libcudart to test your own code without a GPU)
     -h, --help             Print this help
@@ -158,7 +167,22 @@ fn parse_args(mut it: impl Iterator<Item = OsString>) -> ArgResult<Option<Args>>
             "--write-vllm-cache" => args.write_cache = true,
             "--refresh" => args.refresh = true,
             "--no-kernel-check" => args.opts.level = Level::Copy,
-            "--level" => args.opts.level = text(&a, it.next(), "copy or kernel")?.parse()?,
+            "--test-only-plant-shifted-stores" => args.opts.test_plant_shifted_stores = true,
+            "--kernel-bytes" => {
+                let v = text(&a, it.next(), "a number of bytes")?;
+                args.opts.kernel_bytes = v
+                    .parse()
+                    .map_err(|_| format!("--kernel-bytes {v:?}: expected a number of bytes"))?;
+            }
+            "--handshake-rounds" => {
+                let v = text(&a, it.next(), "a number of rounds")?;
+                args.opts.handshake_rounds = v
+                    .parse()
+                    .map_err(|_| format!("--handshake-rounds {v:?}: expected a number"))?;
+            }
+            "--level" => {
+                args.opts.level = text(&a, it.next(), "copy, kernel or handshake")?.parse()?
+            }
             "--engine" => {
                 args.opts.engine = match text(&a, it.next(), "parallel or vllm")?.as_str() {
                     "parallel" => Engine::Parallel,
@@ -221,6 +245,41 @@ fn tier_word(k: &TierOutcome) -> &'static str {
         TierOutcome::NotRun => "not-run",
         TierOutcome::Ok => "ok",
         TierOutcome::Failed(_) => "fail",
+    }
+}
+
+/// The weakest failing tier's diagnosis as JSON: `{"class":…,"hint":…}`, or `null`.
+fn diagnosis(p: &p2pcheck::PairReport) -> String {
+    let problem = match p.failed_tier() {
+        Some(Level::Copy) => match &p.outcome {
+            p2pcheck::Outcome::Done { producer, consumer } => consumer
+                .copy
+                .as_ref()
+                .err()
+                .or(producer.copy.as_ref().err())
+                .cloned(),
+            _ => None,
+        },
+        Some(Level::Kernel) => match p.kernel() {
+            TierOutcome::Failed(why) => Some(why),
+            _ => None,
+        },
+        Some(Level::Handshake) => match p.handshake() {
+            TierOutcome::Failed(why) => Some(why),
+            _ => None,
+        },
+        None => None,
+    };
+    match problem {
+        None => "null".into(),
+        Some(why) => {
+            let class = why.class();
+            format!(
+                "{{\"class\":\"{}\",\"hint\":{}}}",
+                class.name(),
+                json::escape(class.hint())
+            )
+        }
     }
 }
 
@@ -315,17 +374,18 @@ fn print_table(args: &Args, report: &Report, note: Option<&CacheNote>, warnings:
         let Some(p) = report.get(src, tgt) else {
             return "-".into();
         };
-        let word = match p.verdict() {
-            Verdict::Ok => "ok",
-            Verdict::Fails(_) => "FAIL",
-            Verdict::Hang(_) => "HANG",
-            Verdict::Error(_) => "ERROR",
+        let word = match (p.verdict(), p.failed_tier()) {
+            (Verdict::Ok, _) => "ok".to_string(),
+            (Verdict::Fails(_), Some(tier)) => format!("FAIL:{}", tier.name()),
+            (Verdict::Fails(_), None) => "FAIL".into(),
+            (Verdict::Hang(_), _) => "HANG".into(),
+            (Verdict::Error(_), _) => "ERROR".into(),
         };
         match p.claim() {
             Some(claim) if claim != p.ok() => {
                 format!("{word} (driver: {})", if claim { "yes" } else { "no" })
             }
-            _ => word.into(),
+            _ => word,
         }
     };
     let cells: Vec<Vec<String>> = (0..n)
@@ -396,7 +456,7 @@ fn print_json(args: &Args, report: &Report, note: Option<&CacheNote>, warnings: 
             let verdict = p.verdict();
             let details: Vec<String> = p.details().iter().map(|d| json::escape(d)).collect();
             format!(
-                "{{\"src\":{},\"tgt\":{},\"ok\":{},\"verdict\":\"{}\",\"reason\":{},\"copy_ok\":{},\"kernel\":\"{}\",\"driver_claim\":{},\"attempts\":{},\"details\":[{}]}}",
+                "{{\"src\":{},\"tgt\":{},\"ok\":{},\"verdict\":\"{}\",\"reason\":{},\"copy_ok\":{},\"kernel\":\"{}\",\"handshake\":\"{}\",\"failed_tier\":{},\"diagnosis\":{},\"driver_claim\":{},\"attempts\":{},\"details\":[{}]}}",
                 p.pair.src,
                 p.pair.tgt,
                 p.ok(),
@@ -404,6 +464,10 @@ fn print_json(args: &Args, report: &Report, note: Option<&CacheNote>, warnings: 
                 json::escape(verdict.reason()),
                 opt(p.copy_ok()),
                 tier_word(&p.kernel()),
+                tier_word(&p.handshake()),
+                p.failed_tier()
+                    .map_or("null".into(), |t| format!("\"{}\"", t.name())),
+                diagnosis(p),
                 opt(p.claim()),
                 p.attempts,
                 details.join(",")

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::fingerprint::{self, Gpu};
-use crate::protocol::{Level, Pair, Problem, SideVerdict, TierOutcome};
+use crate::protocol::{Level, Pair, Problem, SideVerdict, TierOutcome, TierParams};
 use crate::sim::Simulation;
 use crate::visible::{self, VisibleDevices};
 use pool::Graveyard;
@@ -81,8 +81,20 @@ pub struct Options {
     /// The procedure.
     pub engine: Engine,
     /// How much evidence: [`Level::Copy`] is vLLM's test exactly; [`Level::Kernel`] adds SM
-    /// stores and loads through the mapping.
+    /// stores and loads through the mapping; [`Level::Handshake`] (the default) adds kernels
+    /// resident on both sides at once, exchanging flags.
     pub level: Level,
+    /// Bytes of the kernel tier's pattern area per pair: a multiple of 256 KiB, 256 KiB to
+    /// 1 GiB [default: 2 MiB].
+    pub kernel_bytes: u32,
+    /// Handshake rounds between two GPUs [default: 16; same-GPU pairs do 3].
+    pub handshake_rounds: u32,
+    /// Each handshake kernel's budget on the GPU clock [default: 1 s], capped at 60 % of
+    /// [`Options::step_timeout`] so that the host's own deadline always outlasts the GPU's.
+    pub handshake_budget: Duration,
+    /// Test only: the consumer's SM stores land 64 bytes off, a planted fault the kernel tier
+    /// must catch (as `wrong-data`). Never set it to check a machine.
+    pub test_plant_shifted_stores: bool,
     /// What each parallel-engine worker sees (the vLLM engine ignores it).
     pub visibility: Visibility,
     /// How long a worker may take to start CUDA, say Hello and set up its device.
@@ -100,7 +112,11 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             engine: Engine::Parallel,
-            level: Level::Kernel,
+            level: Level::Handshake,
+            kernel_bytes: DEFAULT_KERNEL_BYTES,
+            handshake_rounds: 16,
+            handshake_budget: Duration::from_secs(1),
+            test_plant_shifted_stores: false,
             visibility: Visibility::One,
             startup_timeout: Duration::from_secs(60),
             step_timeout: Duration::from_secs(5),
@@ -109,6 +125,9 @@ impl Default for Options {
         }
     }
 }
+
+/// The kernel tier's pattern area per pair by default: 2 MiB, many pages.
+pub const DEFAULT_KERNEL_BYTES: u32 = 2 << 20;
 
 /// The shortest and longest timeouts accepted: below a millisecond every pair would hang,
 /// and past a day a `Duration` deadline stops meaning anything.
@@ -127,6 +146,24 @@ impl Options {
                     "the {name} {t:?} is outside 1 ms to 1 day"
                 )));
             }
+        }
+        let kb = self.kernel_bytes;
+        if kb % (256 << 10) != 0 || !((256 << 10)..=(1 << 30)).contains(&kb) {
+            return Err(Error::InvalidInput(format!(
+                "kernel tier bytes {kb}: must be a multiple of 256 KiB from 256 KiB to 1 GiB"
+            )));
+        }
+        if !(1..=1_000_000).contains(&self.handshake_rounds) {
+            return Err(Error::InvalidInput(format!(
+                "{} handshake rounds: from 1 to 1000000",
+                self.handshake_rounds
+            )));
+        }
+        if self.handshake_budget < Duration::from_millis(1) {
+            return Err(Error::InvalidInput(format!(
+                "the handshake budget {:?} is below 1 ms",
+                self.handshake_budget
+            )));
         }
         if let Some(sim) = &self.simulate {
             sim.validate()
@@ -242,12 +279,27 @@ impl PairReport {
         let Some((p, c)) = self.sides() else {
             return TierOutcome::NotRun;
         };
-        match (&c.kernel, &p.kernel) {
-            (TierOutcome::Ok, TierOutcome::Ok) => TierOutcome::Ok,
-            (TierOutcome::Failed(why), _) | (_, TierOutcome::Failed(why)) => {
-                TierOutcome::Failed(why.clone())
-            }
-            _ => TierOutcome::NotRun,
+        combine(&c.kernel, &p.kernel)
+    }
+
+    /// The handshake tier, both sides combined, as [`PairReport::kernel`].
+    pub fn handshake(&self) -> TierOutcome {
+        let Some((p, c)) = self.sides() else {
+            return TierOutcome::NotRun;
+        };
+        combine(&c.handshake, &p.handshake)
+    }
+
+    /// The weakest tier that failed (`None`: none failed, or the pair never ran to the end).
+    pub fn failed_tier(&self) -> Option<Level> {
+        if self.copy_ok() == Some(false) {
+            Some(Level::Copy)
+        } else if matches!(self.kernel(), TierOutcome::Failed(_)) {
+            Some(Level::Kernel)
+        } else if matches!(self.handshake(), TierOutcome::Failed(_)) {
+            Some(Level::Handshake)
+        } else {
+            None
         }
     }
 
@@ -299,11 +351,14 @@ impl PairReport {
         }
         for (side, v) in [("producer", producer), ("consumer", consumer)] {
             if let Err(p) = &v.copy {
-                out.push(format!("{side}: {p}"));
+                out.push(format!("copy tier, {side}: {}", diagnose(p)));
             }
         }
         if let TierOutcome::Failed(why) = self.kernel() {
-            out.push(format!("kernel tier: {why}"));
+            out.push(format!("kernel tier: {}", diagnose(&why)));
+        }
+        if let TierOutcome::Failed(why) = self.handshake() {
+            out.push(format!("handshake tier: {}", diagnose(&why)));
         }
         out.dedup();
         out
@@ -321,6 +376,24 @@ impl PairReport {
         }
         out
     }
+}
+
+/// Two sides' outcomes of a tier: `Ok` only if both passed; else the consumer's failure first
+/// (it is the side that reached through the mapping), then the producer's.
+fn combine(consumer: &TierOutcome, producer: &TierOutcome) -> TierOutcome {
+    match (consumer, producer) {
+        (TierOutcome::Ok, TierOutcome::Ok) => TierOutcome::Ok,
+        (TierOutcome::Failed(why), _) | (_, TierOutcome::Failed(why)) => {
+            TierOutcome::Failed(why.clone())
+        }
+        _ => TierOutcome::NotRun,
+    }
+}
+
+/// What a failure is and what usually causes it: "never-written: writes ... (hint)".
+fn diagnose(p: &Problem) -> String {
+    let class = p.class();
+    format!("{p} [{}: {}]", class.name(), class.hint())
 }
 
 /// One worker process of a run.
@@ -546,6 +619,8 @@ pub(crate) struct Ctx<'a> {
     pub gpus: Option<Vec<Gpu>>,
     pub visibility: Visibility,
     pub cancel: &'a AtomicBool,
+    /// How the tiers beyond copy run, the run's seed included.
+    pub tiers: TierParams,
 }
 
 /// What a round produced.
@@ -627,6 +702,7 @@ fn run_rounds(
         gpus,
         visibility,
         cancel,
+        tiers: tier_params(opts),
     };
     let mut workers = Vec::new();
     let mut peak_in_flight = 0;
@@ -752,6 +828,34 @@ impl Verdict {
             Outcome::Error(w) => Verdict::Error(w.clone()),
             Outcome::Done { .. } => Verdict::Ok,
         }
+    }
+}
+
+/// The tiers' parameters for a run: the options, and a seed of its own (time and pid), so
+/// that nothing left from an earlier run can pass for this one's pattern.
+fn tier_params(opts: &Options) -> TierParams {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    TierParams {
+        kernel_bytes: if opts.level >= Level::Kernel {
+            opts.kernel_bytes
+        } else {
+            0
+        },
+        seed: now ^ (u64::from(std::process::id()) << 32),
+        shift: if opts.test_plant_shifted_stores {
+            64
+        } else {
+            0
+        },
+        rounds: opts.handshake_rounds,
+        budget_ms: opts
+            .handshake_budget
+            .min(opts.step_timeout.mul_f64(0.6))
+            .as_millis()
+            .clamp(1, u32::MAX as u128) as u32,
     }
 }
 

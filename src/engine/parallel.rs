@@ -26,30 +26,40 @@ use super::{
 };
 use crate::cuda::IPC_HANDLE_BYTES;
 use crate::error::Error;
-use crate::protocol::{
-    Check, Job, Level, Message, Op, Pair, Problem, Role, SideVerdict, TierOutcome,
-};
+use crate::protocol::{Job, Level, Message, Op, Pair, Problem, Role, SideVerdict, TierOutcome};
 use crate::visible;
-use crate::worker::{CONSUMER_FILL, KERNEL_STORE, PRODUCER_REWRITE};
+use crate::worker::CONSUMER_FILL;
 
 /// How long a round that saw a failure waits for a worker's exit to show (see
 /// `discount_failures_caused_by_a_death`): a dying process's pipe closes within microseconds.
 const DEATH_GRACE: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// The steps of one pair at `level`: who does what, in order.
-fn steps(level: Level) -> Vec<(Role, StepKind)> {
+fn steps(level: Level) -> Vec<(Who, StepKind)> {
     let mut s = vec![
-        (Role::Consumer, StepKind::Write),
-        (Role::Producer, StepKind::VerifyCopy),
+        (Who::Consumer, StepKind::Write),
+        (Who::Producer, StepKind::VerifyCopy),
     ];
     if level >= Level::Kernel {
         s.extend([
-            (Role::Consumer, StepKind::KernelStore),
-            (Role::Producer, StepKind::VerifyStores),
-            (Role::Consumer, StepKind::KernelLoad),
+            (Who::Consumer, StepKind::KernelStore),
+            (Who::Producer, StepKind::VerifyStores),
+            (Who::Consumer, StepKind::KernelLoad),
         ]);
     }
+    if level >= Level::Handshake {
+        s.push((Who::Both, StepKind::Handshake));
+    }
     s
+}
+
+/// Which of a pair's workers does a step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Who {
+    Producer,
+    Consumer,
+    /// Both at once: kernels that must be resident at the same time.
+    Both,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,12 +68,24 @@ enum StepKind {
     Write,
     /// Producer: read back the 2s (vLLM's producer half).
     VerifyCopy,
-    /// Consumer: SM stores of 3s.
+    /// Consumer: SM stores of the store pattern.
     KernelStore,
-    /// Producer: read back the 3s, then write 4s.
+    /// Producer: check them, write the load pattern.
     VerifyStores,
-    /// Consumer: SM loads of the 4s.
+    /// Consumer: SM loads of the load pattern.
     KernelLoad,
+    /// Both: the resident ping-pong.
+    Handshake,
+}
+
+impl StepKind {
+    fn tier(self) -> Level {
+        match self {
+            StepKind::Write | StepKind::VerifyCopy => Level::Copy,
+            StepKind::KernelStore | StepKind::VerifyStores | StepKind::KernelLoad => Level::Kernel,
+            StepKind::Handshake => Level::Handshake,
+        }
+    }
 }
 
 /// A worker's part in the run.
@@ -105,8 +127,12 @@ enum State {
 struct Member {
     part: Part,
     state: State,
-    /// Steps sent and not yet answered, oldest first: (job, step number).
-    queue: VecDeque<(usize, usize)>,
+    /// Steps sent and not yet answered, oldest first: (job, step number, role in the job).
+    queue: VecDeque<(usize, usize, Role)>,
+    /// A handshake step is in its queue: no second one may be sent (two workers each running
+    /// one pair's handshake kernel while the other waits behind the other pair's would only
+    /// meet at the deadline).
+    in_handshake: bool,
     info: WorkerInfo,
 }
 
@@ -114,8 +140,10 @@ struct JobState {
     pair: Pair,
     producer: usize,
     consumer: usize,
-    /// The next step to send; `None` before the first.
+    /// The next step to send.
     next: usize,
+    /// Replies still awaited for the step in flight (2 for a handshake).
+    pending: u8,
     started: bool,
     finished: bool,
     p: SideVerdict,
@@ -131,6 +159,7 @@ fn fresh_side() -> SideVerdict {
         copy: Ok(()),
         claim: None,
         kernel: TierOutcome::NotRun,
+        handshake: TierOutcome::NotRun,
     }
 }
 
@@ -152,6 +181,7 @@ pub(super) fn round(
         in_flight: 0,
         peak_in_flight: 0,
         n: 0,
+        handshakes_waiting: VecDeque::new(),
     };
     let result = run.go(pairs, hold);
     let infos: Vec<WorkerInfo> = run.members.iter().map(|m| m.info.clone()).collect();
@@ -180,6 +210,8 @@ struct Run<'a> {
     in_flight: u32,
     peak_in_flight: u32,
     n: u32,
+    /// Jobs whose handshake waits for one of its workers to finish another.
+    handshakes_waiting: VecDeque<usize>,
 }
 
 type Outcomes = (Vec<Pair>, Vec<Option<Outcome>>);
@@ -243,6 +275,7 @@ impl Run<'_> {
                 producer: index_of(&self.members, Part::Primary(pair.src)),
                 consumer: index_of(&self.members, consumer),
                 next: 0,
+                pending: 0,
                 started: false,
                 finished: false,
                 p: fresh_side(),
@@ -280,6 +313,7 @@ impl Run<'_> {
             part,
             state: State::Starting,
             queue: VecDeque::new(),
+            in_handshake: false,
             info: WorkerInfo {
                 pid: w.pid(),
                 label: part.label(),
@@ -323,10 +357,18 @@ impl Run<'_> {
             (Visibility::All, Part::Secondary(d)) => (d, 0),
         };
         let deadline = Instant::now() + self.ctx.opts.startup_timeout;
+        self.worker(i).deadline = Some(deadline);
+        let tiers = self.ctx.tiers;
         let w = self.worker(i);
-        w.deadline = Some(deadline);
-        w.send(&Message::Setup { device, slots }, deadline)
-            .map_err(|why| RoundError::Fatal(Error::Worker(why)))?;
+        w.send(
+            &Message::Setup {
+                device,
+                slots,
+                tiers,
+            },
+            deadline,
+        )
+        .map_err(|why| RoundError::Fatal(Error::Worker(why)))?;
         self.members[i].state = State::SettingUp;
         Ok(())
     }
@@ -352,8 +394,9 @@ impl Run<'_> {
         let failed = |j: &JobState| {
             matches!(&j.outcome, Some(Outcome::Done { producer, consumer })
                 if producer.copy.is_err() || consumer.copy.is_err()
-                    || matches!(producer.kernel, TierOutcome::Failed(_))
-                    || matches!(consumer.kernel, TierOutcome::Failed(_)))
+                    || [&producer.kernel, &consumer.kernel, &producer.handshake, &consumer.handshake]
+                        .iter()
+                        .any(|t| matches!(t, TierOutcome::Failed(_))))
         };
         if !self.jobs.iter().any(failed) {
             return Ok(());
@@ -473,7 +516,7 @@ impl Run<'_> {
                 },
             ) => {
                 self.members[from].info.peak_rss_kb = peak_rss_kb;
-                let Some(&(j, step)) = self.members[from].queue.front() else {
+                let Some(&(j, step, role)) = self.members[from].queue.front() else {
                     self.lose(
                         from,
                         Outcome::Error(format!("the {name} answered a step it was not given")),
@@ -481,7 +524,6 @@ impl Run<'_> {
                     return Ok(());
                 };
                 let expected = &self.jobs[j];
-                let role = steps(self.ctx.opts.level)[step].0;
                 if job.pair != expected.pair || job.role != role || job.index != j as u32 {
                     self.lose(
                         from,
@@ -495,7 +537,11 @@ impl Run<'_> {
                 let next_head = !self.members[from].queue.is_empty();
                 let deadline = Instant::now() + self.ctx.opts.step_timeout;
                 self.worker(from).deadline = next_head.then_some(deadline);
-                self.record(j, step, result, claim);
+                if steps(self.ctx.opts.level)[step].1 == StepKind::Handshake {
+                    self.members[from].in_handshake = false;
+                }
+                self.record(j, step, role, result, claim);
+                self.start_waiting_handshakes();
                 Ok(())
             }
             (_, other) => {
@@ -549,7 +595,8 @@ impl Run<'_> {
         }
     }
 
-    /// Sends job `j`'s next step to whichever worker does it, or finishes the job.
+    /// Sends job `j`'s next step to whichever worker does it (both, for a handshake), or
+    /// finishes the job.
     fn send_next(&mut self, j: usize) {
         let plan = steps(self.ctx.opts.level);
         let step = self.jobs[j].next;
@@ -557,13 +604,17 @@ impl Run<'_> {
             self.finish(j);
             return;
         }
-        let (role, kind) = plan[step];
-        let job = &self.jobs[j];
-        let w = match role {
-            Role::Producer => job.producer,
-            Role::Consumer => job.consumer,
-        };
-        let handle = match &self.members[job.producer].state {
+        let (who, kind) = plan[step];
+        let (p, c) = (self.jobs[j].producer, self.jobs[j].consumer);
+        if who == Who::Both {
+            if self.members[p].in_handshake || self.members[c].in_handshake {
+                self.handshakes_waiting.push_back(j);
+                return;
+            }
+            self.members[p].in_handshake = true;
+            self.members[c].in_handshake = true;
+        }
+        let handle = match &self.members[p].state {
             State::Ready(Some(h)) => *h,
             _ => [0; IPC_HANDLE_BYTES],
         };
@@ -574,58 +625,76 @@ impl Run<'_> {
             },
             StepKind::VerifyCopy => Op::Verify {
                 expect: CONSUMER_FILL,
-                check: Check::CopyReadBack,
-                refill: None,
             },
-            StepKind::KernelStore => Op::KernelStore {
-                value: KERNEL_STORE,
-            },
-            StepKind::VerifyStores => Op::Verify {
-                expect: KERNEL_STORE,
-                check: Check::KernelStores,
-                refill: Some(PRODUCER_REWRITE),
-            },
-            StepKind::KernelLoad => Op::KernelLoad {
-                expect: PRODUCER_REWRITE,
-            },
+            StepKind::KernelStore => Op::KernelStore,
+            StepKind::VerifyStores => Op::VerifyStores,
+            StepKind::KernelLoad => Op::KernelLoad,
+            StepKind::Handshake => Op::Handshake,
         };
-        let tier = match kind {
-            StepKind::Write | StepKind::VerifyCopy => Level::Copy,
-            _ => Level::Kernel,
-        };
-        let message = Message::Step {
-            job: Job {
-                index: j as u32,
-                pair: job.pair,
-                role,
-                tier,
-            },
-            slot: job.pair.tgt,
-            op,
+        let targets: &[(usize, Role)] = match who {
+            Who::Producer => &[(p, Role::Producer)],
+            Who::Consumer => &[(c, Role::Consumer)],
+            Who::Both => &[(p, Role::Producer), (c, Role::Consumer)],
         };
         self.jobs[j].next = step + 1;
-        let idle = self.members[w].queue.is_empty();
-        self.members[w].queue.push_back((j, step));
-        let deadline = Instant::now() + self.ctx.opts.step_timeout;
-        let worker = self.worker(w);
-        if idle {
-            worker.deadline = Some(deadline);
+        self.jobs[j].pending = targets.len() as u8;
+        for &(w, role) in targets {
+            let message = Message::Step {
+                job: Job {
+                    index: j as u32,
+                    pair: self.jobs[j].pair,
+                    role,
+                    tier: kind.tier(),
+                },
+                slot: self.jobs[j].pair.tgt,
+                op: op.clone(),
+            };
+            if self.workers[w].is_none() {
+                continue; // lost meanwhile: the job is already interrupted
+            }
+            let idle = self.members[w].queue.is_empty();
+            self.members[w].queue.push_back((j, step, role));
+            let deadline = Instant::now() + self.ctx.opts.step_timeout;
+            let worker = self.worker(w);
+            if idle {
+                worker.deadline = Some(deadline);
+            }
+            match worker.try_send(&message, deadline) {
+                Ok(()) => {}
+                Err(SendError::Stuck(why)) => self.lose(w, Outcome::Hang(why)),
+                // Its exit shows on its pipe, after whatever it answered before dying: the
+                // poll loop reads those first, then the pair at its head gets the error.
+                Err(SendError::Gone) => {}
+            }
         }
-        match worker.try_send(&message, deadline) {
-            Ok(()) => {}
-            Err(SendError::Stuck(why)) => self.lose(w, Outcome::Hang(why)),
-            // Its exit shows on its pipe, after whatever it answered before dying: the poll
-            // loop reads those first, then the pair at its head gets the error.
-            Err(SendError::Gone) => {}
+    }
+
+    /// Sends the handshakes that waited for a worker that is free now.
+    fn start_waiting_handshakes(&mut self) {
+        for _ in 0..self.handshakes_waiting.len() {
+            let Some(j) = self.handshakes_waiting.pop_front() else {
+                break;
+            };
+            if !self.jobs[j].finished {
+                // Sends it, or puts it back at the end of the queue.
+                self.send_next(j);
+            }
         }
     }
 
     /// Records the answer to step `step` of job `j` and moves the job on.
-    fn record(&mut self, j: usize, step: usize, result: Result<(), Problem>, claim: Option<bool>) {
+    fn record(
+        &mut self,
+        j: usize,
+        step: usize,
+        role: Role,
+        result: Result<(), Problem>,
+        claim: Option<bool>,
+    ) {
         if self.jobs[j].finished {
             return; // interrupted meanwhile: the answer no longer matters
         }
-        let (role, kind) = steps(self.ctx.opts.level)[step];
+        let kind = steps(self.ctx.opts.level)[step].1;
         // A worker names devices as its CUDA sees them (ordinal 0 when it sees only its own
         // GPU): report the device as this process numbers it.
         let pair = self.jobs[j].pair;
@@ -666,14 +735,16 @@ impl Run<'_> {
             }
             StepKind::VerifyCopy => job.p.copy = result,
             StepKind::KernelStore | StepKind::KernelLoad => job.kernel_c.push(result),
-            StepKind::VerifyStores => {
-                job.p.kernel = match result {
-                    Ok(()) => TierOutcome::Ok,
-                    Err(p) => TierOutcome::Failed(p),
-                }
-            }
+            StepKind::VerifyStores => job.p.kernel = tier_outcome(result),
+            StepKind::Handshake => match role {
+                Role::Producer => job.p.handshake = tier_outcome(result),
+                Role::Consumer => job.c.handshake = tier_outcome(result),
+            },
         }
-        self.send_next(j);
+        job.pending = job.pending.saturating_sub(1);
+        if job.pending == 0 {
+            self.send_next(j);
+        }
     }
 
     fn finish(&mut self, j: usize) {
@@ -703,7 +774,7 @@ impl Run<'_> {
     /// What worker `w` was doing, for a hang's message.
     fn head_description(&self, w: usize) -> String {
         match self.members[w].queue.front() {
-            Some(&(j, step)) => format!(
+            Some(&(j, step, _)) => format!(
                 "to step {:?} of pair {}",
                 steps(self.ctx.opts.level)[step].1,
                 self.jobs[j].pair
@@ -716,9 +787,10 @@ impl Run<'_> {
     /// `outcome`; every other unfinished pair it takes part in is interrupted (`None`: the
     /// next round reruns it).
     fn lose(&mut self, w: usize, outcome: Outcome) {
-        let head = self.members[w].queue.front().map(|&(j, _)| j);
+        let head = self.members[w].queue.front().map(|&(j, _, _)| j);
         self.members[w].state = State::Gone;
         self.members[w].queue.clear();
+        self.members[w].in_handshake = false;
         if let Some(mut worker) = self.workers[w].take() {
             worker.kill();
             self.members[w].info.peak_rss_kb =
@@ -738,6 +810,13 @@ impl Run<'_> {
         if self.jobs.iter().any(|j| j.held && !j.started) {
             self.start_ready_jobs();
         }
+    }
+}
+
+fn tier_outcome(result: Result<(), Problem>) -> TierOutcome {
+    match result {
+        Ok(()) => TierOutcome::Ok,
+        Err(p) => TierOutcome::Failed(p),
     }
 }
 

@@ -10,9 +10,9 @@ use super::{all_pairs, check_ids, hello_count, Ctx, Outcome, RoundError, RoundOu
 use crate::error::Error;
 use crate::protocol::{Job, Message, Pair, Role, SideVerdict};
 
-/// Messages one side may send for one pair: Handle or Opened, four barriers, a verdict — and
-/// some slack. More is a worker flooding the pipe, which must not keep a pair alive.
-const MAX_MESSAGES_PER_PAIR: u32 = 12;
+/// Messages one side may send for one pair: two Handles or Openeds, five barriers, a verdict —
+/// and some slack. More is a worker flooding the pipe, which must not keep a pair alive.
+const MAX_MESSAGES_PER_PAIR: u32 = 16;
 
 /// Runs `pairs` (all pairs when `None`) on a fresh producer and consumer.
 pub(super) fn round(
@@ -86,6 +86,7 @@ fn batch(
         let start = Message::Start {
             role,
             level: ctx.opts.level,
+            tiers: ctx.tiers,
             pairs: pairs.clone(),
         };
         w.send(&start, deadline)

@@ -10,7 +10,10 @@
 //! ends the worker early (the parent then sees EOF at once).
 
 mod parallel;
+mod tiers;
 mod vllm;
+
+pub(crate) use tiers::Layout;
 
 use std::io::{self, Read, Write};
 
@@ -26,10 +29,6 @@ pub const TEST_BYTES: usize = 1024;
 pub(crate) const PRODUCER_FILL: u8 = 1;
 /// The consumer's value written with cudaMemset (vLLM: 2).
 pub(crate) const CONSUMER_FILL: u8 = 2;
-/// The consumer's value written by SM stores (kernel tier).
-pub(crate) const KERNEL_STORE: u8 = 3;
-/// The producer's value for the consumer's SM loads (kernel tier).
-pub(crate) const PRODUCER_REWRITE: u8 = 4;
 
 /// The variable through which the parent passes its pid (see [`main`]).
 pub const PARENT_PID_VAR: &str = "P2PCHECK_PARENT_PID";
@@ -115,15 +114,24 @@ pub fn serve(input: impl Read, output: impl Write) -> Result<i32, ProtocolError>
         return Ok(EXIT_NO_CUDA);
     };
     match link.recv()? {
-        Message::Start { role, level, pairs } => vllm::run(&mut link, role, level, &pairs)?,
-        Message::Setup { device, slots } => parallel::run(&mut link, device, slots, sees)?,
+        Message::Start {
+            role,
+            level,
+            tiers,
+            pairs,
+        } => vllm::run(&mut link, role, level, &tiers, &pairs)?,
+        Message::Setup {
+            device,
+            slots,
+            tiers,
+        } => parallel::run(&mut link, device, slots, &tiers, sees)?,
         other => return unexpected("Start or Setup", other),
     }
     Ok(0)
 }
 
 /// Copies `bytes` at `p` to the host (`cudaMemcpy`, kind default, as vLLM) and checks that every
-/// byte is `expected`.
+/// byte is `expected`; bytes still `old` (the producer's fill) count as stale.
 pub(crate) fn verify(
     device: i32,
     p: DevicePtr,
@@ -142,27 +150,8 @@ pub(crate) fn verify(
             first_bad: first as u64,
             seen: Some(seen),
             expected,
-        }),
-    }
-}
-
-/// SM loads of `bytes` at `p` (the shim's kernel), expecting `expected` everywhere.
-pub(crate) fn kernel_verify(
-    device: i32,
-    p: DevicePtr,
-    bytes: usize,
-    expected: u8,
-) -> Result<(), Problem> {
-    let r = cuda::kernel_check(device, p, bytes, expected)?;
-    match r.first_bad {
-        None => Ok(()),
-        Some(first_bad) => Err(Problem::Mismatch {
-            check: Check::KernelLoads,
-            wrong: r.mismatches,
-            total: bytes as u64,
-            first_bad,
-            seen: None,
-            expected,
+            width: 0,
+            stale: host.iter().filter(|&&b| b == PRODUCER_FILL).count() as u64,
         }),
     }
 }

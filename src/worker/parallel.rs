@@ -1,43 +1,52 @@
 //! The parallel engine's worker: one GPU, one context for the whole run, no device reset.
 //!
 //! After `Setup` it exports one buffer of `slots` slots (one per consumer device, so pairs in
-//! flight never share bytes) and then does whatever steps the parent sends, in order, for any
-//! number of pairs: as the producer of its own buffer, as the consumer of its peers'. Peer
-//! buffers are mapped once per handle and kept; everything is freed by `Drop` at the end.
+//! flight never share bytes; see [`Layout`]) and then does whatever steps the parent sends, in
+//! order, for any number of pairs: as the producer of its own buffer, as the consumer of its
+//! peers'. Peer buffers are mapped once per handle and kept; the kernels' module is loaded
+//! once; everything is freed by `Drop` at the end.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
 
-use super::{kernel_verify, peak_rss_kb, unexpected, verify, Link, PRODUCER_FILL, TEST_BYTES};
+use super::{peak_rss_kb, unexpected, verify, Layout, Link, PRODUCER_FILL, TEST_BYTES};
 use crate::cuda::owned::{DeviceBuffer, PeerMapping};
-use crate::cuda::{self, IPC_HANDLE_BYTES};
-use crate::protocol::{Check, Job, Message, Op, Problem, ProtocolError, Role};
-
-/// Bytes per slot of a producer's buffer.
-pub const SLOT_BYTES: u64 = TEST_BYTES as u64;
+use crate::cuda::{self, Kernels, IPC_HANDLE_BYTES};
+use crate::protocol::{Check, Job, Message, Op, Problem, ProtocolError, Role, TierParams};
 
 /// Serves the parallel engine on local device `device`, exporting `slots` slots.
 pub(super) fn run<R: Read, W: Write>(
     link: &mut Link<R, W>,
     device: u32,
     slots: u32,
+    tiers: &TierParams,
     sees: u32,
 ) -> Result<(), ProtocolError> {
     let d = device as i32;
+    let layout = Layout::new(tiers);
     let set_up = (|| {
         cuda::set_device(d)?;
+        let kernels = match layout.has_tiers() {
+            true => Some(Kernels::load(d)?),
+            false => None,
+        };
         if slots == 0 {
-            return Ok((None, None));
+            return Ok((kernels, None, None));
         }
-        let bytes = slots as usize * SLOT_BYTES as usize;
+        let bytes = slots as usize * layout.slot_bytes() as usize;
         let buffer = DeviceBuffer::new(d, bytes)?;
         cuda::memset(d, buffer.at(0), PRODUCER_FILL, bytes)?;
         cuda::device_synchronize(d)?;
+        if let Some(k) = &kernels {
+            for slot in 0..slots {
+                let at = buffer.at(u64::from(slot) * layout.slot_bytes());
+                layout.prepare(k, d, at, tiers)?;
+            }
+        }
         let handle = buffer.ipc_handle()?;
-        Ok::<_, cuda::Error>((Some(buffer), Some(handle)))
-    })()
-    .map_err(Problem::from);
-    let (buffer, handle) = match set_up {
+        Ok::<_, Problem>((kernels, Some(buffer), Some(handle)))
+    })();
+    let (kernels, buffer, handle) = match set_up {
         Ok(ok) => ok,
         Err(why) => {
             link.send(Message::Ready { result: Err(why) })?;
@@ -49,6 +58,9 @@ pub(super) fn run<R: Read, W: Write>(
         device: d,
         sees,
         slots,
+        layout,
+        tiers: *tiers,
+        kernels,
         buffer,
         mappings: HashMap::new(),
     };
@@ -77,6 +89,9 @@ struct Worker {
     /// Devices this worker's CUDA sees: the driver's claim can be asked only when it sees both.
     sees: u32,
     slots: u32,
+    layout: Layout,
+    tiers: TierParams,
+    kernels: Option<Kernels>,
     buffer: Option<DeviceBuffer>,
     /// Peer buffers, by the producer's device.
     mappings: HashMap<u32, PeerMapping>,
@@ -85,54 +100,49 @@ struct Worker {
 impl Worker {
     fn step(&mut self, job: Job, slot: u32, op: Op) -> (Result<(), Problem>, Option<bool>) {
         let d = self.device;
-        let offset = u64::from(slot) * SLOT_BYTES;
-        let bytes = TEST_BYTES;
+        let offset = u64::from(slot) * self.layout.slot_bytes();
+        let (layout, tiers) = (self.layout, self.tiers);
+        let same_gpu = job.pair.src == job.pair.tgt;
         match (job.role, op) {
-            (Role::Producer, Op::Fill { value }) => (
-                self.own(slot).and_then(|p| {
-                    cuda::memset(d, p, value, bytes)?;
-                    Ok(cuda::device_synchronize(d)?)
-                }),
+            (Role::Producer, Op::Verify { expect }) => (
+                self.own(slot)
+                    .and_then(|p| verify(d, p, TEST_BYTES, expect, Check::CopyReadBack)),
                 None,
             ),
-            (
-                Role::Producer,
-                Op::Verify {
-                    expect,
-                    check,
-                    refill,
-                },
-            ) => (
-                self.own(slot).and_then(|p| {
-                    let seen = verify(d, p, bytes, expect, check);
-                    let refilled = match refill {
-                        None => Ok(()),
-                        Some(v) => cuda::memset(d, p, v, bytes)
-                            .and_then(|_| cuda::device_synchronize(d))
-                            .map_err(Problem::from),
-                    };
-                    seen.and(refilled)
-                }),
+            (Role::Producer, Op::VerifyStores) => (
+                self.own(slot)
+                    .and_then(|p| layout.verify_stores(self.kernels()?, p, &tiers)),
+                None,
+            ),
+            (Role::Producer, Op::Handshake) => (
+                self.own(slot)
+                    .and_then(|p| layout.handshake(self.kernels()?, p, 0, same_gpu, &tiers)),
                 None,
             ),
             (Role::Consumer, Op::Write { handle, value }) => {
                 let claim = self.claim(job);
                 let result = self.map(job.pair.src, &handle).and_then(|m| {
                     let q = m.at(offset);
-                    cuda::memset(d, q, value, bytes)?;
+                    cuda::memset(d, q, value, TEST_BYTES)?;
                     cuda::device_synchronize(d)?;
-                    verify(d, q, bytes, value, Check::CopyReadBack)
+                    verify(d, q, TEST_BYTES, value, Check::CopyReadBack)
                 });
                 (result, claim)
             }
-            (Role::Consumer, Op::KernelStore { value }) => (
+            (Role::Consumer, Op::KernelStore) => (
                 self.mapped(job.pair.src)
-                    .and_then(|m| Ok(cuda::kernel_store(d, m.at(offset), bytes, value)?)),
+                    .and_then(|m| layout.store(self.kernels()?, m.at(offset), &tiers)),
                 None,
             ),
-            (Role::Consumer, Op::KernelLoad { expect }) => (
+            (Role::Consumer, Op::KernelLoad) => (
                 self.mapped(job.pair.src)
-                    .and_then(|m| kernel_verify(d, m.at(offset), bytes, expect)),
+                    .and_then(|m| layout.load(self.kernels()?, m.at(offset), &tiers)),
+                None,
+            ),
+            (Role::Consumer, Op::Handshake) => (
+                self.mapped(job.pair.src).and_then(|m| {
+                    layout.handshake(self.kernels()?, m.at(offset), 1, same_gpu, &tiers)
+                }),
                 None,
             ),
             (role, op) => (
@@ -145,10 +155,16 @@ impl Worker {
         }
     }
 
+    fn kernels(&self) -> Result<&Kernels, Problem> {
+        self.kernels.as_ref().ok_or_else(|| {
+            Problem::Driver("a kernel step at level copy: no kernels were loaded".into())
+        })
+    }
+
     /// Slot `slot` of this worker's own buffer.
     fn own(&self, slot: u32) -> Result<cuda::DevicePtr, Problem> {
         match &self.buffer {
-            Some(b) if slot < self.slots => Ok(b.at(u64::from(slot) * SLOT_BYTES)),
+            Some(b) if slot < self.slots => Ok(b.at(u64::from(slot) * self.layout.slot_bytes())),
             _ => Err(Problem::Driver(format!(
                 "slot {slot} of a buffer of {} slots",
                 self.slots
@@ -191,8 +207,8 @@ impl Worker {
         })
     }
 
-    /// Unmaps every peer buffer, then frees its own (the order CUDA IPC needs: a producer's
-    /// memory must outlive its mappings, and ours are ours to close first).
+    /// Unmaps every peer buffer, then frees its own and unloads the kernels (the order CUDA
+    /// IPC needs: a producer's memory must outlive the mappings of it).
     fn release(self) {
         for (_, m) in self.mappings {
             let _ = m.release();
@@ -200,5 +216,6 @@ impl Worker {
         if let Some(b) = self.buffer {
             let _ = b.release();
         }
+        drop(self.kernels);
     }
 }

@@ -1,32 +1,38 @@
 //! The vLLM engine's worker: producer or consumer for a whole batch of pairs, SPEC section 2
-//! step for step (`cudaSetDevice`, ..., `cudaDeviceReset` after every pair), plus the kernel
-//! tier when the level asks for it.
+//! step for step (`cudaSetDevice`, ..., `cudaDeviceReset` after every pair), then, when the
+//! level asks for them, the kernel and handshake tiers on a second buffer (vLLM's 1 KiB and
+//! its calls stay exactly vLLM's).
 
 use std::io::{Read, Write};
 
 use super::{
-    kernel_verify, peak_rss_kb, unexpected, verify, Link, CONSUMER_FILL, KERNEL_STORE,
-    PRODUCER_FILL, PRODUCER_REWRITE, TEST_BYTES,
+    peak_rss_kb, unexpected, verify, Layout, Link, CONSUMER_FILL, PRODUCER_FILL, TEST_BYTES,
 };
-use crate::cuda;
+use crate::cuda::owned::{DeviceBuffer, PeerMapping};
+use crate::cuda::{self, Kernels, IPC_HANDLE_BYTES};
 use crate::protocol::{
-    Check, Job, Level, Message, Pair, Problem, ProtocolError, Role, SideVerdict, Stage, TierOutcome,
+    Check, Job, Level, Message, Pair, Problem, ProtocolError, Role, SideVerdict, Stage,
+    TierOutcome, TierParams,
 };
 
 impl<R: Read, W: Write> Link<R, W> {
-    /// The next message must be this pair's `Handle`.
+    /// The next message must be this pair's `Handle` (of the tier `job` names).
     fn recv_handle(
         &mut self,
         job: Job,
-    ) -> Result<Result<[u8; cuda::IPC_HANDLE_BYTES], Problem>, ProtocolError> {
+    ) -> Result<Result<[u8; IPC_HANDLE_BYTES], Problem>, ProtocolError> {
         match self.recv()? {
-            Message::Handle { job: j, handle } if j.index == job.index => Ok(handle),
+            Message::Handle { job: j, handle } if j.index == job.index && j.tier == job.tier => {
+                Ok(handle)
+            }
             other => unexpected("Handle", other),
         }
     }
     fn recv_opened(&mut self, job: Job) -> Result<Result<(), Problem>, ProtocolError> {
         match self.recv()? {
-            Message::Opened { job: j, result } if j.index == job.index => Ok(result),
+            Message::Opened { job: j, result } if j.index == job.index && j.tier == job.tier => {
+                Ok(result)
+            }
             other => unexpected("Opened", other),
         }
     }
@@ -46,6 +52,7 @@ pub(super) fn run<R: Read, W: Write>(
     link: &mut Link<R, W>,
     role: Role,
     level: Level,
+    tiers: &TierParams,
     pairs: &[Pair],
 ) -> Result<(), ProtocolError> {
     for (index, &pair) in pairs.iter().enumerate() {
@@ -60,8 +67,8 @@ pub(super) fn run<R: Read, W: Write>(
             Role::Consumer => pair.tgt as i32,
         };
         let mut verdict = match role {
-            Role::Producer => produce(link, job, level)?,
-            Role::Consumer => consume(link, job, level)?,
+            Role::Producer => produce(link, job, level, tiers)?,
+            Role::Consumer => consume(link, job, level, tiers)?,
         };
         // vLLM resets after every pair, so that each pair starts from a clean context. A failed
         // reset fails this side's copy test (the next pair would start from a dirty context).
@@ -79,28 +86,44 @@ pub(super) fn run<R: Read, W: Write>(
     Ok(())
 }
 
-/// One side's verdict from its copy test, its claim, and its kernel tier (`None`: not run).
+fn outcome(r: Option<Result<(), Problem>>) -> TierOutcome {
+    match r {
+        None => TierOutcome::NotRun,
+        Some(Ok(())) => TierOutcome::Ok,
+        Some(Err(p)) => TierOutcome::Failed(p),
+    }
+}
+
+/// One side's verdict from its copy test, its claim, and its tiers (`None`: not run).
 fn side_verdict(
     copy: Result<(), Problem>,
     claim: Option<bool>,
-    kernel: Option<Result<(), Problem>>,
+    (kernel, handshake): Tiers,
 ) -> SideVerdict {
     SideVerdict {
         copy,
         claim,
-        kernel: match kernel {
-            None => TierOutcome::NotRun,
-            Some(Ok(())) => TierOutcome::Ok,
-            Some(Err(p)) => TierOutcome::Failed(p),
-        },
+        kernel: outcome(kernel),
+        handshake: outcome(handshake),
     }
 }
 
-/// Producer steps 1, 3 and 4 of SPEC section 2, plus its half of the kernel tier.
+type Tiers = (Option<Result<(), Problem>>, Option<Result<(), Problem>>);
+
+/// Both tiers failed for the same reason (the tier buffer could not be set up or mapped).
+fn tiers_failed(level: Level, why: Problem) -> Tiers {
+    (
+        Some(Err(why.clone())),
+        (level >= Level::Handshake).then_some(Err(why)),
+    )
+}
+
+/// Producer steps 1, 3 and 4 of SPEC section 2, plus its half of the tiers.
 fn produce<R: Read, W: Write>(
     link: &mut Link<R, W>,
     job: Job,
     level: Level,
+    tiers: &TierParams,
 ) -> Result<SideVerdict, ProtocolError> {
     let d = job.pair.src as i32;
     // vLLM's calls exactly; the allocation is not freed: the reset after the pair releases it.
@@ -127,36 +150,89 @@ fn produce<R: Read, W: Write>(
             })?;
             // The consumer answers with an error (it had no handle); the verdict is ours.
             let _ = link.recv_opened(job)?;
-            return Ok(side_verdict(Err(why), None, None));
+            return Ok(side_verdict(Err(why), None, (None, None)));
         }
     };
     if let Err(why) = link.recv_opened(job)? {
-        return Ok(side_verdict(Err(Problem::Peer(Box::new(why))), None, None));
+        let why = Problem::Peer(Box::new(why));
+        return Ok(side_verdict(Err(why), None, (None, None)));
     }
     link.barrier_out(job, Stage::Copy)?;
     link.barrier_in(job, Stage::Copy)?;
     let copy = verify(d, p, TEST_BYTES, CONSUMER_FILL, Check::CopyReadBack);
-    let kernel = if level >= Level::Kernel {
-        // The consumer's SM stores must not overwrite the 2s before this side has read them.
-        link.barrier_out(job, Stage::CopyChecked)?;
-        link.barrier_in(job, Stage::KernelStored)?;
-        let seen = verify(d, p, TEST_BYTES, KERNEL_STORE, Check::KernelStores);
-        let rewrite = cuda::memset(d, p, PRODUCER_REWRITE, TEST_BYTES)
-            .and_then(|_| cuda::device_synchronize(d))
-            .map_err(Problem::from);
-        link.barrier_out(job, Stage::ProducerRewrote)?;
-        Some(seen.and(rewrite))
+    let tiers_seen = if level >= Level::Kernel {
+        produce_tiers(link, job, level, tiers)?
+    } else {
+        (None, None)
+    };
+    Ok(side_verdict(copy, None, tiers_seen))
+}
+
+/// The producer's half of the kernel and handshake tiers, on a buffer of their own.
+fn produce_tiers<R: Read, W: Write>(
+    link: &mut Link<R, W>,
+    job: Job,
+    level: Level,
+    tiers: &TierParams,
+) -> Result<Tiers, ProtocolError> {
+    let d = job.pair.src as i32;
+    let job = Job {
+        tier: Level::Kernel,
+        ..job
+    };
+    let layout = Layout::new(tiers);
+    let set_up = (|| {
+        let k = Kernels::load(d)?;
+        let buffer = DeviceBuffer::new(d, layout.slot_bytes() as usize)?;
+        layout.prepare(&k, d, buffer.at(0), tiers)?;
+        let handle = buffer.ipc_handle()?;
+        Ok::<_, Problem>((k, buffer, handle))
+    })();
+    let (k, buffer) = match set_up {
+        Ok((k, buffer, handle)) => {
+            link.send(Message::Handle {
+                job,
+                handle: Ok(handle),
+            })?;
+            (k, buffer)
+        }
+        Err(why) => {
+            link.send(Message::Handle {
+                job,
+                handle: Err(why.clone()),
+            })?;
+            let _ = link.recv_opened(job)?;
+            return Ok(tiers_failed(level, why));
+        }
+    };
+    if let Err(why) = link.recv_opened(job)? {
+        return Ok(tiers_failed(level, Problem::Peer(Box::new(why))));
+    }
+    link.barrier_in(job, Stage::KernelStored)?;
+    let kernel = layout.verify_stores(&k, buffer.at(0), tiers);
+    link.barrier_out(job, Stage::ProducerRewrote)?;
+    let handshake = if level >= Level::Handshake {
+        // Both kernels must be resident at once: the consumer launches on this token.
+        link.barrier_out(job, Stage::Handshake)?;
+        let same_gpu = job.pair.src == job.pair.tgt;
+        Some(layout.handshake(&k, buffer.at(0), 0, same_gpu, tiers))
     } else {
         None
     };
-    Ok(side_verdict(copy, None, kernel))
+    // The consumer is done with the buffer when it says so (its verdict goes to the parent),
+    // so wait for its token before freeing: a mapping must not outlive its memory.
+    link.barrier_in(job, Stage::Handshake)?;
+    let freed = buffer.release().map_err(Problem::from);
+    drop(k);
+    Ok((Some(kernel.and(freed)), handshake))
 }
 
-/// Consumer steps 2, 3 and 4 of SPEC section 2, plus its half of the kernel tier.
+/// Consumer steps 2, 3 and 4 of SPEC section 2, plus its half of the tiers.
 fn consume<R: Read, W: Write>(
     link: &mut Link<R, W>,
     job: Job,
     level: Level,
+    tiers: &TierParams,
 ) -> Result<SideVerdict, ProtocolError> {
     let pair = job.pair;
     let d = pair.tgt as i32;
@@ -175,7 +251,7 @@ fn consume<R: Read, W: Write>(
                 job,
                 result: Err(why.clone()),
             })?;
-            return Ok(side_verdict(Err(why), claim, None));
+            return Ok(side_verdict(Err(why), claim, (None, None)));
         }
     };
     link.send(Message::Opened {
@@ -190,15 +266,64 @@ fn consume<R: Read, W: Write>(
     link.barrier_in(job, Stage::Copy)?;
     link.barrier_out(job, Stage::Copy)?;
     let copy = wrote.and_then(|_| verify(d, q, TEST_BYTES, CONSUMER_FILL, Check::CopyReadBack));
-    let kernel = if level >= Level::Kernel {
-        link.barrier_in(job, Stage::CopyChecked)?;
-        let stored = cuda::kernel_store(d, q, TEST_BYTES, KERNEL_STORE).map_err(Problem::from);
-        link.barrier_out(job, Stage::KernelStored)?;
-        link.barrier_in(job, Stage::ProducerRewrote)?;
-        let loaded = kernel_verify(d, q, TEST_BYTES, PRODUCER_REWRITE);
-        Some(stored.and(loaded))
+    let tiers_seen = if level >= Level::Kernel {
+        consume_tiers(link, job, level, tiers)?
+    } else {
+        (None, None)
+    };
+    Ok(side_verdict(copy, claim, tiers_seen))
+}
+
+/// The consumer's half of the kernel and handshake tiers, through a mapping of the producer's
+/// tier buffer.
+fn consume_tiers<R: Read, W: Write>(
+    link: &mut Link<R, W>,
+    job: Job,
+    level: Level,
+    tiers: &TierParams,
+) -> Result<Tiers, ProtocolError> {
+    let d = job.pair.tgt as i32;
+    let job = Job {
+        tier: Level::Kernel,
+        ..job
+    };
+    let layout = Layout::new(tiers);
+    let handle = link.recv_handle(job)?;
+    let opened = handle
+        .map_err(|why| Problem::Peer(Box::new(why)))
+        .and_then(|h| {
+            let k = Kernels::load(d)?;
+            Ok((k, PeerMapping::open(d, &h)?))
+        });
+    let (k, mapping) = match opened {
+        Ok(ok) => {
+            link.send(Message::Opened {
+                job,
+                result: Ok(()),
+            })?;
+            ok
+        }
+        Err(why) => {
+            link.send(Message::Opened {
+                job,
+                result: Err(why.clone()),
+            })?;
+            return Ok(tiers_failed(level, why));
+        }
+    };
+    let stored = layout.store(&k, mapping.at(0), tiers);
+    link.barrier_out(job, Stage::KernelStored)?;
+    link.barrier_in(job, Stage::ProducerRewrote)?;
+    let loaded = layout.load(&k, mapping.at(0), tiers);
+    let handshake = if level >= Level::Handshake {
+        link.barrier_in(job, Stage::Handshake)?;
+        let same_gpu = job.pair.src == job.pair.tgt;
+        Some(layout.handshake(&k, mapping.at(0), 1, same_gpu, tiers))
     } else {
         None
     };
-    Ok(side_verdict(copy, claim, kernel))
+    let closed = mapping.release().map_err(Problem::from);
+    link.barrier_out(job, Stage::Handshake)?;
+    drop(k);
+    Ok((Some(stored.and(loaded).and(closed)), handshake))
 }
