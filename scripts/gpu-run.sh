@@ -16,7 +16,7 @@ export P2PCHECK_WORKER=$PWD/$C/p2pcheck-worker
 P2P=$PWD/$C/p2pcheck
 REF=$PWD/$C/vllm_style_reference.py
 RUNS=${RUNS:-5}
-STEPS=${STEPS:-1 2 3 4 5}
+STEPS=${STEPS:-1 2 3 4 5 6}
 SUMMARY=$OUT/summary.txt
 : >"$SUMMARY"
 say() { echo "$*" | tee -a "$SUMMARY"; }
@@ -93,6 +93,18 @@ if want 5; then
   say "library gpu_p2p_access_check (examples/access_check), exit $?: $(head -1 "$OUT/access-check.out"); $(tail -1 "$OUT/access-check.out")"
   rm -rf "$T"
   "$P2P" --json >"$OUT/json.out" 2>&1; say "--json: exit $?, $(python3 -c "import json,sys; d=json.load(open('$OUT/json.out')); print('all_ok', d['all_ok'], 'pairs', len(d['pairs']))")"
+fi
+# 6. compute-sanitizer over a whole check (every worker process): memcheck and racecheck. Its
+# instrumentation slows kernels down, so the deadlines are wider; the verdicts must not change.
+if want 6; then
+  for tool in memcheck racecheck; do
+    T=$(mktemp -d)
+    VLLM_CACHE_ROOT=$T timeout 500 compute-sanitizer --target-processes all --tool "$tool" \
+      "$P2P" --timeout 120 --startup-timeout 300 >"$OUT/sanitizer-$tool.log" 2>&1
+    rc=$?
+    say "compute-sanitizer $tool: exit $rc; $(grep -c 'ERROR SUMMARY: 0 errors' "$OUT/sanitizer-$tool.log") processes with 0 errors, $(grep 'ERROR SUMMARY' "$OUT/sanitizer-$tool.log" | grep -vc ' 0 errors') with errors; $(grep -m1 'src\\tgt' -A3 "$OUT/sanitizer-$tool.log" | tr -s ' ' | tr '\n' '|')"
+    rm -rf "$T"
+  done
 fi
 sleep 0.5; say "leftover workers: $(pgrep -xc p2pcheck-worker || true)"
 
