@@ -36,6 +36,69 @@ pub fn kill_process_group(pgid: u32) {
     }
 }
 
+/// A pidfd for `pid` (`pidfd_open(2)`, Linux 5.3+): readable once the process has exited, so
+/// a poll loop sees a worker's death even when a descendant still holds its pipe open. `Err`
+/// on older kernels; callers then rely on the pipe alone.
+pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; the
+    // descriptor is owned by the OwnedFd alone.
+    unsafe {
+        let fd = libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) as RawFd;
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(fd))
+    }
+}
+
+/// Makes this process the reaper of its orphaned descendants (`PR_SET_CHILD_SUBREAPER`): a
+/// worker's grandchild that escaped its process group (`setsid`) becomes this process's child
+/// when the worker dies, so it can be found and killed. For a program of its own (the CLI), not
+/// for a library inside someone else's process.
+pub fn become_subreaper() -> io::Result<()> {
+    // SAFETY: prctl with PR_SET_CHILD_SUBREAPER and 1 has no memory effects.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Kills (SIGKILL) and reaps every child this process still has except those `keep` names,
+/// returning their pids: after the check, anything left is a worker's descendant that escaped
+/// (see [`become_subreaper`]). Reads `/proc/self/task/*/children`.
+pub fn kill_and_reap_children(keep: impl Fn(u32) -> bool) -> Vec<u32> {
+    let mut pids: Vec<u32> = std::fs::read_dir("/proc/self/task")
+        .map(|tasks| {
+            tasks
+                .flatten()
+                .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+                .flat_map(|s| {
+                    s.split_whitespace()
+                        .filter_map(|p| p.parse().ok())
+                        .collect::<Vec<u32>>()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    pids.sort_unstable();
+    pids.dedup();
+    pids.retain(|&p| !keep(p));
+    for &pid in &pids {
+        // SAFETY: kill and waitpid on a child of this process; status is a valid out-pointer.
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGKILL);
+            let mut status = 0;
+            libc::waitpid(pid as libc::pid_t, &mut status, 0);
+        }
+    }
+    pids
+}
+
+/// Whether `fd` is readable (or hung up) right now, without waiting.
+pub fn readable_now(fd: RawFd) -> bool {
+    poll_readable(&[fd], Instant::now()).is_ok_and(|r| r.is_some())
+}
+
 /// Sets `O_NONBLOCK` on `fd` (the parent's end of a worker's stdin: writes must never block).
 pub fn set_nonblocking(fd: &impl AsRawFd) -> io::Result<()> {
     let fd = fd.as_raw_fd();
@@ -404,6 +467,37 @@ pub fn unlink_at(dir: &impl AsFd, name: &OsStr) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod write_tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_reader_that_never_reads_cannot_block_a_write_past_its_deadline() {
+        let (_r, w) = pipe().unwrap();
+        set_nonblocking(&w).unwrap();
+        // More than any pipe buffer: the write must give up at the deadline.
+        let big = vec![7u8; 4 << 20];
+        let started = Instant::now();
+        let e = write_all_until(&w, &big, Instant::now() + Duration::from_millis(100)).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn a_reader_that_is_gone_gives_epipe_not_sigpipe() {
+        let (r, w) = pipe().unwrap();
+        drop(r);
+        set_nonblocking(&w).unwrap();
+        let e = write_all_until(&w, b"x", Instant::now() + Duration::from_secs(1)).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPIPE));
+    }
 }
 
 #[cfg(test)]

@@ -10,6 +10,11 @@ use std::time::{Duration, Instant};
 
 use common::TempDir;
 
+/// A Barrier frame for pair 0 (0->0), from the producer, stage Copy: length 16, tag 5, job
+/// (index, src, tgt: u32; role, tier: u8), stage.
+const BARRIER: &str =
+    r"\x10\x00\x00\x00\x05\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00";
+
 /// A Hello frame for one device: length 16, tag 1, "P2PC", version 2, pid 0, ok, count 1.
 const HELLO: &str = r"\x10\x00\x00\x00\x01P2PC\x02\x00\x00\x00\x00\x00\x01\x01\x00\x00\x00";
 
@@ -149,5 +154,67 @@ fn a_worker_of_another_protocol_version_is_refused() {
         assert_eq!(out.status.code(), Some(2));
         let s = stdout(&out);
         assert!(s.contains("speaks protocol version 9"), "{engine}: {s}");
+    }
+}
+
+#[test]
+fn a_worker_flooding_valid_messages_cannot_keep_its_pair_alive() {
+    // Hello, then, once the batch has started, one valid Barrier after another.
+    let (_dir, w) = fake_worker(
+        "flood",
+        &format!("printf '{HELLO}'; head -c 4 >/dev/null; for i in $(seq 200); do printf '{BARRIER}'; done; sleep 30"),
+    );
+    let (out, took) = run_with(&w, "vllm", &["--timeout", "5"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let s = stdout(&out);
+    assert!(s.contains("\"verdict\":\"error\""), "{s}");
+    assert!(s.contains("more than 16 messages for one pair"), "{s}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    // The parallel engine takes no message it did not ask for.
+    let (out, took) = run_with(&w, "parallel", &["--timeout", "5"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("Barrier while starting"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(took < Duration::from_secs(5), "{took:?}");
+}
+
+#[test]
+fn a_worker_that_dies_is_seen_at_once_though_a_descendant_holds_its_pipe() {
+    // The background sleep inherits stdout, so the pipe stays open after the worker exits:
+    // only its pidfd tells the parent, long before the 30 s step deadline.
+    let (_dir, w) = fake_worker(
+        "holder",
+        &format!("printf '{HELLO}'; sleep 30 & head -c 4 >/dev/null; exit 7"),
+    );
+    for (engine, code) in [("vllm", 1), ("parallel", 2)] {
+        let (out, took) = run_with(&w, engine, &["--timeout", "30"]);
+        assert_eq!(out.status.code(), Some(code), "{engine}: {}", stdout(&out));
+        assert!(
+            stdout(&out).contains("exited with code 7"),
+            "{engine}: {}",
+            stdout(&out)
+        );
+        assert!(took < Duration::from_secs(5), "{engine}: {took:?}");
+    }
+}
+
+#[test]
+fn a_descendant_that_escaped_with_setsid_does_not_outlive_the_check() {
+    // setsid puts the sleep in a session (and process group) of its own, out of reach of the
+    // worker's group kill; the CLI adopts it when the worker dies and ends it.
+    let (_dir, w) = fake_worker(
+        "escaper",
+        &format!("printf '{HELLO}'; setsid sleep 30 </dev/null >/dev/null 2>&1 & head -c 4 >/dev/null; exit 7"),
+    );
+    for engine in ["vllm", "parallel"] {
+        // run_with asserts that no process of the run is left.
+        let (out, took) = run_with(&w, engine, &["--timeout", "5"]);
+        assert!(matches!(out.status.code(), Some(1 | 2)), "{engine}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("left behind by a worker"), "{engine}: {err}");
+        assert!(took < Duration::from_secs(5), "{engine}: {took:?}");
     }
 }

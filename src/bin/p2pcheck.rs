@@ -586,10 +586,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // A worker's descendant that escaped its process group becomes ours when the worker dies,
+    // and is ended below: nothing started by the check outlives it.
+    let adopted = p2pcheck::adopt_orphans();
     let result = match args.access {
         Some((src, tgt)) => access_check(&args, src, tgt),
         None => run(&args),
     };
+    if adopted.is_ok() {
+        for pid in p2pcheck::kill_leftover_children() {
+            eprintln!("p2pcheck: warning: killed process {pid}, left behind by a worker");
+        }
+    }
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),

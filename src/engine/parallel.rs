@@ -544,6 +544,11 @@ impl Run<'_> {
                 self.start_waiting_handshakes();
                 Ok(())
             }
+            (State::Starting | State::SettingUp, other) => Err(Error::Worker(format!(
+                "the {name} sent {} while starting",
+                message_name(&other)
+            ))
+            .into()),
             (_, other) => {
                 self.lose(
                     from,

@@ -8,6 +8,11 @@
 //! work is done is moved to the [`Graveyard`]: its stdin is closed (its signal to exit), and it
 //! is reaped later, after the verdicts have been handed over, or killed at a deadline.
 
+use std::collections::HashSet;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Mutex;
+
+use once_cell::sync::Lazy;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
@@ -105,6 +110,19 @@ pub(crate) enum SendError {
     Gone,
 }
 
+/// Pids of the workers started and not yet reaped, in this process: what
+/// [`crate::kill_leftover_children`] must leave to the check that owns them.
+static TRACKED: Lazy<Mutex<HashSet<u32>>> = Lazy::new(Mutex::default);
+
+fn tracked() -> std::sync::MutexGuard<'static, HashSet<u32>> {
+    TRACKED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Whether `pid` is a worker a check started and has not reaped yet.
+pub(crate) fn is_tracked(pid: u32) -> bool {
+    tracked().contains(&pid)
+}
+
 /// One running worker process.
 pub(crate) struct Worker {
     /// Who it is, for messages: "producer", "worker of GPU 2", ...
@@ -113,6 +131,9 @@ pub(crate) struct Worker {
     stdin: Option<ChildStdin>,
     reader: FrameReader,
     _stdout: ChildStdout,
+    /// Readable once the process has exited (where the kernel offers pidfds): its death is
+    /// seen even if a descendant keeps the pipe open.
+    pidfd: Option<OwnedFd>,
     reaped: Option<ExitStatus>,
     /// The step the engine waits for must arrive by then; `None`: nothing is expected.
     pub deadline: Option<Instant>,
@@ -148,10 +169,13 @@ impl Worker {
             os::set_nonblocking(s)
                 .map_err(|e| Error::Worker(format!("cannot set up the worker's pipe: {e}")))?;
         }
+        let pidfd = os::pidfd_open(child.id()).ok();
+        tracked().insert(child.id());
         Ok(Worker {
             label,
             reader: FrameReader::new(&stdout),
             _stdout: stdout,
+            pidfd,
             stdin,
             child,
             reaped: None,
@@ -233,6 +257,7 @@ impl Worker {
         if self.reaped.is_none() {
             if let Ok(Some(status)) = self.child.try_wait() {
                 self.reaped = Some(status);
+                tracked().remove(&self.child.id());
             }
         }
         self.reaped
@@ -248,6 +273,7 @@ impl Worker {
         if let Ok(status) = self.child.wait() {
             self.reaped = Some(status);
         }
+        tracked().remove(&self.child.id());
     }
 }
 
@@ -300,16 +326,45 @@ pub(crate) fn next_event(workers: &mut [Option<Worker>], wake: Instant) -> Optio
             .iter()
             .filter_map(|&i| workers[i].as_ref().and_then(|w| w.deadline).map(|d| (i, d)))
             .min_by_key(|&(_, d)| d)?;
-        let fds: Vec<_> = live
-            .iter()
-            .map(|&i| workers[i].as_ref().expect("live").reader.fd())
-            .collect();
+        // Each worker's pipe, and its pidfd where there is one.
+        let mut fds = Vec::new();
+        let mut owners = Vec::new();
+        for &i in &live {
+            let w = workers[i].as_ref().expect("live");
+            fds.push(w.reader.fd());
+            owners.push((i, false));
+            if let Some(p) = &w.pidfd {
+                fds.push(p.as_raw_fd());
+                owners.push((i, true));
+            }
+        }
         match os::poll_readable(&fds, deadline.min(wake)) {
             Ok(Some(k)) => {
-                let w = workers[live[k]].as_mut().expect("live");
-                if let Err(e) = w.reader.fill() {
-                    return Some((live[k], Event::Broken(broken(w, e))));
+                let (i, exited) = owners[k];
+                let w = workers[i].as_mut().expect("live");
+                if !exited {
+                    if let Err(e) = w.reader.fill() {
+                        return Some((i, Event::Broken(broken(w, e))));
+                    }
+                    continue;
                 }
+                // It exited: what it wrote before comes first, then its death (a bounded
+                // drain: a descendant holding the pipe could keep writing).
+                for _ in 0..16 {
+                    if !os::readable_now(w.reader.fd()) {
+                        break;
+                    }
+                    match w.reader.fill() {
+                        Ok(()) => {}
+                        Err(ProtocolError::Eof) => break,
+                        Err(e) => return Some((i, Event::Broken(broken(w, e)))),
+                    }
+                }
+                return Some(match w.reader.buffered() {
+                    Ok(Some(m)) => (i, Event::Message(m)),
+                    Ok(None) => (i, Event::Broken(w.death_note())),
+                    Err(e) => (i, Event::Broken(broken(w, e))),
+                });
             }
             Ok(None) if Instant::now() >= deadline => return Some((first, Event::Timeout)),
             Ok(None) => return None,
