@@ -107,7 +107,8 @@ fn exact_vllm_mode_and_batch_order() {
 #[ignore = "needs NVIDIA GPUs: run with --ignored and P2PCHECK_GPU_TESTS=1"]
 fn gpu_p2p_access_check_writes_vllms_cache_once() {
     require_gpu_run();
-    let dir = std::env::temp_dir().join(format!("p2pcheck-gpu-test-{}", std::process::id()));
+    let tmp = common::TempDir::new("p2pcheck-gpu-test");
+    let dir = tmp.path().to_path_buf();
     std::env::set_var("VLLM_CACHE_ROOT", &dir);
     std::env::set_var("P2PCHECK_WORKER", worker());
     let n = p2pcheck::visible_device_count().unwrap();
@@ -128,7 +129,6 @@ fn gpu_p2p_access_check_writes_vllms_cache_once() {
         .unwrap();
     assert_eq!(fp.gpus.len() as u32, n);
     assert!(fp.gpus.iter().all(|g| g.uuid.starts_with("GPU-")));
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

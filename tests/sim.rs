@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use p2pcheck::json::{self, Value};
 
 mod common;
-use common::worker_children;
+use common::{worker_children, TempDir};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_p2pcheck-worker");
 
@@ -548,7 +548,8 @@ fn empty_cuda_visible_devices_and_bad_simulations_exit_2() {
 
 #[test]
 fn the_vllm_cache_is_written_only_into_an_explicit_folder_when_simulating() {
-    let dir = std::env::temp_dir().join(format!("p2pcheck-sim-cache-{}", token()));
+    let tmp = TempDir::new("p2pcheck-sim-cache");
+    let dir = tmp.path().join("cache");
     let dir_s = dir.display().to_string();
     let (out, _) = cli(
         &[
@@ -568,7 +569,6 @@ fn the_vllm_cache_is_written_only_into_an_explicit_folder_when_simulating() {
         text,
         "{\n    \"0->0\": true,\n    \"0->1\": true,\n    \"1->0\": false,\n    \"1->1\": true\n}"
     );
-    std::fs::remove_dir_all(&dir).unwrap();
     let (out, _) = cli(&["--simulate", "2"], &[]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("not consulted"));
 }
@@ -670,7 +670,8 @@ fn the_library_runs_on_the_simulator_in_batch_order() {
 
 #[test]
 fn the_simulator_library_can_be_written_out() {
-    let path = std::env::temp_dir().join(format!("p2pcheck-sim-{}.so", token()));
+    let tmp = TempDir::new("p2pcheck-sim-lib");
+    let path = tmp.path().join("libsim.so");
     let (out, _) = cli(&["--write-sim-lib", &path.display().to_string()], &[]);
     assert_eq!(out.status.code(), Some(0));
     let bytes = std::fs::read(&path).unwrap();
@@ -684,10 +685,7 @@ fn the_simulator_library_can_be_written_out() {
             ("P2PCHECK_LIBCUDART", &lib),
             ("P2PCHECK_SIM_GPUS", "2"),
             ("P2PCHECK_SIM_FAULTS", "0->1:corrupt"),
-            (
-                "VLLM_CACHE_ROOT",
-                &std::env::temp_dir().display().to_string(),
-            ),
+            ("VLLM_CACHE_ROOT", &tmp.path().display().to_string()),
         ],
     );
     assert_eq!(
@@ -696,7 +694,6 @@ fn the_simulator_library_can_be_written_out() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    std::fs::remove_file(&path).unwrap();
 }
 
 /// Child side of the next test: this test binary re-executed with `ACCESS_CHILD=1` calls
@@ -723,8 +720,8 @@ fn access_check_child() {
 #[test]
 fn gpu_p2p_access_check_computes_vllms_cache_once_and_recomputes_a_corrupt_one() {
     let t = token();
-    let dir = std::env::temp_dir().join(format!("p2pcheck-access-{t}"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = TempDir::new("p2pcheck-access");
+    let dir = tmp.path().to_path_buf();
     let lib = dir.join("libsim.so");
     p2pcheck::sim::write_library(&lib).unwrap();
     let lib = lib.display().to_string();
@@ -781,7 +778,6 @@ fn gpu_p2p_access_check_computes_vllms_cache_once_and_recomputes_a_corrupt_one()
         std::fs::read_to_string(&file).unwrap(),
         expected.replace("\"0->1\": false", "\"0->1\": true")
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
