@@ -78,7 +78,7 @@ pub fn cache_dir() -> Result<PathBuf> {
     cache_dir_from(|name| std::env::var(name).ok())
 }
 
-/// The cache file's name for a `CUDA_VISIBLE_DEVICES` key (see [`crate::visible::cache_key`]).
+/// The cache file's name for a `CUDA_VISIBLE_DEVICES` key (`CUDA_VISIBLE_DEVICES` as set, or `0,1,…,n-1` when unset).
 ///
 /// A `/` in the key (old-style MIG ids, `MIG-GPU-<uuid>/1/0`) is written `_`, to keep the name a
 /// single file name. vLLM does not do this: its `os.makedirs(os.path.dirname(path))` turns each

@@ -12,7 +12,7 @@
 //!   beside it so that a changed machine is re-checked and a warm answer needs no CUDA at all;
 //! * [`policy::should_nccl_symm_mem_allreduce`] and the all-reduce size tables.
 //!
-//! The layers, bottom to top: [`sys`] (generated bindings), `cuda` (dlopen, lazy symbols,
+//! The layers, bottom to top: `sys` (generated bindings), `cuda` (dlopen, lazy symbols,
 //! checked calls, owned resources), `protocol` (frames over pipes), `worker` (the child
 //! processes), `engine` (the parent: pool, engines, deadlines, rounds), [`cache`],
 //! [`fingerprint`], [`policy`], and this API.
@@ -46,10 +46,10 @@ mod os;
 pub mod policy;
 mod protocol;
 pub mod sim;
-pub mod sys;
+mod sys;
 #[cfg(test)]
 mod testutil;
-pub mod visible;
+mod visible;
 mod worker;
 
 use std::collections::HashMap;
