@@ -103,9 +103,6 @@
  * CUDA_ERROR_MISALIGNED_ADDRESS (716); both are checked for every pointer before anything runs,
  * so such a launch touches nothing. Invalid scalar arguments are CUDA_ERROR_INVALID_VALUE (1),
  * checked first (a GPU kernel cannot report them: p2pcheck must never pass them).
- *   p2pc_store(u8 *p, u64 n, u8 value)                     p[0..n) = value
- *   p2pc_count(const u8 *p, u64 n, u8 value, u64 *mismatches, u64 *first_bad)
- *       for each i with p[i] != value: *mismatches += 1, *first_bad = min(*first_bad, i)
  *   With pat(o, seed): x = o + seed * 0x9E3779B97F4A7C15; x ^= x >> 33;
  *   x *= 0xff51afd7ed558ccd; x ^= x >> 33; x *= 0xc4ceb9fe1a85ec53; x ^= x >> 33; the low byte
  *   of x (all arithmetic mod 2^64):
@@ -118,8 +115,8 @@
  *       width and n validated as for p2pc_pattern_store (p % width misaligned); counters is 3
  *       u64 [wrong, first_bad, stale] (8-aligned), which the caller sets to [0, ~0, 0]. For each
  *       o < n with got = p[o] != pat(o, seed): wrong += 1, first_bad = min(first_bad, o), and
- *       if got == pat(o, old_seed) also stale += 1. The counters are loaded and stored (as
- *       p2pc_count's) only when something was wrong; stale only when it grows.
+ *       if got == pat(o, old_seed) also stale += 1. The counters are loaded and stored only
+ *       when something was wrong; stale only when it grows.
  *   p2pc_handshake(u8 *area, u32 rounds, u32 role, u64 seed, u64 budget_ns, u64 *out)
  *       a ping-pong between two processes' kernels running at the same time. area: 2048 bytes
  *       (4-aligned), u32 flag_c at +0, u32 flag_p at +128, payload_c at +256 and payload_p at
@@ -473,9 +470,9 @@ struct region {
     uint64_t ino, dev; /* the memfd's identity, written into IPC handles */
 };
 
-enum { K_STORE, K_COUNT, K_PATTERN_STORE, K_PATTERN_CHECK, K_HANDSHAKE, K_NUM };
+enum { K_PATTERN_STORE, K_PATTERN_CHECK, K_HANDSHAKE, K_NUM };
 static const char *const KERNEL_NAMES[K_NUM] = {
-    "p2pc_store", "p2pc_count", "p2pc_pattern_store", "p2pc_pattern_check", "p2pc_handshake",
+    "p2pc_pattern_store", "p2pc_pattern_check", "p2pc_handshake",
 };
 
 struct module;
@@ -875,63 +872,6 @@ static size_t region_off(const struct region *r, uint64_t p) {
     return (size_t)((uintptr_t)p - (uintptr_t)r->base);
 }
 
-static int run_store(void **params) {
-    uint64_t p, n;
-    unsigned char value;
-    if (param_u64(params, 0, &p) || param_u64(params, 1, &n) || params[2] == NULL)
-        return E_INVALID_VALUE;
-    memcpy(&value, params[2], 1);
-    if (n == 0) return E_OK;
-    if (n > SIZE_MAX) return E_ILLEGAL_ADDRESS;
-    struct region *r = find_range((uintptr_t)p, (size_t)n);
-    if (r == NULL) return E_ILLEGAL_ADDRESS;
-    unsigned mask = fault_mask(r);
-    trigger(r, mask);
-    struct launch l = LAUNCH_INIT;
-    kernel_store(&l, r, (uintptr_t)p - (uintptr_t)r->base, NULL, value, (size_t)n, mask);
-    return kernel_end(&l);
-}
-
-static int run_count(void **params) {
-    uint64_t p, n, mism_addr, first_addr;
-    unsigned char value;
-    if (param_u64(params, 0, &p) || param_u64(params, 1, &n) || params[2] == NULL ||
-        param_u64(params, 3, &mism_addr) || param_u64(params, 4, &first_addr))
-        return E_INVALID_VALUE;
-    memcpy(&value, params[2], 1);
-    if (n > SIZE_MAX) return E_ILLEGAL_ADDRESS;
-    /* Every address is checked before anything runs: a bad one touches nothing. */
-    struct region *r = n ? find_range((uintptr_t)p, (size_t)n) : NULL;
-    struct region *rm = find_range((uintptr_t)mism_addr, 8);
-    struct region *rf = find_range((uintptr_t)first_addr, 8);
-    if ((n && r == NULL) || rm == NULL || rf == NULL) return E_ILLEGAL_ADDRESS;
-    unsigned mask = fault_mask(r), mm = fault_mask(rm), mf = fault_mask(rf);
-    if (r != NULL) trigger(r, mask);
-    trigger(rm, mm);
-    trigger(rf, mf);
-    uint64_t count = 0, first = UINT64_MAX;
-    if (r != NULL) {
-        const unsigned char *base = r->base + ((uintptr_t)p - (uintptr_t)r->base);
-        for (uint64_t i = 0; i < n; i++) {
-            unsigned char b = (mask & F_SM_ONLY) ? 0xEE : base[i];
-            if (b != value) {
-                if (count++ == 0) first = i;
-            }
-        }
-    }
-    if (count == 0) return E_OK; /* no atomic ran: the counters are untouched */
-    struct launch l = LAUNCH_INIT;
-    uint64_t m, f;
-    size_t offm = (uintptr_t)mism_addr - (uintptr_t)rm->base;
-    size_t offf = (uintptr_t)first_addr - (uintptr_t)rf->base;
-    kernel_load(rm, offm, &m, 8, mm);
-    m += count;
-    kernel_store(&l, rm, offm, &m, 0, 8, mm);
-    kernel_load(rf, offf, &f, 8, mf);
-    if (first < f) kernel_store(&l, rf, offf, &first, 0, 8, mf);
-    return kernel_end(&l);
-}
-
 /* The test pattern, exactly as the GPU kernels compute it. */
 static unsigned char pat(uint64_t o, uint64_t seed) {
     uint64_t x = o + seed * 0x9E3779B97F4A7C15ull;
@@ -1302,8 +1242,6 @@ SIM_EXPORT int cuLaunchKernel(void *f, unsigned gridX, unsigned gridY, unsigned 
         (unsigned long long)blockX * blockY * blockZ > 1024 || kernelParams == NULL)
         return unlock_return(E_INVALID_VALUE);
     switch (fn->kernel) {
-    case K_STORE: rc = run_store(kernelParams); break;
-    case K_COUNT: rc = run_count(kernelParams); break;
     case K_PATTERN_STORE: rc = run_pattern_store(kernelParams); break;
     case K_PATTERN_CHECK: rc = run_pattern_check(kernelParams); break;
     default: rc = run_handshake(kernelParams); break;
