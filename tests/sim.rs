@@ -266,7 +266,7 @@ fn both_engines_give_the_same_verdicts_for_every_fault_kind() {
                 let (run, _) = simulate(
                     4,
                     &[fault.as_str()],
-                    &[&["--timeout", "0.5"], *flags].concat(),
+                    &[&["--timeout", "2"], *flags].concat(),
                     &[],
                 );
                 let mut v: Vec<(String, String)> = run
