@@ -835,3 +835,73 @@ fn the_trace_names_every_cuda_call_with_its_result() {
         .collect();
     assert_eq!(pids.len(), 2, "{trace}");
 }
+
+/// The warm path: a second `access-check` in a fresh process answers from vLLM's file and the
+/// fingerprint beside it without a single CUDA call; a changed machine (here: the recorded
+/// driver version differs) is checked again, and `--refresh` forces a check.
+#[test]
+fn a_warm_answer_needs_no_cuda_and_a_changed_machine_is_checked_again() {
+    let tmp = TempDir::new("p2pcheck-warm");
+    let dir = tmp.path().display().to_string();
+    let access = |extra: &[&str]| {
+        let mut args = vec![
+            "access-check",
+            "0",
+            "1",
+            "--simulate",
+            "2",
+            "--fault",
+            "0->1:drop-writes",
+        ];
+        args.extend(["--cache-dir", &dir]);
+        args.extend(extra);
+        let (out, _) = cli(&args, &[("P2PCHECK_TRACE", "1")]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let calls = |stderr: &str| {
+        stderr
+            .lines()
+            .filter(|l| l.contains("p2pcheck trace"))
+            .count()
+    };
+    let (answer, stderr) = access(&[]);
+    assert_eq!(answer, "false");
+    assert!(calls(&stderr) > 0, "the first answer needs a check");
+    let file = tmp.path().join("gpu_p2p_access_cache_for_0,1.json");
+    let beside = tmp
+        .path()
+        .join(".gpu_p2p_access_cache_for_0,1.json.p2pcheck-fingerprint");
+    let fp = std::fs::read_to_string(&beside).unwrap();
+    assert!(fp.contains("driver=simulated\n"), "{fp}");
+    assert!(fp.contains("level=handshake\n"), "{fp}");
+    let cached = std::fs::read(&file).unwrap();
+    // Warm: no CUDA call at all, the same answer, the file untouched.
+    let (answer, stderr) = access(&[]);
+    assert_eq!((answer.as_str(), calls(&stderr)), ("false", 0), "{stderr}");
+    assert_eq!(std::fs::read(&file).unwrap(), cached);
+    // The machine changed: checked again, and said so.
+    std::fs::write(&beside, fp.replace("driver=simulated", "driver=580.159.04")).unwrap();
+    let (answer, stderr) = access(&[]);
+    assert_eq!(answer, "false");
+    assert!(calls(&stderr) > 0);
+    assert!(
+        stderr.contains("the machine changed since it was written: driver"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_to_string(&beside).unwrap(), fp);
+    // --refresh checks even a valid cache.
+    let (_, stderr) = access(&["--refresh"]);
+    assert!(
+        calls(&stderr) > 0 && stderr.contains("a fresh check was asked for"),
+        "{stderr}"
+    );
+}
