@@ -218,3 +218,21 @@ fn a_descendant_that_escaped_with_setsid_does_not_outlive_the_check() {
         assert!(took < Duration::from_secs(5), "{engine}: {took:?}");
     }
 }
+
+#[test]
+fn a_worker_claiming_more_gpus_than_the_driver_lists_is_refused() {
+    // Hello with a device count of 91, on a (simulated) machine of 2 GPUs: nothing is sized by
+    // the claim (91 devices would be 8,281 pairs).
+    let hello91 = r"\x10\x00\x00\x00\x01P2PC\x02\x00\x00\x00\x00\x00\x01\x5b\x00\x00\x00";
+    let (_dir, w) = fake_worker("liar", &format!("printf '{hello91}'; sleep 30"));
+    for engine in ["vllm", "parallel"] {
+        let (out, took) = run_with(&w, engine, &["--simulate", "2"]);
+        assert_eq!(out.status.code(), Some(2), "{engine}: {}", stdout(&out));
+        assert!(
+            stdout(&out).contains("claims to see 91 GPUs, but the driver lists 2"),
+            "{engine}: {}",
+            stdout(&out)
+        );
+        assert!(took < Duration::from_secs(5), "{engine}: {took:?}");
+    }
+}

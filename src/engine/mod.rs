@@ -621,6 +621,9 @@ pub(crate) struct Ctx<'a> {
     pub cancel: &'a AtomicBool,
     /// How the tiers beyond copy run, the run's seed included.
     pub tiers: TierParams,
+    /// GPUs the kernel driver lists (`/proc/driver/nvidia`), where it could be read: no worker
+    /// can see more, so a claim of more is refused before anything is sized by it.
+    pub driver_gpus: Option<u32>,
 }
 
 /// What a round produced.
@@ -693,7 +696,11 @@ fn run_rounds(
             .collect(),
         None => Vec::new(),
     };
-    let (gpus, visibility, note) = plan(opts);
+    let machine = match &opts.simulate {
+        Some(sim) => Ok(sim.machine()),
+        None => fingerprint::read_machine(),
+    };
+    let (gpus, visibility, note) = plan(opts, machine.as_ref().map_err(Clone::clone));
     warnings.extend(note);
     let mut ctx = Ctx {
         opts,
@@ -703,6 +710,7 @@ fn run_rounds(
         visibility,
         cancel,
         tiers: tier_params(opts),
+        driver_gpus: machine.ok().map(|m| m.gpus.len() as u32),
     };
     let mut workers = Vec::new();
     let mut peak_in_flight = 0;
@@ -861,14 +869,13 @@ fn tier_params(opts: &Options) -> TierParams {
 
 /// Which GPUs the workers see: their UUIDs in local order when they can be known without
 /// CUDA, the visibility that gives, and why it differs from the one asked for.
-fn plan(opts: &Options) -> (Option<Vec<Gpu>>, Visibility, Option<String>) {
+fn plan(
+    opts: &Options,
+    machine: std::result::Result<&fingerprint::Machine, String>,
+) -> (Option<Vec<Gpu>>, Visibility, Option<String>) {
     if opts.engine == Engine::Vllm {
         return (None, Visibility::All, None);
     }
-    let machine = match &opts.simulate {
-        Some(sim) => Ok(sim.machine()),
-        None => fingerprint::read_machine(),
-    };
     let cvd = std::env::var_os(visible::VAR);
     let resolved = machine.and_then(|m| {
         let cvd = match &cvd {
@@ -878,7 +885,7 @@ fn plan(opts: &Options) -> (Option<Vec<Gpu>>, Visibility, Option<String>) {
             })?),
         };
         let order = std::env::var("CUDA_DEVICE_ORDER").ok();
-        fingerprint::resolve_visible(cvd, order.as_deref(), &m)
+        fingerprint::resolve_visible(cvd, order.as_deref(), m)
     });
     match (opts.visibility, resolved) {
         (Visibility::One, Ok(gpus)) if !gpus.is_empty() => (Some(gpus), Visibility::One, None),
@@ -912,12 +919,14 @@ pub(crate) fn check_ids(pairs: &[Pair], n: u32) -> Result<()> {
     Ok(())
 }
 
-/// A Hello's device count, checked: the worker could start CUDA and sees at least one GPU.
+/// A Hello's device count, checked: the worker could start CUDA, sees at least one GPU, and
+/// no more than the driver lists (`limit`, where known).
 pub(crate) fn hello_count(
     worker: &str,
     path: &std::path::Path,
     version: u16,
     count: std::result::Result<u32, Problem>,
+    limit: Option<u32>,
 ) -> Result<u32> {
     if version != crate::protocol::VERSION {
         return Err(Error::Version {
@@ -933,6 +942,10 @@ pub(crate) fn hello_count(
         Ok(0) => Err(Error::NoDevice(format!(
             "no CUDA device is visible (CUDA_VISIBLE_DEVICES={:?})",
             std::env::var(visible::VAR).ok()
+        ))),
+        Ok(n) if limit.is_some_and(|l| n > l) => Err(Error::Worker(format!(
+            "the {worker} claims to see {n} GPUs, but the driver lists {}: refused",
+            limit.unwrap_or(0)
         ))),
         Ok(n) => Ok(n),
     }

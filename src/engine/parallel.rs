@@ -464,7 +464,13 @@ impl Run<'_> {
                     ..
                 },
             ) => {
-                let sees = hello_count(&name, &self.ctx.path, version, device_count)?;
+                let sees = hello_count(
+                    &name,
+                    &self.ctx.path,
+                    version,
+                    device_count,
+                    self.ctx.driver_gpus,
+                )?;
                 self.members[from].info.sees = Some(sees);
                 self.worker(from).sees = Some(sees);
                 match self.ctx.visibility {

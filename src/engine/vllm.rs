@@ -117,7 +117,7 @@ fn hello(ctx: &Ctx, workers: &mut [Option<Worker>]) -> Result<u32, RoundError> {
                 device_count,
                 ..
             }) => {
-                let n = hello_count(&name, &ctx.path, version, device_count)?;
+                let n = hello_count(&name, &ctx.path, version, device_count, ctx.driver_gpus)?;
                 let w = workers[from].as_mut().expect("spawned");
                 w.sees = Some(n);
                 w.deadline = None;
