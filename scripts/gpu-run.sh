@@ -16,7 +16,7 @@ export P2PCHECK_WORKER=$PWD/$C/p2pcheck-worker
 P2P=$PWD/$C/p2pcheck
 REF=$PWD/$C/vllm_style_reference.py
 RUNS=${RUNS:-5}
-STEPS=${STEPS:-1 2 3 4 5 6}
+STEPS=${STEPS:-1 2 3 4 5 6 7}
 SUMMARY=$OUT/summary.txt
 : >"$SUMMARY"
 say() { echo "$*" | tee -a "$SUMMARY"; }
@@ -105,6 +105,27 @@ if want 6; then
     say "compute-sanitizer $tool: exit $rc; $(grep -c 'ERROR SUMMARY: 0 errors' "$OUT/sanitizer-$tool.log") processes with 0 errors, $(grep 'ERROR SUMMARY' "$OUT/sanitizer-$tool.log" | grep -vc ' 0 errors') with errors; $(grep -m1 'src\\tgt' -A3 "$OUT/sanitizer-$tool.log" | tr -s ' ' | tr '\n' '|')"
     rm -rf "$T"
   done
+fi
+# 7. Both visibility modes give the same verdicts at every level; SM-store bandwidth through the
+# IPC mapping (the kernel tier's 16-byte stores over a 1 GiB area, from the audit trace) in both.
+if want 7; then
+  verdicts() { python3 -c "import json,sys; d=json.load(sys.stdin); print(' '.join(f\"{p['src']}->{p['tgt']}:{p['verdict']}\" for p in d['pairs']))"; }
+  for level in copy kernel handshake; do
+    one=$("$P2P" --json --level $level --visibility one 2>>"$OUT/levels.log" | verdicts)
+    all=$("$P2P" --json --level $level --visibility all 2>>"$OUT/levels.log" | verdicts)
+    if [ "$one" = "$all" ] && [ -n "$one" ]; then same=same; else same=DIFFERENT; fi
+    say "level $level: visibility one [$one] vs all [$all]: $same"
+  done
+  for vis in one all; do
+    for r in 1 2 3; do
+      T=$(mktemp -d)
+      "$P2P" --level kernel --kernel-bytes 1073741824 --visibility $vis --trace "$T/trace.jsonl" >/dev/null 2>&1
+      python3 scripts/sm-bandwidth.py "$T/trace.jsonl" | sed "s/^/visibility $vis run $r: /" | tee -a "$OUT/bandwidth.txt" >/dev/null
+      rm -rf "$T"
+    done
+  done
+  say "SM stores through the mapping (GB/s, 16-byte stores, 256 MiB each, per pair):"
+  sort "$OUT/bandwidth.txt" | tee -a "$SUMMARY"
 fi
 sleep 0.5; say "leftover workers: $(pgrep -xc p2pcheck-worker || true)"
 
