@@ -59,7 +59,13 @@
  *   The library reads CUDA_VISIBLE_DEVICES, CUDA_DEVICE_ORDER, P2PCHECK_LIBCUDA,
  *   P2PCHECK_LIBCUDART, P2PCHECK_WORKER, VLLM_CACHE_ROOT, XDG_CACHE_HOME, HOME and (policy)
  *   VLLM_BATCH_INVARIANT and VLLM_USE_NCCL_SYMM_MEM, as the README of p2pcheck describes. It
- *   prints nothing.
+ *   prints nothing itself (a bug caught as P2PCHECK_STATUS_PANIC is also reported on stderr by
+ *   Rust's panic handler).
+ *
+ * PROCESSES
+ *   A check starts its workers as child processes of the caller, from a thread of its own
+ *   that reaps them; they are killed if the caller dies. A host must not reap children it did
+ *   not start (waitpid(-1, ...), SIGCHLD set to SIG_IGN) while a check runs.
  */
 
 #ifndef P2PCHECK_H

@@ -1312,6 +1312,35 @@ fn a_c_program_linked_with_the_static_library_and_exactly_its_system_libraries()
     e.ok("env.cache_path");
     let file = root_dir.join("gpu_p2p_access_cache_for_0,1.json");
     e.is("env.cache_path.value", file.display().to_string());
+    // A batch of the broken pair: every worker sees both GPUs (with a warning saying why not
+    // one each), so the consumer could ask the driver, which claims access.
+    e.ok("env.check");
+    e.status("env.report.device_count", Status::Ok);
+    e.is("env.report.devices", "2");
+    e.status("env.report.pair_count", Status::Ok);
+    e.is("env.report.pairs", "1");
+    let failed = TierCode::Failed as i32;
+    e.is(
+        "env.report.pair.0",
+        format!(
+            "1->0 ok=0 verdict={} copy={failed} kernel={failed} handshake={failed} failed_tier={} \
+             diagnosis={} attempts=1 claim=1 persistable=1",
+            VerdictCode::Fails as i32,
+            LevelCode::Copy as i32,
+            ClassCode::NeverWritten as i32
+        ),
+    );
+    e.test("env.report.details.0", "drop-writes at every tier", |v| {
+        drop_writes_details(v, true)
+    });
+    e.status("env.warning_count", Status::Ok);
+    e.is("env.warning_count.value", "1");
+    e.status("env.warning.0", Status::Ok);
+    e.test("env.warning.0.value", "the visibility fallback", |v| {
+        v.starts_with("1 each worker sees every GPU: ")
+    });
+    e.status("env.warning.small", Status::BufferTooSmall);
+    e.is("env.warning.small.value", "each wo");
     e.assert(&text(&out.stdout));
     assert_eq!(
         fs::read_to_string(&file).unwrap(),

@@ -377,6 +377,21 @@ static int env_mode(void) {
     printf("env.can.results: %d %d\n", results[0], results[1]);
     stm("env.cache_path", p2pcheck_cache_path(2, NULL, path, sizeof path, NULL, m(), sizeof msg));
     printf("env.cache_path.value: %s\n", path);
+    {
+        /* Single-GPU visibility cannot be planned without /proc/driver/nvidia: a warning. */
+        p2pcheck_report *r = NULL;
+        size_t count = 0, needed = 0;
+        char warning[1024];
+        stm("env.check", p2pcheck_check(NULL, src, tgt, 1, &r, m(), sizeof msg));
+        print_report("env.report", r);
+        st("env.warning_count", p2pcheck_report_warning_count(r, &count));
+        printf("env.warning_count.value: %zu\n", count);
+        st("env.warning.0", p2pcheck_report_warning(r, 0, warning, sizeof warning, &needed));
+        printf("env.warning.0.value: %d %s\n", needed == strlen(warning), warning);
+        st("env.warning.small", p2pcheck_report_warning(r, 0, warning, 8, NULL));
+        printf("env.warning.small.value: %s\n", warning);
+        p2pcheck_report_free(r);
+    }
     return 0;
 }
 
