@@ -37,6 +37,7 @@
 #![deny(unsafe_code)]
 
 pub mod cache;
+pub mod capi;
 mod cuda;
 mod engine;
 mod error;

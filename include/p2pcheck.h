@@ -1,0 +1,427 @@
+/*
+ * p2pcheck.h: the C ABI of p2pcheck 0.1 (libp2pcheck.so.0, libp2pcheck.a).
+ *
+ * p2pcheck proves, with real memory traffic across processes, which ordered pairs of NVIDIA
+ * GPUs work: "src->tgt" means a process on GPU tgt maps memory owned by a process on GPU src
+ * (CUDA IPC) and both read back what was written. It answers vLLM's can_actually_p2p and
+ * gpu_p2p_access_check (with vLLM's cache file, byte for byte). Nothing links against CUDA:
+ * libcuda and libcudart are loaded at run time (P2PCHECK_LIBCUDA, P2PCHECK_LIBCUDART), so a
+ * machine without a GPU gets an error status, never a crash. C11 and C++ (any standard).
+ *
+ * BUILDING AND LINKING
+ *   cargo build --release puts both libraries and the worker in target/release/.
+ *   Shared: cc prog.c -Iinclude -Ltarget/release -lp2pcheck
+ *     The soname is libp2pcheck.so.0: install the file as libp2pcheck.so.0, with a
+ *     libp2pcheck.so link to it for the linker.
+ *   Static: cc prog.c -Iinclude target/release/libp2pcheck.a \
+ *             -lgcc_s -lutil -lrt -lpthread -lm -ldl -lc
+ *     Those are the system libraries the static library needs, exactly ("native-static-libs"
+ *     of rustc; tests/capi.rs links a C and a C++ program with this list).
+ *   pkg-config: scripts/gen-pkgconfig.sh PREFIX > p2pcheck.pc (Libs.private: the list above).
+ *   CMake: examples/cmake/CMakeLists.txt.
+ *
+ * THE WORKER EXECUTABLE
+ *   The check runs in worker processes: the executable p2pcheck-worker, built beside the
+ *   libraries. It is found, in order: p2pcheck_options_set_worker; $P2PCHECK_WORKER;
+ *   p2pcheck-worker beside the program's executable, then beside libp2pcheck.so.0 when the
+ *   shared library is used; p2pcheck-worker on $PATH. A program linked with libp2pcheck.a
+ *   ships p2pcheck-worker beside its own executable, or sets P2PCHECK_WORKER to its path. It
+ *   must be the same version (a worker of another protocol version: P2PCHECK_STATUS_VERSION).
+ *
+ * STATUS AND MESSAGES
+ *   Every function that can fail returns a p2pcheck_status: P2PCHECK_STATUS_OK (0) or why not.
+ *   A NULL where a pointer is required gives P2PCHECK_STATUS_NULL_ARGUMENT and a value out of
+ *   range P2PCHECK_STATUS_INVALID_ARGUMENT, never a crash; a bug inside p2pcheck gives
+ *   P2PCHECK_STATUS_PANIC (no panic crosses into the caller). Functions whose failures need
+ *   words take `char *msg, size_t msg_len`: a caller buffer that receives the error's full
+ *   text, NUL-terminated (an empty string on success), cut at a UTF-8 character boundary when
+ *   it does not fit (the status stays the error's). msg NULL or msg_len 0: no message. The
+ *   accessors, whose only failures are a NULL argument, an index out of range or a missing
+ *   table entry, return the status alone. Treat an unknown status value as an error.
+ *
+ * OUTPUT TEXT
+ *   Functions that return text take `char *buf, size_t len, size_t *needed`: the text and its
+ *   NUL are written to buf; when they do not fit in len bytes, what fits is written
+ *   NUL-terminated (cut at a UTF-8 character boundary) and the status is
+ *   P2PCHECK_STATUS_BUFFER_TOO_SMALL. *needed (when needed is not NULL) always receives the
+ *   text's length in bytes without the NUL, so buf NULL, len 0 asks for the size. buf may be
+ *   NULL only when len is 0.
+ *
+ * THREAD SAFETY
+ *   Every function may be called from any thread, concurrently with any other, with one
+ *   exception: a handle must not be used from two threads at once, nor during or after its
+ *   _free. (Calls on one p2pcheck_options or p2pcheck_pending are serialised inside, so such
+ *   misuse is never a data race, but a p2pcheck_pending_cancel then waits for another
+ *   thread's p2pcheck_pending_wait to return.) A p2pcheck_report never changes after it is
+ *   made; reading one from several threads at once is fine.
+ *
+ * ENVIRONMENT
+ *   The library reads CUDA_VISIBLE_DEVICES, CUDA_DEVICE_ORDER, P2PCHECK_LIBCUDA,
+ *   P2PCHECK_LIBCUDART, P2PCHECK_WORKER, VLLM_CACHE_ROOT, XDG_CACHE_HOME, HOME and (policy)
+ *   VLLM_BATCH_INVARIANT and VLLM_USE_NCCL_SYMM_MEM, as the README of p2pcheck describes. It
+ *   prints nothing itself (a bug caught as P2PCHECK_STATUS_PANIC is also reported on stderr by
+ *   Rust's panic handler).
+ *
+ * PROCESSES
+ *   A check starts its workers as child processes of the caller, from a thread of its own
+ *   that reaps them; they are killed if the caller dies. A host must not reap children it did
+ *   not start (waitpid(-1, ...), SIGCHLD set to SIG_IGN) while a check runs.
+ */
+
+#ifndef P2PCHECK_H
+#define P2PCHECK_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* What a call gave. 0 is success; values are stable; later versions only add values. */
+typedef enum p2pcheck_status {
+    P2PCHECK_STATUS_OK = 0,
+    /* CUDA failed in this process: the library could not be loaded, lacks a symbol, or a call
+       failed (the message names the call, device and CUDA's error). */
+    P2PCHECK_STATUS_CUDA = 1,
+    /* A worker process could not start CUDA (the message has its failing call). */
+    P2PCHECK_STATUS_WORKER_CUDA = 2,
+    /* The worker executable could not be found or started, or misbehaved before any pair. */
+    P2PCHECK_STATUS_WORKER = 3,
+    /* The worker speaks another protocol version: install the matching p2pcheck-worker. */
+    P2PCHECK_STATUS_VERSION = 4,
+    /* No GPU is visible (none, or CUDA_VISIBLE_DEVICES selects none). */
+    P2PCHECK_STATUS_NO_DEVICE = 5,
+    /* An argument is invalid or out of range (a device id, an option, an index). */
+    P2PCHECK_STATUS_INVALID_ARGUMENT = 6,
+    /* vLLM's cache file or its lock could not be used. */
+    P2PCHECK_STATUS_CACHE = 7,
+    /* The check was cancelled (p2pcheck_pending_cancel). */
+    P2PCHECK_STATUS_CANCELLED = 8,
+    /* A required pointer argument is NULL. */
+    P2PCHECK_STATUS_NULL_ARGUMENT = 9,
+    /* Internal error in p2pcheck (a bug), caught at the C boundary. */
+    P2PCHECK_STATUS_PANIC = 10,
+    /* An output buffer is too small for the text; what fits was written. */
+    P2PCHECK_STATUS_BUFFER_TOO_SMALL = 11,
+    /* p2pcheck_pending_try_wait: the check is still running. */
+    P2PCHECK_STATUS_NOT_READY = 12,
+    /* A policy table has no entry for these arguments. */
+    P2PCHECK_STATUS_NOT_FOUND = 13,
+    /* An error this version does not name (reserved for later versions' kinds of error). */
+    P2PCHECK_STATUS_OTHER = 14
+} p2pcheck_status;
+
+/* Which procedure checks the pairs. */
+typedef enum p2pcheck_engine {
+    /* One worker per GPU for the whole run, every pair at once, no device reset (default). */
+    P2PCHECK_ENGINE_PARALLEL = 0,
+    /* vLLM's procedure exactly: two workers, pair after pair, a device reset after each. */
+    P2PCHECK_ENGINE_VLLM = 1
+} p2pcheck_engine;
+
+/* How much evidence a check gathers (each level includes the ones below); also the tier a
+   pair failed at (p2pcheck_pair_result.failed_tier). */
+typedef enum p2pcheck_level {
+    /* Only in p2pcheck_pair_result.failed_tier: no tier failed. */
+    P2PCHECK_LEVEL_NONE = -1,
+    /* vLLM's test: copy-engine memset through the mapping, both sides read back (1 KiB). */
+    P2PCHECK_LEVEL_COPY = 0,
+    /* Also SM stores and loads of a pattern through the mapping, 1/4/8/16 bytes wide. */
+    P2PCHECK_LEVEL_KERNEL = 1,
+    /* Also kernels resident on both sides at once exchanging flags (default). */
+    P2PCHECK_LEVEL_HANDSHAKE = 2
+} p2pcheck_level;
+
+/* Which GPUs a parallel-engine worker's CUDA sees. */
+typedef enum p2pcheck_visibility {
+    /* Only its own (faster start-up); falls back to ALL where it cannot be done (default). */
+    P2PCHECK_VISIBILITY_ONE = 0,
+    /* Every GPU this process sees. */
+    P2PCHECK_VISIBILITY_ALL = 1
+} p2pcheck_visibility;
+
+/* A pair's verdict. Only OK is true for vLLM. */
+typedef enum p2pcheck_verdict {
+    /* Every tier asked for passed, as both processes saw it. */
+    P2PCHECK_VERDICT_OK = 0,
+    /* The pair ran to the end and a tier failed (failed_tier, diagnosis, details say how). */
+    P2PCHECK_VERDICT_FAILS = 1,
+    /* A worker stopped answering during this pair, on both attempts (when attempts is 2). */
+    P2PCHECK_VERDICT_HANG = 2,
+    /* A worker died or broke the protocol during this pair. */
+    P2PCHECK_VERDICT_ERROR = 3
+} p2pcheck_verdict;
+
+/* One tier's result for a pair, both sides combined. */
+typedef enum p2pcheck_tier {
+    /* Not asked for, or the pair never got that far. */
+    P2PCHECK_TIER_NOT_RUN = 0,
+    /* Passed on both sides. */
+    P2PCHECK_TIER_OK = 1,
+    /* Failed on a side. */
+    P2PCHECK_TIER_FAILED = 2
+} p2pcheck_tier;
+
+/* The diagnosis of a pair's failed tier (p2pcheck_class_hint gives the usual cause). */
+typedef enum p2pcheck_class {
+    /* No tier failed: the pair is ok, or it hung or errored (see the verdict). */
+    P2PCHECK_CLASS_NONE = 0,
+    /* Nothing written through the mapping arrived (PCIe with ACS and a translating IOMMU). */
+    P2PCHECK_CLASS_NEVER_WRITTEN = 1,
+    /* Some pages arrived, others kept their old contents. */
+    P2PCHECK_CLASS_PARTIAL = 2,
+    /* Data arrived, but wrong. */
+    P2PCHECK_CLASS_WRONG_DATA = 3,
+    /* cudaIpcOpenMemHandle failed (containers: share the IPC and PID namespaces). */
+    P2PCHECK_CLASS_OPEN_FAILED = 4,
+    /* Resident kernels never saw each other's flags within the deadline. */
+    P2PCHECK_CLASS_TIMEOUT = 5,
+    /* Another failed call, or the driver could not be used. */
+    P2PCHECK_CLASS_OTHER = 6
+} p2pcheck_class;
+
+/*
+ * One pair of a report as plain data, filled by p2pcheck_report_pair. Every field is a 32-bit
+ * integer (the enum-valued ones hold the enum's value), so the layout is fixed:
+ * 48 bytes, alignment 4, no padding, the offsets as commented. tests/capi.rs checks the size,
+ * alignment, offsets and field types, compiled as C and as C++, against the library's.
+ */
+typedef struct p2pcheck_pair_result {
+    uint32_t src;         /* offset  0: the device that owns the memory */
+    uint32_t tgt;         /* offset  4: the device that maps and accesses it */
+    int32_t ok;           /* offset  8: 1 when verdict is P2PCHECK_VERDICT_OK, else 0 */
+    int32_t verdict;      /* offset 12: a p2pcheck_verdict */
+    int32_t copy;         /* offset 16: a p2pcheck_tier: vLLM's copy test */
+    int32_t kernel;       /* offset 20: a p2pcheck_tier: the kernel tier */
+    int32_t handshake;    /* offset 24: a p2pcheck_tier: the handshake tier */
+    int32_t failed_tier;  /* offset 28: a p2pcheck_level: the weakest failed tier, or NONE */
+    int32_t diagnosis;    /* offset 32: a p2pcheck_class: the failed tier's diagnosis */
+    uint32_t attempts;    /* offset 36: 1, or 2 when the first attempt hung or errored */
+    int32_t driver_claim; /* offset 40: cudaDeviceCanAccessPeer: 1, 0, or -1 not asked */
+    int32_t persistable;  /* offset 44: 1 when the verdict may go into vLLM's cache */
+} p2pcheck_pair_result;
+
+/* Options of a check (opaque): p2pcheck_options_new, the setters, p2pcheck_options_free. */
+typedef struct p2pcheck_options p2pcheck_options;
+
+/* The result of a check (opaque, immutable): p2pcheck_check, p2pcheck_pending_wait. */
+typedef struct p2pcheck_report p2pcheck_report;
+
+/* A check running in the background (opaque): p2pcheck_start. */
+typedef struct p2pcheck_pending p2pcheck_pending;
+
+/* ---- Versions and texts ---------------------------------------------------------------- */
+
+/* The library's version, e.g. "0.1.0": a static string, never NULL. */
+const char *p2pcheck_version(void);
+
+/* The worker protocol version this library speaks (its p2pcheck-worker must speak it too). */
+uint32_t p2pcheck_protocol_version(void);
+
+/* What a status means, in words: a static string, never NULL ("unknown status" for a value
+   this version does not define). */
+const char *p2pcheck_status_text(p2pcheck_status status);
+
+/* A class's name ("never-written", "partial", "wrong-data", "open-failed", "timeout",
+   "other"; "none" for P2PCHECK_CLASS_NONE): a static string, "" for an unknown value. */
+const char *p2pcheck_class_name(p2pcheck_class diagnosis);
+
+/* What usually causes a class, for a person: a static string, "" for NONE or an unknown
+   value. */
+const char *p2pcheck_class_hint(p2pcheck_class diagnosis);
+
+/* ---- Options --------------------------------------------------------------------------- */
+
+/* New options with the defaults: parallel engine, level handshake, visibility one, 5 s step
+   timeout, 60 s start-up timeout, 2 MiB kernel tier, the worker searched, the real driver.
+   Free with p2pcheck_options_free. NULL only if the library failed internally. */
+p2pcheck_options *p2pcheck_options_new(void);
+
+/* Frees options made by p2pcheck_options_new. NULL is ignored. */
+void p2pcheck_options_free(p2pcheck_options *opts);
+
+/* Sets the engine (a p2pcheck_engine). INVALID_ARGUMENT for another value. */
+p2pcheck_status p2pcheck_options_set_engine(p2pcheck_options *opts, p2pcheck_engine engine,
+                                            char *msg, size_t msg_len);
+
+/* Sets the level (COPY, KERNEL or HANDSHAKE). INVALID_ARGUMENT for another value. The level is
+   recorded beside vLLM's cache file: a cached answer of another level is checked again. */
+p2pcheck_status p2pcheck_options_set_level(p2pcheck_options *opts, p2pcheck_level level,
+                                           char *msg, size_t msg_len);
+
+/* Sets what parallel-engine workers see (a p2pcheck_visibility). INVALID_ARGUMENT for another
+   value. */
+p2pcheck_status p2pcheck_options_set_visibility(p2pcheck_options *opts,
+                                                p2pcheck_visibility visibility, char *msg,
+                                                size_t msg_len);
+
+/* Sets the timeouts in milliseconds: step_ms, how long any single step of a pair may take
+   (longer: the pair is HANG), and startup_ms, how long a worker may take to start CUDA. 0
+   keeps a value as it is. Each must be from 1 ms to 1 day (86400000 ms), else
+   INVALID_ARGUMENT and nothing changes. */
+p2pcheck_status p2pcheck_options_set_timeouts_ms(p2pcheck_options *opts, uint64_t step_ms,
+                                                 uint64_t startup_ms, char *msg,
+                                                 size_t msg_len);
+
+/* Sets the kernel tier's pattern area per pair in bytes: a multiple of 256 KiB from 256 KiB to
+   1 GiB (default 2 MiB), else INVALID_ARGUMENT. */
+p2pcheck_status p2pcheck_options_set_kernel_bytes(p2pcheck_options *opts, uint32_t bytes,
+                                                  char *msg, size_t msg_len);
+
+/* Sets the worker executable's path (any bytes but NUL; checked when a check starts: a path
+   that is not an executable file then gives P2PCHECK_STATUS_WORKER). NULL: search as the
+   opening comment says. "" is INVALID_ARGUMENT. */
+p2pcheck_status p2pcheck_options_set_worker(p2pcheck_options *opts, const char *path,
+                                            char *msg, size_t msg_len);
+
+/* Runs the workers on p2pcheck's simulated driver: a machine of `gpus` GPUs (1 to 64) with
+   the faults in `faults`, a comma-separated list of SRC->TGT:KIND such as
+   "0->1:drop-writes,2->3:hang" (KIND: ipc-open-fails, drop-writes, corrupt, sm-only,
+   late-visibility, hang, crash, one-way, claim-no, partial, shifted), or NULL or "" for none.
+   gpus 0 with no faults turns the simulation off. A fault naming a GPU that does not exist,
+   an unknown kind or a malformed entry is INVALID_ARGUMENT, with the entry in the message. */
+p2pcheck_status p2pcheck_options_set_simulation(p2pcheck_options *opts, uint32_t gpus,
+                                                const char *faults, char *msg,
+                                                size_t msg_len);
+
+/* ---- The check ------------------------------------------------------------------------- */
+
+/*
+ * Checks the pairs src[i]->tgt[i] (i < n_pairs) and, on success, stores a new report in *out
+ * (free it with p2pcheck_report_free); on failure *out is set to NULL. n_pairs 0 checks every
+ * ordered pair of the visible devices (src and tgt are then ignored and may be NULL). opts
+ * NULL: the defaults. Returns when every verdict is known; the workers exit in the background.
+ * A pair that fails, hangs or errors is not a failure of the call: it is in the report. A
+ * device id the workers cannot see is INVALID_ARGUMENT; n_pairs above 65536 too.
+ */
+p2pcheck_status p2pcheck_check(const p2pcheck_options *opts, const uint32_t *src,
+                               const uint32_t *tgt, size_t n_pairs, p2pcheck_report **out,
+                               char *msg, size_t msg_len);
+
+/* Frees a report. NULL is ignored. */
+void p2pcheck_report_free(p2pcheck_report *report);
+
+/* The number of devices the workers saw. */
+p2pcheck_status p2pcheck_report_device_count(const p2pcheck_report *report, uint32_t *out);
+
+/* The number of pairs in the report (in the order asked; row-major src, tgt for all pairs). */
+p2pcheck_status p2pcheck_report_pair_count(const p2pcheck_report *report, size_t *out);
+
+/* Pair `index` (below the pair count, else INVALID_ARGUMENT) as plain data. */
+p2pcheck_status p2pcheck_report_pair(const p2pcheck_report *report, size_t index,
+                                     p2pcheck_pair_result *out);
+
+/* What was seen for pair `index`, one line per detail ('\n' between them): why it failed,
+   hung or errored, with the diagnosis and its usual cause in brackets, and what an earlier
+   attempt gave. "" for a pair that passed at its first attempt. See OUTPUT TEXT. */
+p2pcheck_status p2pcheck_report_pair_details(const p2pcheck_report *report, size_t index,
+                                             char *buf, size_t len, size_t *needed);
+
+/* Seconds from the start of the check to its last verdict. */
+p2pcheck_status p2pcheck_report_answer_seconds(const p2pcheck_report *report, double *out);
+
+/* Rounds of fresh workers after a hang or a worker's death (0 when nothing went wrong). */
+p2pcheck_status p2pcheck_report_restarts(const p2pcheck_report *report, uint32_t *out);
+
+/* Worker processes started, in all rounds. */
+p2pcheck_status p2pcheck_report_workers_started(const p2pcheck_report *report, uint32_t *out);
+
+/* The number of warnings: things to know that are not a pair's verdict (a visibility
+   fallback, an ignored part of CUDA_VISIBLE_DEVICES, processes that disagree). */
+p2pcheck_status p2pcheck_report_warning_count(const p2pcheck_report *report, size_t *out);
+
+/* Warning `index` (below the warning count, else INVALID_ARGUMENT). See OUTPUT TEXT. */
+p2pcheck_status p2pcheck_report_warning(const p2pcheck_report *report, size_t index, char *buf,
+                                        size_t len, size_t *needed);
+
+/* ---- vLLM's functions ------------------------------------------------------------------ */
+
+/* vLLM's can_actually_p2p: checks src[i]->tgt[i] for i < n and sets results[i] to whether
+   the pair's verdict is OK. opts NULL: the defaults (options with P2PCHECK_ENGINE_VLLM and
+   P2PCHECK_LEVEL_COPY run vLLM's exact test). n 0 does nothing. */
+p2pcheck_status p2pcheck_can_actually_p2p(const p2pcheck_options *opts, const uint32_t *src,
+                                          const uint32_t *tgt, size_t n, bool *results,
+                                          char *msg, size_t msg_len);
+
+/* vLLM's gpu_p2p_access_check(src, tgt): can a process on tgt use memory owned by a process
+   on src? With the default options and vLLM's cache folder; see p2pcheck_access_check_with. */
+p2pcheck_status p2pcheck_gpu_p2p_access_check(uint32_t src, uint32_t tgt, bool *result,
+                                              char *msg, size_t msg_len);
+
+/*
+ * gpu_p2p_access_check with options (NULL: the defaults) and a cache folder (NULL: vLLM's:
+ * $VLLM_CACHE_ROOT, else $XDG_CACHE_HOME/vllm, else ~/.cache/vllm). Answers, in order: from
+ * this process's earlier answers; from vLLM's cache file when the fingerprint beside it
+ * matches the machine, which needs no CUDA and no worker at all; else by checking every pair
+ * once (other processes wait on a lock) and writing the file and its fingerprint. refresh
+ * true checks again whatever is cached. src or tgt out of range is INVALID_ARGUMENT, and so
+ * is a cache_dir of "".
+ */
+p2pcheck_status p2pcheck_access_check_with(const p2pcheck_options *opts, const char *cache_dir,
+                                           bool refresh, uint32_t src, uint32_t tgt,
+                                           bool *result, char *msg, size_t msg_len);
+
+/* The path of vLLM's cache file for n_devices devices (1 to 256) and this process's
+   CUDA_VISIBLE_DEVICES, in cache_dir (NULL: vLLM's folder, as above; "" is INVALID_ARGUMENT).
+   Creates nothing. See OUTPUT TEXT. */
+p2pcheck_status p2pcheck_cache_path(uint32_t n_devices, const char *cache_dir, char *buf,
+                                    size_t len, size_t *needed, char *msg, size_t msg_len);
+
+/* ---- In the background ----------------------------------------------------------------- */
+
+/* Starts p2pcheck_check's work on a thread of its own and returns at once with a handle in
+   *out (NULL on failure); errors of the check itself come from p2pcheck_pending_wait. Free
+   the handle with p2pcheck_pending_free. */
+p2pcheck_status p2pcheck_start(const p2pcheck_options *opts, const uint32_t *src,
+                               const uint32_t *tgt, size_t n_pairs, p2pcheck_pending **out,
+                               char *msg, size_t msg_len);
+
+/* The report if the check has finished (*out: a new report), without waiting:
+   P2PCHECK_STATUS_NOT_READY while it runs, the check's error if it failed, INVALID_ARGUMENT
+   once the report was taken. *out is NULL unless the status is OK. */
+p2pcheck_status p2pcheck_pending_try_wait(p2pcheck_pending *pending, p2pcheck_report **out,
+                                          char *msg, size_t msg_len);
+
+/* Waits for the report (*out: a new report) or the check's error; INVALID_ARGUMENT once the
+   report was taken. *out is NULL unless the status is OK. */
+p2pcheck_status p2pcheck_pending_wait(p2pcheck_pending *pending, p2pcheck_report **out,
+                                      char *msg, size_t msg_len);
+
+/* Stops the check: its workers are killed and a later wait gives P2PCHECK_STATUS_CANCELLED,
+   unless the report was complete already. Returns at once. */
+p2pcheck_status p2pcheck_pending_cancel(p2pcheck_pending *pending);
+
+/* Frees the handle: cancels the check if its report was not taken, then waits until every
+   worker process has exited and been reaped (the contexts' teardown). NULL is ignored. */
+void p2pcheck_pending_free(p2pcheck_pending *pending);
+
+/* ---- All-reduce policy (vLLM's all_reduce_utils) --------------------------------------- */
+
+/* vLLM's should_nccl_symm_mem_allreduce: whether NCCL symmetric memory all-reduce is used for
+   nbytes on world_size GPUs. Never with batch_invariant or without symm_mem_enabled. */
+bool p2pcheck_should_nccl_symm_mem_allreduce(uint32_t world_size, uint64_t nbytes,
+                                             bool batch_invariant, bool symm_mem_enabled);
+
+/* The largest tensor in bytes vLLM's custom all-reduce handles on world_size GPUs of compute
+   capability major.minor (CUSTOM_ALL_REDUCE_MAX_SIZES) into *out; P2PCHECK_STATUS_NOT_FOUND
+   when the table has no entry. */
+p2pcheck_status p2pcheck_custom_allreduce_max_size(uint32_t major, uint32_t minor,
+                                                   uint32_t world_size, uint64_t *out);
+
+/* The same for vLLM's symmetric-memory all-reduce (SYMM_MEM_ALL_REDUCE_MAX_SIZES). */
+p2pcheck_status p2pcheck_symm_mem_max_size(uint32_t major, uint32_t minor, uint32_t world_size,
+                                           uint64_t *out);
+
+/* The two switches from the environment as vLLM reads them: VLLM_BATCH_INVARIANT and
+   VLLM_USE_NCCL_SYMM_MEM, each on for 1 or true, off for 0, false, unset or empty
+   (case-insensitive); another value is INVALID_ARGUMENT naming it. */
+p2pcheck_status p2pcheck_policy_config_from_env(bool *batch_invariant, bool *symm_mem_enabled,
+                                                char *msg, size_t msg_len);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* P2PCHECK_H */

@@ -1,0 +1,1541 @@
+//! The C ABI (`include/p2pcheck.h`, `src/capi.rs`) from C, C++ and Python, on the simulated
+//! driver (no GPU):
+//!
+//! * the header's constants, enum sizes and `p2pcheck_pair_result`'s size, alignment, offsets
+//!   and field types, compiled as C and as C++, equal the library's;
+//! * every function the shared and the static library export is declared and documented in
+//!   the header (and the other way round), and called by `tests/c/capi_test.c`;
+//! * `libp2pcheck.so` has its soname; the pkg-config file, the CMake snippet and the header name
+//!   the same system libraries, and a C program linked against `libp2pcheck.a` with exactly
+//!   those links and runs;
+//! * `tests/c/capi_test.c`, linked statically and dynamically, calls every function and its
+//!   output is asserted line by line: verdicts and diagnoses of a 4-GPU machine with 0->1
+//!   broken, NULL and out-of-range arguments, message truncation, vLLM's cache file, the
+//!   background check, the policy; `tests/c/capi_test.cpp` from C++; the CMake example's
+//!   program; `examples/python/access_check.py` through ctypes.
+//!
+//! The libraries are the ones cargo built for this test run: `target/<profile>/deps/` holds the
+//! staticlib and cdylib built with the rlib this test links (cargo copies them up to
+//! `target/<profile>/` only for `cargo build`, so the copies there may be stale).
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use p2pcheck::capi::{
+    ClassCode, EngineCode, LevelCode, PairResult, Status, TierCode, VerdictCode, VisibilityCode,
+};
+use p2pcheck::policy::{self, ComputeCapability, PolicyConfig};
+use p2pcheck::Class;
+
+mod common;
+use common::TempDir;
+
+const WORKER: &str = env!("CARGO_BIN_EXE_p2pcheck-worker");
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+/// The system libraries `libp2pcheck.a` needs: rustc's `native-static-libs` (`cargo rustc
+/// --release --lib --crate-type staticlib -- --print native-static-libs`), as the header, the
+/// pkg-config script and the CMake snippet state them.
+const NATIVE_STATIC_LIBS: [&str; 7] = [
+    "-lgcc_s",
+    "-lutil",
+    "-lrt",
+    "-lpthread",
+    "-lm",
+    "-ldl",
+    "-lc",
+];
+
+const C_FLAGS: [&str; 5] = ["-std=c11", "-Wall", "-Wextra", "-Wpedantic", "-Werror"];
+const CXX_FLAGS: [&str; 7] = [
+    "-std=c++11",
+    "-Wall",
+    "-Wextra",
+    "-Wpedantic",
+    "-Werror",
+    "-Wold-style-cast",
+    "-Wzero-as-null-pointer-constant",
+];
+
+fn root(rel: &str) -> PathBuf {
+    Path::new(ROOT).join(rel)
+}
+
+fn header_text() -> String {
+    fs::read_to_string(root("include/p2pcheck.h")).unwrap()
+}
+
+// ---- The built libraries ------------------------------------------------------------------
+
+fn mtime(p: &Path) -> SystemTime {
+    fs::metadata(p).unwrap().modified().unwrap()
+}
+
+/// The newest source file the library is built from.
+fn newest_source() -> (SystemTime, PathBuf) {
+    fn walk(dir: &Path, best: &mut (SystemTime, PathBuf)) {
+        for e in fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, best);
+            } else if mtime(&p) > best.0 {
+                *best = (mtime(&p), p);
+            }
+        }
+    }
+    let mut best = (mtime(&root("build.rs")), root("build.rs"));
+    walk(&root("src"), &mut best);
+    walk(&root("csrc"), &mut best);
+    best
+}
+
+/// A library cargo built with this test's dependencies, checked to be newer than every source.
+fn built(name: &str) -> PathBuf {
+    let p = Path::new(WORKER).parent().unwrap().join("deps").join(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: cargo builds it with the library (crate-type staticlib, cdylib)",
+        p.display()
+    );
+    let (newest, source) = newest_source();
+    assert!(
+        mtime(&p) >= newest,
+        "{} is older than {}: stale",
+        p.display(),
+        source.display()
+    );
+    p
+}
+
+fn static_lib() -> PathBuf {
+    built("libp2pcheck.a")
+}
+
+fn shared_lib() -> PathBuf {
+    built("libp2pcheck.so")
+}
+
+// ---- Processes ----------------------------------------------------------------------------
+
+/// A token no other run shares, put in a program's environment (and so its workers').
+fn token() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "capi-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Pids of live processes whose environment holds `P2PCHECK_TEST_TOKEN=token`.
+fn processes_with(token: &str) -> Vec<u32> {
+    let needle = format!("P2PCHECK_TEST_TOKEN={token}");
+    fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_string_lossy().parse().ok()?;
+            let env = fs::read(e.path().join("environ")).ok()?;
+            env.split(|&b| b == 0)
+                .any(|v| v == needle.as_bytes())
+                .then_some(pid)
+        })
+        .collect()
+}
+
+/// Runs `cmd` to its end (killed after `limit`), with a token in its environment; asserts that
+/// no process of it (its workers) outlives it by more than a few seconds.
+fn run(cmd: &mut Command, limit: Duration) -> Output {
+    let token = token();
+    let mut child = cmd
+        .env("P2PCHECK_TEST_TOKEN", &token)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let pipe = |mut p: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = p.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let out = pipe(Box::new(child.stdout.take().unwrap()));
+    let err = pipe(Box::new(child.stderr.take().unwrap()));
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{cmd:?} ran past {limit:?}; stderr: {}",
+                String::from_utf8_lossy(&err.join().unwrap())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let output = Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !processes_with(&token).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "processes of {cmd:?} left behind: {:?}",
+            processes_with(&token)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    output
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Compiles and links `args` with `compiler` into `out`, failing with its messages.
+fn compile(compiler: &str, args: &[String], out: &Path) {
+    let output = Command::new(compiler)
+        .args(args)
+        .arg("-o")
+        .arg(out)
+        .output()
+        .unwrap_or_else(|e| panic!("{compiler}: {e}"));
+    assert!(
+        output.status.success(),
+        "{compiler} {args:?}: {}",
+        text(&output.stderr)
+    );
+}
+
+fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+/// A program's environment: nothing from the caller's that p2pcheck reads, the simulator off.
+fn program(path: &Path) -> Command {
+    let mut cmd = Command::new(path);
+    for var in [
+        "CUDA_VISIBLE_DEVICES",
+        "CUDA_DEVICE_ORDER",
+        "P2PCHECK_WORKER",
+        "P2PCHECK_LIBCUDA",
+        "P2PCHECK_LIBCUDART",
+        "P2PCHECK_SIM_GPUS",
+        "P2PCHECK_SIM_FAULTS",
+        "P2PCHECK_TRACE",
+        "VLLM_CACHE_ROOT",
+        "VLLM_BATCH_INVARIANT",
+        "VLLM_USE_NCCL_SYMM_MEM",
+        "P2PCHECK_LIBRARY",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+/// An installation under `prefix` as scripts/gen-pkgconfig.sh describes it, with only the
+/// static library in lib/ (so `-lp2pcheck` is the static one): the header, `libp2pcheck.a`,
+/// `lib/pkgconfig/p2pcheck.pc`. Returns the flags `pkg-config --cflags --libs --static` gives.
+fn install_static(prefix: &Path) -> Vec<String> {
+    fs::create_dir_all(prefix.join("include")).unwrap();
+    fs::create_dir_all(prefix.join("lib/pkgconfig")).unwrap();
+    std::os::unix::fs::symlink(
+        root("include/p2pcheck.h"),
+        prefix.join("include/p2pcheck.h"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(static_lib(), prefix.join("lib/libp2pcheck.a")).unwrap();
+    let pc = Command::new("sh")
+        .arg(root("scripts/gen-pkgconfig.sh"))
+        .arg(prefix)
+        .output()
+        .unwrap();
+    assert!(pc.status.success(), "{}", text(&pc.stderr));
+    fs::write(prefix.join("lib/pkgconfig/p2pcheck.pc"), &pc.stdout).unwrap();
+    let p = prefix.display();
+    let mut flags = vec![
+        format!("-I{p}/include"),
+        format!("-L{p}/lib"),
+        "-lp2pcheck".to_string(),
+    ];
+    flags.extend(strings(&NATIVE_STATIC_LIBS));
+    flags
+}
+
+/// A folder laid out as an installed shared library: `libp2pcheck.so.0` (the soname), the
+/// linker's `libp2pcheck.so` link, and `p2pcheck-worker` beside it.
+fn install_shared(lib: &Path) {
+    fs::create_dir_all(lib).unwrap();
+    std::os::unix::fs::symlink(shared_lib(), lib.join("libp2pcheck.so.0")).unwrap();
+    std::os::unix::fs::symlink("libp2pcheck.so.0", lib.join("libp2pcheck.so")).unwrap();
+    std::os::unix::fs::symlink(WORKER, lib.join("p2pcheck-worker")).unwrap();
+}
+
+// ---- The header against the library -------------------------------------------------------
+
+/// Every `P2PCHECK_*` constant of the header with the library's value for it.
+fn rust_constants() -> Vec<(&'static str, i64)> {
+    vec![
+        ("P2PCHECK_STATUS_OK", Status::Ok as i64),
+        ("P2PCHECK_STATUS_CUDA", Status::Cuda as i64),
+        ("P2PCHECK_STATUS_WORKER_CUDA", Status::WorkerCuda as i64),
+        ("P2PCHECK_STATUS_WORKER", Status::Worker as i64),
+        ("P2PCHECK_STATUS_VERSION", Status::Version as i64),
+        ("P2PCHECK_STATUS_NO_DEVICE", Status::NoDevice as i64),
+        (
+            "P2PCHECK_STATUS_INVALID_ARGUMENT",
+            Status::InvalidArgument as i64,
+        ),
+        ("P2PCHECK_STATUS_CACHE", Status::Cache as i64),
+        ("P2PCHECK_STATUS_CANCELLED", Status::Cancelled as i64),
+        ("P2PCHECK_STATUS_NULL_ARGUMENT", Status::NullArgument as i64),
+        ("P2PCHECK_STATUS_PANIC", Status::Panic as i64),
+        (
+            "P2PCHECK_STATUS_BUFFER_TOO_SMALL",
+            Status::BufferTooSmall as i64,
+        ),
+        ("P2PCHECK_STATUS_NOT_READY", Status::NotReady as i64),
+        ("P2PCHECK_STATUS_NOT_FOUND", Status::NotFound as i64),
+        ("P2PCHECK_STATUS_OTHER", Status::Other as i64),
+        ("P2PCHECK_ENGINE_PARALLEL", EngineCode::Parallel as i64),
+        ("P2PCHECK_ENGINE_VLLM", EngineCode::Vllm as i64),
+        ("P2PCHECK_LEVEL_NONE", LevelCode::None as i64),
+        ("P2PCHECK_LEVEL_COPY", LevelCode::Copy as i64),
+        ("P2PCHECK_LEVEL_KERNEL", LevelCode::Kernel as i64),
+        ("P2PCHECK_LEVEL_HANDSHAKE", LevelCode::Handshake as i64),
+        ("P2PCHECK_VISIBILITY_ONE", VisibilityCode::One as i64),
+        ("P2PCHECK_VISIBILITY_ALL", VisibilityCode::All as i64),
+        ("P2PCHECK_VERDICT_OK", VerdictCode::Ok as i64),
+        ("P2PCHECK_VERDICT_FAILS", VerdictCode::Fails as i64),
+        ("P2PCHECK_VERDICT_HANG", VerdictCode::Hang as i64),
+        ("P2PCHECK_VERDICT_ERROR", VerdictCode::Error as i64),
+        ("P2PCHECK_TIER_NOT_RUN", TierCode::NotRun as i64),
+        ("P2PCHECK_TIER_OK", TierCode::Ok as i64),
+        ("P2PCHECK_TIER_FAILED", TierCode::Failed as i64),
+        ("P2PCHECK_CLASS_NONE", ClassCode::None as i64),
+        (
+            "P2PCHECK_CLASS_NEVER_WRITTEN",
+            ClassCode::NeverWritten as i64,
+        ),
+        ("P2PCHECK_CLASS_PARTIAL", ClassCode::Partial as i64),
+        ("P2PCHECK_CLASS_WRONG_DATA", ClassCode::WrongData as i64),
+        ("P2PCHECK_CLASS_OPEN_FAILED", ClassCode::OpenFailed as i64),
+        ("P2PCHECK_CLASS_TIMEOUT", ClassCode::Timeout as i64),
+        ("P2PCHECK_CLASS_OTHER", ClassCode::Other as i64),
+    ]
+}
+
+/// Each enum type of the header with the library's size and alignment of it.
+fn rust_enums() -> Vec<(&'static str, usize, usize)> {
+    use std::mem::{align_of, size_of};
+    vec![
+        ("p2pcheck_status", size_of::<Status>(), align_of::<Status>()),
+        (
+            "p2pcheck_engine",
+            size_of::<EngineCode>(),
+            align_of::<EngineCode>(),
+        ),
+        (
+            "p2pcheck_level",
+            size_of::<LevelCode>(),
+            align_of::<LevelCode>(),
+        ),
+        (
+            "p2pcheck_visibility",
+            size_of::<VisibilityCode>(),
+            align_of::<VisibilityCode>(),
+        ),
+        (
+            "p2pcheck_verdict",
+            size_of::<VerdictCode>(),
+            align_of::<VerdictCode>(),
+        ),
+        (
+            "p2pcheck_tier",
+            size_of::<TierCode>(),
+            align_of::<TierCode>(),
+        ),
+        (
+            "p2pcheck_class",
+            size_of::<ClassCode>(),
+            align_of::<ClassCode>(),
+        ),
+    ]
+}
+
+/// Whether an integer type is signed.
+trait Signed {
+    const SIGNED: bool;
+}
+impl Signed for u32 {
+    const SIGNED: bool = false;
+}
+impl Signed for i32 {
+    const SIGNED: bool = true;
+}
+fn signed<T: Signed>(_: &T) -> bool {
+    T::SIGNED
+}
+
+/// `p2pcheck_pair_result`'s fields in the library: name, offset, size, signedness.
+fn rust_fields() -> Vec<(&'static str, usize, usize, bool)> {
+    use std::mem::{offset_of, size_of_val};
+    let r = PairResult::default();
+    macro_rules! field {
+        ($f:ident) => {
+            (
+                stringify!($f),
+                offset_of!(PairResult, $f),
+                size_of_val(&r.$f),
+                signed(&r.$f),
+            )
+        };
+    }
+    vec![
+        field!(src),
+        field!(tgt),
+        field!(ok),
+        field!(verdict),
+        field!(copy),
+        field!(kernel),
+        field!(handshake),
+        field!(failed_tier),
+        field!(diagnosis),
+        field!(attempts),
+        field!(driver_claim),
+        field!(persistable),
+    ]
+}
+
+/// What the header declares: enum type names, `NAME = value` constants, and the struct's
+/// fields with the offsets its comments state.
+struct Declared {
+    enums: Vec<String>,
+    constants: Vec<(String, i64)>,
+    fields: Vec<(String, usize)>,
+}
+
+fn parse_header(h: &str) -> Declared {
+    let mut d = Declared {
+        enums: Vec::new(),
+        constants: Vec::new(),
+        fields: Vec::new(),
+    };
+    let mut in_struct = false;
+    for line in h.lines() {
+        let t = line.trim();
+        if let Some(rest) = t.strip_prefix("typedef enum ") {
+            d.enums.push(rest.trim_end_matches(" {").to_string());
+        } else if t.starts_with("P2PCHECK_") && t.contains(" = ") {
+            let (name, value) = t.trim_end_matches(',').split_once(" = ").unwrap();
+            d.constants.push((
+                name.to_string(),
+                value.parse().unwrap_or_else(|_| panic!("{t}")),
+            ));
+        } else if t == "typedef struct p2pcheck_pair_result {" {
+            in_struct = true;
+        } else if t.starts_with('}') {
+            in_struct = false;
+        } else if in_struct {
+            // "uint32_t src;         /* offset  0: ..."
+            let (decl, comment) = t.split_once("/* offset").unwrap_or_else(|| panic!("{t}"));
+            let name = decl
+                .split_whitespace()
+                .nth(1)
+                .unwrap()
+                .trim_end_matches(';');
+            let offset = comment.split(':').next().unwrap().trim().parse().unwrap();
+            d.fields.push((name.to_string(), offset));
+        }
+    }
+    d
+}
+
+/// A C/C++ program printing what the compiler makes of every declaration of the header.
+fn layout_program(d: &Declared) -> String {
+    let mut c = String::from(
+        "#include \"p2pcheck.h\"\n#include <stddef.h>\n#include <stdio.h>\n\
+         #ifdef __cplusplus\n#define ALIGNOF(t) alignof(t)\n#else\n#define ALIGNOF(t) _Alignof(t)\n\
+         #endif\nint main(void) {\n    p2pcheck_pair_result v;\n",
+    );
+    c += "    printf(\"struct %zu %zu\\n\", sizeof(p2pcheck_pair_result), \
+          (size_t)ALIGNOF(p2pcheck_pair_result));\n";
+    for e in &d.enums {
+        c += &format!("    printf(\"enum {e} %zu %zu\\n\", sizeof({e}), (size_t)ALIGNOF({e}));\n");
+    }
+    for (name, _) in &d.constants {
+        c += &format!("    printf(\"const {name} %lld\\n\", (long long){name});\n");
+    }
+    for (f, _) in &d.fields {
+        c += &format!(
+            "    v.{f} = 0;\n    v.{f}--;\n    printf(\"field {f} %zu %zu %d\\n\", \
+             offsetof(p2pcheck_pair_result, {f}), sizeof v.{f}, v.{f} < 1);\n"
+        );
+    }
+    c + "    return 0;\n}\n"
+}
+
+#[test]
+fn the_headers_constants_and_layout_are_the_librarys_in_c_and_cpp() {
+    let h = header_text();
+    let declared = parse_header(&h);
+    // The header declares exactly the library's constants, with its values, in its comments
+    // the library's offsets.
+    let rust: Vec<(String, i64)> = rust_constants()
+        .into_iter()
+        .map(|(n, v)| (n.to_string(), v))
+        .collect();
+    assert_eq!(declared.constants, rust);
+    let enums: Vec<&str> = rust_enums().iter().map(|e| e.0).collect();
+    assert_eq!(declared.enums, enums);
+    let fields: Vec<(String, usize)> = rust_fields()
+        .iter()
+        .map(|f| (f.0.to_string(), f.1))
+        .collect();
+    assert_eq!(declared.fields, fields);
+    let layout = format!(
+        " * {} bytes, alignment {}, no padding",
+        std::mem::size_of::<PairResult>(),
+        std::mem::align_of::<PairResult>()
+    );
+    assert!(h.contains(&layout), "the header states {layout:?}");
+
+    // And the compilers agree: C and C++.
+    let mut expected = vec![format!(
+        "struct {} {}",
+        std::mem::size_of::<PairResult>(),
+        std::mem::align_of::<PairResult>()
+    )];
+    expected.extend(
+        rust_enums()
+            .iter()
+            .map(|(n, size, align)| format!("enum {n} {size} {align}")),
+    );
+    expected.extend(
+        rust_constants()
+            .iter()
+            .map(|(n, v)| format!("const {n} {v}")),
+    );
+    expected.extend(rust_fields().iter().map(|(n, offset, size, signed)| {
+        format!("field {n} {offset} {size} {}", i32::from(*signed))
+    }));
+    let dir = TempDir::new("p2pcheck-capi-layout");
+    let source = dir.path().join("layout.c");
+    fs::write(&source, layout_program(&declared)).unwrap();
+    let include = format!("-I{}", root("include").display());
+    for (compiler, lang, std) in [("cc", "c", "-std=c11"), ("c++", "c++", "-std=c++11")] {
+        let exe = dir.path().join(format!("layout-{lang}"));
+        let mut args = strings(&[std, "-Wall", "-Wextra", "-Werror", "-x", lang]);
+        args.push(source.display().to_string());
+        args.push(include.clone());
+        compile(compiler, &args, &exe);
+        let out = run(&mut Command::new(&exe), Duration::from_secs(30));
+        assert!(out.status.success());
+        let lines: Vec<String> = text(&out.stdout).lines().map(str::to_string).collect();
+        assert_eq!(lines, expected, "{compiler}");
+    }
+}
+
+/// The functions a library exports (defined, global, named `p2pcheck_*`) and whether it
+/// exports anything else.
+fn exported(args: &[&str], lib: &Path) -> (BTreeSet<String>, Vec<String>) {
+    let out = Command::new("nm").args(args).arg(lib).output().unwrap();
+    assert!(out.status.success(), "nm: {}", text(&out.stderr));
+    let mut ours = BTreeSet::new();
+    let mut others = Vec::new();
+    for line in text(&out.stdout).lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [_, kind, name] = fields[..] else {
+            continue;
+        };
+        if name.starts_with("p2pcheck_") {
+            assert_eq!(kind, "T", "{line}");
+            ours.insert(name.to_string());
+        } else {
+            others.push(line.to_string());
+        }
+    }
+    (ours, others)
+}
+
+/// The header without its comments, each comment character replaced by a space (lines kept).
+fn code_of(h: &str) -> String {
+    let mut out = String::with_capacity(h.len());
+    let mut rest = h;
+    while let Some(start) = rest.find("/*") {
+        out.push_str(&rest[..start]);
+        let end = rest[start..].find("*/").expect("an unterminated comment") + start + 2;
+        out.extend(
+            rest[start..end]
+                .chars()
+                .map(|c| if c == '\n' { '\n' } else { ' ' }),
+        );
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Functions the header declares (a `p2pcheck_*` name followed by `(` outside comments), each
+/// with whether a comment ends on the line right before its declaration.
+fn declared_functions(h: &str) -> Vec<(String, bool)> {
+    let code = code_of(h);
+    let original: Vec<&str> = h.lines().collect();
+    let mut out = Vec::new();
+    for (i, line) in code.lines().enumerate() {
+        let mut rest = line;
+        while let Some(at) = rest.find("p2pcheck_") {
+            let name: String = rest[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            rest = &rest[at + name.len()..];
+            if rest.starts_with('(') {
+                let documented = i > 0 && original[i - 1].trim_end().ends_with("*/");
+                out.push((name, documented));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn every_exported_function_is_declared_documented_and_called() {
+    let h = header_text();
+    let declared = declared_functions(&h);
+    let undocumented: Vec<&String> = declared.iter().filter(|d| !d.1).map(|d| &d.0).collect();
+    assert!(
+        undocumented.is_empty(),
+        "no comment right before: {undocumented:?}"
+    );
+    let names: BTreeSet<String> = declared.into_iter().map(|d| d.0).collect();
+    assert_eq!(names.len(), 38, "{names:?}");
+
+    let (shared, others) = exported(&["-D", "--defined-only"], &shared_lib());
+    assert_eq!(shared, names, "exported by the shared library vs declared");
+    assert!(
+        others.is_empty(),
+        "the shared library exports more: {others:?}"
+    );
+    let (archive, _) = exported(&["--defined-only", "-g"], &static_lib());
+    assert_eq!(archive, names, "defined by the static library vs declared");
+
+    let c_test = fs::read_to_string(root("tests/c/capi_test.c")).unwrap();
+    let uncalled: Vec<&String> = names
+        .iter()
+        .filter(|n| !c_test.contains(&format!("{n}(")))
+        .collect();
+    assert!(
+        uncalled.is_empty(),
+        "tests/c/capi_test.c never calls {uncalled:?}"
+    );
+}
+
+#[test]
+fn the_shared_library_has_its_soname() {
+    let out = Command::new("readelf")
+        .arg("-d")
+        .arg(shared_lib())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let dynamic = text(&out.stdout);
+    let sonames: Vec<&str> = dynamic.lines().filter(|l| l.contains("(SONAME)")).collect();
+    assert_eq!(sonames.len(), 1, "{dynamic}");
+    assert!(
+        sonames[0].ends_with("Library soname: [libp2pcheck.so.0]"),
+        "{}",
+        sonames[0]
+    );
+}
+
+#[test]
+fn pkg_config_cmake_and_the_header_name_the_same_system_libraries() {
+    let dir = TempDir::new("p2pcheck-capi-pc");
+    let prefix = dir.path().join("prefix");
+    let flags = install_static(&prefix);
+    let pc = fs::read_to_string(prefix.join("lib/pkgconfig/p2pcheck.pc")).unwrap();
+    assert_eq!(
+        pc,
+        format!(
+            "prefix={}\nexec_prefix=${{prefix}}\nlibdir=${{exec_prefix}}/lib\n\
+             includedir=${{prefix}}/include\n\nName: p2pcheck\nDescription: Proves which NVIDIA \
+             GPU pairs can reach each other's memory across processes (vLLM-compatible P2P \
+             check)\nVersion: {}\nLibs: -L${{libdir}} -lp2pcheck\nLibs.private: {}\n\
+             Cflags: -I${{includedir}}\n",
+            prefix.display(),
+            env!("CARGO_PKG_VERSION"),
+            NATIVE_STATIC_LIBS.join(" ")
+        )
+    );
+    // pkg-config itself, where it is installed, gives the flags the static test links with.
+    match Command::new("pkg-config")
+        .args(["--cflags", "--libs", "--static", "p2pcheck"])
+        .env("PKG_CONFIG_PATH", prefix.join("lib/pkgconfig"))
+        .output()
+    {
+        Ok(out) => {
+            assert!(out.status.success(), "{}", text(&out.stderr));
+            assert_eq!(text(&out.stdout).trim_end(), flags.join(" "));
+        }
+        Err(e) => eprintln!("pkg-config not run: {e}"),
+    }
+    let usage = Command::new("sh")
+        .arg(root("scripts/gen-pkgconfig.sh"))
+        .output()
+        .unwrap();
+    assert_eq!(usage.status.code(), Some(2));
+    assert!(text(&usage.stderr).contains("usage:"));
+
+    // The CMake snippet links exactly these libraries.
+    let cmake = fs::read_to_string(root("examples/cmake/CMakeLists.txt")).unwrap();
+    let names: Vec<&str> = NATIVE_STATIC_LIBS
+        .iter()
+        .map(|l| l.trim_start_matches("-l"))
+        .collect();
+    let line = format!("INTERFACE_LINK_LIBRARIES \"{}\")", names.join(";"));
+    assert_eq!(
+        cmake.matches("INTERFACE_LINK_LIBRARIES").count(),
+        1,
+        "{cmake}"
+    );
+    assert!(cmake.contains(&line), "{line} in {cmake}");
+    // The header and the README say so too.
+    let list = NATIVE_STATIC_LIBS.join(" ");
+    assert!(header_text().contains(&format!(" {list}\n")));
+    assert!(fs::read_to_string(root("README.md"))
+        .unwrap()
+        .contains(&list));
+}
+
+// ---- The C test program ---------------------------------------------------------------------
+
+/// What a line's value must be.
+enum Expect {
+    Is(String),
+    Test(&'static str, Box<dyn Fn(&str) -> bool>),
+}
+
+/// The lines a program must print, in order.
+#[derive(Default)]
+struct Lines(Vec<(String, Expect)>);
+
+impl Lines {
+    fn is(&mut self, key: impl Into<String>, value: impl Into<String>) {
+        self.0.push((key.into(), Expect::Is(value.into())));
+    }
+
+    fn test(
+        &mut self,
+        key: impl Into<String>,
+        what: &'static str,
+        f: impl Fn(&str) -> bool + 'static,
+    ) {
+        self.0.push((key.into(), Expect::Test(what, Box::new(f))));
+    }
+
+    /// A status line alone.
+    fn status(&mut self, key: &str, s: Status) {
+        self.is(key, (s as i32).to_string());
+    }
+
+    /// A status and the message the call wrote.
+    fn msg(&mut self, key: &str, s: Status, msg: impl Into<String>) {
+        self.status(key, s);
+        self.is(format!("{key}.msg"), msg);
+    }
+
+    /// Success, with an empty message.
+    fn ok(&mut self, key: &str) {
+        self.msg(key, Status::Ok, "");
+    }
+
+    /// Asserts `output` is these lines, key by key and value by value.
+    fn assert(&self, output: &str) {
+        let actual: Vec<(&str, &str)> = output
+            .lines()
+            .map(|l| l.split_once(": ").unwrap_or((l, "")))
+            .collect();
+        let keys: Vec<&str> = actual.iter().map(|a| a.0).collect();
+        let wanted: Vec<&str> = self.0.iter().map(|e| e.0.as_str()).collect();
+        assert_eq!(keys, wanted, "the lines printed; output:\n{output}");
+        for ((key, value), (_, expect)) in actual.iter().zip(&self.0) {
+            match expect {
+                Expect::Is(v) => assert_eq!(value, v, "{key}"),
+                Expect::Test(what, f) => assert!(f(value), "{key}: {value:?} is not {what}"),
+            }
+        }
+    }
+}
+
+/// `output`'s value for `key`.
+fn value<'a>(output: &'a str, key: &str) -> &'a str {
+    output
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(": "))
+        .unwrap_or_else(|| panic!("no {key} in the output"))
+}
+
+/// Machine `n` GPUs where only `broken` (a `drop-writes` fault) fails: the lines
+/// `print_report` prints, at `level`.
+fn report_lines(e: &mut Lines, key: &str, n: u32, broken: (u32, u32), level: LevelCode) {
+    e.status(&format!("{key}.device_count"), Status::Ok);
+    e.is(format!("{key}.devices"), n.to_string());
+    e.status(&format!("{key}.pair_count"), Status::Ok);
+    e.is(format!("{key}.pairs"), (n * n).to_string());
+    let ran = |tier: LevelCode, result: TierCode| {
+        if level as i32 >= tier as i32 {
+            result as i32
+        } else {
+            TierCode::NotRun as i32
+        }
+    };
+    for i in 0..n * n {
+        let (src, tgt) = (i / n, i % n);
+        let fails = (src, tgt) == broken;
+        let result = if fails {
+            TierCode::Failed
+        } else {
+            TierCode::Ok
+        };
+        e.is(
+            format!("{key}.pair.{i}"),
+            format!(
+                "{src}->{tgt} ok={} verdict={} copy={} kernel={} handshake={} failed_tier={} \
+                 diagnosis={} attempts=1 claim={} persistable=1",
+                i32::from(!fails),
+                if fails {
+                    VerdictCode::Fails
+                } else {
+                    VerdictCode::Ok
+                } as i32,
+                result as i32,
+                ran(LevelCode::Kernel, result),
+                ran(LevelCode::Handshake, result),
+                if fails {
+                    LevelCode::Copy
+                } else {
+                    LevelCode::None
+                } as i32,
+                if fails {
+                    ClassCode::NeverWritten
+                } else {
+                    ClassCode::None
+                } as i32,
+                // The driver's claim: asked where the consumer sees both GPUs, i.e. same-GPU
+                // pairs with single-GPU visibility.
+                if src == tgt { 1 } else { -1 },
+            ),
+        );
+        if fails {
+            let handshake = level == LevelCode::Handshake;
+            e.test(
+                format!("{key}.details.{i}"),
+                "the copy, kernel (and handshake) tiers' failures",
+                move |v| drop_writes_details(v, handshake),
+            );
+        } else {
+            e.is(format!("{key}.details.{i}"), "");
+        }
+    }
+}
+
+/// The details of a `drop-writes` pair (newlines written `\n`): both sides' copy read-backs,
+/// never-written; the kernel tier's; the handshake's timeout when it ran.
+fn drop_writes_details(v: &str, handshake: bool) -> bool {
+    let never = format!(
+        "[{}: {}]",
+        Class::NeverWritten.name(),
+        Class::NeverWritten.hint()
+    );
+    let copy = |side: &str| {
+        format!(
+            "copy tier, {side}: copy read-back: 1024 of 1024 bytes wrong, first at byte 0 (0x01, \
+             expected 0x02), 1024 of them still the old contents {never}"
+        )
+    };
+    let lines: Vec<&str> = v.split("\\n").collect();
+    lines.len() == 3 + usize::from(handshake)
+        && lines[0] == copy("producer")
+        && lines[1] == copy("consumer")
+        && lines[2].starts_with("kernel tier: peer SM stores, as the owner sees them (1-byte accesses): ")
+        && lines[2].ends_with(&never)
+        && (!handshake
+            || (lines[3].starts_with(
+                "handshake tier: handshake: 0 of 16 rounds, then no flag from the other kernel within ",
+            ) && lines[3].ends_with(&format!(
+                "[{}: {}]",
+                Class::Timeout.name(),
+                Class::Timeout.hint()
+            ))))
+}
+
+fn device_error(src: u32, tgt: u32) -> String {
+    format!(
+        "pair {src}->{tgt} names a device this process cannot see: 4 visible \
+         (CUDA_VISIBLE_DEVICES=<unset>)"
+    )
+}
+
+const EMPTY_DIR: &str =
+    "cache_dir is empty: name a folder (\".\" for the current one), or NULL for vLLM's";
+
+/// Every line `capi_test main DIR` prints.
+fn main_lines(dir: &Path) -> Lines {
+    use Status::*;
+    let mut e = Lines::default();
+    e.is("version", env!("CARGO_PKG_VERSION"));
+    e.is("protocol", p2pcheck::PROTOCOL_VERSION.to_string());
+    for s in -1..=15 {
+        let text = Status::ALL
+            .iter()
+            .find(|x| **x as i32 == s)
+            .map_or("unknown status", |x| x.text().to_str().unwrap());
+        e.is(format!("status_text.{s}"), text);
+    }
+    for c in -1..=7 {
+        let (name, hint) = match ClassCode::ALL.iter().find(|x| **x as i32 == c) {
+            None => ("", ""),
+            Some(code) => code.class().map_or(("none", ""), |k| (k.name(), k.hint())),
+        };
+        e.is(format!("class_name.{c}"), name);
+        e.is(format!("class_hint.{c}"), hint);
+    }
+    e.is("options_new", "non-null");
+    e.msg("set_engine.null", NullArgument, "opts is NULL");
+    e.msg(
+        "set_engine.7",
+        InvalidArgument,
+        "engine 7: P2PCHECK_ENGINE_PARALLEL (0) or P2PCHECK_ENGINE_VLLM (1)",
+    );
+    e.ok("set_engine.vllm");
+    e.ok("set_engine.parallel");
+    for (key, level) in [("set_level.3", 3), ("set_level.none", -1)] {
+        e.msg(
+            key,
+            InvalidArgument,
+            format!(
+                "level {level}: P2PCHECK_LEVEL_COPY (0), P2PCHECK_LEVEL_KERNEL (1) or \
+                 P2PCHECK_LEVEL_HANDSHAKE (2)"
+            ),
+        );
+    }
+    e.ok("set_level.handshake");
+    e.msg(
+        "set_visibility.2",
+        InvalidArgument,
+        "visibility 2: P2PCHECK_VISIBILITY_ONE (0) or P2PCHECK_VISIBILITY_ALL (1)",
+    );
+    e.ok("set_visibility.all");
+    e.ok("set_visibility.one");
+    e.msg(
+        "set_timeouts.day_and_1ms",
+        InvalidArgument,
+        "the step timeout 86400.001s is outside 1 ms to 1 day",
+    );
+    e.ok("set_timeouts");
+    e.ok("set_timeouts.keep");
+    e.msg(
+        "set_kernel_bytes.1000",
+        InvalidArgument,
+        "kernel tier bytes 1000: must be a multiple of 256 KiB from 256 KiB to 1 GiB",
+    );
+    e.ok("set_kernel_bytes");
+    e.msg(
+        "set_worker.empty",
+        InvalidArgument,
+        "the worker path is empty: give a path, or NULL to search",
+    );
+    e.msg(
+        "set_simulation.no_gpus",
+        InvalidArgument,
+        "faults without simulated GPUs: give their number",
+    );
+    let kinds: Vec<&str> = p2pcheck::sim::FaultKind::ALL
+        .iter()
+        .map(|k| k.name())
+        .collect();
+    e.msg(
+        "set_simulation.melt",
+        InvalidArgument,
+        format!(
+            "fault \"0->1:melt\": unknown kind \"melt\" (one of {})",
+            kinds.join(", ")
+        ),
+    );
+    e.msg(
+        "set_simulation.gpu9",
+        InvalidArgument,
+        "fault 9->0:hang: the simulated machine has GPUs 0..4",
+    );
+    e.msg(
+        "set_simulation.65",
+        InvalidArgument,
+        "65 simulated GPUs: at most 64",
+    );
+    e.ok("set_simulation.off");
+    let invalid = InvalidArgument as i32;
+    // 14 bytes hold 13 and the NUL; the 13th is the first of the 2-byte "é": 12 are written.
+    e.is("cut.utf8", format!("{invalid} 12 fault \"0->1:"));
+    e.is("cut.ascii", format!("{invalid} 9 fault \"0-"));
+    e.is("cut.one", format!("{invalid} 0"));
+    e.is("cut.zero", format!("{invalid} X"));
+    e.status("cut.null", InvalidArgument);
+    e.ok("set_simulation");
+    e.ok("set_worker.missing");
+    e.msg(
+        "check.worker_missing",
+        Worker,
+        "worker (from options): /nonexistent/p2pcheck-worker: No such file or directory (os \
+         error 2)",
+    );
+    e.is("check.worker_missing.out", "null");
+    e.ok("set_worker.search");
+
+    e.ok("check");
+    report_lines(&mut e, "report", 4, (0, 1), LevelCode::Handshake);
+    e.status("report.answer_seconds", Ok);
+    e.is("report.answer_positive", "1");
+    e.status("report.restarts", Ok);
+    e.is("report.restarts.value", "0");
+    e.status("report.workers_started", Ok);
+    // One per GPU and a second on each, for the same-GPU pairs.
+    e.is("report.workers_started.value", "8");
+    e.status("report.warning_count", Ok);
+    e.is("report.warning_count.value", "0");
+    e.status("report.warning.0", InvalidArgument);
+    e.status("report.pair.16", InvalidArgument);
+    for key in [
+        "report.pair.null_out",
+        "report.pair.null_report",
+        "report.device_count.null",
+        "report.device_count.null_out",
+        "report.pair_count.null",
+        "report.answer_seconds.null",
+        "report.restarts.null",
+        "report.workers_started.null",
+        "report.warning_count.null",
+        "report.warning.null",
+    ] {
+        e.status(key, NullArgument);
+    }
+    // Cross-checked with the details' length below.
+    e.test("details.small", "11, 15, N, 15 bytes", |v| {
+        v.starts_with("11 15 ") && v.ends_with(" copy tier, prod")
+    });
+    e.test("details.query", "11 N", |v| v.starts_with("11 "));
+    e.test("details.exact", "0 N N", |v| v.starts_with("0 "));
+    e.test("details.one_short", "11 N-1", |v| v.starts_with("11 "));
+    e.status("details.null_buf", NullArgument);
+    e.status("details.16", InvalidArgument);
+    e.is("details.ok_pair", "0 0 ''");
+    e.status("details.null_report", NullArgument);
+
+    e.msg("check.device9", InvalidArgument, device_error(9, 0));
+    e.is("check.device9.out", "null");
+    e.msg("check.null_src", NullArgument, "src is NULL");
+    e.msg("check.null_tgt", NullArgument, "tgt is NULL");
+    e.msg("check.null_out", NullArgument, "out is NULL");
+    e.msg(
+        "check.too_many",
+        InvalidArgument,
+        "65537 pairs: at most 65536 (every ordered pair of 256 devices)",
+    );
+    e.ok("set_level.kernel");
+
+    e.ok("can");
+    e.is("can.results", "0 1 1");
+    e.ok("can.empty");
+    e.msg("can.null_results", NullArgument, "results is NULL");
+    e.msg("can.null_src", NullArgument, "src is NULL");
+    e.msg("can.device7", InvalidArgument, device_error(0, 7));
+
+    e.ok("access.0_1");
+    e.is("access.0_1.answer", "0");
+    e.ok("access.1_0");
+    e.is("access.1_0.answer", "1");
+    e.msg(
+        "access.9_0",
+        InvalidArgument,
+        "device 9->0 out of range: 4 devices are visible",
+    );
+    e.msg("access.empty_dir", InvalidArgument, EMPTY_DIR);
+    e.msg("access.null_result", NullArgument, "result is NULL");
+    let path = dir.join("gpu_p2p_access_cache_for_0,1,2,3.json");
+    let path = path.display().to_string();
+    e.ok("cache_path");
+    e.is("cache_path.value", path.clone());
+    e.is("cache_path.needed", "1");
+    e.msg(
+        "cache_path.small",
+        BufferTooSmall,
+        format!("{} bytes and a NUL do not fit in 10", path.len()),
+    );
+    e.is("cache_path.small.value", "9 1");
+    e.msg("cache_path.0", InvalidArgument, "0 devices: from 1 to 256");
+    e.msg(
+        "cache_path.257",
+        InvalidArgument,
+        "257 devices: from 1 to 256",
+    );
+    e.msg("cache_path.empty_dir", InvalidArgument, EMPTY_DIR);
+    e.msg(
+        "cache_path.null_buf",
+        NullArgument,
+        "buf (with a nonzero len) is NULL",
+    );
+
+    e.ok("start");
+    e.msg("try_wait.running", NotReady, "the check is still running");
+    e.is("try_wait.running.out", "null");
+    e.status("try_wait.null_out", NullArgument);
+    e.ok("wait");
+    report_lines(&mut e, "background", 4, (0, 1), LevelCode::Kernel);
+    e.msg(
+        "try_wait.taken",
+        InvalidArgument,
+        "the report was already taken",
+    );
+    e.msg(
+        "wait.taken",
+        InvalidArgument,
+        "the report was already taken",
+    );
+    e.status("cancel.finished", Ok);
+    e.is("pending_free", "done");
+    e.ok("start.cancel");
+    e.status("cancel", Ok);
+    e.msg("wait.cancelled", Cancelled, "the check was cancelled");
+    e.is("wait.cancelled.out", "null");
+    e.ok("start.device9");
+    e.msg("wait.device9", InvalidArgument, device_error(9, 0));
+    e.ok("start.unwaited");
+    e.is("pending_free.unwaited", "done");
+    e.msg("start.null_src", NullArgument, "src is NULL");
+    e.is("start.null_src.out", "null");
+    e.msg("start.null_out", NullArgument, "out is NULL");
+    e.msg("try_wait.null", NullArgument, "pending is NULL");
+    e.msg("wait.null", NullArgument, "pending is NULL");
+    e.status("cancel.null", NullArgument);
+
+    let on = PolicyConfig {
+        batch_invariant: false,
+        symm_mem_enabled: true,
+    };
+    let should = |ws, bytes, config: PolicyConfig| {
+        i32::from(policy::should_nccl_symm_mem_allreduce(ws, bytes, &config)).to_string()
+    };
+    e.is("should.8_64k", should(8, 65536, on));
+    e.is("should.8_1m", should(8, 1 << 20, on));
+    e.is(
+        "should.8_1m_invariant",
+        should(
+            8,
+            1 << 20,
+            PolicyConfig {
+                batch_invariant: true,
+                symm_mem_enabled: true,
+            },
+        ),
+    );
+    e.is(
+        "should.8_1m_disabled",
+        should(8, 1 << 20, PolicyConfig::default()),
+    );
+    e.is("should.2_1m", should(2, 1 << 20, on));
+    e.is("should.4_16k", should(4, 16384, on));
+    e.is("should.4_32k", should(4, 32768, on));
+    e.is("should.16_1k", should(16, 1024, on));
+    let cc = ComputeCapability::new;
+    e.status("custom.9_0_8", Ok);
+    e.is(
+        "custom.9_0_8.value",
+        policy::custom_allreduce_max_size(cc(9, 0), 8)
+            .unwrap()
+            .to_string(),
+    );
+    e.status("custom.10_3_6", Ok);
+    e.is(
+        "custom.10_3_6.value",
+        policy::custom_allreduce_max_size(cc(10, 3), 6)
+            .unwrap()
+            .to_string(),
+    );
+    assert_eq!(policy::custom_allreduce_max_size(cc(9, 0), 3), None);
+    e.status("custom.9_0_3", NotFound);
+    e.status("custom.null", NullArgument);
+    e.status("symm.10_0_6", Ok);
+    e.is(
+        "symm.10_0_6.value",
+        policy::symm_mem_max_size(cc(10, 0), 6).unwrap().to_string(),
+    );
+    assert_eq!(policy::symm_mem_max_size(cc(7, 5), 8), None);
+    e.status("symm.7_5_8", NotFound);
+    e.status("symm.null", NullArgument);
+    e.ok("policy_env");
+    e.is("policy_env.value", "0 1");
+    e.msg(
+        "policy_env.bad",
+        InvalidArgument,
+        "VLLM_BATCH_INVARIANT is \"maybe\": expected 1, true, 0 or false (case-insensitive)",
+    );
+    e.msg("policy_env.null", NullArgument, "batch_invariant is NULL");
+    e.is("free_null", "done");
+    e
+}
+
+/// Runs `capi_test main` and `capi_test warm` (`exe`, with `env`) and asserts every line,
+/// vLLM's cache file and the fingerprint beside it.
+fn run_main_and_warm(exe: &Path, dir: &Path, env: &[(&str, &str)]) {
+    let cache = dir.join("cache");
+    let mut cmd = program(exe);
+    cmd.arg("main")
+        .arg(&cache)
+        .env("VLLM_USE_NCCL_SYMM_MEM", "1")
+        .envs(env.iter().copied());
+    let out = run(&mut cmd, Duration::from_secs(120));
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    main_lines(&cache).assert(&stdout);
+    // The details' length, every way it is told.
+    let details = value(&stdout, "report.details.1").replace("\\n", "\n");
+    let n = details.len();
+    assert_eq!(
+        value(&stdout, "details.small"),
+        format!("11 15 {n} copy tier, prod")
+    );
+    assert_eq!(value(&stdout, "details.query"), format!("11 {n}"));
+    assert_eq!(value(&stdout, "details.exact"), format!("0 {n} {n}"));
+    assert_eq!(value(&stdout, "details.one_short"), format!("11 {}", n - 1));
+
+    // vLLM's cache file, as vLLM writes it, and p2pcheck's fingerprint beside it.
+    let file = cache.join("gpu_p2p_access_cache_for_0,1,2,3.json");
+    let entries: Vec<String> = (0..16)
+        .map(|i| format!("    \"{}->{}\": {}", i / 4, i % 4, i != 1))
+        .collect();
+    assert_eq!(
+        fs::read_to_string(&file).unwrap(),
+        format!("{{\n{}\n}}", entries.join(",\n"))
+    );
+    let fingerprint = fs::read_to_string(
+        cache.join(".gpu_p2p_access_cache_for_0,1,2,3.json.p2pcheck-fingerprint"),
+    )
+    .unwrap();
+    assert!(fingerprint.contains("\nlevel=kernel\n"), "{fingerprint}");
+    assert!(
+        fingerprint.contains("\ngpu=3 GPU-51a00000-0000-0000-0000-000000000003 "),
+        "{fingerprint}"
+    );
+
+    // A fresh process answers from it with no worker at all; a refresh needs one.
+    let mut cmd = program(exe);
+    cmd.arg("warm").arg(&cache).envs(env.iter().copied());
+    let out = run(&mut cmd, Duration::from_secs(60));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut e = Lines::default();
+    e.ok("warm.sim");
+    e.ok("warm.level");
+    e.ok("warm.worker");
+    e.ok("warm.0_1");
+    e.is("warm.0_1.answer", "0");
+    e.ok("warm.2_3");
+    e.is("warm.2_3.answer", "1");
+    e.msg(
+        "warm.refresh",
+        Status::Worker,
+        "worker (from options): /nonexistent/p2pcheck-worker: No such file or directory (os \
+         error 2)",
+    );
+    e.assert(&text(&out.stdout));
+}
+
+#[test]
+fn a_c_program_linked_with_the_static_library_and_exactly_its_system_libraries() {
+    let dir = TempDir::new("p2pcheck-capi-static");
+    let mut args = strings(&C_FLAGS);
+    args.push(root("tests/c/capi_test.c").display().to_string());
+    // Exactly the pkg-config flags: the static library and the system libraries, nothing else.
+    args.extend(install_static(&dir.path().join("prefix")));
+    let exe = dir.path().join("capi_test");
+    compile("cc", &args, &exe);
+    let needed = Command::new("readelf")
+        .arg("-d")
+        .arg(&exe)
+        .output()
+        .unwrap();
+    assert!(!text(&needed.stdout).contains("libp2pcheck"));
+    // A program linked statically finds the worker through P2PCHECK_WORKER.
+    run_main_and_warm(&exe, dir.path(), &[("P2PCHECK_WORKER", WORKER)]);
+
+    // The default options, on the simulator named by the environment, as a host would load it.
+    let sim = dir.path().join("libsim.so");
+    p2pcheck::sim::write_library(&sim).unwrap();
+    let root_dir = dir.path().join("vllm-cache");
+    let mut cmd = program(&exe);
+    cmd.arg("env")
+        .env("P2PCHECK_WORKER", WORKER)
+        .env("P2PCHECK_LIBCUDA", &sim)
+        .env("P2PCHECK_LIBCUDART", &sim)
+        .env("P2PCHECK_SIM_GPUS", "2")
+        .env("P2PCHECK_SIM_FAULTS", "1->0:drop-writes")
+        .env("VLLM_CACHE_ROOT", &root_dir);
+    let out = run(&mut cmd, Duration::from_secs(120));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut e = Lines::default();
+    for (src, tgt) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+        e.ok(&format!("env.access.{src}_{tgt}"));
+        e.is(
+            format!("env.access.{src}_{tgt}.answer"),
+            if (src, tgt) == (1, 0) { "0" } else { "1" },
+        );
+    }
+    e.msg(
+        "env.access.2_0",
+        Status::InvalidArgument,
+        "device 2->0 out of range: 2 devices are visible",
+    );
+    e.msg("env.access.null", Status::NullArgument, "result is NULL");
+    e.ok("env.can");
+    e.is("env.can.results", "0 1");
+    e.ok("env.cache_path");
+    let file = root_dir.join("gpu_p2p_access_cache_for_0,1.json");
+    e.is("env.cache_path.value", file.display().to_string());
+    // A batch of the broken pair: every worker sees both GPUs (with a warning saying why not
+    // one each), so the consumer could ask the driver, which claims access.
+    e.ok("env.check");
+    e.status("env.report.device_count", Status::Ok);
+    e.is("env.report.devices", "2");
+    e.status("env.report.pair_count", Status::Ok);
+    e.is("env.report.pairs", "1");
+    let failed = TierCode::Failed as i32;
+    e.is(
+        "env.report.pair.0",
+        format!(
+            "1->0 ok=0 verdict={} copy={failed} kernel={failed} handshake={failed} failed_tier={} \
+             diagnosis={} attempts=1 claim=1 persistable=1",
+            VerdictCode::Fails as i32,
+            LevelCode::Copy as i32,
+            ClassCode::NeverWritten as i32
+        ),
+    );
+    e.test("env.report.details.0", "drop-writes at every tier", |v| {
+        drop_writes_details(v, true)
+    });
+    e.status("env.warning_count", Status::Ok);
+    e.is("env.warning_count.value", "1");
+    e.status("env.warning.0", Status::Ok);
+    e.test("env.warning.0.value", "the visibility fallback", |v| {
+        v.starts_with("1 each worker sees every GPU: ")
+    });
+    e.status("env.warning.small", Status::BufferTooSmall);
+    e.is("env.warning.small.value", "each wo");
+    e.assert(&text(&out.stdout));
+    assert_eq!(
+        fs::read_to_string(&file).unwrap(),
+        "{\n    \"0->0\": true,\n    \"0->1\": true,\n    \"1->0\": false,\n    \"1->1\": true\n}"
+    );
+}
+
+#[test]
+fn a_c_program_linked_with_the_shared_library_finds_the_worker_beside_it() {
+    let dir = TempDir::new("p2pcheck-capi-shared");
+    let lib = dir.path().join("lib");
+    install_shared(&lib);
+    let mut args = strings(&C_FLAGS);
+    args.push(root("tests/c/capi_test.c").display().to_string());
+    args.push(format!("-I{}", root("include").display()));
+    args.push(format!("-L{}", lib.display()));
+    args.push("-lp2pcheck".into());
+    args.push(format!("-Wl,-rpath,{}", lib.display()));
+    let exe = dir.path().join("capi_test");
+    compile("cc", &args, &exe);
+    let dynamic = text(
+        &Command::new("readelf")
+            .arg("-d")
+            .arg(&exe)
+            .output()
+            .unwrap()
+            .stdout,
+    );
+    assert!(
+        dynamic.contains("Shared library: [libp2pcheck.so.0]"),
+        "{dynamic}"
+    );
+    // No P2PCHECK_WORKER: the worker is found beside libp2pcheck.so.0.
+    run_main_and_warm(&exe, dir.path(), &[]);
+}
+
+#[test]
+fn a_cpp_program_uses_the_header_and_the_static_library() {
+    let dir = TempDir::new("p2pcheck-capi-cpp");
+    let mut args = strings(&CXX_FLAGS);
+    args.push(root("tests/c/capi_test.cpp").display().to_string());
+    args.push(format!("-I{}", root("include").display()));
+    args.push(static_lib().display().to_string());
+    args.extend(strings(&NATIVE_STATIC_LIBS));
+    let exe = dir.path().join("capi_test_cpp");
+    compile("c++", &args, &exe);
+    let mut cmd = program(&exe);
+    cmd.env("P2PCHECK_WORKER", WORKER);
+    let out = run(&mut cmd, Duration::from_secs(120));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // 1->0 passes vLLM's copy test; the kernel tier sees wrong data.
+    let wrong = format!("[{}: {}]", Class::WrongData.name(), Class::WrongData.hint());
+    let details_ok = move |v: &str| {
+        v.starts_with("kernel tier: SM loads through the mapping (1-byte accesses): ")
+            && v.ends_with(&wrong)
+    };
+    let details_ok = std::rc::Rc::new(details_ok);
+    let mut e = Lines::default();
+    e.is("set_simulation", "0 ");
+    e.is("set_level", "0 ");
+    e.is("set_kernel_bytes", "0 ");
+    e.is("check", "0 ok");
+    for key in ["check", "background"] {
+        let pairs: &[(u32, u32)] = if key == "check" {
+            &[(0, 0), (0, 1), (1, 0), (1, 1)]
+        } else {
+            e.is("start", "0");
+            e.is("try_wait", "0");
+            &[(1, 0)]
+        };
+        e.is(format!("{key}.pairs"), pairs.len().to_string());
+        for (i, &(src, tgt)) in pairs.iter().enumerate() {
+            let fails = (src, tgt) == (1, 0);
+            e.is(
+                format!("{key}.pair.{i}"),
+                format!(
+                    "{src}->{tgt} ok={} copy={} kernel={} handshake={} failed_tier={} class={} \
+                     details={}",
+                    i32::from(!fails),
+                    TierCode::Ok as i32,
+                    if fails {
+                        TierCode::Failed
+                    } else {
+                        TierCode::Ok
+                    } as i32,
+                    TierCode::NotRun as i32,
+                    if fails {
+                        LevelCode::Kernel
+                    } else {
+                        LevelCode::None
+                    } as i32,
+                    if fails { "wrong-data" } else { "none" },
+                    i32::from(fails)
+                ),
+            );
+            if fails {
+                let f = details_ok.clone();
+                e.test(
+                    format!("{key}.details.{i}"),
+                    "the kernel tier's wrong data",
+                    move |v| f(v),
+                );
+            }
+        }
+    }
+    e.assert(&text(&out.stdout));
+}
+
+#[test]
+fn the_cmake_examples_program_prints_the_matrix() {
+    let dir = TempDir::new("p2pcheck-capi-cmake");
+    let sim = dir.path().join("libsim.so");
+    p2pcheck::sim::write_library(&sim).unwrap();
+    // What examples/cmake/CMakeLists.txt does: the static library and exactly its libraries.
+    let mut args = strings(&C_FLAGS);
+    args.push(root("examples/cmake/main.c").display().to_string());
+    args.push(format!("-I{}", root("include").display()));
+    args.push(static_lib().display().to_string());
+    args.extend(strings(&NATIVE_STATIC_LIBS));
+    let exe = dir.path().join("p2p_matrix");
+    compile("cc", &args, &exe);
+    // The worker beside the program, as the CMake snippet copies it.
+    std::os::unix::fs::symlink(WORKER, dir.path().join("p2pcheck-worker")).unwrap();
+    let mut cmd = program(&exe);
+    cmd.env("P2PCHECK_LIBCUDA", &sim)
+        .env("P2PCHECK_LIBCUDART", &sim)
+        .env("P2PCHECK_SIM_GPUS", "2")
+        .env("P2PCHECK_SIM_FAULTS", "0->1:drop-writes");
+    let out = run(&mut cmd, Duration::from_secs(120));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "0->0: ok\n0->1: fails (copy tier, never-written)\n1->0: ok\n1->1: ok\n"
+    );
+    // No worker: could not check, and says why.
+    let mut cmd = program(&exe);
+    cmd.env("P2PCHECK_WORKER", "/nonexistent/p2pcheck-worker");
+    let out = run(&mut cmd, Duration::from_secs(60));
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        text(&out.stderr),
+        format!(
+            "p2pcheck {}: {}: P2PCHECK_WORKER=/nonexistent/p2pcheck-worker: \
+             /nonexistent/p2pcheck-worker: No such file or directory (os error 2)\n",
+            env!("CARGO_PKG_VERSION"),
+            Status::Worker.text().to_str().unwrap()
+        )
+    );
+}
+
+#[test]
+fn the_python_example_answers_gpu_p2p_access_check_as_vllms() {
+    let dir = TempDir::new("p2pcheck-capi-python");
+    let lib = dir.path().join("lib");
+    install_shared(&lib);
+    let sim = dir.path().join("libsim.so");
+    p2pcheck::sim::write_library(&sim).unwrap();
+    let cache = dir.path().join("vllm-cache");
+    let python = |args: &[&str], faults: &str, libcuda: &Path| {
+        let mut cmd = program(Path::new("python3"));
+        cmd.arg(root("examples/python/access_check.py"))
+            .args(args)
+            .env("P2PCHECK_LIBRARY", lib.join("libp2pcheck.so.0"))
+            .env("P2PCHECK_LIBCUDA", libcuda)
+            .env("P2PCHECK_LIBCUDART", libcuda)
+            .env("P2PCHECK_SIM_GPUS", "2")
+            .env("P2PCHECK_SIM_FAULTS", faults)
+            .env("VLLM_CACHE_ROOT", &cache)
+            .env("PYTHONDONTWRITEBYTECODE", "1");
+        run(&mut cmd, Duration::from_secs(120))
+    };
+    let pairs = ["0", "0", "0", "1", "1", "0", "1", "1", "2", "0", "0", "-1"];
+    let answers =
+        "0->0: True\n0->1: False\n1->0: True\n1->1: True\n2->0: KeyError\n0->-1: KeyError\n";
+    let out = python(&pairs, "0->1:drop-writes", &sim);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), answers);
+    let file = cache.join("gpu_p2p_access_cache_for_0,1.json");
+    let bytes =
+        "{\n    \"0->0\": true,\n    \"0->1\": false,\n    \"1->0\": true,\n    \"1->1\": true\n}";
+    assert_eq!(fs::read_to_string(&file).unwrap(), bytes);
+    // A fresh process reads the file (as vLLM does): the fault is gone, the answer is cached.
+    let out = python(&pairs, "", &sim);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), answers);
+    assert_eq!(fs::read_to_string(&file).unwrap(), bytes);
+    // No driver: RuntimeError, as vLLM raises when its check cannot run.
+    let out = python(&["0", "1"], "", Path::new("/nonexistent/libcuda.so.1"));
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "RuntimeError: p2pcheck: {}: could not load libcuda",
+            Status::Cuda.text().to_str().unwrap()
+        )),
+        "{stderr}"
+    );
+}
