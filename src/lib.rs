@@ -33,7 +33,8 @@
 //! # Ok::<(), p2pcheck::Error>(())
 //! ```
 
-// `unsafe` lives only at the FFI edges: `cuda` (CUDA), `os` (libc) and `sys` (bindings).
+// `unsafe` lives only at the FFI edges: `cuda` (CUDA), `os` (libc), `sys` (bindings) and
+// `capi` (the C ABI).
 #![deny(unsafe_code)]
 
 pub mod cache;
