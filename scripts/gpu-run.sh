@@ -16,7 +16,7 @@ export P2PCHECK_WORKER=$PWD/$C/p2pcheck-worker
 P2P=$PWD/$C/p2pcheck
 REF=$PWD/$C/vllm_style_reference.py
 RUNS=${RUNS:-5}
-STEPS=${STEPS:-1 2 3 4 5 6 7}
+STEPS=${STEPS:-1 2 3 4 5 6 7 8}
 SUMMARY=$OUT/summary.txt
 : >"$SUMMARY"
 say() { echo "$*" | tee -a "$SUMMARY"; }
@@ -106,6 +106,14 @@ if want 6; then
     rm -rf "$T"
   done
 fi
+# 8. The C ABI: a C++ program linked statically against libp2pcheck.a gives the CLI's verdicts.
+if want 8; then
+  "$C/verdicts-cpp" >"$OUT/verdicts-cpp.txt" 2>&1; rc=$?
+  "$P2P" --json | python3 -c "import json,sys; [print(f\"{p['src']}->{p['tgt']}: {p['verdict']}\") for p in json.load(sys.stdin)['pairs']]" >"$OUT/verdicts-cli.txt"
+  if cmp -s "$OUT/verdicts-cpp.txt" "$OUT/verdicts-cli.txt"; then same=same; else same=DIFFERENT; fi
+  say "C++ program on libp2pcheck.a: exit $rc, verdicts vs the CLI: $same ($(tr '\n' ' ' <"$OUT/verdicts-cpp.txt"))"
+fi
+
 # 7. Both visibility modes give the same verdicts at every level; SM-store bandwidth through the
 # IPC mapping (the kernel tier's 16-byte stores over a 1 GiB area, from the audit trace) in both.
 if want 7; then
