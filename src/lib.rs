@@ -49,6 +49,7 @@ pub mod sim;
 pub mod sys;
 #[cfg(test)]
 mod testutil;
+pub mod trace_summary;
 pub mod visible;
 mod worker;
 
