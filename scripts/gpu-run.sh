@@ -79,7 +79,7 @@ if want 4; then
     flag=(); [ $engine = vllm ] && flag=(--engine vllm)
     T=$(mktemp -d)
     P2PCHECK_TRACE=1 VLLM_CACHE_ROOT=$T "$P2P" "${flag[@]}" >"$OUT/trace-run-$engine.out" 2>"$OUT/trace-$engine.log"
-    say "trace ($engine engine, exit $?): $(grep -c 'p2pcheck trace' "$OUT/trace-$engine.log") CUDA calls traced (trace-$engine.log)"
+    say "trace ($engine engine, exit $?): $(grep -c '^{"ts_us":' "$OUT/trace-$engine.log") CUDA calls traced (trace-$engine.log)"
     rm -rf "$T"
   done
 fi

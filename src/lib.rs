@@ -51,6 +51,7 @@ pub mod sim;
 mod sys;
 #[cfg(test)]
 mod testutil;
+pub mod trace_summary;
 mod visible;
 mod worker;
 

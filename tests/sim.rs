@@ -215,10 +215,11 @@ fn clean_machines_of_1_2_4_and_8_gpus_pass_every_pair() {
 /// at once; both engines give the same verdicts.
 #[test]
 fn at_8_gpus_the_parallel_engine_starts_16_workers_that_see_one_gpu_and_never_reset() {
+    // Calls made by p2pcheck itself (not the driver calls a shim kernel launch made).
     let count = |trace: &str, call: &str| {
-        trace
-            .lines()
-            .filter(|l| l.contains(&format!("] {call} ")))
+        trace_lines(trace)
+            .iter()
+            .filter(|l| l["call"] == Value::String(call.into()) && !l.contains_key("via"))
             .count()
     };
     let (out, _) = cli(&["--json", "--simulate", "8"], &[("P2PCHECK_TRACE", "1")]);
@@ -796,6 +797,15 @@ fn the_worker_is_found_beside_the_cli_without_configuration() {
     assert!(processes_with(&token).is_empty());
 }
 
+/// The JSON trace lines (`P2PCHECK_TRACE=1`) among a run's stderr, each one whole object.
+fn trace_lines(stderr: &str) -> Vec<HashMap<String, Value>> {
+    stderr
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| object(json::parse(l).unwrap_or_else(|e| panic!("{e}: {l}"))))
+        .collect()
+}
+
 #[test]
 fn the_trace_names_every_cuda_call_with_its_result() {
     let (out, _) = cli(
@@ -803,37 +813,113 @@ fn the_trace_names_every_cuda_call_with_its_result() {
         &[("P2PCHECK_TRACE", "1")],
     );
     assert_eq!(out.status.code(), Some(0));
-    let trace = String::from_utf8_lossy(&out.stderr);
-    for call in [
-        "cuInit -> 0",
-        "cudaGetDeviceCount -> 0",
-        "cudaSetDevice device=0 -> 0",
-        "cudaMalloc device=0 -> 0",
-        "cudaMemset device=0 -> 0",
-        "cudaDeviceSynchronize device=0 -> 0",
-        "cudaIpcGetMemHandle device=0 -> 0",
-        "cudaDeviceCanAccessPeer device=1 -> 0",
-        "cudaIpcOpenMemHandle device=0 -> 0",
-        "cudaMemcpy device=0 -> 0",
-        "cuModuleLoadData device=0 -> 0",
-        "cuModuleGetFunction device=0 -> 0",
-        "p2pc_pattern_store [cuLaunchKernel=0 cuCtxSynchronize=0] device=0 -> 0",
-        "p2pc_pattern_check [cuMemAlloc_v2=0 cuMemsetD8_v2=0 cuMemsetD8_v2=0 cuMemsetD8_v2=0 \
-         cuLaunchKernel=0 cuCtxSynchronize=0 cuMemcpyDtoH_v2=0 cuMemFree_v2=0] device=0 -> 0",
-        "p2pc_handshake [cuMemAlloc_v2=0",
-        "cudaIpcCloseMemHandle device=1 -> 0",
-        "cudaFree device=0 -> 0",
-        "cuModuleUnload device=0 -> 0",
-        "cudaDeviceReset device=0 -> 0",
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let trace = trace_lines(&stderr);
+    assert_eq!(
+        trace.len(),
+        stderr.lines().count(),
+        "every stderr line is a trace line:\n{stderr}"
+    );
+    let text = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        other => panic!("not a string: {other:?}"),
+    };
+    let device = |l: &HashMap<String, Value>| match &l["device"] {
+        Value::Null => None,
+        d => Some(number(d)),
+    };
+    // (call, device, api): made, and succeeded with CUDA's name for success.
+    for (call, dev, api) in [
+        ("cuInit", None, "driver"),
+        ("cudaGetDeviceCount", None, "runtime"),
+        ("cudaSetDevice", Some(0), "runtime"),
+        ("cudaMalloc", Some(0), "runtime"),
+        ("cudaMemset", Some(0), "runtime"),
+        ("cudaDeviceSynchronize", Some(0), "runtime"),
+        ("cudaIpcGetMemHandle", Some(0), "runtime"),
+        ("cudaDeviceCanAccessPeer", Some(1), "runtime"),
+        ("cudaIpcOpenMemHandle", Some(0), "runtime"),
+        ("cudaMemcpy", Some(0), "runtime"),
+        ("cuModuleLoadData", Some(0), "driver"),
+        ("cuModuleGetFunction", Some(0), "driver"),
+        ("p2pc_pattern_store", Some(0), "shim"),
+        ("p2pc_pattern_check", Some(0), "shim"),
+        ("p2pc_handshake", Some(0), "shim"),
+        ("cudaIpcCloseMemHandle", Some(1), "runtime"),
+        ("cudaFree", Some(0), "runtime"),
+        ("cuModuleUnload", Some(0), "driver"),
+        ("cudaDeviceReset", Some(0), "runtime"),
     ] {
-        assert!(trace.contains(call), "trace lacks {call:?}:\n{trace}");
+        let success = if api == "runtime" {
+            "cudaSuccess"
+        } else {
+            "CUDA_SUCCESS"
+        };
+        assert!(
+            trace.iter().any(|l| text(&l["call"]) == call
+                && device(l) == dev
+                && text(&l["api"]) == api
+                && number(&l["code"]) == 0
+                && text(&l["name"]) == success),
+            "trace lacks {call} on {dev:?}:\n{stderr}"
+        );
+    }
+    // Each shim function's driver calls follow it as lines of their own, in order, from the
+    // same process, with `via` and `seq`.
+    for (shim, inner) in [
+        (
+            "p2pc_pattern_store",
+            &["cuLaunchKernel", "cuCtxSynchronize"][..],
+        ),
+        (
+            "p2pc_pattern_check",
+            &[
+                "cuMemAlloc_v2",
+                "cuMemsetD8_v2",
+                "cuMemsetD8_v2",
+                "cuMemsetD8_v2",
+                "cuLaunchKernel",
+                "cuCtxSynchronize",
+                "cuMemcpyDtoH_v2",
+                "cuMemFree_v2",
+            ][..],
+        ),
+        (
+            "p2pc_handshake",
+            &[
+                "cuMemAlloc_v2",
+                "cuMemsetD8_v2",
+                "cuMemsetD8_v2",
+                "cuMemsetD8_v2",
+                "cuMemsetD8_v2",
+                "cuLaunchKernel",
+                "cuCtxSynchronize",
+                "cuMemcpyDtoH_v2",
+                "cuMemFree_v2",
+            ][..],
+        ),
+    ] {
+        let at = trace.iter().position(|l| text(&l["call"]) == shim).unwrap();
+        let pid = &trace[at]["pid"];
+        let next: Vec<&HashMap<String, Value>> = trace[at + 1..]
+            .iter()
+            .filter(|l| &l["pid"] == pid)
+            .take(inner.len())
+            .collect();
+        for (i, (l, call)) in next.iter().zip(inner).enumerate() {
+            assert_eq!(text(&l["call"]), *call, "{shim} call {}", i + 1);
+            assert_eq!(text(&l["via"]), shim);
+            assert_eq!(number(&l["seq"]), i + 1);
+            assert_eq!(l["ts_us"], trace[at]["ts_us"]);
+            assert_eq!(l["dur_us"], Value::Null);
+        }
     }
     // Both workers trace, each line with its pid.
-    let pids: std::collections::HashSet<&str> = trace
-        .lines()
-        .filter_map(|l| l.strip_prefix("[p2pcheck trace pid=")?.split(']').next())
+    let pids: std::collections::HashSet<String> = trace
+        .iter()
+        .map(|l| number(&l["pid"]).to_string())
         .collect();
-    assert_eq!(pids.len(), 2, "{trace}");
+    assert_eq!(pids.len(), 2, "{stderr}");
 }
 
 /// The warm path: a second `access-check` in a fresh process answers from vLLM's file and the
@@ -870,7 +956,7 @@ fn a_warm_answer_needs_no_cuda_and_a_changed_machine_is_checked_again() {
     let calls = |stderr: &str| {
         stderr
             .lines()
-            .filter(|l| l.contains("p2pcheck trace"))
+            .filter(|l| l.starts_with("{\"ts_us\":"))
             .count()
     };
     let (answer, stderr) = access(&[]);

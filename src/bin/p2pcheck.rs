@@ -17,6 +17,7 @@ p2pcheck - prove which GPU pairs can really reach each other's memory across pro
 USAGE:
     p2pcheck [OPTIONS]
     p2pcheck access-check SRC TGT [OPTIONS]
+    p2pcheck trace-summary PATH [--spec]
 
 Checks every ordered pair (src, tgt) of the visible GPUs in three tiers: copy (a process on src
 owns memory, a process on tgt maps it through CUDA IPC and writes it, both read it back:
@@ -34,6 +35,12 @@ Every wait has a deadline; no worker outlives the check.
 access-check SRC TGT answers vLLM's gpu_p2p_access_check(SRC, TGT): true or false, from vLLM's
 cache file when the fingerprint beside it matches this machine (no CUDA call at all), else from
 a check of every pair, written to the cache with its fingerprint.
+
+trace-summary PATH reads an audit trace (--trace) and prints, per process, its calls in order
+of first use with their counts and its failed calls. With --spec it also compares a trace of
+`--engine vllm --level copy` with vLLM's procedure (SPEC section 2) pair by pair and prints
+every difference: exit 0 when there is none, 1 when there are some, 2 when the file cannot be
+read or has a malformed line (named by its number).
 
 OPTIONS:
     --json                 Print one JSON object on stdout instead of the table
@@ -70,6 +77,9 @@ OPTIONS:
                            hang, crash, one-way, claim-no, partial, shifted (see README)
     --write-sim-lib PATH   Write the simulated driver library to PATH and exit (load it as
                            libcuda/libcudart to test your own code without a GPU)
+    --trace PATH           Append the audit trace to PATH (created with mode 0600): one JSON
+                           line for every CUDA call of this process and of every worker (sets
+                           P2PCHECK_TRACE for the run; see README, Audit trace)
     -h, --help             Print this help
     -V, --version          Print the version and where the CUDA bindings came from
 
@@ -78,7 +88,8 @@ ENVIRONMENT:
     P2PCHECK_LIBCUDA       Path of libcuda to load [default: libcuda.so.1]
     P2PCHECK_LIBCUDART     Path of libcudart to load [default: search, see README]
     P2PCHECK_WORKER        Path of the worker executable
-    P2PCHECK_TRACE=1       Print every CUDA call the workers make, with result and duration
+    P2PCHECK_TRACE         Audit trace of every CUDA call of every process, one JSON line
+                           each: 1 = to stderr, a path = appended to that file, 0/empty = off
 
 EXIT CODES:
     0  every pair works (access-check: the answer was given, true or false)
@@ -87,6 +98,7 @@ EXIT CODES:
 ";
 
 struct Args {
+    trace: Option<PathBuf>,
     json: bool,
     write_cache: bool,
     refresh: bool,
@@ -133,6 +145,7 @@ fn device(what: &str, value: Option<OsString>) -> ArgResult<u32> {
 /// Parses the arguments; `Ok(None)` means the work is already done (help, version, sim lib).
 fn parse_args(mut it: impl Iterator<Item = OsString>) -> ArgResult<Option<Args>> {
     let mut args = Args {
+        trace: None,
         json: false,
         write_cache: false,
         refresh: false,
@@ -222,6 +235,13 @@ fn parse_args(mut it: impl Iterator<Item = OsString>) -> ArgResult<Option<Args>>
                     .parse()
                     .map_err(|e| format!("{e:#}"))?,
             ),
+            "--trace" => {
+                let path = PathBuf::from(it.next().ok_or("--trace needs a path")?);
+                if path.as_os_str().is_empty() {
+                    return Err("--trace needs a path, not an empty argument".into());
+                }
+                args.trace = Some(path);
+            }
             "--write-sim-lib" => {
                 let path = PathBuf::from(it.next().ok_or("--write-sim-lib needs a path")?);
                 sim::write_library(&path).map_err(|e| format!("{e:#}"))?;
@@ -572,13 +592,93 @@ fn access_check(args: &Args, src: u32, tgt: u32) -> Result<bool, String> {
     Ok(true)
 }
 
+/// `--trace PATH`: the file is opened (created, mode 0600) here first, so that a path that cannot
+/// be written is an argument error, then named in `P2PCHECK_TRACE` by its absolute path, for
+/// this process and the workers, which inherit the environment (and may run elsewhere in the
+/// file system's view of the current folder: none does today, but an absolute path is safe).
+fn set_trace(path: &std::path::Path) -> ArgResult<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = match path.is_absolute() {
+        true => path.to_path_buf(),
+        false => std::env::current_dir()
+            .map_err(|e| format!("--trace: cannot know the current folder: {e}"))?
+            .join(path),
+    };
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| format!("--trace {}: {e}", path.display()))?;
+    // Before any thread is started and before any CUDA call (the trace reads it at the first).
+    std::env::set_var("P2PCHECK_TRACE", &path);
+    Ok(())
+}
+
+/// `p2pcheck trace-summary PATH [--spec]`.
+fn trace_summary(mut it: impl Iterator<Item = OsString>) -> ExitCode {
+    let mut path: Option<PathBuf> = None;
+    let mut spec = false;
+    for a in it.by_ref() {
+        match a.to_str() {
+            Some("--spec") => spec = true,
+            Some("-h" | "--help") => {
+                print!("{HELP}");
+                return ExitCode::SUCCESS;
+            }
+            Some(s) if s.starts_with('-') && s.len() > 1 => {
+                eprintln!("p2pcheck: trace-summary: unknown argument {s:?} (see --help)");
+                return ExitCode::from(2);
+            }
+            _ if path.is_none() => path = Some(PathBuf::from(a)),
+            _ => {
+                eprintln!("p2pcheck: trace-summary takes one PATH (see --help)");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let Some(path) = path else {
+        eprintln!("p2pcheck: trace-summary needs the PATH of a trace (see --help)");
+        return ExitCode::from(2);
+    };
+    let trace = match p2pcheck::trace_summary::read(&path) {
+        Ok(t) => t,
+        Err(bad) => {
+            eprintln!("p2pcheck: trace-summary {}:", path.display());
+            for p in &bad.problems {
+                eprintln!("  {p}");
+            }
+            return ExitCode::from(2);
+        }
+    };
+    print!("{}", trace.summary());
+    if !spec {
+        return ExitCode::SUCCESS;
+    }
+    let check = trace.check_spec();
+    print!("{}", check.render());
+    match check.differences.is_empty() {
+        true => ExitCode::SUCCESS,
+        false => ExitCode::from(1),
+    }
+}
+
 fn main() -> ExitCode {
     let mut argv = std::env::args_os().skip(1).peekable();
     // The CLI doubles as a worker, so it works with no p2pcheck-worker installed beside it.
     if argv.peek().and_then(|a| a.to_str()) == Some(p2pcheck::WORKER_FLAG) {
         return ExitCode::from(p2pcheck::worker_main() as u8);
     }
-    let args = match parse_args(argv) {
+    if argv.peek().and_then(|a| a.to_str()) == Some("trace-summary") {
+        argv.next();
+        return trace_summary(argv);
+    }
+    let args = match parse_args(argv).and_then(|a| {
+        if let Some(path) = a.as_ref().and_then(|a| a.trace.as_ref()) {
+            set_trace(path)?;
+        }
+        Ok(a)
+    }) {
         Ok(Some(a)) => a,
         Ok(None) => return ExitCode::SUCCESS,
         Err(e) => {

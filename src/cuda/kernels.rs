@@ -3,11 +3,11 @@
 //! every driver call the shim makes checked, named in errors and traced.
 
 use std::ffi::CStr;
-use std::time::Instant;
 
 use once_cell::sync::OnceCell;
 
-use super::{c_text, check, describe, resolve, trace, tracing, DevicePtr, Error, Library, Result};
+use super::trace::{self, Api, Record};
+use super::{c_text, check, describe, resolve, DevicePtr, Error, Library, Result};
 use crate::sys;
 
 /// The kernels of `csrc/kernels.cu`, NUL-terminated for `cuModuleLoadData`.
@@ -54,7 +54,13 @@ impl Kernels {
         cu!(
             c"cuModuleLoadData" as sys::PFN_cuModuleLoadData_v2000,
             Some(device),
-            |f| f(&mut module, KERNELS_PTX.as_ptr().cast())
+            |f| f(&mut module, KERNELS_PTX.as_ptr().cast()),
+            |t| {
+                t.args
+                    .text("image", "csrc/kernels.ptx (embedded)")
+                    .uint("bytes", KERNELS_PTX.len() as u64);
+                t.out.ptr("module", module as usize as u64);
+            }
         )?;
         let mut kernels = Kernels {
             device,
@@ -74,7 +80,13 @@ impl Kernels {
         cu!(
             c"cuModuleGetFunction" as sys::PFN_cuModuleGetFunction_v2000,
             Some(self.device),
-            |g| g(&mut f, self.module, name.as_ptr())
+            |g| g(&mut f, self.module, name.as_ptr()),
+            |t| {
+                t.args
+                    .ptr("module", self.module as usize as u64)
+                    .text("name", name.to_str().unwrap_or("?"));
+                t.out.ptr("function", f as usize as u64);
+            }
         )?;
         Ok(f)
     }
@@ -90,7 +102,15 @@ impl Kernels {
         shift: u64,
     ) -> Result<()> {
         let table = shim_table()?;
-        self.run(c"p2pc_pattern_store", |out| {
+        let describe = |t: &mut Record, _: &[u64; 4]| {
+            t.args
+                .ptr("ptr", p.address())
+                .uint("bytes", n)
+                .uint("seed", seed)
+                .uint("width", u64::from(width))
+                .uint("shift", shift);
+        };
+        self.run(c"p2pc_pattern_store", describe, |out| {
             // SAFETY: table holds resolved driver functions, store is a kernel of the loaded
             // module, p addresses n bytes of device memory (an allocation or a mapping the
             // caller owns), out is a live report.
@@ -122,7 +142,20 @@ impl Kernels {
         width: u32,
     ) -> Result<PatternCount> {
         let table = shim_table()?;
-        let r = self.run(c"p2pc_pattern_check", |out| {
+        let describe = |t: &mut Record, r: &[u64; 4]| {
+            t.args
+                .ptr("ptr", p.address())
+                .uint("bytes", n)
+                .uint("seed", seed)
+                .uint("old_seed", old_seed)
+                .uint("width", u64::from(width));
+            t.out.uint("wrong", r[0]).uint("stale", r[2]);
+            match r[1] {
+                u64::MAX => t.out.text("first_bad", "none"),
+                at => t.out.uint("first_bad", at),
+            };
+        };
+        let r = self.run(c"p2pc_pattern_check", describe, |out| {
             // SAFETY: as in pattern_store; the shim allocates and frees its own counters.
             unsafe {
                 sys::shim::p2pc_pattern_check(
@@ -155,7 +188,27 @@ impl Kernels {
         budget_ns: u64,
     ) -> Result<HandshakeResult> {
         let table = shim_table()?;
-        let r = self.run(c"p2pc_handshake", |out| {
+        let describe = |t: &mut Record, r: &[u64; 4]| {
+            t.args
+                .ptr("area", area.address())
+                .uint("rounds", u64::from(rounds))
+                .text(
+                    "role",
+                    match role {
+                        0 => "owner",
+                        1 => "peer (through the mapping)",
+                        _ => "unknown",
+                    },
+                )
+                .uint("seed", seed)
+                .uint("budget_ns", budget_ns);
+            t.out
+                .uint("rounds_done", r[0])
+                .uint("payload_errors", r[1])
+                .flag("timed_out", r[2] != 0)
+                .uint("elapsed_ns", r[3]);
+        };
+        let r = self.run(c"p2pc_handshake", describe, |out| {
             // SAFETY: as in pattern_store; area addresses 2048 bytes of device memory.
             unsafe {
                 sys::shim::p2pc_handshake(
@@ -178,11 +231,13 @@ impl Kernels {
         })
     }
 
-    /// Runs one shim function, traces the driver calls it made, and turns its report into the
+    /// Runs one shim function, traces it (`describe_call` gives its arguments and results) and then
+    /// each driver call it made, in order, as a line of its own, and turns its report into the
     /// kernel's results or the first failing call.
     fn run(
         &self,
         what: &'static CStr,
+        describe_call: impl FnOnce(&mut Record, &[u64; 4]),
         call: impl FnOnce(*mut sys::shim::p2pc_report),
     ) -> Result<[u64; 4]> {
         let mut report = sys::shim::p2pc_report {
@@ -193,25 +248,22 @@ impl Kernels {
             codes: [0; sys::shim::P2PC_MAX_CALLS],
             results: [0; 4],
         };
-        let started = Instant::now();
+        let started = trace::start();
         call(&mut report);
         let n = report.n_calls.max(0) as usize;
         let logged = n.min(sys::shim::P2PC_MAX_CALLS);
         let what = what.to_str().unwrap_or("?");
-        if tracing() {
+        if let Some(started) = started {
+            let results = report.results;
+            let device = Some(self.device);
+            trace::record(&started, Api::Shim, what, device, report.code, |t| {
+                describe_call(t, &results)
+            });
             // The driver calls the shim made, in order, each with its return code.
-            let inner: Vec<String> = (0..logged)
-                .map(|i| {
-                    let call = c_text(report.calls[i]).unwrap_or_default();
-                    format!("{call}={}", report.codes[i])
-                })
-                .collect();
-            trace(
-                &format!("{what} [{}]", inner.join(" ")),
-                Some(self.device),
-                report.code,
-                started,
-            );
+            for i in 0..logged {
+                let call = c_text(report.calls[i]).unwrap_or_else(|| "?".into());
+                trace::record_inner(&started, what, i + 1, &call, device, report.codes[i]);
+            }
         }
         if n > logged {
             // Never lose calls silently: a log too small is a bug to fix, reported as such.
@@ -248,7 +300,8 @@ impl Drop for Kernels {
             cu!(
                 c"cuModuleUnload" as sys::PFN_cuModuleUnload_v2000,
                 Some(self.device),
-                |f| f(self.module)
+                |f| f(self.module),
+                |t| t.args.ptr("module", self.module as usize as u64)
             )
         })();
     }

@@ -4,8 +4,8 @@
 //! p2pcheck and gets an [`Error`] naming what is missing. Libraries load on first need, each
 //! symbol resolves on first call (a symbol an old driver lacks fails only the call that needs
 //! it), and every return code is checked: errors name the call, the device, and CUDA's own error
-//! name and text. `P2PCHECK_TRACE=1` prints every call, its device, result and duration to
-//! stderr: the audit trail of exactly which driver calls were made.
+//! name and text. `P2PCHECK_TRACE` writes every call (arguments, result, duration, the process's
+//! role and job) as one JSON line: the audit trail of exactly which calls were made ([`trace`]).
 //!
 //! This is the only module that touches raw pointers; everything above it is safe. The calls
 //! are crate-private: a public "safe" function taking a device address could touch any memory.
@@ -14,12 +14,11 @@
 #![allow(unsafe_code)]
 
 pub(crate) mod owned;
+pub(crate) mod trace;
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::time::Instant;
 
 use once_cell::sync::OnceCell;
 
@@ -368,37 +367,17 @@ fn resolve<F: Copy>(
     Ok(unsafe { std::mem::transmute_copy::<usize, F>(&addr) })
 }
 
-/// Trace level: 0 unknown, 1 off, 2 on.
-static TRACE: AtomicU8 = AtomicU8::new(0);
-
-fn tracing() -> bool {
-    match TRACE.load(Ordering::Relaxed) {
-        0 => {
-            let on = std::env::var("P2PCHECK_TRACE").is_ok_and(|v| !v.is_empty() && v != "0");
-            TRACE.store(if on { 2 } else { 1 }, Ordering::Relaxed);
-            on
-        }
-        level => level == 2,
-    }
-}
-
-fn trace(call: &str, device: Option<i32>, code: i32, started: Instant) {
-    if tracing() {
-        let dev = device.map(|d| format!(" device={d}")).unwrap_or_default();
-        let line = format!(
-            "[p2pcheck trace pid={}] {call}{dev} -> {code} ({} us)\n",
-            std::process::id(),
-            started.elapsed().as_micros()
-        );
-        // One write per line: both workers share stderr, and eprintln! may split a line into
-        // several writes that interleave with the other worker's.
-        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
-    }
-}
-
 /// Resolves a symbol (once per call site), makes the call, traces it, and returns its raw code.
+///
+/// The optional last part, `|t| fill`, describes the call for the trace: `t` is a
+/// [`trace::Record`] whose `args` and `out` it fills (after the call, so out-parameters hold
+/// their values). It is only built and called when the trace is on.
 macro_rules! raw_call {
-    ($library:expr, $sym:literal as $pfn:ty, $device:expr, |$f:ident| $call:expr) => {{
+    ($library:expr, $sym:literal as $pfn:ty, $device:expr, |$f:ident| $call:expr) => {
+        raw_call!($library, $sym as $pfn, $device, |$f| $call, |_t| {})
+    };
+    ($library:expr, $sym:literal as $pfn:ty, $device:expr, |$f:ident| $call:expr,
+     |$t:ident| $fill:expr) => {{
         static CELL: OnceCell<Result<usize>> = OnceCell::new();
         let pfn: $pfn = resolve($library, &CELL, $sym)?;
         let $f = pfn.ok_or_else(|| Error::Symbol {
@@ -407,27 +386,39 @@ macro_rules! raw_call {
             path: String::new(),
             reason: "null address".into(),
         })?;
-        let started = Instant::now();
+        // Off: one atomic load; no clock read, nothing formatted, `fill` never built.
+        let started = trace::start();
         // SAFETY: the symbol has the C type `$pfn` (bindgen, from the CUDA headers); every
         // pointer argument points to live memory of the declared type for the call's duration.
         let code = unsafe { $call } as i32;
-        trace($sym.to_str().unwrap_or("?"), $device, code, started);
+        if let Some(started) = started {
+            trace::record(
+                &started,
+                $library.into(),
+                $sym.to_str().unwrap_or("?"),
+                $device,
+                code,
+                |$t: &mut trace::Record| {
+                    $fill;
+                },
+            );
+        }
         code
     }};
 }
 
 /// A driver-API call: returns `Err` naming the call unless it returned `CUDA_SUCCESS`.
 macro_rules! cu {
-    ($sym:literal as $pfn:ty, $device:expr, |$f:ident| $call:expr) => {{
-        let code = raw_call!(Library::Driver, $sym as $pfn, $device, |$f| $call);
+    ($sym:literal as $pfn:ty, $device:expr, |$f:ident| $call:expr $(, |$t:ident| $fill:expr)?) => {{
+        let code = raw_call!(Library::Driver, $sym as $pfn, $device, |$f| $call $(, |$t| $fill)?);
         check(Library::Driver, $sym, $device, code)
     }};
 }
 
 /// A runtime-API call: returns `Err` naming the call unless it returned `cudaSuccess`.
 macro_rules! cuda {
-    ($sym:literal as $pfn:ty, $device:expr, |$f:ident| $call:expr) => {{
-        let code = raw_call!(Library::Runtime, $sym as $pfn, $device, |$f| $call);
+    ($sym:literal as $pfn:ty, $device:expr, |$f:ident| $call:expr $(, |$t:ident| $fill:expr)?) => {{
+        let code = raw_call!(Library::Runtime, $sym as $pfn, $device, |$f| $call $(, |$t| $fill)?);
         check(Library::Runtime, $sym, $device, code)
     }};
 }
@@ -457,13 +448,15 @@ fn driver_describe(code: i32) -> Result<(String, String)> {
         Library::Driver,
         c"cuGetErrorName" as sys::PFN_cuGetErrorName_v6000,
         None,
-        |f| f(code as sys::CUresult, &mut name)
+        |f| f(code as sys::CUresult, &mut name),
+        |t| t.args.int("error", i64::from(code))
     );
     raw_call!(
         Library::Driver,
         c"cuGetErrorString" as sys::PFN_cuGetErrorString_v6000,
         None,
-        |f| f(code as sys::CUresult, &mut text)
+        |f| f(code as sys::CUresult, &mut text),
+        |t| t.args.int("error", i64::from(code))
     );
     Ok((
         c_text(name).unwrap_or_else(|| format!("CUresult {code}")),
@@ -507,6 +500,47 @@ fn runtime_describe(code: i32) -> Result<(String, String)> {
     ))
 }
 
+/// CUDA's name for `code` (`cuGetErrorName` or `cudaGetErrorName`), asked without tracing: the
+/// trace's own look-up for its `name` field, not a call of the check. Falls back to the number.
+fn error_name_untraced(library: Library, code: i32) -> String {
+    let name = match library {
+        Library::Driver => resolve::<sys::PFN_cuGetErrorName_v6000>(
+            Library::Driver,
+            {
+                static C: OnceCell<Result<usize>> = OnceCell::new();
+                &C
+            },
+            c"cuGetErrorName",
+        )
+        .ok()
+        .flatten()
+        .and_then(|f| {
+            let mut name: *const c_char = std::ptr::null();
+            // SAFETY: cuGetErrorName takes any code and a pointer to a `const char *`, which it
+            // sets to a static string (or leaves alone and fails for an unknown code).
+            let rc = unsafe { f(code as sys::CUresult, &mut name) };
+            if rc == 0 {
+                c_text(name)
+            } else {
+                None
+            }
+        }),
+        Library::Runtime => resolve::<sys::p2pc_PFN_cudaGetErrorName>(
+            Library::Runtime,
+            {
+                static C: OnceCell<Result<usize>> = OnceCell::new();
+                &C
+            },
+            c"cudaGetErrorName",
+        )
+        .ok()
+        .flatten()
+        // SAFETY: cudaGetErrorName takes any code and returns a static string.
+        .and_then(|f| c_text(unsafe { f(code as sys::cudaError_t) })),
+    };
+    name.unwrap_or_else(|| format!("error {code}"))
+}
+
 fn check(library: Library, call: &'static CStr, device: Option<i32>, code: i32) -> Result<()> {
     if code == 0 {
         return Ok(());
@@ -526,7 +560,9 @@ fn check(library: Library, call: &'static CStr, device: Option<i32>, code: i32) 
 
 /// `cuInit(0)`. A stub library answers `CUDA_ERROR_STUB_LIBRARY`, reported as such.
 pub(crate) fn init() -> Result<()> {
-    cu!(c"cuInit" as sys::PFN_cuInit_v2000, None, |f| f(0))
+    cu!(c"cuInit" as sys::PFN_cuInit_v2000, None, |f| f(0), |t| t
+        .args
+        .uint("flags", 0))
 }
 
 /// `cuDeviceGetCount` (after [`init`]): the devices this process sees.
@@ -535,7 +571,8 @@ pub(crate) fn device_count() -> Result<i32> {
     cu!(
         c"cuDeviceGetCount" as sys::PFN_cuDeviceGetCount_v2000,
         None,
-        |f| f(&mut n)
+        |f| f(&mut n),
+        |t| t.out.int("device_count", i64::from(n))
     )?;
     Ok(n)
 }
@@ -549,6 +586,11 @@ pub(crate) fn device_count() -> Result<i32> {
 pub(crate) struct DevicePtr(u64);
 
 impl DevicePtr {
+    /// The address, for the trace.
+    pub(crate) fn address(self) -> u64 {
+        self.0
+    }
+
     fn as_mut_ptr(self) -> *mut c_void {
         self.0 as usize as *mut c_void
     }
@@ -565,7 +607,8 @@ pub(crate) fn runtime_device_count() -> Result<i32> {
     cuda!(
         c"cudaGetDeviceCount" as sys::p2pc_PFN_cudaGetDeviceCount,
         None,
-        |f| f(&mut n)
+        |f| f(&mut n),
+        |t| t.out.int("device_count", i64::from(n))
     )?;
     Ok(n)
 }
@@ -575,7 +618,8 @@ pub(crate) fn set_device(device: i32) -> Result<()> {
     cuda!(
         c"cudaSetDevice" as sys::p2pc_PFN_cudaSetDevice,
         Some(device),
-        |f| f(device)
+        |f| f(device),
+        |t| t.args.int("device", i64::from(device))
     )
 }
 
@@ -585,7 +629,11 @@ pub(crate) fn malloc(device: i32, bytes: usize) -> Result<DevicePtr> {
     cuda!(
         c"cudaMalloc" as sys::p2pc_PFN_cudaMalloc,
         Some(device),
-        |f| f(&mut p, bytes)
+        |f| f(&mut p, bytes),
+        |t| {
+            t.args.uint("bytes", bytes as u64);
+            t.out.ptr("ptr", p as usize as u64);
+        }
     )?;
     Ok(DevicePtr(p as usize as u64))
 }
@@ -595,7 +643,12 @@ pub(crate) fn memset(device: i32, p: DevicePtr, value: u8, bytes: usize) -> Resu
     cuda!(
         c"cudaMemset" as sys::p2pc_PFN_cudaMemset,
         Some(device),
-        |f| f(p.as_mut_ptr(), c_int::from(value), bytes)
+        |f| f(p.as_mut_ptr(), c_int::from(value), bytes),
+        |t| t
+            .args
+            .ptr("ptr", p.0)
+            .uint("value", u64::from(value))
+            .uint("bytes", bytes as u64)
     )
 }
 
@@ -629,16 +682,25 @@ pub(crate) fn copy_to_host(device: i32, p: DevicePtr, bytes: usize) -> Result<Ve
             p.as_mut_ptr(),
             bytes,
             sys::cudaMemcpyDefault
-        )
+        ),
+        |t| t
+            .args
+            .ptr("dst", host.as_ptr() as usize as u64)
+            .ptr("src", p.0)
+            .uint("bytes", bytes as u64)
+            .text("kind", "cudaMemcpyDefault")
     )?;
     Ok(host)
 }
 
 /// `cudaFree`.
 pub(crate) fn free(device: i32, p: DevicePtr) -> Result<()> {
-    cuda!(c"cudaFree" as sys::p2pc_PFN_cudaFree, Some(device), |f| f(
-        p.as_mut_ptr()
-    ))
+    cuda!(
+        c"cudaFree" as sys::p2pc_PFN_cudaFree,
+        Some(device),
+        |f| f(p.as_mut_ptr()),
+        |t| t.args.ptr("ptr", p.0)
+    )
 }
 
 /// `cudaIpcCloseMemHandle`: unmaps a peer's memory opened with [`ipc_open_mem_handle`].
@@ -646,7 +708,8 @@ pub(crate) fn ipc_close_mem_handle(device: i32, p: DevicePtr) -> Result<()> {
     cuda!(
         c"cudaIpcCloseMemHandle" as sys::p2pc_PFN_cudaIpcCloseMemHandle,
         Some(device),
-        |f| f(p.as_mut_ptr())
+        |f| f(p.as_mut_ptr()),
+        |t| t.args.ptr("ptr", p.0)
     )
 }
 
@@ -656,7 +719,11 @@ pub(crate) fn ipc_get_mem_handle(device: i32, p: DevicePtr) -> Result<[u8; IPC_H
     cuda!(
         c"cudaIpcGetMemHandle" as sys::p2pc_PFN_cudaIpcGetMemHandle,
         Some(device),
-        |f| f(&mut h, p.as_mut_ptr())
+        |f| f(&mut h, p.as_mut_ptr()),
+        |t| {
+            t.args.ptr("ptr", p.0);
+            t.out.hex("handle", &h.reserved.map(|c| c as u8));
+        }
     )?;
     Ok(h.reserved.map(|c| c as u8))
 }
@@ -673,7 +740,13 @@ pub(crate) fn ipc_open_mem_handle(
     cuda!(
         c"cudaIpcOpenMemHandle" as sys::p2pc_PFN_cudaIpcOpenMemHandle,
         Some(device),
-        |f| f(&mut p, h, sys::cudaIpcMemLazyEnablePeerAccess)
+        |f| f(&mut p, h, sys::cudaIpcMemLazyEnablePeerAccess),
+        |t| {
+            t.args
+                .hex("handle", handle)
+                .text("flags", "cudaIpcMemLazyEnablePeerAccess");
+            t.out.ptr("ptr", p as usize as u64);
+        }
     )?;
     Ok(DevicePtr(p as usize as u64))
 }
@@ -689,7 +762,13 @@ pub(crate) fn runtime_claims_peer(src: i32, tgt: i32) -> Result<bool> {
     cuda!(
         c"cudaDeviceCanAccessPeer" as sys::p2pc_PFN_cudaDeviceCanAccessPeer,
         Some(tgt),
-        |f| f(&mut can, tgt, src)
+        |f| f(&mut can, tgt, src),
+        |t| {
+            t.args
+                .int("device", i64::from(tgt))
+                .int("peer_device", i64::from(src));
+            t.out.int("can_access_peer", i64::from(can));
+        }
     )?;
     Ok(can != 0)
 }

@@ -98,6 +98,7 @@ pub(crate) fn unexpected<T>(wanted: &str, got: Message) -> Result<T, ProtocolErr
 /// code.
 pub fn serve(input: impl Read, output: impl Write) -> Result<i32, ProtocolError> {
     let mut link = Link { input, output };
+    cuda::trace::set_role(cuda::trace::ProcessRole::Worker, "worker (starting CUDA)");
     // Starting CUDA is the costly part (cuInit); the Hello reports its outcome. The driver is
     // loaded first, through p2pcheck's own search (P2PCHECK_LIBCUDA), so the runtime then
     // finds that same library already loaded instead of searching on its own.

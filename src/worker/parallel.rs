@@ -11,6 +11,7 @@ use std::io::{Read, Write};
 
 use super::{peak_rss_kb, unexpected, verify, Layout, Link, PRODUCER_FILL, TEST_BYTES};
 use crate::cuda::owned::{DeviceBuffer, PeerMapping};
+use crate::cuda::trace::{self, ProcessRole};
 use crate::cuda::{self, Kernels, IPC_HANDLE_BYTES};
 use crate::protocol::{Check, Job, Message, Op, Problem, ProtocolError, Role, TierParams};
 
@@ -23,6 +24,7 @@ pub(super) fn run<R: Read, W: Write>(
     sees: u32,
 ) -> Result<(), ProtocolError> {
     let d = device as i32;
+    trace::set_role(ProcessRole::Worker, &part(device, slots));
     let layout = Layout::new(tiers);
     let set_up = (|| {
         cuda::set_device(d)?;
@@ -72,7 +74,9 @@ pub(super) fn run<R: Read, W: Write>(
             Ok(other) => return unexpected("Step", other),
             Err(e) => return Err(e),
         };
+        trace::set_job(Some(job));
         let (result, claim) = worker.step(job, slot, op);
+        trace::set_job(None);
         link.send(Message::Done {
             job,
             result,
@@ -82,6 +86,21 @@ pub(super) fn run<R: Read, W: Write>(
     }
     worker.release();
     Ok(())
+}
+
+/// This worker's part in words, for the trace: its device in its own numbering (the parent's
+/// GPU number is in each job), and what it sees when that is one GPU.
+fn part(device: u32, slots: u32) -> String {
+    let which = match slots {
+        0 => "second worker",
+        _ => "worker",
+    };
+    match std::env::var(crate::visible::VAR) {
+        Ok(v) if !v.is_empty() && !v.contains(',') => {
+            format!("{which} of device {device}, CUDA_VISIBLE_DEVICES={v}")
+        }
+        _ => format!("{which} of device {device}"),
+    }
 }
 
 struct Worker {

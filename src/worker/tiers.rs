@@ -24,6 +24,8 @@ const HANDSHAKE_OFFSET: u64 = 4096;
 const HANDSHAKE_BYTES: usize = 2048;
 /// Offset of the pattern area: its own huge page on.
 const KERNEL_OFFSET: u64 = 2 << 20;
+/// Bytes after the pattern area that no pair uses.
+const GUARD_BYTES: u64 = 2 << 20;
 /// The access widths of the pattern area's four parts.
 pub(crate) const WIDTHS: [u32; 4] = [1, 4, 8, 16];
 /// Handshake rounds for a same-GPU pair: two processes' kernels on one GPU time-slice (about
@@ -63,7 +65,7 @@ impl Layout {
     /// Bytes of one slot: vLLM's 1 KiB at level copy.
     pub(crate) fn slot_bytes(&self) -> u64 {
         if self.has_tiers() {
-            KERNEL_OFFSET + self.kernel_bytes
+            KERNEL_OFFSET + self.kernel_bytes + GUARD_BYTES
         } else {
             TEST_BYTES as u64
         }

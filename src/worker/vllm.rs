@@ -9,6 +9,7 @@ use super::{
     peak_rss_kb, unexpected, verify, Layout, Link, CONSUMER_FILL, PRODUCER_FILL, TEST_BYTES,
 };
 use crate::cuda::owned::{DeviceBuffer, PeerMapping};
+use crate::cuda::trace::{self, ProcessRole};
 use crate::cuda::{self, Kernels, IPC_HANDLE_BYTES};
 use crate::protocol::{
     Check, Job, Level, Message, Pair, Problem, ProtocolError, Role, SideVerdict, Stage,
@@ -55,6 +56,10 @@ pub(super) fn run<R: Read, W: Write>(
     tiers: &TierParams,
     pairs: &[Pair],
 ) -> Result<(), ProtocolError> {
+    match role {
+        Role::Producer => trace::set_role(ProcessRole::Producer, "vLLM producer"),
+        Role::Consumer => trace::set_role(ProcessRole::Consumer, "vLLM consumer"),
+    }
     for (index, &pair) in pairs.iter().enumerate() {
         let job = Job {
             index: index as u32,
@@ -62,6 +67,7 @@ pub(super) fn run<R: Read, W: Write>(
             role,
             tier: Level::Copy,
         };
+        trace::set_job(Some(job));
         let device = match role {
             Role::Producer => pair.src as i32,
             Role::Consumer => pair.tgt as i32,
@@ -72,11 +78,14 @@ pub(super) fn run<R: Read, W: Write>(
         };
         // vLLM resets after every pair, so that each pair starts from a clean context. A failed
         // reset fails this side's copy test (the next pair would start from a dirty context).
+        // The reset is SPEC section 2's step 4: traced as the pair's copy job, after any tiers.
+        trace::set_job(Some(job));
         if let Err(e) = cuda::device_reset(device) {
             if verdict.copy.is_ok() {
                 verdict.copy = Err(e.into());
             }
         }
+        trace::set_job(None);
         link.send(Message::Verdict {
             job,
             verdict,
@@ -180,6 +189,7 @@ fn produce_tiers<R: Read, W: Write>(
         tier: Level::Kernel,
         ..job
     };
+    trace::set_job(Some(job));
     let layout = Layout::new(tiers);
     let set_up = (|| {
         let k = Kernels::load(d)?;
@@ -215,7 +225,13 @@ fn produce_tiers<R: Read, W: Write>(
         // Both kernels must be resident at once: the consumer launches on this token.
         link.barrier_out(job, Stage::Handshake)?;
         let same_gpu = job.pair.src == job.pair.tgt;
-        Some(layout.handshake(&k, buffer.at(0), 0, same_gpu, tiers))
+        trace::set_job(Some(Job {
+            tier: Level::Handshake,
+            ..job
+        }));
+        let shook = layout.handshake(&k, buffer.at(0), 0, same_gpu, tiers);
+        trace::set_job(Some(job));
+        Some(shook)
     } else {
         None
     };
@@ -287,6 +303,7 @@ fn consume_tiers<R: Read, W: Write>(
         tier: Level::Kernel,
         ..job
     };
+    trace::set_job(Some(job));
     let layout = Layout::new(tiers);
     let handle = link.recv_handle(job)?;
     let opened = handle
@@ -318,7 +335,13 @@ fn consume_tiers<R: Read, W: Write>(
     let handshake = if level >= Level::Handshake {
         link.barrier_in(job, Stage::Handshake)?;
         let same_gpu = job.pair.src == job.pair.tgt;
-        Some(layout.handshake(&k, mapping.at(0), 1, same_gpu, tiers))
+        trace::set_job(Some(Job {
+            tier: Level::Handshake,
+            ..job
+        }));
+        let shook = layout.handshake(&k, mapping.at(0), 1, same_gpu, tiers);
+        trace::set_job(Some(job));
+        Some(shook)
     } else {
         None
     };
