@@ -73,15 +73,20 @@ if want 3; then
   OUT="$OUT" python3 scripts/bench.py gpu --runs "$RUNS" --carry "$C" ${BENCH_ARGS:-} | tee -a "$SUMMARY"
 fi
 
-# 4. An audit trace of every CUDA call the workers make, for both engines.
+# 4. The audit trace of a whole check, for both engines, summarised; and vLLM's procedure at
+# level copy compared with SPEC section 2, pair by pair (trace-summary --spec).
 if want 4; then
-  for engine in default vllm; do
-    flag=(); [ $engine = vllm ] && flag=(--engine vllm)
+  for engine in default vllm vllm-copy; do
+    flag=(); [ $engine = vllm ] && flag=(--engine vllm); [ $engine = vllm-copy ] && flag=(--engine vllm --level copy)
     T=$(mktemp -d)
-    P2PCHECK_TRACE=1 VLLM_CACHE_ROOT=$T "$P2P" "${flag[@]}" >"$OUT/trace-run-$engine.out" 2>"$OUT/trace-$engine.log"
-    say "trace ($engine engine, exit $?): $(grep -c '^{"ts_us":' "$OUT/trace-$engine.log") CUDA calls traced (trace-$engine.log)"
+    VLLM_CACHE_ROOT=$T "$P2P" "${flag[@]}" --trace "$OUT/trace-$engine.jsonl" >"$OUT/trace-run-$engine.out" 2>&1
+    rc=$?
+    "$P2P" trace-summary "$OUT/trace-$engine.jsonl" >"$OUT/trace-summary-$engine.txt" 2>&1
+    say "trace ($engine, exit $rc): $(wc -l <"$OUT/trace-$engine.jsonl") lines, $(grep -c '"call":"cudaDeviceReset"' "$OUT/trace-$engine.jsonl") cudaDeviceReset; $(head -1 "$OUT/trace-summary-$engine.txt")"
     rm -rf "$T"
   done
+  "$P2P" trace-summary --spec "$OUT/trace-vllm-copy.jsonl" >"$OUT/trace-spec.txt" 2>&1
+  say "trace-summary --spec (vllm engine, level copy): exit $? ($(grep -c 'as SPEC section 2' "$OUT/trace-spec.txt") pairs as SPEC, $(grep -c 'DIFFERS' "$OUT/trace-spec.txt") differ)"
 fi
 
 # 5. Error paths on a real machine.
