@@ -17,6 +17,6 @@ cp ../shared/bench/vllm_style_reference.py .carry/
 gcc -O2 -Wall -Wextra -Werror -o .carry/floor scripts/floor.c -ldl
 cp scripts/bench.py .carry/
 # The C ABI from C++, linked statically with exactly the system libraries the README names.
-g++ -x c++ -std=c++17 -O2 -Iinclude examples/cmake/main.c target/release/libp2pcheck.a \
+g++ -std=c++17 -O2 -Iinclude -x c++ examples/cmake/main.c -x none target/release/libp2pcheck.a \
   -lgcc_s -lutil -lrt -lpthread -lm -ldl -lc -o .carry/verdicts-cpp
 ls -la .carry
