@@ -40,7 +40,6 @@ P2P_FLAGS = {"p2pcheck": [], "p2pcheck-copy": ["--level", "copy"],
              "p2pcheck-all": ["--visibility", "all"], "p2pcheck-vllm": ["--engine", "vllm"]}
 # Environment that would change what is measured; dropped from every child's environment.
 NOISE = ("P2PCHECK_TRACE",)
-TRACE_RE = re.compile(r"\[p2pcheck trace\b[^\]]*?\bpid=(\d+)[^\]]*\]\s*(\S+)")
 REF_RE = re.compile(r"REFERENCE n_gpus=(\d+) seconds=([0-9.]+)")
 
 
@@ -294,25 +293,18 @@ def is_trace_line(line):
 
 
 def parse_trace_line(line):
-    """(pid, call) of one trace line, or None. Today's form:
-         [p2pcheck trace pid=123] cudaSetDevice device=0 -> 0 (12 us)
-    and, tolerated for a later version, one JSON object per line with "call" and "pid"."""
+    """(pid, call) of one audit-trace line (one JSON object per line, see README "Audit
+    trace"), or None for any other line."""
     s = line.strip()
-    if s.startswith("{"):
-        try:
-            d = json.loads(s)
-        except ValueError:
-            return None
-        if isinstance(d, dict) and "call" in d:
-            pid = d.get("pid")
-            return (str(pid) if pid is not None else "?", str(d["call"]).split()[0] if d["call"] else "?")
+    if not s.startswith("{"):
         return None
-    m = TRACE_RE.search(s)
-    if m:
-        return m.group(1), m.group(2)
-    if "p2pcheck trace" in s:  # a form we do not know yet: counted, call unknown
-        m = re.search(r"pid[=: ]+(\d+)", s)
-        return (m.group(1) if m else "?"), "?"
+    try:
+        d = json.loads(s)
+    except ValueError:
+        return None
+    if isinstance(d, dict) and d.get("call"):
+        pid = d.get("pid")
+        return (str(pid) if pid is not None else "?", str(d["call"]))
     return None
 
 
