@@ -235,7 +235,16 @@ pub enum Outcome {
 
 impl Outcome {
     fn is_fact(&self) -> bool {
-        matches!(self, Outcome::Done { .. })
+        self.stopped().is_none()
+    }
+
+    /// The verdict of a pair that did not run to the end (`None` for one that did).
+    fn stopped(&self) -> Option<Verdict> {
+        match self {
+            Outcome::Hang(why) => Some(Verdict::Hang(why.clone())),
+            Outcome::Error(why) => Some(Verdict::Error(why.clone())),
+            Outcome::Done { .. } => None,
+        }
     }
 }
 
@@ -305,18 +314,14 @@ impl PairReport {
 
     /// The verdict.
     pub fn verdict(&self) -> Verdict {
-        match &self.outcome {
-            Outcome::Hang(why) => Verdict::Hang(why.clone()),
-            Outcome::Error(why) => Verdict::Error(why.clone()),
-            Outcome::Done { .. } => {
-                let problems = self.problems();
-                if problems.is_empty() {
-                    Verdict::Ok
-                } else {
-                    Verdict::Fails(problems.join("; "))
-                }
+        self.outcome.stopped().unwrap_or_else(|| {
+            let problems = self.problems();
+            if problems.is_empty() {
+                Verdict::Ok
+            } else {
+                Verdict::Fails(problems.join("; "))
             }
-        }
+        })
     }
 
     /// The boolean vLLM expects: only [`Verdict::Ok`] is true.
@@ -752,8 +757,8 @@ fn run_rounds(
                 None => next.push(i),
                 Some(o) => {
                     attempts[i] += 1;
-                    if !o.is_fact() && attempts[i] < 2 {
-                        earlier[i] = Some(Verdict::from_outcome(&o).to_string());
+                    if let (Some(stopped), true) = (o.stopped(), attempts[i] < 2) {
+                        earlier[i] = Some(stopped.to_string());
                         retry.push(i);
                     } else {
                         finals[i] = Some(PairReport {
@@ -827,16 +832,6 @@ fn run_rounds(
         workers,
         warnings,
     })
-}
-
-impl Verdict {
-    fn from_outcome(o: &Outcome) -> Verdict {
-        match o {
-            Outcome::Hang(w) => Verdict::Hang(w.clone()),
-            Outcome::Error(w) => Verdict::Error(w.clone()),
-            Outcome::Done { .. } => Verdict::Ok,
-        }
-    }
 }
 
 /// The tiers' parameters for a run: the options, and a seed of its own (time and pid), so
