@@ -235,15 +235,8 @@ fn current_fingerprint(
     level: Level,
     simulate: Option<&sim::Simulation>,
 ) -> std::result::Result<fingerprint::Fingerprint, String> {
-    let machine = match simulate {
-        Some(sim) => sim.machine(),
-        None => fingerprint::read_machine()?,
-    };
-    let order = std::env::var("CUDA_DEVICE_ORDER").ok();
-    let gpus = fingerprint::resolve_visible(cvd, order.as_deref(), &machine)?;
-    if gpus.is_empty() {
-        return Err("/proc/driver/nvidia lists none of the visible GPUs".into());
-    }
+    let machine = engine::machine(simulate)?;
+    let gpus = engine::visible_gpus(&machine, cvd)?;
     Ok(fingerprint::Fingerprint {
         version: env!("CARGO_PKG_VERSION").into(),
         level: level.name().into(),

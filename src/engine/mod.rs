@@ -701,10 +701,7 @@ fn run_rounds(
             .collect(),
         None => Vec::new(),
     };
-    let machine = match &opts.simulate {
-        Some(sim) => Ok(sim.machine()),
-        None => fingerprint::read_machine(),
-    };
+    let machine = machine(opts.simulate.as_ref());
     let (gpus, visibility, note) = plan(opts, machine.as_ref().map_err(Clone::clone));
     warnings.extend(note);
     let mut ctx = Ctx {
@@ -862,6 +859,32 @@ fn tier_params(opts: &Options) -> TierParams {
     }
 }
 
+/// The machine as the kernel driver's `/proc` files describe it (or the simulation, when
+/// simulating), read without initialising CUDA.
+pub(crate) fn machine(
+    simulate: Option<&Simulation>,
+) -> std::result::Result<fingerprint::Machine, String> {
+    match simulate {
+        Some(sim) => Ok(sim.machine()),
+        None => fingerprint::read_machine(),
+    }
+}
+
+/// The GPUs `cvd` (the raw `CUDA_VISIBLE_DEVICES`) selects on `machine`, in local order, under
+/// this process's `CUDA_DEVICE_ORDER`; an error where they cannot be named without CUDA, or
+/// when `/proc` lists none of them.
+pub(crate) fn visible_gpus(
+    machine: &fingerprint::Machine,
+    cvd: Option<&str>,
+) -> std::result::Result<Vec<Gpu>, String> {
+    let order = std::env::var("CUDA_DEVICE_ORDER").ok();
+    let gpus = fingerprint::resolve_visible(cvd, order.as_deref(), machine)?;
+    if gpus.is_empty() {
+        return Err("/proc/driver/nvidia lists none of the visible GPUs".into());
+    }
+    Ok(gpus)
+}
+
 /// Which GPUs the workers see: their UUIDs in local order when they can be known without
 /// CUDA, the visibility that gives, and why it differs from the one asked for.
 fn plan(
@@ -879,26 +902,16 @@ fn plan(
                 "CUDA_VISIBLE_DEVICES is not UTF-8 text, so its GPUs cannot be named".to_string()
             })?),
         };
-        let order = std::env::var("CUDA_DEVICE_ORDER").ok();
-        fingerprint::resolve_visible(cvd, order.as_deref(), m)
+        visible_gpus(m, cvd)
     });
     match (opts.visibility, resolved) {
-        (Visibility::One, Ok(gpus)) if !gpus.is_empty() => (Some(gpus), Visibility::One, None),
-        (Visibility::One, Ok(_)) => (
-            None,
-            Visibility::All,
-            Some(
-                "each worker sees every GPU: /proc/driver/nvidia lists none of the visible GPUs; \
-                  counting with the driver"
-                    .into(),
-            ),
-        ),
+        (Visibility::One, Ok(gpus)) => (Some(gpus), Visibility::One, None),
         (Visibility::One, Err(why)) => (
             None,
             Visibility::All,
             Some(format!("each worker sees every GPU: {why}")),
         ),
-        (Visibility::All, r) => (r.ok().filter(|g| !g.is_empty()), Visibility::All, None),
+        (Visibility::All, r) => (r.ok(), Visibility::All, None),
     }
 }
 
