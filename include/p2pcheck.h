@@ -66,6 +66,11 @@
  *   A check starts its workers as child processes of the caller, from a thread of its own
  *   that reaps them; they are killed if the caller dies. A host must not reap children it did
  *   not start (waitpid(-1, ...), SIGCHLD set to SIG_IGN) while a check runs.
+ *   p2pcheck_check returns as soon as the verdicts are known, while the workers still tear
+ *   their CUDA contexts down (about 0.3 s on an H200); a program that exits at once ends them
+ *   then (they die with the thread that started them, and init reaps them). To return only
+ *   when every worker has been reaped, use p2pcheck_start, p2pcheck_pending_wait and
+ *   p2pcheck_pending_free.
  */
 
 #ifndef P2PCHECK_H
