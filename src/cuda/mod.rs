@@ -776,5 +776,6 @@ pub(crate) fn runtime_claims_peer(src: i32, tgt: i32) -> Result<bool> {
 // ---------------------------------------------------------------------------------------------
 // The kernel and handshake tiers' kernels (after the macros, which it uses)
 
+mod fatbin;
 mod kernels;
 pub(crate) use kernels::{Kernels, PatternCount};
