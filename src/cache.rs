@@ -448,9 +448,10 @@ impl<'a> Folder<'a> {
     /// Why the entry `name` (at `path`) belongs to a user this process does not trust, if it
     /// exists and does.
     fn foreign(&self, name: &OsStr, path: &Path) -> io::Result<Option<String>> {
-        Ok(self
-            .stat(name)?
-            .and_then(|entry| self.trust.owner_problem(&path.display().to_string(), entry.uid)))
+        Ok(self.stat(name)?.and_then(|entry| {
+            self.trust
+                .owner_problem(&path.display().to_string(), entry.uid)
+        }))
     }
 
     /// What the entry `name` of type `mode` is, in words; for a symbolic link with its target
@@ -508,6 +509,22 @@ impl<'a> Folder<'a> {
         written
     }
 
+    /// An error if the cache file `name` (at `path`) or its fingerprint belongs to a user this
+    /// process does not trust: they are not replaced.
+    fn refuse_foreign(&self, name: &OsStr, path: &Path) -> Result<()> {
+        let beside = fingerprint::path_beside(path);
+        let beside_name = beside.file_name().unwrap_or_default();
+        for (entry, at) in [(name, path), (beside_name, beside.as_path())] {
+            if let Some(why) = self
+                .foreign(entry, at)
+                .with_context(|| format!("cannot write {}", path.display()))?
+            {
+                bail!("not written: {why}");
+            }
+        }
+        Ok(())
+    }
+
     /// Writes the cache file `name` (at `path`) and, first, the fingerprint `beside` it if
     /// given, each atomically; then makes the renames durable. Refuses, before writing
     /// anything, when either entry belongs to a user this process does not trust.
@@ -522,16 +539,9 @@ impl<'a> Folder<'a> {
         contents: &str,
         beside: Option<&str>,
     ) -> Result<()> {
+        self.refuse_foreign(name, path)?;
         let beside_path = fingerprint::path_beside(path);
         let beside_name = beside_path.file_name().unwrap_or_default();
-        for (entry, at) in [(name, path), (beside_name, beside_path.as_path())] {
-            if let Some(why) = self
-                .foreign(entry, at)
-                .with_context(|| format!("cannot write {}", path.display()))?
-            {
-                bail!("not written: {why}");
-            }
-        }
         if let Some(text) = beside {
             self.write_then_rename(&temp_name(beside_name), beside_name, text, &beside_path)?;
         }
@@ -666,7 +676,14 @@ impl FileLock {
 
 /// Why the lock file `name` (at `path`) of `folder` cannot be used, from what it is: a
 /// regular file with one name, of a trusted user, is fine.
-fn lock_problem(folder: &Folder, name: &OsStr, path: &Path, mode: u32, nlink: u64, uid: u32) -> Option<String> {
+fn lock_problem(
+    folder: &Folder,
+    name: &OsStr,
+    path: &Path,
+    mode: u32,
+    nlink: u64,
+    uid: u32,
+) -> Option<String> {
     let refuse = |what: String| {
         format!(
             "refusing to use the lock file {}: it is {what}, not a regular file with a single \
@@ -832,8 +849,14 @@ fn look(path: &Path, n: usize, trust: Trust, with_beside: bool) -> Result<Look> 
     let lock = lock_path(path);
     let lock_name = lock.file_name().unwrap_or_default();
     if let Some(entry) = folder.stat(lock_name).with_context(cannot)? {
-        if let Some(why) = lock_problem(&folder, lock_name, &lock, entry.mode, entry.nlink, entry.uid)
-        {
+        if let Some(why) = lock_problem(
+            &folder,
+            lock_name,
+            &lock,
+            entry.mode,
+            entry.nlink,
+            entry.uid,
+        ) {
             return Ok(Look::HandsOff(why));
         }
     }
@@ -1052,7 +1075,12 @@ pub fn store(path: &Path, n: usize, verdicts: &[bool]) -> Result<()> {
 /// the fingerprint that vouches for them, under its lock: the fingerprint first, then the
 /// cache file (see [`load_or_check`]). Refused, with nothing written, where the folder, the
 /// lock, the cache file or the fingerprint is not trusted ([`Trust`]).
-pub fn store_checked(path: &Path, now: &Fingerprint, verdicts: &[bool], trust: Trust) -> Result<()> {
+pub fn store_checked(
+    path: &Path,
+    now: &Fingerprint,
+    verdicts: &[bool],
+    trust: Trust,
+) -> Result<()> {
     check_len(now.devices, verdicts)?;
     let record = Record {
         fingerprint: now.clone(),
@@ -1069,6 +1097,10 @@ fn store_unit(
     beside: Option<&str>,
 ) -> Result<()> {
     let (dir, name) = split(path)?; // so that a bad path is named as given, not as its lock file
+                                    // Refused before the lock is even taken (and again under it, by write_unit).
+    if let Some(folder) = Folder::open(dir, trust)? {
+        folder.refuse_foreign(name, path)?;
+    }
     let _lock = FileLock::acquire_trusting(&lock_path(path), LOCK_TIMEOUT, trust)?;
     Folder::create(dir, trust)?.write_unit(name, path, &render(n, verdicts), beside)
 }

@@ -678,13 +678,23 @@ fn parse_verdicts(value: &str, n: usize) -> Result<Vec<bool>, String> {
             return bad(format!("more than {n} rows"));
         }
         if row.len() != n {
-            return bad(format!("row {} has {} digits, not {n}", rows - 1, row.len()));
+            return bad(format!(
+                "row {} has {} digits, not {n}",
+                rows - 1,
+                row.len()
+            ));
         }
         for b in row.bytes() {
             match b {
                 b'1' => verdicts.push(true),
                 b'0' => verdicts.push(false),
-                _ => return bad(format!("row {} holds {:?}, not 1 or 0", rows - 1, b as char)),
+                _ => {
+                    return bad(format!(
+                        "row {} holds {:?}, not 1 or 0",
+                        rows - 1,
+                        b as char
+                    ))
+                }
             }
         }
     }
@@ -1747,13 +1757,17 @@ mod tests {
             ),
         ] {
             assert_eq!(
-                err(&format!("{head}cvd=\ndevices={devices}\nverdicts={verdicts}\n")),
+                err(&format!(
+                    "{head}cvd=\ndevices={devices}\nverdicts={verdicts}\n"
+                )),
                 why,
                 "{devices} {verdicts}"
             );
         }
         assert_eq!(
-            err(&format!("{head}cvd=\ndevices=2\nverdicts=11 11\ngpu=0 u b\n")),
+            err(&format!(
+                "{head}cvd=\ndevices=2\nverdicts=11 11\ngpu=0 u b\n"
+            )),
             "1 gpu lines for 2 devices (one per device, or none)"
         );
         assert_eq!(
@@ -1937,9 +1951,11 @@ mod tests {
             other[k] = !other[k];
             assert_eq!(
                 now.vouched(Some(&text), &other),
-                Err("its p2pcheck fingerprint vouches for other verdicts than it holds (a \
+                Err(
+                    "its p2pcheck fingerprint vouches for other verdicts than it holds (a \
                      write that was interrupted, or another program wrote it since)"
-                    .into())
+                        .into()
+                )
             );
         }
         // Another level or settings: another check, whatever the verdicts.
@@ -1952,7 +1968,10 @@ mod tests {
             edit(&mut f);
             let text = record(f).render();
             let why = now.vouched(Some(&text), &mine).unwrap_err();
-            assert!(why.starts_with("it was written by another check: "), "{why}");
+            assert!(
+                why.starts_with("it was written by another check: "),
+                "{why}"
+            );
         }
         let moved = record(Fingerprint {
             boot_id: "0bd7dd0c-3a6e-4e5b-9a8c-1d4a1b7e6f20".into(),
@@ -1966,9 +1985,11 @@ mod tests {
         );
         assert_eq!(
             now.vouched(Some("format=1\n"), &mine),
-            Err("its p2pcheck fingerprint is unusable: format \"1\" is not 2 (written by \
+            Err(
+                "its p2pcheck fingerprint is unusable: format \"1\" is not 2 (written by \
                  another p2pcheck?)"
-                .into())
+                    .into()
+            )
         );
         assert_eq!(
             now.vouched(None, &mine),

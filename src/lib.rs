@@ -297,7 +297,10 @@ fn current_fingerprint(
     let (driver_version, boot_id) = match machine {
         Ok(m) => (m.driver_version, m.boot_id),
         // The boot id does not need NVIDIA's driver.
-        Err(_) => (String::new(), fingerprint::read_boot_id().unwrap_or_default()),
+        Err(_) => (
+            String::new(),
+            fingerprint::read_boot_id().unwrap_or_default(),
+        ),
     };
     let (gpus, unnamed) = match named {
         Ok(gpus) => (gpus, None),
@@ -370,9 +373,8 @@ pub fn store_report(report: &Report, opts: &AccessOptions) -> Result<(PathBuf, O
         )));
     }
     let cvd = cvd_text()?;
-    let (now, unnamed) = current_fingerprint(cvd.as_deref(), &opts.check, || {
-        Ok(report.device_count)
-    })?;
+    let (now, unnamed) =
+        current_fingerprint(cvd.as_deref(), &opts.check, || Ok(report.device_count))?;
     if now.devices != n {
         return Err(refuse(format!(
             "not written: /proc/driver/nvidia names {} visible GPUs, the workers saw {n}",

@@ -229,7 +229,11 @@ fn a_writer_killed_at_varied_moments_never_leaves_an_answer_its_level_did_not_ve
         let checks = AtomicUsize::new(0);
         for reader in ["handshake", "copy"] {
             let got = read_at(dir, reader, &checks);
-            assert_eq!(got.verdicts, truth(reader), "{reader} reader after kill {k}");
+            assert_eq!(
+                got.verdicts,
+                truth(reader),
+                "{reader} reader after kill {k}"
+            );
         }
     }
     println!("states left by the killed writer (cache file, fingerprint): {seen:?}");
@@ -253,6 +257,8 @@ fn readers_racing_a_writer_of_another_level_answer_only_their_own_level() {
             while !stop.load(Ordering::SeqCst) {
                 write_at(dir, "copy");
                 writes.fetch_add(1, Ordering::SeqCst);
+                // As a writer that checks between its writes: the lock is free meanwhile.
+                std::thread::sleep(Duration::from_millis(1));
             }
         });
         let readers: Vec<_> = ["handshake", "handshake", "handshake", "copy"]
@@ -275,9 +281,15 @@ fn readers_racing_a_writer_of_another_level_answer_only_their_own_level() {
                 })
             })
             .collect();
-        let wrong: Vec<_> = readers.into_iter().flat_map(|r| r.join().unwrap()).collect();
+        let wrong: Vec<_> = readers
+            .into_iter()
+            .flat_map(|r| r.join().unwrap())
+            .collect();
         stop.store(true, Ordering::SeqCst);
-        assert!(wrong.is_empty(), "answers their level did not verify: {wrong:?}");
+        assert!(
+            wrong.is_empty(),
+            "answers their level did not verify: {wrong:?}"
+        );
     });
     println!(
         "{} copy-level writes; {} reads, {} of them checked again",
@@ -319,7 +331,10 @@ fn cli_readers_racing_a_copy_level_writer_on_the_simulator_answer_false() {
         ..AccessOptions::default()
     };
     let report = p2pcheck::check(None, &copy.check).unwrap();
-    assert!(report.get(0, 1).unwrap().ok(), "the copy level cannot see sm-only");
+    assert!(
+        report.get(0, 1).unwrap().ok(),
+        "the copy level cannot see sm-only"
+    );
     let stop = AtomicBool::new(false);
     let writes = AtomicUsize::new(0);
     let answers: Vec<String> = std::thread::scope(|s| {
@@ -358,14 +373,20 @@ fn cli_readers_racing_a_copy_level_writer_on_the_simulator_answer_false() {
                 })
             })
             .collect();
-        let answers = readers.into_iter().flat_map(|r| r.join().unwrap()).collect();
+        let answers = readers
+            .into_iter()
+            .flat_map(|r| r.join().unwrap())
+            .collect();
         stop.store(true, Ordering::SeqCst);
         answers
     });
     assert!(writes.load(Ordering::SeqCst) > 0);
     assert!(answers.len() >= 3);
     for a in &answers {
-        assert!(a.starts_with("{\"src\":0,\"tgt\":1,\"answer\":false,"), "{a}");
+        assert!(
+            a.starts_with("{\"src\":0,\"tgt\":1,\"answer\":false,"),
+            "{a}"
+        );
     }
 }
 
@@ -467,7 +488,12 @@ fn without_proc_nvidia_a_level_above_copy_needs_a_fingerprint_that_confirms_it()
     let cache = dir.join("cache");
     let run = |level: &str| {
         let out = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "unnamed_child", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "unnamed_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(UNNAMED_ENV, level)
             .env("P2PCHECK_WORKER", WORKER)
             .env("P2PCHECK_LIBCUDA", &lib)
@@ -479,7 +505,11 @@ fn without_proc_nvidia_a_level_above_copy_needs_a_fingerprint_that_confirms_it()
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         stdout
             .lines()
             .find_map(|l| l.split_once("ANSWER ").map(|(_, a)| a.to_string()))
@@ -524,14 +554,18 @@ fn a_cache_write_that_fails_is_an_error() {
         ..AccessOptions::default()
     };
     let report = p2pcheck::check(None, &copy.check).unwrap();
-    let err = p2pcheck::store_report(&report, &copy).unwrap_err().to_string();
+    let err = p2pcheck::store_report(&report, &copy)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("cannot create the directory"), "{err}");
     let other = AccessOptions {
         check: sm_only(Level::Handshake),
         cache_dir: Some(tmp.path().join("cache")),
         ..AccessOptions::default()
     };
-    let err = p2pcheck::store_report(&report, &other).unwrap_err().to_string();
+    let err = p2pcheck::store_report(&report, &other)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("checked at level copy"), "{err}");
     assert!(!tmp.path().join("cache").exists());
 }

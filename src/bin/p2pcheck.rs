@@ -223,7 +223,9 @@ fn parse_args(mut it: impl Iterator<Item = OsString>) -> ArgResult<Option<Args>>
             }
             "--trust-cache-owner" => {
                 let v = text(&a, it.next(), "a user id")?;
-                let uid = v.parse().map_err(|_| format!("{a} {v:?}: expected a user id"))?;
+                let uid = v
+                    .parse()
+                    .map_err(|_| format!("{a} {v:?}: expected a user id"))?;
                 args.trust_cache_owner = Some(uid);
             }
             "--timeout" => args.opts.step_timeout = seconds(&a, it.next())?,
