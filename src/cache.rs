@@ -909,9 +909,10 @@ fn load(
     trust: Trust,
     accept: impl Fn(&Found) -> Result<Vec<bool>, String>,
     compute: impl FnOnce() -> Result<Computed>,
-    vouch: Option<&dyn Fn(&[bool]) -> String>,
+    vouching: Option<&Fingerprint>,
 ) -> Result<Loaded> {
-    let with_beside = vouch.is_some();
+    // What a look allows: the answer, or (under the lock, which the write needs) where the
+    // verdicts to compute come from, or why nothing may be read or written.
     let answer = |look: Look| match look {
         Look::HandsOff(why) => Err(Err(why)),
         Look::Found(found) => match accept(&found) {
@@ -925,52 +926,49 @@ fn load(
             })),
         },
     };
-    let computed = |compute: Box<dyn FnOnce() -> Result<Computed> + '_>| -> Result<Computed> {
-        let computed = compute()
-            .with_context(|| format!("cannot compute the P2P verdicts for {}", path.display()))?;
-        check_len(n, &computed.verdicts)
-            .context("the P2P check returned the wrong number of verdicts")?;
-        Ok(computed)
+    let with_beside = vouching.is_some();
+    let decided = 'decided: {
+        match answer(look(path, n, trust, with_beside)?) {
+            Ok(loaded) => return Ok(loaded),
+            Err(Err(why)) => break 'decided Err(why),
+            Err(Ok(_)) => {}
+        }
+        let lock = FileLock::acquire_trusting(&lock_path(path), lock_timeout, trust)?;
+        match answer(look(path, n, trust, with_beside)?) {
+            Ok(loaded) => return Ok(loaded),
+            Err(decided) => decided.map(|origin| (origin, lock)),
+        }
     };
-    let untrusted = |why: String, computed: Computed| Loaded {
-        verdicts: computed.verdicts,
-        origin: match computed.not_persisted {
-            Some(reason) => Origin::NotPersisted { reason },
-            None => Origin::Untrusted { reason: why },
-        },
+    let computed = compute()
+        .with_context(|| format!("cannot compute the P2P verdicts for {}", path.display()))?;
+    check_len(n, &computed.verdicts)
+        .context("the P2P check returned the wrong number of verdicts")?;
+    let verdicts = computed.verdicts;
+    let (origin, _lock) = match (computed.not_persisted, decided) {
+        (Some(reason), _) => {
+            return Ok(Loaded {
+                verdicts,
+                origin: Origin::NotPersisted { reason },
+            })
+        }
+        (None, Err(why)) => {
+            return Ok(Loaded {
+                verdicts,
+                origin: Origin::Untrusted { reason: why },
+            })
+        }
+        (None, Ok(decided)) => decided,
     };
-    let first = match answer(look(path, n, trust, with_beside)?) {
-        Ok(loaded) => return Ok(loaded),
-        Err(first) => first,
-    };
-    if let Err(why) = first {
-        return Ok(untrusted(why, computed(Box::new(compute))?));
-    }
-    let _lock = FileLock::acquire_trusting(&lock_path(path), lock_timeout, trust)?;
-    let origin = match answer(look(path, n, trust, with_beside)?) {
-        Ok(loaded) => return Ok(loaded),
-        Err(Err(why)) => return Ok(untrusted(why, computed(Box::new(compute))?)),
-        Err(Ok(origin)) => origin,
-    };
-    let computed = computed(Box::new(compute))?;
-    if let Some(reason) = computed.not_persisted {
-        return Ok(Loaded {
-            verdicts: computed.verdicts,
-            origin: Origin::NotPersisted { reason },
-        });
-    }
     let (dir, name) = split(path)?;
-    let beside = vouch.map(|render| render(&computed.verdicts));
-    Folder::create(dir, trust)?.write_unit(
-        name,
-        path,
-        &render(n, &computed.verdicts),
-        beside.as_deref(),
-    )?;
-    Ok(Loaded {
-        verdicts: computed.verdicts,
-        origin,
-    })
+    let beside = vouching.map(|now| {
+        Record {
+            fingerprint: now.clone(),
+            verdicts: verdicts.clone(),
+        }
+        .render()
+    });
+    Folder::create(dir, trust)?.write_unit(name, path, &render(n, &verdicts), beside.as_deref())?;
+    Ok(Loaded { verdicts, origin })
 }
 
 /// vLLM's own semantics, atomic, computed once and safe in a hostile folder: the verdicts for
@@ -1043,13 +1041,6 @@ pub fn load_or_check(
         now.vouched(beside, &verdicts)?;
         Ok(verdicts)
     };
-    let vouch = |verdicts: &[bool]| {
-        Record {
-            fingerprint: now.clone(),
-            verdicts: verdicts.to_vec(),
-        }
-        .render()
-    };
     load(
         path,
         now.devices,
@@ -1057,7 +1048,7 @@ pub fn load_or_check(
         ask.trust,
         accept,
         check,
-        Some(&vouch),
+        Some(now),
     )
 }
 
