@@ -325,12 +325,15 @@ fn current_fingerprint(
 
 /// The cache folder of `opts`: the one given, else vLLM's as the environment says now.
 fn cache_folder(opts: &AccessOptions) -> Result<PathBuf> {
-    let dir = match &opts.cache_dir {
-        Some(d) => d.clone(),
-        None => cache::cache_dir().map_err(|e| Error::cache(std::path::Path::new(""), e))?,
-    };
-    cache::check_dir(&dir).map_err(|e| Error::cache(&dir, e))?;
-    Ok(dir)
+    match &opts.cache_dir {
+        Some(d) => Ok(d.clone()),
+        None => cache::cache_dir().map_err(|e| Error::cache(std::path::Path::new(""), e)),
+    }
+}
+
+/// [`cache::check_dir`] as this crate's error.
+fn check_dir(dir: &std::path::Path) -> Result<()> {
+    cache::check_dir(dir).map_err(|e| Error::cache(dir, e))
 }
 
 /// Writes `report`'s verdicts as vLLM's cache file in `opts`' folder, with the fingerprint
@@ -345,6 +348,7 @@ fn cache_folder(opts: &AccessOptions) -> Result<PathBuf> {
 /// what the fingerprint therefore cannot notice (for a warning).
 pub fn store_report(report: &Report, opts: &AccessOptions) -> Result<(PathBuf, Option<String>)> {
     let dir = cache_folder(opts)?;
+    check_dir(&dir)?;
     let path = vllm_cache_path_in(&dir, report.device_count)?;
     let refuse = |message: String| Error::Cache {
         path: path.clone(),
@@ -435,6 +439,7 @@ pub fn access_check(src: u32, tgt: u32, opts: &AccessOptions) -> Result<Access> 
             }
         }
     }
+    check_dir(&dir)?;
     let cvd = cvd_text()?;
     let mut warnings = Vec::new();
     let (now, unnamed) = current_fingerprint(cvd.as_deref(), &opts.check, visible_device_count)?;

@@ -33,8 +33,10 @@ and where the vLLM cache file is. A pair that hangs or errors is retried once on
 Every wait has a deadline; no worker outlives the check.
 
 access-check SRC TGT answers vLLM's gpu_p2p_access_check(SRC, TGT): true or false, from vLLM's
-cache file when the fingerprint beside it matches this machine (no CUDA call at all), else from
-a check of every pair, written to the cache with its fingerprint.
+cache file when the fingerprint beside it vouches for exactly its verdicts on this machine at
+this level and settings (no CUDA call at all), else from a check of every pair, written to the
+cache with its fingerprint. Cache files of other users, or that others can write, are not
+trusted: the pairs are checked again (see --trust-cache-owner).
 
 trace-summary PATH reads an audit trace (--trace) and prints, per process, its calls in order
 of first use with their counts and its failed calls. With --spec it also compares a trace of
