@@ -189,11 +189,26 @@ fn writer_child() {
         eprintln!("writer_child: skipped, {WRITER_ENV} is not set (it is a child of a test)");
         return;
     };
+    // Killed long before; the deadline only bounds a child whose parent died first.
+    let end = Instant::now() + Duration::from_secs(20);
     for k in 0u64.. {
         write_at(&dir, if k % 2 == 0 { "copy" } else { "handshake" });
         if k == 0 {
             println!("WRITING");
         }
+        if Instant::now() >= end {
+            return;
+        }
+    }
+}
+
+/// A child process, SIGKILLed and reaped when dropped (also when a test fails).
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -209,22 +224,23 @@ fn a_writer_killed_at_varied_moments_never_leaves_an_answer_its_level_did_not_ve
     let dir = tmp.path();
     let mut seen = BTreeSet::new();
     for k in 0..10u64 {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "writer_child", "--nocapture", "--test-threads=1"])
-            .env(WRITER_ENV, dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut child = Killed(
+            Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", "writer_child", "--nocapture", "--test-threads=1"])
+                .env(WRITER_ENV, dir)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let mut lines = BufReader::new(child.0.stdout.take().unwrap()).lines();
         assert!(
             lines.any(|l| l.is_ok_and(|l| l.contains("WRITING"))),
             "the writer did not start"
         );
         // 0 to 3 ms into its writes: a kill lands anywhere in a write.
         std::thread::sleep(Duration::from_micros(k * 300));
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        drop(child); // SIGKILL, reaped
         seen.insert(on_disk(dir));
         let checks = AtomicUsize::new(0);
         for reader in ["handshake", "copy"] {
@@ -281,11 +297,9 @@ fn readers_racing_a_writer_of_another_level_answer_only_their_own_level() {
                 })
             })
             .collect();
-        let wrong: Vec<_> = readers
-            .into_iter()
-            .flat_map(|r| r.join().unwrap())
-            .collect();
-        stop.store(true, Ordering::SeqCst);
+        let joined: Vec<_> = readers.into_iter().map(|r| r.join()).collect();
+        stop.store(true, Ordering::SeqCst); // before any panic, so the writer ends
+        let wrong: Vec<_> = joined.into_iter().flat_map(Result::unwrap).collect();
         assert!(
             wrong.is_empty(),
             "answers their level did not verify: {wrong:?}"
@@ -373,12 +387,9 @@ fn cli_readers_racing_a_copy_level_writer_on_the_simulator_answer_false() {
                 })
             })
             .collect();
-        let answers = readers
-            .into_iter()
-            .flat_map(|r| r.join().unwrap())
-            .collect();
-        stop.store(true, Ordering::SeqCst);
-        answers
+        let joined: Vec<_> = readers.into_iter().map(|r| r.join()).collect();
+        stop.store(true, Ordering::SeqCst); // before any panic, so the writer ends
+        joined.into_iter().flat_map(Result::unwrap).collect()
     });
     assert!(writes.load(Ordering::SeqCst) > 0);
     assert!(answers.len() >= 3);
