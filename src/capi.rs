@@ -1219,6 +1219,7 @@ pub unsafe extern "C" fn p2pcheck_access_check_with(
             check: options_or_default(opts),
             cache_dir: cache_folder(cache_dir)?,
             refresh,
+            ..AccessOptions::default()
         };
         result.put("result", crate::access_check(src, tgt, &access)?.answer)
     })

@@ -1247,6 +1247,7 @@ fn run_main_and_warm(exe: &Path, dir: &Path, env: &[(&str, &str)]) {
     let mut e = Lines::default();
     e.ok("warm.sim");
     e.ok("warm.level");
+    e.ok("warm.kernel_bytes");
     e.ok("warm.worker");
     e.ok("warm.0_1");
     e.is("warm.0_1.answer", "0");

@@ -125,8 +125,10 @@ fn gpu_p2p_access_check_writes_vllms_cache_once() {
     assert_eq!(std::fs::metadata(&path).unwrap().modified().unwrap(), mtime);
     // The fingerprint beside it names this machine's GPUs.
     let beside = p2pcheck::fingerprint::path_beside(&path);
-    let fp = p2pcheck::fingerprint::Fingerprint::parse(&std::fs::read_to_string(&beside).unwrap())
-        .unwrap();
+    let record =
+        p2pcheck::fingerprint::Record::parse(&std::fs::read_to_string(&beside).unwrap()).unwrap();
+    assert_eq!(record.verdicts, vec![true; (n * n) as usize]);
+    let fp = record.fingerprint;
     assert_eq!(fp.gpus.len() as u32, n);
     assert!(fp.gpus.iter().all(|g| g.uuid.starts_with("GPU-")));
 }

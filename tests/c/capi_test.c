@@ -340,12 +340,15 @@ static int main_mode(const char *dir) {
     return 0;
 }
 
-/* The cache written by main_mode answers: the worker does not exist, so nothing runs. */
+/* The cache written by main_mode answers the same check (the same simulated machine, its fault
+   and the kernel tier's bytes included: the fingerprint records them): the worker does not
+   exist, so nothing runs. */
 static int warm_mode(const char *dir) {
     p2pcheck_options *o = p2pcheck_options_new();
     bool b = true;
-    stm("warm.sim", p2pcheck_options_set_simulation(o, 4, NULL, m(), sizeof msg));
+    stm("warm.sim", p2pcheck_options_set_simulation(o, 4, "0->1:drop-writes", m(), sizeof msg));
     stm("warm.level", p2pcheck_options_set_level(o, P2PCHECK_LEVEL_KERNEL, m(), sizeof msg));
+    stm("warm.kernel_bytes", p2pcheck_options_set_kernel_bytes(o, 256 * 1024, m(), sizeof msg));
     stm("warm.worker",
         p2pcheck_options_set_worker(o, "/nonexistent/p2pcheck-worker", m(), sizeof msg));
     stm("warm.0_1", p2pcheck_access_check_with(o, dir, false, 0, 1, &b, m(), sizeof msg));
