@@ -47,8 +47,11 @@ pub fn locate_worker(explicit: Option<&Path>) -> Result<PathBuf> {
         .iter()
         .filter_map(|e| e.parent().map(Path::to_path_buf))
         .collect();
-    if let Some(lib) = own_library_path() {
-        dirs.extend(lib.parent().map(Path::to_path_buf));
+    // Linked statically, the code is in the executable: its folder is not tried twice.
+    if let Some(dir) = own_library_path().and_then(|l| l.parent().map(Path::to_path_buf)) {
+        if !dirs.contains(&dir) {
+            dirs.push(dir);
+        }
     }
     let mut tried = Vec::new();
     for dir in &dirs {
