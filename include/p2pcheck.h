@@ -90,15 +90,17 @@
  *   The library reads CUDA_VISIBLE_DEVICES, CUDA_DEVICE_ORDER, P2PCHECK_LIBCUDA,
  *   P2PCHECK_LIBCUDART, P2PCHECK_WORKER, PATH, VLLM_CACHE_ROOT, XDG_CACHE_HOME, HOME and
  *   (policy) VLLM_BATCH_INVARIANT and VLLM_USE_NCCL_SYMM_MEM, as the README of p2pcheck
- *   describes, during the calls that need them (each function's comment says which), every
- *   time: nothing read from the environment is kept from one call to the next, with one
- *   exception: once libcuda or libcudart is loaded into this process (only
- *   p2pcheck_gpu_p2p_access_check and _access_check_with load libcuda here, and only where
- *   the GPUs cannot be named from /proc/driver/nvidia), it stays loaded; a failed load is
- *   tried again, with P2PCHECK_LIBCUDA read again, at the next call. A check's workers
- *   inherit the environment as it is when they start (during the check), with the variables
- *   that CUDA and the simulator read. Do not change the environment while a p2pcheck call runs
- *   in another thread, or while a background check runs (setenv is not thread-safe).
+ *   describes, during the calls that need them, every time; each function's comment names
+ *   what it reads (one that names nothing reads nothing). Nothing read is kept from one call
+ *   to the next, with two exceptions: once libcuda or libcudart is loaded into this process
+ *   (only p2pcheck_gpu_p2p_access_check and _access_check_with load libcuda here, and only
+ *   where the GPUs cannot be named from /proc/driver/nvidia) it stays loaded, while a failed
+ *   load is tried again, with P2PCHECK_LIBCUDA read again, at the next call; and
+ *   P2PCHECK_TRACE is read once, at this process's first CUDA call. A check's workers inherit
+ *   the environment as it is when they start (during the check), with the variables that
+ *   CUDA, the trace and the simulator read. Do not change the environment while a p2pcheck
+ *   call runs in another thread, or while a background check runs (setenv is not
+ *   thread-safe).
  *
  * OUTPUT
  *   The library writes nothing to the host's stdout or stderr (a bug caught as
@@ -403,7 +405,8 @@ p2pcheck_status p2pcheck_can_actually_p2p(const p2pcheck_options *opts, const ui
                                           char *msg, size_t msg_len);
 
 /* vLLM's gpu_p2p_access_check(src, tgt): can a process on tgt use memory owned by a process
-   on src? With the default options and vLLM's cache folder; see p2pcheck_access_check_with. */
+   on src? With the default options and vLLM's cache folder; see p2pcheck_access_check_with
+   (the environment too). */
 p2pcheck_status p2pcheck_gpu_p2p_access_check(uint32_t src, uint32_t tgt, bool *result,
                                               char *msg, size_t msg_len);
 

@@ -5,14 +5,22 @@
 //!   and field types, compiled as C and as C++, equal the library's;
 //! * every function the shared and the static library export is declared and documented in
 //!   the header (and the other way round), and called by `tests/c/capi_test.c`;
-//! * `libp2pcheck.so` has its soname; the pkg-config file, the CMake snippet and the header name
-//!   the same system libraries, and a C program linked against `libp2pcheck.a` with exactly
-//!   those links and runs;
+//! * the static library defines no global C name without the `p2pcheck_` prefix but the Rust
+//!   runtime's own (`nm`), so a host defining the shim's old names links;
+//! * `libp2pcheck.so` has its soname; the header's shared-link lines work from a tree laid out
+//!   as cargo leaves it; `scripts/install.sh` lays out what the header documents, where
+//!   `pkg-config --static` gives a link with no dynamic dependency on libp2pcheck (`readelf`,
+//!   `ldd`); the pkg-config file, the CMake snippet and the header name the same system
+//!   libraries;
 //! * `tests/c/capi_test.c`, linked statically and dynamically, calls every function and its
 //!   output is asserted line by line: verdicts and diagnoses of a 4-GPU machine with 0->1
 //!   broken, NULL and out-of-range arguments, message truncation, vLLM's cache file, the
-//!   background check, the policy; `tests/c/capi_test.cpp` from C++; the CMake example's
-//!   program; `examples/python/access_check.py` through ctypes.
+//!   background check and its kept result, the policy; `tests/c/capi_test.cpp` from C++; the
+//!   CMake example's program; `examples/python/access_check.py` through ctypes;
+//! * `tests/c/capi_process.c`, inside a host's process: a wait cancelled from another thread,
+//!   a child of `fork` using inherited handles, a child of the host living through checks with
+//!   hangs and crashes, a failed libcuda load retried after the environment is fixed, a host
+//!   called `p2pcheck` never run as a worker (and the CLI, alone, run as its own).
 //!
 //! The libraries are the ones cargo built for this test run: `target/<profile>/deps/` holds the
 //! staticlib and cdylib built with the rlib this test links (cargo copies them up to

@@ -581,7 +581,7 @@ impl Pending {
             if let Some(result) = slot.as_ref() {
                 let result = Arc::clone(result);
                 drop(slot);
-                return Some(copy(&result));
+                return Some((*result).clone());
             }
             let ready = &self.shared.ready;
             slot = match deadline {
@@ -617,24 +617,16 @@ impl Pending {
     /// Waits until every worker has exited and been reaped; returns a warning for each that
     /// did not exit cleanly. A check that has no result yet is cancelled first.
     pub fn finish(mut self) -> Vec<String> {
-        if self.owner.check("this check").is_err() {
-            // The thread is the parent's: there is nothing here to join.
-            std::mem::forget(self.thread.take());
-            return Vec::new();
-        }
         self.cancel();
-        self.thread
-            .take()
-            .and_then(|t| t.join().ok())
-            .unwrap_or_default()
-    }
-}
-
-/// An owned copy of a kept result.
-fn copy(result: &Result<Report>) -> Result<Report> {
-    match result {
-        Ok(report) => Ok(report.clone()),
-        Err(e) => Err(e.clone()),
+        match self.owner.check("this check") {
+            // In a child of fork the thread is the parent's: Drop leaves it alone.
+            Err(_) => Vec::new(),
+            Ok(()) => self
+                .thread
+                .take()
+                .and_then(|t| t.join().ok())
+                .unwrap_or_default(),
+        }
     }
 }
 
@@ -642,6 +634,10 @@ impl Drop for Pending {
     fn drop(&mut self) {
         // Nobody will read the result: stop early. The thread still reaps every worker.
         self.cancel();
+        if self.owner.check("this check").is_err() {
+            // The thread is the parent's: a child has nothing of it to join or detach.
+            std::mem::forget(self.thread.take());
+        }
     }
 }
 
