@@ -1,6 +1,7 @@
 //! `p2pcheck::Pending` from the caller's side, on the simulated driver: a cancel from another
-//! thread ends every wait at once, a wait with a timeout, the result kept for every wait, and a
-//! child of `fork` answered at once without touching the parent's locks or thread.
+//! thread ends every wait at once, a wait with a timeout, the result kept for every wait, a
+//! child of `fork` answered at once without touching the parent's locks or thread, and a child
+//! of the caller that p2pcheck did not start left alone by checks with hangs and crashes.
 
 use std::time::{Duration, Instant};
 
@@ -164,4 +165,57 @@ fn a_child_of_fork_is_answered_at_once() {
     pending.cancel();
     assert!(matches!(pending.wait(), Err(Error::Cancelled)));
     pending.finish();
+}
+
+#[test]
+fn a_child_of_the_caller_lives_through_checks_with_hangs_and_crashes() {
+    // A child of this process that p2pcheck did not start: the library touches only its own.
+    let mut bystander = std::process::Command::new("sleep")
+        .arg("600")
+        .spawn()
+        .expect("start sleep");
+    let pid = bystander.id() as libc::pid_t;
+    let alive_and_ours = || {
+        // SAFETY: siginfo_t is plain data, valid all zeros.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid on our own child, with WNOWAIT: nothing is reaped; info is written.
+        let rc = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        // SAFETY: si_pid is the field waitid fills (0: no child changed state).
+        rc == 0 && unsafe { info.si_pid() } == 0
+    };
+    assert!(alive_and_ours());
+    let pairs = vec![
+        Pair { src: 0, tgt: 1 },
+        Pair { src: 1, tgt: 0 },
+        Pair { src: 2, tgt: 2 },
+    ];
+    for engine in [p2pcheck::Engine::Parallel, p2pcheck::Engine::Vllm] {
+        let opts = Options {
+            engine,
+            ..options(4, &["0->1:hang", "1->0:crash"], Duration::from_millis(300))
+        };
+        let report = p2pcheck::check(Some(&pairs), &opts).unwrap();
+        assert!(!report.pairs[0].ok() && !report.pairs[1].ok() && report.pairs[2].ok());
+        assert!(alive_and_ours(), "after a check with the {engine:?} engine");
+    }
+    let pending = hanging();
+    std::thread::sleep(Duration::from_millis(200));
+    pending.cancel();
+    pending.finish();
+    assert!(alive_and_ours(), "after a cancelled check");
+    bystander.kill().unwrap();
+    let status = bystander.wait().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "reaped here, by its parent"
+    );
 }
