@@ -70,6 +70,8 @@ fn main() {
         .warnings(true)
         .extra_warnings(true)
         .flag_if_supported("-Werror")
+        // Linked into libp2pcheck.a and .so: never exported from a shared object.
+        .flag("-fvisibility=hidden")
         .compile("p2pcheck_shim");
 
     build_simulator(&out_dir);

@@ -26,7 +26,7 @@
 //!     println!("device 1 can use device 0's memory");
 //! }
 //! // Overlap the check with other start-up work:
-//! let mut pending = p2pcheck::start(None, p2pcheck::Options::default());
+//! let pending = p2pcheck::start(None, p2pcheck::Options::default());
 //! // ... load weights ...
 //! let report = pending.wait()?;
 //! println!("{} pairs in {:?}", report.pairs.len(), report.answer);
@@ -64,8 +64,9 @@ use once_cell::sync::{Lazy, OnceCell};
 
 pub use cuda::{Error as CudaError, Library};
 pub use engine::{
-    all_pairs, locate_worker, start, Engine, Options, Outcome, PairReport, Pending, Report,
-    Verdict, Visibility, WorkerInfo, DEFAULT_KERNEL_BYTES, TIMEOUT_RANGE,
+    all_pairs, locate_worker, start, this_executable_is_a_worker, Engine, Options, Outcome,
+    PairReport, Pending, Report, Verdict, Visibility, WorkerInfo, DEFAULT_KERNEL_BYTES,
+    TIMEOUT_RANGE,
 };
 pub use error::{Error, Result};
 pub use protocol::{

@@ -42,7 +42,7 @@ fn every_pair_of_the_visible_gpus_passes_both_tiers_in_both_engines() {
             engine,
             ..options()
         };
-        let mut pending = p2pcheck::start(None, opts);
+        let pending = p2pcheck::start(None, opts);
         let report = pending.wait().expect("the check runs on this GPU machine");
         let n = report.device_count;
         assert!(n >= 1);
@@ -167,7 +167,7 @@ fn a_worker_killed_mid_run_is_retried_and_leaves_nothing() {
         engine: Engine::Vllm,
         ..options()
     };
-    let mut pending = p2pcheck::start(Some(pairs), opts);
+    let pending = p2pcheck::start(Some(pairs), opts);
     let report = pending.wait().expect("check runs");
     let killed = killer.join().unwrap();
     let retried: Vec<_> = report.pairs.iter().filter(|p| p.attempts == 2).collect();

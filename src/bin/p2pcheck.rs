@@ -561,7 +561,7 @@ fn print_json(args: &Args, report: &Report, note: Option<&CacheNote>, warnings: 
 }
 
 fn run(args: &Args) -> Result<bool, String> {
-    let mut pending = p2pcheck::start(None, args.opts.clone());
+    let pending = p2pcheck::start(None, args.opts.clone());
     let report = pending.wait().map_err(|e| e.to_string())?;
     let mut warnings = report.warnings.clone();
     let note = cache_note(args, &report, &mut warnings)?;
@@ -687,6 +687,7 @@ fn main() -> ExitCode {
     if argv.peek().and_then(|a| a.to_str()) == Some(p2pcheck::WORKER_FLAG) {
         return ExitCode::from(p2pcheck::worker_main() as u8);
     }
+    p2pcheck::this_executable_is_a_worker();
     if argv.peek().and_then(|a| a.to_str()) == Some("trace-summary") {
         argv.next();
         return trace_summary(argv);

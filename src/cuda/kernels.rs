@@ -147,7 +147,7 @@ impl Kernels {
             // module, p addresses n bytes of device memory (an allocation or a mapping the
             // caller owns), out is a live report.
             unsafe {
-                sys::shim::p2pc_pattern_store(
+                sys::shim::p2pcheck_shim_pattern_store(
                     &table,
                     self.store.cast(),
                     p.0,
@@ -190,7 +190,7 @@ impl Kernels {
         let r = self.run(c"p2pc_pattern_check", describe, |out| {
             // SAFETY: as in pattern_store; the shim allocates and frees its own counters.
             unsafe {
-                sys::shim::p2pc_pattern_check(
+                sys::shim::p2pcheck_shim_pattern_check(
                     &table,
                     self.check.cast(),
                     p.0,
@@ -243,7 +243,7 @@ impl Kernels {
         let r = self.run(c"p2pc_handshake", describe, |out| {
             // SAFETY: as in pattern_store; area addresses 2048 bytes of device memory.
             unsafe {
-                sys::shim::p2pc_handshake(
+                sys::shim::p2pcheck_shim_handshake(
                     &table,
                     self.handshake.cast(),
                     area.0,
