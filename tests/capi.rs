@@ -160,13 +160,22 @@ fn processes_with(token: &str) -> Vec<u32> {
 /// no process of it (its workers) outlives it by more than a few seconds.
 fn run(cmd: &mut Command, limit: Duration) -> Output {
     let token = token();
-    let mut child = cmd
-        .env("P2PCHECK_TEST_TOKEN", &token)
+    cmd.env("P2PCHECK_TEST_TOKEN", &token)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+        .stderr(Stdio::piped());
+    // A program this test process just wrote can be "busy" (ETXTBSY) while another test's
+    // fork still holds the writer's descriptor: try again until that child has exec'd.
+    let mut tries = 0;
+    let mut child = loop {
+        match cmd.spawn() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            r => break r.unwrap_or_else(|e| panic!("{cmd:?}: {e}")),
+        }
+    };
     let pipe = |mut p: Box<dyn Read + Send>| {
         std::thread::spawn(move || {
             let mut buf = Vec::new();
