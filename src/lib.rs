@@ -46,6 +46,7 @@ pub mod fingerprint;
 pub mod json;
 mod os;
 pub mod policy;
+pub mod program;
 mod protocol;
 pub mod sim;
 mod sys;
@@ -130,22 +131,6 @@ pub fn can_actually_p2p_with(
         });
     }
     check(Some(&pairs), opts)
-}
-
-/// For a program of its own, such as the CLI (never inside another program's process): makes
-/// it the reaper of its orphaned descendants (`PR_SET_CHILD_SUBREAPER`), so that a worker's
-/// descendant that escaped its process group (`setsid`) is reparented here when the worker
-/// dies and [`kill_leftover_children`] can end it.
-pub fn adopt_orphans() -> Result<()> {
-    os::become_subreaper().map_err(|e| Error::Worker(format!("PR_SET_CHILD_SUBREAPER failed: {e}")))
-}
-
-/// Kills and reaps every child process this process still has, returning their pids: after
-/// a check has finished ([`Pending::finish`]), anything left is an escaped descendant of a
-/// worker (see [`adopt_orphans`]).
-/// Workers still being reaped by a check's own thread are left alone.
-pub fn kill_leftover_children() -> Vec<u32> {
-    os::kill_and_reap_children(engine::pool::is_tracked)
 }
 
 /// Devices visible to this process, from the driver (`cuInit` + `cuDeviceGetCount`), once.

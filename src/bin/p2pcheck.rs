@@ -687,15 +687,21 @@ fn main() -> ExitCode {
         }
     };
     // A worker's descendant that escaped its process group becomes ours when the worker dies,
-    // and is ended below: nothing started by the check outlives it.
-    let adopted = p2pcheck::adopt_orphans();
+    // and is ended below, once the checks have reaped their workers: nothing started by the
+    // check outlives it. (A program of its own may do this; the library never does.)
+    let adopted = p2pcheck::program::adopt_orphans();
     let result = match args.access {
         Some((src, tgt)) => access_check(&args, src, tgt),
         None => run(&args),
     };
     if adopted.is_ok() {
-        for pid in p2pcheck::kill_leftover_children() {
-            eprintln!("p2pcheck: warning: killed process {pid}, left behind by a worker");
+        for ended in p2pcheck::program::end_adopted_orphans() {
+            match ended {
+                Ok(pid) => {
+                    eprintln!("p2pcheck: warning: killed process {pid}, left behind by a worker")
+                }
+                Err(why) => eprintln!("p2pcheck: warning: {why}"),
+            }
         }
     }
     match result {
