@@ -65,8 +65,8 @@ use once_cell::sync::{Lazy, OnceCell};
 
 pub use cuda::{Error as CudaError, Library};
 pub use engine::{
-    all_pairs, locate_worker, start, Engine, Options, Outcome, PairReport, Pending, Report,
-    Verdict, Visibility, WorkerInfo, DEFAULT_KERNEL_BYTES, TIMEOUT_RANGE,
+    all_pairs, locate_worker, start, Engine, Evidence, Options, Outcome, PairReport, Pending,
+    Report, Verdict, Visibility, WorkerInfo, DEFAULT_KERNEL_BYTES, TIMEOUT_RANGE,
 };
 pub use error::{Error, Result};
 pub use protocol::{

@@ -8,6 +8,7 @@
 //! (`PR_SET_PDEATHSIG`, its descriptors) happens in the child before exec; and the workers'
 //! stderr is captured into the report.
 
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use crate::engine::{self, pool};
@@ -54,16 +55,28 @@ pub fn end_adopted_orphans() -> Vec<std::result::Result<u32, String>> {
         for pid in pids {
             // The pid is this process's unreaped child, and nothing else here reaps: it names
             // no other process, and the pidfd pins it from here on.
-            match os::pidfd_open(pid).and_then(|fd| os::pidfd_kill(&fd).map(|()| fd)) {
-                Ok(fd) => open.push((pid, fd)),
+            let fd = match os::pidfd_open(pid) {
+                Ok(fd) => fd,
+                Err(e) => {
+                    results.push(Err(format!("process {pid}: {e}")));
+                    continue;
+                }
+            };
+            // One that is dead already (a worker's descendant killed with the worker's group,
+            // then handed over) is only reaped: it was left behind by nobody.
+            if os::readable_now(fd.as_raw_fd()) {
+                if let Err(e) = os::reap_pidfd(&fd) {
+                    results.push(Err(format!("process {pid}: {e}")));
+                }
+                continue;
+            }
+            match os::pidfd_kill(&fd) {
+                Ok(()) => open.push((pid, fd)),
                 Err(e) => results.push(Err(format!("process {pid}: {e}"))),
             }
         }
-        if open.is_empty() {
-            return results;
-        }
         for (pid, fd) in open {
-            let readable = os::poll_readable(&[std::os::fd::AsRawFd::as_raw_fd(&fd)], deadline);
+            let readable = os::poll_readable(&[fd.as_raw_fd()], deadline);
             match readable.and_then(|_| os::reap_pidfd(&fd)) {
                 Ok(true) => results.push(Ok(pid)),
                 Ok(false) => results.push(Err(format!(

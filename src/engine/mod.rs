@@ -194,7 +194,7 @@ impl Options {
     /// GPUs: two start-ups, `4 x devices + 8` step timeouts (room for one GPU whose every pair
     /// hangs on both attempts, one after the other, as in vLLM's procedure) and 250 ms per
     /// pair (a healthy pair of vLLM's procedure, device resets included, takes about that on
-    /// an H200). With the defaults: 320 s for 8 GPUs. It bounds the sum of all steps: a worker
+    /// an H200). With the defaults: 336 s for 8 GPUs. It bounds the sum of all steps: a worker
     /// that claims many GPUs and then stays silent costs this, not one timeout per pair.
     pub fn check_budget(&self, devices: u32) -> Duration {
         let n = u64::from(devices);
@@ -1071,17 +1071,13 @@ fn run_rounds(
         .zip(tries)
         .map(|(&pair, tries)| PairReport::settle(pair, tries, &not_attempted))
         .collect();
-    let cut: Vec<String> = pairs
-        .iter()
-        .filter(|p| matches!(p.evidence, Evidence::NotAttempted | Evidence::Unconfirmed))
-        .map(|p| format!("{} {}", p.pair, p.evidence.name()))
-        .collect();
-    if !cut.is_empty() {
+    let count = |e: Evidence| pairs.iter().filter(|p| p.evidence == e).count();
+    let (never, unconfirmed) = (count(Evidence::NotAttempted), count(Evidence::Unconfirmed));
+    if never + unconfirmed > 0 {
         warnings.push(format!(
-            "{} before every pair was settled ({}); set the whole check's timeout to allow \
-             more",
-            ctx.deadline_words(),
-            cut.join(", ")
+            "{} before every pair was settled: {never} pair(s) not attempted, {unconfirmed} \
+             failure(s) not confirmed (the whole check's timeout allows more)",
+            ctx.deadline_words()
         ));
     }
     for p in pairs.iter().filter(|p| p.disagree()) {
@@ -1232,5 +1228,158 @@ pub(crate) fn hello_count(
             limit.unwrap_or(0)
         ))),
         Ok(n) => Ok(n),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Check;
+
+    const PAIR: Pair = Pair { src: 0, tgt: 1 };
+
+    fn side(copy: std::result::Result<(), Problem>, kernel: TierOutcome) -> SideVerdict {
+        SideVerdict {
+            copy,
+            claim: Some(true),
+            kernel,
+            handshake: TierOutcome::NotRun,
+        }
+    }
+
+    /// `wrong` of 1024 bytes wrong, `stale` of them still the old contents.
+    fn mismatch(check: Check, wrong: u64, stale: u64) -> Problem {
+        Problem::Mismatch {
+            check,
+            wrong,
+            total: 1024,
+            first_bad: 0,
+            seen: Some(1),
+            expected: 2,
+            width: 0,
+            stale,
+        }
+    }
+
+    fn pass() -> Outcome {
+        Outcome::Done {
+            producer: side(Ok(()), TierOutcome::Ok),
+            consumer: side(Ok(()), TierOutcome::Ok),
+        }
+    }
+
+    /// The copy tier fails: never-written (every byte stale) or wrong-data.
+    fn copy_fails(stale: u64) -> Outcome {
+        let p = mismatch(Check::CopyReadBack, 1024, stale);
+        Outcome::Done {
+            producer: side(Err(p.clone()), TierOutcome::NotRun),
+            consumer: side(Err(p), TierOutcome::NotRun),
+        }
+    }
+
+    /// The copy tier passes and the kernel tier's loads are wrong.
+    fn kernel_fails() -> Outcome {
+        Outcome::Done {
+            producer: side(Ok(()), TierOutcome::Ok),
+            consumer: side(
+                Ok(()),
+                TierOutcome::Failed(mismatch(Check::KernelLoads, 1024, 0)),
+            ),
+        }
+    }
+
+    fn settle(tries: Vec<Outcome>) -> PairReport {
+        PairReport::settle(PAIR, tries, "not attempted: the check's deadline passed")
+    }
+
+    #[test]
+    fn only_a_pass_at_once_or_the_same_failure_twice_is_a_fact() {
+        let passed = settle(vec![pass()]);
+        assert_eq!((passed.evidence, passed.ok()), (Evidence::Passed, true));
+        assert!(passed.persistable() && passed.details().is_empty());
+
+        let confirmed = settle(vec![copy_fails(1024), copy_fails(1024)]);
+        assert_eq!(confirmed.evidence, Evidence::Confirmed);
+        assert!(confirmed.persistable() && !confirmed.ok());
+        assert_eq!(confirmed.attempts, 2);
+        assert_eq!(confirmed.failed_tier(), Some(Level::Copy));
+        assert_eq!(
+            confirmed.other_attempt.as_deref(),
+            Some("first attempt: fails at the copy tier (never-written)")
+        );
+
+        // The same tier, another diagnosis; another tier.
+        for second in [copy_fails(0), kernel_fails()] {
+            let r = settle(vec![copy_fails(1024), second]);
+            assert_eq!(r.evidence, Evidence::Inconsistent);
+            assert!(!r.persistable() && !r.ok());
+        }
+    }
+
+    #[test]
+    fn a_failure_that_does_not_repeat_is_reported_answered_false_and_not_persisted() {
+        let r = settle(vec![kernel_fails(), pass()]);
+        assert_eq!(r.evidence, Evidence::NotRepeated);
+        assert!(!r.ok() && !r.persistable());
+        assert_eq!(r.failed_tier(), Some(Level::Kernel), "the failing attempt decides");
+        let details = r.details().join("\n");
+        assert!(
+            details.contains("second attempt, on fresh workers: ok"),
+            "{details}"
+        );
+        assert!(details.contains("did not repeat"), "{details}");
+    }
+
+    #[test]
+    fn hangs_errors_and_deaths_nearby_are_never_facts() {
+        let hang = || Outcome::Hang("no answer".into());
+        let death = || Outcome::Error("the consumer was killed by signal 9".into());
+        for (tries, evidence, word) in [
+            (vec![hang(), hang()], Evidence::Hang, "hang"),
+            (vec![hang(), pass()], Evidence::Hang, "hang"),
+            (vec![copy_fails(1024), hang()], Evidence::Hang, "hang"),
+            (vec![death(), death()], Evidence::Error, "error"),
+            (vec![death(), pass()], Evidence::Error, "error"),
+            // A failure with a worker's death nearby, then the death itself.
+            (vec![copy_fails(1024), death()], Evidence::Error, "error"),
+            (vec![death(), copy_fails(1024)], Evidence::Error, "fails"),
+        ] {
+            let r = settle(tries);
+            assert_eq!(r.evidence, evidence, "{:?}", r.details());
+            assert_eq!(r.verdict().word(), word);
+            assert!(!r.persistable() && !r.ok());
+            assert!(r.other_attempt.is_some());
+        }
+    }
+
+    #[test]
+    fn what_the_deadline_cut_short_is_reported_so() {
+        let never = settle(Vec::new());
+        assert_eq!((never.evidence, never.attempts), (Evidence::NotAttempted, 0));
+        assert_eq!(never.verdict().word(), "error");
+        assert!(never.verdict().reason().contains("deadline"));
+        let once = settle(vec![copy_fails(1024)]);
+        assert_eq!(once.evidence, Evidence::Unconfirmed);
+        assert!(!once.persistable() && !once.ok());
+        let hung = settle(vec![Outcome::Hang("no answer".into())]);
+        assert_eq!(hung.evidence, Evidence::Hang);
+    }
+
+    #[test]
+    fn the_whole_checks_budget_grows_with_the_gpus_and_the_timeouts() {
+        let opts = Options::default();
+        assert_eq!(opts.check_budget(8), Duration::from_secs(336));
+        assert_eq!(opts.check_budget(1), Duration::from_millis(180_250));
+        let short = Options {
+            startup_timeout: Duration::from_secs(1),
+            step_timeout: Duration::from_millis(100),
+            ..Options::default()
+        };
+        assert_eq!(short.check_budget(2), Duration::from_millis(2000 + 1600 + 1000));
+        let bad = Options {
+            check_timeout: Some(Duration::ZERO),
+            ..Options::default()
+        };
+        assert!(bad.validate().is_err());
     }
 }

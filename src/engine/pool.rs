@@ -851,6 +851,35 @@ mod tests {
     }
 
     #[test]
+    fn a_flood_on_stderr_keeps_only_its_last_bytes_and_never_blocks_the_reader() {
+        let (r, w) = os::pipe().unwrap();
+        os::set_nonblocking(&r).unwrap();
+        os::set_nonblocking(&w).unwrap();
+        let mut c = Captured {
+            pipe: ChildStderr::from(OwnedFd::from(r)),
+            open: true,
+            tail: Vec::new(),
+            dropped: 0,
+        };
+        let mut written = 0u64;
+        for i in 0..200u32 {
+            // Fill the pipe as far as it takes, then read it: never more than it holds.
+            while let Ok(n) = std::io::Write::write(&mut &w, format!("line {i}\n").as_bytes()) {
+                written += n as u64;
+            }
+            c.drain();
+            assert!(c.tail.len() <= STDERR_KEEP);
+        }
+        drop(w);
+        c.drain();
+        assert!(!c.open, "its end of file is seen");
+        assert_eq!(c.tail.len() as u64 + c.dropped, written);
+        let note = c.note();
+        assert!(note.contains("line 199"), "{note}");
+        assert!(note.contains("earlier bytes not kept"), "{note}");
+    }
+
+    #[test]
     fn a_killed_process_that_dies_is_no_news() {
         let mut p = Stub::new(None, Some(0));
         p.kill();

@@ -8,7 +8,7 @@ use std::time::Instant;
 use super::pool::{next_event, Event, Graveyard, Worker};
 use super::{all_pairs, check_ids, hello_count, Ctx, Outcome, RoundError, RoundOut, WorkerInfo};
 use crate::error::Error;
-use crate::protocol::{self, Job, Message, Pair, Role, SideVerdict};
+use crate::protocol::{self, Job, Level, Message, Pair, Role, SideVerdict, TierParams};
 
 /// Messages one side may send for one pair: two Handles or Openeds, five barriers, a verdict —
 /// and some slack. More is a worker flooding the pipe, which must not keep a pair alive.
@@ -86,7 +86,7 @@ fn batch(
     let deadline = Instant::now() + ctx.opts.step_timeout;
     for (i, role) in [Role::Producer, Role::Consumer].into_iter().enumerate() {
         let w = workers[i].as_mut().expect("spawned");
-        let start = start_message(role, ctx, &pairs)?;
+        let start = start_message(role, ctx.opts.level, ctx.tiers, &pairs)?;
         w.send(&start, deadline)
             .map_err(|why| RoundError::Fatal(Error::Worker(why)))?;
     }
@@ -96,11 +96,16 @@ fn batch(
 
 /// The Start message of `role` for `pairs`; refused when it does not fit one frame (vLLM's
 /// procedure sends the whole batch at once: at most 8,188 pairs, all pairs of 90 GPUs).
-fn start_message(role: Role, ctx: &Ctx, pairs: &[Pair]) -> Result<Message, RoundError> {
+fn start_message(
+    role: Role,
+    level: Level,
+    tiers: TierParams,
+    pairs: &[Pair],
+) -> Result<Message, RoundError> {
     let start = Message::Start {
         role,
-        level: ctx.opts.level,
-        tiers: ctx.tiers,
+        level,
+        tiers,
         pairs: pairs.to_vec(),
     };
     let bytes = protocol::encode(&start).len() - 4;
@@ -336,5 +341,25 @@ fn route(
             .as_mut()
             .expect("spawned")
             .send(&m, deadline),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_that_does_not_fit_one_frame_is_refused_before_anything_is_sent() {
+        let tiers = super::super::tier_params(&super::super::Options::default());
+        let fits = start_message(Role::Producer, Level::Copy, tiers, &all_pairs(90));
+        let decoded = fits.map(|m| protocol::decode(&protocol::encode(&m)[4..]));
+        assert!(matches!(decoded, Ok(Ok(Message::Start { pairs, .. })) if pairs.len() == 8100));
+        match start_message(Role::Consumer, Level::Copy, tiers, &all_pairs(91)) {
+            Err(RoundError::Fatal(Error::InvalidInput(why))) => {
+                assert!(why.contains("8281 pairs"), "{why}");
+                assert!(why.contains("use the parallel engine"), "{why}");
+            }
+            _ => panic!("91 GPUs' pairs were not refused"),
+        }
     }
 }
