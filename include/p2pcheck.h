@@ -153,9 +153,10 @@ typedef enum p2pcheck_verdict {
     P2PCHECK_VERDICT_OK = 0,
     /* The pair ran to the end and a tier failed (failed_tier, diagnosis, details say how). */
     P2PCHECK_VERDICT_FAILS = 1,
-    /* A worker stopped answering during this pair, on both attempts (when attempts is 2). */
+    /* A worker stopped answering during an attempt at this pair (details say which). */
     P2PCHECK_VERDICT_HANG = 2,
-    /* A worker died or broke the protocol during this pair. */
+    /* A worker died or broke the protocol during an attempt at this pair, or the pair was
+       not attempted (the check's deadline passed first). */
     P2PCHECK_VERDICT_ERROR = 3
 } p2pcheck_verdict;
 
@@ -203,9 +204,10 @@ typedef struct p2pcheck_pair_result {
     int32_t handshake;    /* offset 24: a p2pcheck_tier: the handshake tier */
     int32_t failed_tier;  /* offset 28: a p2pcheck_level: the weakest failed tier, or NONE */
     int32_t diagnosis;    /* offset 32: a p2pcheck_class: the failed tier's diagnosis */
-    uint32_t attempts;    /* offset 36: 1, or 2 when the first attempt hung or errored */
+    uint32_t attempts;    /* offset 36: 1, or 2 when the first attempt did not pass */
     int32_t driver_claim; /* offset 40: cudaDeviceCanAccessPeer: 1, 0, or -1 not asked */
-    int32_t persistable;  /* offset 44: 1 when the verdict may go into vLLM's cache */
+    int32_t persistable;  /* offset 44: 1 when the verdict is a fact for vLLM's cache:
+                             passed at once, or the same failure twice */
 } p2pcheck_pair_result;
 
 /* Options of a check (opaque): p2pcheck_options_new, the setters, p2pcheck_options_free. */

@@ -183,7 +183,11 @@ fn a_worker_killed_mid_run_is_retried_not_persisted_and_leaves_nothing() {
     assert!(!report.persistable());
     assert_eq!(report.restarts, 1);
     assert!(
-        report.pairs.iter().filter(|p| p.attempts == 1).all(|p| p.ok()),
+        report
+            .pairs
+            .iter()
+            .filter(|p| p.attempts == 1)
+            .all(|p| p.ok()),
         "the other pairs pass"
     );
     pending.finish();

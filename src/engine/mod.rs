@@ -19,9 +19,9 @@ mod parallel;
 pub(crate) mod pool;
 mod vllm;
 
+use std::cell::Cell;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::cell::Cell;
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -266,6 +266,11 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Whether the pair ran to the end and passed.
+    pub(crate) fn passed(&self) -> bool {
+        PairReport::settle(Pair { src: 0, tgt: 0 }, vec![self.clone()], "").ok()
+    }
+
     /// The verdict of a pair that did not run to the end (`None` for one that did).
     fn stopped(&self) -> Option<Verdict> {
         match self {
@@ -487,7 +492,12 @@ impl PairReport {
     /// [`PairReport::details`]); `None`: none failed, or the pair never ran to the end.
     pub fn failure(&self) -> Option<(Level, Problem)> {
         let (producer, consumer) = self.sides()?;
-        if let Some(p) = producer.copy.as_ref().err().or(consumer.copy.as_ref().err()) {
+        if let Some(p) = producer
+            .copy
+            .as_ref()
+            .err()
+            .or(consumer.copy.as_ref().err())
+        {
             return Some((Level::Copy, p.clone()));
         }
         match (self.kernel(), self.handshake()) {
@@ -892,11 +902,13 @@ impl Ctx<'_> {
 
     /// "the check's deadline (320.0 s) passed", for messages.
     fn deadline_words(&self) -> String {
-        let budget = self
-            .deadline
-            .get()
-            .map_or(Duration::ZERO, |d| d.saturating_duration_since(self.started));
-        format!("the check's deadline ({:.1} s) passed", budget.as_secs_f64())
+        let budget = self.deadline.get().map_or(Duration::ZERO, |d| {
+            d.saturating_duration_since(self.started)
+        });
+        format!(
+            "the check's deadline ({:.1} s) passed",
+            budget.as_secs_f64()
+        )
     }
 }
 
@@ -1024,7 +1036,7 @@ fn run_rounds(
                 next.push(i); // interrupted before it ran: not an attempt
                 continue;
             };
-            let passed = PairReport::settle(batch[i], vec![o.clone()], "").ok();
+            let passed = o.passed();
             tries[i].push(o);
             if !passed && tries[i].len() < 2 {
                 again.push(i);
@@ -1321,7 +1333,11 @@ mod tests {
         let r = settle(vec![kernel_fails(), pass()]);
         assert_eq!(r.evidence, Evidence::NotRepeated);
         assert!(!r.ok() && !r.persistable());
-        assert_eq!(r.failed_tier(), Some(Level::Kernel), "the failing attempt decides");
+        assert_eq!(
+            r.failed_tier(),
+            Some(Level::Kernel),
+            "the failing attempt decides"
+        );
         let details = r.details().join("\n");
         assert!(
             details.contains("second attempt, on fresh workers: ok"),
@@ -1355,7 +1371,10 @@ mod tests {
     #[test]
     fn what_the_deadline_cut_short_is_reported_so() {
         let never = settle(Vec::new());
-        assert_eq!((never.evidence, never.attempts), (Evidence::NotAttempted, 0));
+        assert_eq!(
+            (never.evidence, never.attempts),
+            (Evidence::NotAttempted, 0)
+        );
         assert_eq!(never.verdict().word(), "error");
         assert!(never.verdict().reason().contains("deadline"));
         let once = settle(vec![copy_fails(1024)]);
@@ -1375,7 +1394,10 @@ mod tests {
             step_timeout: Duration::from_millis(100),
             ..Options::default()
         };
-        assert_eq!(short.check_budget(2), Duration::from_millis(2000 + 1600 + 1000));
+        assert_eq!(
+            short.check_budget(2),
+            Duration::from_millis(2000 + 1600 + 1000)
+        );
         let bad = Options {
             check_timeout: Some(Duration::ZERO),
             ..Options::default()

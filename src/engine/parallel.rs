@@ -792,8 +792,11 @@ impl Run<'_> {
     }
 
     /// Worker `w` hung, died or broke the protocol: it is killed; the pair at its head gets
-    /// `outcome`; every other unfinished pair it takes part in is interrupted (`None`: the
-    /// next round reruns it).
+    /// `outcome`; every other pair it takes part in that is unfinished, or finished with a
+    /// failure, is interrupted (`None`: the next round reruns it on fresh workers). A failure
+    /// beside a lost worker may be that loss's doing (a consumer's open of a dead producer's
+    /// memory fails), and the order in which the parent reads the two is the host's
+    /// scheduling: such a failure is no attempt, whichever came first.
     fn lose(&mut self, w: usize, outcome: Outcome) {
         let head = self.members[w].queue.front().map(|&(j, _, _)| j);
         self.members[w].state = State::Gone;
@@ -807,7 +810,14 @@ impl Run<'_> {
         }
         for j in 0..self.jobs.len() {
             let job = &mut self.jobs[j];
-            if job.finished || (job.producer != w && job.consumer != w) {
+            if job.producer != w && job.consumer != w {
+                continue;
+            }
+            if job.finished {
+                let failed = |o: &Outcome| matches!(o, Outcome::Done { .. }) && !o.passed();
+                if job.outcome.as_ref().is_some_and(failed) {
+                    job.outcome = None;
+                }
                 continue;
             }
             job.finished = true;

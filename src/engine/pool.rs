@@ -360,7 +360,9 @@ impl Worker {
     /// exits within [`EXIT_WAIT`], killed otherwise (and reaped later).
     pub(crate) fn death_note(&mut self) -> String {
         let note = match self.wait_until(Instant::now() + EXIT_WAIT) {
-            Some(Reaped::Exited(status)) => format!("the {} {}", self.name(), describe_exit(status)),
+            Some(Reaped::Exited(status)) => {
+                format!("the {} {}", self.name(), describe_exit(status))
+            }
             Some(Reaped::Elsewhere) => format!(
                 "the {} exited and was reaped by other code of this process (its status is \
                  unknown)",
@@ -488,10 +490,7 @@ impl Mortal for Worker {
 
     fn park(&mut self) {
         if let Some(child) = self.child.take() {
-            PARKED
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(child);
+            PARKED.lock().unwrap_or_else(|p| p.into_inner()).push(child);
         }
     }
 }
@@ -822,10 +821,7 @@ mod tests {
         assert!(procs[1].killed() && !procs[1].parked);
         assert!(procs[2].killed() && procs[2].parked);
         assert_eq!(warnings.len(), 2, "{warnings:?}");
-        assert_eq!(
-            warnings[0],
-            "the stub did not exit after its work; killed"
-        );
+        assert_eq!(warnings[0], "the stub did not exit after its work; killed");
         assert!(
             warnings[1].starts_with(
                 "the stub did not die within 0.3 s of SIGKILL: stuck in the driver; left to \
