@@ -315,3 +315,20 @@ fn what_a_worker_prints_on_stdout_or_stderr_is_in_the_report_not_on_the_hosts_st
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("said-on-"), "{err}");
 }
+
+#[test]
+fn a_worker_of_an_older_p2pcheck_speaking_on_its_stdout_is_named_as_such() {
+    let (_dir, w) = fake_worker("older", &format!("printf '{HELLO}'; sleep 30"));
+    let script = std::fs::read_to_string(&w).unwrap();
+    std::fs::write(&w, script.replace("exec 1>&3 3>&-", "exec 3>&-")).unwrap();
+    for engine in ["vllm", "parallel"] {
+        let (out, took) = run_with(&w, engine, &["--startup-timeout", "0.5"]);
+        assert_eq!(out.status.code(), Some(2), "{engine}: {}", stdout(&out));
+        assert!(
+            stdout(&out).contains("a worker of an older p2pcheck, which speaks on its stdout"),
+            "{engine}: {}",
+            stdout(&out)
+        );
+        assert!(took < Duration::from_secs(5), "{engine}: {took:?}");
+    }
+}

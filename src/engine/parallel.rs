@@ -792,12 +792,15 @@ impl Run<'_> {
     }
 
     /// Worker `w` hung, died or broke the protocol: it is killed; the pair at its head gets
-    /// `outcome`; every other pair it takes part in that is unfinished, or finished with a
-    /// failure, is interrupted (`None`: the next round reruns it on fresh workers). A failure
-    /// beside a lost worker may be that loss's doing (a consumer's open of a dead producer's
-    /// memory fails), and the order in which the parent reads the two is the host's
-    /// scheduling: such a failure is no attempt, whichever came first.
+    /// `outcome`; every other unfinished pair it takes part in is interrupted (`None`: the
+    /// next round reruns it on fresh workers). When it died (an error, not a hang: a hung
+    /// worker's memory stays valid until it is killed, and then nothing of it is read), so
+    /// are the pairs it takes part in that finished with a failure: such a failure may be the
+    /// death's doing (a consumer's open of a dead producer's memory fails), and whether the
+    /// parent read it before or after the death is the host's scheduling. So it is no
+    /// attempt, whichever came first.
     fn lose(&mut self, w: usize, outcome: Outcome) {
+        let died = matches!(outcome, Outcome::Error(_));
         let head = self.members[w].queue.front().map(|&(j, _, _)| j);
         self.members[w].state = State::Gone;
         self.members[w].queue.clear();
@@ -815,7 +818,7 @@ impl Run<'_> {
             }
             if job.finished {
                 let failed = |o: &Outcome| matches!(o, Outcome::Done { .. }) && !o.passed();
-                if job.outcome.as_ref().is_some_and(failed) {
+                if died && job.outcome.as_ref().is_some_and(failed) {
                     job.outcome = None;
                 }
                 continue;

@@ -186,10 +186,18 @@ impl Captured {
     fn note(&self) -> String {
         let text = String::from_utf8_lossy(&self.tail);
         let text = text.trim();
+        // A worker of an older p2pcheck speaks on its stdout, which lands here.
+        let older = match self.tail.windows(4).any(|w| w == protocol::MAGIC) {
+            true => {
+                " (protocol frames: a worker of an older p2pcheck, which speaks on its \
+                     stdout; use the worker of this version)"
+            }
+            false => "",
+        };
         match (text.is_empty(), self.dropped) {
             (true, _) => String::new(),
-            (false, 0) => format!("; its stderr: {text:?}"),
-            (false, n) => format!("; its stderr ({n} earlier bytes not kept): {text:?}"),
+            (false, 0) => format!("; its stderr{older}: {text:?}"),
+            (false, n) => format!("; its stderr{older} ({n} earlier bytes not kept): {text:?}"),
         }
     }
 }
