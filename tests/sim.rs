@@ -691,6 +691,33 @@ fn the_library_runs_on_the_simulator_in_batch_order() {
     assert!(worker_children().is_empty(), "{:?}", worker_children());
 }
 
+/// `access-check` ends its run's escaped descendants only once its check has reaped its own
+/// workers: none of them is ever reported (or signalled) as left behind.
+#[test]
+fn access_check_never_mistakes_its_own_workers_for_leftovers() {
+    let tmp = TempDir::new("p2pcheck-leftovers");
+    let dir = tmp.path().display().to_string();
+    for _ in 0..8 {
+        let (out, _) = cli(
+            &[
+                "access-check",
+                "0",
+                "1",
+                "--simulate",
+                "2",
+                "--cache-dir",
+                &dir,
+                "--refresh",
+            ],
+            &[],
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{err}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "true\n");
+        assert!(!err.contains("left behind"), "{err}");
+    }
+}
+
 /// The state letter of process `pid` (`R`, `S`, `Z`, ...), from `/proc/PID/stat`.
 fn state(pid: u32) -> Option<String> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

@@ -800,10 +800,12 @@ pub fn start(pairs: Option<Vec<Pair>>, opts: Options) -> Pending {
     let (tx, rx) = mpsc::channel();
     let cancel = Arc::new(AtomicBool::new(false));
     let flag = cancel.clone();
+    // Counted from here, so that a wait for the checks that begins once this returns sees it.
+    let running = Running::enter();
     let thread = std::thread::Builder::new()
         .name("p2pcheck".into())
         .spawn(move || {
-            let _running = Running::enter();
+            let _running = running;
             let mut graveyard = Graveyard::default();
             // A bug here must not take an embedding host down, nor leave the caller waiting.
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
