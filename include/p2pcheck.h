@@ -193,6 +193,9 @@ typedef enum p2pcheck_class {
  * integer (the enum-valued ones hold the enum's value), so the layout is fixed:
  * 48 bytes, alignment 4, no padding, the offsets as commented. tests/capi.rs checks the size,
  * alignment, offsets and field types, compiled as C and as C++, against the library's.
+ * A pair that does not pass at once is attempted again on fresh workers; only a pass at once
+ * or the same failure twice (same tier, same diagnosis) is persistable, and anything else is
+ * answered false (ok is 0) and never written to vLLM's cache.
  */
 typedef struct p2pcheck_pair_result {
     uint32_t src;         /* offset  0: the device that owns the memory */
@@ -206,8 +209,7 @@ typedef struct p2pcheck_pair_result {
     int32_t diagnosis;    /* offset 32: a p2pcheck_class: the failed tier's diagnosis */
     uint32_t attempts;    /* offset 36: 1, or 2 when the first attempt did not pass */
     int32_t driver_claim; /* offset 40: cudaDeviceCanAccessPeer: 1, 0, or -1 not asked */
-    int32_t persistable;  /* offset 44: 1 when the verdict is a fact for vLLM's cache:
-                             passed at once, or the same failure twice */
+    int32_t persistable;  /* offset 44: 1 when the verdict may go into vLLM's cache */
 } p2pcheck_pair_result;
 
 /* Options of a check (opaque): p2pcheck_options_new, the setters, p2pcheck_options_free. */

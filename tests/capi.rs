@@ -1017,10 +1017,11 @@ fn main_lines(dir: &Path) -> Lines {
     e.status("report.answer_seconds", Ok);
     e.is("report.answer_positive", "1");
     e.status("report.restarts", Ok);
-    e.is("report.restarts.value", "0");
+    // The failing pair's second attempt, on fresh workers.
+    e.is("report.restarts.value", "1");
     e.status("report.workers_started", Ok);
-    // One per GPU and a second on each, for the same-GPU pairs.
-    e.is("report.workers_started.value", "8");
+    // One per GPU and a second on each, for the same-GPU pairs; then the failing pair's two.
+    e.is("report.workers_started.value", "10");
     e.status("report.warning_count", Ok);
     e.is("report.warning_count.value", "0");
     e.status("report.warning.0", InvalidArgument);
