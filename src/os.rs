@@ -142,6 +142,9 @@ pub const PROTOCOL_FD: RawFd = 3;
 pub fn worker_pre_exec(cmd: &mut std::process::Command) {
     use std::os::unix::process::CommandExt;
     let parent = std::process::id() as libc::pid_t;
+    // Descriptor 3 of the child is never std's exec-error pipe: that pipe is made after the
+    // stdin and stdout pipes, which take the lowest free descriptors first. Whatever else it
+    // held is close-on-exec.
     // SAFETY: the closure runs in the forked child before exec and makes only
     // async-signal-safe calls (dup2, prctl, getppid) that allocate nothing and touch no memory
     // shared with the parent.
