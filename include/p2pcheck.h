@@ -204,9 +204,10 @@ typedef enum p2pcheck_verdict {
     P2PCHECK_VERDICT_OK = 0,
     /* The pair ran to the end and a tier failed (failed_tier, diagnosis, details say how). */
     P2PCHECK_VERDICT_FAILS = 1,
-    /* A worker stopped answering during this pair, on both attempts (when attempts is 2). */
+    /* A worker stopped answering during an attempt at this pair (details say which). */
     P2PCHECK_VERDICT_HANG = 2,
-    /* A worker died or broke the protocol during this pair. */
+    /* A worker died or broke the protocol during an attempt at this pair, or the pair was
+       not attempted (the check's deadline passed first). */
     P2PCHECK_VERDICT_ERROR = 3
 } p2pcheck_verdict;
 
@@ -243,6 +244,9 @@ typedef enum p2pcheck_class {
  * integer (the enum-valued ones hold the enum's value), so the layout is fixed:
  * 48 bytes, alignment 4, no padding, the offsets as commented. tests/capi.rs checks the size,
  * alignment, offsets and field types, compiled as C and as C++, against the library's.
+ * A pair that does not pass at once is attempted again on fresh workers; only a pass at once
+ * or the same failure twice (same tier, same diagnosis) is persistable, and anything else is
+ * answered false (ok is 0) and never written to vLLM's cache.
  */
 typedef struct p2pcheck_pair_result {
     uint32_t src;         /* offset  0: the device that owns the memory */
@@ -254,7 +258,7 @@ typedef struct p2pcheck_pair_result {
     int32_t handshake;    /* offset 24: a p2pcheck_tier: the handshake tier */
     int32_t failed_tier;  /* offset 28: a p2pcheck_level: the weakest failed tier, or NONE */
     int32_t diagnosis;    /* offset 32: a p2pcheck_class: the failed tier's diagnosis */
-    uint32_t attempts;    /* offset 36: 1, or 2 when the first attempt hung or errored */
+    uint32_t attempts;    /* offset 36: 1, or 2 when the first attempt did not pass */
     int32_t driver_claim; /* offset 40: cudaDeviceCanAccessPeer: 1, 0, or -1 not asked */
     int32_t persistable;  /* offset 44: 1 when the verdict may go into vLLM's cache */
 } p2pcheck_pair_result;

@@ -782,7 +782,7 @@ pub enum Origin {
     },
     /// Computed but not written: an answer for this call only.
     NotPersisted {
-        /// Why (a pair hung or errored once).
+        /// Why (a pair whose verdict is not a fact: see [`crate::Evidence`]).
         reason: String,
     },
     /// The cache folder or a file in it is not trusted ([`Trust`]): computed, and nothing

@@ -296,7 +296,7 @@ pub struct PairResult {
     pub failed_tier: i32,
     /// A [`ClassCode`]: the diagnosis of the failed tier.
     pub diagnosis: i32,
-    /// Attempts made: 1, or 2 when the first hung or errored.
+    /// Attempts made: 1, or 2 when the first did not pass (see [`crate::Evidence`]).
     pub attempts: u32,
     /// The driver's claim (`cudaDeviceCanAccessPeer`): 1, 0, or -1 where it could not be asked.
     pub driver_claim: i32,

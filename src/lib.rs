@@ -46,6 +46,7 @@ pub mod fingerprint;
 pub mod json;
 mod os;
 pub mod policy;
+pub mod program;
 mod protocol;
 pub mod sim;
 mod sys;
@@ -64,8 +65,8 @@ use once_cell::sync::{Lazy, OnceCell};
 
 pub use cuda::{Error as CudaError, Library};
 pub use engine::{
-    all_pairs, locate_worker, start, this_executable_is_a_worker, Engine, Options, Outcome,
-    PairReport, Pending, Report, Verdict, Visibility, WorkerInfo, DEFAULT_KERNEL_BYTES,
+    all_pairs, locate_worker, start, this_executable_is_a_worker, Engine, Evidence, Options,
+    Outcome, PairReport, Pending, Report, Verdict, Visibility, WorkerInfo, DEFAULT_KERNEL_BYTES,
     TIMEOUT_RANGE,
 };
 pub use error::{Error, Result};
@@ -131,22 +132,6 @@ pub fn can_actually_p2p_with(
         });
     }
     check(Some(&pairs), opts)
-}
-
-/// For a program of its own, such as the CLI (never inside another program's process): makes
-/// it the reaper of its orphaned descendants (`PR_SET_CHILD_SUBREAPER`), so that a worker's
-/// descendant that escaped its process group (`setsid`) is reparented here when the worker
-/// dies and [`kill_leftover_children`] can end it.
-pub fn adopt_orphans() -> Result<()> {
-    os::become_subreaper().map_err(|e| Error::Worker(format!("PR_SET_CHILD_SUBREAPER failed: {e}")))
-}
-
-/// Kills and reaps every child process this process still has, returning their pids: after
-/// a check has finished ([`Pending::finish`]), anything left is an escaped descendant of a
-/// worker (see [`adopt_orphans`]).
-/// Workers still being reaped by a check's own thread are left alone.
-pub fn kill_leftover_children() -> Vec<u32> {
-    os::kill_and_reap_children(engine::pool::is_tracked)
 }
 
 /// Devices visible to this process, from the driver (`cuInit` + `cuDeviceGetCount`), once.
@@ -364,9 +349,11 @@ pub fn store_report(report: &Report, opts: &AccessOptions) -> Result<(PathBuf, O
     }
     if let Some(p) = report.pairs.iter().find(|p| !p.persistable()) {
         return Err(refuse(format!(
-            "not written: pair {} {} once and could not be retried to a verdict",
+            "not written: pair {} is {} ({}): {}",
             p.pair,
-            p.verdict().word()
+            p.verdict().word(),
+            p.evidence.name(),
+            p.evidence.describe()
         )));
     }
     let n = report.device_count as usize;
@@ -477,10 +464,12 @@ pub fn access_check(src: u32, tgt: u32, opts: &AccessOptions) -> Result<Access> 
                         .pairs
                         .iter()
                         .filter(|p| !p.persistable())
-                        .map(|p| format!("{} {}", p.pair, p.verdict().word()))
+                        .map(|p| {
+                            format!("{} {} ({})", p.pair, p.verdict().word(), p.evidence.name())
+                        })
                         .collect();
                     format!(
-                        "{} hung or errored once and could not be retried to a verdict: \
+                        "{} not a fact (no pass at once, no failure confirmed on fresh workers): \
                          answered false, not written",
                         once.join(", ")
                     )

@@ -63,10 +63,8 @@ pub fn become_subreaper() -> io::Result<()> {
     Ok(())
 }
 
-/// Kills (SIGKILL) and reaps every child this process still has except those `keep` names,
-/// returning their pids: after the check, anything left is a worker's descendant that escaped
-/// (see [`become_subreaper`]). Reads `/proc/self/task/*/children`.
-pub fn kill_and_reap_children(keep: impl Fn(u32) -> bool) -> Vec<u32> {
+/// Pids of this process's children, live or not yet reaped (`/proc/self/task/*/children`).
+pub fn child_pids() -> Vec<u32> {
     let mut pids: Vec<u32> = std::fs::read_dir("/proc/self/task")
         .map(|tasks| {
             tasks
@@ -82,16 +80,114 @@ pub fn kill_and_reap_children(keep: impl Fn(u32) -> bool) -> Vec<u32> {
         .unwrap_or_default();
     pids.sort_unstable();
     pids.dedup();
-    pids.retain(|&p| !keep(p));
-    for &pid in &pids {
-        // SAFETY: kill and waitpid on a child of this process; status is a valid out-pointer.
-        unsafe {
-            libc::kill(pid as libc::pid_t, libc::SIGKILL);
-            let mut status = 0;
-            libc::waitpid(pid as libc::pid_t, &mut status, 0);
+    pids
+}
+
+/// SIGKILL to the process a pidfd refers to (`pidfd_send_signal(2)`): unlike `kill(pid)`, it
+/// can never reach another process that reused the pid.
+pub fn pidfd_kill(pidfd: &impl AsRawFd) -> io::Result<()> {
+    // SAFETY: pidfd_send_signal takes a descriptor, a signal, a null siginfo and flags 0; it
+    // touches no memory of ours.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Reaps the exited child a pidfd refers to (`waitid(P_PIDFD, WEXITED | WNOHANG)`, Linux
+/// 5.4+), without waiting: `Ok(true)` when it was reaped, `Ok(false)` while it runs.
+pub fn reap_pidfd(pidfd: &impl AsRawFd) -> io::Result<bool> {
+    // SAFETY: siginfo_t is plain data; waitid fills it (and zeroes si_pid when no child has
+    // exited, with WNOHANG) before it is read.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: info is a valid, writable siginfo_t; the descriptor is open for the call.
+        let rc = unsafe {
+            libc::waitid(
+                libc::P_PIDFD,
+                pidfd.as_raw_fd() as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG,
+            )
+        };
+        if rc == 0 {
+            // SAFETY: waitid succeeded, so info holds a SIGCHLD siginfo (or zeroes).
+            return Ok(unsafe { info.si_pid() } != 0);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
         }
     }
-    pids
+}
+
+/// The descriptor a worker speaks the protocol on (its stdin is the other direction). Its fd 1
+/// goes to its stderr, so that nothing a library inside it prints can corrupt the stream.
+pub const PROTOCOL_FD: RawFd = 3;
+
+/// Sets up a worker's process in the child, between fork and exec, so that nothing of it
+/// reaches the process that starts it: the piped stdout moved to [`PROTOCOL_FD`] and fd 1
+/// pointed at the child's stderr; `PR_SET_PDEATHSIG` (SIGKILL when the thread that started it
+/// ends, so a parent killed by Ctrl-C, SIGTERM or SIGKILL leaves no worker behind); and no exec
+/// at all when the parent died before that was set (the spawn then fails).
+pub fn worker_pre_exec(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id() as libc::pid_t;
+    // Descriptor 3 of the child is never std's exec-error pipe: that pipe is made after the
+    // stdin and stdout pipes, which take the lowest free descriptors first. Whatever else it
+    // held is close-on-exec.
+    // SAFETY: the closure runs in the forked child before exec and makes only
+    // async-signal-safe calls (dup2, prctl, getppid) that allocate nothing and touch no memory
+    // shared with the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(1, PROTOCOL_FD) < 0 || libc::dup2(2, 1) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::getppid() != parent {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}
+
+/// The worker's end of the protocol's output pipe ([`PROTOCOL_FD`], set up by
+/// [`worker_pre_exec`]), made close-on-exec. `Err` when that descriptor is not a pipe (the
+/// program was not started as a worker). Call it once: the `File` owns the descriptor.
+pub fn protocol_output() -> io::Result<File> {
+    // SAFETY: stat is plain data, written by fstat before it is read; fstat on a descriptor
+    // that is not open fails with EBADF and touches nothing else.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: st is a valid, writable stat.
+    if unsafe { libc::fstat(PROTOCOL_FD, &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFIFO {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("descriptor {PROTOCOL_FD} is not a pipe"),
+        ));
+    }
+    // SAFETY: fcntl on an open descriptor; F_SETFD touches no memory of ours.
+    if unsafe { libc::fcntl(PROTOCOL_FD, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the descriptor is open (fstat succeeded) and, called once, owned by the File
+    // alone from here on.
+    Ok(unsafe { File::from_raw_fd(PROTOCOL_FD) })
 }
 
 /// Whether `fd` is readable (or hung up) right now, without waiting.
@@ -270,33 +366,6 @@ pub fn memfd(name: &CStr) -> io::Result<OwnedFd> {
             return Err(io::Error::last_os_error());
         }
         Ok(OwnedFd::from_raw_fd(raw))
-    }
-}
-
-/// Asks the kernel to SIGKILL this process when its parent dies (`PR_SET_PDEATHSIG`).
-pub fn die_with_parent() -> io::Result<()> {
-    // SAFETY: prctl with PR_SET_PDEATHSIG and a signal number has no memory effects.
-    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Moves stdout to a new descriptor, returned, and points fd 1 at stderr: whatever else in the
-/// process prints to stdout then lands on stderr, not in the returned stream.
-pub fn take_stdout() -> io::Result<File> {
-    // SAFETY: dup/dup2 on this process's own standard descriptors; the duplicate is owned by
-    // the returned File alone.
-    unsafe {
-        let fd = libc::dup(1);
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let out = File::from_raw_fd(fd);
-        if libc::dup2(2, 1) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(out)
     }
 }
 

@@ -950,7 +950,7 @@ fn report_lines(e: &mut Lines, key: &str, n: u32, broken: (u32, u32), level: Lev
             format!("{key}.pair.{i}"),
             format!(
                 "{src}->{tgt} ok={} verdict={} copy={} kernel={} handshake={} failed_tier={} \
-                 diagnosis={} attempts=1 claim={} persistable=1",
+                 diagnosis={} attempts={} claim={} persistable=1",
                 i32::from(!fails),
                 if fails {
                     VerdictCode::Fails
@@ -970,6 +970,8 @@ fn report_lines(e: &mut Lines, key: &str, n: u32, broken: (u32, u32), level: Lev
                 } else {
                     ClassCode::None
                 } as i32,
+                // A failure is confirmed on fresh workers.
+                if fails { 2 } else { 1 },
                 // The driver's claim: asked where the consumer sees both GPUs, i.e. same-GPU
                 // pairs with single-GPU visibility.
                 if src == tgt { 1 } else { -1 },
@@ -1003,7 +1005,13 @@ fn drop_writes_details(v: &str, handshake: bool) -> bool {
         )
     };
     let lines: Vec<&str> = v.split("\\n").collect();
-    lines.len() == 3 + usize::from(handshake)
+    // Then the first attempt, the same, and what that makes of it.
+    let confirmed = [
+        "first attempt: fails at the copy tier (never-written)",
+        p2pcheck::Evidence::Confirmed.describe(),
+    ];
+    lines.len() == 5 + usize::from(handshake)
+        && lines[lines.len() - 2..] == confirmed
         && lines[0] == copy("producer")
         && lines[1] == copy("consumer")
         && lines[2].starts_with("kernel tier: peer SM stores, as the owner sees them (1-byte accesses): ")
@@ -1145,10 +1153,11 @@ fn main_lines(dir: &Path) -> Lines {
     e.status("report.answer_seconds", Ok);
     e.is("report.answer_positive", "1");
     e.status("report.restarts", Ok);
-    e.is("report.restarts.value", "0");
+    // The failing pair's second attempt, on fresh workers.
+    e.is("report.restarts.value", "1");
     e.status("report.workers_started", Ok);
-    // One per GPU and a second on each, for the same-GPU pairs.
-    e.is("report.workers_started.value", "8");
+    // One per GPU and a second on each, for the same-GPU pairs; then the failing pair's two.
+    e.is("report.workers_started.value", "10");
     e.status("report.warning_count", Ok);
     e.is("report.warning_count.value", "0");
     e.status("report.warning.0", InvalidArgument);
@@ -1480,7 +1489,7 @@ fn a_c_program_linked_with_the_static_library_and_exactly_its_system_libraries()
         "env.report.pair.0",
         format!(
             "1->0 ok=0 verdict={} copy={failed} kernel={failed} handshake={failed} failed_tier={} \
-             diagnosis={} attempts=1 claim=1 persistable=1",
+             diagnosis={} attempts=2 claim=1 persistable=1",
             VerdictCode::Fails as i32,
             LevelCode::Copy as i32,
             ClassCode::NeverWritten as i32

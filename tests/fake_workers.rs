@@ -18,12 +18,13 @@ const BARRIER: &str =
 /// A Hello frame for one device: length 16, tag 1, "P2PC", version 2, pid 0, ok, count 1.
 const HELLO: &str = r"\x10\x00\x00\x00\x01P2PC\x02\x00\x00\x00\x00\x00\x01\x01\x00\x00\x00";
 
-/// Writes an executable worker script whose body runs after `exec 3>&1`, in a folder of its
-/// own that is removed when the returned guard drops.
+/// Writes an executable worker script whose body runs after `exec 1>&3 3>&-` (the protocol's
+/// output pipe is descriptor 3; its stdout and stderr are captured by the parent), in a folder
+/// of its own that is removed when the returned guard drops.
 fn fake_worker(name: &str, body: &str) -> (TempDir, PathBuf) {
     let dir = TempDir::new("p2pcheck-fake");
     let path = dir.path().join(name);
-    std::fs::write(&path, format!("#!/bin/bash\n{body}\n")).unwrap();
+    std::fs::write(&path, format!("#!/bin/bash\nexec 1>&3 3>&-\n{body}\n")).unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
     (dir, path)
@@ -230,6 +231,101 @@ fn a_worker_claiming_more_gpus_than_the_driver_lists_is_refused() {
         assert_eq!(out.status.code(), Some(2), "{engine}: {}", stdout(&out));
         assert!(
             stdout(&out).contains("claims to see 91 GPUs, but the driver lists 2"),
+            "{engine}: {}",
+            stdout(&out)
+        );
+        assert!(took < Duration::from_secs(5), "{engine}: {took:?}");
+    }
+}
+
+#[test]
+fn the_whole_check_has_a_deadline_that_no_number_of_pairs_can_stretch() {
+    // Hello with a device count of 20 on a simulated machine of 20 GPUs, then silence: 400
+    // pairs, each of which would cost a step timeout (and fresh workers) twice, over two
+    // minutes. The whole check's deadline ends it, every pair accounted for.
+    let hello20 = r"\x10\x00\x00\x00\x01P2PC\x02\x00\x00\x00\x00\x00\x01\x14\x00\x00\x00";
+    let (_dir, w) = fake_worker("silent20", &format!("printf '{hello20}'; sleep 30"));
+    let (out, took) = run_with(
+        &w,
+        "vllm",
+        &[
+            "--simulate",
+            "20",
+            "--timeout",
+            "0.2",
+            "--check-timeout",
+            "2",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let s = stdout(&out);
+    assert_eq!(s.matches("\"src\":").count(), 400, "{s}");
+    assert!(s.contains("\"verdict\":\"hang\""), "{s}");
+    assert!(s.contains("\"evidence\":\"not-attempted\""), "{s}");
+    assert!(
+        s.contains("not attempted: the check's deadline (2.0 s) passed"),
+        "{s}"
+    );
+    assert!(!s.contains("\"persistable\":true"), "{s}");
+    // The deadline, plus a step timeout and the workers' kill, with room for a loaded machine.
+    assert!(took < Duration::from_secs(10), "{took:?}");
+}
+
+#[test]
+fn a_worker_flooding_its_stderr_neither_blocks_nor_reaches_the_hosts_stderr() {
+    // Hello, then stderr written without end: the pair is a hang within its timeout, the last
+    // bytes are in its reason, and nothing of it reaches the CLI's own stderr.
+    let (_dir, w) = fake_worker(
+        "stderr-flood",
+        &format!("printf '{HELLO}'; while :; do echo flood-from-the-worker; done >&2"),
+    );
+    let (out, took) = run_with(&w, "vllm", &["--timeout", "0.5"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let s = stdout(&out);
+    assert!(s.contains("\"verdict\":\"hang\""), "{s}");
+    assert!(s.contains("earlier bytes not kept"), "{s}");
+    assert!(s.contains("flood-from-the-worker"), "{s}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("flood-from-the-worker"), "{err}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+}
+
+#[test]
+fn what_a_worker_prints_on_stdout_or_stderr_is_in_the_report_not_on_the_hosts_stderr() {
+    // Its fd 1 is the captured stderr pipe, not the protocol: printing there corrupts nothing.
+    let (_dir, w) = fake_worker(
+        "chatty",
+        &format!(
+            "echo said-on-stdout >&4; echo said-on-stderr >&2; printf '{HELLO}'; \
+             head -c 4 >/dev/null; exit 7"
+        ),
+    );
+    // The script's own stdout (now the protocol pipe) is not where it prints: descriptor 4 is
+    // opened on the captured fd 1 before the exec in fake_worker moved it.
+    let script = std::fs::read_to_string(&w).unwrap();
+    std::fs::write(&w, script.replace("exec 1>&3 3>&-", "exec 4>&1 1>&3 3>&-")).unwrap();
+    let (out, _) = run_with(&w, "vllm", &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let s = stdout(&out);
+    assert!(s.contains("exited with code 7; its stderr:"), "{s}");
+    assert!(
+        s.contains("said-on-stdout") && s.contains("said-on-stderr"),
+        "{s}"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("said-on-"), "{err}");
+}
+
+#[test]
+fn a_worker_of_an_older_p2pcheck_speaking_on_its_stdout_is_named_as_such() {
+    let (_dir, w) = fake_worker("older", &format!("printf '{HELLO}'; sleep 30"));
+    let script = std::fs::read_to_string(&w).unwrap();
+    std::fs::write(&w, script.replace("exec 1>&3 3>&-", "exec 3>&-")).unwrap();
+    for engine in ["vllm", "parallel"] {
+        let (out, took) = run_with(&w, engine, &["--startup-timeout", "0.5"]);
+        assert_eq!(out.status.code(), Some(2), "{engine}: {}", stdout(&out));
+        assert!(
+            stdout(&out).contains("a worker of an older p2pcheck, which speaks on its stdout"),
             "{engine}: {}",
             stdout(&out)
         );

@@ -300,7 +300,9 @@ fn a_failed_open_is_spec_section_2s_false_not_a_difference() {
         .into_iter()
         .filter(|l| n(l, "code") != 0)
         .collect();
-    assert_eq!(failed.len(), 1, "{failed:?}");
+    // Once per attempt: the failure is confirmed on fresh workers.
+    assert_eq!(failed.len(), 2, "{failed:?}");
+    assert_eq!(s(&failed[1], "call"), "cudaIpcOpenMemHandle");
     assert_eq!(s(&failed[0], "call"), "cudaIpcOpenMemHandle");
     assert_eq!(s(&failed[0], "name"), "cudaErrorMapBufferObjectFailed");
     assert_eq!(
@@ -311,18 +313,21 @@ fn a_failed_open_is_spec_section_2s_false_not_a_difference() {
     let out = p2pcheck(&["trace-summary", p, "--spec"], &[], None);
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
+    // The batch, then the failing pair again on a fresh producer and consumer.
     assert!(
-        stdout.starts_with("54 call(s) from 2 process(es), 1 failed\n"),
+        stdout.starts_with("68 call(s) from 4 process(es), 2 failed\n"),
         "{stdout}"
     );
-    assert!(
-        stdout.contains(
-            "note: pair 1->0 (job 2): cudaIpcOpenMemHandle failed (205 \
-             cudaErrorMapBufferObjectFailed, line "
-        ),
-        "{stdout}"
-    );
-    assert!(stdout.ends_with("no difference from SPEC section 2 in 4 pair(s)\n"));
+    for (job, round) in [(2, 1), (0, 2)] {
+        assert!(
+            stdout.contains(&format!(
+                "note: pair 1->0 (job {job}, round {round}): cudaIpcOpenMemHandle failed (205 \
+                 cudaErrorMapBufferObjectFailed, line "
+            )),
+            "{stdout}"
+        );
+    }
+    assert!(stdout.ends_with("no difference from SPEC section 2 in 5 pair(s)\n"));
 }
 
 #[test]

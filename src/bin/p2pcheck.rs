@@ -29,8 +29,10 @@ default one worker process per GPU checks every pair at once, each seeing only i
 after each). Prints the matrix (rows src, columns tgt) of verdicts - ok, FAIL:TIER (ran; the
 weakest tier that failed), HANG (a worker stopped answering: killed), ERROR (a worker died) - with the
 driver's own claim (cudaDeviceCanAccessPeer) where it differs, the reason for every failure,
-and where the vLLM cache file is. A pair that hangs or errors is retried once on fresh workers.
-Every wait has a deadline; no worker outlives the check.
+and where the vLLM cache file is. A pair that does not pass is attempted again on fresh
+workers, after every other pair; only a pass at once or the same failure twice (same tier, same
+diagnosis) is a fact that may go into vLLM's cache (anything else is answered false and not
+written). Every wait has a deadline, and so does the whole check; no worker outlives it.
 
 access-check SRC TGT answers vLLM's gpu_p2p_access_check(SRC, TGT): true or false, from vLLM's
 cache file when the fingerprint beside it vouches for exactly its verdicts on this machine at
@@ -73,6 +75,9 @@ OPTIONS:
     --timeout SECS         Deadline for each step of a pair; past it the pair is HANG
                            [default: 5; 0.001 to 86400]
     --startup-timeout SECS Deadline for a worker to start CUDA [default: 60; 0.001 to 86400]
+    --check-timeout SECS   Deadline for the whole check; pairs not settled by then are
+                           reported so (not-attempted, unconfirmed) [default: 2 x start-up
+                           timeout + (4 x GPUs + 8) x step timeout + 0.25 s per pair]
     --worker PATH          The worker executable [default: $P2PCHECK_WORKER, else
                            p2pcheck-worker beside this program, else this program]
     --simulate N           Run on the built-in simulated driver with N GPUs instead of the real
@@ -232,6 +237,7 @@ fn parse_args(mut it: impl Iterator<Item = OsString>) -> ArgResult<Option<Args>>
             }
             "--timeout" => args.opts.step_timeout = seconds(&a, it.next())?,
             "--startup-timeout" => args.opts.startup_timeout = seconds(&a, it.next())?,
+            "--check-timeout" => args.opts.check_timeout = Some(seconds(&a, it.next())?),
             "--worker" => {
                 args.opts.worker = Some(PathBuf::from(it.next().ok_or("--worker needs a path")?))
             }
@@ -285,29 +291,9 @@ fn tier_word(k: &TierOutcome) -> &'static str {
 
 /// The weakest failing tier's diagnosis as JSON: `{"class":…,"hint":…}`, or `null`.
 fn diagnosis(p: &p2pcheck::PairReport) -> String {
-    let problem = match p.failed_tier() {
-        Some(Level::Copy) => match &p.outcome {
-            p2pcheck::Outcome::Done { producer, consumer } => consumer
-                .copy
-                .as_ref()
-                .err()
-                .or(producer.copy.as_ref().err())
-                .cloned(),
-            _ => None,
-        },
-        Some(Level::Kernel) => match p.kernel() {
-            TierOutcome::Failed(why) => Some(why),
-            _ => None,
-        },
-        Some(Level::Handshake) => match p.handshake() {
-            TierOutcome::Failed(why) => Some(why),
-            _ => None,
-        },
-        None => None,
-    };
-    match problem {
+    match p.failure() {
         None => "null".into(),
-        Some(why) => {
+        Some((_, why)) => {
             let class = why.class();
             format!(
                 "{{\"class\":\"{}\",\"hint\":{}}}",
@@ -488,7 +474,7 @@ fn print_json(args: &Args, report: &Report, note: Option<&CacheNote>, warnings: 
             let verdict = p.verdict();
             let details: Vec<String> = p.details().iter().map(|d| json::escape(d)).collect();
             format!(
-                "{{\"src\":{},\"tgt\":{},\"ok\":{},\"verdict\":\"{}\",\"reason\":{},\"copy_ok\":{},\"kernel\":\"{}\",\"handshake\":\"{}\",\"failed_tier\":{},\"diagnosis\":{},\"driver_claim\":{},\"attempts\":{},\"details\":[{}]}}",
+                "{{\"src\":{},\"tgt\":{},\"ok\":{},\"verdict\":\"{}\",\"reason\":{},\"copy_ok\":{},\"kernel\":\"{}\",\"handshake\":\"{}\",\"failed_tier\":{},\"diagnosis\":{},\"driver_claim\":{},\"attempts\":{},\"evidence\":\"{}\",\"persistable\":{},\"details\":[{}]}}",
                 p.pair.src,
                 p.pair.tgt,
                 p.ok(),
@@ -502,6 +488,8 @@ fn print_json(args: &Args, report: &Report, note: Option<&CacheNote>, warnings: 
                 diagnosis(p),
                 opt(p.claim()),
                 p.attempts,
+                p.evidence.name(),
+                p.persistable(),
                 details.join(",")
             )
         })
@@ -706,15 +694,21 @@ fn main() -> ExitCode {
         }
     };
     // A worker's descendant that escaped its process group becomes ours when the worker dies,
-    // and is ended below: nothing started by the check outlives it.
-    let adopted = p2pcheck::adopt_orphans();
+    // and is ended below, once the checks have reaped their workers: nothing started by the
+    // check outlives it. (A program of its own may do this; the library never does.)
+    let adopted = p2pcheck::program::adopt_orphans();
     let result = match args.access {
         Some((src, tgt)) => access_check(&args, src, tgt),
         None => run(&args),
     };
     if adopted.is_ok() {
-        for pid in p2pcheck::kill_leftover_children() {
-            eprintln!("p2pcheck: warning: killed process {pid}, left behind by a worker");
+        for ended in p2pcheck::program::end_adopted_orphans() {
+            match ended {
+                Ok(pid) => {
+                    eprintln!("p2pcheck: warning: killed process {pid}, left behind by a worker")
+                }
+                Err(why) => eprintln!("p2pcheck: warning: {why}"),
+            }
         }
     }
     match result {

@@ -1,5 +1,7 @@
 //! The parent side of the check: plans which processes see which GPUs, runs an engine over a
-//! pool of worker processes, retries what a hang or a death interrupted, and collects one
+//! pool of worker processes, reruns what a hang or a death interrupted, attempts every pair
+//! that did not pass a second time on fresh workers (a verdict is a fact only when the data
+//! says it twice: [`Evidence`]), keeps the whole check within a deadline, and collects one
 //! [`PairReport`] per pair.
 //!
 //! Two engines share the pool ([`pool`]) and the worker executable:
@@ -17,6 +19,7 @@ mod parallel;
 pub(crate) mod pool;
 mod vllm;
 
+use std::cell::Cell;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -25,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::fingerprint::{self, Gpu};
-use crate::protocol::{Level, Pair, Problem, SideVerdict, TierOutcome, TierParams};
+use crate::protocol::{Class, Level, Pair, Problem, SideVerdict, TierOutcome, TierParams};
 use crate::sim::Simulation;
 use crate::visible::{self, VisibleDevices};
 use pool::Graveyard;
@@ -102,6 +105,11 @@ pub struct Options {
     /// How long the parent waits for any single step of a pair; a pair that takes longer is
     /// [`Verdict::Hang`]. Traffic from a worker never extends it.
     pub step_timeout: Duration,
+    /// The deadline for the whole check, from its start to the last verdict: pairs not
+    /// attempted by then are [`Evidence::NotAttempted`], failures not confirmed by then
+    /// [`Evidence::Unconfirmed`]. `None` (the default): [`Options::check_budget`] for the
+    /// device count, once the workers have said it.
+    pub check_timeout: Option<Duration>,
     /// The worker executable; `None` searches as [`locate_worker`] documents.
     pub worker: Option<PathBuf>,
     /// Run the workers on the simulated driver instead of the real one.
@@ -120,6 +128,7 @@ impl Default for Options {
             visibility: Visibility::One,
             startup_timeout: Duration::from_secs(60),
             step_timeout: Duration::from_secs(5),
+            check_timeout: None,
             worker: None,
             simulate: None,
         }
@@ -144,6 +153,13 @@ impl Options {
             if t < TIMEOUT_RANGE.0 || t > TIMEOUT_RANGE.1 {
                 return Err(Error::InvalidInput(format!(
                     "the {name} {t:?} is outside 1 ms to 1 day"
+                )));
+            }
+        }
+        if let Some(t) = self.check_timeout {
+            if t < TIMEOUT_RANGE.0 || t > TIMEOUT_RANGE.1 {
+                return Err(Error::InvalidInput(format!(
+                    "the check timeout {t:?} is outside 1 ms to 1 day"
                 )));
             }
         }
@@ -173,6 +189,21 @@ impl Options {
     }
 }
 
+impl Options {
+    /// The whole check's deadline when [`Options::check_timeout`] is not given, for `devices`
+    /// GPUs: two start-ups, `4 x devices + 8` step timeouts (room for one GPU whose every pair
+    /// hangs on both attempts, one after the other, as in vLLM's procedure) and 250 ms per
+    /// pair (a healthy pair of vLLM's procedure, device resets included, takes about that on
+    /// an H200). With the defaults: 336 s for 8 GPUs. It bounds the sum of all steps: a worker
+    /// that claims many GPUs and then stays silent costs this, not one timeout per pair.
+    pub fn check_budget(&self, devices: u32) -> Duration {
+        let n = u64::from(devices);
+        self.startup_timeout * 2
+            + self.step_timeout * (4 * devices + 8)
+            + Duration::from_millis(250 * n * n)
+    }
+}
+
 /// A pair's verdict. Only [`Verdict::Ok`] is `true` for vLLM.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -182,7 +213,8 @@ pub enum Verdict {
     Fails(String),
     /// A worker stopped answering during this pair; it was killed.
     Hang(String),
-    /// A worker died or broke the protocol during this pair: why.
+    /// A worker died or broke the protocol during this pair, or the pair could not be
+    /// attempted (no fresh worker could start, the check's deadline passed first): why.
     Error(String),
 }
 
@@ -215,7 +247,7 @@ impl std::fmt::Display for Verdict {
     }
 }
 
-/// How a pair's test ended.
+/// How one attempt at a pair ended.
 // One per pair, and most are `Done`: boxing the large variant would buy nothing.
 #[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -229,13 +261,14 @@ pub enum Outcome {
     },
     /// A worker stopped answering: where it was stuck.
     Hang(String),
-    /// A worker died or broke the protocol: why.
+    /// A worker died or broke the protocol, or the pair could not be attempted: why.
     Error(String),
 }
 
 impl Outcome {
-    fn is_fact(&self) -> bool {
-        self.stopped().is_none()
+    /// Whether the pair ran to the end and passed.
+    pub(crate) fn passed(&self) -> bool {
+        PairReport::settle(Pair { src: 0, tgt: 0 }, vec![self.clone()], "").ok()
     }
 
     /// The verdict of a pair that did not run to the end (`None` for one that did).
@@ -248,21 +281,171 @@ impl Outcome {
     }
 }
 
+/// What a pair's attempts show, and so whether its verdict is a fact that may be written to
+/// vLLM's cache ([`Evidence::is_fact`]). A pair that does not pass at once is attempted a
+/// second time on fresh workers, after every other pair; only a pass at once or the same
+/// failure twice is a fact. Whatever is not a fact is reported, answered `false` unless it
+/// passed at once (a wrong `true` is the worst answer), and never written: the next check
+/// looks again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Evidence {
+    /// Passed at its first attempt: a fact (`true`).
+    Passed,
+    /// Failed at both attempts, the second on fresh workers, at the same tier with the same
+    /// diagnosis: a fact (`false`).
+    Confirmed,
+    /// Failed once, then passed on fresh workers: not a fact (the first failure may have been
+    /// the check's own trouble, a worker's death nearby), answered `false`.
+    NotRepeated,
+    /// Failed at both attempts, but at different tiers or with different diagnoses.
+    Inconsistent,
+    /// A worker stopped answering during an attempt.
+    Hang,
+    /// A worker died or broke the protocol during an attempt, or no fresh worker could start
+    /// for the second.
+    Error,
+    /// Failed once; the check's deadline passed before the failure could be confirmed.
+    Unconfirmed,
+    /// Never attempted: the check's deadline passed first.
+    NotAttempted,
+}
+
+impl Evidence {
+    /// `passed`, `confirmed`, `not-repeated`, `inconsistent`, `hang`, `error`, `unconfirmed`
+    /// or `not-attempted`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Evidence::Passed => "passed",
+            Evidence::Confirmed => "confirmed",
+            Evidence::NotRepeated => "not-repeated",
+            Evidence::Inconsistent => "inconsistent",
+            Evidence::Hang => "hang",
+            Evidence::Error => "error",
+            Evidence::Unconfirmed => "unconfirmed",
+            Evidence::NotAttempted => "not-attempted",
+        }
+    }
+
+    /// Whether the verdict is a fact about the machine, which may be written to vLLM's cache.
+    pub fn is_fact(self) -> bool {
+        matches!(self, Evidence::Passed | Evidence::Confirmed)
+    }
+
+    /// What it means for the cache, in words.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Evidence::Passed => "passed at once: may be written to vLLM's cache",
+            Evidence::Confirmed => {
+                "the same failure on fresh workers: confirmed, may be written to vLLM's cache"
+            }
+            Evidence::NotRepeated => {
+                "the failure did not repeat on fresh workers: answered false, not written to \
+                 vLLM's cache"
+            }
+            Evidence::Inconsistent => {
+                "failed differently on fresh workers: not written to vLLM's cache"
+            }
+            Evidence::Hang => "a worker hung: not written to vLLM's cache",
+            Evidence::Error => "a worker died or could not start: not written to vLLM's cache",
+            Evidence::Unconfirmed => {
+                "the check's deadline passed before the failure could be confirmed: not \
+                 written to vLLM's cache"
+            }
+            Evidence::NotAttempted => {
+                "the check's deadline passed before the pair was attempted: answered false, \
+                 not written to vLLM's cache"
+            }
+        }
+    }
+}
+
 /// Everything known about one pair after the check.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PairReport {
     /// The pair (local device ids).
     pub pair: Pair,
-    /// How its last attempt ended.
+    /// The attempt its verdict is read from: the one that did not pass (the later one when
+    /// neither did), so that a failure that did not repeat is still reported, and answered
+    /// `false`.
     pub outcome: Outcome,
-    /// Attempts made: 1, or 2 when the first hung or errored and the pair was retried on fresh
-    /// workers.
+    /// Attempts made: 1 when the first passed (or the check's deadline left no time for a
+    /// second), 2 when it did not and the pair was attempted again on fresh workers, 0 when
+    /// it was never attempted.
     pub attempts: u32,
-    /// What the earlier attempt gave, when there was one.
-    pub earlier: Option<String>,
+    /// What the other attempt gave, in words, when there were two: `first attempt: …` or
+    /// `second attempt, on fresh workers: …`.
+    pub other_attempt: Option<String>,
+    /// What the attempts show: whether the verdict may be written to vLLM's cache.
+    pub evidence: Evidence,
 }
 
 impl PairReport {
+    /// The report of `pair` from its attempts' outcomes, in order (none: never attempted;
+    /// `not_attempted` says why).
+    fn settle(pair: Pair, tries: Vec<Outcome>, not_attempted: &str) -> PairReport {
+        let report = |outcome: Outcome, evidence, other_attempt| PairReport {
+            pair,
+            outcome,
+            attempts: tries.len() as u32,
+            other_attempt,
+            evidence,
+        };
+        let alone = |o: &Outcome| report(o.clone(), Evidence::Passed, None);
+        let stopped = |o: &Outcome| match o {
+            Outcome::Hang(_) => Some(Evidence::Hang),
+            Outcome::Error(_) => Some(Evidence::Error),
+            Outcome::Done { .. } => None,
+        };
+        match tries.as_slice() {
+            [] => report(
+                Outcome::Error(not_attempted.to_string()),
+                Evidence::NotAttempted,
+                None,
+            ),
+            [only] => {
+                let evidence = match alone(only).ok() {
+                    true => Evidence::Passed,
+                    false => stopped(only).unwrap_or(Evidence::Unconfirmed),
+                };
+                report(only.clone(), evidence, None)
+            }
+            [first, second, ..] => {
+                let (a, b) = (alone(first), alone(second));
+                if b.ok() {
+                    // Not repeated: the failing attempt gives the verdict (false).
+                    let evidence = stopped(first).unwrap_or(match a.ok() {
+                        true => Evidence::Passed,
+                        false => Evidence::NotRepeated,
+                    });
+                    let note = format!("second attempt, on fresh workers: {}", b.summary());
+                    return report(first.clone(), evidence, Some(note));
+                }
+                let evidence = match (stopped(first), stopped(second)) {
+                    (Some(Evidence::Hang), _) | (_, Some(Evidence::Hang)) => Evidence::Hang,
+                    (Some(e), _) | (_, Some(e)) => e,
+                    (None, None) if a.ok() => Evidence::Inconsistent,
+                    (None, None) => match a.failure_class() == b.failure_class() {
+                        true => Evidence::Confirmed,
+                        false => Evidence::Inconsistent,
+                    },
+                };
+                let note = format!("first attempt: {}", a.summary());
+                report(second.clone(), evidence, Some(note))
+            }
+        }
+    }
+
+    /// The verdict in a few words: `ok`, `fails at the kernel tier (wrong-data)`, or a hang's
+    /// or an error's whole reason (which names the worker and what it was doing).
+    fn summary(&self) -> String {
+        match (self.verdict(), self.failure()) {
+            (Verdict::Fails(_), Some((tier, p))) => {
+                format!("fails at the {} tier ({})", tier.name(), p.class().name())
+            }
+            (v, _) => v.to_string(),
+        }
+    }
+
     fn sides(&self) -> Option<(&SideVerdict, &SideVerdict)> {
         match &self.outcome {
             Outcome::Done { producer, consumer } => Some((producer, consumer)),
@@ -301,15 +484,32 @@ impl PairReport {
 
     /// The weakest tier that failed (`None`: none failed, or the pair never ran to the end).
     pub fn failed_tier(&self) -> Option<Level> {
-        if self.copy_ok() == Some(false) {
-            Some(Level::Copy)
-        } else if matches!(self.kernel(), TierOutcome::Failed(_)) {
-            Some(Level::Kernel)
-        } else if matches!(self.handshake(), TierOutcome::Failed(_)) {
-            Some(Level::Handshake)
-        } else {
-            None
+        self.failure().map(|(tier, _)| tier)
+    }
+
+    /// The weakest tier that failed and its problem, the one its diagnosis is read from (for
+    /// the copy tier the producer's, then the consumer's, in the order of
+    /// [`PairReport::details`]); `None`: none failed, or the pair never ran to the end.
+    pub fn failure(&self) -> Option<(Level, Problem)> {
+        let (producer, consumer) = self.sides()?;
+        if let Some(p) = producer
+            .copy
+            .as_ref()
+            .err()
+            .or(consumer.copy.as_ref().err())
+        {
+            return Some((Level::Copy, p.clone()));
         }
+        match (self.kernel(), self.handshake()) {
+            (TierOutcome::Failed(p), _) => Some((Level::Kernel, p)),
+            (_, TierOutcome::Failed(p)) => Some((Level::Handshake, p)),
+            _ => None,
+        }
+    }
+
+    /// The weakest failed tier and its diagnosis: what "failing the same way" compares.
+    fn failure_class(&self) -> Option<(Level, Class)> {
+        self.failure().map(|(tier, p)| (tier, p.class()))
     }
 
     /// The verdict.
@@ -330,10 +530,9 @@ impl PairReport {
     }
 
     /// Whether the verdict is a fact about the machine that may be written to vLLM's cache:
-    /// it ran to the end, or it hung or errored on both attempts. A single hang or error may
-    /// be the check's own trouble, not the machine's.
+    /// it passed at once, or failed the same way twice ([`Evidence::is_fact`]).
     pub fn persistable(&self) -> bool {
-        self.outcome.is_fact() || self.attempts >= 2
+        self.evidence.is_fact()
     }
 
     /// The driver's claim (`cudaDeviceCanAccessPeer(tgt, src)`), where the consumer could ask.
@@ -369,15 +568,16 @@ impl PairReport {
         out
     }
 
-    /// What was seen: why the pair failed, hung or errored, and what an earlier attempt gave;
-    /// empty for a clean pass at the first attempt.
+    /// What was seen: why the pair failed, hung or errored, what the other attempt gave, and
+    /// what that means for vLLM's cache; empty for a pass at the first attempt.
     pub fn details(&self) -> Vec<String> {
         let mut out = match &self.outcome {
             Outcome::Hang(why) | Outcome::Error(why) => vec![why.clone()],
             Outcome::Done { .. } => self.problems(),
         };
-        if let Some(e) = &self.earlier {
-            out.push(format!("first attempt: {e}; retried on fresh workers"));
+        out.extend(self.other_attempt.clone());
+        if self.evidence != Evidence::Passed {
+            out.push(self.evidence.describe().to_string());
         }
         out
     }
@@ -432,7 +632,8 @@ pub struct Report {
     pub answer: Duration,
     /// The worker executable used.
     pub worker: PathBuf,
-    /// Rounds of fresh workers after a hang or a death (0 when nothing went wrong).
+    /// Rounds of fresh workers after the first: for the pairs a hang or a death interrupted,
+    /// and for second attempts (0 when every pair passed at once).
     pub restarts: u32,
     /// Worker processes started, in all rounds.
     pub workers_started: u32,
@@ -647,6 +848,45 @@ pub(crate) const CANCEL_POLL: Duration = Duration::from_millis(50);
 /// How long workers get to exit after their work (context teardown) before they are killed.
 const REAP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How many checks' threads of this process are running (checking, or reaping their
+/// workers), with a condition variable signalled when one ends: see [`wait_for_checks`].
+static RUNNING: (Mutex<usize>, Condvar) = (Mutex::new(0), Condvar::new());
+
+/// One running check's thread, counted in [`RUNNING`] while it lives.
+struct Running;
+
+impl Running {
+    fn enter() -> Running {
+        *RUNNING.0.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        Running
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        *RUNNING.0.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+        RUNNING.1.notify_all();
+    }
+}
+
+/// Waits until no check of this process is running any more (every worker it started is
+/// reaped, or parked as stuck), or until `deadline`; whether none is.
+pub(crate) fn wait_for_checks(deadline: Instant) -> bool {
+    let mut running = RUNNING.0.lock().unwrap_or_else(|p| p.into_inner());
+    while *running > 0 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        running = RUNNING
+            .1
+            .wait_timeout(running, left)
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
+    }
+    true
+}
+
 /// Starts checking `pairs` (all pairs of the visible devices when `None`) in the background
 /// and returns at once, so a caller can overlap the check with its own start-up.
 ///
@@ -656,9 +896,12 @@ const REAP_TIMEOUT: Duration = Duration::from_secs(10);
 pub fn start(pairs: Option<Vec<Pair>>, opts: Options) -> Pending {
     let shared = Arc::new(Shared::new());
     let theirs = Arc::clone(&shared);
+    // Counted from here, so that a wait for the checks that begins once this returns sees it.
+    let running = Running::enter();
     let thread = std::thread::Builder::new()
         .name("p2pcheck".into())
         .spawn(move || {
+            let _running = running;
             let settle = SettleOnExit(theirs);
             let mut graveyard = Graveyard::default();
             // A bug here must not take an embedding host down, nor leave the caller waiting.
@@ -698,9 +941,11 @@ pub fn start(pairs: Option<Vec<Pair>>, opts: Options) -> Pending {
 /// soon as every verdict is known; the workers exit and are reaped in the background.
 ///
 /// Every pair is accounted for in the [`Report`]: a pair whose worker stops answering is a
-/// [`Verdict::Hang`], one whose worker dies is a [`Verdict::Error`], each retried once on fresh
-/// workers; pairs a broken worker interrupted are rerun. `Err` means the check could not be
-/// carried out at all (no worker, no CUDA, bad device ids), and names why.
+/// [`Verdict::Hang`], one whose worker dies is a [`Verdict::Error`]; a pair that does not pass
+/// at once is attempted again on fresh workers, and its [`Evidence`] says whether the verdict
+/// is a fact; pairs a broken worker interrupted are rerun. The whole check has a deadline
+/// ([`Options::check_timeout`]). `Err` means the check could not be carried out at all (no
+/// worker, no CUDA, bad device ids), and names why.
 pub fn run(pairs: Option<&[Pair]>, opts: &Options) -> Result<Report> {
     start(pairs.map(<[Pair]>::to_vec), opts.clone()).wait()
 }
@@ -720,6 +965,44 @@ pub(crate) struct Ctx<'a> {
     /// GPUs the kernel driver lists (`/proc/driver/nvidia`), where it could be read: no worker
     /// can see more, so a claim of more is refused before anything is sized by it.
     pub driver_gpus: Option<u32>,
+    /// When the check started.
+    pub started: Instant,
+    /// The whole check's deadline: from [`Options::check_timeout`], else set by the first
+    /// round that learns the device count ([`Ctx::arm_deadline`]).
+    pub deadline: Cell<Option<Instant>>,
+}
+
+impl Ctx<'_> {
+    /// Sets the whole check's deadline from [`Options::check_budget`] for `devices` GPUs,
+    /// unless it is set already.
+    pub fn arm_deadline(&self, devices: u32) {
+        if self.deadline.get().is_none() {
+            let budget = self.opts.check_budget(devices);
+            self.deadline.set(Some(self.started + budget));
+        }
+    }
+
+    /// Whether the whole check's deadline has passed.
+    pub fn past_deadline(&self) -> bool {
+        self.deadline.get().is_some_and(|d| Instant::now() >= d)
+    }
+
+    /// When a waiting engine looks up next (at its cancel flag and the check's deadline).
+    pub fn wake(&self) -> Instant {
+        let poll = Instant::now() + CANCEL_POLL;
+        self.deadline.get().map_or(poll, |d| poll.min(d))
+    }
+
+    /// "the check's deadline (320.0 s) passed", for messages.
+    fn deadline_words(&self) -> String {
+        let budget = self.deadline.get().map_or(Duration::ZERO, |d| {
+            d.saturating_duration_since(self.started)
+        });
+        format!(
+            "the check's deadline ({:.1} s) passed",
+            budget.as_secs_f64()
+        )
+    }
 }
 
 /// What a round produced.
@@ -804,16 +1087,18 @@ fn run_rounds(
         cancel,
         tiers: tier_params(opts),
         driver_gpus: machine.ok().map(|m| m.gpus.len() as u32),
+        started,
+        deadline: Cell::new(opts.check_timeout.map(|t| started + t)),
     };
     let mut workers = Vec::new();
     let mut peak_in_flight = 0;
-    // `hold`: pairs from this position on are retries of a hang or an error; they run after
-    // the others, so that a second hang cannot interrupt them.
+    // `hold`: pairs from this position on are second attempts; they run after the others, so
+    // that a second hang cannot interrupt them, and on fresh workers, as every round.
     let mut round = |ctx: &mut Ctx, pairs: Option<&[Pair]>, hold: usize| -> Result<RoundOut> {
         loop {
             let out = match ctx.opts.engine {
                 Engine::Parallel => parallel::round(ctx, pairs, hold, graveyard),
-                // The vLLM engine runs its batch in order: the retries are last already.
+                // The vLLM engine runs its batch in order: the second attempts are last already.
                 Engine::Vllm => vllm::round(ctx, pairs, graveyard),
             };
             match out {
@@ -830,42 +1115,36 @@ fn run_rounds(
     let first = round(&mut ctx, pairs, usize::MAX)?;
     let n = first.n;
     let batch = first.pairs.clone();
-    let mut finals: Vec<Option<PairReport>> = vec![None; batch.len()];
-    let mut attempts = vec![0u32; batch.len()];
-    let mut earlier: Vec<Option<String>> = vec![None; batch.len()];
+    // Each pair's attempts so far; it is final once it passed or was attempted twice.
+    let mut tries: Vec<Vec<Outcome>> = vec![Vec::new(); batch.len()];
     let mut restarts = 0;
     let mut current: Vec<usize> = (0..batch.len()).collect();
     let mut out = first;
     loop {
         workers.append(&mut out.workers);
         peak_in_flight = peak_in_flight.max(out.peak_in_flight);
-        let (mut next, mut retry) = (Vec::new(), Vec::new());
+        let (mut next, mut again) = (Vec::new(), Vec::new());
         for (&i, outcome) in current.iter().zip(out.outcomes.drain(..)) {
-            match outcome {
-                None => next.push(i),
-                Some(o) => {
-                    attempts[i] += 1;
-                    if let (Some(stopped), true) = (o.stopped(), attempts[i] < 2) {
-                        earlier[i] = Some(stopped.to_string());
-                        retry.push(i);
-                    } else {
-                        finals[i] = Some(PairReport {
-                            pair: batch[i],
-                            outcome: o,
-                            attempts: attempts[i],
-                            earlier: earlier[i].clone(),
-                        });
-                    }
-                }
+            let Some(o) = outcome else {
+                next.push(i); // interrupted before it ran: not an attempt
+                continue;
+            };
+            let passed = o.passed();
+            tries[i].push(o);
+            if !passed && tries[i].len() < 2 {
+                again.push(i);
             }
         }
         let hold = next.len();
-        next.append(&mut retry);
+        next.append(&mut again);
         if next.is_empty() {
             break;
         }
         if cancel.load(Ordering::Relaxed) {
             return Err(Error::Cancelled);
+        }
+        if ctx.past_deadline() {
+            break;
         }
         restarts += 1;
         let rerun: Vec<Pair> = next.iter().map(|&i| batch[i]).collect();
@@ -879,26 +1158,33 @@ fn run_rounds(
         out = match fresh {
             Ok(out) => out,
             Err(Error::Cancelled) => return Err(Error::Cancelled),
-            // No fresh worker could start: every pair left is an error.
+            Err(_) if ctx.past_deadline() => break,
+            // No fresh worker could start: that is every pair's attempt left.
             Err(e) => {
                 let why = format!("no fresh worker could start after an earlier failure: {e}");
                 for &i in &next {
-                    finals[i] = Some(PairReport {
-                        pair: batch[i],
-                        outcome: Outcome::Error(why.clone()),
-                        attempts: attempts[i],
-                        earlier: earlier[i].clone(),
-                    });
+                    tries[i].push(Outcome::Error(why.clone()));
                 }
                 break;
             }
         };
         current = next;
     }
-    let pairs: Vec<PairReport> = finals
-        .into_iter()
-        .map(|p| p.expect("every pair is final when the rounds end"))
+    let not_attempted = format!("not attempted: {}", ctx.deadline_words());
+    let pairs: Vec<PairReport> = batch
+        .iter()
+        .zip(tries)
+        .map(|(&pair, tries)| PairReport::settle(pair, tries, &not_attempted))
         .collect();
+    let count = |e: Evidence| pairs.iter().filter(|p| p.evidence == e).count();
+    let (never, unconfirmed) = (count(Evidence::NotAttempted), count(Evidence::Unconfirmed));
+    if never + unconfirmed > 0 {
+        warnings.push(format!(
+            "{} before every pair was settled: {never} pair(s) not attempted, {unconfirmed} \
+             failure(s) not confirmed (the whole check's timeout allows more)",
+            ctx.deadline_words()
+        ));
+    }
     for p in pairs.iter().filter(|p| p.disagree()) {
         warnings.push(format!(
             "{}: the two processes disagree ({}); counted as false",
@@ -1047,5 +1333,168 @@ pub(crate) fn hello_count(
             limit.unwrap_or(0)
         ))),
         Ok(n) => Ok(n),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Check;
+
+    const PAIR: Pair = Pair { src: 0, tgt: 1 };
+
+    fn side(copy: std::result::Result<(), Problem>, kernel: TierOutcome) -> SideVerdict {
+        SideVerdict {
+            copy,
+            claim: Some(true),
+            kernel,
+            handshake: TierOutcome::NotRun,
+        }
+    }
+
+    /// `wrong` of 1024 bytes wrong, `stale` of them still the old contents.
+    fn mismatch(check: Check, wrong: u64, stale: u64) -> Problem {
+        Problem::Mismatch {
+            check,
+            wrong,
+            total: 1024,
+            first_bad: 0,
+            seen: Some(1),
+            expected: 2,
+            width: 0,
+            stale,
+        }
+    }
+
+    fn pass() -> Outcome {
+        Outcome::Done {
+            producer: side(Ok(()), TierOutcome::Ok),
+            consumer: side(Ok(()), TierOutcome::Ok),
+        }
+    }
+
+    /// The copy tier fails: never-written (every byte stale) or wrong-data.
+    fn copy_fails(stale: u64) -> Outcome {
+        let p = mismatch(Check::CopyReadBack, 1024, stale);
+        Outcome::Done {
+            producer: side(Err(p.clone()), TierOutcome::NotRun),
+            consumer: side(Err(p), TierOutcome::NotRun),
+        }
+    }
+
+    /// The copy tier passes and the kernel tier's loads are wrong.
+    fn kernel_fails() -> Outcome {
+        Outcome::Done {
+            producer: side(Ok(()), TierOutcome::Ok),
+            consumer: side(
+                Ok(()),
+                TierOutcome::Failed(mismatch(Check::KernelLoads, 1024, 0)),
+            ),
+        }
+    }
+
+    fn settle(tries: Vec<Outcome>) -> PairReport {
+        PairReport::settle(PAIR, tries, "not attempted: the check's deadline passed")
+    }
+
+    #[test]
+    fn only_a_pass_at_once_or_the_same_failure_twice_is_a_fact() {
+        let passed = settle(vec![pass()]);
+        assert_eq!((passed.evidence, passed.ok()), (Evidence::Passed, true));
+        assert!(passed.persistable() && passed.details().is_empty());
+
+        let confirmed = settle(vec![copy_fails(1024), copy_fails(1024)]);
+        assert_eq!(confirmed.evidence, Evidence::Confirmed);
+        assert!(confirmed.persistable() && !confirmed.ok());
+        assert_eq!(confirmed.attempts, 2);
+        assert_eq!(confirmed.failed_tier(), Some(Level::Copy));
+        assert_eq!(
+            confirmed.other_attempt.as_deref(),
+            Some("first attempt: fails at the copy tier (never-written)")
+        );
+
+        // The same tier, another diagnosis; another tier.
+        for second in [copy_fails(0), kernel_fails()] {
+            let r = settle(vec![copy_fails(1024), second]);
+            assert_eq!(r.evidence, Evidence::Inconsistent);
+            assert!(!r.persistable() && !r.ok());
+        }
+    }
+
+    #[test]
+    fn a_failure_that_does_not_repeat_is_reported_answered_false_and_not_persisted() {
+        let r = settle(vec![kernel_fails(), pass()]);
+        assert_eq!(r.evidence, Evidence::NotRepeated);
+        assert!(!r.ok() && !r.persistable());
+        assert_eq!(
+            r.failed_tier(),
+            Some(Level::Kernel),
+            "the failing attempt decides"
+        );
+        let details = r.details().join("\n");
+        assert!(
+            details.contains("second attempt, on fresh workers: ok"),
+            "{details}"
+        );
+        assert!(details.contains("did not repeat"), "{details}");
+    }
+
+    #[test]
+    fn hangs_errors_and_deaths_nearby_are_never_facts() {
+        let hang = || Outcome::Hang("no answer".into());
+        let death = || Outcome::Error("the consumer was killed by signal 9".into());
+        for (tries, evidence, word) in [
+            (vec![hang(), hang()], Evidence::Hang, "hang"),
+            (vec![hang(), pass()], Evidence::Hang, "hang"),
+            (vec![copy_fails(1024), hang()], Evidence::Hang, "hang"),
+            (vec![death(), death()], Evidence::Error, "error"),
+            (vec![death(), pass()], Evidence::Error, "error"),
+            // A failure with a worker's death nearby, then the death itself.
+            (vec![copy_fails(1024), death()], Evidence::Error, "error"),
+            (vec![death(), copy_fails(1024)], Evidence::Error, "fails"),
+        ] {
+            let r = settle(tries);
+            assert_eq!(r.evidence, evidence, "{:?}", r.details());
+            assert_eq!(r.verdict().word(), word);
+            assert!(!r.persistable() && !r.ok());
+            assert!(r.other_attempt.is_some());
+        }
+    }
+
+    #[test]
+    fn what_the_deadline_cut_short_is_reported_so() {
+        let never = settle(Vec::new());
+        assert_eq!(
+            (never.evidence, never.attempts),
+            (Evidence::NotAttempted, 0)
+        );
+        assert_eq!(never.verdict().word(), "error");
+        assert!(never.verdict().reason().contains("deadline"));
+        let once = settle(vec![copy_fails(1024)]);
+        assert_eq!(once.evidence, Evidence::Unconfirmed);
+        assert!(!once.persistable() && !once.ok());
+        let hung = settle(vec![Outcome::Hang("no answer".into())]);
+        assert_eq!(hung.evidence, Evidence::Hang);
+    }
+
+    #[test]
+    fn the_whole_checks_budget_grows_with_the_gpus_and_the_timeouts() {
+        let opts = Options::default();
+        assert_eq!(opts.check_budget(8), Duration::from_secs(336));
+        assert_eq!(opts.check_budget(1), Duration::from_millis(180_250));
+        let short = Options {
+            startup_timeout: Duration::from_secs(1),
+            step_timeout: Duration::from_millis(100),
+            ..Options::default()
+        };
+        assert_eq!(
+            short.check_budget(2),
+            Duration::from_millis(2000 + 1600 + 1000)
+        );
+        let bad = Options {
+            check_timeout: Some(Duration::ZERO),
+            ..Options::default()
+        };
+        assert!(bad.validate().is_err());
     }
 }

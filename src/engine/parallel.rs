@@ -13,7 +13,9 @@
 //! that misses its deadline is killed: its head pair is `hang`; one that dies or breaks the
 //! protocol makes its head pair `error`; every other unfinished pair it was part of is
 //! interrupted and run again by the next round on fresh workers, while the pairs that do not
-//! involve it finish here.
+//! involve it finish here. A lost worker is killed without waiting; the graveyard reaps it.
+//! When the whole check's deadline passes, every unfinished pair is interrupted and every
+//! worker killed.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -22,17 +24,12 @@ use std::time::Instant;
 use super::pool::{next_event, Event, Graveyard, SendError, Worker};
 use super::{
     all_pairs, check_ids, hello_count, Ctx, Outcome, RoundError, RoundOut, Visibility, WorkerInfo,
-    CANCEL_POLL,
 };
 use crate::cuda::IPC_HANDLE_BYTES;
 use crate::error::Error;
 use crate::protocol::{Job, Level, Message, Op, Pair, Problem, Role, SideVerdict, TierOutcome};
 use crate::visible;
 use crate::worker::CONSUMER_FILL;
-
-/// How long a round that saw a failure waits for a worker's exit to show (see
-/// `discount_failures_caused_by_a_death`): a dying process's pipe closes within microseconds.
-const DEATH_GRACE: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// The steps of one pair at `level`: who does what, in order.
 fn steps(level: Level) -> Vec<(Who, StepKind)> {
@@ -176,6 +173,7 @@ pub(super) fn round(
     let mut run = Run {
         ctx,
         workers: Vec::new(),
+        lost: Vec::new(),
         members: Vec::new(),
         jobs: Vec::new(),
         in_flight: 0,
@@ -192,6 +190,9 @@ pub(super) fn round(
             graveyard.kill(w);
         }
     }
+    for w in run.lost.drain(..) {
+        graveyard.kill(w);
+    }
     let (pairs, outcomes) = result?;
     Ok(RoundOut {
         n: run.n,
@@ -205,6 +206,8 @@ pub(super) fn round(
 struct Run<'a> {
     ctx: &'a Ctx<'a>,
     workers: Vec<Option<Worker>>,
+    /// Workers lost (killed) during the round, for the graveyard to reap.
+    lost: Vec<Worker>,
     members: Vec<Member>,
     jobs: Vec<JobState>,
     in_flight: u32,
@@ -228,6 +231,7 @@ impl Run<'_> {
             }
         };
         self.n = n;
+        self.ctx.arm_deadline(n);
         let batch = match pairs {
             Some(p) => {
                 check_ids(p, n)?;
@@ -329,8 +333,15 @@ impl Run<'_> {
     fn wait_hello(&mut self, i: usize) -> Result<u32, RoundError> {
         while matches!(self.members[i].state, State::Starting) {
             self.check_cancel()?;
-            if let Some((from, event)) = next_event(&mut self.workers, Instant::now() + CANCEL_POLL)
-            {
+            if self.ctx.past_deadline() {
+                return Err(Error::Worker(format!(
+                    "{} before the {} said Hello",
+                    self.ctx.deadline_words(),
+                    self.worker(i).name()
+                ))
+                .into());
+            }
+            if let Some((from, event)) = next_event(&mut self.workers, self.ctx.wake()) {
                 self.on_event(from, event)?;
             }
         }
@@ -376,49 +387,33 @@ impl Run<'_> {
     fn event_loop(&mut self) -> Result<(), RoundError> {
         while self.jobs.iter().any(|j| !j.finished) {
             self.check_cancel()?;
-            let Some((from, event)) = next_event(&mut self.workers, Instant::now() + CANCEL_POLL)
-            else {
+            if self.ctx.past_deadline() {
+                self.stop_all();
+                break;
+            }
+            let Some((from, event)) = next_event(&mut self.workers, self.ctx.wake()) else {
                 continue;
             };
             self.on_event(from, event)?;
         }
-        self.discount_failures_caused_by_a_death()
+        Ok(())
     }
 
-    /// A pair whose other worker died can fail for that reason alone (a consumer's open of a
-    /// dead producer's memory fails): such a failure is not a fact about the machine. The
-    /// parent may read the failure before the death, so when a pair failed, every worker's
-    /// pipe gets a short grace to show an exit; then a failed pair with a worker lost in this
-    /// round is interrupted instead (the next round runs it again on fresh workers).
-    fn discount_failures_caused_by_a_death(&mut self) -> Result<(), RoundError> {
-        let failed = |j: &JobState| {
-            matches!(&j.outcome, Some(Outcome::Done { producer, consumer })
-                if producer.copy.is_err() || consumer.copy.is_err()
-                    || [&producer.kernel, &consumer.kernel, &producer.handshake, &consumer.handshake]
-                        .iter()
-                        .any(|t| matches!(t, TierOutcome::Failed(_))))
-        };
-        if !self.jobs.iter().any(failed) {
-            return Ok(());
+    /// The whole check's deadline passed: every unfinished pair is interrupted (not an
+    /// attempt) and every worker killed.
+    fn stop_all(&mut self) {
+        for j in self.jobs.iter_mut().filter(|j| !j.finished) {
+            j.finished = true;
+            j.outcome = None;
         }
-        let grace = Instant::now() + DEATH_GRACE;
-        for w in self.workers.iter_mut().flatten() {
-            w.deadline = Some(grace);
-        }
-        while let Some((from, event)) = next_event(&mut self.workers, grace) {
-            match event {
-                Event::Timeout => break,
-                event => self.on_event(from, event)?,
+        self.in_flight = 0;
+        for w in 0..self.workers.len() {
+            self.members[w].state = State::Gone;
+            if let Some(mut worker) = self.workers[w].take() {
+                worker.kill();
+                self.lost.push(worker);
             }
         }
-        for j in 0..self.jobs.len() {
-            let job = &self.jobs[j];
-            let lost = |w: usize| matches!(self.members[w].state, State::Gone);
-            if failed(job) && (lost(job.producer) || lost(job.consumer)) {
-                self.jobs[j].outcome = None;
-            }
-        }
-        Ok(())
     }
 
     fn on_event(&mut self, from: usize, event: Event) -> Result<(), RoundError> {
@@ -427,8 +422,9 @@ impl Run<'_> {
         match event {
             Event::Timeout if starting => Err(Error::Worker(format!(
                 "the {name} did not start CUDA and set up its GPU within the start-up timeout \
-                 ({:?})",
-                self.ctx.opts.startup_timeout
+                 ({:?}){}",
+                self.ctx.opts.startup_timeout,
+                self.worker(from).stderr_note()
             ))
             .into()),
             Event::Broken(why) if starting => {
@@ -436,11 +432,12 @@ impl Run<'_> {
             }
             Event::Timeout => {
                 let what = self.head_description(from);
+                let stderr = self.worker(from).stderr_note();
                 self.lose(
                     from,
                     Outcome::Hang(format!(
-                        "the {name} gave no answer within {:.1} s {what}; it was killed",
-                        self.ctx.opts.step_timeout.as_secs_f64()
+                        "the {name} gave no answer within {:.1} s {what}; it was killed{stderr}",
+                        self.ctx.opts.step_timeout.as_secs_f64(),
                     )),
                 );
                 Ok(())
@@ -796,8 +793,14 @@ impl Run<'_> {
 
     /// Worker `w` hung, died or broke the protocol: it is killed; the pair at its head gets
     /// `outcome`; every other unfinished pair it takes part in is interrupted (`None`: the
-    /// next round reruns it).
+    /// next round reruns it on fresh workers). When it died (an error, not a hang: a hung
+    /// worker's memory stays valid until it is killed, and then nothing of it is read), so
+    /// are the pairs it takes part in that finished with a failure: such a failure may be the
+    /// death's doing (a consumer's open of a dead producer's memory fails), and whether the
+    /// parent read it before or after the death is the host's scheduling. So it is no
+    /// attempt, whichever came first.
     fn lose(&mut self, w: usize, outcome: Outcome) {
+        let died = matches!(outcome, Outcome::Error(_));
         let head = self.members[w].queue.front().map(|&(j, _, _)| j);
         self.members[w].state = State::Gone;
         self.members[w].queue.clear();
@@ -806,10 +809,18 @@ impl Run<'_> {
             worker.kill();
             self.members[w].info.peak_rss_kb =
                 self.members[w].info.peak_rss_kb.max(worker.peak_rss_kb);
+            self.lost.push(worker);
         }
         for j in 0..self.jobs.len() {
             let job = &mut self.jobs[j];
-            if job.finished || (job.producer != w && job.consumer != w) {
+            if job.producer != w && job.consumer != w {
+                continue;
+            }
+            if job.finished {
+                let failed = |o: &Outcome| matches!(o, Outcome::Done { .. }) && !o.passed();
+                if died && job.outcome.as_ref().is_some_and(failed) {
+                    job.outcome = None;
+                }
                 continue;
             }
             job.finished = true;

@@ -1,28 +1,37 @@
 //! The parent's worker processes: finding the executable, starting any number of workers, one
 //! poll loop over all of them with a deadline per worker, and reaping them off the critical
-//! path.
+//! path — every wait, the kill and the reap included, with a deadline.
 //!
-//! A worker is its own process group (pgid = pid), so a kill reaches anything it started. Every
-//! read waits on a deadline the engine set for the step it expects; every write is non-blocking
-//! with a deadline too, so a worker that stops reading cannot stall the parent. A worker whose
-//! work is done is moved to the [`Graveyard`]: its stdin is closed (its signal to exit), and it
-//! is reaped later, after the verdicts have been handed over, or killed at a deadline.
+//! A worker is its own process group (pgid = pid), so a kill reaches anything it started; the
+//! group is signalled only while its leader is not reaped yet, so its id cannot name another
+//! process. Every read waits on a deadline the engine set for the step it expects; every write
+//! is non-blocking with a deadline too, so a worker that stops reading cannot stall the parent.
+//! A worker's stderr (and its fd 1, which its start points there) is a pipe the parent reads as
+//! it comes, keeping the last [`STDERR_KEEP`] bytes for the report: nothing of it reaches the
+//! host's own stderr, and a worker flooding it can neither block nor grow memory.
+//!
+//! A worker that is killed (it hung or broke the protocol) is not waited for where it was
+//! killed: it goes to the [`Graveyard`] with the workers whose work is done (their stdin
+//! closed: their signal to exit), which reaps them after the verdicts are handed over, through
+//! their pidfds, killing those still alive at a deadline. One that does not die within
+//! [`KILL_WAIT`] of SIGKILL (a process in uninterruptible sleep inside the driver: SIGKILL
+//! takes effect only when it leaves the kernel) is reported as stuck and left to the kernel:
+//! its handle is kept, and the next check of this process reaps it if it has died by then
+//! (until then it is a child of this process, a zombie once it dies).
 
-use std::collections::HashSet;
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
-
-use once_cell::sync::Lazy;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::cuda::trace;
 use crate::error::{Error, Result};
 use crate::os;
 use crate::protocol::{self, FrameReader, Message, ProtocolError};
-use crate::worker::{PARENT_PID_VAR, WORKER_FLAG};
+use crate::worker::WORKER_FLAG;
 
 /// Finds the worker executable, in this order:
 /// 1. `explicit` (from [`crate::Options::worker`]);
@@ -127,31 +136,118 @@ pub(crate) enum SendError {
     Gone,
 }
 
-/// Pids of the workers started and not yet reaped, in this process: what
-/// [`crate::kill_leftover_children`] must leave to the check that owns them.
-static TRACKED: Lazy<Mutex<HashSet<u32>>> = Lazy::new(Mutex::default);
+/// The most bytes of a worker's stderr kept for the report: the last ones.
+pub(crate) const STDERR_KEEP: usize = 4096;
 
-fn tracked() -> std::sync::MutexGuard<'static, HashSet<u32>> {
-    TRACKED.lock().unwrap_or_else(|p| p.into_inner())
+/// How long a killed process gets to die before it is reported stuck: SIGKILL takes effect
+/// when the process leaves the kernel, which a driver call in uninterruptible sleep delays.
+pub(crate) const KILL_WAIT: Duration = Duration::from_secs(5);
+
+/// How long a worker whose pipe closed gets to exit before it is killed.
+const EXIT_WAIT: Duration = Duration::from_secs(1);
+
+/// Waits for exits look again at least this often: a process without a pidfd (kernels before
+/// 5.3) shows its exit only to a look.
+const POLL_TICK: Duration = Duration::from_millis(50);
+
+/// Workers that did not die by their reap deadline: reaped by a later reap of this process
+/// (see the module's documentation).
+static PARKED: Mutex<Vec<Child>> = Mutex::new(Vec::new());
+
+/// Reaps, without waiting, the parked workers that have died since.
+fn reap_parked() {
+    let mut parked = PARKED.lock().unwrap_or_else(|p| p.into_inner());
+    parked.retain_mut(|c| matches!(c.try_wait(), Ok(None)));
 }
 
-/// Whether `pid` is a worker a check started and has not reaped yet.
-pub(crate) fn is_tracked(pid: u32) -> bool {
-    tracked().contains(&pid)
+/// Reads what the non-blocking pipe `fd` holds now, handing each chunk to `take`; at most 64
+/// reads (256 KiB), so a writer that never stops cannot hold the caller. `open` turns false at
+/// its end of file (or on an error: the pipe is not looked at again).
+fn drain(fd: RawFd, open: &mut bool, mut take: impl FnMut(&[u8])) {
+    let mut chunk = [0u8; 4096];
+    for _ in 0..64 {
+        if !*open {
+            return;
+        }
+        match os::read(fd, &mut chunk) {
+            Ok(0) => *open = false,
+            Ok(n) => take(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+            Err(_) => *open = false,
+        }
+    }
+}
+
+/// A worker's stderr: the pipe, and its last [`STDERR_KEEP`] bytes.
+struct Captured {
+    pipe: ChildStderr,
+    open: bool,
+    tail: Vec<u8>,
+    /// Bytes read and not kept (before the tail).
+    dropped: u64,
+}
+
+impl Captured {
+    fn drain(&mut self) {
+        let (tail, dropped) = (&mut self.tail, &mut self.dropped);
+        drain(self.pipe.as_raw_fd(), &mut self.open, |bytes| {
+            tail.extend_from_slice(bytes);
+            let excess = tail.len().saturating_sub(STDERR_KEEP);
+            tail.drain(..excess);
+            *dropped += excess as u64;
+        });
+    }
+
+    /// `; its stderr: "…"`, or nothing when it wrote nothing.
+    fn note(&self) -> String {
+        let text = String::from_utf8_lossy(&self.tail);
+        let text = text.trim();
+        // A worker of an older p2pcheck speaks on its stdout, which lands here.
+        let older = match self.tail.windows(4).any(|w| w == protocol::MAGIC) {
+            true => {
+                " (protocol frames: a worker of an older p2pcheck, which speaks on its \
+                     stdout; use the worker of this version)"
+            }
+            false => "",
+        };
+        match (text.is_empty(), self.dropped) {
+            (true, _) => String::new(),
+            (false, 0) => format!("; its stderr{older}: {text:?}"),
+            (false, n) => format!("; its stderr{older} ({n} earlier bytes not kept): {text:?}"),
+        }
+    }
+}
+
+/// How a process was reaped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Reaped {
+    /// Its exit status.
+    Exited(ExitStatus),
+    /// Other code of this process reaped it (`waitpid(-1)`): its status is unknown.
+    Elsewhere,
 }
 
 /// One running worker process.
 pub(crate) struct Worker {
     /// Who it is, for messages: "producer", "worker of GPU 2", ...
     pub label: String,
-    child: Child,
+    pid: u32,
+    /// `None` once parked (it did not die by its reap deadline).
+    child: Option<Child>,
     stdin: Option<ChildStdin>,
     reader: FrameReader,
-    _stdout: ChildStdout,
+    stdout: ChildStdout,
+    /// The protocol pipe may still hold bytes (false after its end of file).
+    stdout_open: bool,
+    /// `None` when it shares this process's stderr (the audit trace goes there).
+    stderr: Option<Captured>,
     /// Readable once the process has exited (where the kernel offers pidfds): its death is
-    /// seen even if a descendant keeps the pipe open.
+    /// seen even if a descendant keeps the pipe open, and reaping waits on it.
     pidfd: Option<OwnedFd>,
-    reaped: Option<ExitStatus>,
+    reaped: Option<Reaped>,
+    /// Lost during the check: SIGKILL was sent to its group (or it was dead already).
+    killed: bool,
     /// The step the engine waits for must arrive by then; `None`: nothing is expected.
     pub deadline: Option<Instant>,
     /// Whether the poll loop reads from it (a vLLM worker that sent all it owes is not read:
@@ -164,53 +260,90 @@ pub(crate) struct Worker {
 }
 
 impl Worker {
-    /// Starts `path` as a worker with `env` added to this process's environment.
+    /// Starts `path` as a worker with `env` added to this process's environment. Everything
+    /// that sets the worker up (its descriptors, `PR_SET_PDEATHSIG`) happens in the child
+    /// before exec ([`os::worker_pre_exec`]): nothing of this process changes.
     pub(crate) fn spawn(path: &Path, label: String, env: &[(String, String)]) -> Result<Worker> {
-        let mut child = Command::new(path)
-            .arg(WORKER_FLAG)
+        // The audit trace to stderr (P2PCHECK_TRACE=1) asks for every process's lines there:
+        // then the worker shares this process's stderr instead of having it captured.
+        let to_stderr = trace::Setting::from_value(std::env::var_os(trace::VAR).as_deref())
+            == trace::Setting::Stderr;
+        let mut cmd = Command::new(path);
+        cmd.arg(WORKER_FLAG)
             .envs(env.iter().map(|(k, v)| (k, v)))
-            // The worker asks to be killed when its parent dies (see worker::main); it needs
-            // the parent's pid to close the race where the parent died before it asked.
-            .env(PARENT_PID_VAR, std::process::id().to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(if to_stderr {
+                Stdio::inherit()
+            } else {
+                Stdio::piped()
+            })
             // Its own process group, so a kill reaches anything it started too.
-            .process_group(0)
+            .process_group(0);
+        os::worker_pre_exec(&mut cmd);
+        let mut child = cmd
             .spawn()
             .map_err(|e| Error::Worker(format!("cannot start worker {}: {e}", path.display())))?;
+        let pid = child.id();
         let stdin = child.stdin.take();
         let stdout = child.stdout.take().expect("stdout was piped");
-        if let Some(s) = &stdin {
-            // Writes must never block: a worker that stops reading would stall the parent.
-            os::set_nonblocking(s)
-                .map_err(|e| Error::Worker(format!("cannot set up the worker's pipe: {e}")))?;
-        }
-        let pidfd = os::pidfd_open(child.id()).ok();
-        tracked().insert(child.id());
-        Ok(Worker {
+        let stderr = child.stderr.take().map(|pipe| Captured {
+            pipe,
+            open: true,
+            tail: Vec::new(),
+            dropped: 0,
+        });
+        let worker = Worker {
             label,
+            pid,
             reader: FrameReader::new(&stdout),
-            _stdout: stdout,
-            pidfd,
+            stdout,
+            stdout_open: true,
+            stderr,
+            pidfd: os::pidfd_open(pid).ok(),
             stdin,
-            child,
+            child: Some(child),
             reaped: None,
+            killed: false,
             deadline: None,
             listening: true,
             sees: None,
             peak_rss_kb: 0,
-        })
+        };
+        // Writes must never block (a worker that stops reading would stall the parent), nor
+        // reads of its output once poll said there is some (a drain reads until empty). On an
+        // error the worker is dropped: killed, and reaped later.
+        let blocking = |e| Error::Worker(format!("cannot set up the worker's pipes: {e}"));
+        if let Some(s) = &worker.stdin {
+            os::set_nonblocking(s).map_err(blocking)?;
+        }
+        os::set_nonblocking(&worker.stdout).map_err(blocking)?;
+        if let Some(c) = &worker.stderr {
+            os::set_nonblocking(&c.pipe).map_err(blocking)?;
+        }
+        Ok(worker)
     }
 
     /// The worker's pid.
     pub(crate) fn pid(&self) -> u32 {
-        self.child.id()
+        self.pid
     }
 
     /// "worker of GPU 2 (pid 123)".
     pub(crate) fn name(&self) -> String {
-        format!("{} (pid {})", self.label, self.child.id())
+        format!("{} (pid {})", self.label, self.pid)
+    }
+
+    /// What it wrote to its stderr so far (the last [`STDERR_KEEP`] bytes), as
+    /// `; its stderr: "…"` to append to a message about it; empty when nothing.
+    pub(crate) fn stderr_note(&mut self) -> String {
+        match &mut self.stderr {
+            Some(c) => {
+                c.drain();
+                c.note()
+            }
+            None => String::new(),
+        }
     }
 
     /// Sends `m`, giving up at `deadline`; `Err` says why in words.
@@ -237,17 +370,29 @@ impl Worker {
         };
         os::write_all_until(stdin, &protocol::encode(m), deadline).map_err(|e| {
             if e.kind() == std::io::ErrorKind::TimedOut {
-                SendError::Stuck(format!("the {} stopped reading its pipe", self.name()))
+                SendError::Stuck(format!(
+                    "the {} stopped reading its pipe{}",
+                    self.name(),
+                    self.stderr_note()
+                ))
             } else {
                 SendError::Gone
             }
         })
     }
 
-    /// Why a worker is gone or broken: it is reaped here if it exited (killed if it lingers).
+    /// Why a worker is gone or broken, with what it wrote to stderr: it is reaped here if it
+    /// exits within [`EXIT_WAIT`], killed otherwise (and reaped later).
     pub(crate) fn death_note(&mut self) -> String {
-        match self.wait_until(Instant::now() + Duration::from_secs(1)) {
-            Some(status) => format!("the {} {}", self.name(), describe_exit(status)),
+        let note = match self.wait_until(Instant::now() + EXIT_WAIT) {
+            Some(Reaped::Exited(status)) => {
+                format!("the {} {}", self.name(), describe_exit(status))
+            }
+            Some(Reaped::Elsewhere) => format!(
+                "the {} exited and was reaped by other code of this process (its status is \
+                 unknown)",
+                self.name()
+            ),
             None => {
                 self.kill();
                 format!(
@@ -255,48 +400,123 @@ impl Worker {
                     self.name()
                 )
             }
-        }
+        };
+        format!("{note}{}", self.stderr_note())
     }
 
-    fn wait_until(&mut self, deadline: Instant) -> Option<ExitStatus> {
+    /// Waits until it has exited and is reaped, or until `deadline` (`None`).
+    fn wait_until(&mut self, deadline: Instant) -> Option<Reaped> {
         loop {
-            if let Some(s) = self.try_reap() {
-                return Some(s);
+            if let Some(r) = Mortal::try_reap(self) {
+                return Some(r);
             }
-            if Instant::now() >= deadline {
+            let now = Instant::now();
+            if now >= deadline {
                 return None;
             }
-            std::thread::sleep(Duration::from_millis(2));
+            let fds: Vec<RawFd> = self.pidfd.iter().map(AsRawFd::as_raw_fd).collect();
+            let _ = os::poll_readable(&fds, deadline.min(now + POLL_TICK));
         }
     }
 
-    fn try_reap(&mut self) -> Option<ExitStatus> {
-        if self.reaped.is_none() {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                self.reaped = Some(status);
-                tracked().remove(&self.child.id());
-            }
-        }
-        self.reaped
-    }
-
-    /// SIGKILL to its process group, then reaps it.
+    /// SIGKILL to its process group, without waiting (it is reaped later, with a deadline);
+    /// from here on it counts as lost during the check, dead already or not.
     pub(crate) fn kill(&mut self) {
-        if self.reaped.is_some() {
-            return;
+        if self.reaped.is_none() && !self.killed {
+            // Its group id is its pid, which names no other process while it is not reaped.
+            os::kill_process_group(self.pid);
         }
-        // The worker was started as its own process group leader (pgid = pid).
-        os::kill_process_group(self.child.id());
-        if let Ok(status) = self.child.wait() {
-            self.reaped = Some(status);
-        }
-        tracked().remove(&self.child.id());
+        self.killed = true;
     }
 }
 
 impl Drop for Worker {
     fn drop(&mut self) {
-        self.kill();
+        // Workers end in a graveyard; one dropped elsewhere (an error while starting, a panic
+        // unwinding) is killed and parked, never waited for here.
+        if Mortal::try_reap(self).is_none() {
+            Mortal::kill(self);
+            Mortal::park(self);
+        }
+    }
+}
+
+/// What reaping needs of a process: [`Worker`] in a check, stand-ins in tests.
+pub(crate) trait Mortal {
+    /// "worker of GPU 2 (pid 123)".
+    fn name(&self) -> String;
+    /// Reaps it if it has exited, without waiting.
+    fn try_reap(&mut self) -> Option<Reaped>;
+    /// SIGKILL, without waiting.
+    fn kill(&mut self);
+    /// Whether [`Mortal::kill`] was called.
+    fn killed(&self) -> bool;
+    /// Descriptors that turn readable when it exits or writes: what to poll while waiting.
+    fn wake_fds(&self) -> Vec<RawFd>;
+    /// Reads what its pipes hold now: a process blocked on a full pipe would never exit.
+    fn drain(&mut self);
+    /// `; its stderr: "…"`, or nothing.
+    fn stderr_note(&mut self) -> String;
+    /// Gives up on reaping it now: a later reap of this process tries again.
+    fn park(&mut self);
+}
+
+impl Mortal for Worker {
+    fn name(&self) -> String {
+        Worker::name(self)
+    }
+
+    fn try_reap(&mut self) -> Option<Reaped> {
+        if self.reaped.is_none() {
+            // waitpid(pid, WNOHANG): the pid is this process's unreaped child, so it names no
+            // other process.
+            self.reaped = match self.child.as_mut()?.try_wait() {
+                Ok(Some(status)) => Some(Reaped::Exited(status)),
+                Ok(None) => None,
+                Err(_) => Some(Reaped::Elsewhere),
+            };
+        }
+        self.reaped
+    }
+
+    fn kill(&mut self) {
+        Worker::kill(self);
+    }
+
+    fn killed(&self) -> bool {
+        self.killed
+    }
+
+    fn wake_fds(&self) -> Vec<RawFd> {
+        let mut fds: Vec<RawFd> = self.pidfd.iter().map(AsRawFd::as_raw_fd).collect();
+        if self.stdout_open {
+            fds.push(self.stdout.as_raw_fd());
+        }
+        fds.extend(
+            self.stderr
+                .iter()
+                .filter(|c| c.open)
+                .map(|c| c.pipe.as_raw_fd()),
+        );
+        fds
+    }
+
+    fn drain(&mut self) {
+        // Its work is done: what it still sends on the protocol pipe is not read.
+        drain(self.stdout.as_raw_fd(), &mut self.stdout_open, |_| {});
+        if let Some(c) = &mut self.stderr {
+            c.drain();
+        }
+    }
+
+    fn stderr_note(&mut self) -> String {
+        Worker::stderr_note(self)
+    }
+
+    fn park(&mut self) {
+        if let Some(child) = self.child.take() {
+            PARKED.lock().unwrap_or_else(|p| p.into_inner()).push(child);
+        }
     }
 }
 
@@ -320,11 +540,28 @@ pub(crate) fn describe_exit(status: ExitStatus) -> String {
     format!("was killed by signal {sig} ({name})")
 }
 
+/// Where a descriptor the poll loop watches comes from.
+#[derive(Clone, Copy)]
+enum Source {
+    /// The protocol pipe.
+    Pipe,
+    /// The pidfd: the process exited.
+    Exit,
+    /// Its stderr.
+    Stderr,
+}
+
 /// Waits for the next event from any listening worker of `workers`: a message already
 /// buffered, one that arrives, a broken pipe, or the earliest deadline passing. Returns `None`
 /// at `wake` (so the caller can look at a cancel flag) or when no listening worker has a
 /// deadline (nothing the caller waits for can happen).
+///
+/// Once a deadline (or `wake`) has passed, the pipes are looked at once more without waiting:
+/// an answer already written counts, however late this thread got to read it; then the
+/// deadline is met. Nothing a worker writes (valid frames, a trickle of bytes, a flood on
+/// stderr) can keep the loop from meeting it.
 pub(crate) fn next_event(workers: &mut [Option<Worker>], wake: Instant) -> Option<(usize, Event)> {
+    let mut last_look = false;
     loop {
         for (i, w) in workers.iter_mut().enumerate() {
             let Some(w) = w.as_mut().filter(|w| w.listening) else {
@@ -343,48 +580,54 @@ pub(crate) fn next_event(workers: &mut [Option<Worker>], wake: Instant) -> Optio
             .iter()
             .filter_map(|&i| workers[i].as_ref().and_then(|w| w.deadline).map(|d| (i, d)))
             .min_by_key(|&(_, d)| d)?;
-        // Each worker's pipe, and its pidfd where there is one.
+        let now = Instant::now();
+        if now >= deadline.min(wake) {
+            if last_look {
+                return (now >= deadline).then_some((first, Event::Timeout));
+            }
+            last_look = true;
+        }
+        // Each worker's pipe and pidfd first, then the stderr pipes: poll names the first
+        // ready descriptor, so a flood on stderr never hides an answer or a death.
         let mut fds = Vec::new();
         let mut owners = Vec::new();
         for &i in &live {
             let w = workers[i].as_ref().expect("live");
             fds.push(w.reader.fd());
-            owners.push((i, false));
+            owners.push((i, Source::Pipe));
             if let Some(p) = &w.pidfd {
                 fds.push(p.as_raw_fd());
-                owners.push((i, true));
+                owners.push((i, Source::Exit));
             }
         }
-        match os::poll_readable(&fds, deadline.min(wake)) {
-            Ok(Some(k)) => {
-                let (i, exited) = owners[k];
-                let w = workers[i].as_mut().expect("live");
-                if !exited {
-                    if let Err(e) = w.reader.fill() {
-                        return Some((i, Event::Broken(broken(w, e))));
-                    }
-                    continue;
+        for &i in &live {
+            if let Some(c) = workers[i].as_ref().and_then(|w| w.stderr.as_ref()) {
+                if c.open {
+                    fds.push(c.pipe.as_raw_fd());
+                    owners.push((i, Source::Stderr));
                 }
-                // It exited: what it wrote before comes first, then its death (a bounded
-                // drain: a descendant holding the pipe could keep writing).
-                for _ in 0..16 {
-                    if !os::readable_now(w.reader.fd()) {
-                        break;
-                    }
-                    match w.reader.fill() {
-                        Ok(()) => {}
-                        Err(ProtocolError::Eof) => break,
-                        Err(e) => return Some((i, Event::Broken(broken(w, e)))),
-                    }
-                }
-                return Some(match w.reader.buffered() {
-                    Ok(Some(m)) => (i, Event::Message(m)),
-                    Ok(None) => (i, Event::Broken(w.death_note())),
-                    Err(e) => (i, Event::Broken(broken(w, e))),
-                });
             }
-            Ok(None) if Instant::now() >= deadline => return Some((first, Event::Timeout)),
-            Ok(None) => return None,
+        }
+        let until = if last_look { now } else { deadline.min(wake) };
+        match os::poll_readable(&fds, until) {
+            Ok(None) => {}
+            Ok(Some(k)) => {
+                let (i, source) = owners[k];
+                let w = workers[i].as_mut().expect("live");
+                match source {
+                    Source::Stderr => {
+                        if let Some(c) = &mut w.stderr {
+                            c.drain();
+                        }
+                    }
+                    Source::Pipe => {
+                        if let Err(e) = w.reader.fill() {
+                            return Some((i, Event::Broken(broken(w, e))));
+                        }
+                    }
+                    Source::Exit => return Some(exited(i, w)),
+                }
+            }
             Err(e) => {
                 let w = workers[first].as_mut().expect("live");
                 return Some((
@@ -396,15 +639,34 @@ pub(crate) fn next_event(workers: &mut [Option<Worker>], wake: Instant) -> Optio
     }
 }
 
-fn broken(w: &mut Worker, e: ProtocolError) -> String {
-    match e {
-        ProtocolError::Eof => w.death_note(),
-        e => format!("the {}: {e}", w.name()),
+/// Worker `i` exited: what it wrote before comes first, then its death (a bounded drain: a
+/// descendant holding the pipe could keep writing).
+fn exited(i: usize, w: &mut Worker) -> (usize, Event) {
+    for _ in 0..16 {
+        if !os::readable_now(w.reader.fd()) {
+            break;
+        }
+        match w.reader.fill() {
+            Ok(()) => {}
+            Err(ProtocolError::Eof) => break,
+            Err(e) => return (i, Event::Broken(broken(w, e))),
+        }
+    }
+    match w.reader.buffered() {
+        Ok(Some(m)) => (i, Event::Message(m)),
+        Ok(None) => (i, Event::Broken(w.death_note())),
+        Err(e) => (i, Event::Broken(broken(w, e))),
     }
 }
 
-/// Workers whose work is done: their stdin is closed and they are exiting (context teardown
-/// takes about as long as creating it). They are reaped after the answer is out.
+fn broken(w: &mut Worker, e: ProtocolError) -> String {
+    match e {
+        ProtocolError::Eof => w.death_note(),
+        e => format!("the {}: {e}{}", w.name(), w.stderr_note()),
+    }
+}
+
+/// Workers whose work is done, and killed ones: reaped after the answer is out.
 #[derive(Default)]
 pub(crate) struct Graveyard {
     workers: Vec<Worker>,
@@ -421,33 +683,233 @@ impl Graveyard {
     /// Kills `w` (a hung or broken worker) and keeps it for reaping.
     pub(crate) fn kill(&mut self, mut w: Worker) {
         w.kill();
+        w.listening = false;
         self.workers.push(w);
     }
 
-    /// Reaps every worker, killing those still alive at `deadline`; returns a warning for each
-    /// that did not exit cleanly on its own (every verdict is in by now, so nothing more).
-    pub(crate) fn reap(mut self, deadline: Instant) -> Vec<String> {
-        let mut warnings = Vec::new();
-        for w in self.workers.iter_mut() {
-            let killed = w.reaped.is_some() && w.stdin.is_some();
-            match w.wait_until(deadline) {
-                _ if killed => {}
-                Some(status) if status.success() => {}
-                Some(status) => warnings.push(format!(
-                    "the {} {} after its work",
-                    w.name(),
-                    describe_exit(status)
-                )),
-                None => {
-                    w.kill();
-                    warnings.push(format!(
-                        "the {} did not exit after its work; killed",
-                        w.name()
-                    ));
-                }
+    /// Reaps every worker (and any parked earlier that has died since), killing those still
+    /// alive at `exit_by`; returns a warning for each that did not exit cleanly on its own and
+    /// was not killed during the check (every verdict is in by now, so nothing more). Returns
+    /// by `exit_by` + [`KILL_WAIT`].
+    pub(crate) fn reap(mut self, exit_by: Instant) -> Vec<String> {
+        reap_parked();
+        reap_all(&mut self.workers, exit_by, KILL_WAIT)
+    }
+}
+
+/// Waits for every process of `procs` to exit until `exit_by`, then kills those still alive
+/// and gives them `kill_wait` to die; returns a warning for each that did not exit cleanly on
+/// its own and was not killed before, and for each that did not die at all (parked: "stuck in
+/// the driver; left to the kernel"). Returns by `exit_by` + `kill_wait` (plus one poll).
+pub(crate) fn reap_all<P: Mortal>(
+    procs: &mut [P],
+    exit_by: Instant,
+    kill_wait: Duration,
+) -> Vec<String> {
+    wait_all(procs, exit_by);
+    let mut late = vec![false; procs.len()];
+    for (p, late) in procs.iter_mut().zip(&mut late) {
+        if p.try_reap().is_none() {
+            *late = !p.killed();
+            p.kill();
+        }
+    }
+    wait_all(procs, Instant::now() + kill_wait);
+    let mut warnings = Vec::new();
+    for (p, late) in procs.iter_mut().zip(late) {
+        let name = p.name();
+        match p.try_reap() {
+            None => {
+                p.park();
+                warnings.push(format!(
+                    "the {name} did not die within {:.1} s of SIGKILL: stuck in the driver; \
+                     left to the kernel (a later check of this process reaps it){}",
+                    kill_wait.as_secs_f64(),
+                    p.stderr_note()
+                ));
+            }
+            Some(_) if late => warnings.push(format!(
+                "the {name} did not exit after its work; killed{}",
+                p.stderr_note()
+            )),
+            // Killed during the check: its pair's verdict says why.
+            Some(_) if p.killed() => {}
+            Some(Reaped::Exited(status)) if status.success() => {}
+            Some(Reaped::Exited(status)) => warnings.push(format!(
+                "the {name} {} after its work{}",
+                describe_exit(status),
+                p.stderr_note()
+            )),
+            Some(Reaped::Elsewhere) => warnings.push(format!(
+                "the {name} was reaped by other code of this process (a host must not reap \
+                 children it did not start while a check runs)"
+            )),
+        }
+    }
+    warnings
+}
+
+/// Waits until every process of `procs` is reaped or `until` passes, draining their pipes.
+fn wait_all<P: Mortal>(procs: &mut [P], until: Instant) {
+    loop {
+        let mut fds = Vec::new();
+        let mut alive = false;
+        for p in procs.iter_mut() {
+            p.drain();
+            if p.try_reap().is_none() {
+                alive = true;
+                fds.extend(p.wake_fds());
             }
         }
-        self.workers.clear();
-        warnings
+        let now = Instant::now();
+        if !alive || now >= until {
+            return;
+        }
+        let _ = os::poll_readable(&fds, until.min(now + POLL_TICK));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A process that exits on its own after `exits_after` looks, or, killed, after
+    /// `dies_after` more (`None`: never, as in uninterruptible sleep inside a driver).
+    struct Stub {
+        looks: u32,
+        exits_after: Option<u32>,
+        dies_after: Option<u32>,
+        killed_at: Option<u32>,
+        parked: bool,
+    }
+
+    impl Stub {
+        fn new(exits_after: Option<u32>, dies_after: Option<u32>) -> Stub {
+            Stub {
+                looks: 0,
+                exits_after,
+                dies_after,
+                killed_at: None,
+                parked: false,
+            }
+        }
+    }
+
+    impl Mortal for Stub {
+        fn name(&self) -> String {
+            "stub".into()
+        }
+        fn try_reap(&mut self) -> Option<Reaped> {
+            self.looks += 1;
+            let exited = self.exits_after.is_some_and(|n| self.looks > n);
+            let died = matches!((self.killed_at, self.dies_after), (Some(k), Some(n)) if self.looks > k + n);
+            (exited || died).then(|| {
+                Reaped::Exited(ExitStatus::from_raw(if exited { 0 } else { libc::SIGKILL }))
+            })
+        }
+        fn kill(&mut self) {
+            self.killed_at.get_or_insert(self.looks);
+        }
+        fn killed(&self) -> bool {
+            self.killed_at.is_some()
+        }
+        fn wake_fds(&self) -> Vec<RawFd> {
+            Vec::new()
+        }
+        fn drain(&mut self) {}
+        fn stderr_note(&mut self) -> String {
+            String::new()
+        }
+        fn park(&mut self) {
+            self.parked = true;
+        }
+    }
+
+    #[test]
+    fn a_process_that_never_dies_after_sigkill_is_reported_stuck_by_the_deadline() {
+        let mut procs = [
+            Stub::new(Some(2), None),
+            Stub::new(None, Some(3)),
+            Stub::new(None, None),
+        ];
+        let started = Instant::now();
+        let warnings = reap_all(
+            &mut procs,
+            started + Duration::from_millis(200),
+            Duration::from_millis(300),
+        );
+        let took = started.elapsed();
+        // Bounded: the two waits and a poll tick, with room for a loaded machine.
+        assert!(took >= Duration::from_millis(500), "{took:?}");
+        assert!(took < Duration::from_secs(5), "{took:?}");
+        assert!(procs[0].killed_at.is_none() && !procs[0].parked);
+        assert!(procs[1].killed() && !procs[1].parked);
+        assert!(procs[2].killed() && procs[2].parked);
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert_eq!(warnings[0], "the stub did not exit after its work; killed");
+        assert!(
+            warnings[1].starts_with(
+                "the stub did not die within 0.3 s of SIGKILL: stuck in the driver; left to \
+                 the kernel"
+            ),
+            "{}",
+            warnings[1]
+        );
+    }
+
+    #[test]
+    fn processes_that_exit_in_time_are_not_waited_for_to_the_deadline() {
+        let mut procs = [Stub::new(Some(1), None), Stub::new(Some(3), None)];
+        let started = Instant::now();
+        let warnings = reap_all(
+            &mut procs,
+            started + Duration::from_secs(30),
+            Duration::from_secs(30),
+        );
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert!(procs.iter().all(|p| !p.killed() && !p.parked));
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_flood_on_stderr_keeps_only_its_last_bytes_and_never_blocks_the_reader() {
+        let (r, w) = os::pipe().unwrap();
+        os::set_nonblocking(&r).unwrap();
+        os::set_nonblocking(&w).unwrap();
+        let mut c = Captured {
+            pipe: ChildStderr::from(OwnedFd::from(r)),
+            open: true,
+            tail: Vec::new(),
+            dropped: 0,
+        };
+        let mut written = 0u64;
+        for i in 0..200u32 {
+            // Fill the pipe as far as it takes, then read it: never more than it holds.
+            while let Ok(n) = std::io::Write::write(&mut &w, format!("line {i}\n").as_bytes()) {
+                written += n as u64;
+            }
+            c.drain();
+            assert!(c.tail.len() <= STDERR_KEEP);
+        }
+        drop(w);
+        c.drain();
+        assert!(!c.open, "its end of file is seen");
+        assert_eq!(c.tail.len() as u64 + c.dropped, written);
+        let note = c.note();
+        assert!(note.contains("line 199"), "{note}");
+        assert!(note.contains("earlier bytes not kept"), "{note}");
+    }
+
+    #[test]
+    fn a_killed_process_that_dies_is_no_news() {
+        let mut p = Stub::new(None, Some(0));
+        p.kill();
+        let warnings = reap_all(
+            std::slice::from_mut(&mut p),
+            Instant::now(),
+            Duration::from_secs(30),
+        );
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert!(!p.parked);
     }
 }

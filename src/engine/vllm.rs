@@ -8,7 +8,7 @@ use std::time::Instant;
 use super::pool::{next_event, Event, Graveyard, Worker};
 use super::{all_pairs, check_ids, hello_count, Ctx, Outcome, RoundError, RoundOut, WorkerInfo};
 use crate::error::Error;
-use crate::protocol::{Job, Message, Pair, Role, SideVerdict};
+use crate::protocol::{self, Job, Level, Message, Pair, Role, SideVerdict, TierParams};
 
 /// Messages one side may send for one pair: two Handles or Openeds, five barriers, a verdict —
 /// and some slack. More is a worker flooding the pipe, which must not keep a pair alive.
@@ -21,15 +21,17 @@ pub(super) fn round(
     graveyard: &mut Graveyard,
 ) -> Result<RoundOut, RoundError> {
     let mut workers: Vec<Option<Worker>> = Vec::new();
+    let mut result = Ok(());
     for role in [Role::Producer, Role::Consumer] {
-        // A worker already started is killed when `workers` drops.
-        workers.push(Some(Worker::spawn(
-            &ctx.path,
-            role.name().to_string(),
-            &ctx.env,
-        )?));
+        match Worker::spawn(&ctx.path, role.name().to_string(), &ctx.env) {
+            Ok(w) => workers.push(Some(w)),
+            Err(e) => {
+                result = Err(RoundError::Fatal(e));
+                break;
+            }
+        }
     }
-    let result = batch(ctx, pairs, &mut workers);
+    let result = result.and_then(|()| batch(ctx, pairs, &mut workers));
     let infos = workers
         .iter()
         .flatten()
@@ -69,6 +71,7 @@ fn batch(
     workers: &mut [Option<Worker>],
 ) -> Result<Batch, RoundError> {
     let n = hello(ctx, workers)?;
+    ctx.arm_deadline(n);
     let pairs = match pairs {
         Some(p) => {
             check_ids(p, n)?;
@@ -83,17 +86,40 @@ fn batch(
     let deadline = Instant::now() + ctx.opts.step_timeout;
     for (i, role) in [Role::Producer, Role::Consumer].into_iter().enumerate() {
         let w = workers[i].as_mut().expect("spawned");
-        let start = Message::Start {
-            role,
-            level: ctx.opts.level,
-            tiers: ctx.tiers,
-            pairs: pairs.clone(),
-        };
+        let start = start_message(role, ctx.opts.level, ctx.tiers, &pairs)?;
         w.send(&start, deadline)
             .map_err(|why| RoundError::Fatal(Error::Worker(why)))?;
     }
     relay(ctx, workers, &pairs, &mut outcomes)?;
     Ok((n, pairs, outcomes))
+}
+
+/// The Start message of `role` for `pairs`; refused when it does not fit one frame (vLLM's
+/// procedure sends the whole batch at once: at most 8,188 pairs, all pairs of 90 GPUs).
+fn start_message(
+    role: Role,
+    level: Level,
+    tiers: TierParams,
+    pairs: &[Pair],
+) -> Result<Message, RoundError> {
+    let start = Message::Start {
+        role,
+        level,
+        tiers,
+        pairs: pairs.to_vec(),
+    };
+    let bytes = protocol::encode(&start).len() - 4;
+    if bytes > protocol::MAX_FRAME {
+        return Err(Error::InvalidInput(format!(
+            "the vLLM engine sends its whole batch in one message, and {} pairs take {bytes} \
+             bytes, more than a frame's {} (all pairs of at most 90 GPUs fit): use the \
+             parallel engine, or check a smaller batch",
+            pairs.len(),
+            protocol::MAX_FRAME
+        ))
+        .into());
+    }
+    Ok(start)
 }
 
 /// Waits for both Hellos; returns the device count.
@@ -107,7 +133,14 @@ fn hello(ctx: &Ctx, workers: &mut [Option<Worker>]) -> Result<u32, RoundError> {
         if ctx.cancel.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(Error::Cancelled.into());
         }
-        let Some((from, event)) = next_event(workers, Instant::now() + super::CANCEL_POLL) else {
+        if ctx.past_deadline() {
+            return Err(Error::Worker(format!(
+                "{} before the workers said Hello",
+                ctx.deadline_words()
+            ))
+            .into());
+        }
+        let Some((from, event)) = next_event(workers, ctx.wake()) else {
             continue;
         };
         let name = workers[from].as_ref().expect("spawned").name();
@@ -128,9 +161,10 @@ fn hello(ctx: &Ctx, workers: &mut [Option<Worker>]) -> Result<u32, RoundError> {
             }
             Event::Timeout => {
                 return Err(Error::Worker(format!(
-                    "the workers did not start CUDA within the start-up timeout ({:?}, {})",
+                    "the workers did not start CUDA within the start-up timeout ({:?}, {}){}",
                     ctx.opts.startup_timeout,
-                    ctx.path.display()
+                    ctx.path.display(),
+                    stderr_notes(workers)
                 ))
                 .into())
             }
@@ -189,13 +223,17 @@ fn relay(
         if ctx.cancel.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(Error::Cancelled.into());
         }
+        if ctx.past_deadline() {
+            // The pair in flight and those after it stay interrupted; the workers are killed.
+            return Ok(());
+        }
         for (side, w) in workers.iter_mut().enumerate() {
             let w = w.as_mut().expect("spawned");
             // A worker that sent everything it owes exits: that is not an error.
             w.listening = verdicts[current..].iter().any(|v| v[side].is_none());
             w.deadline = Some(deadline);
         }
-        let Some((from, event)) = next_event(workers, Instant::now() + super::CANCEL_POLL) else {
+        let Some((from, event)) = next_event(workers, ctx.wake()) else {
             continue;
         };
         let outcome = match event {
@@ -217,9 +255,10 @@ fn relay(
                 }
             }
             Event::Timeout => Some(Outcome::Hang(format!(
-                "no answer within {:.1} s {}; the workers were killed",
+                "no answer within {:.1} s {}; the workers were killed{}",
                 step.as_secs_f64(),
-                last_event(last.as_ref())
+                last_event(last.as_ref()),
+                stderr_notes(workers)
             ))),
             Event::Broken(why) => Some(Outcome::Error(why)),
         };
@@ -237,6 +276,22 @@ fn relay(
         }
     }
     Ok(())
+}
+
+/// What each worker wrote to its stderr: `; the producer (pid 1)'s stderr: "…"`, for each
+/// that wrote anything.
+fn stderr_notes(workers: &mut [Option<Worker>]) -> String {
+    workers
+        .iter_mut()
+        .flatten()
+        .map(|w| {
+            let note = w.stderr_note();
+            match note.strip_prefix("; its stderr") {
+                Some(rest) => format!("; the {}'s stderr{rest}", w.name()),
+                None => note,
+            }
+        })
+        .collect()
 }
 
 fn done(v: &mut [Option<SideVerdict>; 2]) -> Option<Outcome> {
@@ -286,5 +341,25 @@ fn route(
             .as_mut()
             .expect("spawned")
             .send(&m, deadline),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_that_does_not_fit_one_frame_is_refused_before_anything_is_sent() {
+        let tiers = super::super::tier_params(&super::super::Options::default());
+        let fits = start_message(Role::Producer, Level::Copy, tiers, &all_pairs(90));
+        let decoded = fits.map(|m| protocol::decode(&protocol::encode(&m)[4..]));
+        assert!(matches!(decoded, Ok(Ok(Message::Start { pairs, .. })) if pairs.len() == 8100));
+        match start_message(Role::Consumer, Level::Copy, tiers, &all_pairs(91)) {
+            Err(RoundError::Fatal(Error::InvalidInput(why))) => {
+                assert!(why.contains("8281 pairs"), "{why}");
+                assert!(why.contains("use the parallel engine"), "{why}");
+            }
+            _ => panic!("91 GPUs' pairs were not refused"),
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! The child side of the check: a worker process that does its part of each pair, talking to
-//! its parent over stdin/stdout with [`crate::protocol`].
+//! its parent with [`crate::protocol`] over its stdin and a pipe on descriptor 3
+//! (`os::PROTOCOL_FD`).
 //!
 //! A worker is started by fork+exec of the `p2pcheck-worker` executable (or any program that
 //! calls [`main`] when its first argument is [`WORKER_FLAG`]), never by a bare fork: the parent
@@ -30,36 +31,28 @@ pub(crate) const PRODUCER_FILL: u8 = 1;
 /// The consumer's value written with cudaMemset (vLLM: 2).
 pub(crate) const CONSUMER_FILL: u8 = 2;
 
-/// The variable through which the parent passes its pid (see [`main`]).
-pub const PARENT_PID_VAR: &str = "P2PCHECK_PARENT_PID";
-
 /// Exit code when CUDA could not start (the Hello says why).
 pub const EXIT_NO_CUDA: i32 = 4;
 /// Exit code on a protocol violation or broken pipe.
 pub const EXIT_PROTOCOL: i32 = 3;
 
-/// Runs a worker over this process's stdin and stdout and returns its exit code.
+/// Runs a worker over this process's stdin and the protocol descriptor its parent set up
+/// ([`crate::os::PROTOCOL_FD`]), and returns its exit code. Call it from a program's `main`
+/// when its first argument is [`WORKER_FLAG`] (the `p2pcheck-worker` executable and the CLI do).
 ///
-/// Stdout is moved to a private descriptor first and fd 1 pointed at stderr, so that nothing a
-/// library prints can corrupt the protocol stream. The worker asks the kernel to kill it when
-/// its parent dies (`PR_SET_PDEATHSIG`), so a parent killed by Ctrl-C, SIGTERM or SIGKILL never
-/// leaves a worker behind; if the parent is already gone by then, it exits at once.
+/// It changes nothing process-wide: the parent arranged everything between fork and exec (fd
+/// 1 pointed at stderr, so that nothing a library prints can corrupt the stream, which the
+/// parent captures; `PR_SET_PDEATHSIG`, so the worker dies with its parent). A program not
+/// started that way has no protocol descriptor and gets an error and [`EXIT_PROTOCOL`].
 pub fn main() -> i32 {
-    if let Err(e) = os::die_with_parent() {
-        eprintln!("p2pcheck worker: PR_SET_PDEATHSIG failed: {e}");
-        return EXIT_PROTOCOL;
-    }
-    let parent = std::env::var(PARENT_PID_VAR)
-        .ok()
-        .and_then(|p| p.parse::<u32>().ok());
-    if parent.is_some_and(|p| p != std::os::unix::process::parent_id()) {
-        eprintln!("p2pcheck worker: the parent that started it is gone");
-        return EXIT_PROTOCOL;
-    }
-    let out = match os::take_stdout() {
+    let out = match os::protocol_output() {
         Ok(out) => out,
         Err(e) => {
-            eprintln!("p2pcheck worker: cannot set up descriptors: {e}");
+            eprintln!(
+                "p2pcheck worker: no protocol pipe on descriptor {} ({e}): workers are started \
+                 by p2pcheck (the CLI or the library), not by hand",
+                os::PROTOCOL_FD
+            );
             return EXIT_PROTOCOL;
         }
     };
