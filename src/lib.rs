@@ -40,6 +40,7 @@
 pub mod cache;
 pub mod capi;
 mod cuda;
+pub mod doctor;
 mod engine;
 mod error;
 pub mod fingerprint;
