@@ -84,7 +84,9 @@ fn namespace(root: &Path, kind: &'static str, initial: u64) -> Namespace {
         std::fs::read_link(root.join("proc").join(pid).join("ns").join(kind))
             .map(|t| t.to_string_lossy().into_owned())
             .map_err(|e| match e.kind() {
-                std::io::ErrorKind::PermissionDenied => "not readable without root".to_string(),
+                std::io::ErrorKind::PermissionDenied => {
+                    "permission denied: another process's namespaces need root".to_string()
+                }
                 _ => e.to_string(),
             })
     };

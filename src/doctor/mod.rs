@@ -295,15 +295,34 @@ pub struct Namespace {
     pub same_as_init: Option<bool>,
 }
 
-/// Gathers the facts about this machine (root `/`, NVML from `$P2PCHECK_LIBNVML` or
-/// `libnvidia-ml.so.1`).
-pub fn gather() -> Facts {
-    gather_at(Path::new("/"), Some(&nvml::library_from_env()))
+/// Where NVML comes from, and how long it may take.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NvmlSource {
+    /// The library to `dlopen` (a soname or a path).
+    pub library: String,
+    /// How long NVML may take to answer everything; past it, it is reported as not
+    /// responding (its thread is left behind, blocked in NVML).
+    pub timeout: Duration,
 }
 
-/// Gathers the facts with every file read under `root`, and NVML from `nvml_library` (`None`:
-/// without NVML). Never fails: what cannot be read is a note.
-pub fn gather_at(root: &Path, nvml_library: Option<&str>) -> Facts {
+impl NvmlSource {
+    /// `$P2PCHECK_LIBNVML` when set and not empty, else `libnvidia-ml.so.1`; 30 seconds.
+    pub fn from_env() -> NvmlSource {
+        NvmlSource {
+            library: nvml::library_from_env(),
+            timeout: NVML_TIMEOUT,
+        }
+    }
+}
+
+/// Gathers the facts about this machine: root `/`, NVML from [`NvmlSource::from_env`].
+pub fn gather() -> Facts {
+    gather_at(Path::new("/"), Some(&NvmlSource::from_env()))
+}
+
+/// Gathers the facts with every file read under `root`, and NVML from `nvml` (`None`: without
+/// NVML). Never fails: what cannot be read is a note.
+pub fn gather_at(root: &Path, nvml: Option<&NvmlSource>) -> Facts {
     let mut notes = Vec::new();
     let host = host::read(root, |v| std::env::var_os(v));
     let (ids, numbering) = gpu_ids(root, &host, &mut notes);
@@ -381,9 +400,9 @@ pub fn gather_at(root: &Path, nvml_library: Option<&str>) -> Facts {
             });
         }
     }
-    let nvml = nvml_library.map_or(Err("not asked (no NVML library given)".into()), |lib| {
+    let nvml = nvml.map_or(Err("not asked (no NVML library given)".into()), |source| {
         let bus_ids: Vec<String> = gpus.iter().map(|g| g.bus_id.clone()).collect();
-        nvml::query(lib, &bus_ids, NVML_TIMEOUT)
+        nvml::query(&source.library, &bus_ids, source.timeout)
     });
     let mut pair_status = Vec::new();
     let nvml = nvml.map(|answers| {

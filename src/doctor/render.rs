@@ -287,9 +287,10 @@ pub fn finding_text(f: &Finding, indent: &str) -> String {
 /// The facts and findings as a table for people.
 pub fn render_table(facts: &Facts, findings: &[Finding]) -> String {
     let mut out = String::new();
-    let numbering = match &facts.numbering {
-        Numbering::Cuda => "numbered as CUDA numbers them in this process".to_string(),
-        Numbering::BusOrder(why) => format!("numbered in PCI bus order ({why})"),
+    let numbering = match (&facts.numbering, facts.gpus.is_empty()) {
+        (_, true) => String::new(),
+        (Numbering::Cuda, false) => ", numbered as CUDA numbers them in this process".into(),
+        (Numbering::BusOrder(why), false) => format!(", numbered in PCI bus order ({why})"),
     };
     let nvml = match &facts.nvml {
         Ok(n) => format!(
@@ -301,7 +302,7 @@ pub fn render_table(facts: &Facts, findings: &[Finding]) -> String {
     };
     let _ = writeln!(
         out,
-        "p2pcheck doctor: {} GPU(s), {numbering}; NVML: {nvml}",
+        "p2pcheck doctor: {} GPU(s){numbering}; NVML: {nvml}",
         facts.gpus.len()
     );
     let iommu = &facts.iommu;

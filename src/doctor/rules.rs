@@ -776,7 +776,7 @@ fn nvlink(facts: &Facts, out: &mut Vec<Finding>) {
         );
         f.pairs = pairs_of(&f.gpus, n)
             .into_iter()
-            .filter(|p| with_links.contains(&p.src) && with_links.contains(&p.tgt))
+            .filter(|p| p.src != p.tgt && with_links.contains(&p.src) && with_links.contains(&p.tgt))
             .collect();
         for g in &down {
             if let Some(links) = g.nvml.as_ref().map(|n| &n.links) {
