@@ -79,7 +79,11 @@ fn main() {
 /// (`src/sim.rs`) and handed to workers at run time.
 fn build_simulator(out_dir: &Path) {
     let lib = out_dir.join("libp2pcheck_sim.so");
-    compile_shared(&lib, "csrc/sim.c", &["-Wl,-soname,libcuda.so.1", "-lpthread"]);
+    compile_shared(
+        &lib,
+        "csrc/sim.c",
+        &["-Wl,-soname,libcuda.so.1", "-lpthread"],
+    );
     println!("cargo:rustc-env=P2PCHECK_SIM_LIB={}", lib.display());
 }
 

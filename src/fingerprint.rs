@@ -163,7 +163,9 @@ pub(crate) fn read_bounded(path: &Path, max: u64) -> io::Result<Vec<u8>> {
         ));
     }
     let mut bytes = Vec::new();
-    file.take(max + 1).read_to_end(&mut bytes).map_err(io_fail)?;
+    file.take(max + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io_fail)?;
     if bytes.len() as u64 > max {
         return Err(fail(
             io::ErrorKind::InvalidData,

@@ -28,7 +28,9 @@ const HOST_VARS: [&str; 5] = [
 ];
 
 fn fixture(case: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/doctor").join(case)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/doctor")
+        .join(case)
 }
 
 fn p2pcheck(args: &[&str], case: &str, env: &[(&str, &str)]) -> Output {
@@ -159,7 +161,10 @@ fn a_healthy_nvlink_machine_has_no_finding_and_every_fact_is_read() {
     assert_eq!(s(&v, "nvml.driver_version"), "580.159.04");
     assert_eq!(s(&v, "numbering"), "cuda");
     assert_eq!(s(&v, "gpus.1.bus_id"), "0000:2c:00.0");
-    assert_eq!(s(&v, "gpus.1.uuid"), "GPU-1a2b3c4d-0000-4000-8000-000000000001");
+    assert_eq!(
+        s(&v, "gpus.1.uuid"),
+        "GPU-1a2b3c4d-0000-4000-8000-000000000001"
+    );
     assert_eq!(s(&v, "gpus.1.model"), "NVIDIA H200");
     assert_eq!(s(&v, "gpus.0.root_complex"), "pci0000:15");
     let upstream: Vec<&str> = items(&v, "gpus.0.upstream")
@@ -203,11 +208,20 @@ fn acs_redirect_with_a_translating_iommu_breaks_the_pcie_pair() {
     assert_eq!(s(&v, "pairs.0.common"), "0000:01:00.0");
     let fix = lines(f, "fix");
     assert!(fix.contains("BIOS"), "{fix}");
-    assert!(fix.contains("setpci -s 0000:02:08.0 ECAP_ACS+0x6.w=0000"), "{fix}");
-    assert!(fix.contains("pci=disable_acs_redir=0000:02:08.0;0000:02:10.0"), "{fix}");
+    assert!(
+        fix.contains("setpci -s 0000:02:08.0 ECAP_ACS+0x6.w=0000"),
+        "{fix}"
+    );
+    assert!(
+        fix.contains("pci=disable_acs_redir=0000:02:08.0;0000:02:10.0"),
+        "{fix}"
+    );
     assert!(fix.contains("iommu=pt (with intel_iommu=on)"), "{fix}");
     let confirm = lines(f, "confirm");
-    assert!(confirm.contains("cat /sys/kernel/iommu_groups/*/type"), "{confirm}");
+    assert!(
+        confirm.contains("cat /sys/kernel/iommu_groups/*/type"),
+        "{confirm}"
+    );
     assert!(confirm.contains("ReqRedir-"), "{confirm}");
     assert!(lines(f, "facts").contains("ReqRedir+ CmpltRedir+"));
 }
@@ -241,7 +255,10 @@ fn a_container_of_its_own_is_named_with_the_namespace_fix() {
     assert!(evidence.contains("/.dockerenv exists"), "{evidence}");
     assert!(evidence.contains("docker-3f2a9c1b7e.scope"), "{evidence}");
     assert_eq!(s(&v, "host.namespaces.0.this"), "pid:[4026532301]");
-    assert_eq!(at(&v, "host.namespaces.0.host_initial"), &Value::Bool(false));
+    assert_eq!(
+        at(&v, "host.namespaces.0.host_initial"),
+        &Value::Bool(false)
+    );
 }
 
 #[test]
@@ -261,7 +278,11 @@ fn an_exclusive_compute_mode_breaks_every_pair_of_that_gpu() {
     assert_eq!(code, 1);
     assert_eq!(kinds(&v), [kind_pair("compute-mode", "breaks")]);
     let f = first(&v, "compute-mode");
-    assert_eq!(pairs(f), "0->1 1->0 1->1", "the same-GPU pair runs in two processes too");
+    assert_eq!(
+        pairs(f),
+        "0->1 1->0 1->1",
+        "the same-GPU pair runs in two processes too"
+    );
     assert!(lines(f, "fix").contains("sudo nvidia-smi -i 0000:2c:00.0 -c DEFAULT"));
     assert_eq!(s(&v, "gpus.1.nvml.compute_mode"), "Exclusive_Process");
 }
@@ -283,11 +304,17 @@ fn a_fabric_that_is_not_ready_names_the_fabric_manager_of_the_drivers_version() 
     // translating IOMMU) is a finding too; the fabric bears on more pairs.
     assert_eq!(
         kinds(&v),
-        [kind_pair("fabric", "breaks"), kind_pair("acs-iommu", "breaks")]
+        [
+            kind_pair("fabric", "breaks"),
+            kind_pair("acs-iommu", "breaks")
+        ]
     );
     let f = first(&v, "fabric");
     let fix = lines(f, "fix");
-    assert!(fix.contains("systemctl enable --now nvidia-fabricmanager"), "{fix}");
+    assert!(
+        fix.contains("systemctl enable --now nvidia-fabricmanager"),
+        "{fix}"
+    );
     assert!(fix.contains("version 580.159.04"), "{fix}");
     assert!(lines(f, "confirm").contains("State: Completed, Status: Success"));
     assert!(lines(f, "facts").contains("fabric state not started"));
@@ -312,7 +339,11 @@ fn nccl_variables_that_turn_p2p_off_are_tied_to_the_pairs_they_cut() {
     assert_eq!(kinds(&v), [kind_pair("nccl-env", "degrades")]);
     let f = first(&v, "nccl-env");
     assert_eq!(pairs(f), "0->1 1->0");
-    assert!(lines(f, "fix").contains("or set it to PIX"), "{}", lines(f, "fix"));
+    assert!(
+        lines(f, "fix").contains("or set it to PIX"),
+        "{}",
+        lines(f, "fix")
+    );
     assert!(lines(f, "confirm").contains("NCCL_DEBUG=INFO"));
     // PIX is far enough for a pair under one switch.
     let (_, v) = doctor_json("pcie-clean", &[("NCCL_P2P_LEVEL", "PIX")]);
@@ -400,7 +431,10 @@ fn nvml_that_fails_to_start_or_is_misconfigured_is_reported_with_its_code() {
             &[("P2PCHECK_NVML_SIM", config.to_str().unwrap())],
         );
         let err = s(&v, "nvml_error");
-        assert!(err.contains("nvmlInit_v2 failed") && err.contains(needle), "{err}");
+        assert!(
+            err.contains("nvmlInit_v2 failed") && err.contains(needle),
+            "{err}"
+        );
     }
 }
 
@@ -467,12 +501,18 @@ fn hostile_trees_are_reported_never_a_panic_or_a_hang() {
     std::fs::remove_file(root.join("sys/kernel/iommu_groups/12/type")).unwrap();
     std::fs::create_dir(root.join("sys/kernel/iommu_groups/12/type")).unwrap();
     std::fs::write(root.join(&gpu0).join("numa_node"), vec![b'9'; 1 << 20]).unwrap();
-    std::fs::write(root.join("sys/kernel/iommu_groups/13/type"), b"\xff\xfe DMA\n").unwrap();
+    std::fs::write(
+        root.join("sys/kernel/iommu_groups/13/type"),
+        b"\xff\xfe DMA\n",
+    )
+    .unwrap();
     replace_link(&root.join(&gpu1).join("numa_node"), "numa_node");
     replace_link(&root.join("proc/self/ns/ipc"), "/nonexistent");
     std::fs::write(
         root.join("sys/devices/pci0000:00/0000:00:01.0/config"),
-        (0..4096u32).map(|i| (i * 7919 % 251) as u8).collect::<Vec<u8>>(),
+        (0..4096u32)
+            .map(|i| (i * 7919 % 251) as u8)
+            .collect::<Vec<u8>>(),
     )
     .unwrap();
     let started = Instant::now();
@@ -483,7 +523,10 @@ fn hostile_trees_are_reported_never_a_panic_or_a_hang() {
     assert!(notes.contains("12/type: it is a directory"), "{notes}");
     assert!(notes.contains("13/type is not UTF-8"), "{notes}");
     assert_eq!(facts.gpus.len(), 2);
-    assert_eq!((facts.gpus[0].numa_node, facts.gpus[1].numa_node), (None, None));
+    assert_eq!(
+        (facts.gpus[0].numa_node, facts.gpus[1].numa_node),
+        (None, None)
+    );
     assert_eq!(facts.gpus[0].iommu_type, None);
     assert!(matches!(facts.bridges[2].acs, Acs::Unreadable(ref why) if why.contains("FIFO")));
     assert!(facts.iommu.cmdline.is_empty());
@@ -522,13 +565,20 @@ fn hostile_trees_are_reported_never_a_panic_or_a_hang() {
     assert_eq!(facts.gpus[0].uuid, None);
     assert_eq!(facts.gpus[0].iommu_group, None);
     assert!(facts.gpus[1].upstream.is_empty());
-    assert!(facts.notes.join("\n").contains("not at a device 0000:04:00.0"));
+    assert!(facts
+        .notes
+        .join("\n")
+        .contains("not at a device 0000:04:00.0"));
     assert_eq!(facts.pairs[0].path, doctor::PathKind::Unknown);
     // And no tree at all.
     let facts = doctor::gather_at(&dir.path().join("nothing"), None);
     assert!(facts.gpus.is_empty() && !facts.notes.is_empty());
     let out = p2pcheck(
-        &["doctor", "--root", dir.path().join("nothing").to_str().unwrap()],
+        &[
+            "doctor",
+            "--root",
+            dir.path().join("nothing").to_str().unwrap(),
+        ],
         "healthy-nvlink",
         &[],
     );
@@ -538,7 +588,11 @@ fn hostile_trees_are_reported_never_a_panic_or_a_hang() {
 
 #[test]
 fn bad_doctor_arguments_are_exit_2() {
-    for args in [&["doctor", "--root"][..], &["doctor", "--frobnicate"], &["doctor", "--root", ""]] {
+    for args in [
+        &["doctor", "--root"][..],
+        &["doctor", "--frobnicate"],
+        &["doctor", "--root", ""],
+    ] {
         let out = p2pcheck(args, "healthy-nvlink", &[]);
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         assert!(text(&out.stderr).contains("doctor"), "{args:?}");
@@ -552,7 +606,11 @@ fn failing_check(case: &str, fault: &str, json: bool) -> Output {
     if json {
         args.push("--json");
     }
-    p2pcheck(&args, case, &[("P2PCHECK_DOCTOR_ROOT", root.to_str().unwrap())])
+    p2pcheck(
+        &args,
+        case,
+        &[("P2PCHECK_DOCTOR_ROOT", root.to_str().unwrap())],
+    )
 }
 
 #[test]
@@ -597,7 +655,14 @@ fn an_open_failure_in_a_container_is_laid_at_the_namespaces() {
     assert_eq!(out.status.code(), Some(0));
     assert!(!text(&out.stdout).contains("doctor"));
     let out = p2pcheck(
-        &["--simulate", "2", "--level", "copy", "--fault", "1->0:ipc-open-fails"],
+        &[
+            "--simulate",
+            "2",
+            "--level",
+            "copy",
+            "--fault",
+            "1->0:ipc-open-fails",
+        ],
         "container",
         &[],
     );

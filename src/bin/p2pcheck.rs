@@ -673,7 +673,10 @@ fn doctor_explanations(args: &Args, report: &Report) -> Vec<(p2pcheck::Pair, doc
     if report.pairs.iter().all(|p| p.ok()) {
         return Vec::new();
     }
-    let facts = match (std::env::var_os("P2PCHECK_DOCTOR_ROOT"), &args.opts.simulate) {
+    let facts = match (
+        std::env::var_os("P2PCHECK_DOCTOR_ROOT"),
+        &args.opts.simulate,
+    ) {
         (Some(root), _) => doctor::gather_at(
             std::path::Path::new(&root),
             Some(&doctor::NvmlSource::from_env()),

@@ -154,7 +154,9 @@ mod tests {
         assert_eq!(nccl_level("pix"), Ok(3));
         assert_eq!(nccl_level("SYS"), Ok(7));
         assert_eq!(nccl_level("0"), Ok(0));
-        assert!(nccl_level("3").unwrap_err().contains("depends on NCCL's version"));
+        assert!(nccl_level("3")
+            .unwrap_err()
+            .contains("depends on NCCL's version"));
         assert!(nccl_level("far").is_err());
     }
 }

@@ -198,11 +198,10 @@ impl Api {
     /// Loads `library` and resolves every function; `Err` if it cannot be loaded or lacks one
     /// of those needed to start.
     fn load(library: &str) -> Result<(Api, InitFn), String> {
-        let handle =
-            dlopen(library, libc::RTLD_NOW | libc::RTLD_LOCAL).map_err(|e| match e {
-                e if e.starts_with(library) => e,
-                e => format!("{library}: {e}"),
-            })?;
+        let handle = dlopen(library, libc::RTLD_NOW | libc::RTLD_LOCAL).map_err(|e| match e {
+            e if e.starts_with(library) => e,
+            e => format!("{library}: {e}"),
+        })?;
         let missing = |name: &str| format!("{library} has no symbol {name}: {}", dlerror_text());
         macro_rules! sym {
             ($name:literal) => {

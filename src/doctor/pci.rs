@@ -117,14 +117,16 @@ pub(super) fn place(root: &Path, bus_id: &str) -> Result<Placed, String> {
     Ok(placed)
 }
 
-/// `pciDDDD:BB`: a host bridge's folder under `/sys/devices`.
+/// `pciDDDD:BB` (a domain of 4 to 8 hex digits): a host bridge's folder under `/sys/devices`.
 fn is_host_bridge(name: &str) -> bool {
     name.strip_prefix("pci")
         .and_then(|rest| rest.split_once(':'))
         .is_some_and(|(domain, bus)| {
-            [domain, bus]
-                .iter()
-                .all(|p| !p.is_empty() && p.len() <= 8 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+            (4..=8).contains(&domain.len())
+                && bus.len() == 2
+                && [domain, bus]
+                    .iter()
+                    .all(|p| p.bytes().all(|b| b.is_ascii_hexdigit()))
         })
 }
 
@@ -219,7 +221,11 @@ pub(super) fn acs(config: &[u8]) -> Acs {
 /// How two GPUs are connected over PCIe, in `nvidia-smi topo`'s terms, from their upstream
 /// bridges, host bridges and NUMA nodes; and the bridges whose ACS settings apply to their
 /// peer traffic (below the common bridge, or every one up to the root ports when there is none).
-pub(super) fn path(a: &Placed, b: &Placed, numa: (Option<i32>, Option<i32>)) -> (PathKind, Option<String>, Vec<String>) {
+pub(super) fn path(
+    a: &Placed,
+    b: &Placed,
+    numa: (Option<i32>, Option<i32>),
+) -> (PathKind, Option<String>, Vec<String>) {
     let shared = a
         .upstream
         .iter()
@@ -326,8 +332,8 @@ mod tests {
     /// A 4 KiB config space with AER at 0x100, then ACS at 0x148 with `control`.
     fn config_with_acs(control: u16) -> Vec<u8> {
         let mut c = vec![0u8; 4096];
-        c[0x100..0x104].copy_from_slice(&(0x0001 | 1 << 16 | 0x148 << 20u32).to_le_bytes());
-        c[0x148..0x14c].copy_from_slice(&(0x000d | 1 << 16).to_le_bytes());
+        c[0x100..0x104].copy_from_slice(&(0x0001u32 | 1 << 16 | 0x148 << 20).to_le_bytes());
+        c[0x148..0x14c].copy_from_slice(&(0x000du32 | 1 << 16).to_le_bytes());
         c[0x14c..0x150].copy_from_slice(&(0x005f | (control as u32) << 16).to_le_bytes());
         c
     }
@@ -357,13 +363,19 @@ mod tests {
         // A chain pointing at itself, one pointing below 0x100, one past the end, all-ones
         // (a device that is gone), a 256-byte config space, and random bytes.
         let mut looped = vec![0u8; 4096];
-        looped[0x100..0x104].copy_from_slice(&(0x0001 | 0x100 << 20u32).to_le_bytes());
+        looped[0x100..0x104].copy_from_slice(&(0x0001u32 | 0x100 << 20).to_le_bytes());
         let mut low = vec![0u8; 4096];
-        low[0x100..0x104].copy_from_slice(&(0x0001 | 0x40 << 20u32).to_le_bytes());
+        low[0x100..0x104].copy_from_slice(&(0x0001u32 | 0x40 << 20).to_le_bytes());
         let mut end = vec![0u8; 4096];
-        end[0x100..0x104].copy_from_slice(&(0x000d).to_le_bytes());
+        end[0x100..0x104].copy_from_slice(&0x000du32.to_le_bytes());
         let short_acs = &end[..0x106];
-        for c in [&looped[..], &low, &vec![0xffu8; 4096], &vec![0u8; 256], short_acs] {
+        for c in [
+            &looped[..],
+            &low,
+            &vec![0xffu8; 4096],
+            &vec![0u8; 256],
+            short_acs,
+        ] {
             assert_eq!(acs(c), Acs::Absent);
         }
         let mut x: u32 = 12345;
@@ -385,20 +397,35 @@ mod tests {
             upstream: up.iter().map(|s| s.to_string()).collect(),
             dir: PathBuf::new(),
         };
-        let a = placed("pci0000:00", &["0000:00:01.0", "0000:01:00.0", "0000:02:08.0"]);
-        let b = placed("pci0000:00", &["0000:00:01.0", "0000:01:00.0", "0000:02:10.0"]);
+        let a = placed(
+            "pci0000:00",
+            &["0000:00:01.0", "0000:01:00.0", "0000:02:08.0"],
+        );
+        let b = placed(
+            "pci0000:00",
+            &["0000:00:01.0", "0000:01:00.0", "0000:02:10.0"],
+        );
         let (kind, common, ports) = path(&a, &b, (Some(0), Some(0)));
         assert_eq!(kind, PathKind::Pix);
         assert_eq!(common.as_deref(), Some("0000:01:00.0"));
         assert_eq!(ports, ["0000:02:08.0", "0000:02:10.0"]);
         let deep = placed(
             "pci0000:00",
-            &["0000:00:01.0", "0000:01:00.0", "0000:02:10.0", "0000:05:00.0", "0000:06:00.0"],
+            &[
+                "0000:00:01.0",
+                "0000:01:00.0",
+                "0000:02:10.0",
+                "0000:05:00.0",
+                "0000:06:00.0",
+            ],
         );
         assert_eq!(path(&a, &deep, (None, None)).0, PathKind::Pxb);
         let other_port = placed("pci0000:00", &["0000:00:03.0"]);
         let (kind, common, ports) = path(&a, &other_port, (None, None));
-        assert_eq!((kind, common.as_deref()), (PathKind::Phb, Some("pci0000:00")));
+        assert_eq!(
+            (kind, common.as_deref()),
+            (PathKind::Phb, Some("pci0000:00"))
+        );
         assert_eq!(ports.len(), 4);
         let other_rc = placed("pci0000:80", &["0000:80:01.0"]);
         assert_eq!(path(&a, &other_rc, (Some(0), Some(0))).0, PathKind::Node);
@@ -442,6 +469,8 @@ mod tests {
             root.join("sys/devices/x")
         );
         assert!(is_host_bridge("pci0000:00") && is_host_bridge("pci10000:e0"));
-        assert!(!is_host_bridge("pci0000") && !is_host_bridge("pcie:00") && !is_host_bridge("pci:"));
+        assert!(
+            !is_host_bridge("pci0000") && !is_host_bridge("pcie:00") && !is_host_bridge("pci:")
+        );
     }
 }

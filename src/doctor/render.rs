@@ -349,8 +349,17 @@ pub fn render_table(facts: &Facts, findings: &[Finding]) -> String {
     let _ = writeln!(out, "environment: {}", env.join(" "));
     if !facts.gpus.is_empty() {
         let mut rows = vec![[
-            "GPU", "bus id", "model", "NUMA", "bridges above", "IOMMU", "persist", "MIG",
-            "compute", "NVLink", "fabric",
+            "GPU",
+            "bus id",
+            "model",
+            "NUMA",
+            "bridges above",
+            "IOMMU",
+            "persist",
+            "MIG",
+            "compute",
+            "NVLink",
+            "fabric",
         ]
         .map(String::from)
         .to_vec()];
@@ -372,12 +381,18 @@ pub fn render_table(facts: &Facts, findings: &[Finding]) -> String {
                 },
                 or_dash(n.and_then(|n| n.persistence).map(|p| on_off(p).into())),
                 or_dash(n.and_then(|n| n.mig).map(|(c, _)| on_off(c).into())),
-                or_dash(n.and_then(|n| n.compute_mode).map(|m| compute_mode_name(m).into())),
+                or_dash(
+                    n.and_then(|n| n.compute_mode)
+                        .map(|m| compute_mode_name(m).into()),
+                ),
                 or_dash(n.filter(|n| !n.links.is_empty()).map(|n| {
                     let active = n.links.iter().filter(|&&a| a).count();
                     format!("{active}/{} up", n.links.len())
                 })),
-                or_dash(n.and_then(|n| n.fabric).map(|(s, _)| fabric_state_name(s).into())),
+                or_dash(
+                    n.and_then(|n| n.fabric)
+                        .map(|(s, _)| fabric_state_name(s).into()),
+                ),
             ]);
         }
         out.push_str(&columns(&rows, ""));

@@ -173,7 +173,11 @@ fn weakest_class(p: &PairReport) -> Option<Class> {
     match p.failed_tier()? {
         Level::Copy => match &p.outcome {
             Outcome::Done { producer, consumer } => {
-                let why = consumer.copy.as_ref().err().or(producer.copy.as_ref().err());
+                let why = consumer
+                    .copy
+                    .as_ref()
+                    .err()
+                    .or(producer.copy.as_ref().err());
                 why.map(|w| w.class())
             }
             _ => None,
@@ -375,13 +379,18 @@ fn acs_iommu(facts: &Facts, out: &mut Vec<Finding>) {
         }
         for b in &redirect {
             if let Some(bridge) = acs(b) {
-                f.facts.push(format!("{b}: ACSCtl {}", bridge.acs.control_text()));
+                f.facts
+                    .push(format!("{b}: ACSCtl {}", bridge.acs.control_text()));
             }
         }
         if !unknown.is_empty() {
             f.facts.push(format!(
                 "ACS of {} not readable without root",
-                unknown.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                unknown
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ));
         }
         for g in gpus.iter().filter_map(|&i| facts.gpus.get(i as usize)) {
@@ -389,8 +398,7 @@ fn acs_iommu(facts: &Facts, out: &mut Vec<Finding>) {
                 "GPU {} ({}): IOMMU group {}, {}",
                 g.index,
                 g.bus_id,
-                g.iommu_group
-                    .map_or("none".to_string(), |n| n.to_string()),
+                g.iommu_group.map_or("none".to_string(), |n| n.to_string()),
                 match (g.iommu_type.as_deref(), g.iommu_translating) {
                     (Some(t), Some(true)) => format!("type {t}: translating"),
                     (Some(t), Some(false)) => format!("type {t}: not translating"),
@@ -450,7 +458,11 @@ fn acs_iommu(facts: &Facts, out: &mut Vec<Finding>) {
         if !redirect.is_empty() || !unknown.is_empty() {
             f.confirm.push(format!(
                 "sudo lspci -vvv -s {} | grep ACSCtl shows ReqRedir- CmpltRedir- EgressCtrl-",
-                redirect.iter().chain(&unknown).next().map_or("", |s| s.as_str())
+                redirect
+                    .iter()
+                    .chain(&unknown)
+                    .next()
+                    .map_or("", |s| s.as_str())
             ));
         }
         out.push(f);
@@ -566,8 +578,9 @@ fn per_gpu(facts: &Facts, out: &mut Vec<Finding>) {
             bus(&mig),
             bus(&mig)
         ));
-        f.fix
-            .push("or keep MIG and run the engine without P2P (one GPU instance per engine)".into());
+        f.fix.push(
+            "or keep MIG and run the engine without P2P (one GPU instance per engine)".into(),
+        );
         f.confirm.push(
             "nvidia-smi --query-gpu=index,pci.bus_id,mig.mode.current,mig.mode.pending \
              --format=csv shows Disabled"
@@ -776,7 +789,9 @@ fn nvlink(facts: &Facts, out: &mut Vec<Finding>) {
         );
         f.pairs = pairs_of(&f.gpus, n)
             .into_iter()
-            .filter(|p| p.src != p.tgt && with_links.contains(&p.src) && with_links.contains(&p.tgt))
+            .filter(|p| {
+                p.src != p.tgt && with_links.contains(&p.src) && with_links.contains(&p.tgt)
+            })
             .collect();
         for g in &down {
             if let Some(links) = g.nvml.as_ref().map(|n| &n.links) {
@@ -923,10 +938,10 @@ fn nccl(facts: &Facts, out: &mut Vec<Finding>) {
             }
             Err(why) => {
                 let mut f = finding(Kind::NcclEnv, Severity::Note, why, Vec::new());
-                f.fix.push("set NCCL_P2P_LEVEL to a name, or unset it".into());
+                f.fix
+                    .push("set NCCL_P2P_LEVEL to a name, or unset it".into());
                 f.confirm.push(
-                    "NCCL_DEBUG=INFO in the engine's log shows the transport of each pair"
-                        .into(),
+                    "NCCL_DEBUG=INFO in the engine's log shows the transport of each pair".into(),
                 );
                 out.push(f);
                 return;
