@@ -255,6 +255,18 @@ fn finding(kind: Kind, severity: Severity, title: String, gpus: Vec<u32>) -> Fin
     }
 }
 
+/// A finding about `gpus`, bearing on every pair of them among `n` GPUs.
+fn gpu_finding(kind: Kind, severity: Severity, title: String, gpus: &[&Gpu], n: u32) -> Finding {
+    let mut f = finding(
+        kind,
+        severity,
+        title,
+        gpus.iter().map(|g| g.index).collect(),
+    );
+    f.pairs = pairs_of(&f.gpus, n);
+    f
+}
+
 /// Both directions of an unordered pair.
 fn both(p: &PairFacts) -> [Pair; 2] {
     let (a, b) = p.gpus;
@@ -541,7 +553,6 @@ fn per_gpu(facts: &Facts, out: &mut Vec<Finding>) {
             .filter(|g| g.nvml.as_ref().is_some_and(test))
             .collect()
     };
-    let ids = |gpus: &[&Gpu]| gpus.iter().map(|g| g.index).collect::<Vec<u32>>();
     let bus = |gpus: &[&Gpu]| {
         gpus.iter()
             .map(|g| g.bus_id.as_str())
@@ -551,7 +562,7 @@ fn per_gpu(facts: &Facts, out: &mut Vec<Finding>) {
 
     let mig = select(&|n| n.mig.is_some_and(|(current, _)| current));
     if !mig.is_empty() {
-        let mut f = finding(
+        let mut f = gpu_finding(
             Kind::Mig,
             Severity::Breaks,
             format!(
@@ -559,9 +570,9 @@ fn per_gpu(facts: &Facts, out: &mut Vec<Finding>) {
                  MIG mode, nor CUDA IPC across GPU instances",
                 gpu_names(&mig)
             ),
-            ids(&mig),
+            &mig,
+            n,
         );
-        f.pairs = pairs_of(&f.gpus, n);
         for g in &mig {
             if let Some((current, pending)) = g.nvml.as_ref().and_then(|n| n.mig) {
                 f.facts.push(format!(
@@ -613,7 +624,7 @@ fn per_gpu(facts: &Facts, out: &mut Vec<Finding>) {
 
     let exclusive = select(&|n| n.compute_mode.is_some_and(|m| m != 0));
     if !exclusive.is_empty() {
-        let mut f = finding(
+        let mut f = gpu_finding(
             Kind::ComputeMode,
             Severity::Breaks,
             format!(
@@ -621,9 +632,9 @@ fn per_gpu(facts: &Facts, out: &mut Vec<Finding>) {
                  and P2P checks and engines open each GPU from several processes",
                 gpu_names(&exclusive)
             ),
-            ids(&exclusive),
+            &exclusive,
+            n,
         );
-        f.pairs = pairs_of(&f.gpus, n);
         for g in &exclusive {
             let mode = g.nvml.as_ref().and_then(|n| n.compute_mode).unwrap_or(0);
             f.facts.push(format!(
@@ -646,7 +657,7 @@ fn per_gpu(facts: &Facts, out: &mut Vec<Finding>) {
             .is_some_and(|(state, status)| state == 1 || state == 2 || (state == 3 && status != 0))
     });
     if !fabric.is_empty() {
-        let mut f = finding(
+        let mut f = gpu_finding(
             Kind::Fabric,
             Severity::Breaks,
             format!(
@@ -654,9 +665,9 @@ fn per_gpu(facts: &Facts, out: &mut Vec<Finding>) {
                  the fabric manager has registered it",
                 gpu_names(&fabric)
             ),
-            ids(&fabric),
+            &fabric,
+            n,
         );
-        f.pairs = pairs_of(&f.gpus, n);
         for g in &fabric {
             if let Some((state, status)) = g.nvml.as_ref().and_then(|n| n.fabric) {
                 f.facts.push(format!(
@@ -686,7 +697,7 @@ fn per_gpu(facts: &Facts, out: &mut Vec<Finding>) {
 
     let persistence = select(&|n| n.persistence == Some(false));
     if !persistence.is_empty() {
-        let mut f = finding(
+        let mut f = gpu_finding(
             Kind::PersistenceOff,
             Severity::Note,
             format!(
@@ -695,9 +706,9 @@ fn per_gpu(facts: &Facts, out: &mut Vec<Finding>) {
                  check) sets it up again: slow first start-ups",
                 gpu_names(&persistence)
             ),
-            ids(&persistence),
+            &persistence,
+            n,
         );
-        f.pairs = pairs_of(&f.gpus, n);
         f.facts.push(format!(
             "persistence mode: disabled on {}",
             bus(&persistence)
