@@ -41,6 +41,9 @@ const CAPS_WRITE: c_uint = 1;
 const CAPS_NVLINK: c_uint = 2;
 const CAPS_ATOMICS: c_uint = 3;
 
+/// `NVML_GPU_FABRIC_STATE_NOT_SUPPORTED`: the GPU is not on an NVSwitch fabric.
+const FABRIC_NOT_SUPPORTED: u8 = 0;
+
 /// An `nvmlDevice_t`: an opaque pointer NVML hands out and takes back.
 type Device = *mut c_void;
 
@@ -345,8 +348,15 @@ impl Api {
     }
 
     /// The fabric state and status: the versioned call first, the first form where a driver
-    /// has only that; neither (before R535) or `NOT_SUPPORTED` (no NVSwitch fabric): `None`.
+    /// has only that; neither (before R535), `NOT_SUPPORTED` or the state "not supported" (no
+    /// NVSwitch fabric): `None`.
     fn fabric(&self, dev: Device) -> Result<Option<(u8, i32)>, String> {
+        Ok(self
+            .fabric_info(dev)?
+            .filter(|&(state, _)| state != FABRIC_NOT_SUPPORTED))
+    }
+
+    fn fabric_info(&self, dev: Device) -> Result<Option<(u8, i32)>, String> {
         if let Some(f) = self.fabric_v2 {
             let mut info = FabricInfoV2 {
                 version: FABRIC_INFO_V2,
