@@ -19,6 +19,7 @@ USAGE:
     p2pcheck [OPTIONS]
     p2pcheck access-check SRC TGT [OPTIONS]
     p2pcheck trace-summary PATH [--spec]
+    p2pcheck doctor [--json] [--root DIR]
 
 Checks every ordered pair (src, tgt) of the visible GPUs in three tiers: copy (a process on src
 owns memory, a process on tgt maps it through CUDA IPC and writes it, both read it back:
@@ -42,6 +43,15 @@ of first use with their counts and its failed calls. With --spec it also compare
 `--engine vllm --level copy` with vLLM's procedure (SPEC section 2) pair by pair and prints
 every difference: exit 0 when there is none, 1 when there are some, 2 when the file cannot be
 read or has a malformed line (named by its number).
+
+doctor says why a pair fails or is slow, and what to change: the PCIe path of each GPU pair
+(bridges, ACS, IOMMU groups and mode, kernel command line; from sysfs, without root where
+possible), NVLink, NVML's P2P status, the NVSwitch fabric, persistence, MIG and compute modes
+(NVML, loaded if present), the process's namespaces and container, and the NCCL and CUDA
+variables in effect; then the causes, ranked, each with the pairs it bears on, its fix and how
+to confirm it. --json prints one JSON object (fields in the README, section Doctor); --root DIR
+reads the files under DIR instead of / (testing). Exit 0, 1 when a finding breaks peer access,
+2 for bad arguments. A failing check prints the top cause of each failure under its details.
 
 OPTIONS:
     --json                 Print one JSON object on stdout instead of the table
@@ -89,6 +99,9 @@ ENVIRONMENT:
     P2PCHECK_LIBCUDA       Path of libcuda to load [default: libcuda.so.1]
     P2PCHECK_LIBCUDART     Path of libcudart to load [default: search, see README]
     P2PCHECK_WORKER        Path of the worker executable
+    P2PCHECK_LIBNVML       Path of NVML for doctor [default: libnvidia-ml.so.1]
+    P2PCHECK_DOCTOR_ROOT   Testing: explain a check's failures from the sysfs/proc tree in this
+                           folder (also with --simulate, which otherwise gets no doctor)
     P2PCHECK_TRACE         Audit trace of every CUDA call of every process, one JSON line
                            each: 1 = to stderr, a path = appended to that file, 0/empty = off
 
