@@ -405,6 +405,7 @@ fn absent_nvml_is_reported_and_the_sysfs_findings_stand() {
     assert_eq!(at(&v, "gpus.0.nvml"), &Value::Null);
     assert_eq!(at(&v, "pairs.0.nvlink"), &Value::Null);
     assert_eq!(kinds(&v), [kind_pair("acs-iommu", "breaks")]);
+    assert!(lines(first(&v, "acs-iommu"), "facts").contains("not known whether NVLink"));
 }
 
 #[test]

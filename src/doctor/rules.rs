@@ -389,6 +389,13 @@ fn acs_iommu(facts: &Facts, out: &mut Vec<Finding>) {
                 }
             ));
         }
+        if pairs.iter().any(|p| p.nvlink().is_none()) {
+            f.facts.push(
+                "without NVML it is not known whether NVLink carries these pairs (then none of \
+                 this applies)"
+                    .into(),
+            );
+        }
         for b in &redirect {
             if let Some(bridge) = acs(b) {
                 f.facts
