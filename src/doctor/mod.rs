@@ -16,7 +16,7 @@
 //!   and `NCCL_P2P_DISABLE`, `NCCL_P2P_LEVEL`, `NCCL_CUMEM_ENABLE`, `CUDA_VISIBLE_DEVICES`.
 //!
 //! [`findings`] maps those facts, and the failures a check saw ([`observations`] of a
-//! [`Report`]), to ranked causes, each tied to the pairs it bears on, with the fix that fits
+//! [`Report`](crate::Report)), to ranked causes, each tied to the pairs it bears on, with the fix that fits
 //! and how to confirm it; [`explain`] gives the top one for each failing pair of a report.
 //! [`render_table`] and [`render_json`] print them (the JSON's fields are documented in the
 //! README, section "Doctor").
