@@ -21,7 +21,7 @@ const REQUIRED_HEADERS: [&str; 4] = [
 
 /// Driver entry points p2pcheck resolves (their `PFN_` types come from cudaTypedefs.h).
 const DRIVER_PFNS: &str = "PFN_cu(Init|DeviceGetCount|GetErrorName|GetErrorString|ModuleLoadData|\
-ModuleGetFunction|ModuleUnload|LaunchKernel|CtxSynchronize|MemAlloc|MemFree|MemsetD8|MemcpyDtoH)\
+ModuleGetFunction|ModuleUnload|FuncGetAttribute|LaunchKernel|CtxSynchronize|MemAlloc|MemFree|MemsetD8|MemcpyDtoH)\
 _v[0-9]+";
 
 fn main() {
@@ -30,6 +30,7 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/shim.c");
     println!("cargo:rerun-if-changed=csrc/shim.h");
     println!("cargo:rerun-if-changed=csrc/sim.c");
+    println!("cargo:rerun-if-changed=csrc/kernels.fatbin");
     println!("cargo:rerun-if-changed=src/sys/bindings.rs");
     for var in [
         "CUDA_HOME",
@@ -69,6 +70,8 @@ fn main() {
         .warnings(true)
         .extra_warnings(true)
         .flag_if_supported("-Werror")
+        // Linked into libp2pcheck.a and .so: never exported from a shared object.
+        .flag("-fvisibility=hidden")
         .compile("p2pcheck_shim");
 
     build_simulator(&out_dir);
@@ -150,6 +153,7 @@ fn generate(manifest: &Path) -> Result<(String, PathBuf), String> {
             .allowlist_type("p2pc_PFN_cuda.*")
             .allowlist_type("CUresult|cudaError_t|CUuuid|cudaIpcMemHandle_t|cudaMemcpyKind")
             .allowlist_var("CUDA_SUCCESS|CUDA_ERROR_.*|cudaSuccess|cudaError[A-Za-z]*")
+            .allowlist_var("CU_FUNC_ATTRIBUTE_(PTX|BINARY)_VERSION")
             .allowlist_var("cudaMemcpy(HostToDevice|DeviceToHost|Default)")
             .allowlist_var("cudaIpcMemLazyEnablePeerAccess|CUDA_VERSION|CUDART_VERSION")
             .default_enum_style(bindgen::EnumVariation::Consts)

@@ -1,8 +1,9 @@
 // GPU kernels of p2pcheck's kernel and handshake tiers: SM-issued loads and stores through a
 // CUDA IPC mapping of a peer's memory (what custom all-reduce kernels do), and a ping-pong of
 // kernels resident at the same time in two processes (how they synchronise), as opposed to
-// the copy-engine memset/memcpy of vLLM's test. Compiled to PTX by scripts/gen-ptx.sh; the
-// committed csrc/kernels.ptx is what the library embeds and the driver JIT-compiles. The
+// the copy-engine memset/memcpy of vLLM's test. Compiled by scripts/gen-kernels.sh into the
+// committed csrc/kernels.fatbin (SASS per architecture, PTX as the fallback), which the
+// library embeds, so the build needs no nvcc and the driver needs no JIT on listed GPUs. The
 // simulated driver (csrc/sim.c) implements the same kernels by name, with the same pattern.
 // volatile: every access must really travel to the memory, not stay in a register or L1.
 

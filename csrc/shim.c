@@ -31,9 +31,9 @@ static void report_init(p2pc_report *out) {
     memset(out, 0, sizeof *out);
 }
 
-void p2pc_pattern_store(const p2pc_driver *d, void *function, p2pc_devptr ptr,
-                        unsigned long long n, unsigned long long seed, unsigned width,
-                        unsigned long long shift, p2pc_report *out) {
+void p2pcheck_shim_pattern_store(const p2pc_driver *d, void *function, p2pc_devptr ptr,
+                                 unsigned long long n, unsigned long long seed, unsigned width,
+                                 unsigned long long shift, p2pc_report *out) {
     void *params[] = {&ptr, &n, &seed, &width, &shift};
     report_init(out);
     if (width == 0) width = 1;
@@ -63,9 +63,9 @@ static void with_counters(const p2pc_driver *d, void *function, unsigned grid, u
     failed(out, "cuMemFree_v2", d->mem_free(*counters));
 }
 
-void p2pc_pattern_check(const p2pc_driver *d, void *function, p2pc_devptr ptr,
-                        unsigned long long n, unsigned long long seed,
-                        unsigned long long old_seed, unsigned width, p2pc_report *out) {
+void p2pcheck_shim_pattern_check(const p2pc_driver *d, void *function, p2pc_devptr ptr,
+                                 unsigned long long n, unsigned long long seed,
+                                 unsigned long long old_seed, unsigned width, p2pc_report *out) {
     p2pc_devptr counters = 0;
     void *params[] = {&ptr, &n, &seed, &old_seed, &width, &counters};
     /* {wrong, first bad, stale}: first bad starts at ~0 (all bytes 0xff). */
@@ -75,9 +75,9 @@ void p2pc_pattern_check(const p2pc_driver *d, void *function, p2pc_devptr ptr,
     with_counters(d, function, blocks_for(n / width), THREADS, params, &counters, init, 3, out);
 }
 
-void p2pc_handshake(const p2pc_driver *d, void *function, p2pc_devptr area, unsigned rounds,
-                    unsigned role, unsigned long long seed, unsigned long long budget_ns,
-                    p2pc_report *out) {
+void p2pcheck_shim_handshake(const p2pc_driver *d, void *function, p2pc_devptr area,
+                             unsigned rounds, unsigned role, unsigned long long seed,
+                             unsigned long long budget_ns, p2pc_report *out) {
     p2pc_devptr results = 0;
     void *params[] = {&area, &rounds, &role, &seed, &budget_ns, &results};
     static const unsigned long long init[4] = {0, 0, 0, 0};

@@ -4,7 +4,12 @@
  * The shim links against nothing: the caller passes the driver entry points it resolved
  * (p2pc_driver) and the kernel handles of a module it loaded and owns. Types are spelled out
  * here rather than taken from cuda.h so that the shim builds on machines without CUDA headers
- * (CI without a GPU). Every driver call's return code is checked and logged in order. */
+ * (CI without a GPU). Every driver call's return code is checked and logged in order.
+ *
+ * The functions are linker symbols of libp2pcheck.a, so they carry the library's prefix
+ * (p2pcheck_shim_): a host's own names cannot clash with them (tests/capi.rs runs nm). They
+ * are hidden from any shared object. The kernels keep their p2pc_ names: those are strings
+ * looked up in the PTX module, not linker symbols. */
 #ifndef P2PCHECK_SHIM_H
 #define P2PCHECK_SHIM_H
 
@@ -42,20 +47,20 @@ typedef struct p2pc_report {
 
 /* Kernel p2pc_pattern_store over [ptr, ptr+n) with stores of `width` bytes, then a synchronise.
  * results unused. */
-void p2pc_pattern_store(const p2pc_driver *d, void *function, p2pc_devptr ptr,
-                        unsigned long long n, unsigned long long seed, unsigned width,
-                        unsigned long long shift, p2pc_report *out);
+void p2pcheck_shim_pattern_store(const p2pc_driver *d, void *function, p2pc_devptr ptr,
+                                 unsigned long long n, unsigned long long seed, unsigned width,
+                                 unsigned long long shift, p2pc_report *out);
 
 /* Kernel p2pc_pattern_check over [ptr, ptr+n): results = {wrong, first bad offset (or ~0),
  * wrong but equal to the old_seed pattern}. */
-void p2pc_pattern_check(const p2pc_driver *d, void *function, p2pc_devptr ptr,
-                        unsigned long long n, unsigned long long seed,
-                        unsigned long long old_seed, unsigned width, p2pc_report *out);
+void p2pcheck_shim_pattern_check(const p2pc_driver *d, void *function, p2pc_devptr ptr,
+                                 unsigned long long n, unsigned long long seed,
+                                 unsigned long long old_seed, unsigned width, p2pc_report *out);
 
 /* Kernel p2pc_handshake on `area` (one thread): results = {rounds done, payload bytes wrong,
  * timed out, elapsed ns}. */
-void p2pc_handshake(const p2pc_driver *d, void *function, p2pc_devptr area, unsigned rounds,
-                    unsigned role, unsigned long long seed, unsigned long long budget_ns,
-                    p2pc_report *out);
+void p2pcheck_shim_handshake(const p2pc_driver *d, void *function, p2pc_devptr area,
+                             unsigned rounds, unsigned role, unsigned long long seed,
+                             unsigned long long budget_ns, p2pc_report *out);
 
 #endif

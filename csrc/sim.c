@@ -95,8 +95,13 @@
  * a time and another thread's calls wait for it to end (each process has its own mutex: two
  * processes' kernels do run at the same time).
  *
- * KERNELS (cuModuleLoadData takes PTX text; only the ".entry NAME(" kernels it defines can be
- * fetched with cuModuleGetFunction, others fail with CUDA_ERROR_NOT_FOUND, 500). Pointers are
+ * KERNELS (cuModuleLoadData takes PTX text, or a fat binary holding PTX: only the ".entry NAME("
+ * kernels its PTX defines can be fetched with cuModuleGetFunction, others fail with
+ * CUDA_ERROR_NOT_FOUND, 500; a lone cubin is CUDA_ERROR_INVALID_IMAGE, 200). Every simulated
+ * GPU is of architecture SIM_ARCH (sm_90): a fat binary's SASS for sm_90 is "taken" when it has
+ * one, else its PTX is "JIT-compiled"; cuFuncGetAttribute answers CU_FUNC_ATTRIBUTE_PTX_VERSION
+ * (5) and CU_FUNC_ATTRIBUTE_BINARY_VERSION (6) accordingly (PTX text: its ".target sm_XY"),
+ * any other attribute CUDA_ERROR_INVALID_VALUE. Pointers are
  * u64 device addresses. Loads and stores are SM (kernel) accesses: the faults above apply to
  * each byte, and to the counters and results a kernel writes too. An access outside every live
  * region is CUDA_ERROR_ILLEGAL_ADDRESS (700), and a misaligned one (where noted)
@@ -175,6 +180,7 @@ typedef struct {
     X(int, cuModuleLoadData, (void **module, const void *image))                                  \
     X(int, cuModuleGetFunction, (void **hfunc, void *hmod, const char *name))                     \
     X(int, cuModuleUnload, (void *hmod))                                                          \
+    X(int, cuFuncGetAttribute, (int *value, int attribute, void *hfunc))                          \
     X(int, cuLaunchKernel, (void *f, unsigned gridX, unsigned gridY, unsigned gridZ,              \
                             unsigned blockX, unsigned blockY, unsigned blockZ,                    \
                             unsigned sharedMemBytes, void *hStream, void **kernelParams,          \
@@ -485,6 +491,8 @@ struct module {
     struct module *next;
     int ctx_dev;
     unsigned defined; /* bit k: the PTX defines kernel k */
+    int ptx_version;    /* XY of the PTX the "machine code" came from */
+    int binary_version; /* XY of the "machine code" (always SIM_ARCH) */
     struct function functions[K_NUM];
 };
 
@@ -1060,6 +1068,49 @@ static int run_handshake(void **params) {
     return kernel_end(&l);
 }
 
+/* The architecture of every simulated GPU (an H200's sm_90). */
+enum { SIM_ARCH = 90 };
+
+/* A fat binary's PTX (a pointer into it and its length) and whether it has SASS for SIM_ARCH;
+ * -1 when it is malformed or holds no PTX. Every size is checked before it is used. */
+static int fatbin_find(const unsigned char *b, const unsigned char **ptx, size_t *ptx_len,
+                       int *has_sass) {
+    uint16_t header;
+    uint64_t body;
+    memcpy(&header, b + 6, sizeof header);
+    memcpy(&body, b + 8, sizeof body);
+    if (header < 16 || body > (uint64_t)1 << 30) return -1;
+    size_t at = header, end = header + (size_t)body;
+    *ptx = NULL;
+    *has_sass = 0;
+    while (at < end) {
+        uint16_t kind;
+        uint32_t entry_header, arch;
+        uint64_t payload;
+        if (end - at < 32) return -1;
+        memcpy(&kind, b + at, sizeof kind);
+        memcpy(&entry_header, b + at + 4, sizeof entry_header);
+        memcpy(&payload, b + at + 8, sizeof payload);
+        memcpy(&arch, b + at + 28, sizeof arch);
+        if (entry_header < 32 || entry_header > end - at || payload > end - at - entry_header)
+            return -1;
+        if (kind == 1 && *ptx == NULL) {
+            *ptx = b + at + entry_header;
+            *ptx_len = (size_t)payload;
+        } else if (kind == 2 && arch == SIM_ARCH) {
+            *has_sass = 1;
+        }
+        at += entry_header + (size_t)payload;
+    }
+    return *ptx == NULL ? -1 : 0;
+}
+
+/* XY of the PTX's ".target sm_XY" (0 when it names none). */
+static int ptx_target(const char *ptx) {
+    const char *t = strstr(ptx, ".target sm_");
+    return t == NULL ? 0 : atoi(t + strlen(".target sm_"));
+}
+
 /* Records which supported kernels the PTX text defines (".entry NAME("). */
 static unsigned ptx_entries(const char *ptx) {
     unsigned defined = 0;
@@ -1184,15 +1235,30 @@ SIM_EXPORT int cuModuleLoadData(void **module, const void *image) {
     int rc = driver_begin();
     if (rc) return rc;
     const unsigned char *b = image;
-    /* Only PTX text can be read here; a cubin (ELF) or fatbinary is refused as real CUDA
-     * refuses an image built for another machine. Compared byte by byte: stops at a NUL. */
-    if ((b[0] == 0x7f && b[1] == 'E' && b[2] == 'L' && b[3] == 'F') ||
-        (b[0] == 0x50 && b[1] == 0xed && b[2] == 0x55 && b[3] == 0xba))
+    /* A lone cubin (ELF) cannot be read here: refused as real CUDA refuses an image built for
+     * another machine. Magics compared byte by byte: a short PTX text stops at its NUL. */
+    if (b[0] == 0x7f && b[1] == 'E' && b[2] == 'L' && b[3] == 'F')
         return unlock_return(E_INVALID_IMAGE);
+    char *text = NULL; /* a fat binary's PTX, NUL-terminated */
+    int has_sass = 0;
+    if (b[0] == 0x50 && b[1] == 0xed && b[2] == 0x55 && b[3] == 0xba) {
+        const unsigned char *ptx;
+        size_t len;
+        if (fatbin_find(b, &ptx, &len, &has_sass) != 0) return unlock_return(E_INVALID_IMAGE);
+        text = strndup((const char *)ptx, len);
+        if (text == NULL) return unlock_return(E_OUT_OF_MEMORY);
+    }
     struct module *m = calloc(1, sizeof *m);
-    if (m == NULL) return unlock_return(E_OUT_OF_MEMORY);
+    if (m == NULL) {
+        free(text);
+        return unlock_return(E_OUT_OF_MEMORY);
+    }
     m->ctx_dev = tl_dev;
-    m->defined = ptx_entries(image);
+    const char *ptx = text != NULL ? text : image;
+    m->defined = ptx_entries(ptx);
+    m->binary_version = SIM_ARCH;
+    m->ptx_version = has_sass ? SIM_ARCH : ptx_target(ptx);
+    free(text);
     for (int k = 0; k < K_NUM; k++) {
         m->functions[k].module = m;
         m->functions[k].kernel = k;
@@ -1216,6 +1282,22 @@ SIM_EXPORT int cuModuleGetFunction(void **hfunc, void *hmod, const char *name) {
         }
     }
     return unlock_return(E_NOT_FOUND);
+}
+
+SIM_EXPORT int cuFuncGetAttribute(int *value, int attribute, void *hfunc) {
+    if (value == NULL) return E_INVALID_VALUE;
+    int rc = driver_begin();
+    if (rc) return rc;
+    struct function *f = find_function(hfunc);
+    if (f == NULL) return unlock_return(E_INVALID_HANDLE);
+    if (attribute == 5) {
+        *value = f->module->ptx_version;
+    } else if (attribute == 6) {
+        *value = f->module->binary_version;
+    } else {
+        return unlock_return(E_INVALID_VALUE);
+    }
+    return unlock_return(E_OK);
 }
 
 SIM_EXPORT int cuModuleUnload(void *hmod) {

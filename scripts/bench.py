@@ -34,10 +34,14 @@ import tempfile
 import time
 
 VARIANTS = ["floor-one", "floor-all", "p2pcheck", "p2pcheck-copy", "p2pcheck-all", "p2pcheck-vllm",
-            "reference", "warm-lookup"]
+            "p2pcheck-nocache", "reference", "warm-lookup"]
 # p2pcheck-copy: vLLM's copy tier alone, so the time the kernel and handshake tiers add shows.
+# p2pcheck-nocache: the default check with the driver's compute cache off, as in a fresh
+# container: any JIT compilation of the kernels would show here.
 P2P_FLAGS = {"p2pcheck": [], "p2pcheck-copy": ["--level", "copy"],
-             "p2pcheck-all": ["--visibility", "all"], "p2pcheck-vllm": ["--engine", "vllm"]}
+             "p2pcheck-all": ["--visibility", "all"], "p2pcheck-vllm": ["--engine", "vllm"],
+             "p2pcheck-nocache": []}
+P2P_ENV = {"p2pcheck-nocache": {"CUDA_CACHE_DISABLE": "1"}}
 # Environment that would change what is measured; dropped from every child's environment.
 NOISE = ("P2PCHECK_TRACE",)
 REF_RE = re.compile(r"REFERENCE n_gpus=(\d+) seconds=([0-9.]+)")
@@ -444,7 +448,7 @@ class Gpu:
 
     def p2p_run(self, rnd, variant):
         root = self.mktemp()
-        env = dict(self.env, VLLM_CACHE_ROOT=root)
+        env = dict(self.env, VLLM_CACHE_ROOT=root, **P2P_ENV.get(variant, {}))
         t0, pr = run_one([self.p2p, "--json"] + P2P_FLAGS[variant], env, self.args.timeout)
         shutil.rmtree(root, ignore_errors=True)
         d = parse_json_line(pr.first_line())
@@ -664,7 +668,8 @@ class Gpu:
         timed("floor-all: last exit", "floor-all", "exit_s")
         for v, name in (("p2pcheck", "p2pcheck"), ("p2pcheck-copy", "p2pcheck --level copy"),
                         ("p2pcheck-all", "p2pcheck --visibility all"),
-                        ("p2pcheck-vllm", "p2pcheck --engine vllm")):
+                        ("p2pcheck-vllm", "p2pcheck --engine vllm"),
+                        ("p2pcheck-nocache", "p2pcheck, CUDA_CACHE_DISABLE=1")):
             timed(name + ": answer (JSON line read)", v, "answer_s")
             timed(name + ": answer_s (its own clock)", v, "json_answer_s")
             timed(name + ": whole process", v, "whole_s")
@@ -674,6 +679,10 @@ class Gpu:
         rows.append(None)
         speedup("reference whole / p2pcheck whole", ("reference", "whole_s"), ("p2pcheck", "whole_s"))
         speedup("reference whole / p2pcheck answer", ("reference", "whole_s"), ("p2pcheck", "answer_s"))
+        speedup("p2pcheck answer: no compute cache / cache warm", ("p2pcheck-nocache", "answer_s"),
+                ("p2pcheck", "answer_s"))
+        speedup("p2pcheck answer: default / --level copy", ("p2pcheck", "answer_s"),
+                ("p2pcheck-copy", "answer_s"))
         rows.append(None)
         fr, _ = self.series("floor-one", "max_rss_kb")
         fbase = median(fr)

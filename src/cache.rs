@@ -11,6 +11,16 @@
 //! * processes racing on a cold cache compute it once: the writer holds an advisory lock
 //!   ([`FileLock`], on [`lock_path`]) that waiters give up on after a deadline;
 //! * a corrupt file is recomputed and reported ([`Origin::Recomputed`]) instead of crashing;
+//! * the verdicts and what they were checked against are one unit: p2pcheck's fingerprint
+//!   beside vLLM's file ([`crate::fingerprint::Record`]) names the exact verdicts it vouches
+//!   for, is written before the cache file, and an answer comes from the file only when the
+//!   fingerprint read vouches for exactly the verdicts read ([`load_or_check`]): no reader,
+//!   racing a writer or after a writer was killed, pairs one write's verdicts with another's
+//!   fingerprint;
+//! * no other user can plant an answer: the folder and its files are trusted only when owned
+//!   by this user (or root, or a user named in [`Trust`]) and writable by no one else; an
+//!   untrusted one is never used, followed, truncated or replaced ([`Origin::Untrusted`]), and
+//!   the files written are mode 0644 whatever the umask;
 //! * hostile folder contents cannot redirect it: every file in the cache folder is reached
 //!   through the open folder by its name alone, never following a symbolic link and never
 //!   blocking on a FIFO or reading a device; reads are bounded ([`max_file_len`]); a lock file
@@ -22,16 +32,14 @@ use std::ffi::{OsStr, OsString};
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
-
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use once_cell::sync::Lazy;
 
+use crate::fingerprint::{self, Fingerprint, Record};
 use crate::json::{self, Value};
 use crate::os;
 
@@ -300,37 +308,124 @@ pub fn max_file_len(n: usize) -> u64 {
     rendered_len(n).saturating_mul(2).saturating_add(4096)
 }
 
+/// The mode of every file p2pcheck creates in the cache folder, whatever the umask: vLLM (and
+/// any reader running as the same user, or as a trusted one) can read it, no one else can
+/// write it.
+const FILE_MODE: u32 = 0o644;
+
+/// The mode of a cache folder p2pcheck creates (less the umask, which only takes bits away):
+/// never writable by group or others. An existing folder's mode is never changed.
+const DIR_MODE: u32 = 0o755;
+
+/// Whose cache folder and files are trusted: this process's effective user, root, and
+/// optionally one more user, for a folder deliberately shared between users.
+///
+/// A folder is trusted when such a user owns it and neither group nor others can write it, or
+/// when they can but its sticky bit is set (as on `/tmp`: then only a file's owner can replace
+/// or remove it). A file in it (vLLM's cache file, the fingerprint, the lock) is trusted when
+/// such a user owns it and neither group nor others can write it. Nothing in an untrusted
+/// folder, and no file owned by another user, is used, followed, truncated, replaced or
+/// removed; the pairs are checked again instead and nothing is written (see
+/// [`Origin::Untrusted`]). A trusted user's own file that group or others can write is not
+/// used either, but it is replaced by the next write (its content may be anyone's; the name
+/// is the user's).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Trust {
+    /// One more user whose cache folder and files are trusted (`--trust-cache-owner UID`).
+    pub owner: Option<u32>,
+}
+
+impl Trust {
+    fn owns(&self, uid: u32) -> bool {
+        uid == 0 || uid == os::effective_uid() || self.owner == Some(uid)
+    }
+
+    /// Why `what`, owned by `uid`, is not trusted, or `None` when it is.
+    fn owner_problem(&self, what: &str, uid: u32) -> Option<String> {
+        (!self.owns(uid)).then(|| {
+            format!(
+                "{what} is owned by uid {uid}, not by this user (uid {}) or root: not trusted, and \
+                 left as it is (remove it, or trust that user with --trust-cache-owner {uid})",
+                os::effective_uid()
+            )
+        })
+    }
+}
+
+/// Who may write a file or folder of mode `mode`, in words, if anyone but its owner may.
+fn loose(mode: u32) -> Option<&'static str> {
+    match (mode & 0o020 != 0, mode & 0o002 != 0) {
+        (false, false) => None,
+        (true, false) => Some("its group"),
+        (false, true) => Some("others"),
+        (true, true) => Some("its group and others"),
+    }
+}
+
 /// A cache folder, open: every entry in it is reached through this descriptor by one name,
 /// and never followed when it is a symbolic link, so nothing outside the folder is touched.
 struct Folder<'a> {
     fd: File,
     path: &'a Path,
+    trust: Trust,
+    /// Why nothing in it may be trusted or written, if so.
+    distrust: Option<String>,
 }
 
 impl<'a> Folder<'a> {
     /// Opens the folder `dir`; `None` if it does not exist.
-    fn open(dir: &'a Path) -> Result<Option<Folder<'a>>> {
+    fn open(dir: &'a Path, trust: Trust) -> Result<Option<Folder<'a>>> {
         match os::open_dir(dir) {
-            Ok(fd) => Ok(Some(Folder {
-                fd: File::from(fd),
-                path: dir,
-            })),
+            Ok(fd) => Folder::judged(File::from(fd), dir, trust).map(Some),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(Folder::open_error(dir, e)),
         }
     }
 
-    /// Opens the folder `dir`, creating it (and its parents) if missing.
-    fn create(dir: &'a Path) -> Result<Folder<'a>> {
-        fs::create_dir_all(dir)
+    /// Opens the folder `dir`, creating it (and its parents) with [`DIR_MODE`] if missing;
+    /// refuses a folder it does not trust.
+    fn create(dir: &'a Path, trust: Trust) -> Result<Folder<'a>> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(DIR_MODE)
+            .create(dir)
             .with_context(|| format!("cannot create the directory {}", dir.display()))?;
-        match os::open_dir(dir) {
-            Ok(fd) => Ok(Folder {
-                fd: File::from(fd),
-                path: dir,
-            }),
-            Err(e) => Err(Folder::open_error(dir, e)),
+        let folder = match os::open_dir(dir) {
+            Ok(fd) => Folder::judged(File::from(fd), dir, trust)?,
+            Err(e) => return Err(Folder::open_error(dir, e)),
+        };
+        if let Some(why) = &folder.distrust {
+            bail!("{why}");
         }
+        Ok(folder)
+    }
+
+    /// The folder open as `fd`, with what its owner and mode say about trusting it.
+    fn judged(fd: File, path: &'a Path, trust: Trust) -> Result<Folder<'a>> {
+        let meta = fd
+            .metadata()
+            .with_context(|| format!("cannot stat the folder {}", path.display()))?;
+        let what = format!("the cache folder {}", path.display());
+        let distrust = trust
+            .owner_problem(&what, meta.uid())
+            .map(|why| format!("{why}; nothing in it is trusted or written"))
+            .or_else(|| {
+                let sticky = meta.mode() & libc::S_ISVTX != 0;
+                loose(meta.mode()).filter(|_| !sticky).map(|who| {
+                    format!(
+                        "{what} is writable by {who} (mode {:04o}) without the sticky bit, so \
+                         anyone could replace the files in it: nothing in it is trusted or \
+                         written (`chmod go-w` or `chmod +t` it, or use another folder)",
+                        meta.mode() & 0o7777
+                    )
+                })
+            });
+        Ok(Folder {
+            fd,
+            path,
+            trust,
+            distrust,
+        })
     }
 
     fn open_error(dir: &Path, e: io::Error) -> anyhow::Error {
@@ -350,6 +445,15 @@ impl<'a> Folder<'a> {
         }
     }
 
+    /// Why the entry `name` (at `path`) belongs to a user this process does not trust, if it
+    /// exists and does.
+    fn foreign(&self, name: &OsStr, path: &Path) -> io::Result<Option<String>> {
+        Ok(self.stat(name)?.and_then(|entry| {
+            self.trust
+                .owner_problem(&path.display().to_string(), entry.uid)
+        }))
+    }
+
     /// What the entry `name` of type `mode` is, in words; for a symbolic link with its target
     /// (read, never followed), best effort.
     fn describe(&self, name: &OsStr, mode: u32) -> String {
@@ -363,8 +467,9 @@ impl<'a> Folder<'a> {
         }
     }
 
-    /// Writes `contents` to the temp file `tmp` (created, never reused), fsyncs it and renames
-    /// it over `name`; the temp file is removed if a step after its creation fails.
+    /// Writes `contents` to the temp file `tmp` (created, never reused, mode [`FILE_MODE`]),
+    /// fsyncs it and renames it over `name`; the temp file is removed if a step after its
+    /// creation fails.
     fn write_then_rename(
         &self,
         tmp: &OsStr,
@@ -374,10 +479,12 @@ impl<'a> Folder<'a> {
     ) -> Result<()> {
         let tmp_path = self.path.join(tmp);
         let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL;
-        let mut file = os::open_at(&self.fd, tmp, flags, 0o666)
+        let mut file = os::open_at(&self.fd, tmp, flags, 0o600)
             .with_context(|| format!("cannot create the temp file {}", tmp_path.display()))?;
         let written = file
-            .write_all(contents.as_bytes())
+            // fchmod: the mode does not depend on the umask.
+            .set_permissions(fs::Permissions::from_mode(FILE_MODE))
+            .and_then(|()| file.write_all(contents.as_bytes()))
             .and_then(|()| file.sync_all())
             .with_context(|| format!("cannot write the temp file {}", tmp_path.display()))
             .and_then(|()| {
@@ -401,10 +508,55 @@ impl<'a> Folder<'a> {
         }
         written
     }
+
+    /// An error if the cache file `name` (at `path`) or its fingerprint belongs to a user this
+    /// process does not trust: they are not replaced.
+    fn refuse_foreign(&self, name: &OsStr, path: &Path) -> Result<()> {
+        let beside = fingerprint::path_beside(path);
+        let beside_name = beside.file_name().unwrap_or_default();
+        for (entry, at) in [(name, path), (beside_name, beside.as_path())] {
+            if let Some(why) = self
+                .foreign(entry, at)
+                .with_context(|| format!("cannot write {}", path.display()))?
+            {
+                bail!("not written: {why}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the cache file `name` (at `path`) and, first, the fingerprint `beside` it if
+    /// given, each atomically; then makes the renames durable. Refuses, before writing
+    /// anything, when either entry belongs to a user this process does not trust.
+    ///
+    /// The fingerprint goes first: it names the exact verdicts it vouches for, so a process
+    /// killed between the two renames leaves a fingerprint that does not vouch for the cache
+    /// file beside it (unless it holds the same verdicts), and never a state without one.
+    fn write_unit(
+        &self,
+        name: &OsStr,
+        path: &Path,
+        contents: &str,
+        beside: Option<&str>,
+    ) -> Result<()> {
+        self.refuse_foreign(name, path)?;
+        let beside_path = fingerprint::path_beside(path);
+        let beside_name = beside_path.file_name().unwrap_or_default();
+        if let Some(text) = beside {
+            self.write_then_rename(&temp_name(beside_name), beside_name, text, &beside_path)?;
+        }
+        self.write_then_rename(&temp_name(name), name, contents, path)?;
+        // Make the renames durable. Best effort: some file systems refuse to fsync a
+        // directory, and the new files are already in place either way.
+        let _ = self.fd.sync_all();
+        Ok(())
+    }
 }
 
-/// A temp file name for the cache file `name`: hidden (so `ls` skips it), unique per process
-/// and call, and short enough to be a valid name whatever `name`'s length.
+/// A temp file name for the cache file `name`: hidden (so `ls` skips it), unique per process,
+/// call and moment (a process killed mid-write leaves one behind, which a later process of
+/// the same pid must not collide with), and short enough to be a valid name whatever `name`'s
+/// length.
 fn temp_name(name: &OsStr) -> OsString {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let full = name.to_string_lossy();
@@ -415,28 +567,37 @@ fn temp_name(name: &OsStr) -> OsString {
         }
         stem.push(c);
     }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
     OsString::from(format!(
-        ".{stem}.tmp.{}.{}",
+        ".{stem}.tmp.{}.{}.{nanos}",
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     ))
 }
 
 /// Writes `contents` to `path` atomically: readers see the old file or the new one, never a
-/// part. Writes a temp file in the same directory (created if missing), fsyncs it, renames it
-/// over `path` and fsyncs the directory; the temp file is removed if any step fails.
+/// part. Writes a temp file (mode 0644) in the same directory (created if missing, mode 0755),
+/// fsyncs it, renames it over `path` and fsyncs the directory; the temp file is removed if any
+/// step fails.
 ///
 /// Every file is reached through the open folder by its name alone: the temp file is created
 /// new (`O_EXCL`, never through a link), and the rename replaces the directory entry `path`,
 /// whatever it is (a symbolic link, a FIFO…), without writing through it. A directory there
-/// cannot be replaced: that is an error. An empty folder path (a bare file name) is refused.
+/// cannot be replaced: that is an error. An empty folder path (a bare file name), a folder
+/// this process does not trust ([`Trust`]) and a `path` owned by another user are refused.
 pub fn write_atomic(path: &Path, contents: &str) -> Result<()> {
     let (dir, name) = split(path)?;
-    let folder = Folder::create(dir)?;
+    let folder = Folder::create(dir, Trust::default())?;
+    if let Some(why) = folder
+        .foreign(name, path)
+        .with_context(|| format!("cannot write {}", path.display()))?
+    {
+        bail!("not written: {why}");
+    }
     folder.write_then_rename(&temp_name(name), name, contents, path)?;
-    // Make the rename itself durable. Best effort: some file systems refuse to fsync a
-    // directory, and the new file is already in place either way.
-    let _ = folder.fd.sync_all();
+    let _ = folder.fd.sync_all(); // as in write_unit
     Ok(())
 }
 
@@ -446,9 +607,11 @@ pub fn write_atomic(path: &Path, contents: &str) -> Result<()> {
 /// while another locks a new one. The holder writes its pid into it, so a waiter that gives up
 /// can say who had it.
 ///
-/// Only a regular file with one name is used as the lock file: a symbolic link, FIFO, device,
-/// directory or hard-linked file in its place is refused with an error naming it, and left as
-/// it is (never followed, truncated, replaced or removed).
+/// Only a regular file with one name, owned by a trusted user ([`Trust`]), in a trusted folder,
+/// is used as the lock file: anything else in its place is refused with an error naming it,
+/// and left as it is (never followed, truncated, replaced or removed). It holds no data, so a
+/// lock of this process's own user that group or others could write is made 0644 rather than
+/// refused.
 #[derive(Debug)]
 pub struct FileLock {
     /// Closing the file (on drop) releases the lock.
@@ -457,13 +620,18 @@ pub struct FileLock {
 }
 
 impl FileLock {
-    /// Locks `path` (created, with its directory, if missing), waiting at most `timeout` for
-    /// another holder to let go; the error then names the lock file, the timeout and the pid
-    /// that last took the lock. An existing `path` that is not a regular file with a single
-    /// name is refused at once, untouched.
+    /// Locks `path` (created, mode 0644, with its directory, if missing), waiting at most
+    /// `timeout` for another holder to let go; the error then names the lock file, the timeout
+    /// and the pid that last took the lock. An existing `path` that is not a regular file with
+    /// a single name of this process's user or root is refused at once, untouched.
     pub fn acquire(path: &Path, timeout: Duration) -> Result<FileLock> {
+        FileLock::acquire_trusting(path, timeout, Trust::default())
+    }
+
+    /// [`FileLock::acquire`], trusting `trust`'s users too.
+    pub fn acquire_trusting(path: &Path, timeout: Duration, trust: Trust) -> Result<FileLock> {
         let (dir, name) = split(path)?;
-        let folder = Folder::create(dir)?;
+        let folder = Folder::create(dir, trust)?;
         let file = open_lock_file(&folder, name, path)?;
         let deadline = Instant::now() + timeout;
         let mut nap = Duration::from_millis(2);
@@ -497,7 +665,7 @@ impl FileLock {
     }
 
     /// Writes our pid into the lock file, for [`last_holder`]. Best effort: it only feeds a
-    /// message.
+    /// message (and a lock of another trusted user may be open read-only).
     fn record_holder(&mut self) {
         let _ = self.file.set_len(0).and_then(|()| {
             self.file
@@ -506,45 +674,78 @@ impl FileLock {
     }
 }
 
-/// Opens (creating if missing) the lock file `name` in `folder`, refusing anything but a
-/// regular file with one name: checked on the entry before opening (so no FIFO or device is
-/// even opened) and again on the open descriptor (in case the entry changed in between).
-fn open_lock_file(folder: &Folder, name: &OsStr, path: &Path) -> Result<File> {
+/// Why the lock file `name` (at `path`) of `folder` cannot be used, from what it is: a
+/// regular file with one name, of a trusted user, is fine.
+fn lock_problem(
+    folder: &Folder,
+    name: &OsStr,
+    path: &Path,
+    mode: u32,
+    nlink: u64,
+    uid: u32,
+) -> Option<String> {
     let refuse = |what: String| {
-        anyhow!(
+        format!(
             "refusing to use the lock file {}: it is {what}, not a regular file with a single \
              name; p2pcheck does not follow, truncate, replace or remove it: if nothing needs \
              it, remove it",
             path.display()
         )
     };
-    let check = |mode: u32, nlink: u64| -> Result<()> {
-        if !is_regular(mode) {
-            return Err(refuse(folder.describe(name, mode)));
-        }
-        if nlink > 1 {
-            return Err(refuse(format!(
-                "a regular file with {nlink} hard links (another name of a file that may be \
-                 outside {})",
-                folder.path.display()
-            )));
-        }
-        Ok(())
-    };
+    if !is_regular(mode) {
+        return Some(refuse(folder.describe(name, mode)));
+    }
+    if nlink > 1 {
+        return Some(refuse(format!(
+            "a regular file with {nlink} hard links (another name of a file that may be \
+             outside {})",
+            folder.path.display()
+        )));
+    }
+    folder
+        .trust
+        .owner_problem(&format!("the lock file {}", path.display()), uid)
+}
+
+/// Opens (creating if missing, mode 0644) the lock file `name` in `folder`, refusing what
+/// [`lock_problem`] refuses: checked on the entry before opening (so no FIFO or device is even
+/// opened) and again on the open descriptor (in case the entry changed in between).
+fn open_lock_file(folder: &Folder, name: &OsStr, path: &Path) -> Result<File> {
     let cannot = || format!("cannot open the lock file {}", path.display());
     if let Some(entry) = folder.stat(name).with_context(cannot)? {
-        check(entry.mode, entry.nlink)?;
+        if let Some(why) = lock_problem(folder, name, path, entry.mode, entry.nlink, entry.uid) {
+            bail!("{why}");
+        }
     }
-    let flags = libc::O_RDWR | libc::O_CREAT | libc::O_NONBLOCK;
-    let file = match os::open_at(&folder.fd, name, flags, 0o666) {
-        Ok(file) => file,
-        Err(e) if is_link_error(&e) => {
-            return Err(refuse(folder.describe(name, libc::S_IFLNK)));
+    let open = |flags| os::open_at(&folder.fd, name, flags | libc::O_NONBLOCK, 0o600);
+    let (file, created) = match open(libc::O_RDWR | libc::O_CREAT | libc::O_EXCL) {
+        Ok(file) => (file, true),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            // Another trusted user's lock may be readable only; flock needs no more.
+            match open(libc::O_RDWR).or_else(|e| match e.raw_os_error() {
+                Some(libc::EACCES) => open(libc::O_RDONLY),
+                _ => Err(e),
+            }) {
+                Ok(file) => (file, false),
+                Err(e) if is_link_error(&e) => {
+                    bail!(
+                        "{}",
+                        lock_problem(folder, name, path, libc::S_IFLNK, 1, 0).unwrap_or_default()
+                    )
+                }
+                Err(e) => return Err(e).with_context(cannot),
+            }
         }
         Err(e) => return Err(e).with_context(cannot),
     };
     let meta = file.metadata().with_context(cannot)?;
-    check(meta.mode(), meta.nlink())?;
+    if let Some(why) = lock_problem(folder, name, path, meta.mode(), meta.nlink(), meta.uid()) {
+        bail!("{why}");
+    }
+    if created || (loose(meta.mode()).is_some() && meta.uid() == os::effective_uid()) {
+        file.set_permissions(fs::Permissions::from_mode(FILE_MODE))
+            .with_context(cannot)?;
+    }
     // O_NONBLOCK only kept open(2) from blocking on a FIFO; it changes nothing for a regular
     // file, so it stays.
     Ok(file)
@@ -565,10 +766,10 @@ fn last_holder(file: File) -> String {
     }
 }
 
-/// Where [`load_or_compute`]'s answer came from.
+/// Where an answer came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Origin {
-    /// This process already had it.
+    /// This process already had it (`crate::access_check`'s memo).
     Memo,
     /// Read from the cache file.
     File,
@@ -584,9 +785,15 @@ pub enum Origin {
         /// Why (a pair hung or errored once).
         reason: String,
     },
+    /// The cache folder or a file in it is not trusted ([`Trust`]): computed, and nothing
+    /// was read from the folder or written to it.
+    Untrusted {
+        /// What is not trusted, why, and what to change.
+        reason: String,
+    },
 }
 
-/// [`load_or_compute`]'s answer.
+/// A cached or computed answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Loaded {
     /// One verdict per ordered pair, row-major: `verdicts[src * n + tgt]`.
@@ -595,43 +802,7 @@ pub struct Loaded {
     pub origin: Origin,
 }
 
-/// Verdicts already loaded by this process, by cache file path as given.
-static MEMO: Lazy<Mutex<HashMap<PathBuf, Vec<bool>>>> = Lazy::new(Mutex::default);
-
-fn memo() -> std::sync::MutexGuard<'static, HashMap<PathBuf, Vec<bool>>> {
-    // A panic elsewhere while holding the lock cannot leave the map half-updated.
-    MEMO.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// Forgets what this process loaded, so the next [`load_or_compute`] reads the file again.
-pub fn forget_memo() {
-    memo().clear();
-}
-
-/// [`load_or_compute_checked`] for a file that is never stale, whose verdicts always persist:
-/// vLLM's own semantics, atomic and computed once.
-pub fn load_or_compute(
-    path: &Path,
-    n: usize,
-    lock_timeout: Duration,
-    compute: impl FnOnce() -> Result<Vec<bool>>,
-) -> Result<Loaded> {
-    load_or_compute_checked(
-        path,
-        n,
-        lock_timeout,
-        || None,
-        || {
-            Ok(Computed {
-                verdicts: compute()?,
-                not_persisted: None,
-            })
-        },
-        || Ok(()),
-    )
-}
-
-/// What a computation gave [`load_or_compute_checked`].
+/// What a computation gave [`load_or_check`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Computed {
     /// One verdict per ordered pair, row-major.
@@ -641,78 +812,288 @@ pub struct Computed {
     pub not_persisted: Option<String>,
 }
 
-/// The verdicts for `n` devices from the cache file `path`, computing and writing them if the
-/// file is missing, unusable or stale (a fingerprint that no longer matches the machine).
+/// The most bytes a fingerprint file may have: 64 KiB holds the verdicts of 250 GPUs.
+const FINGERPRINT_MAX: u64 = 64 * 1024;
+
+/// What one look into the cache folder found for a cache file.
+struct Found {
+    /// vLLM's file: `None` if absent, else its verdicts or why it cannot be used.
+    file: Option<Result<Vec<bool>, String>>,
+    /// p2pcheck's fingerprint beside it: `None` if absent, else its text or why it cannot be
+    /// used.
+    beside: Option<Result<String, String>>,
+}
+
+/// What one look into the cache folder allows.
+enum Look {
+    /// The folder and its files are trusted (or absent): what is there.
+    Found(Found),
+    /// The folder, or the cache file, the fingerprint or the lock, is not trusted: why.
+    HandsOff(String),
+}
+
+/// One look at the cache file `path` for `n` devices, its fingerprint (if `with_beside`) and
+/// its lock, without taking the lock.
+fn look(path: &Path, n: usize, trust: Trust, with_beside: bool) -> Result<Look> {
+    let (dir, name) = split(path)?;
+    let cannot = || format!("cannot read {}", path.display());
+    let Some(folder) = Folder::open(dir, trust).with_context(cannot)? else {
+        return Ok(Look::Found(Found {
+            file: None,
+            beside: None,
+        }));
+    };
+    if let Some(why) = &folder.distrust {
+        return Ok(Look::HandsOff(why.clone()));
+    }
+    let lock = lock_path(path);
+    let lock_name = lock.file_name().unwrap_or_default();
+    if let Some(entry) = folder.stat(lock_name).with_context(cannot)? {
+        if let Some(why) = lock_problem(
+            &folder,
+            lock_name,
+            &lock,
+            entry.mode,
+            entry.nlink,
+            entry.uid,
+        ) {
+            return Ok(Look::HandsOff(why));
+        }
+    }
+    let file = match read_entry(&folder, name, path, max_file_len(n), |len| too_big(n, len))? {
+        None => None,
+        Some(Entry::Foreign(why)) => return Ok(Look::HandsOff(why)),
+        Some(Entry::Unusable(why)) => Some(Err(why)),
+        Some(Entry::Bytes(bytes)) => Some(verdicts_of(bytes, n)),
+    };
+    let beside = if with_beside {
+        let at = fingerprint::path_beside(path);
+        let beside_name = at.file_name().unwrap_or_default();
+        let bound = |len| format!("it is {len} bytes, more than {FINGERPRINT_MAX}");
+        match read_entry(&folder, beside_name, &at, FINGERPRINT_MAX, bound)? {
+            None => None,
+            Some(Entry::Foreign(why)) => return Ok(Look::HandsOff(why)),
+            Some(Entry::Unusable(why)) => Some(Err(format!(
+                "its p2pcheck fingerprint {} is unusable: {why}",
+                at.display()
+            ))),
+            Some(Entry::Bytes(bytes)) => Some(String::from_utf8(bytes).map_err(|_| {
+                format!(
+                    "its p2pcheck fingerprint {} is unusable: not UTF-8 text",
+                    at.display()
+                )
+            })),
+        }
+    } else {
+        None
+    };
+    Ok(Look::Found(Found { file, beside }))
+}
+
+/// The verdicts for `n` devices from the cache folder, or computed: the core of
+/// [`load_or_compute`] and [`load_or_check`].
 ///
-/// In order: this process's memo; the file, read without the lock (vLLM's fast path), used
-/// unless `stale()` gives a reason; else, under [`FileLock`] on [`lock_path`] (waiting at most
-/// `lock_timeout`), the file again (another process may just have written it), else
-/// `compute()` (which must return `n * n` verdicts, row-major), written with [`write_atomic`]
-/// and then `written()` called (the fingerprint beside it) — unless the computation says its
-/// verdicts must not persist: then they are the answer for this call only. So racing processes
-/// compute once. An unreadable file (permissions, a directory) is an error; an unparsable one
-/// is recomputed.
-pub fn load_or_compute_checked(
+/// In order: the folder, read without the lock (vLLM's fast path), answers if `accept` takes
+/// what is there; else, under [`FileLock`] on [`lock_path`] (waiting at most `lock_timeout`),
+/// the folder again (another process may just have written it), else `compute()` (which must
+/// return `n * n` verdicts, row-major), written (with the fingerprint `vouch` renders for
+/// them, if given, first) — unless the computation says its verdicts must not persist: then
+/// they are the answer for this call only. So racing processes compute once. Where the folder
+/// or a file in it is not trusted, the verdicts are computed and nothing is read or written
+/// ([`Origin::Untrusted`]). An unreadable file (permissions, a directory) is an error; an
+/// unparsable one is recomputed.
+fn load(
     path: &Path,
     n: usize,
     lock_timeout: Duration,
-    stale: impl Fn() -> Option<String>,
+    trust: Trust,
+    accept: impl Fn(&Found) -> Result<Vec<bool>, String>,
     compute: impl FnOnce() -> Result<Computed>,
-    written: impl FnOnce() -> Result<()>,
+    vouching: Option<&Fingerprint>,
 ) -> Result<Loaded> {
-    if let Some(verdicts) = memo()
-        .get(path)
-        .filter(|v| n.checked_mul(n) == Some(v.len()))
-    {
-        return Ok(Loaded {
-            verdicts: verdicts.clone(),
-            origin: Origin::Memo,
-        });
-    }
-    let loaded = |verdicts: Vec<bool>, origin| {
-        memo().insert(path.to_path_buf(), verdicts.clone());
-        Loaded { verdicts, origin }
-    };
-    if let Some(Ok(verdicts)) = read(path, n)? {
-        if stale().is_none() {
-            return Ok(loaded(verdicts, Origin::File));
-        }
-    }
-    let _lock = FileLock::acquire(&lock_path(path), lock_timeout)?;
-    let origin = match read(path, n)? {
-        Some(Ok(verdicts)) => match stale() {
-            None => return Ok(loaded(verdicts, Origin::File)),
-            Some(reason) => Origin::Recomputed { reason },
+    // What a look allows: the answer, or (under the lock, which the write needs) where the
+    // verdicts to compute come from, or why nothing may be read or written.
+    let answer = |look: Look| match look {
+        Look::HandsOff(why) => Err(Err(why)),
+        Look::Found(found) => match accept(&found) {
+            Ok(verdicts) => Ok(Loaded {
+                verdicts,
+                origin: Origin::File,
+            }),
+            Err(reason) => Err(Ok(match found.file {
+                None => Origin::Computed,
+                Some(_) => Origin::Recomputed { reason },
+            })),
         },
-        Some(Err(reason)) => Origin::Recomputed { reason },
-        None => Origin::Computed,
+    };
+    let with_beside = vouching.is_some();
+    let decided = 'decided: {
+        match answer(look(path, n, trust, with_beside)?) {
+            Ok(loaded) => return Ok(loaded),
+            Err(Err(why)) => break 'decided Err(why),
+            Err(Ok(_)) => {}
+        }
+        let lock = FileLock::acquire_trusting(&lock_path(path), lock_timeout, trust)?;
+        match answer(look(path, n, trust, with_beside)?) {
+            Ok(loaded) => return Ok(loaded),
+            Err(decided) => decided.map(|origin| (origin, lock)),
+        }
     };
     let computed = compute()
         .with_context(|| format!("cannot compute the P2P verdicts for {}", path.display()))?;
     check_len(n, &computed.verdicts)
         .context("the P2P check returned the wrong number of verdicts")?;
-    if let Some(reason) = computed.not_persisted {
-        return Ok(Loaded {
-            verdicts: computed.verdicts,
-            origin: Origin::NotPersisted { reason },
-        });
-    }
-    write_atomic(path, &render(n, &computed.verdicts))?;
-    written()?;
-    Ok(loaded(computed.verdicts, origin))
+    let verdicts = computed.verdicts;
+    let (origin, _lock) = match (computed.not_persisted, decided) {
+        (Some(reason), _) => {
+            return Ok(Loaded {
+                verdicts,
+                origin: Origin::NotPersisted { reason },
+            })
+        }
+        (None, Err(why)) => {
+            return Ok(Loaded {
+                verdicts,
+                origin: Origin::Untrusted { reason: why },
+            })
+        }
+        (None, Ok(decided)) => decided,
+    };
+    let (dir, name) = split(path)?;
+    let beside = vouching.map(|now| {
+        Record {
+            fingerprint: now.clone(),
+            verdicts: verdicts.clone(),
+        }
+        .render()
+    });
+    Folder::create(dir, trust)?.write_unit(name, path, &render(n, &verdicts), beside.as_deref())?;
+    Ok(Loaded { verdicts, origin })
 }
 
+/// vLLM's own semantics, atomic, computed once and safe in a hostile folder: the verdicts for
+/// `n` devices from the cache file `path`, used whatever wrote it, else computed and written
+/// (see [`load`]'s order), trusting this process's user and root ([`Trust`]).
+pub fn load_or_compute(
+    path: &Path,
+    n: usize,
+    lock_timeout: Duration,
+    compute: impl FnOnce() -> Result<Vec<bool>>,
+) -> Result<Loaded> {
+    load(
+        path,
+        n,
+        lock_timeout,
+        Trust::default(),
+        |found| match &found.file {
+            Some(file) => file.clone(),
+            None => Err(String::new()),
+        },
+        || {
+            Ok(Computed {
+                verdicts: compute()?,
+                not_persisted: None,
+            })
+        },
+        None,
+    )
+}
+
+/// How [`load_or_check`] treats the cache folder.
+#[derive(Clone, Copy, Debug)]
+pub struct Ask {
+    /// Check again even if the cache file answers.
+    pub refresh: bool,
+    /// Whose folder and files are trusted.
+    pub trust: Trust,
+    /// How long to wait for another process that holds the lock.
+    pub lock_timeout: Duration,
+}
+
+/// The verdicts for the GPUs `now` describes, from vLLM's cache file `path` where p2pcheck's
+/// fingerprint beside it vouches for them under `now` (this machine, this check: see
+/// [`Fingerprint::vouched`]), else from `check()`, written with its fingerprint (see
+/// [`load`]'s order).
+///
+/// Readers take no lock: the fingerprint names the exact verdicts it vouches for, so a reader
+/// that sees the fingerprint of one write beside the cache file of another (a writer killed
+/// between its two renames, or racing) answers only if both hold the same verdicts — which
+/// the fingerprint's check then found — and otherwise checks again.
+pub fn load_or_check(
+    path: &Path,
+    now: &Fingerprint,
+    ask: &Ask,
+    check: impl FnOnce() -> Result<Computed>,
+) -> Result<Loaded> {
+    let accept = |found: &Found| -> Result<Vec<bool>, String> {
+        if ask.refresh {
+            return Err("a fresh check was asked for".into());
+        }
+        let verdicts = match &found.file {
+            Some(file) => file.clone()?,
+            None => return Err(String::new()),
+        };
+        let beside = match &found.beside {
+            None => None,
+            Some(Ok(text)) => Some(text.as_str()),
+            Some(Err(why)) => return Err(why.clone()),
+        };
+        now.vouched(beside, &verdicts)?;
+        Ok(verdicts)
+    };
+    load(
+        path,
+        now.devices,
+        ask.lock_timeout,
+        ask.trust,
+        accept,
+        check,
+        Some(now),
+    )
+}
+
+/// How long a writer waits for another process's lock on the cache file by default.
 pub const LOCK_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// Writes `verdicts` for `n` devices (row-major) to the cache file `path`, under its lock, and
-/// remembers them in the memo: for writing vLLM's cache from a check run by hand.
+/// Writes `verdicts` for `n` devices (row-major) to the cache file `path`, under its lock, as
+/// vLLM would (no fingerprint).
 pub fn store(path: &Path, n: usize, verdicts: &[bool]) -> Result<()> {
     check_len(n, verdicts)?;
-    split(path)?; // so that a bad path is named as given, not as its lock file
-    let _lock = FileLock::acquire(&lock_path(path), LOCK_TIMEOUT)?;
-    write_atomic(path, &render(n, verdicts))?;
-    memo().insert(path.to_path_buf(), verdicts.to_vec());
-    Ok(())
+    store_unit(path, n, verdicts, Trust::default(), None)
+}
+
+/// Writes `verdicts` for the GPUs `now` describes (row-major) to the cache file `path` with
+/// the fingerprint that vouches for them, under its lock: the fingerprint first, then the
+/// cache file (see [`load_or_check`]). Refused, with nothing written, where the folder, the
+/// lock, the cache file or the fingerprint is not trusted ([`Trust`]).
+pub fn store_checked(
+    path: &Path,
+    now: &Fingerprint,
+    verdicts: &[bool],
+    trust: Trust,
+) -> Result<()> {
+    check_len(now.devices, verdicts)?;
+    let record = Record {
+        fingerprint: now.clone(),
+        verdicts: verdicts.to_vec(),
+    };
+    store_unit(path, now.devices, verdicts, trust, Some(&record.render()))
+}
+
+fn store_unit(
+    path: &Path,
+    n: usize,
+    verdicts: &[bool],
+    trust: Trust,
+    beside: Option<&str>,
+) -> Result<()> {
+    let (dir, name) = split(path)?; // so that a bad path is named as given, not as its lock file
+                                    // Refused before the lock is even taken (and again under it, by write_unit).
+    if let Some(folder) = Folder::open(dir, trust)? {
+        folder.refuse_foreign(name, path)?;
+    }
+    let _lock = FileLock::acquire_trusting(&lock_path(path), LOCK_TIMEOUT, trust)?;
+    Folder::create(dir, trust)?.write_unit(name, path, &render(n, verdicts), beside)
 }
 
 fn check_len(n: usize, verdicts: &[bool]) -> Result<()> {
@@ -726,8 +1107,28 @@ fn check_len(n: usize, verdicts: &[bool]) -> Result<()> {
     Ok(())
 }
 
-/// The cache file: `None` if absent, else its verdicts or what is wrong with it; `Err` only
-/// when it exists but cannot be read or replaced.
+/// Why a cache file of `len` bytes is too big for `n` devices.
+fn too_big(n: usize, len: u64) -> String {
+    format!(
+        "it is {len} bytes, more than the {} a cache of {n} device(s) can hold",
+        max_file_len(n)
+    )
+}
+
+/// A cache file's bytes as verdicts for `n` devices, or what is wrong with them.
+fn verdicts_of(bytes: Vec<u8>, n: usize) -> Result<Vec<bool>, String> {
+    match String::from_utf8(bytes) {
+        Ok(text) => parse(&text, n),
+        Err(e) => Err(format!(
+            "it is not UTF-8 text (bad byte at offset {})",
+            e.utf8_error().valid_up_to()
+        )),
+    }
+}
+
+/// The cache file: `None` if absent, else its verdicts or what is wrong with it (including
+/// why it is not trusted, see [`Trust`]); `Err` only when it exists but cannot be read or
+/// replaced.
 ///
 /// The file is opened through its folder, by name, never following a symbolic link and never
 /// blocking: a symbolic link, FIFO, socket or device in its place is not opened at all but
@@ -736,59 +1137,78 @@ fn check_len(n: usize, verdicts: &[bool]) -> Result<()> {
 /// (the rename replaces the entry, never writes through it); a directory is not: it is an
 /// `Err`. An empty folder path (a bare file name) is an `Err` too.
 pub fn read(path: &Path, n: usize) -> Result<Option<Result<Vec<bool>, String>>> {
-    let bound = max_file_len(n);
-    let too_big = |len: u64| {
-        format!("it is {len} bytes, more than the {bound} a cache of {n} device(s) can hold")
+    let (dir, name) = split(path)?;
+    let cannot = || format!("cannot read {}", path.display());
+    let Some(folder) = Folder::open(dir, Trust::default()).with_context(cannot)? else {
+        return Ok(None);
     };
-    Ok(read_bounded(path, bound, too_big)?.map(|bytes| {
-        bytes.and_then(|bytes| match String::from_utf8(bytes) {
-            Ok(text) => parse(&text, n),
-            Err(e) => Err(format!(
-                "it is not UTF-8 text (bad byte at offset {})",
-                e.utf8_error().valid_up_to()
-            )),
-        })
+    let entry = read_entry(&folder, name, path, max_file_len(n), |len| too_big(n, len))?;
+    Ok(entry.map(|entry| match (entry, &folder.distrust) {
+        (Entry::Foreign(why) | Entry::Unusable(why), _) => Err(why),
+        (Entry::Bytes(_), Some(why)) => Err(why.clone()),
+        (Entry::Bytes(bytes), None) => verdicts_of(bytes, n),
     }))
 }
 
-/// A small file in a cache folder, read as [`read`] reads the cache file (through its folder,
-/// no link followed, never blocking, regular files only) and at most `bound` bytes: `None` if
-/// absent, else its bytes or why it cannot be used. For the fingerprint beside vLLM's file.
-pub fn read_small(path: &Path, bound: u64) -> Result<Option<Result<Vec<u8>, String>>> {
-    read_bounded(path, bound, |len| {
-        format!("it is {len} bytes, more than {bound}")
-    })
+/// One file of the cache folder, as found.
+enum Entry {
+    /// A regular file of a trusted user that only they can write: its bytes.
+    Bytes(Vec<u8>),
+    /// Not usable (what it is, or why), but safe to replace: a rename replaces the entry,
+    /// never writes through it.
+    Unusable(String),
+    /// Owned by a user this process does not trust: neither used nor replaced.
+    Foreign(String),
 }
 
-fn read_bounded(
+/// The entry `name` (at `path`) of `folder`, read as a small file: `None` if absent. Reached
+/// by name through the folder, no link followed, never blocking, regular files only, at most
+/// `bound` bytes (`too_big` says why a bigger one is unusable), its owner and mode checked on
+/// the open descriptor ([`Trust`]).
+fn read_entry(
+    folder: &Folder,
+    name: &OsStr,
     path: &Path,
     bound: u64,
     too_big: impl Fn(u64) -> String,
-) -> Result<Option<Result<Vec<u8>, String>>> {
-    let (dir, name) = split(path)?;
+) -> Result<Option<Entry>> {
     let cannot = || format!("cannot read {}", path.display());
-    let Some(folder) = Folder::open(dir).with_context(cannot)? else {
-        return Ok(None);
-    };
-    let not_regular = |mode: u32| -> Result<Option<String>> {
+    let shown = path.display().to_string();
+    let judge = |mode: u32, uid: u32| -> Result<Option<Entry>> {
+        if let Some(why) = folder.trust.owner_problem(&shown, uid) {
+            return Ok(Some(Entry::Foreign(why)));
+        }
         if is_dir(mode) {
             bail!("it is a directory, which the cache file cannot replace (remove it)");
         }
-        Ok((!is_regular(mode))
-            .then(|| format!("it is {}, not a regular file", folder.describe(name, mode))))
+        if !is_regular(mode) {
+            let what = folder.describe(name, mode);
+            return Ok(Some(Entry::Unusable(format!(
+                "it is {what}, not a regular file"
+            ))));
+        }
+        Ok(loose(mode).map(|who| {
+            Entry::Unusable(format!(
+                "it is writable by {who} (mode {:04o}), so anyone could have written it",
+                mode & 0o7777
+            ))
+        }))
     };
     let Some(entry) = folder.stat(name).with_context(cannot)? else {
         return Ok(None);
     };
-    if let Some(reason) = not_regular(entry.mode).with_context(cannot)? {
-        return Ok(Some(Err(reason)));
+    // Not even opened unless it is a regular file of a trusted user.
+    match judge(entry.mode, entry.uid).with_context(cannot)? {
+        Some(Entry::Unusable(_)) if is_regular(entry.mode) => {} // decided on the descriptor
+        Some(found) => return Ok(Some(found)),
+        None => {}
     }
     let file = match os::open_at(&folder.fd, name, libc::O_RDONLY | libc::O_NONBLOCK, 0) {
         Ok(file) => file,
         // The entry changed since it was looked at.
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) if is_link_error(&e) => {
-            return Ok(Some(Err(format!(
+            return Ok(Some(Entry::Unusable(format!(
                 "it is {}, not a regular file",
                 folder.describe(name, libc::S_IFLNK)
             ))))
@@ -796,20 +1216,20 @@ fn read_bounded(
         Err(e) => return Err(e).with_context(cannot),
     };
     let meta = file.metadata().with_context(cannot)?;
-    if let Some(reason) = not_regular(meta.mode()).with_context(cannot)? {
-        return Ok(Some(Err(reason)));
+    if let Some(found) = judge(meta.mode(), meta.uid()).with_context(cannot)? {
+        return Ok(Some(found));
     }
     if meta.len() > bound {
-        return Ok(Some(Err(too_big(meta.len()))));
+        return Ok(Some(Entry::Unusable(too_big(meta.len()))));
     }
     let mut bytes = Vec::new();
     file.take(bound.saturating_add(1))
         .read_to_end(&mut bytes)
         .with_context(cannot)?;
     if bytes.len() as u64 > bound {
-        return Ok(Some(Err(too_big(bytes.len() as u64)))); // it grew since the fstat
+        return Ok(Some(Entry::Unusable(too_big(bytes.len() as u64)))); // it grew since the fstat
     }
-    Ok(Some(Ok(bytes)))
+    Ok(Some(Entry::Bytes(bytes)))
 }
 
 #[cfg(test)]
@@ -850,15 +1270,6 @@ mod tests {
         fn drop(&mut self) {
             let _ = fs::remove_dir_all(&self.0);
         }
-    }
-
-    /// Serializes the tests that assert [`Origin::Memo`] with the one that clears the memo.
-    static MEMO_TESTS: Mutex<()> = Mutex::new(());
-
-    fn serial() -> std::sync::MutexGuard<'static, ()> {
-        MEMO_TESTS
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     const N2: &str =
@@ -1111,8 +1522,7 @@ mod tests {
     }
 
     #[test]
-    fn computes_once_then_answers_from_memo_then_file() {
-        let _serial = serial();
+    fn computes_once_then_answers_from_the_file() {
         let tmp = TempDir::new();
         let path = tmp.file();
         let got = load_or_compute(&path, 2, TIMEOUT, || Ok(V2.to_vec())).unwrap();
@@ -1124,15 +1534,6 @@ mod tests {
             }
         );
         assert_eq!(fs::read_to_string(&path).unwrap(), N2);
-        let got = load_or_compute(&path, 2, TIMEOUT, never).unwrap();
-        assert_eq!(
-            got,
-            Loaded {
-                verdicts: V2.to_vec(),
-                origin: Origin::Memo
-            }
-        );
-        forget_memo();
         let got = load_or_compute(&path, 2, TIMEOUT, never).unwrap();
         assert_eq!(
             got,
@@ -1169,20 +1570,6 @@ mod tests {
             tmp.names(),
             [file_name("0,1")],
             "the fast path takes no lock"
-        );
-    }
-
-    #[test]
-    fn the_memo_is_per_device_count() {
-        let _serial = serial();
-        let tmp = TempDir::new();
-        let path = tmp.file();
-        load_or_compute(&path, 2, TIMEOUT, || Ok(V2.to_vec())).unwrap();
-        let got = load_or_compute(&path, 1, TIMEOUT, || Ok(vec![false])).unwrap();
-        assert!(matches!(got.origin, Origin::Recomputed { .. }), "{got:?}");
-        assert_eq!(
-            load_or_compute(&path, 1, TIMEOUT, never).unwrap().origin,
-            Origin::Memo
         );
     }
 
@@ -1311,8 +1698,7 @@ mod tests {
     }
 
     #[test]
-    fn store_writes_under_the_lock_and_memoizes() {
-        let _serial = serial();
+    fn store_writes_under_the_lock() {
         let tmp = TempDir::new();
         let path = tmp.file();
         fs::write(&path, "garbage").unwrap();
@@ -1320,7 +1706,7 @@ mod tests {
         assert_eq!(fs::read_to_string(&path).unwrap(), N2);
         assert_eq!(
             load_or_compute(&path, 2, TIMEOUT, never).unwrap().origin,
-            Origin::Memo
+            Origin::File
         );
         let err = store(&path, 2, &[true]).unwrap_err().to_string();
         assert_eq!(err, "1 verdicts for 2 devices; expected 4");
@@ -1429,7 +1815,7 @@ mod tests {
         fs::write(&victim, "precious").unwrap();
         let dir = tmp.0.join("cache");
         fs::create_dir(&dir).unwrap();
-        let folder = Folder::create(&dir).unwrap();
+        let folder = Folder::create(&dir, Trust::default()).unwrap();
         let name = OsStr::new("c.json");
         let planted = OsStr::new(".c.json.tmp.planted");
         std::os::unix::fs::symlink(&victim, dir.join(planted)).unwrap();

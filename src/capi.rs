@@ -10,9 +10,11 @@
 //! not fit; NULL or 0 means no message.
 //!
 //! Handles (`p2pcheck_options`, `p2pcheck_report`, `p2pcheck_pending`) are boxes handed to C
-//! as opaque pointers. Options and pending checks sit behind a mutex, so two threads using one
-//! handle at once are serialised rather than racing (the header still asks callers not to);
-//! a report never changes after it is made.
+//! as opaque pointers, each with the process that made it ([`Handle`]): in a child of `fork`
+//! a call on an inherited handle answers [`Status::WrongProcess`] before touching it. Options
+//! sit behind a mutex, so two threads using one handle at once are serialised rather than
+//! racing; a pending check is waited on and cancelled from any threads at once, no lock held
+//! across a wait; a report never changes after it is made.
 //!
 //! The enum types here ([`Status`], [`EngineCode`], ...) and [`PairResult`] mirror the header's
 //! enums and struct; `tests/capi.rs` compiles the header as C and C++ and compares every
@@ -30,7 +32,9 @@ use std::time::Duration;
 
 use once_cell::sync::Lazy;
 
-use crate::engine::{Engine, Options, Outcome, PairReport, Pending, Report, Verdict, Visibility};
+use crate::engine::{
+    Engine, Options, Outcome, Owner, PairReport, Pending, Report, Verdict, Visibility,
+};
 use crate::error::Error;
 use crate::policy::{self, ComputeCapability, PolicyConfig};
 use crate::protocol::{Class, Level, Pair, TierOutcome, MAX_DEVICES};
@@ -74,11 +78,14 @@ pub enum Status {
     /// `P2PCHECK_STATUS_OTHER`: an error this version does not name (reserved: a later
     /// version's error kinds map here for callers built against this header).
     Other = 14,
+    /// `P2PCHECK_STATUS_WRONG_PROCESS`: the handle was made by another process (this is a
+    /// child of `fork`); nothing of it was touched.
+    WrongProcess = 15,
 }
 
 impl Status {
     /// Every status, in value order.
-    pub const ALL: [Status; 15] = [
+    pub const ALL: [Status; 16] = [
         Status::Ok,
         Status::Cuda,
         Status::WorkerCuda,
@@ -94,6 +101,7 @@ impl Status {
         Status::NotReady,
         Status::NotFound,
         Status::Other,
+        Status::WrongProcess,
     ];
 
     /// The status for an [`Error`].
@@ -138,6 +146,10 @@ impl Status {
             Status::NotReady => c"the check is still running",
             Status::NotFound => c"the table has no entry for these arguments",
             Status::Other => c"another error",
+            Status::WrongProcess => {
+                c"the handle belongs to another process (this is a child of fork): nothing of \
+                  it was touched"
+            }
         }
     }
 }
@@ -355,20 +367,34 @@ impl LevelCode {
     }
 }
 
+/// A value handed to C as an opaque pointer, with the process that made it: in the child of
+/// a `fork` it answers [`Status::WrongProcess`] before anything of it is touched (a lock the
+/// parent's threads held at the fork stays held in the child for ever).
+pub struct Handle<T> {
+    owner: Owner,
+    value: T,
+}
+
+impl<T> Handle<T> {
+    /// `value`, boxed, as C gets it.
+    fn into_raw(value: T) -> *mut Handle<T> {
+        Box::into_raw(Box::new(Handle {
+            owner: Owner::current(),
+            value,
+        }))
+    }
+}
+
 /// `p2pcheck_options`: how a check runs (opaque to C).
-pub struct OptionsHandle(Mutex<Options>);
+pub type OptionsHandle = Handle<Mutex<Options>>;
 
 /// `p2pcheck_report`: the result of a check (opaque to C).
-pub struct ReportHandle(Report);
+pub type ReportHandle = Handle<Report>;
 
-/// `p2pcheck_pending`: a check running in the background (opaque to C).
-pub struct PendingHandle(Mutex<PendingState>);
-
-/// A background check and whether its report was handed over.
-struct PendingState {
-    pending: Pending,
-    taken: bool,
-}
+/// `p2pcheck_pending`: a check running in the background (opaque to C). [`Pending`] is
+/// `Sync`: its waits and its cancel run from any threads at once, with no lock held across a
+/// wait.
+pub type PendingHandle = Handle<Pending>;
 
 /// The most pairs one call takes: every ordered pair of 256 devices (the most a worker may
 /// see).
@@ -532,9 +558,32 @@ fn guard(msg: TextBuf, body: impl FnOnce() -> Result<Status, Failure>) -> Status
     status
 }
 
-/// A handle, or `NullArgument` naming `what`.
-fn required<'a, T>(h: Option<&'a T>, what: &str) -> Result<&'a T, Failure> {
-    h.ok_or_else(|| Failure::null(what))
+/// The value of a handle: `NullArgument` naming `what` without one, `WrongProcess` in another
+/// process than the one that made it.
+fn required<'a, T>(h: Option<&'a Handle<T>>, what: &str) -> Result<&'a T, Failure> {
+    let h = h.ok_or_else(|| Failure::null(what))?;
+    h.owner
+        .check(what)
+        .map_err(|why| Failure::new(Status::WrongProcess, why))?;
+    Ok(&h.value)
+}
+
+/// Frees a handle with `finish`; NULL is ignored. In another process than the one that made
+/// it nothing is touched (the handle's memory stays until the process exits or execs).
+///
+/// # Safety
+/// `p` is NULL or a live handle made by [`Handle::into_raw`], not used again.
+unsafe fn free<T>(p: *mut Handle<T>, finish: impl FnOnce(T)) {
+    if p.is_null() {
+        return;
+    }
+    // SAFETY: made by Box::into_raw in Handle::into_raw; the caller gives it up.
+    let owned = unsafe { Box::from_raw(p) };
+    if owned.owner.check("").is_err() {
+        std::mem::forget(owned);
+        return;
+    }
+    let _ = catch_unwind(AssertUnwindSafe(move || finish(owned.value)));
 }
 
 /// Locks a handle's mutex; a panic in an earlier call left the data consistent (every update
@@ -545,8 +594,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// The options of a handle (the defaults without one), copied so that no lock is held while
 /// a check runs.
-fn options_or_default(h: Option<&OptionsHandle>) -> Options {
-    h.map_or_else(Options::default, |h| lock(&h.0).clone())
+fn options_or_default(h: Option<&OptionsHandle>) -> Result<Options, Failure> {
+    match h {
+        None => Ok(Options::default()),
+        Some(_) => Ok(lock(required(h, "opts")?).clone()),
+    }
 }
 
 /// A C string argument (`None`: NULL).
@@ -610,7 +662,7 @@ fn batch(src: &[u32], tgt: &[u32]) -> Option<Vec<Pair>> {
 
 /// Hands a report to C.
 fn give_report(out: &Out<*mut ReportHandle>, report: Report) -> Result<Status, Failure> {
-    out.put("out", Box::into_raw(Box::new(ReportHandle(report))))
+    out.put("out", Handle::into_raw(report))
 }
 
 /// The crate version, NUL-terminated.
@@ -689,7 +741,7 @@ pub extern "C" fn p2pcheck_class_hint(class: c_int) -> *const c_char {
 /// `p2pcheck_options *p2pcheck_options_new(void)`: the default options.
 #[no_mangle]
 pub extern "C" fn p2pcheck_options_new() -> *mut OptionsHandle {
-    catch_unwind(|| Box::into_raw(Box::new(OptionsHandle(Mutex::new(Options::default())))))
+    catch_unwind(|| Handle::into_raw(Mutex::new(Options::default())))
         .unwrap_or(std::ptr::null_mut())
 }
 
@@ -699,11 +751,8 @@ pub extern "C" fn p2pcheck_options_new() -> *mut OptionsHandle {
 /// `opts` is NULL or a live `p2pcheck_options`, not used again.
 #[no_mangle]
 pub unsafe extern "C" fn p2pcheck_options_free(opts: *mut OptionsHandle) {
-    if !opts.is_null() {
-        // SAFETY: made by Box::into_raw in p2pcheck_options_new; the caller gives it up.
-        let owned = unsafe { Box::from_raw(opts) };
-        let _ = catch_unwind(AssertUnwindSafe(move || drop(owned)));
-    }
+    // SAFETY: the caller's promise.
+    unsafe { free(opts, drop) }
 }
 
 /// Changes the options of `h` with `change`, keeping them only if they validate.
@@ -713,8 +762,7 @@ fn update(
     change: impl FnOnce(&mut Options) -> Result<(), Failure>,
 ) -> Status {
     guard(msg, || {
-        let h = required(h, "opts")?;
-        let mut current = lock(&h.0);
+        let mut current = lock(required(h, "opts")?);
         let mut next = current.clone();
         change(&mut next)?;
         next.validate()?;
@@ -946,7 +994,7 @@ pub unsafe extern "C" fn p2pcheck_check(
         // SAFETY: the caller's promise about src, tgt and n_pairs.
         let (s, t) = unsafe { (devices(src, n_pairs, "src")?, devices(tgt, n_pairs, "tgt")?) };
         out.required("out")?;
-        let report = crate::check(batch(s, t).as_deref(), &options_or_default(opts))?;
+        let report = crate::check(batch(s, t).as_deref(), &options_or_default(opts)?)?;
         give_report(&out, report)
     })
 }
@@ -957,11 +1005,8 @@ pub unsafe extern "C" fn p2pcheck_check(
 /// `report` is NULL or a live `p2pcheck_report`, not used again.
 #[no_mangle]
 pub unsafe extern "C" fn p2pcheck_report_free(report: *mut ReportHandle) {
-    if !report.is_null() {
-        // SAFETY: made by Box::into_raw in give_report; the caller gives it up.
-        let owned = unsafe { Box::from_raw(report) };
-        let _ = catch_unwind(AssertUnwindSafe(move || drop(owned)));
-    }
+    // SAFETY: the caller's promise.
+    unsafe { free(report, drop) }
 }
 
 /// Runs a report accessor: the report of `h`, the status of `body`.
@@ -969,7 +1014,7 @@ fn with_report(
     h: Option<&ReportHandle>,
     body: impl FnOnce(&Report) -> Result<Status, Failure>,
 ) -> Status {
-    guard(TextBuf::none(), || body(&required(h, "report")?.0))
+    guard(TextBuf::none(), || body(required(h, "report")?))
 }
 
 /// Position `i` of a list of `len`, or `InvalidArgument`.
@@ -1156,7 +1201,7 @@ pub unsafe extern "C" fn p2pcheck_can_actually_p2p(
         if results.is_null() {
             return Err(Failure::null("results"));
         }
-        let report = crate::can_actually_p2p_with(s, t, &options_or_default(opts))?;
+        let report = crate::can_actually_p2p_with(s, t, &options_or_default(opts)?)?;
         // SAFETY: not NULL, and the caller's promise of n writable elements (n is bounded by
         // devices() above).
         let results = unsafe { std::slice::from_raw_parts_mut(results, n) };
@@ -1216,9 +1261,10 @@ pub unsafe extern "C" fn p2pcheck_access_check_with(
     guard(msg, || {
         result.required("result")?;
         let access = AccessOptions {
-            check: options_or_default(opts),
+            check: options_or_default(opts)?,
             cache_dir: cache_folder(cache_dir)?,
             refresh,
+            ..AccessOptions::default()
         };
         result.put("result", crate::access_check(src, tgt, &access)?.answer)
     })
@@ -1287,43 +1333,32 @@ pub unsafe extern "C" fn p2pcheck_start(
         // SAFETY: the caller's promise about src, tgt and n_pairs.
         let (s, t) = unsafe { (devices(src, n_pairs, "src")?, devices(tgt, n_pairs, "tgt")?) };
         out.required("out")?;
-        let pending = crate::start(batch(s, t), options_or_default(opts));
-        let state = PendingState {
-            pending,
-            taken: false,
-        };
-        out.put(
-            "out",
-            Box::into_raw(Box::new(PendingHandle(Mutex::new(state)))),
-        )
+        let opts = options_or_default(opts)?;
+        out.put("out", Handle::into_raw(crate::start(batch(s, t), opts)))
     })
 }
 
-/// Takes the report of a background check with `take` (which waits or not).
-fn take_report(
+/// Waits at most `timeout` for a background check's result and hands C a copy of it: a new
+/// report, or the check's error (the same each time); `NotReady` if it still runs then.
+fn wait_for(
     h: Option<&PendingHandle>,
+    timeout: Duration,
     out: Out<*mut ReportHandle>,
     msg: TextBuf,
-    take: impl FnOnce(&mut Pending) -> Option<crate::Result<Report>>,
 ) -> Status {
     out.clear();
     guard(msg, || {
-        let h = required(h, "pending")?;
+        let pending = required(h, "pending")?;
         out.required("out")?;
-        let mut state = lock(&h.0);
-        if state.taken {
-            return Err(Failure::invalid("the report was already taken"));
+        match pending.wait_timeout(timeout) {
+            Some(result) => give_report(&out, result?),
+            None => Err(Failure::new(Status::NotReady, "the check is still running")),
         }
-        let Some(result) = take(&mut state.pending) else {
-            return Err(Failure::new(Status::NotReady, "the check is still running"));
-        };
-        state.taken = true;
-        give_report(&out, result?)
     })
 }
 
-/// `p2pcheck_pending_try_wait(pending, out, msg, msg_len)`: the report if ready, else
-/// `NotReady`.
+/// `p2pcheck_pending_try_wait(pending, out, msg, msg_len)`: the result if the check has
+/// ended, else `NotReady`.
 ///
 /// # Safety
 /// `pending` is NULL or a live `p2pcheck_pending`; `out` is NULL or valid for a write; `msg` is
@@ -1338,14 +1373,32 @@ pub unsafe extern "C" fn p2pcheck_pending_try_wait(
     // SAFETY: the caller's promises.
     let (pending, out, msg) =
         unsafe { (pending.as_ref(), Out::new(out), TextBuf::new(msg, msg_len)) };
-    take_report(pending, out, msg, Pending::try_wait)
+    wait_for(pending, Duration::ZERO, out, msg)
 }
 
-/// `p2pcheck_pending_wait(pending, out, msg, msg_len)`: waits for the report.
+/// `p2pcheck_pending_wait_ms(pending, timeout_ms, out, msg, msg_len)`: waits at most
+/// `timeout_ms` milliseconds for the result, else `NotReady`.
 ///
 /// # Safety
-/// `pending` is NULL or a live `p2pcheck_pending`; `out` is NULL or valid for a write; `msg` is
-/// NULL or valid for `msg_len` bytes.
+/// As [`p2pcheck_pending_try_wait`].
+#[no_mangle]
+pub unsafe extern "C" fn p2pcheck_pending_wait_ms(
+    pending: *mut PendingHandle,
+    timeout_ms: u64,
+    out: *mut *mut ReportHandle,
+    msg: *mut c_char,
+    msg_len: usize,
+) -> Status {
+    // SAFETY: the caller's promises.
+    let (pending, out, msg) =
+        unsafe { (pending.as_ref(), Out::new(out), TextBuf::new(msg, msg_len)) };
+    wait_for(pending, Duration::from_millis(timeout_ms), out, msg)
+}
+
+/// `p2pcheck_pending_wait(pending, out, msg, msg_len)`: waits for the result.
+///
+/// # Safety
+/// As [`p2pcheck_pending_try_wait`].
 #[no_mangle]
 pub unsafe extern "C" fn p2pcheck_pending_wait(
     pending: *mut PendingHandle,
@@ -1356,10 +1409,10 @@ pub unsafe extern "C" fn p2pcheck_pending_wait(
     // SAFETY: the caller's promises.
     let (pending, out, msg) =
         unsafe { (pending.as_ref(), Out::new(out), TextBuf::new(msg, msg_len)) };
-    take_report(pending, out, msg, |p| Some(p.wait()))
+    wait_for(pending, Duration::MAX, out, msg)
 }
 
-/// `p2pcheck_pending_cancel(pending)`: stops the check.
+/// `p2pcheck_pending_cancel(pending)`: stops the check; never blocks.
 ///
 /// # Safety
 /// `pending` is NULL or a live `p2pcheck_pending`.
@@ -1368,25 +1421,23 @@ pub unsafe extern "C" fn p2pcheck_pending_cancel(pending: *mut PendingHandle) ->
     // SAFETY: the caller's promise.
     let pending = unsafe { pending.as_ref() };
     guard(TextBuf::none(), || {
-        lock(&required(pending, "pending")?.0).pending.cancel();
+        required(pending, "pending")?.cancel();
         Ok(Status::Ok)
     })
 }
 
-/// `void p2pcheck_pending_free(p2pcheck_pending *)`: cancels the check if its report was not
-/// taken and waits until every worker is reaped; NULL is ignored.
+/// `void p2pcheck_pending_free(p2pcheck_pending *)`: cancels the check if it has no result yet
+/// and waits until every worker is reaped; NULL is ignored.
 ///
 /// # Safety
 /// `pending` is NULL or a live `p2pcheck_pending`, not used again.
 #[no_mangle]
 pub unsafe extern "C" fn p2pcheck_pending_free(pending: *mut PendingHandle) {
-    if !pending.is_null() {
-        // SAFETY: made by Box::into_raw in p2pcheck_start; the caller gives it up.
-        let owned = unsafe { Box::from_raw(pending) };
-        let _ = catch_unwind(AssertUnwindSafe(move || {
-            let state = owned.0.into_inner().unwrap_or_else(|p| p.into_inner());
-            state.pending.finish();
-        }));
+    // SAFETY: the caller's promise.
+    unsafe {
+        free(pending, |p| {
+            p.finish();
+        })
     }
 }
 
@@ -1508,7 +1559,10 @@ mod tests {
             "internal error in p2pcheck (a bug), caught at the C boundary: planted"
         );
         // A handle whose lock a panic poisoned is still usable.
-        let h = OptionsHandle(Mutex::new(Options::default()));
+        let h: OptionsHandle = Handle {
+            owner: Owner::current(),
+            value: Mutex::new(Options::default()),
+        };
         let status = update(Some(&h), TextBuf::none(), |_| panic!("inside the lock"));
         assert_eq!(status, Status::Panic);
         let status = update(Some(&h), TextBuf::none(), |o| {
@@ -1516,7 +1570,7 @@ mod tests {
             Ok(())
         });
         assert_eq!(status, Status::Ok);
-        assert_eq!(lock(&h.0).kernel_bytes, 256 << 10);
+        assert_eq!(lock(&h.value).kernel_bytes, 256 << 10);
     }
 
     #[test]

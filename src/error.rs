@@ -14,7 +14,7 @@ use crate::protocol::Problem;
 
 /// Why a check could not be carried out.
 #[non_exhaustive]
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum Error {
     /// CUDA in this process: the library could not be loaded, lacks a symbol, or a call failed.
     Cuda(cuda::Error),

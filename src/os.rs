@@ -415,6 +415,8 @@ pub struct EntryStat {
     pub nlink: u64,
     /// `st_size`, in bytes (for a symbolic link, the length of its target).
     pub size: u64,
+    /// `st_uid`: the owner (of a symbolic link: the link's own).
+    pub uid: u32,
 }
 
 /// `fstatat(dir, name, AT_SYMLINK_NOFOLLOW)`: the entry `name` of the folder `dir`, not
@@ -441,7 +443,14 @@ pub fn stat_at(dir: &impl AsFd, name: &OsStr) -> io::Result<EntryStat> {
         #[allow(clippy::useless_conversion)] // nlink_t is u32 on some targets
         nlink: u64::from(st.st_nlink),
         size: u64::try_from(st.st_size).unwrap_or(0),
+        uid: st.st_uid,
     })
+}
+
+/// This process's effective user id (`geteuid(2)`), whose files the cache trusts.
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid takes no argument, touches no memory and cannot fail.
+    unsafe { libc::geteuid() }
 }
 
 /// `renameat(dir, from, dir, to)`: atomically points the entry `to` of the folder `dir` at the

@@ -50,7 +50,7 @@ pub mod shim {
     }
 
     extern "C" {
-        pub fn p2pc_pattern_store(
+        pub fn p2pcheck_shim_pattern_store(
             d: *const p2pc_driver,
             function: *mut c_void,
             ptr: c_ulonglong,
@@ -60,7 +60,7 @@ pub mod shim {
             shift: c_ulonglong,
             out: *mut p2pc_report,
         );
-        pub fn p2pc_pattern_check(
+        pub fn p2pcheck_shim_pattern_check(
             d: *const p2pc_driver,
             function: *mut c_void,
             ptr: c_ulonglong,
@@ -70,7 +70,7 @@ pub mod shim {
             width: c_uint,
             out: *mut p2pc_report,
         );
-        pub fn p2pc_handshake(
+        pub fn p2pcheck_shim_handshake(
             d: *const p2pc_driver,
             function: *mut c_void,
             area: c_ulonglong,

@@ -5,14 +5,22 @@
 //!   and field types, compiled as C and as C++, equal the library's;
 //! * every function the shared and the static library export is declared and documented in
 //!   the header (and the other way round), and called by `tests/c/capi_test.c`;
-//! * `libp2pcheck.so` has its soname; the pkg-config file, the CMake snippet and the header name
-//!   the same system libraries, and a C program linked against `libp2pcheck.a` with exactly
-//!   those links and runs;
+//! * the static library defines no global C name without the `p2pcheck_` prefix but the Rust
+//!   runtime's own (`nm`), so a host defining the shim's old names links;
+//! * `libp2pcheck.so` has its soname; the header's shared-link lines work from a tree laid out
+//!   as cargo leaves it; `scripts/install.sh` lays out what the header documents, where
+//!   `pkg-config --static` gives a link with no dynamic dependency on libp2pcheck (`readelf`,
+//!   `ldd`); the pkg-config file, the CMake snippet and the header name the same system
+//!   libraries;
 //! * `tests/c/capi_test.c`, linked statically and dynamically, calls every function and its
 //!   output is asserted line by line: verdicts and diagnoses of a 4-GPU machine with 0->1
 //!   broken, NULL and out-of-range arguments, message truncation, vLLM's cache file, the
-//!   background check, the policy; `tests/c/capi_test.cpp` from C++; the CMake example's
-//!   program; `examples/python/access_check.py` through ctypes.
+//!   background check and its kept result, the policy; `tests/c/capi_test.cpp` from C++; the
+//!   CMake example's program; `examples/python/access_check.py` through ctypes;
+//! * `tests/c/capi_process.c`, inside a host's process: a wait cancelled from another thread,
+//!   a child of `fork` using inherited handles, a child of the host living through checks with
+//!   hangs and crashes, a failed libcuda load retried after the environment is fixed, a host
+//!   called `p2pcheck` never run as a worker (and the CLI, alone, run as its own).
 //!
 //! The libraries are the ones cargo built for this test run: `target/<profile>/deps/` holds the
 //! staticlib and cdylib built with the rlib this test links (cargo copies them up to
@@ -152,13 +160,22 @@ fn processes_with(token: &str) -> Vec<u32> {
 /// no process of it (its workers) outlives it by more than a few seconds.
 fn run(cmd: &mut Command, limit: Duration) -> Output {
     let token = token();
-    let mut child = cmd
-        .env("P2PCHECK_TEST_TOKEN", &token)
+    cmd.env("P2PCHECK_TEST_TOKEN", &token)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+        .stderr(Stdio::piped());
+    // A program this test process just wrote can be "busy" (ETXTBSY) while another test's
+    // fork still holds the writer's descriptor: try again until that child has exec'd.
+    let mut tries = 0;
+    let mut child = loop {
+        match cmd.spawn() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            r => break r.unwrap_or_else(|e| panic!("{cmd:?}: {e}")),
+        }
+    };
     let pipe = |mut p: Box<dyn Read + Send>| {
         std::thread::spawn(move || {
             let mut buf = Vec::new();
@@ -245,33 +262,62 @@ fn program(path: &Path) -> Command {
     cmd
 }
 
-/// An installation under `prefix` as scripts/gen-pkgconfig.sh describes it, with only the
-/// static library in lib/ (so `-lp2pcheck` is the static one): the header, `libp2pcheck.a`,
-/// `lib/pkgconfig/p2pcheck.pc`. Returns the flags `pkg-config --cflags --libs --static` gives.
-fn install_static(prefix: &Path) -> Vec<String> {
-    fs::create_dir_all(prefix.join("include")).unwrap();
-    fs::create_dir_all(prefix.join("lib/pkgconfig")).unwrap();
-    std::os::unix::fs::symlink(
-        root("include/p2pcheck.h"),
-        prefix.join("include/p2pcheck.h"),
-    )
-    .unwrap();
-    std::os::unix::fs::symlink(static_lib(), prefix.join("lib/libp2pcheck.a")).unwrap();
-    let pc = Command::new("sh")
-        .arg(root("scripts/gen-pkgconfig.sh"))
-        .arg(prefix)
+/// A build folder as `cargo build --release` leaves `target/release`: this test run's
+/// libraries (under cargo's names) and worker, linked.
+fn build_dir(dir: &Path) -> PathBuf {
+    let build = dir.join("build");
+    fs::create_dir_all(&build).unwrap();
+    for (name, file) in [
+        ("libp2pcheck.a", static_lib()),
+        ("libp2pcheck.so", shared_lib()),
+        ("p2pcheck-worker", PathBuf::from(WORKER)),
+    ] {
+        std::os::unix::fs::symlink(file, build.join(name)).unwrap();
+    }
+    build
+}
+
+/// Installs under `prefix` with scripts/install.sh, the layout the header documents (both
+/// libraries in lib/), and returns the flags `pkg-config --cflags --static --libs p2pcheck`
+/// gives there: asserted to be pkg-config's own where it is installed.
+fn install(dir: &Path) -> (PathBuf, Vec<String>) {
+    let prefix = dir.join("prefix");
+    let out = Command::new("sh")
+        .arg(root("scripts/install.sh"))
+        .arg(&prefix)
+        .arg(build_dir(dir))
         .output()
         .unwrap();
-    assert!(pc.status.success(), "{}", text(&pc.stderr));
-    fs::write(prefix.join("lib/pkgconfig/p2pcheck.pc"), &pc.stdout).unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
     let p = prefix.display();
-    let mut flags = vec![
-        format!("-I{p}/include"),
-        format!("-L{p}/lib"),
-        "-lp2pcheck".to_string(),
-    ];
+    let mut flags = vec![format!("-I{p}/include"), format!("{p}/lib/libp2pcheck.a")];
     flags.extend(strings(&NATIVE_STATIC_LIBS));
-    flags
+    match pkg_config(&prefix, &["--cflags", "--static", "--libs"]) {
+        Some(given) => assert_eq!(given, flags.join(" ")),
+        None => eprintln!("pkg-config is not installed: its flags are not compared"),
+    }
+    (prefix, flags)
+}
+
+/// What `pkg-config ARGS p2pcheck` prints for an installation under `prefix`; `None` where
+/// pkg-config is not installed.
+fn pkg_config(prefix: &Path, args: &[&str]) -> Option<String> {
+    let out = Command::new("pkg-config")
+        .args(args)
+        .arg("p2pcheck")
+        .env("PKG_CONFIG_PATH", prefix.join("lib/pkgconfig"))
+        .env_remove("PKG_CONFIG_LIBDIR")
+        .output()
+        .ok()?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    Some(text(&out.stdout).trim_end().to_string())
+}
+
+/// `readelf -d` of `exe`: its dynamic section.
+fn dynamic_section(exe: &Path) -> String {
+    let out = Command::new("readelf").arg("-d").arg(exe).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout)
 }
 
 /// A folder laid out as an installed shared library: `libp2pcheck.so.0` (the soname), the
@@ -309,6 +355,7 @@ fn rust_constants() -> Vec<(&'static str, i64)> {
         ("P2PCHECK_STATUS_NOT_READY", Status::NotReady as i64),
         ("P2PCHECK_STATUS_NOT_FOUND", Status::NotFound as i64),
         ("P2PCHECK_STATUS_OTHER", Status::Other as i64),
+        ("P2PCHECK_STATUS_WRONG_PROCESS", Status::WrongProcess as i64),
         ("P2PCHECK_ENGINE_PARALLEL", EngineCode::Parallel as i64),
         ("P2PCHECK_ENGINE_VLLM", EngineCode::Vllm as i64),
         ("P2PCHECK_LEVEL_NONE", LevelCode::None as i64),
@@ -549,7 +596,7 @@ fn the_headers_constants_and_layout_are_the_librarys_in_c_and_cpp() {
 }
 
 /// The functions a library exports (defined, global, named `p2pcheck_*`) and whether it
-/// exports anything else.
+/// exports anything else: `nm` lines.
 fn exported(args: &[&str], lib: &Path) -> (BTreeSet<String>, Vec<String>) {
     let out = Command::new("nm").args(args).arg(lib).output().unwrap();
     assert!(out.status.success(), "nm: {}", text(&out.stderr));
@@ -568,6 +615,25 @@ fn exported(args: &[&str], lib: &Path) -> (BTreeSet<String>, Vec<String>) {
         }
     }
     (ours, others)
+}
+
+/// The C shim's functions (`csrc/shim.c`): in the static library under the library's prefix,
+/// never exported from the shared one.
+const SHIM_FUNCTIONS: [&str; 3] = [
+    "p2pcheck_shim_handshake",
+    "p2pcheck_shim_pattern_check",
+    "p2pcheck_shim_pattern_store",
+];
+
+/// Whether a global symbol of the static library, not named `p2pcheck_*`, belongs to the Rust
+/// runtime: a Rust-mangled name (`_ZN...`, `_R...`), a name C reserves to the implementation
+/// (`__...`, `_` and a capital: compiler-builtins, `__rust_*`), one that is no C identifier
+/// at all (`DW.ref.rust_eh_personality`), or the personality routine `rust_eh_personality`.
+fn rust_runtimes(name: &str) -> bool {
+    let reserved = name.starts_with("__")
+        || (name.starts_with('_') && name[1..].starts_with(|c: char| c.is_ascii_uppercase()));
+    let identifier = name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    reserved || !identifier || name == "rust_eh_personality"
 }
 
 /// The header without its comments, each comment character replaced by a space (lines kept).
@@ -621,7 +687,7 @@ fn every_exported_function_is_declared_documented_and_called() {
         "no comment right before: {undocumented:?}"
     );
     let names: BTreeSet<String> = declared.into_iter().map(|d| d.0).collect();
-    assert_eq!(names.len(), 38, "{names:?}");
+    assert_eq!(names.len(), 39, "{names:?}");
 
     let (shared, others) = exported(&["-D", "--defined-only"], &shared_lib());
     assert_eq!(shared, names, "exported by the shared library vs declared");
@@ -630,7 +696,12 @@ fn every_exported_function_is_declared_documented_and_called() {
         "the shared library exports more: {others:?}"
     );
     let (archive, _) = exported(&["--defined-only", "-g"], &static_lib());
-    assert_eq!(archive, names, "defined by the static library vs declared");
+    let mut expected = names.clone();
+    expected.extend(SHIM_FUNCTIONS.iter().map(|s| s.to_string()));
+    assert_eq!(
+        archive, expected,
+        "defined by the static library vs declared"
+    );
 
     let c_test = fs::read_to_string(root("tests/c/capi_test.c")).unwrap();
     let uncalled: Vec<&String> = names
@@ -640,6 +711,61 @@ fn every_exported_function_is_declared_documented_and_called() {
     assert!(
         uncalled.is_empty(),
         "tests/c/capi_test.c never calls {uncalled:?}"
+    );
+}
+
+#[test]
+fn the_static_library_exports_no_c_name_without_the_prefix() {
+    // A host defining p2pc_handshake, say, links: every global the archive defines is named
+    // p2pcheck_*, or belongs to the Rust runtime.
+    let (ours, others) = exported(&["--defined-only", "-g"], &static_lib());
+    let unprefixed: Vec<&String> = others
+        .iter()
+        .filter(|line| {
+            let name = line.split_whitespace().last().unwrap_or_default();
+            !rust_runtimes(name)
+        })
+        .collect();
+    assert!(unprefixed.is_empty(), "{unprefixed:?}");
+    for shim in SHIM_FUNCTIONS {
+        assert!(ours.contains(shim), "{shim} in {ours:?}");
+    }
+    // The classifier itself: what it lets through and what it does not.
+    for runtime in [
+        "_ZN4core3fmt5write17h",
+        "__udivti3",
+        "_Unwind_Resume",
+        "DW.ref.x",
+    ] {
+        assert!(rust_runtimes(runtime), "{runtime}");
+    }
+    for host in ["p2pc_handshake", "main", "handshake", "_x"] {
+        assert!(!rust_runtimes(host), "{host}");
+    }
+
+    // And so it links: a C program that defines the shim's old names itself.
+    let dir = TempDir::new("p2pcheck-capi-names");
+    let source = dir.path().join("names.c");
+    fs::write(
+        &source,
+        "#include \"p2pcheck.h\"\n#include <stdio.h>\n\
+         int p2pc_handshake(void) { return 1; }\nint p2pc_pattern_check(void) { return 2; }\n\
+         int p2pc_pattern_store(void) { return 3; }\n\
+         int main(void) {\n    printf(\"%s %d\\n\", p2pcheck_version(), \
+         p2pc_handshake() + p2pc_pattern_check() + p2pc_pattern_store());\n    return 0;\n}\n",
+    )
+    .unwrap();
+    let mut args = strings(&C_FLAGS);
+    args.push(source.display().to_string());
+    args.push(format!("-I{}", root("include").display()));
+    args.push(static_lib().display().to_string());
+    args.extend(strings(&NATIVE_STATIC_LIBS));
+    let exe = dir.path().join("names");
+    compile("cc", &args, &exe);
+    let out = run(&mut program(&exe), Duration::from_secs(30));
+    assert_eq!(
+        text(&out.stdout),
+        format!("{} 6\n", env!("CARGO_PKG_VERSION"))
     );
 }
 
@@ -664,8 +790,20 @@ fn the_shared_library_has_its_soname() {
 #[test]
 fn pkg_config_cmake_and_the_header_name_the_same_system_libraries() {
     let dir = TempDir::new("p2pcheck-capi-pc");
-    let prefix = dir.path().join("prefix");
-    let flags = install_static(&prefix);
+    let (prefix, _) = install(dir.path());
+    // The layout the header documents.
+    for file in [
+        "include/p2pcheck.h",
+        "lib/libp2pcheck.a",
+        "lib/libp2pcheck.so.0",
+        "bin/p2pcheck-worker",
+    ] {
+        assert!(prefix.join(file).is_file(), "{file}");
+    }
+    assert_eq!(
+        fs::read_link(prefix.join("lib/libp2pcheck.so")).unwrap(),
+        Path::new("libp2pcheck.so.0")
+    );
     let pc = fs::read_to_string(prefix.join("lib/pkgconfig/p2pcheck.pc")).unwrap();
     assert_eq!(
         pc,
@@ -673,25 +811,23 @@ fn pkg_config_cmake_and_the_header_name_the_same_system_libraries() {
             "prefix={}\nexec_prefix=${{prefix}}\nlibdir=${{exec_prefix}}/lib\n\
              includedir=${{prefix}}/include\n\nName: p2pcheck\nDescription: Proves which NVIDIA \
              GPU pairs can reach each other's memory across processes (vLLM-compatible P2P \
-             check)\nVersion: {}\nLibs: -L${{libdir}} -lp2pcheck\nLibs.private: {}\n\
+             check)\nVersion: {}\nLibs: ${{libdir}}/libp2pcheck.a\nLibs.private: {}\n\
              Cflags: -I${{includedir}}\n",
             prefix.display(),
             env!("CARGO_PKG_VERSION"),
             NATIVE_STATIC_LIBS.join(" ")
         )
     );
-    // pkg-config itself, where it is installed, gives the flags the static test links with.
-    match Command::new("pkg-config")
-        .args(["--cflags", "--libs", "--static", "p2pcheck"])
-        .env("PKG_CONFIG_PATH", prefix.join("lib/pkgconfig"))
-        .output()
-    {
-        Ok(out) => {
-            assert!(out.status.success(), "{}", text(&out.stderr));
-            assert_eq!(text(&out.stdout).trim_end(), flags.join(" "));
-        }
-        Err(e) => eprintln!("pkg-config not run: {e}"),
+    // Without --static too, the static library (and no system library beside it).
+    if let Some(libs) = pkg_config(&prefix, &["--libs"]) {
+        assert_eq!(libs, format!("{}/lib/libp2pcheck.a", prefix.display()));
     }
+    let usage = Command::new("sh")
+        .arg(root("scripts/install.sh"))
+        .output()
+        .unwrap();
+    assert_eq!(usage.status.code(), Some(2));
+    assert!(text(&usage.stderr).contains("usage:"));
     let usage = Command::new("sh")
         .arg(root("scripts/gen-pkgconfig.sh"))
         .output()
@@ -898,7 +1034,7 @@ fn main_lines(dir: &Path) -> Lines {
     let mut e = Lines::default();
     e.is("version", env!("CARGO_PKG_VERSION"));
     e.is("protocol", p2pcheck::PROTOCOL_VERSION.to_string());
-    for s in -1..=15 {
+    for s in -1..=16 {
         let text = Status::ALL
             .iter()
             .find(|x| **x as i32 == s)
@@ -1101,26 +1237,32 @@ fn main_lines(dir: &Path) -> Lines {
     e.msg("try_wait.running", NotReady, "the check is still running");
     e.is("try_wait.running.out", "null");
     e.status("try_wait.null_out", NullArgument);
+    e.msg("wait_ms.running", NotReady, "the check is still running");
+    e.is("wait_ms.running.out", "null");
     e.ok("wait");
     report_lines(&mut e, "background", 4, (0, 1), LevelCode::Kernel);
-    e.msg(
-        "try_wait.taken",
-        InvalidArgument,
-        "the report was already taken",
-    );
-    e.msg(
-        "wait.taken",
-        InvalidArgument,
-        "the report was already taken",
-    );
+    // The result is kept: every wait gives a new copy of it, the same report.
+    e.ok("try_wait.again");
+    e.ok("wait_ms.again");
+    e.is("again.new", "1 1");
+    report_lines(&mut e, "again", 4, (0, 1), LevelCode::Kernel);
+    e.ok("wait.again");
+    // A cancel after the result changes nothing.
     e.status("cancel.finished", Ok);
+    e.ok("wait.after_cancel");
+    e.status("wait_ms.null_out", NullArgument);
     e.is("pending_free", "done");
     e.ok("start.cancel");
     e.status("cancel", Ok);
     e.msg("wait.cancelled", Cancelled, "the check was cancelled");
     e.is("wait.cancelled.out", "null");
+    e.msg("try_wait.cancelled", Cancelled, "the check was cancelled");
+    e.status("cancel.again", Ok);
+    // A check's error is kept too: every wait gives it again.
     e.ok("start.device9");
     e.msg("wait.device9", InvalidArgument, device_error(9, 0));
+    e.msg("wait.device9.again", InvalidArgument, device_error(9, 0));
+    e.msg("try_wait.device9", InvalidArgument, device_error(9, 0));
     e.ok("start.unwaited");
     e.is("pending_free.unwaited", "done");
     e.msg("start.null_src", NullArgument, "src is NULL");
@@ -1128,6 +1270,7 @@ fn main_lines(dir: &Path) -> Lines {
     e.msg("start.null_out", NullArgument, "out is NULL");
     e.msg("try_wait.null", NullArgument, "pending is NULL");
     e.msg("wait.null", NullArgument, "pending is NULL");
+    e.msg("wait_ms.null", NullArgument, "pending is NULL");
     e.status("cancel.null", NullArgument);
 
     let on = PolicyConfig {
@@ -1247,6 +1390,7 @@ fn run_main_and_warm(exe: &Path, dir: &Path, env: &[(&str, &str)]) {
     let mut e = Lines::default();
     e.ok("warm.sim");
     e.ok("warm.level");
+    e.ok("warm.kernel_bytes");
     e.ok("warm.worker");
     e.ok("warm.0_1");
     e.is("warm.0_1.answer", "0");
@@ -1266,18 +1410,30 @@ fn a_c_program_linked_with_the_static_library_and_exactly_its_system_libraries()
     let dir = TempDir::new("p2pcheck-capi-static");
     let mut args = strings(&C_FLAGS);
     args.push(root("tests/c/capi_test.c").display().to_string());
-    // Exactly the pkg-config flags: the static library and the system libraries, nothing else.
-    args.extend(install_static(&dir.path().join("prefix")));
+    // Exactly the flags `pkg-config --cflags --static --libs p2pcheck` gives in the installed
+    // layout, where the shared library sits beside the static one: the static library and
+    // the system libraries, nothing else.
+    let (prefix, flags) = install(dir.path());
+    args.extend(flags);
     let exe = dir.path().join("capi_test");
     compile("cc", &args, &exe);
-    let needed = Command::new("readelf")
-        .arg("-d")
-        .arg(&exe)
-        .output()
-        .unwrap();
-    assert!(!text(&needed.stdout).contains("libp2pcheck"));
-    // A program linked statically finds the worker through P2PCHECK_WORKER.
-    run_main_and_warm(&exe, dir.path(), &[("P2PCHECK_WORKER", WORKER)]);
+    // No dynamic dependency on libp2pcheck, as the linker recorded it and as the loader sees
+    // it.
+    let dynamic = dynamic_section(&exe);
+    assert!(dynamic.contains("(NEEDED)"), "{dynamic}");
+    assert!(!dynamic.contains("libp2pcheck"), "{dynamic}");
+    match Command::new("ldd").arg(&exe).output() {
+        Ok(out) => {
+            assert!(out.status.success(), "{}", text(&out.stderr));
+            let loaded = text(&out.stdout);
+            assert!(loaded.contains("libc.so"), "{loaded}");
+            assert!(!loaded.contains("libp2pcheck"), "{loaded}");
+        }
+        Err(e) => eprintln!("ldd not run: {e}"),
+    }
+    // Such a program finds the installed worker on $PATH.
+    let bin = prefix.join("bin").display().to_string();
+    run_main_and_warm(&exe, dir.path(), &[("PATH", bin.as_str())]);
 
     // The default options, on the simulator named by the environment, as a host would load it.
     let sim = dir.path().join("libsim.so");
@@ -1375,6 +1531,284 @@ fn a_c_program_linked_with_the_shared_library_finds_the_worker_beside_it() {
     );
     // No P2PCHECK_WORKER: the worker is found beside libp2pcheck.so.0.
     run_main_and_warm(&exe, dir.path(), &[]);
+}
+
+#[test]
+fn the_headers_shared_link_lines_work_from_the_build_tree() {
+    // The header's lines, run as they are in a tree laid out as cargo leaves it (the shared
+    // library only as libp2pcheck.so).
+    let lines = [
+        "ln -sf libp2pcheck.so target/release/libp2pcheck.so.0",
+        "cc prog.c -Iinclude -Ltarget/release -lp2pcheck -Wl,-rpath,\"$PWD/target/release\"",
+    ];
+    let h = header_text();
+    let readme = fs::read_to_string(root("README.md")).unwrap();
+    for line in lines {
+        assert!(
+            h.contains(&format!(" *     {line}\n")),
+            "{line} in the header"
+        );
+        assert!(readme.contains(line), "{line} in the README");
+    }
+    let dir = TempDir::new("p2pcheck-capi-tree");
+    let tree = dir.path().join("tree");
+    fs::create_dir_all(tree.join("target")).unwrap();
+    fs::rename(build_dir(dir.path()), tree.join("target/release")).unwrap();
+    std::os::unix::fs::symlink(root("include"), tree.join("include")).unwrap();
+    fs::write(
+        tree.join("prog.c"),
+        "#include \"p2pcheck.h\"\n#include <stdio.h>\n\
+         int main(void) {\n    printf(\"%s\\n\", p2pcheck_version());\n    return 0;\n}\n",
+    )
+    .unwrap();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(lines.join(" && "))
+        .current_dir(&tree)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let exe = tree.join("a.out");
+    assert!(dynamic_section(&exe).contains("Shared library: [libp2pcheck.so.0]"));
+    let out = run(&mut program(&exe), Duration::from_secs(30));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        format!("{}\n", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+/// `tests/c/capi_process.c` linked with the static library as `dir/name`.
+fn process_program(dir: &Path, name: &str) -> PathBuf {
+    let mut args = strings(&C_FLAGS);
+    args.push(root("tests/c/capi_process.c").display().to_string());
+    args.push(format!("-I{}", root("include").display()));
+    args.push(static_lib().display().to_string());
+    args.extend(strings(&NATIVE_STATIC_LIBS));
+    let exe = dir.join(name);
+    compile("cc", &args, &exe);
+    exe
+}
+
+/// `output`'s value for `key`, as milliseconds.
+fn millis(output: &str, key: &str) -> f64 {
+    value(output, key)
+        .parse()
+        .unwrap_or_else(|e| panic!("{key}: {e}"))
+}
+
+#[test]
+fn a_wait_cancelled_from_another_thread_returns_cancelled_at_once() {
+    let dir = TempDir::new("p2pcheck-capi-cancel");
+    let exe = process_program(dir.path(), "capi_process");
+    let mut cmd = program(&exe);
+    cmd.arg("cancel").env("P2PCHECK_WORKER", WORKER);
+    let out = run(&mut cmd, Duration::from_secs(120));
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    let cancelled = format!("{} the check was cancelled", Status::Cancelled as i32);
+    let time = |v: &str| v.parse::<f64>().is_ok_and(|ms| ms >= 0.0);
+    let mut e = Lines::default();
+    e.ok("start");
+    e.msg(
+        "wait_ms.200",
+        Status::NotReady,
+        "the check is still running",
+    );
+    e.test("wait_ms.200.waited_ms", "a time", time);
+    e.is("wait_ms.200.out", "null");
+    e.is("cancel", "0");
+    e.test("cancel.returned_ms", "a time", time);
+    for i in 0..2 {
+        e.is(format!("waiter.{i}"), cancelled.clone());
+        e.is(format!("waiter.{i}.out"), "null");
+        e.test(format!("waiter.{i}.after_cancel_ms"), "a time", time);
+    }
+    e.msg("wait.again", Status::Cancelled, "the check was cancelled");
+    e.test("free_ms", "a time", time);
+    e.assert(&stdout);
+    // A bounded wait waited its time; the cancel did not block; both waits (one without a
+    // limit, one of an hour) returned at once. The bounds are generous (a loaded machine):
+    // they prove the waits end, the figures say how fast.
+    let waited = millis(&stdout, "wait_ms.200.waited_ms");
+    assert!((200.0..10_000.0).contains(&waited), "{waited} ms");
+    let returned = millis(&stdout, "cancel.returned_ms");
+    assert!(returned < 1_000.0, "the cancel took {returned} ms");
+    for i in 0..2 {
+        let after = millis(&stdout, &format!("waiter.{i}.after_cancel_ms"));
+        assert!(after < 2_000.0, "waiter {i}: {after} ms after the cancel");
+    }
+    let free = millis(&stdout, "free_ms");
+    assert!(free < 30_000.0, "the free took {free} ms");
+    eprintln!(
+        "cancel returned in {returned:.3} ms; the waits {:.3} and {:.3} ms after it; the free \
+         (workers killed and reaped) {free:.1} ms",
+        millis(&stdout, "waiter.0.after_cancel_ms"),
+        millis(&stdout, "waiter.1.after_cancel_ms")
+    );
+}
+
+#[test]
+fn a_child_of_fork_gets_a_status_from_inherited_handles_at_once() {
+    let dir = TempDir::new("p2pcheck-capi-fork");
+    let exe = process_program(dir.path(), "capi_process");
+    let err_file = dir.path().join("child-stderr");
+    let mut cmd = program(&exe);
+    cmd.arg("fork")
+        .arg(&err_file)
+        .env("P2PCHECK_WORKER", WORKER);
+    let out = run(&mut cmd, Duration::from_secs(120));
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    let pids = value(&stdout, "child.pids").to_string();
+    let (parent, child) = pids.split_once(' ').unwrap();
+    let wrong = |what: &str| {
+        format!(
+            "{what} was made by process {parent}, and this is process {child} (a child of \
+             fork?): a handle is used only in the process that made it"
+        )
+    };
+    let status = |s: Status| (s as i32).to_string();
+    let mut e = Lines::default();
+    e.ok("check");
+    e.ok("start");
+    e.test("child.pids", "two pids", |v| v.split(' ').count() == 2);
+    for key in ["child.try_wait", "child.wait_ms", "child.wait"] {
+        e.msg(key, Status::WrongProcess, wrong("pending"));
+    }
+    e.is("child.cancel", status(Status::WrongProcess));
+    e.is("child.pair_count", status(Status::WrongProcess));
+    e.msg("child.set_level", Status::WrongProcess, wrong("opts"));
+    e.msg("child.check", Status::WrongProcess, wrong("opts"));
+    e.is("child.out", "null");
+    e.is("child.frees", "done");
+    e.test("child.ms", "a time", |v| v.parse::<f64>().is_ok());
+    e.is("child.exit", "0");
+    // The parent's handles are untouched: its check still runs until it cancels it.
+    e.is("parent.pair_count", "0 1");
+    e.msg(
+        "parent.try_wait",
+        Status::NotReady,
+        "the check is still running",
+    );
+    e.is("parent.cancel", "0");
+    e.msg("parent.wait", Status::Cancelled, "the check was cancelled");
+    e.assert(&stdout);
+    // Every call of the child, the frees included, returned within 1 s, and it printed
+    // nothing on its stderr.
+    let ms = millis(&stdout, "child.ms");
+    assert!(ms < 1_000.0, "the child's calls took {ms} ms");
+    assert_eq!(fs::read_to_string(&err_file).unwrap(), "");
+    eprintln!("the child's 10 calls on inherited handles took {ms:.3} ms in all");
+}
+
+#[test]
+fn a_child_of_the_host_lives_through_checks_with_hangs_and_crashes() {
+    // Relies on the library touching only the processes it started.
+    let dir = TempDir::new("p2pcheck-capi-bystander");
+    let exe = process_program(dir.path(), "capi_process");
+    let mut cmd = program(&exe);
+    cmd.arg("bystander").env("P2PCHECK_WORKER", WORKER);
+    let out = run(&mut cmd, Duration::from_secs(240));
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    let mut e = Lines::default();
+    e.is("bystander.before", "alive, not reaped");
+    e.ok("faults");
+    e.ok("timeouts");
+    for engine in 0..2 {
+        e.ok(&format!("check.{engine}"));
+        e.is(
+            format!("bystander.after_check.{engine}"),
+            "alive, not reaped",
+        );
+    }
+    e.ok("start");
+    e.is("cancel", "0");
+    e.is("bystander.after_cancel", "alive, not reaped");
+    e.is("bystander.reaped", "1");
+    e.is("bystander.signal", libc::SIGTERM.to_string());
+    e.assert(&stdout);
+}
+
+#[test]
+fn a_failed_libcuda_load_is_tried_again_after_the_environment_is_fixed() {
+    let dir = TempDir::new("p2pcheck-capi-reload");
+    let exe = process_program(dir.path(), "capi_process");
+    let sim = dir.path().join("libsim.so");
+    p2pcheck::sim::write_library(&sim).unwrap();
+    let mut cmd = program(&exe);
+    cmd.arg("reload")
+        .arg(&sim)
+        .env("P2PCHECK_WORKER", WORKER)
+        .env("P2PCHECK_LIBCUDART", &sim)
+        .env("P2PCHECK_SIM_GPUS", "2")
+        .env("P2PCHECK_SIM_FAULTS", "0->1:drop-writes")
+        .env("VLLM_CACHE_ROOT", dir.path().join("cache"));
+    let out = run(&mut cmd, Duration::from_secs(120));
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    let missing = "could not load libcuda (set P2PCHECK_LIBCUDA to its path): \
+                   /nonexistent/libcuda.so.1: cannot open shared object file: No such file or \
+                   directory";
+    let mut e = Lines::default();
+    e.msg("missing", Status::Cuda, missing);
+    e.msg("missing.again", Status::Cuda, missing);
+    e.ok("fixed");
+    e.is("fixed.answer", "0");
+    e.ok("fixed.1_0");
+    e.is("fixed.1_0.answer", "1");
+    e.assert(&stdout);
+}
+
+#[test]
+fn only_an_executable_that_serves_as_a_worker_is_run_as_one() {
+    // A host called p2pcheck, with no worker anywhere: the check says so, and never runs the
+    // host itself (its main would write the marker).
+    let dir = TempDir::new("p2pcheck-capi-noworker");
+    let exe = process_program(dir.path(), "p2pcheck");
+    let marker = dir.path().join("marker");
+    let mut cmd = program(&exe);
+    cmd.arg("noworker")
+        .env("PATH", "/nonexistent")
+        .env("P2PCHECK_TEST_MARKER", &marker);
+    let out = run(&mut cmd, Duration::from_secs(60));
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    let mut e = Lines::default();
+    e.ok("sim");
+    e.msg(
+        "check",
+        Status::Worker,
+        format!(
+            "cannot find the p2pcheck-worker executable (tried {}, p2pcheck-worker on $PATH); \
+             install it beside your program or set P2PCHECK_WORKER to its path",
+            dir.path().join("p2pcheck-worker").display()
+        ),
+    );
+    e.is("check.out", "null");
+    e.assert(&stdout);
+    assert!(!marker.exists(), "{}", fs::read_to_string(&marker).unwrap());
+
+    // The p2pcheck CLI declares that it serves as a worker: alone in a folder (a copy:
+    // the executable's path is where the worker is looked for), it runs its check with itself.
+    let cli = dir.path().join("cli");
+    fs::create_dir_all(&cli).unwrap();
+    fs::copy(env!("CARGO_BIN_EXE_p2pcheck"), cli.join("p2pcheck")).unwrap();
+    let mut cmd = program(&cli.join("p2pcheck"));
+    cmd.args(["--simulate", "2", "--fault", "0->1:drop-writes"])
+        .env("PATH", "/nonexistent");
+    let out = run(&mut cmd, Duration::from_secs(60));
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{stdout}\n{}",
+        text(&out.stderr)
+    );
+    // The checked matrix: its workers can only have been the CLI itself (nothing beside it,
+    // nothing on PATH).
+    assert!(stdout.contains(" 0         ok  FAIL:copy\n"), "{stdout}");
 }
 
 #[test]

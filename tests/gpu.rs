@@ -42,7 +42,7 @@ fn every_pair_of_the_visible_gpus_passes_both_tiers_in_both_engines() {
             engine,
             ..options()
         };
-        let mut pending = p2pcheck::start(None, opts);
+        let pending = p2pcheck::start(None, opts);
         let report = pending.wait().expect("the check runs on this GPU machine");
         let n = report.device_count;
         assert!(n >= 1);
@@ -125,8 +125,10 @@ fn gpu_p2p_access_check_writes_vllms_cache_once() {
     assert_eq!(std::fs::metadata(&path).unwrap().modified().unwrap(), mtime);
     // The fingerprint beside it names this machine's GPUs.
     let beside = p2pcheck::fingerprint::path_beside(&path);
-    let fp = p2pcheck::fingerprint::Fingerprint::parse(&std::fs::read_to_string(&beside).unwrap())
-        .unwrap();
+    let record =
+        p2pcheck::fingerprint::Record::parse(&std::fs::read_to_string(&beside).unwrap()).unwrap();
+    assert_eq!(record.verdicts, vec![true; (n * n) as usize]);
+    let fp = record.fingerprint;
     assert_eq!(fp.gpus.len() as u32, n);
     assert!(fp.gpus.iter().all(|g| g.uuid.starts_with("GPU-")));
 }
@@ -165,7 +167,7 @@ fn a_worker_killed_mid_run_is_retried_and_leaves_nothing() {
         engine: Engine::Vllm,
         ..options()
     };
-    let mut pending = p2pcheck::start(Some(pairs), opts);
+    let pending = p2pcheck::start(Some(pairs), opts);
     let report = pending.wait().expect("check runs");
     let killed = killer.join().unwrap();
     let retried: Vec<_> = report.pairs.iter().filter(|p| p.attempts == 2).collect();

@@ -653,7 +653,7 @@ fn the_library_runs_on_the_simulator_in_batch_order() {
         .zip(&tgt)
         .map(|(&src, &tgt)| p2pcheck::Pair { src, tgt })
         .collect();
-    let mut pending = p2pcheck::start(Some(pairs), opts.clone());
+    let pending = p2pcheck::start(Some(pairs), opts.clone());
     let report = pending.wait().unwrap();
     // The answer comes before the workers have exited; finish() waits for them.
     assert!(pending.finish().is_empty(), "every worker exited cleanly");

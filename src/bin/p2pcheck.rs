@@ -35,8 +35,10 @@ and where the vLLM cache file is. A pair that hangs or errors is retried once on
 Every wait has a deadline; no worker outlives the check.
 
 access-check SRC TGT answers vLLM's gpu_p2p_access_check(SRC, TGT): true or false, from vLLM's
-cache file when the fingerprint beside it matches this machine (no CUDA call at all), else from
-a check of every pair, written to the cache with its fingerprint.
+cache file when the fingerprint beside it vouches for exactly its verdicts on this machine at
+this level and settings (no CUDA call at all), else from a check of every pair, written to the
+cache with its fingerprint. Cache files of other users, or that others can write, are not
+trusted: the pairs are checked again (see --trust-cache-owner).
 
 trace-summary PATH reads an audit trace (--trace) and prints, per process, its calls in order
 of first use with their counts and its failed calls. With --spec it also compares a trace of
@@ -75,6 +77,10 @@ OPTIONS:
     --cache-dir DIR        Folder of that file [default: $VLLM_CACHE_ROOT, else
                            $XDG_CACHE_HOME/vllm, else ~/.cache/vllm]
     --refresh              access-check: check again even if the cache is valid
+    --trust-cache-owner UID
+                           Also trust the cache folder and files of user UID (a folder shared
+                           on purpose); otherwise only this user's and root's are used, and
+                           only where no one else can write them (see README, Security)
     --timeout SECS         Deadline for each step of a pair; past it the pair is HANG
                            [default: 5; 0.001 to 86400]
     --startup-timeout SECS Deadline for a worker to start CUDA [default: 60; 0.001 to 86400]
@@ -117,6 +123,7 @@ struct Args {
     write_cache: bool,
     refresh: bool,
     cache_dir: Option<PathBuf>,
+    trust_cache_owner: Option<u32>,
     access: Option<(u32, u32)>,
     opts: Options,
 }
@@ -164,6 +171,7 @@ fn parse_args(mut it: impl Iterator<Item = OsString>) -> ArgResult<Option<Args>>
         write_cache: false,
         refresh: false,
         cache_dir: None,
+        trust_cache_owner: None,
         access: None,
         opts: Options::default(),
     };
@@ -228,6 +236,13 @@ fn parse_args(mut it: impl Iterator<Item = OsString>) -> ArgResult<Option<Args>>
                 let dir = PathBuf::from(it.next().ok_or("--cache-dir needs a folder")?);
                 cache::check_dir(&dir).map_err(|e| format!("--cache-dir: {e:#}"))?;
                 args.cache_dir = Some(dir);
+            }
+            "--trust-cache-owner" => {
+                let v = text(&a, it.next(), "a user id")?;
+                let uid = v
+                    .parse()
+                    .map_err(|_| format!("{a} {v:?}: expected a user id"))?;
+                args.trust_cache_owner = Some(uid);
             }
             "--timeout" => args.opts.step_timeout = seconds(&a, it.next())?,
             "--startup-timeout" => args.opts.startup_timeout = seconds(&a, it.next())?,
@@ -348,13 +363,10 @@ fn cache_note(
     };
     let mut written = false;
     if args.write_cache {
-        match p2pcheck::store_report(&dir, report, args.opts.simulate.as_ref()) {
-            Ok((_, None)) => written = true,
-            Ok((_, Some(why))) => {
+        match p2pcheck::store_report(report, &access_options(args, Some(dir))) {
+            Ok((_, note)) => {
                 written = true;
-                warnings.push(format!(
-                    "the cache was written without a fingerprint: {why}"
-                ));
+                warnings.extend(note);
             }
             // A verdict that is not a fact (a single hang) must not be written; the run's
             // answer stands, so this is a warning, not a failure.
@@ -565,7 +577,7 @@ fn print_json(args: &Args, report: &Report, note: Option<&CacheNote>, warnings: 
 }
 
 fn run(args: &Args) -> Result<bool, String> {
-    let mut pending = p2pcheck::start(None, args.opts.clone());
+    let pending = p2pcheck::start(None, args.opts.clone());
     let report = pending.wait().map_err(|e| e.to_string())?;
     let mut warnings = report.warnings.clone();
     let note = cache_note(args, &report, &mut warnings)?;
@@ -582,12 +594,18 @@ fn run(args: &Args) -> Result<bool, String> {
     Ok(report.pairs.iter().all(|p| p.ok()))
 }
 
-fn access_check(args: &Args, src: u32, tgt: u32) -> Result<bool, String> {
-    let opts = AccessOptions {
+/// How `args` read and write vLLM's cache, in `cache_dir`.
+fn access_options(args: &Args, cache_dir: Option<PathBuf>) -> AccessOptions {
+    AccessOptions {
         check: args.opts.clone(),
-        cache_dir: args.cache_dir.clone(),
+        cache_dir,
         refresh: args.refresh,
-    };
+        trust_cache_owner: args.trust_cache_owner,
+    }
+}
+
+fn access_check(args: &Args, src: u32, tgt: u32) -> Result<bool, String> {
+    let opts = access_options(args, args.cache_dir.clone());
     if args.opts.simulate.is_some() && args.cache_dir.is_none() {
         return Err("access-check --simulate needs an explicit --cache-dir".into());
     }
@@ -796,6 +814,7 @@ fn main() -> ExitCode {
     if argv.peek().and_then(|a| a.to_str()) == Some(p2pcheck::WORKER_FLAG) {
         return ExitCode::from(p2pcheck::worker_main() as u8);
     }
+    p2pcheck::this_executable_is_a_worker();
     if argv.peek().and_then(|a| a.to_str()) == Some("trace-summary") {
         argv.next();
         return trace_summary(argv);

@@ -6,12 +6,10 @@ use std::ffi::CStr;
 
 use once_cell::sync::OnceCell;
 
+use super::fatbin;
 use super::trace::{self, Api, Record};
 use super::{c_text, check, describe, resolve, DevicePtr, Error, Library, Result};
 use crate::sys;
-
-/// The kernels of `csrc/kernels.cu`, NUL-terminated for `cuModuleLoadData`.
-const KERNELS_PTX: &str = concat!(include_str!("../../csrc/kernels.ptx"), "\0");
 
 /// What `p2pc_pattern_check` counted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,18 +45,20 @@ pub(crate) struct Kernels {
 }
 
 impl Kernels {
-    /// Loads the module (the driver JIT-compiles the PTX for this GPU) into the current
-    /// context of `device` and finds its kernels.
+    /// Loads the module into the current context of `device` (the driver takes the SASS for
+    /// this GPU, or JIT-compiles the PTX where the image has none) and finds its kernels; the
+    /// trace says which image it took.
     pub(crate) fn load(device: i32) -> Result<Kernels> {
         let mut module: sys::CUmodule = std::ptr::null_mut();
+        let image = fatbin::image();
         cu!(
             c"cuModuleLoadData" as sys::PFN_cuModuleLoadData_v2000,
             Some(device),
-            |f| f(&mut module, KERNELS_PTX.as_ptr().cast()),
+            |f| f(&mut module, image.as_ptr().cast()),
             |t| {
                 t.args
-                    .text("image", "csrc/kernels.ptx (embedded)")
-                    .uint("bytes", KERNELS_PTX.len() as u64);
+                    .text("image", &fatbin::describe())
+                    .uint("bytes", image.len() as u64);
                 t.out.ptr("module", module as usize as u64);
             }
         )?;
@@ -72,7 +72,39 @@ impl Kernels {
         kernels.store = kernels.function(c"p2pc_pattern_store")?;
         kernels.check = kernels.function(c"p2pc_pattern_check")?;
         kernels.handshake = kernels.function(c"p2pc_handshake")?;
+        let ptx = kernels.attribute(sys::CU_FUNC_ATTRIBUTE_PTX_VERSION, "ptx_version", None)?;
+        kernels.attribute(
+            sys::CU_FUNC_ATTRIBUTE_BINARY_VERSION,
+            "binary_version",
+            Some(ptx),
+        )?;
         Ok(kernels)
+    }
+
+    /// `cuFuncGetAttribute` of the handshake kernel (all three are built alike); with
+    /// `ptx_version` given, the binary version's trace line names the image the driver took.
+    fn attribute(
+        &self,
+        attribute: sys::CUfunction_attribute,
+        name: &str,
+        ptx_version: Option<i32>,
+    ) -> Result<i32> {
+        let mut value = 0;
+        cu!(
+            c"cuFuncGetAttribute" as sys::PFN_cuFuncGetAttribute_v2020,
+            Some(self.device),
+            |f| f(&mut value, attribute, self.handshake),
+            |t| {
+                t.args
+                    .text("attribute", name)
+                    .ptr("function", self.handshake as usize as u64);
+                t.out.int("value", i64::from(value));
+                if let Some(ptx) = ptx_version {
+                    t.out.text("image_taken", &fatbin::taken(ptx, value));
+                }
+            }
+        )?;
+        Ok(value)
     }
 
     fn function(&self, name: &CStr) -> Result<sys::CUfunction> {
@@ -115,7 +147,7 @@ impl Kernels {
             // module, p addresses n bytes of device memory (an allocation or a mapping the
             // caller owns), out is a live report.
             unsafe {
-                sys::shim::p2pc_pattern_store(
+                sys::shim::p2pcheck_shim_pattern_store(
                     &table,
                     self.store.cast(),
                     p.0,
@@ -158,7 +190,7 @@ impl Kernels {
         let r = self.run(c"p2pc_pattern_check", describe, |out| {
             // SAFETY: as in pattern_store; the shim allocates and frees its own counters.
             unsafe {
-                sys::shim::p2pc_pattern_check(
+                sys::shim::p2pcheck_shim_pattern_check(
                     &table,
                     self.check.cast(),
                     p.0,
@@ -211,7 +243,7 @@ impl Kernels {
         let r = self.run(c"p2pc_handshake", describe, |out| {
             // SAFETY: as in pattern_store; area addresses 2048 bytes of device memory.
             unsafe {
-                sys::shim::p2pc_handshake(
+                sys::shim::p2pcheck_shim_handshake(
                     &table,
                     self.handshake.cast(),
                     area.0,

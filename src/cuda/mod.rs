@@ -1,7 +1,8 @@
 //! The CUDA driver (libcuda) and runtime (libcudart), loaded with `dlopen` at first use.
 //!
 //! Nothing links against CUDA: a machine without a GPU, or with an older driver, loads and runs
-//! p2pcheck and gets an [`Error`] naming what is missing. Libraries load on first need, each
+//! p2pcheck and gets an [`Error`] naming what is missing. Libraries load on first need (a
+//! failed load is tried again, with the environment read again, at the next need), each
 //! symbol resolves on first call (a symbol an old driver lacks fails only the call that needs
 //! it), and every return code is checked: errors name the call, the device, and CUDA's own error
 //! name and text. `P2PCHECK_TRACE` writes every call (arguments, result, duration, the process's
@@ -253,8 +254,11 @@ impl Lib {
     }
 }
 
-static LIBCUDA: OnceCell<Result<Lib>> = OnceCell::new();
-static LIBCUDART: OnceCell<Result<Lib>> = OnceCell::new();
+// Only a loaded library is kept: a failure is tried again at the next need, reading
+// `P2PCHECK_LIBCUDA`/`P2PCHECK_LIBCUDART` again, so a host that fixes its environment after a
+// failure is not stuck with it. A loaded library stays for the life of the process.
+static LIBCUDA: OnceCell<Lib> = OnceCell::new();
+static LIBCUDART: OnceCell<Lib> = OnceCell::new();
 
 fn env_path(var: &str) -> Option<String> {
     std::env::var(var).ok().filter(|v| !v.is_empty())
@@ -345,12 +349,12 @@ fn lib(library: Library) -> Result<&'static Lib> {
         Library::Driver => (&LIBCUDA, driver_candidates, c"cuInit"),
         Library::Runtime => (&LIBCUDART, runtime_candidates, c"cudaGetErrorName"),
     };
-    cell.get_or_init(|| Lib::open(library, candidates(), probe))
-        .as_ref()
-        .map_err(Clone::clone)
+    cell.get_or_try_init(|| Lib::open(library, candidates(), probe))
 }
 
 /// Resolves `name` once per call site and returns it as the bindgen function-pointer type `F`.
+/// A library that could not be loaded is not remembered here (see [`lib`]); a symbol the
+/// loaded library lacks is.
 fn resolve<F: Copy>(
     library: Library,
     cell: &'static OnceCell<Result<usize>>,
@@ -359,9 +363,13 @@ fn resolve<F: Copy>(
     // Only pointer-sized function-pointer types are ever requested (bindgen's PFN types).
     const { assert!(std::mem::size_of::<usize>() == std::mem::size_of::<Option<fn()>>()) };
     assert_eq!(std::mem::size_of::<F>(), std::mem::size_of::<usize>());
-    let addr = cell
-        .get_or_init(|| lib(library).and_then(|l| l.symbol(library, name)))
-        .clone()?;
+    let addr = match cell.get() {
+        Some(known) => known.clone()?,
+        None => {
+            let loaded = lib(library)?;
+            cell.get_or_init(|| loaded.symbol(library, name)).clone()?
+        }
+    };
     // SAFETY: addr is a non-null symbol address and F is the bindgen-generated
     // `Option<unsafe extern "C" fn(..)>` type that the CUDA headers declare for this symbol.
     Ok(unsafe { std::mem::transmute_copy::<usize, F>(&addr) })
@@ -776,5 +784,6 @@ pub(crate) fn runtime_claims_peer(src: i32, tgt: i32) -> Result<bool> {
 // ---------------------------------------------------------------------------------------------
 // The kernel and handshake tiers' kernels (after the macros, which it uses)
 
+mod fatbin;
 mod kernels;
 pub(crate) use kernels::{Kernels, PatternCount};

@@ -19,7 +19,7 @@ mod vllm;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -30,7 +30,7 @@ use crate::sim::Simulation;
 use crate::visible::{self, VisibleDevices};
 use pool::Graveyard;
 
-pub use pool::locate_worker;
+pub use pool::{locate_worker, this_executable_is_a_worker};
 
 /// Which procedure checks the pairs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -474,72 +474,169 @@ pub fn all_pairs(n: u32) -> Vec<Pair> {
 }
 
 /// A check running in the background (see [`start`]).
+///
+/// Every method takes `&self`, and `Pending` is `Send + Sync`: one thread may wait while
+/// another cancels (share it with `std::sync::Arc` or a scoped thread). The result is kept:
+/// every wait after the check ended gives the same result again (a copy of the report, or the
+/// same error). A `Pending` belongs to the process that started the check: in the child of a
+/// `fork`, every method answers at once without touching anything the parent's threads may
+/// hold (waits give [`Error::InvalidInput`] saying so; [`Pending::cancel`] and
+/// [`Pending::finish`] do nothing).
 pub struct Pending {
-    answer: mpsc::Receiver<Result<Report>>,
-    cancel: Arc<AtomicBool>,
+    shared: Arc<Shared>,
     thread: Option<JoinHandle<Vec<String>>>,
-    taken: bool,
+    owner: Owner,
+}
+
+/// What a [`Pending`] and its check's thread share.
+struct Shared {
+    /// `None` while the check runs; then its result, never replaced.
+    result: Mutex<Option<Arc<Result<Report>>>>,
+    /// Signalled once, when the result is set.
+    ready: Condvar,
+    /// Read by the check's waits, which then kill the workers and return.
+    cancel: AtomicBool,
+}
+
+impl Shared {
+    fn new() -> Shared {
+        Shared {
+            result: Mutex::new(None),
+            ready: Condvar::new(),
+            cancel: AtomicBool::new(false),
+        }
+    }
+
+    /// The result slot; a panic while it was held cannot leave it half-written (it is one
+    /// assignment), so a poisoned lock is used as it is.
+    fn slot(&self) -> MutexGuard<'_, Option<Arc<Result<Report>>>> {
+        self.result.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sets the result unless one is set already (a cancel's comes first); wakes every waiter.
+    fn settle(&self, result: Result<Report>) {
+        let mut slot = self.slot();
+        if slot.is_none() {
+            *slot = Some(Arc::new(result));
+            self.ready.notify_all();
+        }
+    }
+}
+
+/// Sets a result when the check's thread ends without one (it cannot, short of a bug), so
+/// that no waiter waits for ever.
+struct SettleOnExit(Arc<Shared>);
+
+impl Drop for SettleOnExit {
+    fn drop(&mut self) {
+        self.0.settle(Err(Error::Worker(
+            "the check's thread ended without an answer".into(),
+        )));
+    }
+}
+
+/// The process that made a handle: after a `fork`, the child's copy must not touch locks or
+/// threads that only exist in the parent.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Owner(u32);
+
+impl Owner {
+    /// This process.
+    pub(crate) fn current() -> Owner {
+        Owner(std::process::id())
+    }
+
+    /// `Err` naming both processes when called from another process than the owner's (the
+    /// pid is asked each time: a child of `fork` has its own).
+    pub(crate) fn check(self, what: &str) -> std::result::Result<(), String> {
+        let here = std::process::id();
+        match here == self.0 {
+            true => Ok(()),
+            false => Err(format!(
+                "{what} was made by process {}, and this is process {here} (a child of fork?): \
+                 a handle is used only in the process that made it",
+                self.0
+            )),
+        }
+    }
 }
 
 impl Pending {
-    /// The report if the check has finished, without waiting; `None` while it runs (and after
-    /// the report was taken).
-    pub fn try_wait(&mut self) -> Option<Result<Report>> {
-        if self.taken {
-            return None;
+    /// The result if the check has ended, without waiting; `None` while it runs.
+    pub fn try_wait(&self) -> Option<Result<Report>> {
+        self.wait_timeout(Duration::ZERO)
+    }
+
+    /// Waits at most `timeout` for the result; `None` if the check still runs then. A
+    /// [`Pending::cancel`] from another thread ends the wait at once with
+    /// [`Error::Cancelled`] (unless the result was complete already).
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<Result<Report>> {
+        if let Err(why) = self.owner.check("this check") {
+            return Some(Err(Error::InvalidInput(why)));
         }
-        match self.answer.try_recv() {
-            Ok(r) => {
-                self.taken = true;
-                Some(r)
+        // A timeout too long for the clock is no timeout.
+        let deadline = Instant::now().checked_add(timeout);
+        let mut slot = self.shared.slot();
+        loop {
+            if let Some(result) = slot.as_ref() {
+                let result = Arc::clone(result);
+                drop(slot);
+                return Some((*result).clone());
             }
-            Err(mpsc::TryRecvError::Empty) => None,
-            Err(mpsc::TryRecvError::Disconnected) => {
-                self.taken = true;
-                Some(Err(Error::Worker(
-                    "the check's thread ended without an answer".into(),
-                )))
-            }
+            let ready = &self.shared.ready;
+            slot = match deadline {
+                None => ready.wait(slot).unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    let left = d.checked_duration_since(Instant::now())?;
+                    ready
+                        .wait_timeout(slot, left)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
+                }
+            };
         }
     }
 
-    /// Waits for the report. The workers may still be exiting: see [`Pending::finish`].
-    pub fn wait(&mut self) -> Result<Report> {
-        if self.taken {
-            return Err(Error::InvalidInput("the report was already taken".into()));
-        }
-        self.taken = true;
-        self.answer.recv().unwrap_or_else(|_| {
-            Err(Error::Worker(
-                "the check's thread ended without an answer".into(),
-            ))
-        })
+    /// Waits for the result (the check's own deadlines bound it). The workers may still be
+    /// exiting: see [`Pending::finish`].
+    pub fn wait(&self) -> Result<Report> {
+        self.wait_timeout(Duration::MAX)
+            .unwrap_or_else(|| Err(Error::Worker("the wait ended without a result".into())))
     }
 
-    /// Stops the check: workers are killed, [`Pending::wait`] gives [`Error::Cancelled`]
-    /// unless the report was already complete.
+    /// Stops the check, from any thread, without blocking: unless the result was complete
+    /// already it becomes [`Error::Cancelled`] at once (waits return), and the check's thread
+    /// then kills and reaps its workers.
     pub fn cancel(&self) {
-        self.cancel.store(true, Ordering::Relaxed);
+        if self.owner.check("this check").is_ok() {
+            self.shared.cancel.store(true, Ordering::Relaxed);
+            self.shared.settle(Err(Error::Cancelled));
+        }
     }
 
     /// Waits until every worker has exited and been reaped; returns a warning for each that
-    /// did not exit cleanly. A check whose report was not taken is cancelled first.
+    /// did not exit cleanly. A check that has no result yet is cancelled first.
     pub fn finish(mut self) -> Vec<String> {
-        if !self.taken {
-            self.cancel();
+        self.cancel();
+        match self.owner.check("this check") {
+            // In a child of fork the thread is the parent's: Drop leaves it alone.
+            Err(_) => Vec::new(),
+            Ok(()) => self
+                .thread
+                .take()
+                .and_then(|t| t.join().ok())
+                .unwrap_or_default(),
         }
-        self.thread
-            .take()
-            .and_then(|t| t.join().ok())
-            .unwrap_or_default()
     }
 }
 
 impl Drop for Pending {
     fn drop(&mut self) {
-        // Nobody will read the answer: stop early. The thread still reaps every worker.
-        if !self.taken {
-            self.cancel();
+        // Nobody will read the result: stop early. The thread still reaps every worker.
+        self.cancel();
+        if self.owner.check("this check").is_err() {
+            // The thread is the parent's: a child has nothing of it to join or detach.
+            std::mem::forget(self.thread.take());
         }
     }
 }
@@ -555,18 +652,18 @@ const REAP_TIMEOUT: Duration = Duration::from_secs(10);
 ///
 /// The check runs on its own thread, which spawns the workers and outlives them: after the
 /// report is handed over it reaps every worker (they tear their contexts down off the critical
-/// path). Dropping the [`Pending`] before taking the report cancels the check.
+/// path). Dropping the [`Pending`] before the check has a result cancels it.
 pub fn start(pairs: Option<Vec<Pair>>, opts: Options) -> Pending {
-    let (tx, rx) = mpsc::channel();
-    let cancel = Arc::new(AtomicBool::new(false));
-    let flag = cancel.clone();
+    let shared = Arc::new(Shared::new());
+    let theirs = Arc::clone(&shared);
     let thread = std::thread::Builder::new()
         .name("p2pcheck".into())
         .spawn(move || {
+            let settle = SettleOnExit(theirs);
             let mut graveyard = Graveyard::default();
             // A bug here must not take an embedding host down, nor leave the caller waiting.
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                run_rounds(pairs.as_deref(), &opts, &mut graveyard, &flag)
+                run_rounds(pairs.as_deref(), &opts, &mut graveyard, &settle.0.cancel)
             }))
             .unwrap_or_else(|panic| {
                 let what = panic
@@ -578,28 +675,22 @@ pub fn start(pairs: Option<Vec<Pair>>, opts: Options) -> Pending {
                     "internal error in the check (a bug): {what}"
                 )))
             });
-            let _ = tx.send(result);
+            settle.0.settle(result);
             graveyard.reap(Instant::now() + REAP_TIMEOUT)
         });
-    match thread {
-        Ok(t) => Pending {
-            answer: rx,
-            cancel,
-            thread: Some(t),
-            taken: false,
-        },
+    let thread = match thread {
+        Ok(t) => Some(t),
         Err(e) => {
-            let (tx, rx) = mpsc::channel();
-            let _ = tx.send(Err(Error::Worker(format!(
+            shared.settle(Err(Error::Worker(format!(
                 "cannot start the check's thread: {e}"
             ))));
-            Pending {
-                answer: rx,
-                cancel,
-                thread: None,
-                taken: false,
-            }
+            None
         }
+    };
+    Pending {
+        shared,
+        thread,
+        owner: Owner::current(),
     }
 }
 

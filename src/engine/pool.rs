@@ -10,6 +10,7 @@
 
 use std::collections::HashSet;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use once_cell::sync::Lazy;
@@ -28,8 +29,9 @@ use crate::worker::{PARENT_PID_VAR, WORKER_FLAG};
 /// 2. `$P2PCHECK_WORKER`;
 /// 3. `p2pcheck-worker` beside the current executable, then beside the shared library holding
 ///    this code (a host that loads `libp2pcheck.so` from elsewhere);
-/// 4. the current executable itself when it is the `p2pcheck` CLI (which also serves as a
-///    worker);
+/// 4. the current executable itself, only when its program declared that it serves as a
+///    worker ([`this_executable_is_a_worker`]: the `p2pcheck` CLI does); an embedding host's
+///    executable is never run, whatever its name;
 /// 5. `p2pcheck-worker` on `$PATH`.
 pub fn locate_worker(explicit: Option<&Path>) -> Result<PathBuf> {
     if let Some(p) = explicit {
@@ -45,8 +47,11 @@ pub fn locate_worker(explicit: Option<&Path>) -> Result<PathBuf> {
         .iter()
         .filter_map(|e| e.parent().map(Path::to_path_buf))
         .collect();
-    if let Some(lib) = own_library_path() {
-        dirs.extend(lib.parent().map(Path::to_path_buf));
+    // Linked statically, the code is in the executable: its folder is not tried twice.
+    if let Some(dir) = own_library_path().and_then(|l| l.parent().map(Path::to_path_buf)) {
+        if !dirs.contains(&dir) {
+            dirs.push(dir);
+        }
     }
     let mut tried = Vec::new();
     for dir in &dirs {
@@ -56,7 +61,7 @@ pub fn locate_worker(explicit: Option<&Path>) -> Result<PathBuf> {
         }
         tried.push(p.display().to_string());
     }
-    if let Some(e) = exe.filter(|e| e.file_name().is_some_and(|n| n == "p2pcheck")) {
+    if let Some(e) = exe.filter(|_| SELF_IS_WORKER.load(Ordering::Relaxed)) {
         return Ok(e);
     }
     for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()) {
@@ -71,6 +76,18 @@ pub fn locate_worker(explicit: Option<&Path>) -> Result<PathBuf> {
          or set P2PCHECK_WORKER to its path",
         tried.join(", ")
     )))
+}
+
+/// Whether this program's executable serves as a worker (see [`this_executable_is_a_worker`]).
+static SELF_IS_WORKER: AtomicBool = AtomicBool::new(false);
+
+/// Declares that this program runs [`crate::worker_main`] when its first argument is
+/// [`crate::WORKER_FLAG`], as the `p2pcheck` CLI does, so that a check may run its executable
+/// as the worker when no `p2pcheck-worker` is found ([`locate_worker`]). Call it from `main`,
+/// before any check. A program that does not is never run as a worker (a host that embeds
+/// p2pcheck is not one, whatever its executable is called).
+pub fn this_executable_is_a_worker() {
+    SELF_IS_WORKER.store(true, Ordering::Relaxed);
 }
 
 fn executable(p: &Path) -> std::result::Result<PathBuf, String> {

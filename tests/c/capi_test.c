@@ -106,7 +106,7 @@ static int main_mode(const char *dir) {
     /* Versions and texts. */
     printf("version: %s\n", p2pcheck_version());
     printf("protocol: %u\n", p2pcheck_protocol_version());
-    for (s = -1; s <= 15; s++) {
+    for (s = -1; s <= 16; s++) {
         printf("status_text.%d: %s\n", s, p2pcheck_status_text((p2pcheck_status)s));
     }
     for (c = -1; c <= 7; c++) {
@@ -269,12 +269,28 @@ static int main_mode(const char *dir) {
     stm("try_wait.running", p2pcheck_pending_try_wait(p, &r, m(), sizeof msg));
     printf("try_wait.running.out: %s\n", r ? "non-null" : "null");
     st("try_wait.null_out", p2pcheck_pending_try_wait(p, NULL, NULL, 0));
+    r = (p2pcheck_report *)&stale;
+    stm("wait_ms.running", p2pcheck_pending_wait_ms(p, 1, &r, m(), sizeof msg));
+    printf("wait_ms.running.out: %s\n", r ? "non-null" : "null");
     stm("wait", p2pcheck_pending_wait(p, &r, m(), sizeof msg));
     print_report("background", r);
+    {
+        /* The result is kept: every wait gives a new copy of the same report. */
+        p2pcheck_report *again = NULL, *third = NULL;
+        stm("try_wait.again", p2pcheck_pending_try_wait(p, &again, m(), sizeof msg));
+        stm("wait_ms.again", p2pcheck_pending_wait_ms(p, 0, &third, m(), sizeof msg));
+        printf("again.new: %d %d\n", again != r && again != NULL, third != r && third != again);
+        print_report("again", again);
+        p2pcheck_report_free(again);
+        p2pcheck_report_free(third);
+    }
     p2pcheck_report_free(r);
-    stm("try_wait.taken", p2pcheck_pending_try_wait(p, &r, m(), sizeof msg));
-    stm("wait.taken", p2pcheck_pending_wait(p, &r, m(), sizeof msg));
+    stm("wait.again", p2pcheck_pending_wait(p, &r, m(), sizeof msg));
+    p2pcheck_report_free(r);
     st("cancel.finished", p2pcheck_pending_cancel(p));
+    stm("wait.after_cancel", p2pcheck_pending_wait_ms(p, UINT64_MAX, &r, m(), sizeof msg));
+    p2pcheck_report_free(r);
+    st("wait_ms.null_out", p2pcheck_pending_wait_ms(p, 0, NULL, NULL, 0));
     p2pcheck_pending_free(p);
     printf("pending_free: done\n");
 
@@ -282,10 +298,15 @@ static int main_mode(const char *dir) {
     st("cancel", p2pcheck_pending_cancel(p));
     stm("wait.cancelled", p2pcheck_pending_wait(p, &r, m(), sizeof msg));
     printf("wait.cancelled.out: %s\n", r ? "non-null" : "null");
+    stm("try_wait.cancelled", p2pcheck_pending_try_wait(p, &r, m(), sizeof msg));
+    st("cancel.again", p2pcheck_pending_cancel(p));
     p2pcheck_pending_free(p);
 
+    /* A check's error is kept too: every wait gives it again. */
     stm("start.device9", p2pcheck_start(o, nine, zero, 1, &p, m(), sizeof msg));
     stm("wait.device9", p2pcheck_pending_wait(p, &r, m(), sizeof msg));
+    stm("wait.device9.again", p2pcheck_pending_wait(p, &r, m(), sizeof msg));
+    stm("try_wait.device9", p2pcheck_pending_try_wait(p, &r, m(), sizeof msg));
     p2pcheck_pending_free(p);
 
     stm("start.unwaited", p2pcheck_start(o, src3, tgt3, 3, &p, m(), sizeof msg));
@@ -298,6 +319,7 @@ static int main_mode(const char *dir) {
     stm("start.null_out", p2pcheck_start(o, NULL, NULL, 0, NULL, m(), sizeof msg));
     stm("try_wait.null", p2pcheck_pending_try_wait(NULL, &r, m(), sizeof msg));
     stm("wait.null", p2pcheck_pending_wait(NULL, &r, m(), sizeof msg));
+    stm("wait_ms.null", p2pcheck_pending_wait_ms(NULL, 0, &r, m(), sizeof msg));
     st("cancel.null", p2pcheck_pending_cancel(NULL));
 
     /* The all-reduce policy. */
@@ -340,12 +362,15 @@ static int main_mode(const char *dir) {
     return 0;
 }
 
-/* The cache written by main_mode answers: the worker does not exist, so nothing runs. */
+/* The cache written by main_mode answers the same check (the same simulated machine, its fault
+   and the kernel tier's bytes included: the fingerprint records them): the worker does not
+   exist, so nothing runs. */
 static int warm_mode(const char *dir) {
     p2pcheck_options *o = p2pcheck_options_new();
     bool b = true;
-    stm("warm.sim", p2pcheck_options_set_simulation(o, 4, NULL, m(), sizeof msg));
+    stm("warm.sim", p2pcheck_options_set_simulation(o, 4, "0->1:drop-writes", m(), sizeof msg));
     stm("warm.level", p2pcheck_options_set_level(o, P2PCHECK_LEVEL_KERNEL, m(), sizeof msg));
+    stm("warm.kernel_bytes", p2pcheck_options_set_kernel_bytes(o, 256 * 1024, m(), sizeof msg));
     stm("warm.worker",
         p2pcheck_options_set_worker(o, "/nonexistent/p2pcheck-worker", m(), sizeof msg));
     stm("warm.0_1", p2pcheck_access_check_with(o, dir, false, 0, 1, &b, m(), sizeof msg));
