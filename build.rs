@@ -75,13 +75,42 @@ fn main() {
         .compile("p2pcheck_shim");
 
     build_simulator(&out_dir);
+    build_nvml_simulator(&out_dir);
 }
 
 /// The simulated driver (`csrc/sim.c`) is a shared library of its own, embedded in the crate
-/// (`src/sim.rs`) and handed to workers at run time; the cc crate only makes static archives,
-/// so its compiler is driven directly.
+/// (`src/sim.rs`) and handed to workers at run time.
 fn build_simulator(out_dir: &Path) {
     let lib = out_dir.join("libp2pcheck_sim.so");
+    compile_shared(
+        &lib,
+        "csrc/sim.c",
+        &["-Wl,-soname,libcuda.so.1", "-lpthread"],
+    );
+    println!("cargo:rustc-env=P2PCHECK_SIM_LIB={}", lib.display());
+}
+
+/// The simulated NVML (`csrc/nvml_sim.c`) for the doctor's tests, twice: as a current driver's
+/// and, without the fabric functions, as an older one's. Only tests load them (by path).
+fn build_nvml_simulator(out_dir: &Path) {
+    println!("cargo:rerun-if-changed=csrc/nvml_sim.c");
+    for (name, var, flags) in [
+        ("libp2pcheck_nvml_sim.so", "P2PCHECK_NVML_SIM_LIB", &[][..]),
+        (
+            "libp2pcheck_nvml_sim_old.so",
+            "P2PCHECK_NVML_SIM_OLD_LIB",
+            &["-DNVML_SIM_OLD_DRIVER"][..],
+        ),
+    ] {
+        let lib = out_dir.join(name);
+        compile_shared(&lib, "csrc/nvml_sim.c", flags);
+        println!("cargo:rustc-env={var}={}", lib.display());
+    }
+}
+
+/// Compiles one C file into the shared library `lib`; the cc crate only makes static archives,
+/// so its compiler is driven directly.
+fn compile_shared(lib: &Path, source: &str, extra: &[&str]) {
     let compiler = cc::Build::new().get_compiler();
     let status = compiler
         .to_command()
@@ -92,20 +121,13 @@ fn build_simulator(out_dir: &Path) {
             "-shared",
             "-fvisibility=hidden",
         ])
-        .args([
-            "-Wall",
-            "-Wextra",
-            "-Werror",
-            "-Wl,-soname,libcuda.so.1",
-            "-o",
-        ])
-        .arg(&lib)
-        .arg("csrc/sim.c")
-        .arg("-lpthread")
+        .args(["-Wall", "-Wextra", "-Werror", "-o"])
+        .arg(lib)
+        .arg(source)
+        .args(extra)
         .status()
-        .expect("run the C compiler for csrc/sim.c");
-    assert!(status.success(), "compiling csrc/sim.c failed");
-    println!("cargo:rustc-env=P2PCHECK_SIM_LIB={}", lib.display());
+        .unwrap_or_else(|e| panic!("run the C compiler for {source}: {e}"));
+    assert!(status.success(), "compiling {source} failed");
 }
 
 /// Runs bindgen; `Err` carries the reason generation was not possible.

@@ -121,13 +121,30 @@ struct ReadError {
     message: String,
 }
 
-/// Reads a small text file without ever blocking on it: `O_NONBLOCK` makes opening a FIFO
-/// return at once, and only a regular file is then read, at most [`MAX_FILE_BYTES`] of it
-/// (procfs files report size 0, so the size has to be found by reading).
+/// Reads a small text file without ever blocking on it (see [`read_bounded`]), at most
+/// [`MAX_FILE_BYTES`] of it, as UTF-8.
 fn read_text(path: &Path) -> Result<String, ReadError> {
-    let fail = |kind: io::ErrorKind, why: String| ReadError {
-        kind,
-        message: format!("cannot read {}: {why}", path.display()),
+    let bytes = read_bounded(path, MAX_FILE_BYTES).map_err(|e| ReadError {
+        kind: e.kind(),
+        message: e.to_string(),
+    })?;
+    String::from_utf8(bytes).map_err(|e| ReadError {
+        kind: io::ErrorKind::InvalidData,
+        message: format!(
+            "cannot read {}: it is not UTF-8 text (bad byte at offset {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        ),
+    })
+}
+
+/// Reads a small file without ever blocking on it: `O_NONBLOCK` makes opening a FIFO return at
+/// once, and only a regular file is then read, at most `max` bytes of it (procfs and sysfs
+/// files report sizes that are not what a read gives, so the size has to be found by reading);
+/// a longer file is an error. Every error's text names the file and says why.
+pub(crate) fn read_bounded(path: &Path, max: u64) -> io::Result<Vec<u8>> {
+    let fail = |kind: io::ErrorKind, why: String| {
+        io::Error::new(kind, format!("cannot read {}: {why}", path.display()))
     };
     let io_fail = |e: io::Error| fail(e.kind(), e.to_string());
     let file = OpenOptions::new()
@@ -155,24 +172,16 @@ fn read_text(path: &Path) -> Result<String, ReadError> {
         ));
     }
     let mut bytes = Vec::new();
-    file.take(MAX_FILE_BYTES + 1)
+    file.take(max + 1)
         .read_to_end(&mut bytes)
         .map_err(io_fail)?;
-    if bytes.len() as u64 > MAX_FILE_BYTES {
+    if bytes.len() as u64 > max {
         return Err(fail(
             io::ErrorKind::InvalidData,
-            format!("it is larger than {MAX_FILE_BYTES} bytes"),
+            format!("it is larger than {max} bytes"),
         ));
     }
-    String::from_utf8(bytes).map_err(|e| {
-        fail(
-            io::ErrorKind::InvalidData,
-            format!(
-                "it is not UTF-8 text (bad byte at offset {})",
-                e.utf8_error().valid_up_to()
-            ),
-        )
-    })
+    Ok(bytes)
 }
 
 /// The version on the first `NVRM version:` line: its first token of digits and dots with at
@@ -203,7 +212,7 @@ fn is_uuid(s: &str) -> bool {
 
 /// A PCI bus id `domain:bus:device.function` as numbers, for sorting the way the PCI bus
 /// orders devices (a plain string sort would misplace a 5-digit domain, as VMD creates).
-fn parse_bus_id(s: &str) -> Option<(u32, u32, u32, u32)> {
+pub(crate) fn parse_bus_id(s: &str) -> Option<(u32, u32, u32, u32)> {
     let hex = |part: &str, min: usize, max: usize| {
         let ok = (min..=max).contains(&part.len()) && part.bytes().all(|b| b.is_ascii_hexdigit());
         // Checked first because from_str_radix also accepts a leading `+`.

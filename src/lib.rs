@@ -33,13 +33,14 @@
 //! # Ok::<(), p2pcheck::Error>(())
 //! ```
 
-// `unsafe` lives only at the FFI edges: `cuda` (CUDA), `os` (libc), `sys` (bindings) and
-// `capi` (the C ABI).
+// `unsafe` lives only at the FFI edges: `cuda` (CUDA), `os` (libc), `sys` (bindings),
+// `capi` (the C ABI) and `doctor::nvml` (NVML).
 #![deny(unsafe_code)]
 
 pub mod cache;
 pub mod capi;
 mod cuda;
+pub mod doctor;
 mod engine;
 mod error;
 pub mod fingerprint;

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use p2pcheck::doctor;
 use p2pcheck::sim::{self, Fault, Simulation};
 use p2pcheck::{
     cache, json, AccessOptions, Engine, Level, Options, Report, TierOutcome, Verdict, Visibility,
@@ -18,6 +19,7 @@ USAGE:
     p2pcheck [OPTIONS]
     p2pcheck access-check SRC TGT [OPTIONS]
     p2pcheck trace-summary PATH [--spec]
+    p2pcheck doctor [--json] [--root DIR]
 
 Checks every ordered pair (src, tgt) of the visible GPUs in three tiers: copy (a process on src
 owns memory, a process on tgt maps it through CUDA IPC and writes it, both read it back:
@@ -45,6 +47,15 @@ of first use with their counts and its failed calls. With --spec it also compare
 `--engine vllm --level copy` with vLLM's procedure (SPEC section 2) pair by pair and prints
 every difference: exit 0 when there is none, 1 when there are some, 2 when the file cannot be
 read or has a malformed line (named by its number).
+
+doctor says why a pair fails or is slow, and what to change: the PCIe path of each GPU pair
+(bridges, ACS, IOMMU groups and mode, kernel command line; from sysfs, without root where
+possible), NVLink, NVML's P2P status, the NVSwitch fabric, persistence, MIG and compute modes
+(NVML, loaded if present), the process's namespaces and container, and the NCCL and CUDA
+variables in effect; then the causes, ranked, each with the pairs it bears on, its fix and how
+to confirm it. --json prints one JSON object (fields in the README, section Doctor); --root DIR
+reads the files under DIR instead of / (testing). Exit 0, 1 when a finding breaks peer access,
+2 for bad arguments. A failing check prints the top cause of each failure under its details.
 
 OPTIONS:
     --json                 Print one JSON object on stdout instead of the table
@@ -99,6 +110,9 @@ ENVIRONMENT:
     P2PCHECK_LIBCUDA       Path of libcuda to load [default: libcuda.so.1]
     P2PCHECK_LIBCUDART     Path of libcudart to load [default: search, see README]
     P2PCHECK_WORKER        Path of the worker executable
+    P2PCHECK_LIBNVML       Path of NVML for doctor [default: libnvidia-ml.so.1]
+    P2PCHECK_DOCTOR_ROOT   Testing: explain a check's failures from the sysfs/proc tree in this
+                           folder (also with --simulate, which otherwise gets no doctor)
     P2PCHECK_TRACE         Audit trace of every CUDA call of every process, one JSON line
                            each: 1 = to stderr, a path = appended to that file, 0/empty = off
 
@@ -441,6 +455,7 @@ fn print_table(args: &Args, report: &Report, note: Option<&CacheNote>, warnings:
             }
         }
     }
+    print_doctor(&doctor_explanations(args, report));
     for w in warnings {
         println!("warning: {w}");
     }
@@ -524,8 +539,9 @@ fn print_json(args: &Args, report: &Report, note: Option<&CacheNote>, warnings: 
         })
         .collect();
     let warnings: Vec<String> = warnings.iter().map(|w| json::escape(w)).collect();
+    let doctor = doctor_json(&doctor_explanations(args, report));
     println!(
-        "{{\"p2pcheck\":{},\"device_count\":{},\"cuda_visible_devices\":{cvd},\"simulated\":{},\"engine\":\"{}\",\"level\":\"{}\",\"kernel_check\":{},\"visibility\":\"{}\",\"answer_s\":{:.4},\"elapsed_s\":{:.4},\"restarts\":{},\"workers_started\":{},\"peak_in_flight\":{},\"worker_max_rss_kb\":{},\"workers\":[{}],\"all_ok\":{},\"pairs\":[{}],\"warnings\":[{}],\"vllm_cache\":{cache}}}",
+        "{{\"p2pcheck\":{},\"device_count\":{},\"cuda_visible_devices\":{cvd},\"simulated\":{},\"engine\":\"{}\",\"level\":\"{}\",\"kernel_check\":{},\"visibility\":\"{}\",\"answer_s\":{:.4},\"elapsed_s\":{:.4},\"restarts\":{},\"workers_started\":{},\"peak_in_flight\":{},\"worker_max_rss_kb\":{},\"workers\":[{}],\"all_ok\":{},\"pairs\":[{}],\"warnings\":[{}],\"vllm_cache\":{cache},\"doctor\":{doctor}}}",
         json::escape(env!("CARGO_PKG_VERSION")),
         report.device_count,
         args.opts.simulate.is_some(),
@@ -669,6 +685,117 @@ fn trace_summary(mut it: impl Iterator<Item = OsString>) -> ExitCode {
     }
 }
 
+/// The doctor's top finding for each failing pair of `report`, from this machine's facts, or
+/// from the tree `P2PCHECK_DOCTOR_ROOT` names (tests). A simulation without it checks no GPU
+/// of this machine: nothing to explain.
+fn doctor_explanations(args: &Args, report: &Report) -> Vec<(p2pcheck::Pair, doctor::Finding)> {
+    if report.pairs.iter().all(|p| p.ok()) {
+        return Vec::new();
+    }
+    let facts = match (
+        std::env::var_os("P2PCHECK_DOCTOR_ROOT"),
+        &args.opts.simulate,
+    ) {
+        (Some(root), _) => doctor::gather_at(
+            std::path::Path::new(&root),
+            Some(&doctor::NvmlSource::from_env()),
+        ),
+        (None, Some(_)) => return Vec::new(),
+        (None, None) => doctor::gather(),
+    };
+    doctor::explain(&facts, report)
+}
+
+/// Under the failures in the table: each one's most likely cause, its fix and how to confirm
+/// it, once per finding.
+fn print_doctor(explained: &[(p2pcheck::Pair, doctor::Finding)]) {
+    if explained.is_empty() {
+        return;
+    }
+    println!("doctor (the most likely cause; `p2pcheck doctor` shows every fact):");
+    let mut shown: Vec<u32> = Vec::new();
+    for (_, f) in explained {
+        if shown.contains(&f.rank) {
+            continue;
+        }
+        shown.push(f.rank);
+        let pairs: Vec<String> = explained
+            .iter()
+            .filter(|(_, g)| g.rank == f.rank)
+            .map(|(p, _)| p.to_string())
+            .collect();
+        println!(
+            "  {}: [{}] {}: {}",
+            pairs.join(", "),
+            f.severity.name(),
+            f.kind.name(),
+            f.title
+        );
+        for (label, lines) in [("fix", &f.fix), ("confirm", &f.confirm)] {
+            for l in lines {
+                println!("     {label}: {l}");
+            }
+        }
+    }
+}
+
+/// The same for `--json`: `[{"pair":[src,tgt],"finding":{…}}]`.
+fn doctor_json(explained: &[(p2pcheck::Pair, doctor::Finding)]) -> String {
+    let items: Vec<String> = explained
+        .iter()
+        .map(|(p, f)| {
+            format!(
+                "{{\"pair\":[{},{}],\"finding\":{}}}",
+                p.src,
+                p.tgt,
+                doctor::finding_json(f)
+            )
+        })
+        .collect();
+    format!("[{}]", items.join(","))
+}
+
+/// `p2pcheck doctor [--json] [--root DIR]`: exit 0, or 1 when a finding breaks peer access,
+/// 2 for bad arguments.
+fn doctor(it: impl Iterator<Item = OsString>) -> ExitCode {
+    let mut json = false;
+    let mut root = PathBuf::from("/");
+    let mut it = it;
+    while let Some(a) = it.next() {
+        match a.to_str() {
+            Some("--json") => json = true,
+            Some("--root") => match it.next() {
+                Some(dir) if !dir.is_empty() => root = PathBuf::from(dir),
+                _ => {
+                    eprintln!("p2pcheck: doctor --root needs a folder");
+                    return ExitCode::from(2);
+                }
+            },
+            Some("-h" | "--help") => {
+                print!("{HELP}");
+                return ExitCode::SUCCESS;
+            }
+            _ => {
+                eprintln!("p2pcheck: doctor: unknown argument {a:?} (see --help)");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let facts = doctor::gather_at(&root, Some(&doctor::NvmlSource::from_env()));
+    let findings = doctor::findings(&facts, &[]);
+    match json {
+        true => println!("{}", doctor::render_json(&facts, &findings)),
+        false => print!("{}", doctor::render_table(&facts, &findings)),
+    }
+    match findings
+        .iter()
+        .any(|f| f.severity == doctor::Severity::Breaks)
+    {
+        true => ExitCode::from(1),
+        false => ExitCode::SUCCESS,
+    }
+}
+
 fn main() -> ExitCode {
     let mut argv = std::env::args_os().skip(1).peekable();
     // The CLI doubles as a worker, so it works with no p2pcheck-worker installed beside it.
@@ -679,6 +806,10 @@ fn main() -> ExitCode {
     if argv.peek().and_then(|a| a.to_str()) == Some("trace-summary") {
         argv.next();
         return trace_summary(argv);
+    }
+    if argv.peek().and_then(|a| a.to_str()) == Some("doctor") {
+        argv.next();
+        return doctor(argv);
     }
     let args = match parse_args(argv).and_then(|a| {
         if let Some(path) = a.as_ref().and_then(|a| a.trace.as_ref()) {

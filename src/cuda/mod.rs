@@ -178,7 +178,7 @@ struct Lib {
     path: String,
 }
 
-fn dlerror_text() -> String {
+pub(crate) fn dlerror_text() -> String {
     // SAFETY: dlerror returns NULL or a NUL-terminated string valid until the next dl* call on
     // this thread; it is copied at once.
     unsafe {
@@ -191,7 +191,7 @@ fn dlerror_text() -> String {
     }
 }
 
-fn dlopen(path: &str, flags: c_int) -> std::result::Result<usize, String> {
+pub(crate) fn dlopen(path: &str, flags: c_int) -> std::result::Result<usize, String> {
     let c = CString::new(path).map_err(|_| "path contains a NUL byte".to_string())?;
     // SAFETY: c is a valid C string; dlopen has no other preconditions.
     let h = unsafe { libc::dlopen(c.as_ptr(), flags) };
