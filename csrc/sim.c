@@ -140,6 +140,8 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
+#include <linux/futex.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stddef.h>
@@ -151,6 +153,7 @@
 #include <strings.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/types.h>
 #include <time.h>
 #include <unistd.h>
@@ -1345,9 +1348,11 @@ static int run_pattern_check(void **params) {
     if (r != NULL) {
         unsigned char buf[PATTERN_CHUNK];
         size_t off = region_off(r, p);
-        for (uint64_t o = 0; o < n;) {
+        /* Memory known to hold exactly the expected pattern needs no byte by byte look: all of
+         * it at once, else chunk by chunk. */
+        int known = !(mask & F_SM_ONLY) && holds_pattern(r, off, (size_t)n, seed, off);
+        for (uint64_t o = 0; !known && o < n;) {
             size_t len = n - o < PATTERN_CHUNK ? (size_t)(n - o) : PATTERN_CHUNK;
-            /* Pages known to hold exactly the expected pattern need no byte by byte look. */
             if (!(mask & F_SM_ONLY) && holds_pattern(r, off + (size_t)o, len, seed, off)) {
                 o += len;
                 continue;
@@ -1432,20 +1437,32 @@ static int hs_begin(struct hs_run *x, struct region *r, uint64_t area, int me) {
     return E_OK;
 }
 
-/* Records that launch x has made its flag store for round `round`. */
-static void hs_issued(struct hs_run *x, uint32_t round) {
-    meta_lock(x->r);
-    x->h->side[x->me].issued = round;
-    meta_unlock(x->r);
+/* The u32 flag at offset off of r, as memory (also a futex: waiters sleep on it). */
+static uint32_t *flag_word(const struct region *r, size_t off) {
+    return (uint32_t *)(void *)(r->base + off);
 }
 
-/* Ends launch x (after its held-back stores landed). */
+/* Wakes whoever sleeps on a flag word (in any process: the memory is shared). */
+static void flag_wake(uint32_t *word) {
+    (void)syscall(SYS_futex, word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+
+/* Records that launch x has made its flag store for round `round` (after the store: whoever
+ * reads this with acquire sees the flag too, if it landed), and wakes the other side. */
+static void hs_issued(struct hs_run *x, size_t flag_off, uint32_t round) {
+    __atomic_store_n(&x->h->side[x->me].issued, round, __ATOMIC_RELEASE);
+    flag_wake(flag_word(x->r, flag_off));
+}
+
+/* Ends launch x (after its held-back stores landed) and wakes the other side. */
 static void hs_end(struct hs_run *x) {
     meta_lock(x->r);
     x->h->side[x->me].ended = x->k;
     meta_unlock(x->r);
     int rc = pthread_mutex_unlock(&x->h->side[x->me].alive);
     if (rc != 0) die("pthread_mutex_unlock", rc);
+    flag_wake(flag_word(x->r, x->h->area + HS_FLAG_C));
+    flag_wake(flag_word(x->r, x->h->area + HS_FLAG_P));
 }
 
 /* Whether the other side can still make this side's view of a flag read `want`: not when its
@@ -1460,7 +1477,7 @@ static int hs_may_still_come(struct hs_run *x, uint32_t want) {
         may = 1; /* not started yet */
     else if (o->started > x->k || o->ended >= x->k)
         may = 0;
-    else if (o->issued >= want)
+    else if (__atomic_load_n(&o->issued, __ATOMIC_ACQUIRE) >= want)
         may = 0;
     else
         may = hs_alive(o);
@@ -1468,28 +1485,32 @@ static int hs_may_still_come(struct hs_run *x, uint32_t want) {
     return may;
 }
 
-/* A kernel's acquire load of the u32 flag at offset off of r; sm-only loads read 0xEE bytes. */
-static uint32_t load_flag(const struct region *r, size_t off, unsigned mask) {
-    if (mask & F_SM_ONLY) return 0xEEEEEEEEu;
-    return __atomic_load_n((const uint32_t *)(const void *)(r->base + off), __ATOMIC_ACQUIRE);
+/* What a kernel's acquire load of a flag word reads: sm-only loads read 0xEE bytes. */
+static uint32_t seen_flag(uint32_t word, unsigned mask) {
+    return mask & F_SM_ONLY ? 0xEEEEEEEEu : word;
 }
 
 /* Waits until the flag at offset off reads `want`; 0 when it never can. No deadline of its
  * own: the other side's progress or end decides, and the host's step timeout bounds a side
  * that never starts (the hang fault). */
 static int wait_flag(struct hs_run *x, size_t off, uint32_t want, unsigned mask) {
-    for (unsigned spins = 0;; spins++) {
-        if (load_flag(x->r, off, mask) == want) return 1;
-        if (!hs_may_still_come(x, want)) return load_flag(x->r, off, mask) == want;
-        /* First yield (quick when the other side runs on another CPU, and gives it this one
-         * when they share it), then sleep, longer once the wait is long (the other side not
-         * started yet): a wait must not burn a CPU. */
-        if (spins < 64) {
+    uint32_t *word = flag_word(x->r, off);
+    for (unsigned looks = 0;; looks++) {
+        uint32_t raw = __atomic_load_n(word, __ATOMIC_ACQUIRE);
+        if (seen_flag(raw, mask) == want) return 1;
+        /* A few yields first: quick when the other side runs on another CPU, and they give it
+         * this one when they share it. */
+        if (looks < 16) {
             sched_yield();
-        } else {
-            struct timespec pause_for = {.tv_sec = 0, .tv_nsec = spins < 4096 ? 2000 : 100000};
-            nanosleep(&pause_for, NULL); /* EINTR: just look again */
+            continue;
         }
+        if (!hs_may_still_come(x, want))
+            return seen_flag(__atomic_load_n(word, __ATOMIC_ACQUIRE), mask) == want;
+        /* Then sleep until the word changes or the other side wakes it (at each flag store
+         * and at its end), or for 1 ms, to look again whether it started or died. Neither the
+         * wake nor the 1 ms decides anything: hs_may_still_come does. */
+        struct timespec nap = {.tv_sec = 0, .tv_nsec = 1000000};
+        (void)syscall(SYS_futex, word, FUTEX_WAIT, raw, &nap, NULL, 0);
     }
 }
 
@@ -1531,7 +1552,7 @@ static int run_handshake(void **params) {
             for (size_t j = 0; j < HS_PAYLOAD; j++) buf[j] = pat(at + my_pat + j, seed);
             kernel_store(&l, ra, my_payload, buf, 0, HS_PAYLOAD, ma);
             kernel_store_ex(&l, ra, my_flag, &r, 0, sizeof r, ma, 1);
-            hs_issued(&x, r);
+            hs_issued(&x, my_flag, r);
         }
         if (!wait_flag(&x, their_flag, r, ma)) {
             timed_out = 1;
@@ -1543,7 +1564,7 @@ static int run_handshake(void **params) {
             for (size_t j = 0; j < HS_PAYLOAD; j++) buf[j] = pat(at + my_pat + j, seed);
             kernel_store(&l, ra, my_payload, buf, 0, HS_PAYLOAD, ma);
             kernel_store_ex(&l, ra, my_flag, &r, 0, sizeof r, ma, 1);
-            hs_issued(&x, r);
+            hs_issued(&x, my_flag, r);
         }
         done++;
     }

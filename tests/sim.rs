@@ -1,5 +1,6 @@
 //! End to end on the simulated driver (no GPU): the CLI and the library on 1, 2, 4 and 8 GPUs,
-//! every fault kind alone and mixed, with the expected verdict for every pair; hangs end within
+//! every fault kind alone and mixed, with the expected verdict for every pair, `@once` faults in
+//! the first attempt of each check only; bounded memory on 64 GPUs; hangs end within
 //! the timeout plus a second; after every run no worker process and no shared-memory segment is
 //! left; concurrent runs do not interfere; SIGTERM/SIGINT of the parent kills its workers.
 
@@ -393,9 +394,9 @@ fn all_faults_mixed_on_8_gpus() {
         if claims_asked(config) {
             assert_eq!(run.field("0->7", "driver_claim"), &Value::Bool(false));
         }
-        // The parallel engine meets its hangs (and handshake timeouts, 0.6 s) at once, and
-        // their retries at once; vLLM's meets them one after another (two hangs, each twice,
-        // and four handshakes that time out).
+        // The parallel engine meets its hangs at once, and their retries at once; vLLM's
+        // meets them one after another (two hangs, each twice). Handshakes that cannot
+        // complete end at once in both (the simulator knows their flags cannot arrive).
         // Bounds with room for a loaded CI machine: what matters is that nothing waits
         // without a deadline.
         let bound = if config == "vllm" { 20 } else { 12 };
@@ -634,6 +635,39 @@ fn sigterm_or_sigint_of_the_parent_kills_its_workers() {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
+}
+
+#[test]
+fn once_faults_hit_only_the_first_attempt_of_each_check() {
+    // A hang and a crash that fire once: the first attempt at each pair hangs or dies, the
+    // retry's fresh workers do not see them, and the pair passes. A second check with the
+    // same simulation has a ledger of its own: they fire again.
+    let opts = p2pcheck::Options {
+        worker: Some(WORKER.into()),
+        step_timeout: Duration::from_secs(1),
+        simulate: Some(p2pcheck::sim::Simulation {
+            gpus: 4,
+            faults: vec![
+                "0->1:hang@once".parse().unwrap(),
+                "2->3:crash@once".parse().unwrap(),
+            ],
+        }),
+        ..p2pcheck::Options::default()
+    };
+    for check in 0..2 {
+        let report = p2pcheck::check(None, &opts).unwrap();
+        for p in &report.pairs {
+            assert!(p.ok(), "check {check}, {}: {:?}", p.pair, p.details());
+            let earlier = p.earlier.as_deref().unwrap_or_default();
+            match (p.pair.src, p.pair.tgt) {
+                (0, 1) => assert!(earlier.starts_with("hang:"), "{earlier}"),
+                (2, 3) => assert!(earlier.contains("SIGSEGV"), "{earlier}"),
+                _ => continue,
+            }
+            assert_eq!(p.attempts, 2, "check {check}, {}", p.pair);
+        }
+    }
+    assert!(worker_children().is_empty(), "{:?}", worker_children());
 }
 
 #[test]
