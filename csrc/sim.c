@@ -23,14 +23,20 @@
  *                          GPU-51a00000-0000-0000-0000-<k as 12 lower-case hex digits>.
  *                          Entry i of the list is local ordinal i: every API takes local
  *                          ordinals; handles and faults use physical ids.
- *   P2PCHECK_SIM_FAULTS    comma-separated items SRC->TGT:KIND, SRC and TGT PHYSICAL GPU ids < N
- *                          (whitespace around items and tokens allowed), for example
- *                          "0->1:drop-writes,2->3:hang". One pair may carry several kinds.
- *                          Invalid text (unknown kind, id >= N, bad syntax, empty item) prints
+ *   P2PCHECK_SIM_FAULTS    comma-separated items SRC->TGT:KIND[@once], SRC and TGT PHYSICAL GPU
+ *                          ids < N (whitespace around items and tokens allowed), for example
+ *                          "0->1:drop-writes,2->3:hang@once". One pair may carry several kinds.
+ *                          Invalid text (unknown kind or modifier, id >= N, bad syntax, empty
+ *                          item), or an @once fault without a usable P2PCHECK_SIM_LEDGER, prints
  *                          a message naming the bad item on stderr, and then EVERY call (except
  *                          the error-name/-string functions and p2pcheck_sim_abi) fails with
  *                          CUDA_ERROR_INVALID_VALUE / cudaErrorInvalidValue (1), so that a typo
  *                          can never pass for a clean run.
+ *   P2PCHECK_SIM_LEDGER    (needed by @once faults only) a path to a file every process of one
+ *                          check opens read-write and maps shared (grown to 32 KiB of zeros when
+ *                          shorter): p2pcheck passes a fresh memfd of its own per check, as
+ *                          /proc/<pid>/fd/<n>, so nothing is left on disk. Zeros: no pair's
+ *                          @once faults claimed yet.
  *
  * FAULTS. A fault on SRC->TGT means "TGT accessing SRC's memory": it applies to accesses made
  * by a process whose current device is (physically) TGT to memory owned by (physical) device SRC
@@ -49,7 +55,7 @@
  *                    inside cuLaunchKernel, so a kernel that only stores, or a store followed by
  *                    a later launch that loads, cannot tell; two kernels of two processes
  *                    running at the same time can: p2pc_handshake's driver never gets its flag
- *                    through in time, and both sides time out.
+ *                    through while it runs, and both sides time out (at once: see there).
  *   hang             the first access through the mapping (memset, memcpy, kernel) never
  *                    returns (a pause() loop; the process stays killable by SIGTERM/SIGKILL).
  *   crash            the first access through the mapping kills the process with SIGSEGV.
@@ -65,6 +71,16 @@
  *                    allocation's end vanish. Copy-engine writes and all loads are unaffected.
  * Without faults cudaDeviceCanAccessPeer answers 1 for two distinct valid devices and 0 for a
  * device and itself, as real CUDA does. hang and crash print one line on stderr first.
+ * @once: the fault fires in the first attempt at the pair only. The first attempt is every
+ * access of ONE process: the first that, on (physical) TGT, opens an IPC handle of SRC's memory,
+ * asks cudaDeviceCanAccessPeer about SRC, or accesses SRC's memory through a mapping; at that
+ * moment it claims all of the pair's @once faults in the ledger (an atomic compare-and-swap of
+ * the pair's entry from 0 to a random mark of its own). They then apply to all its accesses on
+ * the pair, for its whole life, and to no other process's. In p2pcheck that process is the pair's
+ * consumer worker in the check's first round (its copy-tier write opens the handle first); an
+ * attempt cut short (a worker of the pair hung or died elsewhere) counts as the first attempt
+ * too. The producer takes no part: its accesses are to its own memory, which no fault touches.
+ * The fresh workers of a retry see no @once fault; a new check (a new ledger) fires them again.
  * Several kinds on one pair compose per written byte, in this order: drop-writes (and one-way)
  * drops it; sm-only drops a kernel store; shifted moves a kernel store (+4096, or drops it past
  * the end); partial drops it when its (landing) offset is in an odd 64 KiB page; corrupt XORs
@@ -74,7 +90,23 @@
  * MEMORY MODEL. Every allocation (cudaMalloc, cuMemAlloc_v2) is its own
  * memfd_create("p2pcheck-sim") + ftruncate + mmap(MAP_SHARED); the device pointer is the host
  * address of that mapping. Nothing is named in /dev/shm, so nothing can leak when a process
- * dies, however it dies. The 64-byte IPC handle carries a magic, the owner's pid and memfd
+ * dies, however it dies. Nothing is reserved either: a page takes memory when first touched.
+ * After the memory (rounded up to pages) the memfd holds the allocation's METADATA, mapped by
+ * every process that maps the memory and guarded by a robust process-shared mutex (a process
+ * that dies holding it leaves page states whole, and the reference counts are rebuilt from
+ * them): a state per page, a table of contents, and the handshake records (p2pc_handshake).
+ * LAZY PAGES: a write that no fault alters and that covers whole pages with a memset value
+ * (cudaMemset, cuMemsetD8) or a p2pc_pattern_store pattern does not write those pages: their
+ * state names the content instead (a fill byte, or a pattern's seed, first offset, length and
+ * shift; zeros need no content), and their memory is given back (madvise MADV_REMOVE, which
+ * punches the memfd's pages, in every process mapping them). Reads (kernel loads, copies to the
+ * host) compute a lazy page's bytes; p2pc_pattern_check skips memory known to hold exactly its
+ * pattern; any other write, and a handshake's flags, first write the page's bytes out (it
+ * becomes raw). What every access sees is byte for byte what a plain buffer would hold; only
+ * the memory taken differs: a check's 2 MiB pattern areas and fills take none, so the memory of
+ * a simulated machine stays small however many GPUs it has (tests/sim_driver.rs compares it
+ * with a plain model of the bytes). A full content table (4095 entries per allocation) only
+ * means writing bytes out. The 64-byte IPC handle carries a magic, the owner's pid and memfd
  * descriptor number, the size, the owner's physical device, the memfd's inode and a checksum;
  * cudaIpcOpenMemHandle opens /proc/<pid>/fd/<fd> and maps it (so both processes must share a PID
  * namespace and uid, like real CUDA IPC needs a shared IPC namespace). A corrupt handle, or one
@@ -126,12 +158,29 @@
  *       pat(r*512 + j, seed), j < 256, release-stores flag_c = r, waits (acquire loads) for
  *       flag_p == r, then counts the bytes payload_p[j] != pat(r*512 + 256 + j, seed); the
  *       server waits for flag_c == r, counts the bytes payload_c[j] != pat(r*512 + j, seed),
- *       writes payload_p[j] = pat(r*512 + 256 + j, seed) and release-stores flag_p = r. Every
- *       wait ends at the kernel's start (CLOCK_MONOTONIC) + budget_ns: then the kernel stops
- *       with timed_out = 1. At the end, out (4 u64, 8-aligned) gets [rounds_done (rounds whose
- *       last step this side completed), payload_errors, timed_out, elapsed_ns] as plain kernel
- *       stores. Waiting yields the CPU between loads (64 times, then sleeps ~2 us
- *       between them), with this process's mutex held.
+ *       writes payload_p[j] = pat(r*512 + 256 + j, seed) and release-stores flag_p = r. At the
+ *       end, out (4 u64, 8-aligned) gets [rounds_done (rounds whose last step this side
+ *       completed), payload_errors, timed_out, elapsed_ns] as plain kernel stores.
+ *       NO CLOCK DECIDES (a GPU's kernel gives up at start + budget_ns of %globaltimer; here
+ *       CPU scheduling would then decide verdicts). Each launch of a role on an area is paired
+ *       with the other role's launch of the same rank (the k-th with the k-th), through a record
+ *       in the metadata that no fault masks: per role, launches started and ended, and the last
+ *       round whose flag store the running launch made (made: whether the fault let it land or
+ *       not). A wait ends when the flag reads r (a healthy wait ends only so), or with
+ *       timed_out = 1 as soon as the flag can never read r while this kernel runs: the paired
+ *       launch has made its store for round r and this side's view does not show it (dropped,
+ *       moved, changed, or held back until the end of a kernel that waits for this one), or it
+ *       has ended, or its process died (a robust mutex it holds while it runs says so), without
+ *       the flag showing r. A timed-out side reports elapsed_ns of at least budget_ns: the time
+ *       its GPU kernel would have waited. A paired launch that never starts (its process hung
+ *       before, as under the hang fault) is waited for without end: the host's step timeout
+ *       bounds it. A second launch of a role on an area while one runs is invalid value; the two
+ *       roles must run in two processes (one process runs one kernel at a time). Waiting
+ *       yields a few times, then sleeps on the flag word (a futex), woken by each flag store and
+ *       at the paired launch's end, and looks at the record at least every millisecond (to see
+ *       a start or a death); with this process's mutex held. An allocation holds 256
+ *       handshake records, taken again once all their launches have ended; a launch finding
+ *       none free is CUDA_ERROR_OUT_OF_MEMORY (2).
  * Grid and block sizes are validated (no zero dimension, at most 1024 threads a block) and
  * otherwise ignored. A launch whose late-visibility buffer cannot be allocated still performs
  * every store (at once) and then fails with CUDA_ERROR_OUT_OF_MEMORY (2).
