@@ -214,7 +214,8 @@ impl Simulation {
         let ledger = match self.faults.iter().any(|f| f.once) {
             true => {
                 // Zeros: no pair claimed. The simulator sizes it (MAX_GPUS squared u64s).
-                let fd = os::memfd(c"p2pcheck-sim-ledger").context("memfd_create for the ledger")?;
+                let fd =
+                    os::memfd(c"p2pcheck-sim-ledger").context("memfd_create for the ledger")?;
                 vars.push(("P2PCHECK_SIM_LEDGER", proc_path(&fd)));
                 Some(fd)
             }
@@ -360,7 +361,9 @@ mod tests {
         assert_ne!(pa, pb);
         // An in-memory file, all zeros (nothing claimed), readable by path while it lives.
         let target = std::fs::read_link(&pa).unwrap();
-        assert!(target.to_string_lossy().starts_with("/memfd:p2pcheck-sim-ledger"));
+        assert!(target
+            .to_string_lossy()
+            .starts_with("/memfd:p2pcheck-sim-ledger"));
         assert!(std::fs::read(&pa).unwrap().iter().all(|&b| b == 0));
         drop(a);
         assert!(std::fs::metadata(&pa).is_err(), "{pa} outlived its check");

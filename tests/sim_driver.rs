@@ -26,7 +26,11 @@ fn program() -> &'static (TempDir, PathBuf, PathBuf) {
             .arg(&exe)
             .output()
             .expect("cc");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let lib = dir.path().join("libsim.so");
         p2pcheck::sim::write_library(&lib).unwrap();
         (dir, exe, lib)
@@ -103,7 +107,10 @@ fn handshake(rounds: &str, budget_ns: &str, delay_ms: &str, faults: &str) -> [[u
     );
     let side = |name: &str| -> [u64; 4] {
         let line = out.lines().find_map(|l| l.strip_prefix(name)).unwrap();
-        let v: Vec<u64> = line.split_whitespace().map(|x| x.parse().unwrap()).collect();
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .map(|x| x.parse().unwrap())
+            .collect();
         [v[0], v[1], v[2], v[3]]
     };
     [side("server "), side("driver ")]

@@ -900,78 +900,6 @@ fn tier_params(opts: &Options) -> TierParams {
     }
 }
 
-#[cfg(test)]
-mod handshake_budget_tests {
-    use super::*;
-
-    fn opts(rounds: u32, step_s: f64, level: Level) -> Options {
-        Options {
-            handshake_rounds: rounds,
-            step_timeout: Duration::from_secs_f64(step_s),
-            level,
-            ..Options::default()
-        }
-    }
-
-    #[test]
-    fn the_default_budget_is_one_second_and_grows_with_the_rounds_up_to_the_share() {
-        // 16 rounds need 0.18 s: the default 1 s stands.
-        assert_eq!(tier_params(&opts(16, 5.0, Level::Handshake)).budget_ms, 1000);
-        // 500 rounds need 2.6 s, within 60 % of 5 s.
-        assert_eq!(tier_params(&opts(500, 5.0, Level::Handshake)).budget_ms, 2600);
-        // A short step timeout caps it (0.6 s), and still fits 16 rounds.
-        let short = opts(16, 1.0, Level::Handshake);
-        assert!(short.validate().is_ok());
-        assert_eq!(tier_params(&short).budget_ms, 600);
-    }
-
-    #[test]
-    fn rounds_that_cannot_fit_the_step_timeout_are_refused_with_the_timeout_that_fits() {
-        // 1000 rounds need 5.1 s: more than 60 % of 5 s.
-        let err = opts(1000, 5.0, Level::Handshake).validate().unwrap_err();
-        let text = err.to_string();
-        assert!(text.contains("1000 handshake rounds need 5.100 s"), "{text}");
-        assert!(text.contains("at least 8.500 s"), "{text}");
-        // ... and that timeout is enough.
-        assert!(opts(1000, 8.5, Level::Handshake).validate().is_ok());
-        assert_eq!(tier_params(&opts(1000, 8.5, Level::Handshake)).budget_ms, 5100);
-        // Without the handshake tier the rounds do not matter, but their range does.
-        assert!(opts(1000, 5.0, Level::Kernel).validate().is_ok());
-        for bad in [0, MAX_HANDSHAKE_ROUNDS + 1, 1_000_000] {
-            for level in [Level::Copy, Level::Handshake] {
-                assert!(opts(bad, 86_400.0, level).validate().is_err(), "{bad}");
-            }
-        }
-        // The most rounds, with a timeout that fits them: 500.1 s of budget.
-        let most = opts(MAX_HANDSHAKE_ROUNDS, 833.5, Level::Handshake);
-        assert!(most.validate().is_ok());
-        assert_eq!(tier_params(&most).budget_ms, 500_100);
-        // A step timeout too short for even one round's handshake.
-        assert!(opts(1, 0.1, Level::Handshake).validate().is_err());
-    }
-
-    #[test]
-    fn every_accepted_budget_holds_the_rounds_and_stays_within_the_share() {
-        let mut accepted = 0;
-        for rounds in [1, 3, 16, 100, 1000, 10_000, MAX_HANDSHAKE_ROUNDS] {
-            for step_ms in [1, 50, 200, 1000, 5000, 60_000, 900_000, 86_400_000] {
-                let o = Options {
-                    handshake_budget: Duration::from_millis(1),
-                    ..opts(rounds, step_ms as f64 / 1000.0, Level::Handshake)
-                };
-                if o.validate().is_err() {
-                    continue;
-                }
-                let budget = u64::from(tier_params(&o).budget_ms);
-                assert!(budget as u128 >= handshake_need(rounds).as_millis(), "{rounds} {step_ms}");
-                assert!(budget * 10 <= step_ms * 6, "{rounds} {step_ms}");
-                accepted += 1;
-            }
-        }
-        assert_eq!(accepted, 29);
-    }
-}
-
 /// The machine as the kernel driver's `/proc` files describe it (or the simulation, when
 /// simulating), read without initialising CUDA.
 pub(crate) fn machine(
@@ -1069,5 +997,92 @@ pub(crate) fn hello_count(
             limit.unwrap_or(0)
         ))),
         Ok(n) => Ok(n),
+    }
+}
+
+#[cfg(test)]
+mod handshake_budget_tests {
+    use super::*;
+
+    fn opts(rounds: u32, step_s: f64, level: Level) -> Options {
+        Options {
+            handshake_rounds: rounds,
+            step_timeout: Duration::from_secs_f64(step_s),
+            level,
+            ..Options::default()
+        }
+    }
+
+    #[test]
+    fn the_default_budget_is_one_second_and_grows_with_the_rounds_up_to_the_share() {
+        // 16 rounds need 0.18 s: the default 1 s stands.
+        assert_eq!(
+            tier_params(&opts(16, 5.0, Level::Handshake)).budget_ms,
+            1000
+        );
+        // 500 rounds need 2.6 s, within 60 % of 5 s.
+        assert_eq!(
+            tier_params(&opts(500, 5.0, Level::Handshake)).budget_ms,
+            2600
+        );
+        // A short step timeout caps it (0.6 s), and still fits 16 rounds.
+        let short = opts(16, 1.0, Level::Handshake);
+        assert!(short.validate().is_ok());
+        assert_eq!(tier_params(&short).budget_ms, 600);
+    }
+
+    #[test]
+    fn rounds_that_cannot_fit_the_step_timeout_are_refused_with_the_timeout_that_fits() {
+        // 1000 rounds need 5.1 s: more than 60 % of 5 s.
+        let err = opts(1000, 5.0, Level::Handshake).validate().unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("1000 handshake rounds need 5.100 s"),
+            "{text}"
+        );
+        assert!(text.contains("at least 8.500 s"), "{text}");
+        // ... and that timeout is enough.
+        assert!(opts(1000, 8.5, Level::Handshake).validate().is_ok());
+        assert_eq!(
+            tier_params(&opts(1000, 8.5, Level::Handshake)).budget_ms,
+            5100
+        );
+        // Without the handshake tier the rounds do not matter, but their range does.
+        assert!(opts(1000, 5.0, Level::Kernel).validate().is_ok());
+        for bad in [0, MAX_HANDSHAKE_ROUNDS + 1, 1_000_000] {
+            for level in [Level::Copy, Level::Handshake] {
+                assert!(opts(bad, 86_400.0, level).validate().is_err(), "{bad}");
+            }
+        }
+        // The most rounds, with a timeout that fits them: 500.1 s of budget.
+        let most = opts(MAX_HANDSHAKE_ROUNDS, 833.5, Level::Handshake);
+        assert!(most.validate().is_ok());
+        assert_eq!(tier_params(&most).budget_ms, 500_100);
+        // A step timeout too short for even one round's handshake.
+        assert!(opts(1, 0.1, Level::Handshake).validate().is_err());
+    }
+
+    #[test]
+    fn every_accepted_budget_holds_the_rounds_and_stays_within_the_share() {
+        let mut accepted = 0;
+        for rounds in [1, 3, 16, 100, 1000, 10_000, MAX_HANDSHAKE_ROUNDS] {
+            for step_ms in [1, 50, 200, 1000, 5000, 60_000, 900_000, 86_400_000] {
+                let o = Options {
+                    handshake_budget: Duration::from_millis(1),
+                    ..opts(rounds, step_ms as f64 / 1000.0, Level::Handshake)
+                };
+                if o.validate().is_err() {
+                    continue;
+                }
+                let budget = u64::from(tier_params(&o).budget_ms);
+                assert!(
+                    budget as u128 >= handshake_need(rounds).as_millis(),
+                    "{rounds} {step_ms}"
+                );
+                assert!(budget * 10 <= step_ms * 6, "{rounds} {step_ms}");
+                accepted += 1;
+            }
+        }
+        assert_eq!(accepted, 29);
     }
 }
