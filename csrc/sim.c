@@ -23,14 +23,20 @@
  *                          GPU-51a00000-0000-0000-0000-<k as 12 lower-case hex digits>.
  *                          Entry i of the list is local ordinal i: every API takes local
  *                          ordinals; handles and faults use physical ids.
- *   P2PCHECK_SIM_FAULTS    comma-separated items SRC->TGT:KIND, SRC and TGT PHYSICAL GPU ids < N
- *                          (whitespace around items and tokens allowed), for example
- *                          "0->1:drop-writes,2->3:hang". One pair may carry several kinds.
- *                          Invalid text (unknown kind, id >= N, bad syntax, empty item) prints
+ *   P2PCHECK_SIM_FAULTS    comma-separated items SRC->TGT:KIND[@once], SRC and TGT PHYSICAL GPU
+ *                          ids < N (whitespace around items and tokens allowed), for example
+ *                          "0->1:drop-writes,2->3:hang@once". One pair may carry several kinds.
+ *                          Invalid text (unknown kind or modifier, id >= N, bad syntax, empty
+ *                          item), or an @once fault without a usable P2PCHECK_SIM_LEDGER, prints
  *                          a message naming the bad item on stderr, and then EVERY call (except
  *                          the error-name/-string functions and p2pcheck_sim_abi) fails with
  *                          CUDA_ERROR_INVALID_VALUE / cudaErrorInvalidValue (1), so that a typo
  *                          can never pass for a clean run.
+ *   P2PCHECK_SIM_LEDGER    (needed by @once faults only) a path to a file every process of one
+ *                          check opens read-write and maps shared (grown to 32 KiB of zeros when
+ *                          shorter): p2pcheck passes a fresh memfd of its own per check, as
+ *                          /proc/<pid>/fd/<n>, so nothing is left on disk. Zeros: no pair's
+ *                          @once faults claimed yet.
  *
  * FAULTS. A fault on SRC->TGT means "TGT accessing SRC's memory": it applies to accesses made
  * by a process whose current device is (physically) TGT to memory owned by (physical) device SRC
@@ -49,7 +55,7 @@
  *                    inside cuLaunchKernel, so a kernel that only stores, or a store followed by
  *                    a later launch that loads, cannot tell; two kernels of two processes
  *                    running at the same time can: p2pc_handshake's driver never gets its flag
- *                    through in time, and both sides time out.
+ *                    through while it runs, and both sides time out (at once: see there).
  *   hang             the first access through the mapping (memset, memcpy, kernel) never
  *                    returns (a pause() loop; the process stays killable by SIGTERM/SIGKILL).
  *   crash            the first access through the mapping kills the process with SIGSEGV.
@@ -65,6 +71,16 @@
  *                    allocation's end vanish. Copy-engine writes and all loads are unaffected.
  * Without faults cudaDeviceCanAccessPeer answers 1 for two distinct valid devices and 0 for a
  * device and itself, as real CUDA does. hang and crash print one line on stderr first.
+ * @once: the fault fires in the first attempt at the pair only. The first attempt is every
+ * access of ONE process: the first that, on (physical) TGT, opens an IPC handle of SRC's memory,
+ * asks cudaDeviceCanAccessPeer about SRC, or accesses SRC's memory through a mapping; at that
+ * moment it claims all of the pair's @once faults in the ledger (an atomic compare-and-swap of
+ * the pair's entry from 0 to a random mark of its own). They then apply to all its accesses on
+ * the pair, for its whole life, and to no other process's. In p2pcheck that process is the pair's
+ * consumer worker in the check's first round (its copy-tier write opens the handle first); an
+ * attempt cut short (a worker of the pair hung or died elsewhere) counts as the first attempt
+ * too. The producer takes no part: its accesses are to its own memory, which no fault touches.
+ * The fresh workers of a retry see no @once fault; a new check (a new ledger) fires them again.
  * Several kinds on one pair compose per written byte, in this order: drop-writes (and one-way)
  * drops it; sm-only drops a kernel store; shifted moves a kernel store (+4096, or drops it past
  * the end); partial drops it when its (landing) offset is in an odd 64 KiB page; corrupt XORs
@@ -74,7 +90,23 @@
  * MEMORY MODEL. Every allocation (cudaMalloc, cuMemAlloc_v2) is its own
  * memfd_create("p2pcheck-sim") + ftruncate + mmap(MAP_SHARED); the device pointer is the host
  * address of that mapping. Nothing is named in /dev/shm, so nothing can leak when a process
- * dies, however it dies. The 64-byte IPC handle carries a magic, the owner's pid and memfd
+ * dies, however it dies. Nothing is reserved either: a page takes memory when first touched.
+ * After the memory (rounded up to pages) the memfd holds the allocation's METADATA, mapped by
+ * every process that maps the memory and guarded by a robust process-shared mutex (a process
+ * that dies holding it leaves page states whole, and the reference counts are rebuilt from
+ * them): a state per page, a table of contents, and the handshake records (p2pc_handshake).
+ * LAZY PAGES: a write that no fault alters and that covers whole pages with a memset value
+ * (cudaMemset, cuMemsetD8) or a p2pc_pattern_store pattern does not write those pages: their
+ * state names the content instead (a fill byte, or a pattern's seed, first offset, length and
+ * shift; zeros need no content), and their memory is given back (madvise MADV_REMOVE, which
+ * punches the memfd's pages, in every process mapping them). Reads (kernel loads, copies to the
+ * host) compute a lazy page's bytes; p2pc_pattern_check skips memory known to hold exactly its
+ * pattern; any other write, and a handshake's flags, first write the page's bytes out (it
+ * becomes raw). What every access sees is byte for byte what a plain buffer would hold; only
+ * the memory taken differs: a check's 2 MiB pattern areas and fills take none, so the memory of
+ * a simulated machine stays small however many GPUs it has (tests/sim_driver.rs compares it
+ * with a plain model of the bytes). A full content table (4095 entries per allocation) only
+ * means writing bytes out. The 64-byte IPC handle carries a magic, the owner's pid and memfd
  * descriptor number, the size, the owner's physical device, the memfd's inode and a checksum;
  * cudaIpcOpenMemHandle opens /proc/<pid>/fd/<fd> and maps it (so both processes must share a PID
  * namespace and uid, like real CUDA IPC needs a shared IPC namespace). A corrupt handle, or one
@@ -131,12 +163,29 @@
  *       pat(r*512 + j, seed), j < 256, release-stores flag_c = r, waits (acquire loads) for
  *       flag_p == r, then counts the bytes payload_p[j] != pat(r*512 + 256 + j, seed); the
  *       server waits for flag_c == r, counts the bytes payload_c[j] != pat(r*512 + j, seed),
- *       writes payload_p[j] = pat(r*512 + 256 + j, seed) and release-stores flag_p = r. Every
- *       wait ends at the kernel's start (CLOCK_MONOTONIC) + budget_ns: then the kernel stops
- *       with timed_out = 1. At the end, out (4 u64, 8-aligned) gets [rounds_done (rounds whose
- *       last step this side completed), payload_errors, timed_out, elapsed_ns] as plain kernel
- *       stores. Waiting yields the CPU between loads (64 times, then sleeps ~2 us
- *       between them), with this process's mutex held.
+ *       writes payload_p[j] = pat(r*512 + 256 + j, seed) and release-stores flag_p = r. At the
+ *       end, out (4 u64, 8-aligned) gets [rounds_done (rounds whose last step this side
+ *       completed), payload_errors, timed_out, elapsed_ns] as plain kernel stores.
+ *       NO CLOCK DECIDES (a GPU's kernel gives up at start + budget_ns of %globaltimer; here
+ *       CPU scheduling would then decide verdicts). Each launch of a role on an area is paired
+ *       with the other role's launch of the same rank (the k-th with the k-th), through a record
+ *       in the metadata that no fault masks: per role, launches started and ended, and the last
+ *       round whose flag store the running launch made (made: whether the fault let it land or
+ *       not). A wait ends when the flag reads r (a healthy wait ends only so), or with
+ *       timed_out = 1 as soon as the flag can never read r while this kernel runs: the paired
+ *       launch has made its store for round r and this side's view does not show it (dropped,
+ *       moved, changed, or held back until the end of a kernel that waits for this one), or it
+ *       has ended, or its process died (a robust mutex it holds while it runs says so), without
+ *       the flag showing r. A timed-out side reports elapsed_ns of at least budget_ns: the time
+ *       its GPU kernel would have waited. A paired launch that never starts (its process hung
+ *       before, as under the hang fault) is waited for without end: the host's step timeout
+ *       bounds it. A second launch of a role on an area while one runs is invalid value; the two
+ *       roles must run in two processes (one process runs one kernel at a time). Waiting
+ *       yields a few times, then sleeps on the flag word (a futex), woken by each flag store and
+ *       at the paired launch's end, and looks at the record at least every millisecond (to see
+ *       a start or a death); with this process's mutex held. An allocation holds 256
+ *       handshake records, taken again once all their launches have ended; a launch finding
+ *       none free is CUDA_ERROR_OUT_OF_MEMORY (2).
  * Grid and block sizes are validated (no zero dimension, at most 1024 threads a block) and
  * otherwise ignored. A launch whose late-visibility buffer cannot be allocated still performs
  * every store (at once) and then fails with CUDA_ERROR_OUT_OF_MEMORY (2).
@@ -145,6 +194,8 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
+#include <linux/futex.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stddef.h>
@@ -156,6 +207,7 @@
 #include <strings.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/types.h>
 #include <time.h>
 #include <unistd.h>
@@ -299,8 +351,15 @@ struct config {
     int n_visible;                        /* after CUDA_VISIBLE_DEVICES */
     int visible[MAX_GPUS];                /* local ordinal -> physical id */
     uint16_t faults[MAX_GPUS][MAX_GPUS];  /* [src][tgt] physical -> F_* bits */
+    uint16_t once[MAX_GPUS][MAX_GPUS];    /* the same, for faults marked @once */
+    uint64_t *ledger;                     /* P2PCHECK_SIM_LEDGER mapped: [src][tgt] claimant */
+    uint64_t token;                       /* this process's claimant mark (never 0) */
+    size_t page;                          /* the system's page size */
     int bad;                              /* P2PCHECK_SIM_FAULTS was invalid: fail every call */
 };
+
+/* The ledger: one u64 per ordered pair, 0 until a process claims the pair's @once faults. */
+#define LEDGER_BYTES ((size_t)MAX_GPUS * MAX_GPUS * sizeof(uint64_t))
 
 static struct config g_cfg;
 static pthread_once_t g_cfg_once = PTHREAD_ONCE_INIT;
@@ -400,15 +459,69 @@ static const char *parse_fault_item(struct config *c, const char *s, const char 
     s = skip_ws(s + 1, end);
     if (src >= c->n_phys || tgt >= c->n_phys)
         return "GPU id out of range (ids are physical and must be < P2PCHECK_SIM_GPUS)";
+    /* KIND[@once] */
+    const char *at = memchr(s, '@', (size_t)(end - s));
+    int once = 0;
+    if (at != NULL) {
+        const char *m = skip_ws(at + 1, end);
+        if ((size_t)(end - m) != 4 || strncmp(m, "once", 4) != 0)
+            return "unknown modifier after \"@\" (only @once)";
+        once = 1;
+        end = trim_end(s, at);
+    }
     size_t len = (size_t)(end - s);
     for (size_t i = 0; i < sizeof FAULT_KINDS / sizeof FAULT_KINDS[0]; i++) {
         if (strlen(FAULT_KINDS[i].name) == len && strncmp(s, FAULT_KINDS[i].name, len) == 0) {
-            c->faults[src][tgt] |= (uint16_t)FAULT_KINDS[i].bit;
+            if (once)
+                c->once[src][tgt] |= (uint16_t)FAULT_KINDS[i].bit;
+            else
+                c->faults[src][tgt] |= (uint16_t)FAULT_KINDS[i].bit;
             return NULL;
         }
     }
     return "unknown kind (ipc-open-fails, drop-writes, corrupt, sm-only, late-visibility, hang, "
            "crash, one-way, claim-no, partial, shifted)";
+}
+
+static int has_once(const struct config *c) {
+    for (int s = 0; s < c->n_phys; s++)
+        for (int t = 0; t < c->n_phys; t++)
+            if (c->once[s][t]) return 1;
+    return 0;
+}
+
+/* Maps P2PCHECK_SIM_LEDGER (grown to LEDGER_BYTES when shorter); NULL on failure, said on
+ * stderr. */
+static uint64_t *open_ledger(void) {
+    const char *path = getenv("P2PCHECK_SIM_LEDGER");
+    if (path == NULL || *path == '\0') {
+        fprintf(stderr, "p2pcheck-sim: P2PCHECK_SIM_FAULTS has @once faults but "
+                        "P2PCHECK_SIM_LEDGER names no ledger file\n");
+        return NULL;
+    }
+    int fd = open(path, O_RDWR | O_CLOEXEC);
+    struct stat st;
+    void *p = MAP_FAILED;
+    if (fd >= 0 && fstat(fd, &st) == 0 && S_ISREG(st.st_mode) &&
+        ((uint64_t)st.st_size >= LEDGER_BYTES || ftruncate(fd, (off_t)LEDGER_BYTES) == 0))
+        p = mmap(NULL, LEDGER_BYTES, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (p == MAP_FAILED)
+        fprintf(stderr, "p2pcheck-sim: P2PCHECK_SIM_LEDGER=\"%s\": %s\n", path, strerror(errno));
+    if (fd >= 0 && close(fd) != 0) fprintf(stderr, "p2pcheck-sim: close: %s\n", strerror(errno));
+    return p == MAP_FAILED ? NULL : p;
+}
+
+/* This process's claimant mark: random, so that no other process (even one given a reused
+ * pid) can pass for it. */
+static uint64_t claimant_token(void) {
+    uint64_t t = 0;
+    int fd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+        if (read(fd, &t, sizeof t) != (ssize_t)sizeof t) t = 0;
+        if (close(fd) != 0) fprintf(stderr, "p2pcheck-sim: close: %s\n", strerror(errno));
+    }
+    t ^= ((uint64_t)getpid() << 32) ^ (uint64_t)time(NULL);
+    return t ? t : 1;
 }
 
 static void parse_faults(struct config *c) {
@@ -428,16 +541,27 @@ static void parse_faults(struct config *c) {
                     (int)(item_end - s), s, v, why);
             c->bad = 1;
             memset(c->faults, 0, sizeof c->faults);
+            memset(c->once, 0, sizeof c->once);
             return;
         }
-        if (comma == NULL) return;
+        if (comma == NULL) break;
         s = comma + 1;
+    }
+    if (has_once(c)) {
+        c->token = claimant_token();
+        c->ledger = open_ledger();
+        if (c->ledger == NULL) {
+            fprintf(stderr, "p2pcheck-sim: every CUDA call will fail with invalid value\n");
+            c->bad = 1;
+        }
     }
 }
 
 static void config_load(void) {
     struct config *c = &g_cfg;
     memset(c, 0, sizeof *c);
+    long pg = sysconf(_SC_PAGESIZE);
+    c->page = pg > 0 ? (size_t)pg : 4096;
     const char *g = getenv("P2PCHECK_SIM_GPUS");
     if (g != NULL) {
         const char *end = g + strlen(g), *s = skip_ws(g, end);
@@ -463,12 +587,38 @@ static const struct config *config(void) {
     return &g_cfg;
 }
 
+/* Who holds each pair's @once faults, as far as this process knows: 0 not asked yet, 1 this
+ * process, 2 another one. */
+static unsigned char g_claims[MAX_GPUS][MAX_GPUS];
+
+/* The fault bits that apply to this process's accesses on src->tgt: the pair's faults, plus its
+ * @once faults when this process is (or, being the first to ask, now becomes) their claimant. */
+static unsigned pair_faults(int src, int tgt) {
+    const struct config *c = config();
+    unsigned bits = c->faults[src][tgt];
+    if (c->once[src][tgt] == 0) return bits;
+    unsigned char k = __atomic_load_n(&g_claims[src][tgt], __ATOMIC_ACQUIRE);
+    if (k == 0) {
+        uint64_t seen = 0;
+        int mine = __atomic_compare_exchange_n(&c->ledger[src * MAX_GPUS + tgt], &seen, c->token,
+                                               0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE) ||
+                   seen == c->token;
+        k = mine ? 1 : 2;
+        __atomic_store_n(&g_claims[src][tgt], k, __ATOMIC_RELEASE);
+    }
+    return k == 1 ? bits | c->once[src][tgt] : bits;
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* Shared state: regions, modules, contexts */
+
+struct meta;
 
 struct region {
     unsigned char *base;
     size_t size;
+    size_t map_len;    /* bytes mapped from base: the memory, then its metadata */
+    struct meta *meta; /* the allocation's shared metadata (see MEMORY above) */
     int fd;            /* memfd of an own allocation; -1 for an IPC mapping (closed once mapped) */
     int owner_phys;    /* physical device that owns the memory */
     int is_ipc;        /* opened with cudaIpcOpenMemHandle */
@@ -587,8 +737,8 @@ static int release_region(size_t i) {
     struct region r = g_regions[i];
     int rc = E_OK;
     g_regions[i] = g_regions[--g_nregions];
-    if (munmap(r.base, r.size) != 0) {
-        fprintf(stderr, "p2pcheck-sim: munmap(%p, %zu): %s\n", (void *)r.base, r.size,
+    if (munmap(r.base, r.map_len) != 0) {
+        fprintf(stderr, "p2pcheck-sim: munmap(%p, %zu): %s\n", (void *)r.base, r.map_len,
                 strerror(errno));
         rc = E_UNKNOWN;
     }
@@ -599,24 +749,308 @@ static int release_region(size_t i) {
     return rc;
 }
 
+/* The test pattern, exactly as the GPU kernels compute it. */
+static unsigned char pat(uint64_t o, uint64_t seed) {
+    uint64_t x = o + seed * 0x9E3779B97F4A7C15ull;
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdull;
+    x ^= x >> 33;
+    x *= 0xc4ceb9fe1a85ec53ull;
+    x ^= x >> 33;
+    return (unsigned char)x;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Shared metadata: lazy pages and handshake records (see MEMORY and p2pc_handshake above) */
+
+enum { MAX_CONTENTS = 4096, MAX_HS = 256 };
+enum { C_FILL = 1, C_PATTERN = 2 };
+#define META_MAGIC 0x4154454d43503250ull /* "P2PCMETA" */
+
+/* What a lazy page holds; its memfd page is a hole (or stale) and never read. An entry is in
+ * use while pages refer to it (refs > 0). */
+struct content {
+    uint32_t kind, refs;
+    uint64_t seed;   /* C_PATTERN: the seed; C_FILL: the byte */
+    uint64_t origin; /* C_PATTERN: the store's first byte, as an offset in the allocation */
+    uint64_t n, shift;
+};
+
+/* One role of the handshakes run on one area. */
+struct hs_side {
+    pthread_mutex_t alive; /* held by this role's running launch (robust: its death shows) */
+    uint32_t started;      /* launches of this role on the area so far */
+    uint32_t ended;        /* of them, those that ended or whose process died */
+    uint32_t issued;       /* the last round whose flag store the running launch has made */
+    uint32_t pad;
+};
+
+struct hs_record {
+    uint64_t area; /* the area's offset in the allocation */
+    uint32_t used, pad;
+    struct hs_side side[2]; /* [role] */
+};
+
+struct meta {
+    uint64_t magic, npages;
+    /* Entries ever taken in each table: only those are searched, so that a search touches (and
+     * makes resident) no more of the tables than is used. */
+    uint32_t contents_used, hs_used;
+    pthread_mutex_t lock; /* guards all of it; page states are also read without it */
+    struct content contents[MAX_CONTENTS]; /* entry 0 unused: state 0 means "raw" */
+    struct hs_record hs[MAX_HS];
+    /* then, from the next page on: uint16_t state[npages] */
+};
+
+static size_t page_size(void) { return config()->page; }
+
+static size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
+
+static size_t meta_head_bytes(void) { return round_up(sizeof(struct meta), page_size()); }
+
+/* Bytes mapped for an allocation of n bytes (the memory rounded to pages, then the metadata);
+ * 0 when that does not fit in an off_t. */
+static size_t mapped_bytes(size_t n) {
+    size_t pg = page_size();
+    if (n > (size_t)INT64_MAX / 2) return 0;
+    size_t data = round_up(n, pg);
+    return data + meta_head_bytes() + round_up(data / pg * sizeof(uint16_t), pg);
+}
+
+static uint16_t *page_states(const struct region *r) {
+    return (uint16_t *)(void *)((unsigned char *)r->meta + meta_head_bytes());
+}
+
+static int robust_mutex_init(pthread_mutex_t *m) {
+    pthread_mutexattr_t a;
+    int rc = pthread_mutexattr_init(&a);
+    if (rc == 0) rc = pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED);
+    if (rc == 0) rc = pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST);
+    if (rc == 0) rc = pthread_mutex_init(m, &a);
+    pthread_mutexattr_destroy(&a);
+    return rc;
+}
+
+/* A process died holding the lock, maybe half way through an update: page states are always
+ * whole (one atomic store each), so the reference counts are rebuilt from them. */
+static void meta_recount(struct region *r) {
+    struct meta *m = r->meta;
+    uint16_t *st = page_states(r);
+    for (size_t i = 0; i < m->contents_used; i++) m->contents[i].refs = 0;
+    for (uint64_t i = 0; i < m->npages; i++) {
+        uint16_t s = __atomic_load_n(&st[i], __ATOMIC_RELAXED);
+        if (s == 0) continue;
+        if (s >= m->contents_used) m->contents_used = s + 1u;
+        m->contents[s].refs++;
+    }
+}
+
+static void meta_lock(struct region *r) {
+    int rc = pthread_mutex_lock(&r->meta->lock);
+    if (rc == EOWNERDEAD) {
+        meta_recount(r);
+        rc = pthread_mutex_consistent(&r->meta->lock);
+    }
+    if (rc != 0) die("pthread_mutex_lock (shared)", rc);
+}
+
+static void meta_unlock(struct region *r) {
+    int rc = pthread_mutex_unlock(&r->meta->lock);
+    if (rc != 0) die("pthread_mutex_unlock (shared)", rc);
+}
+
+/* The bytes [x, x+len) of content c (x an offset in the allocation). */
+static void content_bytes(const struct content *c, size_t x, unsigned char *dst, size_t len) {
+    if (c->kind == C_FILL) {
+        memset(dst, (unsigned char)c->seed, len);
+        return;
+    }
+    for (size_t k = 0; k < len; k++)
+        dst[k] = pat((x + k - c->origin + c->n - c->shift) % c->n, c->seed);
+}
+
+/* Whether any page of [off, off+n) (n > 0) is lazy (a racy look, then taken under the lock). */
+static int any_lazy(const struct region *r, size_t off, size_t n) {
+    const uint16_t *st = page_states(r);
+    size_t pg = page_size();
+    for (size_t i = off / pg; i <= (off + n - 1) / pg; i++)
+        if (__atomic_load_n(&st[i], __ATOMIC_ACQUIRE) != 0) return 1;
+    return 0;
+}
+
+/* Makes every page of [off, off+n) raw: a lazy page gets its bytes written out. Before any
+ * write of raw bytes, and before a wait that reads them. */
+static void make_raw(struct region *r, size_t off, size_t n) {
+    if (n == 0 || !any_lazy(r, off, n)) return;
+    size_t pg = page_size();
+    uint16_t *st = page_states(r);
+    meta_lock(r);
+    for (size_t i = off / pg; i <= (off + n - 1) / pg; i++) {
+        uint16_t s = st[i];
+        if (s == 0) continue;
+        content_bytes(&r->meta->contents[s], i * pg, r->base + i * pg, pg);
+        __atomic_store_n(&st[i], 0, __ATOMIC_RELEASE);
+        r->meta->contents[s].refs--;
+    }
+    meta_unlock(r);
+}
+
+/* Reads [off, off+n) of r into dst, lazy pages from their content (nothing is made raw). */
+static void read_bytes(struct region *r, size_t off, unsigned char *dst, size_t n) {
+    if (n == 0) return;
+    if (!any_lazy(r, off, n)) {
+        memcpy(dst, r->base + off, n);
+        return;
+    }
+    size_t pg = page_size();
+    const uint16_t *st = page_states(r);
+    meta_lock(r);
+    for (size_t at = off; at < off + n;) {
+        size_t len = pg - at % pg;
+        if (len > off + n - at) len = off + n - at;
+        uint16_t s = st[at / pg];
+        if (s == 0)
+            memcpy(dst + (at - off), r->base + at, len);
+        else
+            content_bytes(&r->meta->contents[s], at, dst + (at - off), len);
+        at += len;
+    }
+    meta_unlock(r);
+}
+
+/* Whether every byte o of [off, off+n) holds pat(o - origin, seed) because its page is lazy
+ * with exactly that pattern (a cheap, exact test; 0 says only "not known that way"). */
+static int holds_pattern(struct region *r, size_t off, size_t n, uint64_t seed, size_t origin) {
+    if (n == 0) return 1;
+    size_t pg = page_size();
+    const uint16_t *st = page_states(r);
+    int all = 1;
+    meta_lock(r);
+    for (size_t i = off / pg; all && i <= (off + n - 1) / pg; i++) {
+        const struct content *c = &r->meta->contents[st[i]];
+        all = st[i] != 0 && c->kind == C_PATTERN && c->seed == seed && c->origin == origin &&
+              c->shift == 0;
+    }
+    meta_unlock(r);
+    return all;
+}
+
+/* The content table's entry for c: an equal entry in use, else a free one filled with c; 0
+ * when the table is full (meta lock held). */
+static uint16_t content_entry(struct meta *m, const struct content *c) {
+    uint16_t free_one = 0;
+    for (uint16_t i = 1; i < m->contents_used; i++) {
+        struct content *e = &m->contents[i];
+        if (e->refs == 0) {
+            if (free_one == 0) free_one = i;
+        } else if (e->kind == c->kind && e->seed == c->seed && e->origin == c->origin &&
+                   e->n == c->n && e->shift == c->shift) {
+            return i;
+        }
+    }
+    if (free_one == 0 && m->contents_used < MAX_CONTENTS)
+        free_one = (uint16_t)(m->contents_used == 0 ? 1 : m->contents_used);
+    if (free_one != 0) {
+        m->contents[free_one] = *c;
+        m->contents[free_one].refs = 0;
+        if (free_one >= m->contents_used) m->contents_used = free_one + 1u;
+    }
+    return free_one;
+}
+
+/* A write of content c (NULL: zeros) over [off, off+n) that no fault alters: the whole pages
+ * inside it become lazy and their memory is given back (MADV_REMOVE; a hole reads as zeros).
+ * Returns the part left for raw writes, [off, *a) and [*b, off+n), or 0 when nothing was done
+ * (no whole page, or a full content table): then all of it is. */
+static int write_lazy(struct region *r, size_t off, size_t n, const struct content *c, size_t *a,
+                      size_t *b) {
+    size_t pg = page_size();
+    *a = round_up(off, pg);
+    *b = (off + n) / pg * pg;
+    if (*a >= *b) return 0;
+    uint16_t *st = page_states(r);
+    meta_lock(r);
+    uint16_t e = c == NULL ? 0 : content_entry(r->meta, c);
+    if (c != NULL && e == 0) {
+        meta_unlock(r);
+        return 0;
+    }
+    /* Inside the lock: a page made raw meanwhile must not lose its bytes afterwards. When the
+     * kernel cannot remove them, the old bytes stay resident but unread. */
+    (void)madvise(r->base + *a, *b - *a, MADV_REMOVE);
+    for (size_t i = *a / pg; i < *b / pg; i++) {
+        uint16_t old = st[i];
+        if (old != 0) r->meta->contents[old].refs--;
+        if (e != 0) r->meta->contents[e].refs++;
+        __atomic_store_n(&st[i], e, __ATOMIC_RELEASE);
+    }
+    meta_unlock(r);
+    return 1;
+}
+
+/* The handshake record of the area at offset area (meta lock held): found, or taken (a free
+ * one, else one whose launches have all ended); NULL when every one is busy. */
+static struct hs_record *hs_record(struct region *r, uint64_t area) {
+    struct hs_record *spare = NULL;
+    for (size_t i = 0; i < r->meta->hs_used; i++) {
+        struct hs_record *h = &r->meta->hs[i];
+        if (h->used && h->area == area) return h;
+        int idle = !h->used || (h->side[0].started == h->side[0].ended &&
+                                h->side[1].started == h->side[1].ended);
+        if (spare == NULL && idle) spare = h;
+    }
+    if (spare == NULL && r->meta->hs_used < MAX_HS) spare = &r->meta->hs[r->meta->hs_used++];
+    if (spare == NULL) return NULL;
+    if (!spare->used) {
+        for (int k = 0; k < 2; k++)
+            if (robust_mutex_init(&spare->side[k].alive) != 0) return NULL;
+        spare->used = 1;
+    }
+    spare->area = area;
+    for (int k = 0; k < 2; k++) {
+        spare->side[k].started = spare->side[k].ended = spare->side[k].issued = 0;
+    }
+    return spare;
+}
+
+/* Whether side s's running launch is alive (meta lock held): its process holds the side's
+ * robust mutex while it runs; a dead holder's launch counts as ended. */
+static int hs_alive(struct hs_side *s) {
+    int rc = pthread_mutex_trylock(&s->alive);
+    if (rc == EBUSY) return 1;
+    if (rc == EOWNERDEAD) {
+        s->ended = s->started;
+        if (pthread_mutex_consistent(&s->alive) != 0) die("pthread_mutex_consistent", rc);
+    } else if (rc != 0) {
+        die("pthread_mutex_trylock", rc);
+    }
+    if ((rc = pthread_mutex_unlock(&s->alive)) != 0) die("pthread_mutex_unlock", rc);
+    return s->started > s->ended;
+}
+
 /* A fresh allocation of n > 0 bytes on the current device (lock held). */
 static int allocate(size_t n, uintptr_t *out) {
-    if (n > (size_t)INT64_MAX) return E_OUT_OF_MEMORY;
+    size_t total = mapped_bytes(n);
+    if (total == 0) return E_OUT_OF_MEMORY;
     /* memfd: anonymous, so nothing named can outlive the process; shareable via /proc. */
     int fd = memfd_create("p2pcheck-sim", MFD_CLOEXEC);
     if (fd < 0) return E_OUT_OF_MEMORY;
     struct stat st;
     void *p = MAP_FAILED;
     int rc = E_OUT_OF_MEMORY;
-    /* fallocate reserves the pages now: running out later would be a SIGBUS, not an error
-     * code. Kernels without it for memfds only lose that early warning. */
-    if (ftruncate(fd, (off_t)n) == 0 &&
-        (fallocate(fd, 0, 0, (off_t)n) == 0 || errno == EOPNOTSUPP || errno == ENOSYS) &&
-        fstat(fd, &st) == 0 &&
-        (p = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)) != MAP_FAILED) {
+    /* Nothing is reserved: a page takes memory when first touched, and lazy pages give theirs
+     * back. memfds live on the kernel's internal shmem mount, which has no size limit, so a
+     * late page can fail only for want of memory, which is the OOM killer's either way. */
+    if (ftruncate(fd, (off_t)total) == 0 && fstat(fd, &st) == 0 &&
+        (p = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)) != MAP_FAILED) {
+        struct meta *m = (struct meta *)(void *)((unsigned char *)p + round_up(n, page_size()));
+        m->magic = META_MAGIC;
+        m->npages = round_up(n, page_size()) / page_size();
         struct region r = {
             .base = p,
             .size = n,
+            .map_len = total,
+            .meta = m,
             .fd = fd,
             .owner_phys = current_phys(),
             .is_ipc = 0,
@@ -624,13 +1058,13 @@ static int allocate(size_t n, uintptr_t *out) {
             .ino = (uint64_t)st.st_ino,
             .dev = (uint64_t)st.st_dev,
         };
-        rc = add_region(&r);
+        if (robust_mutex_init(&m->lock) == 0) rc = add_region(&r);
     }
     if (rc == E_OK) {
         *out = (uintptr_t)p;
         return E_OK;
     }
-    if (p != MAP_FAILED && munmap(p, n) != 0)
+    if (p != MAP_FAILED && munmap(p, total) != 0)
         fprintf(stderr, "p2pcheck-sim: munmap: %s\n", strerror(errno));
     if (close(fd) != 0) fprintf(stderr, "p2pcheck-sim: close: %s\n", strerror(errno));
     return rc;
@@ -649,7 +1083,7 @@ static int free_allocation(uintptr_t p) {
 /* Fault bits for an access to r by this thread: only IPC mappings are ever faulted. */
 static unsigned fault_mask(const struct region *r) {
     if (r == NULL || !r->is_ipc) return 0;
-    return config()->faults[r->owner_phys][current_phys()];
+    return pair_faults(r->owner_phys, current_phys());
 }
 
 static void say_fault(const char *kind, const struct region *r) {
@@ -691,6 +1125,7 @@ static void trigger(const struct region *r, unsigned mask) {
 static void land(struct region *r, size_t off, const unsigned char *src, unsigned char fill,
                  size_t n, unsigned mask, int release) {
     unsigned char *dst = r->base + off;
+    make_raw(r, off, n);
     if (release && src != NULL && n == sizeof(uint32_t) && off % sizeof(uint32_t) == 0) {
         unsigned char b[sizeof(uint32_t)];
         memcpy(b, src, sizeof b);
@@ -740,11 +1175,19 @@ static void write_bytes(struct region *r, size_t off, const void *src, unsigned 
 }
 
 /* Kernel loads of n bytes at offset off of r into dst. */
-static void kernel_load(const struct region *r, size_t off, void *dst, size_t n, unsigned mask) {
+static void kernel_load(struct region *r, size_t off, void *dst, size_t n, unsigned mask) {
     if (mask & F_SM_ONLY)
         memset(dst, 0xEE, n);
     else
-        memcpy(dst, r->base + off, n);
+        read_bytes(r, off, dst, n);
+}
+
+/* Whether a write lands as written (no fault drops, moves, delays or changes any byte of it):
+ * then its whole pages can be lazy. by_kernel: an SM store, else copy engine. */
+static int lands_as_written(unsigned mask, int by_kernel) {
+    unsigned alter = F_DROP_WRITES | F_CORRUPT | F_PARTIAL;
+    if (by_kernel) alter |= F_SM_ONLY | F_SHIFTED | F_LATE;
+    return (mask & alter) == 0;
 }
 
 /* Driver-engine memset of [p, p+n) (lock held). */
@@ -754,7 +1197,14 @@ static int sim_memset(uintptr_t p, unsigned char value, size_t n) {
     if (r == NULL) return E_INVALID_VALUE;
     unsigned mask = fault_mask(r);
     trigger(r, mask);
-    write_bytes(r, p - (uintptr_t)r->base, NULL, value, n, mask, 0, 0);
+    size_t off = p - (uintptr_t)r->base, a, b;
+    struct content fill = {.kind = C_FILL, .seed = value};
+    if (lands_as_written(mask, 0) && write_lazy(r, off, n, value ? &fill : NULL, &a, &b)) {
+        write_bytes(r, off, NULL, value, a - off, mask, 0, 0);
+        write_bytes(r, b, NULL, value, off + n - b, mask, 0, 0);
+    } else {
+        write_bytes(r, off, NULL, value, n, mask, 0, 0);
+    }
     return E_OK;
 }
 
@@ -773,11 +1223,16 @@ static int sim_copy(uintptr_t dst, uintptr_t src, size_t n, int kind) {
     unsigned ms = fault_mask(rs), md = fault_mask(rd);
     trigger(rs, ms);
     trigger(rd, md);
-    /* Copy-engine reads through a mapping are never altered by the faults. */
-    if (rd != NULL)
+    /* Copy-engine reads through a mapping are never altered by the faults. Into device memory
+     * the bytes are copied from the source's own (made raw), so overlaps behave as memmove. */
+    if (rd != NULL) {
+        if (rs != NULL) make_raw(rs, src - (uintptr_t)rs->base, n);
         write_bytes(rd, dst - (uintptr_t)rd->base, (const void *)src, 0, n, md, 0, 0);
-    else
+    } else if (rs != NULL) {
+        read_bytes(rs, src - (uintptr_t)rs->base, (unsigned char *)dst, n);
+    } else {
         memmove((void *)dst, (const void *)src, n);
+    }
     return E_OK;
 }
 
@@ -880,23 +1335,27 @@ static size_t region_off(const struct region *r, uint64_t p) {
     return (size_t)((uintptr_t)p - (uintptr_t)r->base);
 }
 
-/* The test pattern, exactly as the GPU kernels compute it. */
-static unsigned char pat(uint64_t o, uint64_t seed) {
-    uint64_t x = o + seed * 0x9E3779B97F4A7C15ull;
-    x ^= x >> 33;
-    x *= 0xff51afd7ed558ccdull;
-    x ^= x >> 33;
-    x *= 0xc4ceb9fe1a85ec53ull;
-    x ^= x >> 33;
-    return (unsigned char)x;
-}
-
 static int valid_width(uint32_t width) {
     return width == 1 || width == 4 || width == 8 || width == 16;
 }
 
 /* Bytes a pattern kernel handles at a time (the store buffer lives on the stack). */
 #define PATTERN_CHUNK ((size_t)16384)
+
+/* The stores of bytes q in [from, to) of p2pc_pattern_store over [off, off+n) of r. */
+static void store_pattern(struct launch *l, struct region *r, size_t off, uint64_t n, uint64_t seed,
+                          uint64_t shift, uint64_t from, uint64_t to, unsigned mask) {
+    unsigned char buf[PATTERN_CHUNK];
+    for (uint64_t q = from; q < to;) {
+        size_t len = to - q < PATTERN_CHUNK ? (size_t)(to - q) : PATTERN_CHUNK;
+        for (size_t k = 0; k < len; k++) {
+            uint64_t at = q + k;
+            buf[k] = pat(at >= shift ? at - shift : at + n - shift, seed);
+        }
+        kernel_store(l, r, off + (size_t)q, buf, 0, len, mask);
+        q += len;
+    }
+}
 
 static int run_pattern_store(void **params) {
     uint64_t p, n, seed, shift;
@@ -915,16 +1374,13 @@ static int run_pattern_store(void **params) {
     /* Words never wrap (n, shift and every word's o are multiples of width), so byte q of
      * [p, p+n) gets pat(o, seed) with o = (q - shift) mod n, whatever the width. */
     struct launch l = LAUNCH_INIT;
-    unsigned char buf[PATTERN_CHUNK];
-    size_t off = region_off(r, p);
-    for (uint64_t q = 0; q < n;) {
-        size_t len = n - q < PATTERN_CHUNK ? (size_t)(n - q) : PATTERN_CHUNK;
-        for (size_t k = 0; k < len; k++) {
-            uint64_t at = q + k;
-            buf[k] = pat(at >= shift ? at - shift : at + n - shift, seed);
-        }
-        kernel_store(&l, r, off + (size_t)q, buf, 0, len, mask);
-        q += len;
+    size_t off = region_off(r, p), a, b;
+    struct content c = {.kind = C_PATTERN, .seed = seed, .origin = off, .n = n, .shift = shift};
+    if (lands_as_written(mask, 1) && write_lazy(r, off, (size_t)n, &c, &a, &b)) {
+        store_pattern(&l, r, off, n, seed, shift, 0, a - off, mask);
+        store_pattern(&l, r, off, n, seed, shift, b - off, n, mask);
+    } else if (!(mask & F_DROP_WRITES) && !(mask & F_SM_ONLY)) { /* else every store vanishes */
+        store_pattern(&l, r, off, n, seed, shift, 0, n, mask);
     }
     return kernel_end(&l);
 }
@@ -949,8 +1405,15 @@ static int run_pattern_check(void **params) {
     if (r != NULL) {
         unsigned char buf[PATTERN_CHUNK];
         size_t off = region_off(r, p);
-        for (uint64_t o = 0; o < n;) {
+        /* Memory known to hold exactly the expected pattern needs no byte by byte look: all of
+         * it at once, else chunk by chunk. */
+        int known = !(mask & F_SM_ONLY) && holds_pattern(r, off, (size_t)n, seed, off);
+        for (uint64_t o = 0; !known && o < n;) {
             size_t len = n - o < PATTERN_CHUNK ? (size_t)(n - o) : PATTERN_CHUNK;
+            if (!(mask & F_SM_ONLY) && holds_pattern(r, off + (size_t)o, len, seed, off)) {
+                o += len;
+                continue;
+            }
             kernel_load(r, off + (size_t)o, buf, len, mask);
             for (size_t k = 0; k < len; k++) {
                 if (buf[k] == pat(o + k, seed)) continue;
@@ -993,24 +1456,118 @@ static uint64_t now_ns(void) {
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
-/* Waits until the u32 flag at offset off of r reads `want` (acquire loads); 0 on the
- * deadline. sm-only: the kernel loads 0xEE bytes and never sees it. */
-static int wait_flag(const struct region *r, size_t off, uint32_t want, unsigned mask,
-                     uint64_t deadline) {
-    for (unsigned spins = 0;; spins++) {
-        uint32_t v = 0xEEEEEEEEu;
-        if (!(mask & F_SM_ONLY))
-            v = __atomic_load_n((const uint32_t *)(const void *)(r->base + off), __ATOMIC_ACQUIRE);
-        if (v == want) return 1;
-        if (now_ns() >= deadline) return 0;
-        /* First yield (quick when the other side runs on another CPU, and gives it this one
-         * when they share it), then sleep: a long wait must not burn a CPU. */
-        if (spins < 64) {
+/* A handshake launch running in this thread: its record, its role, and which launch of that
+ * role on the area it is (the k-th of each role make a pair). */
+struct hs_run {
+    struct region *r;
+    struct hs_record *h;
+    int me;
+    uint32_t k;
+};
+
+/* Starts launch x of role `me` on the area at offset area of r: holds the role's alive mutex
+ * until hs_end. Another launch of the same role running on the area is invalid value. */
+static int hs_begin(struct hs_run *x, struct region *r, uint64_t area, int me) {
+    meta_lock(r);
+    struct hs_record *h = hs_record(r, area);
+    if (h == NULL) {
+        meta_unlock(r);
+        return E_OUT_OF_MEMORY;
+    }
+    struct hs_side *s = &h->side[me];
+    /* Under the meta lock nobody else only looks at the mutex (hs_alive runs under it too):
+     * busy means a running launch of this role holds it. */
+    int rc = pthread_mutex_trylock(&s->alive);
+    if (rc == EOWNERDEAD) {
+        s->ended = s->started;
+        rc = pthread_mutex_consistent(&s->alive);
+        if (rc != 0) die("pthread_mutex_consistent", rc);
+    } else if (rc == EBUSY) {
+        meta_unlock(r);
+        return E_INVALID_VALUE;
+    } else if (rc != 0) {
+        die("pthread_mutex_trylock", rc);
+    }
+    *x = (struct hs_run){.r = r, .h = h, .me = me, .k = ++s->started};
+    s->issued = 0;
+    meta_unlock(r);
+    return E_OK;
+}
+
+/* The u32 flag at offset off of r, as memory (also a futex: waiters sleep on it). */
+static uint32_t *flag_word(const struct region *r, size_t off) {
+    return (uint32_t *)(void *)(r->base + off);
+}
+
+/* Wakes whoever sleeps on a flag word (in any process: the memory is shared). */
+static void flag_wake(uint32_t *word) {
+    (void)syscall(SYS_futex, word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+
+/* Records that launch x has made its flag store for round `round` (after the store: whoever
+ * reads this with acquire sees the flag too, if it landed), and wakes the other side. */
+static void hs_issued(struct hs_run *x, size_t flag_off, uint32_t round) {
+    __atomic_store_n(&x->h->side[x->me].issued, round, __ATOMIC_RELEASE);
+    flag_wake(flag_word(x->r, flag_off));
+}
+
+/* Ends launch x (after its held-back stores landed) and wakes the other side. */
+static void hs_end(struct hs_run *x) {
+    meta_lock(x->r);
+    x->h->side[x->me].ended = x->k;
+    meta_unlock(x->r);
+    int rc = pthread_mutex_unlock(&x->h->side[x->me].alive);
+    if (rc != 0) die("pthread_mutex_unlock", rc);
+    flag_wake(flag_word(x->r, x->h->area + HS_FLAG_C));
+    flag_wake(flag_word(x->r, x->h->area + HS_FLAG_P));
+}
+
+/* Whether the other side can still make this side's view of a flag read `want`: not when its
+ * paired launch has ended or died, nor once it has made that flag store (the value shows at
+ * once, or never in this launch: dropped, moved, changed, or held back until the end of a
+ * kernel that waits for this one). Decided from what the other side did, never by a clock. */
+static int hs_may_still_come(struct hs_run *x, uint32_t want) {
+    meta_lock(x->r);
+    struct hs_side *o = &x->h->side[1 - x->me];
+    int may;
+    if (o->started < x->k)
+        may = 1; /* not started yet */
+    else if (o->started > x->k || o->ended >= x->k)
+        may = 0;
+    else if (__atomic_load_n(&o->issued, __ATOMIC_ACQUIRE) >= want)
+        may = 0;
+    else
+        may = hs_alive(o);
+    meta_unlock(x->r);
+    return may;
+}
+
+/* What a kernel's acquire load of a flag word reads: sm-only loads read 0xEE bytes. */
+static uint32_t seen_flag(uint32_t word, unsigned mask) {
+    return mask & F_SM_ONLY ? 0xEEEEEEEEu : word;
+}
+
+/* Waits until the flag at offset off reads `want`; 0 when it never can. No deadline of its
+ * own: the other side's progress or end decides, and the host's step timeout bounds a side
+ * that never starts (the hang fault). */
+static int wait_flag(struct hs_run *x, size_t off, uint32_t want, unsigned mask) {
+    uint32_t *word = flag_word(x->r, off);
+    for (unsigned looks = 0;; looks++) {
+        uint32_t raw = __atomic_load_n(word, __ATOMIC_ACQUIRE);
+        if (seen_flag(raw, mask) == want) return 1;
+        /* A few yields first: quick when the other side runs on another CPU, and they give it
+         * this one when they share it. */
+        if (looks < 16) {
             sched_yield();
-        } else {
-            struct timespec pause_for = {.tv_sec = 0, .tv_nsec = 2000};
-            nanosleep(&pause_for, NULL); /* EINTR: just look again */
+            continue;
         }
+        if (!hs_may_still_come(x, want))
+            return seen_flag(__atomic_load_n(word, __ATOMIC_ACQUIRE), mask) == want;
+        /* Then sleep until the word changes or the other side wakes it (at each flag store
+         * and at its end), or for 1 ms, to look again whether it started or died. Neither the
+         * wake nor the 1 ms decides anything: hs_may_still_come does. */
+        struct timespec nap = {.tv_sec = 0, .tv_nsec = 1000000};
+        (void)syscall(SYS_futex, word, FUTEX_WAIT, raw, &nap, NULL, 0);
     }
 }
 
@@ -1031,9 +1588,12 @@ static int run_handshake(void **params) {
     trigger(ra, ma);
     trigger(ro, mo);
     uint64_t start = now_ns();
-    uint64_t deadline = budget > UINT64_MAX - start ? UINT64_MAX : start + budget;
     int driver = role == 1;
     size_t base = region_off(ra, area);
+    struct hs_run x;
+    int rc = hs_begin(&x, ra, base, (int)role);
+    if (rc != E_OK) return rc;
+    make_raw(ra, base, HS_AREA); /* the flags are waited on with atomic loads of their bytes */
     /* Mine: what this side writes; theirs: what it waits for and checks. */
     size_t my_flag = base + (driver ? HS_FLAG_C : HS_FLAG_P);
     size_t their_flag = base + (driver ? HS_FLAG_P : HS_FLAG_C);
@@ -1049,8 +1609,9 @@ static int run_handshake(void **params) {
             for (size_t j = 0; j < HS_PAYLOAD; j++) buf[j] = pat(at + my_pat + j, seed);
             kernel_store(&l, ra, my_payload, buf, 0, HS_PAYLOAD, ma);
             kernel_store_ex(&l, ra, my_flag, &r, 0, sizeof r, ma, 1);
+            hs_issued(&x, my_flag, r);
         }
-        if (!wait_flag(ra, their_flag, r, ma, deadline)) {
+        if (!wait_flag(&x, their_flag, r, ma)) {
             timed_out = 1;
             break;
         }
@@ -1060,12 +1621,19 @@ static int run_handshake(void **params) {
             for (size_t j = 0; j < HS_PAYLOAD; j++) buf[j] = pat(at + my_pat + j, seed);
             kernel_store(&l, ra, my_payload, buf, 0, HS_PAYLOAD, ma);
             kernel_store_ex(&l, ra, my_flag, &r, 0, sizeof r, ma, 1);
+            hs_issued(&x, my_flag, r);
         }
         done++;
     }
-    uint64_t result[4] = {done, errors, timed_out, now_ns() - start};
+    /* A GPU's wait that can never end lasts until its deadline: the simulator knows at once,
+     * and reports the budget as the time waited, as the GPU's kernel would. */
+    uint64_t elapsed = now_ns() - start;
+    if (timed_out && elapsed < budget) elapsed = budget;
+    uint64_t result[4] = {done, errors, timed_out, elapsed};
     kernel_store(&l, ro, region_off(ro, out), result, 0, sizeof result, mo);
-    return kernel_end(&l);
+    rc = kernel_end(&l);
+    hs_end(&x);
+    return rc;
 }
 
 /* The architecture of every simulated GPU (an H200's sm_90). */
@@ -1463,7 +2031,7 @@ SIM_EXPORT int cudaDeviceCanAccessPeer(int *canAccessPeer, int device, int peerD
         return E_INVALID_DEVICE;
     /* "Can device access peerDevice's memory": the pair peer->device. */
     int src = c->visible[peerDevice], tgt = c->visible[device];
-    *canAccessPeer = device != peerDevice && !(c->faults[src][tgt] & F_CLAIM_NO);
+    *canAccessPeer = device != peerDevice && !(pair_faults(src, tgt) & F_CLAIM_NO);
     return E_OK;
 }
 
@@ -1499,7 +2067,7 @@ SIM_EXPORT int cudaIpcOpenMemHandle(void **devPtr, cudaIpcMemHandle_t handle,
         h.owner_phys < 0 || h.owner_phys >= c->n_phys || h.size == 0 || h.size > SIZE_MAX ||
         h.pid <= 0 || h.fd < 0)
         return unlock_return(E_INVALID_HANDLE);
-    if (c->faults[h.owner_phys][current_phys()] & F_IPC_OPEN_FAILS)
+    if (pair_faults(h.owner_phys, current_phys()) & F_IPC_OPEN_FAILS)
         return unlock_return(E_MAP_FAILED);
     char path[64];
     snprintf(path, sizeof path, "/proc/%d/fd/%d", (int)h.pid, (int)h.fd);
@@ -1507,14 +2075,25 @@ SIM_EXPORT int cudaIpcOpenMemHandle(void **devPtr, cudaIpcMemHandle_t handle,
     if (fd < 0) return unlock_return(E_MAP_FAILED);
     struct stat st;
     void *p = MAP_FAILED;
+    size_t total = mapped_bytes((size_t)h.size);
+    struct meta *m = NULL;
     if (fstat(fd, &st) != 0) {
         rc = E_MAP_FAILED;
-    } else if ((uint64_t)st.st_ino != h.ino || (uint64_t)st.st_dev != h.dev ||
-               (uint64_t)st.st_size < h.size) {
+    } else if ((uint64_t)st.st_ino != h.ino || (uint64_t)st.st_dev != h.dev || total == 0 ||
+               (uint64_t)st.st_size < total) {
         rc = E_INVALID_HANDLE; /* the descriptor now names another file: a stale handle */
     } else {
-        p = mmap(NULL, (size_t)h.size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        p = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
         rc = p == MAP_FAILED ? E_MAP_FAILED : E_OK;
+    }
+    if (rc == E_OK) {
+        m = (struct meta *)(void *)((unsigned char *)p + round_up((size_t)h.size, page_size()));
+        if (m->magic != META_MAGIC ||
+            m->npages != round_up((size_t)h.size, page_size()) / page_size()) {
+            rc = E_INVALID_HANDLE;
+            if (munmap(p, total) != 0)
+                fprintf(stderr, "p2pcheck-sim: munmap: %s\n", strerror(errno));
+        }
     }
     /* The mapping keeps the memory alive; the descriptor is not needed any more. */
     if (close(fd) != 0) fprintf(stderr, "p2pcheck-sim: close: %s\n", strerror(errno));
@@ -1522,6 +2101,8 @@ SIM_EXPORT int cudaIpcOpenMemHandle(void **devPtr, cudaIpcMemHandle_t handle,
         struct region r = {
             .base = p,
             .size = (size_t)h.size,
+            .map_len = total,
+            .meta = m,
             .fd = -1,
             .owner_phys = h.owner_phys,
             .is_ipc = 1,
@@ -1530,7 +2111,7 @@ SIM_EXPORT int cudaIpcOpenMemHandle(void **devPtr, cudaIpcMemHandle_t handle,
             .dev = h.dev,
         };
         rc = add_region(&r);
-        if (rc != E_OK && munmap(p, (size_t)h.size) != 0)
+        if (rc != E_OK && munmap(p, total) != 0)
             fprintf(stderr, "p2pcheck-sim: munmap: %s\n", strerror(errno));
     }
     if (rc == E_OK) *devPtr = p;

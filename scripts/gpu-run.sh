@@ -140,6 +140,70 @@ if want 7; then
   say "SM stores through the mapping (GB/s, 16-byte stores, 256 MiB each, per pair):"
   sort "$OUT/bandwidth.txt" | tee -a "$SUMMARY"
 fi
+# 9. Trust under stress (issue 15): with a busy torch kernel on every GPU, the verdicts equal
+# those without load (5 checks, both engines); nothing reaches vLLM's cache from a run whose
+# workers were killed (every worker SIGKILLed as it appears), nor from a CLI killed mid-run.
+if want 9; then
+  verdicts() { python3 -c "import json,sys; d=json.load(sys.stdin); print(' '.join(f\"{p['src']}->{p['tgt']}:{p['verdict']}\" for p in d['pairs']))" 2>/dev/null; }
+  base=$("$P2P" --json 2>>"$OUT/load.log" | verdicts)
+  base_vllm=$("$P2P" --json --engine vllm 2>>"$OUT/load.log" | verdicts)
+  say "no load: [$base] vllm engine [$base_vllm]"
+  python3 - "$N" >"$OUT/load-torch.log" 2>&1 <<'PY' &
+import sys, time, torch
+n = int(sys.argv[1]); end = time.time() + 120
+xs = [torch.randn(8192, 8192, device=f"cuda:{i}", dtype=torch.bfloat16) for i in range(n)]
+print("load started", flush=True)
+while time.time() < end:
+    for x in xs:
+        for _ in range(8):
+            x @ x
+    for i in range(n):
+        torch.cuda.synchronize(i)
+PY
+  LOAD=$!
+  for _ in $(seq 1 60); do grep -q "load started" "$OUT/load-torch.log" && break; sleep 0.5; done
+  sleep 2
+  say "GPU utilisation under load: $(nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader | tr '\n' ' ')"
+  same=0; total=0
+  for r in 1 2 3 4 5; do
+    for engine in default vllm; do
+      flag=(); [ $engine = vllm ] && flag=(--engine vllm)
+      line=$("$P2P" --json "${flag[@]}" 2>>"$OUT/load.log")
+      echo "$line" >>"$OUT/load-json.log"
+      got=$(echo "$line" | verdicts)
+      want=$base; [ $engine = vllm ] && want=$base_vllm
+      total=$((total + 1)); [ "$got" = "$want" ] && same=$((same + 1))
+      [ "$got" = "$want" ] || say "under load, run $r, $engine: [$got] differs from [$want]"
+      echo "run $r $engine answer_s $(echo "$line" | python3 -c 'import json,sys; print(json.load(sys.stdin)["answer_s"])' 2>/dev/null)" >>"$OUT/load-times.log"
+    done
+  done
+  kill "$LOAD" 2>/dev/null; wait "$LOAD" 2>/dev/null
+  say "under load: $same of $total checks gave the unloaded verdicts ($(awk '{print $5}' "$OUT/load-times.log" | sort -n | tr '\n' ' ')s to answer)"
+  # Every worker killed as it appears, for the whole run.
+  T=$(mktemp -d)
+  VLLM_CACHE_ROOT=$T "$P2P" --write-vllm-cache --json >"$OUT/killed.json" 2>"$OUT/killed.err" &
+  P=$!
+  kills=0
+  while kill -0 "$P" 2>/dev/null; do
+    if pkill -KILL -x p2pcheck-worker; then kills=$((kills + 1)); fi
+    sleep 0.01
+  done
+  wait "$P"; rc=$?
+  say "workers killed as they appear ($kills kill rounds): exit $rc; files in the cache folder: [$(ls -A "$T" | tr '\n' ' ')]; $(head -c 300 "$OUT/killed.err" | tr '\n' ' ')"
+  rm -rf "$T"
+  # The first workers killed once, 0.3 s in (during start-up or the pairs): the retry decides.
+  T=$(mktemp -d)
+  VLLM_CACHE_ROOT=$T "$P2P" --write-vllm-cache --json >"$OUT/killed-once.json" 2>"$OUT/killed-once.err" &
+  P=$!; sleep 0.3; pkill -KILL -x p2pcheck-worker; wait "$P"; rc=$?
+  say "workers killed once at 0.3 s: exit $rc; cache files [$(ls -A "$T" | tr '\n' ' ')]; $(python3 -c "import json,sys; d=json.load(open('$OUT/killed-once.json')); print(' '.join(f\"{p['src']}->{p['tgt']}:{p['verdict']}/attempts {p['attempts']}\" for p in d['pairs']))" 2>/dev/null) $(head -c 200 "$OUT/killed-once.err" | tr '\n' ' ')"
+  rm -rf "$T"
+  # The CLI itself killed mid-run: no cache file, no temporary file left.
+  T=$(mktemp -d)
+  VLLM_CACHE_ROOT=$T "$P2P" --write-vllm-cache >/dev/null 2>&1 &
+  P=$!; sleep 0.25; kill -KILL "$P"; wait "$P" 2>/dev/null; sleep 1
+  say "CLI killed at 0.25 s: files in the cache folder: [$(ls -A "$T" | tr '\n' ' ')]; workers left after 1 s: $(pgrep -xc p2pcheck-worker || true)"
+  rm -rf "$T"
+fi
 sleep 0.5; say "leftover workers: $(pgrep -xc p2pcheck-worker || true)"
 
 echo "================ summary"

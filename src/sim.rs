@@ -88,7 +88,7 @@ impl FaultKind {
     }
 }
 
-/// One injected fault: `src->tgt:kind`, in physical simulated GPU ids.
+/// One injected fault: `src->tgt:kind[@once]`, in physical simulated GPU ids.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Fault {
     /// The GPU that owns the memory.
@@ -97,18 +97,27 @@ pub struct Fault {
     pub tgt: u32,
     /// What goes wrong.
     pub kind: FaultKind,
+    /// `@once`: only in the first attempt at the pair within a check, that is in the one process
+    /// that first opens, asks about or accesses `src`'s memory from `tgt` (the pair's consumer in
+    /// the check's first round); fresh workers of a retry never see it. Each check fires it
+    /// again (its own ledger: see [`Simulation::worker_env`]).
+    pub once: bool,
 }
 
 impl fmt::Display for Fault {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}->{}:{}", self.src, self.tgt, self.kind.name())
+        write!(f, "{}->{}:{}", self.src, self.tgt, self.kind.name())?;
+        if self.once {
+            f.write_str("@once")?;
+        }
+        Ok(())
     }
 }
 
 impl FromStr for Fault {
     type Err = anyhow::Error;
 
-    /// Parses `SRC->TGT:KIND`, e.g. `0->1:drop-writes`.
+    /// Parses `SRC->TGT:KIND[@once]`, e.g. `0->1:drop-writes` or `0->1:hang@once`.
     fn from_str(s: &str) -> Result<Fault> {
         let kinds = || {
             FaultKind::ALL
@@ -120,6 +129,11 @@ impl FromStr for Fault {
         let (pair, kind) = s
             .split_once(':')
             .with_context(|| format!("fault {s:?}: expected SRC->TGT:KIND"))?;
+        let (kind, once) = match kind.split_once('@') {
+            None => (kind, false),
+            Some((kind, "once")) => (kind, true),
+            Some((_, other)) => bail!("fault {s:?}: unknown modifier @{other} (only @once)"),
+        };
         let (src, tgt) = pair
             .split_once("->")
             .with_context(|| format!("fault {s:?}: expected SRC->TGT before the colon"))?;
@@ -136,6 +150,7 @@ impl FromStr for Fault {
             src: id(src)?,
             tgt: id(tgt)?,
             kind,
+            once,
         })
     }
 }
@@ -182,18 +197,50 @@ impl Simulation {
         }
     }
 
-    /// The environment a worker needs to run on this simulation.
-    pub fn worker_env(&self) -> Result<Vec<(&'static str, String)>> {
+    /// The environment the workers of one check need to run on this simulation. With `@once`
+    /// faults it holds a fresh ledger (an in-memory file the simulator marks a pair's `@once`
+    /// faults in when a process claims them), so each check fires them again; keep the
+    /// [`WorkerEnv`] until the check's workers have started.
+    pub fn worker_env(&self) -> Result<WorkerEnv> {
         self.validate()?;
         let lib = library_path()?.display().to_string();
         let faults: Vec<String> = self.faults.iter().map(Fault::to_string).collect();
-        Ok(vec![
+        let mut vars = vec![
             ("P2PCHECK_LIBCUDA", lib.clone()),
             ("P2PCHECK_LIBCUDART", lib),
             ("P2PCHECK_SIM_GPUS", self.gpus.to_string()),
             ("P2PCHECK_SIM_FAULTS", faults.join(",")),
-        ])
+        ];
+        let ledger = match self.faults.iter().any(|f| f.once) {
+            true => {
+                // Zeros: no pair claimed. The simulator sizes it (MAX_GPUS squared u64s).
+                let fd =
+                    os::memfd(c"p2pcheck-sim-ledger").context("memfd_create for the ledger")?;
+                vars.push(("P2PCHECK_SIM_LEDGER", proc_path(&fd)));
+                Some(fd)
+            }
+            false => None,
+        };
+        Ok(WorkerEnv {
+            vars,
+            _ledger: ledger,
+        })
     }
+}
+
+/// What the workers of one check on a [`Simulation`] need: their environment, and the ledger
+/// of its `@once` faults, which lives as long as this value (the workers open it by a
+/// `/proc/<pid>/fd` path when they start).
+#[derive(Debug)]
+pub struct WorkerEnv {
+    /// The variables to set in every worker.
+    pub vars: Vec<(&'static str, String)>,
+    _ledger: Option<OwnedFd>,
+}
+
+/// A `/proc/<pid>/fd/<n>` path to this process's descriptor `fd`, which its children can open.
+fn proc_path(fd: &OwnedFd) -> String {
+    format!("/proc/{}/fd/{}", std::process::id(), fd.as_raw_fd())
 }
 
 /// A path to the simulator that this process and its children can `dlopen`: an anonymous
@@ -206,11 +253,7 @@ pub fn library_path() -> Result<PathBuf> {
         std::io::Write::write_all(&mut file, LIBRARY).context("writing the simulator")?;
         Ok::<_, anyhow::Error>(fd)
     })?;
-    Ok(PathBuf::from(format!(
-        "/proc/{}/fd/{}",
-        std::process::id(),
-        fd.as_raw_fd()
-    )))
+    Ok(PathBuf::from(proc_path(fd)))
 }
 
 /// Writes the simulator library to `path` (for loading in place of libcuda/libcudart).
@@ -225,17 +268,20 @@ mod tests {
     #[test]
     fn faults_parse_and_print_round_trip() {
         for kind in FaultKind::ALL {
-            let text = format!("3->1:{}", kind.name());
-            let f: Fault = text.parse().unwrap();
-            assert_eq!(
-                f,
-                Fault {
-                    src: 3,
-                    tgt: 1,
-                    kind
-                }
-            );
-            assert_eq!(f.to_string(), text);
+            for once in [false, true] {
+                let text = format!("3->1:{}{}", kind.name(), if once { "@once" } else { "" });
+                let f: Fault = text.parse().unwrap();
+                assert_eq!(
+                    f,
+                    Fault {
+                        src: 3,
+                        tgt: 1,
+                        kind,
+                        once
+                    }
+                );
+                assert_eq!(f.to_string(), text);
+            }
         }
         let spaced: Fault = " 0 -> 2 : hang".parse().unwrap();
         assert_eq!(spaced.to_string(), "0->2:hang");
@@ -262,6 +308,8 @@ mod tests {
             ("a->1:hang", "not a GPU id"),
             ("0->1:melt", "unknown kind"),
             ("0->1:melt", "drop-writes"),
+            ("0->1:hang@twice", "only @once"),
+            ("0->1:hang@", "only @once"),
         ] {
             let err = text.parse::<Fault>().unwrap_err().to_string();
             assert!(err.contains(needle), "{text}: {err}");
@@ -280,13 +328,45 @@ mod tests {
         let env = sim(2, &["0->1:crash", "1->0:corrupt"])
             .worker_env()
             .unwrap();
-        let get = |k| env.iter().find(|(n, _)| *n == k).unwrap().1.clone();
-        assert_eq!(get("P2PCHECK_SIM_GPUS"), "2");
-        assert_eq!(get("P2PCHECK_SIM_FAULTS"), "0->1:crash,1->0:corrupt");
+        let get = |k| env.vars.iter().find(|(n, _)| *n == k).map(|v| v.1.clone());
+        assert_eq!(get("P2PCHECK_SIM_GPUS").unwrap(), "2");
+        assert_eq!(
+            get("P2PCHECK_SIM_FAULTS").unwrap(),
+            "0->1:crash,1->0:corrupt"
+        );
         assert_eq!(get("P2PCHECK_LIBCUDA"), get("P2PCHECK_LIBCUDART"));
+        // No @once fault: no ledger.
+        assert_eq!(get("P2PCHECK_SIM_LEDGER"), None);
         // The path names an in-memory copy of the library: an ELF shared object.
-        let bytes = std::fs::read(get("P2PCHECK_LIBCUDA")).unwrap();
+        let bytes = std::fs::read(get("P2PCHECK_LIBCUDA").unwrap()).unwrap();
         assert_eq!(&bytes[..4], b"\x7fELF");
         assert_eq!(bytes.len(), LIBRARY.len());
+    }
+
+    #[test]
+    fn each_check_gets_a_fresh_ledger_that_leaves_no_file() {
+        let sim = Simulation {
+            gpus: 2,
+            faults: vec!["0->1:drop-writes@once".parse().unwrap()],
+        };
+        let ledger = |env: &WorkerEnv| {
+            env.vars
+                .iter()
+                .find(|(n, _)| *n == "P2PCHECK_SIM_LEDGER")
+                .map(|v| v.1.clone())
+                .unwrap()
+        };
+        let (a, b) = (sim.worker_env().unwrap(), sim.worker_env().unwrap());
+        let (pa, pb) = (ledger(&a), ledger(&b));
+        assert_ne!(pa, pb);
+        // An in-memory file, all zeros (nothing claimed), readable by path while it lives.
+        let target = std::fs::read_link(&pa).unwrap();
+        assert!(target
+            .to_string_lossy()
+            .starts_with("/memfd:p2pcheck-sim-ledger"));
+        assert!(std::fs::read(&pa).unwrap().iter().all(|&b| b == 0));
+        drop(a);
+        assert!(std::fs::metadata(&pa).is_err(), "{pa} outlived its check");
+        assert!(std::fs::metadata(&pb).is_ok());
     }
 }

@@ -1,5 +1,6 @@
 //! End to end on the simulated driver (no GPU): the CLI and the library on 1, 2, 4 and 8 GPUs,
-//! every fault kind alone and mixed, with the expected verdict for every pair; hangs end within
+//! every fault kind alone and mixed, with the expected verdict for every pair, `@once` faults in
+//! the first attempt of each check only; bounded memory on 64 GPUs; hangs end within
 //! the timeout plus a second; after every run no worker process and no shared-memory segment is
 //! left; concurrent runs do not interfere; SIGTERM/SIGINT of the parent kills its workers.
 
@@ -209,6 +210,30 @@ fn clean_machines_of_1_2_4_and_8_gpus_pass_every_pair() {
     }
 }
 
+/// 64 GPUs, the most the simulator has, in bounded memory: every worker maps every other's
+/// buffer of 64 slots (6 MiB each: 24 GiB in all), but memory holding a fill or a pattern
+/// takes none (csrc/sim.c, MEMORY), so workers stay small whatever the count. Before, each
+/// worker's memory grew with the GPU count (65 MiB at 8, 129 MiB at 16).
+#[test]
+fn sixty_four_gpus_run_in_bounded_memory() {
+    let (run, _) = simulate(64, &[], &[], &[]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(run.pairs.len(), 64 * 64);
+    run.others_ok(&[]);
+    let Value::Array(workers) = &run.top["workers"] else {
+        panic!("no workers")
+    };
+    let peaks: Vec<usize> = workers
+        .iter()
+        .map(|w| number(&object(w.clone())["peak_rss_kb"]))
+        .collect();
+    assert_eq!(peaks.len(), 128);
+    // Resident memory counts each shared page once per process mapping it: an upper bound.
+    let (max, sum) = (*peaks.iter().max().unwrap(), peaks.iter().sum::<usize>());
+    assert!(max < 64 << 10, "a worker peaked at {max} KiB");
+    assert!(sum < 1536 << 10, "the workers peaked at {sum} KiB together");
+}
+
 /// The numbers behind "cost flat in the number of GPUs", counted on 8 simulated GPUs: the
 /// parallel engine resets no device (vLLM's procedure: two per pair), starts at most two
 /// workers per GPU, each seeing only its own GPU, and has at least one pair per GPU in flight
@@ -415,9 +440,9 @@ fn all_faults_mixed_on_8_gpus() {
         if claims_asked(config) {
             assert_eq!(run.field("0->7", "driver_claim"), &Value::Bool(false));
         }
-        // The parallel engine meets its hangs (and handshake timeouts, 0.6 s) at once, and
-        // their retries at once; vLLM's meets them one after another (two hangs, each twice,
-        // and four handshakes that time out).
+        // The parallel engine meets its hangs at once, and their retries at once; vLLM's
+        // meets them one after another (two hangs, each twice). Handshakes that cannot
+        // complete end at once in both (the simulator knows their flags cannot arrive).
         // Bounds with room for a loaded CI machine: what matters is that nothing waits
         // without a deadline.
         let bound = if config == "vllm" { 20 } else { 12 };
@@ -654,6 +679,37 @@ fn sigterm_or_sigint_of_the_parent_kills_its_workers() {
         while !processes_with(&token).is_empty() {
             assert!(Instant::now() < deadline, "workers outlived the parent");
             std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+#[test]
+fn once_faults_hit_only_the_first_attempt_of_each_check() {
+    // A hang and a crash that fire once: the first attempt at each pair hangs or dies, the
+    // retry's fresh workers do not see them, and the pair passes. Each check has a ledger of
+    // its own: a second check fires them again.
+    for (config, flags) in CONFIGS {
+        for check in 0..2 {
+            let (run, _) = simulate(
+                4,
+                &["0->1:hang@once", "2->3:crash@once"],
+                &[&["--timeout", "1"], flags].concat(),
+                &[],
+            );
+            assert_eq!(run.code, 0, "{config} check {check}: {}", run.stderr);
+            run.others_ok(&[]);
+            for (pair, first) in [("0->1", "first attempt: hang:"), ("2->3", "SIGSEGV")] {
+                assert_eq!(run.field(pair, "attempts"), &Value::Number("2".into()));
+                let Value::Array(details) = run.field(pair, "details") else {
+                    panic!("{pair}: no details")
+                };
+                assert!(
+                    details
+                        .iter()
+                        .any(|d| matches!(d, Value::String(s) if s.contains(first))),
+                    "{config} check {check} {pair}: {details:?}"
+                );
+            }
         }
     }
 }

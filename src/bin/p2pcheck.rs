@@ -66,7 +66,10 @@ OPTIONS:
     --no-kernel-check      The same as --level copy
     --kernel-bytes BYTES   The kernel tier's pattern area per pair [default: 2097152; a
                            multiple of 262144]
-    --handshake-rounds N   Handshake rounds between two GPUs [default: 16; same GPU: 3]
+    --handshake-rounds N   Handshake rounds between two GPUs, 1 to 100000 [default: 16; same
+                           GPU: 3]. Their kernels get 0.1 s plus 5 ms a round on the GPU clock
+                           (at least 1 s), which must fit in 60 % of --timeout: more rounds
+                           than that are refused
     --test-only-plant-shifted-stores
                            TEST ONLY: make the kernel tier's SM stores land 64 bytes off, a
                            planted fault it must catch; never use it to check a machine
@@ -84,7 +87,8 @@ OPTIONS:
                            on purpose); otherwise only this user's and root's are used, and
                            only where no one else can write them (see README, Security)
     --timeout SECS         Deadline for each step of a pair; past it the pair is HANG
-                           [default: 5; 0.001 to 86400]
+                           [default: 5; 0.001 to 86400; at level handshake, at least what the
+                           rounds need: 0.3 for 16, see --handshake-rounds]
     --startup-timeout SECS Deadline for a worker to start CUDA [default: 60; 0.001 to 86400]
     --check-timeout SECS   Deadline for the whole check; pairs not settled by then are
                            reported so (not-attempted, unconfirmed) [default: 2 x start-up
@@ -94,9 +98,12 @@ OPTIONS:
     --simulate N           Run on the built-in simulated driver with N GPUs instead of the real
                            one (no GPU needed); CUDA_VISIBLE_DEVICES applies over them. The vLLM
                            cache is then only touched in an explicit --cache-dir
-    --fault SRC->TGT:KIND  With --simulate: break pair SRC->TGT (physical ids; repeatable).
+    --fault SRC->TGT:KIND[@once]
+                           With --simulate: break pair SRC->TGT (physical ids; repeatable).
                            KIND: ipc-open-fails, drop-writes, corrupt, sm-only, late-visibility,
-                           hang, crash, one-way, claim-no, partial, shifted (see README)
+                           hang, crash, one-way, claim-no, partial, shifted (see README).
+                           @once: only in the first attempt at the pair; the fresh workers of
+                           a retry do not see it
     --write-sim-lib PATH   Write the simulated driver library to PATH and exit (load it as
                            libcuda/libcudart to test your own code without a GPU)
     --trace PATH           Append the audit trace to PATH (created with mode 0600): one JSON

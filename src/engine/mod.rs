@@ -90,10 +90,14 @@ pub struct Options {
     /// Bytes of the kernel tier's pattern area per pair: a multiple of 256 KiB, 256 KiB to
     /// 1 GiB [default: 2 MiB].
     pub kernel_bytes: u32,
-    /// Handshake rounds between two GPUs [default: 16; same-GPU pairs do 3].
+    /// Handshake rounds between two GPUs, 1 to [`MAX_HANDSHAKE_ROUNDS`] [default: 16; same-GPU
+    /// pairs do 3].
     pub handshake_rounds: u32,
-    /// Each handshake kernel's budget on the GPU clock [default: 1 s], capped at 60 % of
-    /// [`Options::step_timeout`] so that the host's own deadline always outlasts the GPU's.
+    /// The least budget each handshake kernel gets on the GPU clock [default: 1 s]. It is raised
+    /// to what the rounds need (0.1 s, plus 5 ms a round) and capped at 60 % of
+    /// [`Options::step_timeout`], so that the host's own deadline always outlasts the GPU's; a
+    /// check whose rounds need more than that cap is refused, since a healthy pair could then
+    /// fail for want of time.
     pub handshake_budget: Duration,
     /// Test only: the consumer's SM stores land 64 bytes off, a planted fault the kernel tier
     /// must catch (as `wrong-data`). Never set it to check a machine.
@@ -138,6 +142,26 @@ impl Default for Options {
 /// The kernel tier's pattern area per pair by default: 2 MiB, many pages.
 pub const DEFAULT_KERNEL_BYTES: u32 = 2 << 20;
 
+/// The most handshake rounds a check accepts.
+pub const MAX_HANDSHAKE_ROUNDS: u32 = 100_000;
+
+/// What a handshake needs on the GPU clock besides its rounds: both kernels becoming resident,
+/// and a same-GPU pair's 3 round trips (about 4.5 ms each on an H200), with room to spare.
+const HANDSHAKE_BASE: Duration = Duration::from_millis(100);
+
+/// What each round between two GPUs may take: about 6 us on an H200 over NVLink, but up to a
+/// time slice (about 4.5 ms) when a GPU also runs other processes' kernels.
+const HANDSHAKE_ROUND: Duration = Duration::from_millis(5);
+
+/// The share of the step timeout a handshake kernel's budget may use: the host's deadline for
+/// the step must outlast the GPU's.
+const HANDSHAKE_SHARE: f64 = 0.6;
+
+/// The GPU-clock budget `rounds` handshake rounds need on a healthy machine.
+fn handshake_need(rounds: u32) -> Duration {
+    HANDSHAKE_BASE + HANDSHAKE_ROUND * rounds
+}
+
 /// The shortest and longest timeouts accepted: below a millisecond every pair would hang,
 /// and past a day a `Duration` deadline stops meaning anything.
 pub const TIMEOUT_RANGE: (Duration, Duration) =
@@ -169,9 +193,9 @@ impl Options {
                 "kernel tier bytes {kb}: must be a multiple of 256 KiB from 256 KiB to 1 GiB"
             )));
         }
-        if !(1..=1_000_000).contains(&self.handshake_rounds) {
+        if !(1..=MAX_HANDSHAKE_ROUNDS).contains(&self.handshake_rounds) {
             return Err(Error::InvalidInput(format!(
-                "{} handshake rounds: from 1 to 1000000",
+                "{} handshake rounds: from 1 to {MAX_HANDSHAKE_ROUNDS}",
                 self.handshake_rounds
             )));
         }
@@ -179,6 +203,18 @@ impl Options {
             return Err(Error::InvalidInput(format!(
                 "the handshake budget {:?} is below 1 ms",
                 self.handshake_budget
+            )));
+        }
+        let need = handshake_need(self.handshake_rounds);
+        if self.level >= Level::Handshake && need > self.step_timeout.mul_f64(HANDSHAKE_SHARE) {
+            return Err(Error::InvalidInput(format!(
+                "{} handshake rounds need {:.3} s on the GPU clock (0.1 s, plus 5 ms a round), \
+                 more than 60 % of the step timeout ({:.3} s): give a step timeout (--timeout) \
+                 of at least {:.3} s, or fewer rounds",
+                self.handshake_rounds,
+                need.as_secs_f64(),
+                self.step_timeout.as_secs_f64(),
+                (need.as_secs_f64() / HANDSHAKE_SHARE * 1000.0).ceil() / 1000.0
             )));
         }
         if let Some(sim) = &self.simulate {
@@ -1066,15 +1102,19 @@ fn run_rounds(
         ));
     }
     let path = locate_worker(opts.worker.as_deref())?;
-    let env: Vec<(String, String)> = match &opts.simulate {
-        Some(sim) => sim
-            .worker_env()
-            .map_err(|e| Error::InvalidInput(format!("{e:#}")))?
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect(),
-        None => Vec::new(),
+    // Kept to the end of the check: it holds the simulation's @once ledger.
+    let sim_env = match &opts.simulate {
+        Some(sim) => Some(
+            sim.worker_env()
+                .map_err(|e| Error::InvalidInput(format!("{e:#}")))?,
+        ),
+        None => None,
     };
+    let env: Vec<(String, String)> = sim_env
+        .iter()
+        .flat_map(|e| e.vars.iter())
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
     let machine = machine(opts.simulate.as_ref());
     let (gpus, visibility, note) = plan(opts, machine.as_ref().map_err(Clone::clone));
     warnings.extend(note);
@@ -1230,7 +1270,8 @@ fn tier_params(opts: &Options) -> TierParams {
         rounds: opts.handshake_rounds,
         budget_ms: opts
             .handshake_budget
-            .min(opts.step_timeout.mul_f64(0.6))
+            .max(handshake_need(opts.handshake_rounds))
+            .min(opts.step_timeout.mul_f64(HANDSHAKE_SHARE))
             .as_millis()
             .clamp(1, u32::MAX as u128) as u32,
     }
@@ -1496,5 +1537,92 @@ mod tests {
             ..Options::default()
         };
         assert!(bad.validate().is_err());
+    }
+}
+
+#[cfg(test)]
+mod handshake_budget_tests {
+    use super::*;
+
+    fn opts(rounds: u32, step_s: f64, level: Level) -> Options {
+        Options {
+            handshake_rounds: rounds,
+            step_timeout: Duration::from_secs_f64(step_s),
+            level,
+            ..Options::default()
+        }
+    }
+
+    #[test]
+    fn the_default_budget_is_one_second_and_grows_with_the_rounds_up_to_the_share() {
+        // 16 rounds need 0.18 s: the default 1 s stands.
+        assert_eq!(
+            tier_params(&opts(16, 5.0, Level::Handshake)).budget_ms,
+            1000
+        );
+        // 500 rounds need 2.6 s, within 60 % of 5 s.
+        assert_eq!(
+            tier_params(&opts(500, 5.0, Level::Handshake)).budget_ms,
+            2600
+        );
+        // A short step timeout caps it (0.6 s), and still fits 16 rounds.
+        let short = opts(16, 1.0, Level::Handshake);
+        assert!(short.validate().is_ok());
+        assert_eq!(tier_params(&short).budget_ms, 600);
+    }
+
+    #[test]
+    fn rounds_that_cannot_fit_the_step_timeout_are_refused_with_the_timeout_that_fits() {
+        // 1000 rounds need 5.1 s: more than 60 % of 5 s.
+        let err = opts(1000, 5.0, Level::Handshake).validate().unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("1000 handshake rounds need 5.100 s"),
+            "{text}"
+        );
+        assert!(text.contains("at least 8.500 s"), "{text}");
+        // ... and that timeout is enough.
+        assert!(opts(1000, 8.5, Level::Handshake).validate().is_ok());
+        assert_eq!(
+            tier_params(&opts(1000, 8.5, Level::Handshake)).budget_ms,
+            5100
+        );
+        // Without the handshake tier the rounds do not matter, but their range does.
+        assert!(opts(1000, 5.0, Level::Kernel).validate().is_ok());
+        for bad in [0, MAX_HANDSHAKE_ROUNDS + 1, 1_000_000] {
+            for level in [Level::Copy, Level::Handshake] {
+                assert!(opts(bad, 86_400.0, level).validate().is_err(), "{bad}");
+            }
+        }
+        // The most rounds, with a timeout that fits them: 500.1 s of budget.
+        let most = opts(MAX_HANDSHAKE_ROUNDS, 833.5, Level::Handshake);
+        assert!(most.validate().is_ok());
+        assert_eq!(tier_params(&most).budget_ms, 500_100);
+        // A step timeout too short for even one round's handshake.
+        assert!(opts(1, 0.1, Level::Handshake).validate().is_err());
+    }
+
+    #[test]
+    fn every_accepted_budget_holds_the_rounds_and_stays_within_the_share() {
+        let mut accepted = 0;
+        for rounds in [1, 3, 16, 100, 1000, 10_000, MAX_HANDSHAKE_ROUNDS] {
+            for step_ms in [1, 50, 200, 1000, 5000, 60_000, 900_000, 86_400_000] {
+                let o = Options {
+                    handshake_budget: Duration::from_millis(1),
+                    ..opts(rounds, step_ms as f64 / 1000.0, Level::Handshake)
+                };
+                if o.validate().is_err() {
+                    continue;
+                }
+                let budget = u64::from(tier_params(&o).budget_ms);
+                assert!(
+                    budget as u128 >= handshake_need(rounds).as_millis(),
+                    "{rounds} {step_ms}"
+                );
+                assert!(budget * 10 <= step_ms * 6, "{rounds} {step_ms}");
+                accepted += 1;
+            }
+        }
+        assert_eq!(accepted, 29);
     }
 }

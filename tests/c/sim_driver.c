@@ -1,0 +1,418 @@
+/* The simulated driver (csrc/sim.c) driven directly, for tests/sim_driver.rs: its memory model
+ * against a reference, its memory use, its handshake and its @once faults. The library is
+ * loaded from $P2PCHECK_LIBCUDA; the simulator's own variables configure it.
+ *
+ *   sim_driver memory SEED OPS   random memsets, pattern stores, copies and checks by two
+ *                                processes (the owner and one mapping it through IPC) taking
+ *                                turns; every read and check is compared with a plain model of
+ *                                the bytes. Prints "memory ok OPS".
+ *   sim_driver resident MIB      fills MIB MiB as the parallel worker does (memset, then four
+ *                                patterns, checked, replaced, checked) and prints
+ *                                "resident KIB" (this process's VmRSS) and the checks' counts.
+ *   sim_driver handshake ROUNDS BUDGET_NS DRIVER_DELAY_MS DRIVER_DIES_MS
+ *                                the owner serves, a second process drives through IPC after
+ *                                DRIVER_DELAY_MS; DRIVER_DIES_MS > 0 makes the driver's process
+ *                                die that long into its kernel, before the server starts.
+ *                                Prints "server|driver DONE ERRORS TIMED_OUT ELAPSED_NS".
+ *   sim_driver once PROCESSES    the owner's memory is written through IPC by PROCESSES fresh
+ *                                processes, one after the other: prints "writer K sees V" (the
+ *                                value read back after writing 2 over 1).
+ * Exit 0 when it ran (what it saw is on stdout), 1 on any unexpected result or failed call. */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+typedef struct {
+    char reserved[64];
+} handle_t;
+
+static int (*p_setdev)(int);
+static int (*p_count)(int *);
+static int (*p_malloc)(void **, size_t);
+static int (*p_memset)(void *, int, size_t);
+static int (*p_memcpy)(void *, const void *, size_t, int);
+static int (*p_get)(handle_t *, void *);
+static int (*p_open)(void **, handle_t, unsigned);
+static int (*p_load)(void **, const void *);
+static int (*p_func)(void **, void *, const char *);
+static int (*p_launch)(void *, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
+                       unsigned, void *, void **, void **);
+
+static void *f_store, *f_check, *f_handshake;
+
+#define FAIL(...)                                                                                  \
+    do {                                                                                           \
+        fprintf(stderr, "sim_driver: " __VA_ARGS__);                                               \
+        fputc('\n', stderr);                                                                       \
+        exit(1);                                                                                   \
+    } while (0)
+#define OK(call)                                                                                   \
+    do {                                                                                           \
+        int rc_ = (call);                                                                          \
+        if (rc_ != 0) FAIL("%s -> %d (line %d)", #call, rc_, __LINE__);                            \
+    } while (0)
+
+static void *sym(void *lib, const char *name) {
+    void *p = dlsym(lib, name);
+    if (p == NULL) FAIL("no symbol %s", name);
+    return p;
+}
+
+static void load(void) {
+    const char *path = getenv("P2PCHECK_LIBCUDA");
+    void *lib = path ? dlopen(path, RTLD_NOW) : NULL;
+    if (lib == NULL) FAIL("dlopen %s: %s", path ? path : "(P2PCHECK_LIBCUDA unset)", dlerror());
+    *(void **)&p_setdev = sym(lib, "cudaSetDevice");
+    *(void **)&p_count = sym(lib, "cudaGetDeviceCount");
+    *(void **)&p_malloc = sym(lib, "cudaMalloc");
+    *(void **)&p_memset = sym(lib, "cudaMemset");
+    *(void **)&p_memcpy = sym(lib, "cudaMemcpy");
+    *(void **)&p_get = sym(lib, "cudaIpcGetMemHandle");
+    *(void **)&p_open = sym(lib, "cudaIpcOpenMemHandle");
+    *(void **)&p_load = sym(lib, "cuModuleLoadData");
+    *(void **)&p_func = sym(lib, "cuModuleGetFunction");
+    *(void **)&p_launch = sym(lib, "cuLaunchKernel");
+}
+
+/* The first CUDA calls of a process: device 0, the kernels. */
+static void start(void) {
+    int n = 0;
+    OK(p_count(&n));
+    OK(p_setdev(0));
+    void *m;
+    OK(p_load(&m, ".entry p2pc_pattern_store(\n.entry p2pc_pattern_check(\n"
+                  ".entry p2pc_handshake(\n"));
+    OK(p_func(&f_store, m, "p2pc_pattern_store"));
+    OK(p_func(&f_check, m, "p2pc_pattern_check"));
+    OK(p_func(&f_handshake, m, "p2pc_handshake"));
+}
+
+static int launch(void *f, void **params) { return p_launch(f, 1, 1, 1, 32, 1, 1, 0, NULL, params, NULL); }
+
+static int pattern_store(uint64_t p, uint64_t n, uint64_t seed, uint32_t width, uint64_t shift) {
+    void *params[] = {&p, &n, &seed, &width, &shift};
+    return launch(f_store, params);
+}
+
+/* [wrong, first_bad, stale] of p2pc_pattern_check; counters is device memory of 24 bytes. */
+static void pattern_check(uint64_t p, uint64_t n, uint64_t seed, uint64_t old_seed, uint32_t width,
+                          uint64_t counters, uint64_t out[3]) {
+    uint64_t init[3] = {0, UINT64_MAX, 0};
+    OK(p_memcpy((void *)counters, init, sizeof init, 1));
+    void *params[] = {&p, &n, &seed, &old_seed, &width, &counters};
+    OK(launch(f_check, params));
+    OK(p_memcpy(out, (void *)counters, 3 * sizeof(uint64_t), 2));
+}
+
+static unsigned char pat(uint64_t o, uint64_t seed) {
+    uint64_t x = o + seed * 0x9E3779B97F4A7C15ull;
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdull;
+    x ^= x >> 33;
+    x *= 0xc4ceb9fe1a85ec53ull;
+    x ^= x >> 33;
+    return (unsigned char)x;
+}
+
+static uint64_t rng_state;
+static uint64_t rnd(uint64_t below) {
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return below ? rng_state % below : 0;
+}
+
+static void put(int fd, const void *b, size_t n) {
+    if (write(fd, b, n) != (ssize_t)n) FAIL("pipe write");
+}
+static void get(int fd, void *b, size_t n) {
+    if (read(fd, b, n) != (ssize_t)n) FAIL("pipe read (the other process ended)");
+}
+
+/* ---------------------------------------------------------------------------------------- */
+
+#define MEM_BYTES ((size_t)37 * 4096 + 1008) /* many pages and a partial one */
+#define SEEDS 4
+
+/* One random operation, the same in both processes (the rng runs in step); the process whose
+ * turn it is performs it on its pointer `base`, both update the model. */
+static void memory_op(int act, unsigned char *model, uint64_t base, uint64_t counters) {
+    uint64_t kind = rnd(6);
+    int aligned = rnd(2) == 0;
+    uint64_t off = aligned ? rnd(MEM_BYTES / 4096) * 4096 : rnd(MEM_BYTES);
+    uint64_t max = MEM_BYTES - off;
+    uint64_t n = aligned && rnd(2) ? (rnd(max / 4096 + 1)) * 4096 : rnd(max + 1);
+    if (kind == 0) { /* memset, often to 0 or 1 */
+        unsigned char v = (unsigned char)(rnd(3) == 0 ? 0 : rnd(3) == 0 ? 1 : rnd(256));
+        if (act) OK(p_memset((void *)(base + off), v, n));
+        memset(model + off, v, n);
+    } else if (kind == 1) { /* pattern store: n and shift multiples of 16 */
+        uint32_t widths[] = {1, 4, 8, 16};
+        uint32_t w = widths[rnd(4)];
+        off -= off % 16;
+        n = (MEM_BYTES - off) < n ? MEM_BYTES - off : n;
+        n -= n % 16;
+        if (n == 0) return;
+        uint64_t shift = rnd(3) == 0 ? rnd(n / 16) * 16 : 0;
+        uint64_t seed = 1 + rnd(SEEDS);
+        if (act) OK(pattern_store(base + off, n, seed, w, shift));
+        for (uint64_t q = 0; q < n; q++) model[off + q] = pat((q + n - shift) % n, seed);
+    } else if (kind == 2) { /* copy from the host */
+        unsigned char *src = malloc(n + 1);
+        for (uint64_t k = 0; k < n; k++) src[k] = (unsigned char)rnd(256);
+        if (act) OK(p_memcpy((void *)(base + off), src, n, 1));
+        memcpy(model + off, src, n);
+        free(src);
+    } else if (kind == 3) { /* device to device, within the allocation, overlaps too */
+        uint64_t from = rnd(MEM_BYTES - n + 1);
+        if (act) OK(p_memcpy((void *)(base + off), (void *)(base + from), n, 3));
+        memmove(model + off, model + from, n);
+    } else if (kind == 4 && act) { /* read back to the host */
+        unsigned char *got = malloc(n + 1);
+        OK(p_memcpy(got, (void *)(base + off), n, 2));
+        for (uint64_t k = 0; k < n; k++)
+            if (got[k] != model[off + k])
+                FAIL("read of %lu bytes at %lu: byte %lu is %u, the model says %u",
+                     (unsigned long)n, (unsigned long)off, (unsigned long)(off + k), got[k],
+                     model[off + k]);
+        free(got);
+    } else if (kind == 5) { /* pattern check against the model's count */
+        off -= off % 16;
+        n = (MEM_BYTES - off) < n ? MEM_BYTES - off : n;
+        n -= n % 16;
+        uint64_t seed = 1 + rnd(SEEDS), old = 1 + rnd(SEEDS);
+        if (!act) return;
+        uint64_t got[3], want[3] = {0, UINT64_MAX, 0};
+        pattern_check(base + off, n, seed, old, 1, counters, got);
+        for (uint64_t o = 0; o < n; o++) {
+            if (model[off + o] == pat(o, seed)) continue;
+            if (want[0]++ == 0) want[1] = o;
+            if (model[off + o] == pat(o, old)) want[2]++;
+        }
+        if (memcmp(got, want, sizeof got) != 0)
+            FAIL("check of %lu bytes at %lu, seed %lu: [%lu %lu %lu], the model says [%lu %lu %lu]",
+                 (unsigned long)n, (unsigned long)off, (unsigned long)seed, (unsigned long)got[0],
+                 (unsigned long)got[1], (unsigned long)got[2], (unsigned long)want[0],
+                 (unsigned long)want[1], (unsigned long)want[2]);
+    }
+}
+
+static int memory(uint64_t seed, long ops) {
+    int to_child[2], to_parent[2];
+    if (pipe(to_child) || pipe(to_parent)) FAIL("pipe");
+    pid_t pid = fork();
+    if (pid < 0) FAIL("fork");
+    int me = pid == 0; /* 0: the owner, 1: the mapper */
+    start();
+    uint64_t base, counters;
+    void *p;
+    OK(p_malloc(&p, 64));
+    counters = (uint64_t)p;
+    if (me == 0) {
+        OK(p_malloc(&p, MEM_BYTES));
+        base = (uint64_t)p;
+        handle_t h;
+        OK(p_get(&h, p));
+        put(to_child[1], &h, sizeof h);
+    } else {
+        handle_t h;
+        get(to_child[0], &h, sizeof h);
+        OK(p_open(&p, h, 1));
+        base = (uint64_t)p;
+    }
+    unsigned char *model = calloc(1, MEM_BYTES); /* a fresh allocation reads zeros */
+    rng_state = seed | 1;
+    int in = me ? to_child[0] : to_parent[0], out = me ? to_parent[1] : to_child[1];
+    char turn = 't';
+    for (long i = 0; i < ops; i++) {
+        int act = (int)(i % 2) == me;
+        if (act && i > 0) get(in, &turn, 1);
+        memory_op(act, model, base, counters);
+        if (act) put(out, &turn, 1);
+    }
+    if (me == 1) _exit(0);
+    int status;
+    if (waitpid(pid, &status, 0) != pid || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
+        FAIL("the mapping process failed");
+    printf("memory ok %ld\n", ops);
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+
+static long vm_kib(const char *key) {
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    long v = -1;
+    size_t len = strlen(key);
+    while (f && fgets(line, sizeof line, f))
+        if (strncmp(line, key, len) == 0 && line[len] == ':') v = atol(line + len + 1);
+    if (f) fclose(f);
+    return v;
+}
+
+static int resident(long mib) {
+    start();
+    size_t bytes = (size_t)mib << 20, part = bytes / 4;
+    void *p, *c;
+    OK(p_malloc(&p, bytes));
+    OK(p_malloc(&c, 64));
+    uint64_t base = (uint64_t)p, wrong = 0, stale = 0, got[3];
+    OK(p_memset(p, 1, bytes));
+    for (int q = 0; q < 4; q++) OK(pattern_store(base + q * part, part, 100 + q, 16, 0));
+    for (int q = 0; q < 4; q++) {
+        pattern_check(base + q * part, part, 100 + q, 200 + q, 1u << (2 * q) > 16 ? 16 : 1u << (2 * q),
+                      (uint64_t)c, got);
+        wrong += got[0];
+    }
+    for (int q = 0; q < 4; q++) OK(pattern_store(base + q * part, part, 200 + q, 4, 0));
+    for (int q = 0; q < 4; q++) {
+        pattern_check(base + q * part, part, 300 + q, 200 + q, 8, (uint64_t)c, got);
+        stale += got[2];
+    }
+    unsigned char b[2];
+    OK(p_memcpy(b, (void *)(base + part - 1), 2, 2));
+    if (b[0] != pat(part - 1, 200) || b[1] != pat(0, 201)) FAIL("read back %u %u", b[0], b[1]);
+    printf("resident %ld\nright-pattern wrong %lu\nwrong-pattern stale %lu\n", vm_kib("VmRSS"),
+           (unsigned long)wrong, (unsigned long)stale);
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+
+static void sleep_ms(long ms) {
+    struct timespec t = {ms / 1000, (ms % 1000) * 1000000L};
+    nanosleep(&t, NULL);
+}
+
+static void *die_later(void *arg) {
+    sleep_ms((long)(intptr_t)arg);
+    kill(getpid(), SIGKILL);
+    return NULL;
+}
+
+static void side(uint64_t area, uint32_t rounds, uint32_t role, uint64_t budget) {
+    void *o;
+    OK(p_malloc(&o, 32));
+    uint64_t out = (uint64_t)o, seed = 77, r[4];
+    void *params[] = {&area, &rounds, &role, &seed, &budget, &out};
+    OK(launch(f_handshake, params));
+    OK(p_memcpy(r, o, sizeof r, 2));
+    printf("%s %lu %lu %lu %lu\n", role ? "driver" : "server", (unsigned long)r[0],
+           (unsigned long)r[1], (unsigned long)r[2], (unsigned long)r[3]);
+    fflush(stdout);
+}
+
+static int handshake(uint32_t rounds, uint64_t budget, long delay_ms, long dies_ms) {
+    int to_child[2], to_parent[2];
+    if (pipe(to_child) || pipe(to_parent)) FAIL("pipe");
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid < 0) FAIL("fork");
+    start();
+    if (pid == 0) {
+        handle_t h;
+        void *p;
+        get(to_child[0], &h, sizeof h);
+        OK(p_open(&p, h, 1));
+        sleep_ms(delay_ms);
+        if (dies_ms > 0) {
+            pthread_t t;
+            if (pthread_create(&t, NULL, die_later, (void *)(intptr_t)dies_ms)) FAIL("thread");
+            put(to_parent[1], "s", 1); /* the server starts once this process is dead */
+        }
+        side((uint64_t)p, rounds, 1, budget);
+        _exit(0);
+    }
+    void *p;
+    OK(p_malloc(&p, 4096));
+    OK(p_memset(p, 0, 4096));
+    handle_t h;
+    OK(p_get(&h, p));
+    put(to_child[1], &h, sizeof h);
+    int status;
+    if (dies_ms > 0) {
+        char c;
+        get(to_parent[0], &c, 1);
+        if (waitpid(pid, &status, 0) != pid || !WIFSIGNALED(status)) FAIL("the driver lived");
+        printf("driver killed\n");
+    }
+    side((uint64_t)p, rounds, 0, budget);
+    if (dies_ms == 0 &&
+        (waitpid(pid, &status, 0) != pid || !WIFEXITED(status) || WEXITSTATUS(status) != 0))
+        FAIL("the driver failed");
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+
+static int once(int processes) {
+    start();
+    void *p;
+    OK(p_malloc(&p, 4096));
+    handle_t h;
+    OK(p_get(&h, p));
+    for (int k = 1; k <= processes; k++) {
+        OK(p_memset(p, 1, 4096));
+        fflush(stdout);
+        pid_t pid = fork();
+        if (pid < 0) FAIL("fork");
+        if (pid == 0) {
+            /* Each writer is a fresh process, as a retry's worker is. */
+            char arg[16];
+            snprintf(arg, sizeof arg, "%d", k);
+            char hex[129];
+            for (int i = 0; i < 64; i++) sprintf(hex + 2 * i, "%02x", (unsigned char)h.reserved[i]);
+            execl("/proc/self/exe", "sim_driver", "once-writer", arg, hex, (char *)NULL);
+            _exit(127);
+        }
+        int status;
+        if (waitpid(pid, &status, 0) != pid || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
+            FAIL("writer %d failed", k);
+    }
+    return 0;
+}
+
+static int once_writer(const char *k, const char *hex) {
+    start();
+    handle_t h;
+    for (int i = 0; i < 64; i++) {
+        unsigned v;
+        if (sscanf(hex + 2 * i, "%2x", &v) != 1) FAIL("bad handle");
+        h.reserved[i] = (char)v;
+    }
+    void *p;
+    OK(p_open(&p, h, 1));
+    OK(p_memset(p, 2, 4096));
+    unsigned char b;
+    OK(p_memcpy(&b, p, 1, 2));
+    printf("writer %s sees %u\n", k, b);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    load();
+    if (argc == 4 && strcmp(argv[1], "memory") == 0)
+        return memory(strtoull(argv[2], NULL, 10), atol(argv[3]));
+    if (argc == 3 && strcmp(argv[1], "resident") == 0) return resident(atol(argv[2]));
+    if (argc == 6 && strcmp(argv[1], "handshake") == 0)
+        return handshake((uint32_t)atol(argv[2]), strtoull(argv[3], NULL, 10), atol(argv[4]),
+                         atol(argv[5]));
+    if (argc == 3 && strcmp(argv[1], "once") == 0) return once(atoi(argv[2]));
+    if (argc == 4 && strcmp(argv[1], "once-writer") == 0) return once_writer(argv[2], argv[3]);
+    if (argc == 2 && strcmp(argv[1], "count") == 0) {
+        int n = -1;
+        printf("count rc %d\n", p_count(&n));
+        return 0;
+    }
+    FAIL("usage: see the header comment");
+}
