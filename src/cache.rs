@@ -243,7 +243,7 @@ fn split(path: &Path) -> Result<(&Path, &OsStr)> {
 }
 
 /// What a file is, from its `st_mode`, in words: "a symbolic link", "a FIFO", ….
-fn kind(mode: u32) -> &'static str {
+pub(crate) fn kind(mode: u32) -> &'static str {
     match mode & libc::S_IFMT {
         libc::S_IFREG => "a regular file",
         libc::S_IFDIR => "a directory",

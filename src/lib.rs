@@ -62,6 +62,7 @@ use std::sync::Mutex;
 
 use once_cell::sync::{Lazy, OnceCell};
 
+pub use cuda::trace::open_destination as open_trace;
 pub use cuda::{Error as CudaError, Library};
 pub use engine::{
     all_pairs, locate_worker, start, Engine, Options, Outcome, PairReport, Pending, Report,

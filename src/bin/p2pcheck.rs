@@ -592,27 +592,28 @@ fn access_check(args: &Args, src: u32, tgt: u32) -> Result<bool, String> {
     Ok(true)
 }
 
-/// `--trace PATH`: the file is opened (created, mode 0600) here first, so that a path that cannot
-/// be written is an argument error, then named in `P2PCHECK_TRACE` by its absolute path, for
-/// this process and the workers, which inherit the environment (and may run elsewhere in the
-/// file system's view of the current folder: none does today, but an absolute path is safe).
-fn set_trace(path: &std::path::Path) -> ArgResult<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = match path.is_absolute() {
-        true => path.to_path_buf(),
-        false => std::env::current_dir()
-            .map_err(|e| format!("--trace: cannot know the current folder: {e}"))?
-            .join(path),
+/// Opens the trace destination before anything runs, so that one that cannot be used (a missing
+/// folder, a FIFO, a device: only a regular file is written) ends the run with exit 2 instead
+/// of blocking or being skipped with a warning. `--trace PATH` is named in `P2PCHECK_TRACE` by
+/// its absolute path, for this process and the workers, which inherit the environment (none
+/// runs in another current folder today, but an absolute path is safe); without it,
+/// `P2PCHECK_TRACE` as the caller set it is checked the same way.
+fn open_trace(flag: Option<&std::path::Path>) -> ArgResult<()> {
+    let source = match flag {
+        None => "P2PCHECK_TRACE",
+        Some(path) => {
+            let path = match path.is_absolute() {
+                true => path.to_path_buf(),
+                false => std::env::current_dir()
+                    .map_err(|e| format!("--trace: cannot know the current folder: {e}"))?
+                    .join(path),
+            };
+            // Before any thread is started and before any CUDA call.
+            std::env::set_var("P2PCHECK_TRACE", &path);
+            "--trace"
+        }
     };
-    std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .open(&path)
-        .map_err(|e| format!("--trace {}: {e}", path.display()))?;
-    // Before any thread is started and before any CUDA call (the trace reads it at the first).
-    std::env::set_var("P2PCHECK_TRACE", &path);
-    Ok(())
+    p2pcheck::open_trace().map_err(|e| format!("{source}: {e}"))
 }
 
 /// `p2pcheck trace-summary PATH [--spec]`.
@@ -674,8 +675,8 @@ fn main() -> ExitCode {
         return trace_summary(argv);
     }
     let args = match parse_args(argv).and_then(|a| {
-        if let Some(path) = a.as_ref().and_then(|a| a.trace.as_ref()) {
-            set_trace(path)?;
+        if let Some(a) = &a {
+            open_trace(a.trace.as_deref())?;
         }
         Ok(a)
     }) {

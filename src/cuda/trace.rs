@@ -6,7 +6,9 @@
 //! * `1`: the lines go to stderr (each with one `write(2)`, so lines of the processes sharing
 //!   that stderr never interleave within a line);
 //! * anything else: a file, opened once per process with `O_WRONLY|O_APPEND|O_CREAT|O_CLOEXEC`
-//!   (mode 0600 when it is created); the parent and every worker append to it.
+//!   (mode 0600 when it is created); the parent and every worker append to it. Only a regular
+//!   file is used ([`open_regular`]): a FIFO would block `open(2)` until a reader came, and
+//!   every write once its reader stopped reading; a device is no record.
 //!
 //! A line (fields in this order; see README "Audit trace"): `ts_us` (the call's start,
 //! microseconds since the Unix epoch), `dur_us` (`null` for the driver calls a shim kernel
@@ -26,9 +28,9 @@ use std::cell::Cell;
 use std::ffi::OsStr;
 use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
-use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::PathBuf;
+use std::io::{self, Write as _};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -89,30 +91,61 @@ fn warn_once(message: &str) {
     }
 }
 
+/// Opens `path` with `options` without ever blocking, and only if it is a regular file.
+/// `O_NONBLOCK` makes `open(2)` of a FIFO return at once (for writing, `ENXIO` without a
+/// reader) and keeps a device from waiting in its open; `O_NOCTTY` keeps a terminal from
+/// becoming the controlling one. Anything but a regular file is then refused with what it is
+/// ("it is a FIFO, not a regular file"): reading it may never end, writing it may block. For a
+/// regular file `O_NONBLOCK` changes nothing.
+pub(crate) fn open_regular(path: &Path, options: &mut OpenOptions) -> io::Result<File> {
+    let not_regular = |mode: u32| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("it is {}, not a regular file", crate::cache::kind(mode)),
+        )
+    };
+    let file = match options
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(path)
+    {
+        Ok(file) => file,
+        // A FIFO without a reader (or a device with nothing behind it), opened for writing:
+        // say what it is rather than "No such device or address".
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+            return Err(std::fs::metadata(path).map_or(e, |m| not_regular(m.mode())))
+        }
+        Err(e) => return Err(e),
+    };
+    let mode = file.metadata()?.mode();
+    if mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(not_regular(mode));
+    }
+    Ok(file)
+}
+
 impl Sink {
-    fn open(setting: Setting) -> Option<Sink> {
+    /// The destination `setting` names, opened; `Err` says which file could not be used, and
+    /// why.
+    fn open(setting: Setting) -> Result<Option<Sink>, String> {
         match setting {
-            Setting::Off => None,
-            Setting::Stderr => Some(Sink::Stderr),
+            Setting::Off => Ok(None),
+            Setting::Stderr => Ok(Some(Sink::Stderr)),
             Setting::File(path) => {
                 // append(true) is O_WRONLY|O_APPEND; O_CLOEXEC so that nothing this process
                 // starts inherits the descriptor (a worker opens the file itself).
-                let opened = OpenOptions::new()
-                    .append(true)
-                    .create(true)
-                    .mode(0o600)
-                    .custom_flags(libc::O_CLOEXEC)
-                    .open(&path);
-                match opened {
-                    Ok(f) => Some(Sink::File(f)),
-                    Err(e) => {
-                        warn_once(&format!(
-                            "cannot open the trace file {}: {e}; this process is not traced",
-                            path.display()
-                        ));
-                        None
-                    }
-                }
+                let mut options = OpenOptions::new();
+                options.append(true).create(true).mode(0o600);
+                open_regular(&path, &mut options)
+                    .map(|f| Some(Sink::File(f)))
+                    .map_err(|e| {
+                        let hint = match e.kind() {
+                            io::ErrorKind::InvalidInput => {
+                                format!(" ({VAR}=1 sends the trace to stderr)")
+                            }
+                            _ => String::new(),
+                        };
+                        format!("cannot use the trace file {}: {e}{hint}", path.display())
+                    })
             }
         }
     }
@@ -158,13 +191,38 @@ pub(crate) fn enabled() -> bool {
     }
 }
 
+/// The destination [`VAR`] names now.
+fn setting_now() -> Setting {
+    Setting::from_value(std::env::var_os(VAR).as_deref())
+}
+
 #[cold]
 fn init() -> bool {
-    let on = SINK
-        .get_or_init(|| Sink::open(Setting::from_value(std::env::var_os(VAR).as_deref())))
-        .is_some();
+    let sink = SINK.get_or_init(|| {
+        Sink::open(setting_now()).unwrap_or_else(|why| {
+            warn_once(&format!("{why}; this process is not traced"));
+            None
+        })
+    });
+    let on = sink.is_some();
     STATE.store(if on { ON } else { OFF }, Ordering::Release);
     on
+}
+
+/// Opens this process's trace destination now, as `P2PCHECK_TRACE` names it, rather than at
+/// the first CUDA call: the CLI calls it before the check, so that a destination that cannot be
+/// used (a missing folder, a FIFO, a device) is an error before anything runs, not a warning.
+/// `Ok` when the trace is off or goes to stderr, or was already opened.
+///
+/// # Errors
+/// The file cannot be opened or created, or is not a regular file: the message names it and
+/// says why.
+pub fn open_destination() -> Result<(), String> {
+    let on = SINK
+        .get_or_try_init(|| Sink::open(setting_now()))?
+        .is_some();
+    STATE.store(if on { ON } else { OFF }, Ordering::Release);
+    Ok(())
 }
 
 /// A process's role in the check, for the `role` field.
