@@ -1262,6 +1262,85 @@ mod tests {
         assert_eq!(err.problems[4], "line 8: not UTF-8 text");
     }
 
+    /// An endless input of the lines `line(i)` makes, for i = 0, 1, 2...
+    struct Lines<F: FnMut(u64) -> String> {
+        line: F,
+        next: u64,
+        pending: Vec<u8>,
+        at: usize,
+    }
+
+    impl<F: FnMut(u64) -> String> Read for Lines<F> {
+        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+            if self.at == self.pending.len() {
+                self.pending = (self.line)(self.next).into_bytes();
+                self.next += 1;
+                self.at = 0;
+            }
+            let n = out.len().min(self.pending.len() - self.at);
+            out[..n].copy_from_slice(&self.pending[self.at..self.at + n]);
+            self.at += n;
+            Ok(n)
+        }
+    }
+
+    fn endless<F: FnMut(u64) -> String>(line: F) -> BufReader<Lines<F>> {
+        BufReader::new(Lines {
+            line,
+            next: 0,
+            pending: Vec::new(),
+            at: 0,
+        })
+    }
+
+    #[test]
+    fn an_endless_input_is_read_up_to_the_size_limit_and_no_further() {
+        // /dev/zero without the device: one endless line, skipped, then the limit.
+        let err = read_from(BufReader::new(std::io::repeat(0))).unwrap_err();
+        assert_eq!(
+            err.problems,
+            vec![
+                format!("line 1: longer than {MAX_LINE_BYTES} bytes"),
+                "larger than 1073741824 bytes (1 GiB), the most trace-summary reads: not the \
+                 trace of a check"
+                    .to_string()
+            ]
+        );
+    }
+
+    #[test]
+    fn what_is_kept_is_bounded_whatever_the_lines_hold() {
+        // Each line a new process, a new call and a new job: everything a line can add.
+        let err = read_from(endless(|i| {
+            format!(
+                "{{\"pid\":{i},\"role\":\"consumer\",\"call\":\"c{i}\",\"code\":0,\"job\":\
+                 {{\"index\":{i},\"src\":{i},\"tgt\":0,\"role\":\"consumer\",\"tier\":\"copy\"}},\
+                 \"args\":{{\"a\":[1,2,3,4,5,6,7,8]}}}}\n"
+            )
+        }))
+        .unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert!(
+            err.problems[0].ends_with(
+                "more than 268435456 bytes (256 MiB) of calls, names and jobs to keep, the \
+                 most trace-summary keeps: not the trace of a check; not read further"
+            ),
+            "{err}"
+        );
+        // Roles are few per process: a line with yet another one is not kept.
+        let err = read_from(endless(|i| {
+            format!("{{\"pid\":1,\"role\":\"r{i}\",\"call\":\"c\",\"code\":0}}\n")
+        }))
+        .unwrap_err();
+        assert_eq!(
+            err.problems,
+            vec![format!(
+                "line 9: pid 1 has more than {MAX_ROLES} roles: not the trace of a check; not \
+                 read further"
+            )]
+        );
+    }
+
     #[test]
     fn a_failed_call_is_counted_and_shown() {
         let text = line(

@@ -607,6 +607,57 @@ mod tests {
         );
     }
 
+    /// Opens `setting` in a thread, so that an open that blocked fails the test instead of
+    /// hanging it.
+    fn open_within_seconds(setting: Setting) -> Result<bool, String> {
+        let (send, receive) = std::sync::mpsc::channel();
+        std::thread::spawn(move || send.send(Sink::open(setting).map(|s| s.is_some())));
+        receive
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("opening the trace destination blocked")
+    }
+
+    #[test]
+    fn only_a_regular_file_is_a_trace_destination_and_opening_never_blocks() {
+        let dir = std::env::temp_dir().join(format!("p2pcheck-trace-dest-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("t.jsonl");
+        assert_eq!(open_within_seconds(Setting::File(file.clone())), Ok(true));
+        assert!(file.is_file());
+        let refused = |path: &Path, what: &str| {
+            let err = open_within_seconds(Setting::File(path.to_path_buf())).unwrap_err();
+            assert_eq!(
+                err,
+                format!(
+                    "cannot use the trace file {}: it is {what}, not a regular file \
+                     (P2PCHECK_TRACE=1 sends the trace to stderr)",
+                    path.display()
+                )
+            );
+        };
+        refused(Path::new("/dev/null"), "a character device");
+        // mkfifo(3) would need `unsafe`, denied here; the mkfifo command makes the same FIFO.
+        let fifo = dir.join("fifo");
+        match std::process::Command::new("mkfifo").arg(&fifo).status() {
+            Ok(status) if status.success() => {
+                // Without a reader (a blocking open would wait for one for ever)...
+                refused(&fifo, "a FIFO");
+                // ...and with one (whose reading could stop and block every write).
+                let _reader = OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(&fifo)
+                    .unwrap();
+                refused(&fifo, "a FIFO");
+            }
+            other => eprintln!("FIFO cases skipped: no mkfifo command ({other:?})"),
+        }
+        let err = open_within_seconds(Setting::File(dir.clone())).unwrap_err();
+        assert!(err.ends_with("Is a directory (os error 21)"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     fn job() -> Job {
         Job {
             index: 3,
