@@ -1268,7 +1268,7 @@ mod tests {
         let err = load_or_compute(&path, 2, Duration::from_millis(200), never).unwrap_err();
         let waited = start.elapsed();
         assert!(
-            waited >= Duration::from_millis(200) && waited < Duration::from_secs(5),
+            waited >= Duration::from_millis(200) && waited < Duration::from_secs(30),
             "{waited:?}"
         );
         let err = format!("{err:#}");
