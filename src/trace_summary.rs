@@ -19,8 +19,9 @@ use crate::json::{self, Value};
 
 /// The longest line accepted (the writer's lines are under 4000 bytes).
 pub const MAX_LINE_BYTES: usize = 65_536;
-/// The most bytes read: the trace of a check of 8 GPUs at the handshake level is about 3 MB, of
-/// 64 GPUs (the most `--simulate` accepts) about 200 MB; a larger file is not read.
+/// The most bytes read: the trace of a check of 8 GPUs at the handshake level is 3.2 MB, so one
+/// of 64 GPUs (the most `--simulate` accepts; 64 times the pairs) would be about 200 MB; a
+/// larger file is not read.
 pub const MAX_TRACE_BYTES: u64 = 1 << 30;
 /// The most that is kept in memory while reading, counted as the bytes of the lines, names and
 /// keys kept plus [`ENTRY_BYTES`] for each entry: a trace of a check keeps far less (its copy
