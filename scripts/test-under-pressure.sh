@@ -53,6 +53,7 @@ stop_pressure() {
     copy_pids=()
 }
 trap stop_pressure EXIT
+trap 'exit 130' INT TERM
 
 failed=0
 for run in $(seq "$runs"); do

@@ -42,6 +42,7 @@ pub mod capi;
 mod cuda;
 mod engine;
 mod error;
+mod files;
 pub mod fingerprint;
 pub mod json;
 mod os;

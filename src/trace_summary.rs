@@ -183,7 +183,7 @@ pub fn read(path: &Path) -> Result<Trace, BadTrace> {
     let fail = |why: String| BadTrace {
         problems: vec![format!("cannot read {}: {why}", path.display())],
     };
-    let file = crate::cuda::trace::open_regular(path, std::fs::OpenOptions::new().read(true))
+    let file = crate::files::open_regular(path, std::fs::OpenOptions::new().read(true))
         .map_err(|e| fail(e.to_string()))?;
     let len = file.metadata().map_err(|e| fail(e.to_string()))?.len();
     if len > MAX_TRACE_BYTES {

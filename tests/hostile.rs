@@ -130,6 +130,8 @@ fn bad_command_lines_exit_2_with_a_message() {
         vec!["trace-summary", "/dev/zero"],
         vec!["trace-summary", "/dev/urandom", "--spec"],
         vec!["trace-summary", "/"],
+        vec!["--write-sim-lib", "/dev/null"],
+        vec!["--write-sim-lib", "/"],
         vec![
             "--simulate",
             "2",
@@ -189,6 +191,33 @@ fn bad_command_lines_exit_2_with_a_message() {
     }
     eprintln!("hostile command lines and environments: {tried} tried, {ok} held");
     assert_eq!(ok, tried);
+}
+
+#[test]
+fn a_fifo_named_as_a_file_to_write_is_refused_at_once() {
+    let tmp = TempDir::new("p2pcheck-hostile-fifo");
+    let fifo = tmp.path().join("fifo");
+    // mkfifo(3) would need `unsafe`; the mkfifo command makes the same FIFO.
+    match Command::new("mkfifo").arg(&fifo).status() {
+        Ok(status) if status.success() => {}
+        other => {
+            eprintln!("skipped: no mkfifo command ({other:?})");
+            return;
+        }
+    }
+    // Without a reader, a blocking open would wait for one for ever (the deadline fails it).
+    let out = p2pcheck(
+        &[OsString::from("--write-sim-lib"), fifo.clone().into()],
+        &[],
+    );
+    held("--write-sim-lib FIFO", out.clone(), &[2]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "p2pcheck: writing {}: it is a FIFO, not a regular file\n",
+            fifo.display()
+        )
+    );
 }
 
 #[test]

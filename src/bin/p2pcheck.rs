@@ -78,8 +78,9 @@ OPTIONS:
     --fault SRC->TGT:KIND  With --simulate: break pair SRC->TGT (physical ids; repeatable).
                            KIND: ipc-open-fails, drop-writes, corrupt, sm-only, late-visibility,
                            hang, crash, one-way, claim-no, partial, shifted (see README)
-    --write-sim-lib PATH   Write the simulated driver library to PATH and exit (load it as
-                           libcuda/libcudart to test your own code without a GPU)
+    --write-sim-lib PATH   Write the simulated driver library to PATH, a regular file (created
+                           or replaced; a FIFO or a device is refused: exit 2), and exit (load
+                           it as libcuda/libcudart to test your own code without a GPU)
     --trace PATH           Append the audit trace to PATH, a regular file (created with mode
                            0600; a FIFO or a device is refused: exit 2): one JSON line for
                            every CUDA call of this process and of every worker (sets

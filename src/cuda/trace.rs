@@ -7,7 +7,7 @@
 //!   that stderr never interleave within a line);
 //! * anything else: a file, opened once per process with `O_WRONLY|O_APPEND|O_CREAT|O_CLOEXEC`
 //!   (mode 0600 when it is created); the parent and every worker append to it. Only a regular
-//!   file is used ([`open_regular`]): a FIFO would block `open(2)` until a reader came, and
+//!   file is used ([`crate::files::open_regular`]): a FIFO would block `open(2)` until a reader came, and
 //!   every write once its reader stopped reading; a device is no record.
 //!
 //! A line (fields in this order; see README "Audit trace"): `ts_us` (the call's start,
@@ -29,8 +29,8 @@ use std::ffi::OsStr;
 use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write as _};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -91,38 +91,6 @@ fn warn_once(message: &str) {
     }
 }
 
-/// Opens `path` with `options` without ever blocking, and only if it is a regular file.
-/// `O_NONBLOCK` makes `open(2)` of a FIFO return at once (for writing, `ENXIO` without a
-/// reader) and keeps a device from waiting in its open; `O_NOCTTY` keeps a terminal from
-/// becoming the controlling one. Anything but a regular file is then refused with what it is
-/// ("it is a FIFO, not a regular file"): reading it may never end, writing it may block. For a
-/// regular file `O_NONBLOCK` changes nothing.
-pub(crate) fn open_regular(path: &Path, options: &mut OpenOptions) -> io::Result<File> {
-    let not_regular = |mode: u32| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("it is {}, not a regular file", crate::cache::kind(mode)),
-        )
-    };
-    let file = match options
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
-        .open(path)
-    {
-        Ok(file) => file,
-        // A FIFO without a reader (or a device with nothing behind it), opened for writing:
-        // say what it is rather than "No such device or address".
-        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
-            return Err(std::fs::metadata(path).map_or(e, |m| not_regular(m.mode())))
-        }
-        Err(e) => return Err(e),
-    };
-    let mode = file.metadata()?.mode();
-    if mode & libc::S_IFMT != libc::S_IFREG {
-        return Err(not_regular(mode));
-    }
-    Ok(file)
-}
-
 impl Sink {
     /// The destination `setting` names, opened; `Err` says which file could not be used, and
     /// why.
@@ -135,7 +103,7 @@ impl Sink {
                 // starts inherits the descriptor (a worker opens the file itself).
                 let mut options = OpenOptions::new();
                 options.append(true).create(true).mode(0o600);
-                open_regular(&path, &mut options)
+                crate::files::open_regular(&path, &mut options)
                     .map(|f| Some(Sink::File(f)))
                     .map_err(|e| {
                         let hint = match e.kind() {
@@ -590,6 +558,7 @@ pub(crate) fn record_inner(
 mod tests {
     use super::*;
     use crate::protocol::{Level, Pair, Role};
+    use std::path::Path;
 
     #[test]
     fn the_variable_means_off_stderr_or_a_file() {
