@@ -28,7 +28,9 @@ fi
 # Build first, without pressure (the build is not under test), and find the simulator tests'
 # binary: the copies run it directly, so they never wait on cargo's lock of the build folder.
 cargo test --no-run "$@"
+# (the test target named sim: the bins built beside it are artifacts with executables too)
 sim=$(cargo test --no-run --test sim --message-format=json "$@" 2>/dev/null |
+    grep '"kind":\["test"\]' | grep '"name":"sim"' |
     sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)
 if [[ ! -x $sim ]]; then
     echo "$0: cannot find the binary of tests/sim.rs" >&2
@@ -38,11 +40,13 @@ fi
 logs=target/pressure
 mkdir -p "$logs"
 # Only what this script started is ended, by process id: the busy loops, and on an early exit
-# the copies' loops (a copy's test binary then ends by its own deadlines).
+# the suite and the copies' loops (a test binary left running ends by its own deadlines).
 busy_pids=()
 copy_pids=()
+suite_pid=
 stop_pressure() {
     local pid
+    [[ -n $suite_pid ]] && kill "$suite_pid" 2>/dev/null
     for pid in "${busy_pids[@]}" "${copy_pids[@]}"; do
         kill "$pid" 2>/dev/null || true
     done
@@ -65,7 +69,8 @@ for run in $(seq "$runs"); do
     done
     for copy in $(seq "$copies"); do
         # Each copy runs the simulator tests until the suite has ended; a copy already under
-        # way then finishes (its own deadlines bound it) and is counted.
+        # way then finishes (its own deadlines bound it) and is counted. A copy that fails is
+        # not run again in this run: its log is kept for reading.
         (
             n=0
             while [[ ! -e $stop ]]; do
@@ -73,8 +78,10 @@ for run in $(seq "$runs"); do
                 log=$logs/run-$run.copy-$copy.$n.log
                 if "$sim" >"$log" 2>&1; then
                     echo ok >>"$logs/run-$run.copies"
+                    rm -f "$log"
                 else
                     echo "FAILED $log" >>"$logs/run-$run.copies"
+                    break
                 fi
             done
         ) &
@@ -82,10 +89,14 @@ for run in $(seq "$runs"); do
     done
     started=$SECONDS
     status=ok
-    if ! cargo test --no-fail-fast "$@" >"$logs/run-$run.suite.log" 2>&1; then
+    # In the background, so that INT or TERM ends the run at once (the EXIT trap ends it all).
+    cargo test --no-fail-fast "$@" >"$logs/run-$run.suite.log" 2>&1 &
+    suite_pid=$!
+    if ! wait "$suite_pid"; then
         status=FAILED
         failed=1
     fi
+    suite_pid=
     took=$((SECONDS - started))
     touch "$stop"
     for pid in "${copy_pids[@]}"; do
@@ -103,6 +114,10 @@ for run in $(seq "$runs"); do
             "$logs/run-$run.suite.log" | head -n 40 || true
         echo "  log: $logs/run-$run.suite.log"
     fi
-    grep '^FAILED' "$logs/run-$run.copies" 2>/dev/null | sed 's/^/  copy /' || true
+    grep '^FAILED' "$logs/run-$run.copies" 2>/dev/null | while read -r _ log; do
+        echo "  copy FAILED: $log"
+        grep -E '^(test .* FAILED|thread .* panicked|assertion|  left|  right)' "$log" |
+            head -n 12 | sed 's/^/    /'
+    done || true
 done
 exit "$failed"
