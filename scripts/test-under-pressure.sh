@@ -72,6 +72,9 @@ for run in $(seq "$runs"); do
         # way then finishes (its own deadlines bound it) and is counted. A copy that fails is
         # not run again in this run: its log is kept for reading.
         (
+            # A command started with & ignores SIGINT and SIGQUIT unless told otherwise; the
+            # tests send SIGINT to a CLI they start, which must get the default action.
+            trap - INT QUIT
             n=0
             while [[ ! -e $stop ]]; do
                 n=$((n + 1))
@@ -89,8 +92,12 @@ for run in $(seq "$runs"); do
     done
     started=$SECONDS
     status=ok
-    # In the background, so that INT or TERM ends the run at once (the EXIT trap ends it all).
-    cargo test --no-fail-fast "$@" >"$logs/run-$run.suite.log" 2>&1 &
+    # In the background, so that INT or TERM ends the run at once (the EXIT trap ends it all),
+    # with SIGINT and SIGQUIT at their defaults (see the copies).
+    (
+        trap - INT QUIT
+        exec cargo test --no-fail-fast "$@" >"$logs/run-$run.suite.log" 2>&1
+    ) &
     suite_pid=$!
     if ! wait "$suite_pid"; then
         status=FAILED
