@@ -6,8 +6,9 @@
 //! [`Trace::summary`] prints them. Only a regular file is read, and every input is bounded, so
 //! that neither a device (`/dev/zero`) nor a huge or hostile file can make it run or grow
 //! without end: at most [`MAX_TRACE_BYTES`] are read and at most [`MAX_KEPT_BYTES`] are kept,
-//! each with an error naming the limit, and no step costs more than a hash look-up per line. [`Trace::check_spec`] compares a trace of `--engine vllm
-//! --level copy` with SPEC section 2's sequence pair by pair, and names every difference.
+//! each with an error naming the limit, and no step costs more than a hash look-up per line.
+//! [`Trace::check_spec`] compares a trace of `--engine vllm --level copy` with SPEC section 2's
+//! sequence pair by pair, and names every difference.
 //! Nothing here panics on any input: a malformed line is reported with its line number.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};

@@ -1,7 +1,8 @@
 //! End to end on the simulated driver (no GPU): the CLI and the library on 1, 2, 4 and 8 GPUs,
 //! every fault kind alone and mixed, with the expected verdict for every pair; hangs end at
 //! their deadlines (bounded, with a large margin: never a measure of speed); after every run no
-//! worker process and no shared-memory segment is left; concurrent runs do not interfere; SIGTERM/SIGINT of the parent kills its workers.
+//! worker process and no shared-memory segment is left; concurrent runs do not interfere;
+//! SIGTERM/SIGINT of the parent kills its workers.
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Output, Stdio};

@@ -7,8 +7,8 @@
 //!   that stderr never interleave within a line);
 //! * anything else: a file, opened once per process with `O_WRONLY|O_APPEND|O_CREAT|O_CLOEXEC`
 //!   (mode 0600 when it is created); the parent and every worker append to it. Only a regular
-//!   file is used ([`crate::files::open_regular`]): a FIFO would block `open(2)` until a reader came, and
-//!   every write once its reader stopped reading; a device is no record.
+//!   file is used ([`crate::files::open_regular`]): a FIFO would block `open(2)` until a reader
+//!   came, and every write once its reader stopped reading; a device is no record.
 //!
 //! A line (fields in this order; see README "Audit trace"): `ts_us` (the call's start,
 //! microseconds since the Unix epoch), `dur_us` (`null` for the driver calls a shim kernel
