@@ -43,6 +43,7 @@ mod cuda;
 pub mod doctor;
 mod engine;
 mod error;
+mod files;
 pub mod fingerprint;
 pub mod json;
 mod os;
@@ -64,6 +65,7 @@ use std::sync::Mutex;
 
 use once_cell::sync::{Lazy, OnceCell};
 
+pub use cuda::trace::open_destination as open_trace;
 pub use cuda::{Error as CudaError, Library};
 pub use engine::{
     all_pairs, locate_worker, start, this_executable_is_a_worker, Engine, Evidence, Options,

@@ -561,8 +561,9 @@ mod write_tests {
         let started = Instant::now();
         let e = write_all_until(&w, &big, Instant::now() + Duration::from_millis(100)).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        // Generous: proves the wait ended, not how fast (a loaded machine is slow).
         assert!(
-            started.elapsed() < Duration::from_secs(2),
+            started.elapsed() < Duration::from_secs(30),
             "{:?}",
             started.elapsed()
         );

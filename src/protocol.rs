@@ -1700,7 +1700,8 @@ mod tests {
             recv(&mut reader, Instant::now() + Duration::from_millis(50)),
             Ok(None)
         ));
-        assert!(t.elapsed() < Duration::from_secs(2));
+        // Generous: proves the wait ended, not how fast (a loaded machine is slow).
+        assert!(t.elapsed() < Duration::from_secs(30));
         let writer = std::thread::spawn(move || {
             for chunk in bytes.chunks(3) {
                 w.write_all(chunk).unwrap();

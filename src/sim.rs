@@ -256,9 +256,20 @@ pub fn library_path() -> Result<PathBuf> {
     Ok(PathBuf::from(proc_path(fd)))
 }
 
-/// Writes the simulator library to `path` (for loading in place of libcuda/libcudart).
+/// Writes the simulator library to `path` (for loading in place of libcuda/libcudart): a
+/// regular file, created or replaced; a FIFO, a device or a directory there is refused.
 pub fn write_library(path: &Path) -> Result<()> {
-    std::fs::write(path, LIBRARY).with_context(|| format!("writing {}", path.display()))
+    use std::io::Write;
+    // Only a regular file: a FIFO would block the open (or the write) for ever.
+    crate::files::open_regular(
+        path,
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true),
+    )
+    .and_then(|mut f| f.write_all(LIBRARY))
+    .with_context(|| format!("writing {}", path.display()))
 }
 
 #[cfg(test)]

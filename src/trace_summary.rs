@@ -3,8 +3,12 @@
 //!
 //! [`read`] streams the file line by line (a line longer than [`MAX_LINE_BYTES`] is malformed)
 //! and keeps per process the calls in first-seen order with their counts and its failed calls;
-//! [`Trace::summary`] prints them. [`Trace::check_spec`] compares a trace of `--engine vllm
-//! --level copy` with SPEC section 2's sequence pair by pair, and names every difference.
+//! [`Trace::summary`] prints them. Only a regular file is read, and every input is bounded, so
+//! that neither a device (`/dev/zero`) nor a huge or hostile file can make it run or grow
+//! without end: at most [`MAX_TRACE_BYTES`] are read and at most [`MAX_KEPT_BYTES`] are kept,
+//! each with an error naming the limit, and no step costs more than a hash look-up per line.
+//! [`Trace::check_spec`] compares a trace of `--engine vllm --level copy` with SPEC section 2's
+//! sequence pair by pair, and names every difference.
 //! Nothing here panics on any input: a malformed line is reported with its line number.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -16,9 +20,21 @@ use crate::json::{self, Value};
 
 /// The longest line accepted (the writer's lines are under 4000 bytes).
 pub const MAX_LINE_BYTES: usize = 65_536;
-/// The most calls kept for `--spec` (calls outside jobs and of the copy tier): far more than any
-/// check makes; a larger file is refused rather than exhausting memory.
-pub const MAX_KEPT_CALLS: usize = 1_000_000;
+/// The most bytes read: the trace of a check of 8 GPUs at the handshake level is 3.2 MB, so one
+/// of 64 GPUs (the most `--simulate` accepts; 64 times the pairs) would be about 200 MB; a
+/// larger file is not read.
+pub const MAX_TRACE_BYTES: u64 = 1 << 30;
+/// The most that is kept in memory while reading, counted as the bytes of the lines, names and
+/// keys kept plus [`ENTRY_BYTES`] for each entry: a trace of a check keeps far less (its copy
+/// tier and the calls outside jobs, about 55 MB for 64 GPUs); past it the file is not read
+/// further, so memory stays bounded whatever the file holds.
+pub const MAX_KEPT_BYTES: usize = 256 << 20;
+/// What each kept entry (a process, a call's name, a job, a call kept for `--spec`) is counted
+/// for beyond its text.
+const ENTRY_BYTES: usize = 64;
+/// The most distinct roles of one process (a check's have at most two: `worker`, then the
+/// engine's role).
+const MAX_ROLES: usize = 8;
 /// The most malformed lines listed (the count of the rest is given).
 const MAX_PROBLEMS: usize = 20;
 /// The most failed calls listed per process.
@@ -97,6 +113,8 @@ struct Process {
     /// Calls outside any job, in order.
     outside: Vec<Step>,
     jobs: Vec<JobCalls>,
+    /// Where each job (index, src, tgt, role) is in `jobs`.
+    job_index: HashMap<(u64, u64, u64, String), usize>,
     first_job_line: Option<u64>,
 }
 
@@ -114,6 +132,7 @@ impl Process {
             gpus: BTreeSet::new(),
             outside: Vec::new(),
             jobs: Vec::new(),
+            job_index: HashMap::new(),
             first_job_line: None,
         }
     }
@@ -153,19 +172,38 @@ pub struct Trace {
     failed: u64,
     processes: Vec<Process>,
     by_pid: HashMap<u64, usize>,
-    kept: usize,
+    /// What is kept, counted as [`MAX_KEPT_BYTES`] says.
+    kept_bytes: usize,
+    /// A limit was reached: nothing more is read.
+    stopped: bool,
 }
 
-/// Reads the trace file at `path` (streamed, line by line).
+/// Reads the trace file at `path` (streamed, line by line): only a regular file, at most
+/// [`MAX_TRACE_BYTES`] of it.
 pub fn read(path: &Path) -> Result<Trace, BadTrace> {
-    let file = std::fs::File::open(path).map_err(|e| BadTrace {
-        problems: vec![format!("cannot read {}: {e}", path.display())],
-    })?;
+    let fail = |why: String| BadTrace {
+        problems: vec![format!("cannot read {}: {why}", path.display())],
+    };
+    let file = crate::files::open_regular(path, std::fs::OpenOptions::new().read(true))
+        .map_err(|e| fail(e.to_string()))?;
+    let len = file.metadata().map_err(|e| fail(e.to_string()))?.len();
+    if len > MAX_TRACE_BYTES {
+        return Err(fail(too_big()));
+    }
     read_from(BufReader::new(file))
 }
 
-/// Reads a trace from `input`.
-pub fn read_from(mut input: impl BufRead) -> Result<Trace, BadTrace> {
+/// Why a trace is not read past [`MAX_TRACE_BYTES`].
+fn too_big() -> String {
+    format!(
+        "larger than {MAX_TRACE_BYTES} bytes (1 GiB), the most trace-summary reads: not the trace \
+         of a check"
+    )
+}
+
+/// Reads a trace from `input`: at most [`MAX_TRACE_BYTES`], and stops there with an error.
+pub fn read_from(input: impl BufRead) -> Result<Trace, BadTrace> {
+    let mut input = input.take(MAX_TRACE_BYTES + 1);
     let mut trace = Trace::default();
     let mut problems = Vec::new();
     let mut bad = 0usize;
@@ -187,7 +225,7 @@ pub fn read_from(mut input: impl BufRead) -> Result<Trace, BadTrace> {
         }
         let whole = buf.last() == Some(&b'\n');
         let result = if !whole && buf.len() > MAX_LINE_BYTES {
-            // Skip the rest of the line.
+            // Skip the rest of the line (the whole input is bounded, so this ends).
             let mut rest = Vec::new();
             loop {
                 rest.clear();
@@ -207,23 +245,35 @@ pub fn read_from(mut input: impl BufRead) -> Result<Trace, BadTrace> {
         };
         if let Err(why) = result {
             bad += 1;
-            if bad <= MAX_PROBLEMS {
+            if bad <= MAX_PROBLEMS || trace.stopped {
                 problems.push(format!("line {number}: {why}"));
             }
-            if trace.kept > MAX_KEPT_CALLS {
+            if trace.stopped {
                 break;
             }
         }
     }
     if bad > MAX_PROBLEMS {
-        problems.push(format!(
-            "... and {} more malformed line(s)",
-            bad - MAX_PROBLEMS
-        ));
+        let more = bad - MAX_PROBLEMS - usize::from(trace.stopped);
+        if more > 0 {
+            problems.push(format!("... and {more} more malformed line(s)"));
+        }
+    }
+    if input.limit() == 0 {
+        problems.push(too_big());
     }
     match problems.is_empty() {
         true => Ok(trace),
         false => Err(BadTrace { problems }),
+    }
+}
+
+/// How many values `v` is made of (itself and, in an array or object, each member's).
+fn values(v: &Value) -> usize {
+    1 + match v {
+        Value::Array(items) => items.iter().map(values).sum(),
+        Value::Object(members) => members.iter().map(|(_, v)| values(v)).sum(),
+        _ => 0,
     }
 }
 
@@ -316,21 +366,33 @@ impl Trace {
         let out = object(field(&m, "out")).ok_or("\"out\" is not an object")?;
         let device = signed(field(&m, "device"));
 
+        // What this line adds to memory, counted as MAX_KEPT_BYTES says.
+        let mut cost = 0;
         let i = match self.by_pid.get(&pid) {
             Some(&i) => i,
             None => {
+                cost += std::mem::size_of::<Process>() + 8 * ENTRY_BYTES;
                 self.processes.push(Process::new(pid));
                 self.by_pid.insert(pid, self.processes.len() - 1);
                 self.processes.len() - 1
             }
         };
         let p = &mut self.processes[i];
-        self.lines += 1;
-        p.lines += 1;
-        if !p.roles.iter().any(|r| r == role) {
+        if !p.has_role(role) {
+            if p.roles.len() == MAX_ROLES {
+                self.stopped = true;
+                return Err(format!(
+                    "pid {pid} has more than {MAX_ROLES} roles: not the trace of a check; not \
+                     read further"
+                ));
+            }
+            cost += ENTRY_BYTES + role.len();
             p.roles.push(role.to_string());
         }
-        if !part.is_empty() {
+        self.lines += 1;
+        p.lines += 1;
+        if !part.is_empty() && p.part != part {
+            // Replaced, never accumulated: bounded by the line.
             p.part = part.to_string();
         }
         let key = match &via {
@@ -340,6 +402,7 @@ impl Trace {
         match p.call_index.get(&key) {
             Some(&k) => p.calls[k].1 += 1,
             None => {
+                cost += ENTRY_BYTES + 2 * key.len();
                 p.call_index.insert(key.clone(), p.calls.len());
                 p.calls.push((key, 1));
             }
@@ -363,6 +426,7 @@ impl Trace {
                         j.index, j.src, j.tgt, j.role, j.tier
                     );
                 }
+                cost += ENTRY_BYTES + s.len();
                 p.failures.push(s);
             }
         }
@@ -375,48 +439,66 @@ impl Trace {
             args,
             out,
         };
+        // A kept call is counted as its line (its parsed fields hold the line's text) and each
+        // value parsed from it.
+        let values: usize = step
+            .args
+            .iter()
+            .chain(&step.out)
+            .map(|(_, v)| values(v))
+            .sum();
+        let step_cost = std::mem::size_of::<Step>() + text.len() + ENTRY_BYTES * values;
         match job {
             None => {
                 p.outside.push(step);
-                self.kept += 1;
+                cost += step_cost;
             }
             Some(j) => {
                 p.first_job_line.get_or_insert(number);
-                match j.role.as_str() {
-                    "producer" => p.gpus.insert(j.src),
-                    "consumer" => p.gpus.insert(j.tgt),
-                    _ => false,
+                let gpu = match j.role.as_str() {
+                    "producer" => Some(j.src),
+                    "consumer" => Some(j.tgt),
+                    _ => None,
                 };
-                let at = p.jobs.iter().position(|c| {
-                    c.index == j.index && c.src == j.src && c.tgt == j.tgt && c.role == j.role
-                });
-                let calls = match at {
-                    Some(at) => &mut p.jobs[at],
+                if gpu.is_some_and(|g| p.gpus.insert(g)) {
+                    cost += ENTRY_BYTES;
+                }
+                let key = (j.index, j.src, j.tgt, j.role);
+                let at = match p.job_index.get(&key) {
+                    Some(&at) => at,
                     None => {
+                        cost += std::mem::size_of::<JobCalls>() + 4 * ENTRY_BYTES + 2 * key.3.len();
                         p.jobs.push(JobCalls {
-                            index: j.index,
-                            src: j.src,
-                            tgt: j.tgt,
-                            role: j.role.clone(),
+                            index: key.0,
+                            src: key.1,
+                            tgt: key.2,
+                            role: key.3.clone(),
                             steps: Vec::new(),
                             other_tiers: BTreeMap::new(),
                         });
-                        let last = p.jobs.len() - 1;
-                        &mut p.jobs[last]
+                        p.job_index.insert(key, p.jobs.len() - 1);
+                        p.jobs.len() - 1
                     }
                 };
+                let calls = &mut p.jobs[at];
                 if j.tier == "copy" {
                     calls.steps.push(step);
-                    self.kept += 1;
+                    cost += step_cost;
                 } else {
-                    *calls.other_tiers.entry(j.tier).or_insert(0) += 1;
+                    let count = calls.other_tiers.entry(j.tier).or_insert_with_key(|tier| {
+                        cost += ENTRY_BYTES + tier.len();
+                        0
+                    });
+                    *count += 1;
                 }
             }
         }
-        if self.kept > MAX_KEPT_CALLS {
+        self.kept_bytes += cost;
+        if self.kept_bytes > MAX_KEPT_BYTES {
+            self.stopped = true;
             return Err(format!(
-                "more than {MAX_KEPT_CALLS} calls outside jobs or in copy jobs: not the trace of \
-                 a check; not read further"
+                "more than {MAX_KEPT_BYTES} bytes (256 MiB) of calls, names and jobs to keep, \
+                 the most trace-summary keeps: not the trace of a check; not read further"
             ));
         }
         Ok(())
@@ -714,7 +796,7 @@ mod spec {
         }
     }
 
-    pub(super) fn check(trace: &Trace) -> SpecCheck {
+    pub(super) fn check<'a>(trace: &'a Trace) -> SpecCheck {
         let mut pairs = Vec::new();
         let mut notes = Vec::new();
         let mut differences = Vec::new();
@@ -794,15 +876,19 @@ mod spec {
         for (round, (p, c)) in producers.iter().zip(&consumers).enumerate() {
             let mut indices: BTreeSet<u64> = p.jobs.iter().map(|j| j.index).collect();
             indices.extend(c.jobs.iter().map(|j| j.index));
+            // Each side's first job of each index, found by a look-up, not a search per index.
+            let first = |p: &'a Process, role: &str| -> HashMap<u64, &'a JobCalls> {
+                p.jobs
+                    .iter()
+                    .rev()
+                    .filter(|j| j.role == role)
+                    .map(|j| (j.index, j))
+                    .collect()
+            };
+            let (p_jobs, c_jobs) = (first(p, "producer"), first(c, "consumer"));
             for index in indices {
-                let pj = p
-                    .jobs
-                    .iter()
-                    .find(|j| j.index == index && j.role == "producer");
-                let cj = c
-                    .jobs
-                    .iter()
-                    .find(|j| j.index == index && j.role == "consumer");
+                let pj = p_jobs.get(&index).copied();
+                let cj = c_jobs.get(&index).copied();
                 let (src, tgt) = match (pj, cj) {
                     (Some(j), _) | (None, Some(j)) => (j.src, j.tgt),
                     (None, None) => continue,
@@ -1176,6 +1262,85 @@ mod tests {
             format!("line 6: longer than {MAX_LINE_BYTES} bytes")
         );
         assert_eq!(err.problems[4], "line 8: not UTF-8 text");
+    }
+
+    /// An endless input of the lines `line(i)` makes, for i = 0, 1, 2...
+    struct Lines<F: FnMut(u64) -> String> {
+        line: F,
+        next: u64,
+        pending: Vec<u8>,
+        at: usize,
+    }
+
+    impl<F: FnMut(u64) -> String> Read for Lines<F> {
+        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+            if self.at == self.pending.len() {
+                self.pending = (self.line)(self.next).into_bytes();
+                self.next += 1;
+                self.at = 0;
+            }
+            let n = out.len().min(self.pending.len() - self.at);
+            out[..n].copy_from_slice(&self.pending[self.at..self.at + n]);
+            self.at += n;
+            Ok(n)
+        }
+    }
+
+    fn endless<F: FnMut(u64) -> String>(line: F) -> BufReader<Lines<F>> {
+        BufReader::new(Lines {
+            line,
+            next: 0,
+            pending: Vec::new(),
+            at: 0,
+        })
+    }
+
+    #[test]
+    fn an_endless_input_is_read_up_to_the_size_limit_and_no_further() {
+        // /dev/zero without the device: one endless line, skipped, then the limit.
+        let err = read_from(BufReader::new(std::io::repeat(0))).unwrap_err();
+        assert_eq!(
+            err.problems,
+            vec![
+                format!("line 1: longer than {MAX_LINE_BYTES} bytes"),
+                "larger than 1073741824 bytes (1 GiB), the most trace-summary reads: not the \
+                 trace of a check"
+                    .to_string()
+            ]
+        );
+    }
+
+    #[test]
+    fn what_is_kept_is_bounded_whatever_the_lines_hold() {
+        // Each line a new process, a new call and a new job: everything a line can add.
+        let err = read_from(endless(|i| {
+            format!(
+                "{{\"pid\":{i},\"role\":\"consumer\",\"call\":\"c{i}\",\"code\":0,\"job\":\
+                 {{\"index\":{i},\"src\":{i},\"tgt\":0,\"role\":\"consumer\",\"tier\":\"copy\"}},\
+                 \"args\":{{\"a\":[1,2,3,4,5,6,7,8]}}}}\n"
+            )
+        }))
+        .unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert!(
+            err.problems[0].ends_with(
+                "more than 268435456 bytes (256 MiB) of calls, names and jobs to keep, the \
+                 most trace-summary keeps: not the trace of a check; not read further"
+            ),
+            "{err}"
+        );
+        // Roles are few per process: a line with yet another one is not kept.
+        let err = read_from(endless(|i| {
+            format!("{{\"pid\":1,\"role\":\"r{i}\",\"call\":\"c\",\"code\":0}}\n")
+        }))
+        .unwrap_err();
+        assert_eq!(
+            err.problems,
+            vec![format!(
+                "line 9: pid 1 has more than {MAX_ROLES} roles: not the trace of a check; not \
+                 read further"
+            )]
+        );
     }
 
     #[test]

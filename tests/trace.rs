@@ -8,11 +8,16 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use p2pcheck::json::{self, Value};
 
 mod common;
-use common::TempDir;
+use common::{output_within, TempDir};
+
+/// How long one run may take before the test fails: far beyond what any run here needs, even on
+/// a loaded machine; it only proves that nothing waits for ever (a FIFO's open would).
+const LIMIT: Duration = Duration::from_secs(120);
 
 fn p2pcheck(args: &[&str], env: &[(&str, &str)], cwd: Option<&Path>) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_p2pcheck"));
@@ -26,7 +31,7 @@ fn p2pcheck(args: &[&str], env: &[(&str, &str)], cwd: Option<&Path>) -> Output {
     if let Some(dir) = cwd {
         cmd.current_dir(dir);
     }
-    cmd.output().expect("p2pcheck runs")
+    output_within(&mut cmd, LIMIT)
 }
 
 fn text(b: &[u8]) -> String {
@@ -482,7 +487,10 @@ fn trace_arguments_and_files_that_cannot_be_used_exit_2_with_the_reason() {
     );
     assert_eq!(out.status.code(), Some(2));
     assert!(
-        text(&out.stderr).starts_with("p2pcheck: --trace "),
+        text(&out.stderr).starts_with(&format!(
+            "p2pcheck: --trace: cannot use the trace file {}: No such file or directory",
+            missing.display()
+        )),
         "{}",
         text(&out.stderr)
     );
@@ -574,4 +582,107 @@ fn trace_summary_prints_each_process_calls_in_first_seen_order() {
          pid 6 parent (parent part): 1 call(s), 0 failed\n  \
          cuInit x1\n"
     );
+}
+
+/// Makes a FIFO at `path` (the mkfifo command: mkfifo(3) would need `unsafe`); `false` where
+/// there is no mkfifo command.
+fn mkfifo(path: &Path) -> bool {
+    match Command::new("mkfifo").arg(path).status() {
+        Ok(status) if status.success() => true,
+        other => {
+            eprintln!("FIFO cases skipped: no mkfifo command ({other:?})");
+            false
+        }
+    }
+}
+
+#[test]
+fn a_trace_destination_that_is_not_a_regular_file_is_refused_before_the_check() {
+    let dir = TempDir::new("p2pcheck-trace-dest");
+    let fifo = dir.path().join("fifo");
+    let mut cases: Vec<(String, &str)> = vec![("/dev/null".into(), "a character device")];
+    if mkfifo(&fifo) {
+        cases.push((fifo.display().to_string(), "a FIFO"));
+    }
+    let refused = |out: &Output, source: &str, path: &str, what: &str| {
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+        assert_eq!(
+            text(&out.stderr),
+            format!(
+                "p2pcheck: {source}: cannot use the trace file {path}: it is {what}, not a \
+                 regular file (P2PCHECK_TRACE=1 sends the trace to stderr)\n"
+            )
+        );
+        assert_eq!(text(&out.stdout), "", "nothing ran");
+    };
+    for (path, what) in &cases {
+        // Without a reader, a blocking open of the FIFO would wait for one for ever.
+        let out = p2pcheck(&["--simulate", "2", "--trace", path], &[], None);
+        refused(&out, "--trace", path, what);
+        let out = p2pcheck(&["--simulate", "2"], &[("P2PCHECK_TRACE", path)], None);
+        refused(&out, "P2PCHECK_TRACE", path, what);
+    }
+    if cases.len() == 2 {
+        // With a reader, which could stop reading and block every write of every process (and
+        // whose closing used to leave the workers' own opens waiting: "did not start CUDA").
+        use std::os::unix::fs::OpenOptionsExt;
+        let _reader = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .unwrap();
+        let path = fifo.display().to_string();
+        let out = p2pcheck(&["--simulate", "2", "--trace", &path], &[], None);
+        refused(&out, "--trace", &path, "a FIFO");
+    }
+}
+
+#[test]
+fn trace_summary_reads_only_a_regular_file_within_its_limits() {
+    let dir = TempDir::new("p2pcheck-trace-input");
+    let fifo = dir.path().join("fifo");
+    let mut cases: Vec<(String, String)> = vec![
+        (
+            "/dev/zero".into(),
+            "it is a character device, not a regular file".into(),
+        ),
+        (
+            "/dev/urandom".into(),
+            "it is a character device, not a regular file".into(),
+        ),
+        (
+            dir.path().display().to_string(),
+            "it is a directory, not a regular file".into(),
+        ),
+    ];
+    if mkfifo(&fifo) {
+        // No writer: a blocking open would wait for one for ever.
+        cases.push((
+            fifo.display().to_string(),
+            "it is a FIFO, not a regular file".into(),
+        ));
+    }
+    // One byte over the limit (sparse: nothing is written, and nothing is read).
+    let big = dir.path().join("big.jsonl");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(p2pcheck::trace_summary::MAX_TRACE_BYTES + 1)
+        .unwrap();
+    cases.push((
+        big.display().to_string(),
+        "larger than 1073741824 bytes (1 GiB), the most trace-summary reads: not the trace of a \
+         check"
+            .into(),
+    ));
+    for (path, why) in cases {
+        for spec in [&[][..], &["--spec"][..]] {
+            let out = p2pcheck(&[&["trace-summary", &path][..], spec].concat(), &[], None);
+            assert_eq!(out.status.code(), Some(2), "{path}: {}", text(&out.stderr));
+            assert_eq!(
+                text(&out.stderr),
+                format!("p2pcheck: trace-summary {path}:\n  cannot read {path}: {why}\n")
+            );
+            assert_eq!(text(&out.stdout), "");
+        }
+    }
 }

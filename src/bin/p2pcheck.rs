@@ -46,7 +46,8 @@ trace-summary PATH reads an audit trace (--trace) and prints, per process, its c
 of first use with their counts and its failed calls. With --spec it also compares a trace of
 `--engine vllm --level copy` with vLLM's procedure (SPEC section 2) pair by pair and prints
 every difference: exit 0 when there is none, 1 when there are some, 2 when the file cannot be
-read or has a malformed line (named by its number).
+read or has a malformed line (named by its number). Only a regular file is read, at most 1 GiB
+of it, lines of at most 64 KiB, keeping at most 256 MiB; past a limit, exit 2 naming it.
 
 doctor says why a pair fails or is slow, and what to change: the PCIe path of each GPU pair
 (bridges, ACS, IOMMU groups and mode, kernel command line; from sysfs, without root where
@@ -78,7 +79,9 @@ OPTIONS:
                            /proc/driver/nvidia)
     --write-vllm-cache     Write vLLM's cache file gpu_p2p_access_cache_for_<CVD>.json with these
                            verdicts and p2pcheck's fingerprint beside it (atomically, under a
-                           lock), so vLLM never runs its own check
+                           lock), so vLLM never runs its own check. A write that fails is exit 2
+                           (the verdicts are printed all the same); a pair that hung or errored
+                           only once is not written (a warning)
     --cache-dir DIR        Folder of that file [default: $VLLM_CACHE_ROOT, else
                            $XDG_CACHE_HOME/vllm, else ~/.cache/vllm]
     --refresh              access-check: check again even if the cache is valid
@@ -104,10 +107,12 @@ OPTIONS:
                            hang, crash, one-way, claim-no, partial, shifted (see README).
                            @once: only in the first attempt at the pair; the fresh workers of
                            a retry do not see it
-    --write-sim-lib PATH   Write the simulated driver library to PATH and exit (load it as
-                           libcuda/libcudart to test your own code without a GPU)
-    --trace PATH           Append the audit trace to PATH (created with mode 0600): one JSON
-                           line for every CUDA call of this process and of every worker (sets
+    --write-sim-lib PATH   Write the simulated driver library to PATH, a regular file (created
+                           or replaced; a FIFO or a device is refused: exit 2), and exit (load
+                           it as libcuda/libcudart to test your own code without a GPU)
+    --trace PATH           Append the audit trace to PATH, a regular file (created with mode
+                           0600; a FIFO or a device is refused: exit 2): one JSON line for
+                           every CUDA call of this process and of every worker (sets
                            P2PCHECK_TRACE for the run; see README, Audit trace)
     -h, --help             Print this help
     -V, --version          Print the version and where the CUDA bindings came from
@@ -121,12 +126,15 @@ ENVIRONMENT:
     P2PCHECK_DOCTOR_ROOT   Testing: explain a check's failures from the sysfs/proc tree in this
                            folder (also with --simulate, which otherwise gets no doctor)
     P2PCHECK_TRACE         Audit trace of every CUDA call of every process, one JSON line
-                           each: 1 = to stderr, a path = appended to that file, 0/empty = off
+                           each: 1 = to stderr, a path = appended to that file (a regular
+                           file, checked as --trace is), 0/empty = off
 
 EXIT CODES:
     0  every pair works (access-check: the answer was given, true or false)
     1  some pair is not ok: FAIL, HANG or ERROR (the output says which and why)
-    2  could not check (no GPU, no driver, bad arguments, a worker failed or timed out)
+    2  could not check (no GPU, no driver, bad arguments, a worker failed or timed out), or
+       could not write the vLLM cache file --write-vllm-cache asked for (the verdicts are
+       printed all the same)
 ";
 
 struct Args {
@@ -330,6 +338,8 @@ struct CacheNote {
     path: PathBuf,
     written: bool,
     existing: Option<Result<bool, String>>, // Some(Ok(agrees)) when a readable file was there
+    /// Why a write that --write-vllm-cache asked for failed: the run then ends with exit 2.
+    failed: Option<String>,
 }
 
 /// The vLLM cache file for this run; `None` for a simulation without an explicit --cache-dir
@@ -355,22 +365,25 @@ fn cache_note(
         Err(e) => Some(Err(format!("{e:#}"))),
     };
     let mut written = false;
+    let mut failed = None;
     if args.write_cache {
         match p2pcheck::store_report(report, &access_options(args, Some(dir))) {
             Ok((_, note)) => {
                 written = true;
                 warnings.extend(note);
             }
-            // A verdict that is not a fact (a single hang) must not be written; the run's
-            // answer stands, so this is a warning, not a failure.
-            Err(e @ p2pcheck::Error::Cache { .. }) => warnings.push(e.to_string()),
-            Err(e) => return Err(e.to_string()),
+            // A verdict that is not a fact (a single hang) is not written on purpose: the
+            // run's answer stands, so that is a warning. Any other failure is the write that
+            // was asked for failing: an error.
+            Err(e) if !report.persistable() => warnings.push(e.to_string()),
+            Err(e) => failed = Some(e.to_string()),
         }
     }
     Ok(Some(CacheNote {
         path,
         written,
         existing,
+        failed,
     }))
 }
 
@@ -470,14 +483,15 @@ fn print_table(args: &Args, report: &Report, note: Option<&CacheNote>, warnings:
         println!("vLLM cache: not consulted (simulation; give --cache-dir to write one)");
         return;
     };
-    let state = match (&note.existing, note.written) {
-        (_, true) => "written".to_string(),
-        (None, false) => "absent; --write-vllm-cache writes it".into(),
-        (Some(Ok(true)), false) => "present, agrees with this run".into(),
-        (Some(Ok(false)), false) => {
+    let state = match (&note.existing, note.written, &note.failed) {
+        (_, _, Some(e)) => format!("NOT written: {e}"),
+        (_, true, None) => "written".to_string(),
+        (None, false, None) => "absent; --write-vllm-cache writes it".into(),
+        (Some(Ok(true)), false, None) => "present, agrees with this run".into(),
+        (Some(Ok(false)), false, None) => {
             "present, DISAGREES with this run; --write-vllm-cache replaces it".into()
         }
-        (Some(Err(e)), false) => {
+        (Some(Err(e)), false, None) => {
             format!("present but unusable ({e}); --write-vllm-cache replaces it")
         }
     };
@@ -526,9 +540,10 @@ fn print_json(args: &Args, report: &Report, note: Option<&CacheNote>, warnings: 
                 Some(Err(e)) => json::escape(&format!("unusable: {e}")),
             };
             format!(
-                "{{\"path\":{},\"written\":{},\"before\":{before}}}",
+                "{{\"path\":{},\"written\":{},\"before\":{before},\"error\":{}}}",
                 json::escape(&note.path.display().to_string()),
-                note.written
+                note.written,
+                note.failed.as_deref().map_or("null".into(), json::escape)
             )
         }
     };
@@ -571,7 +586,9 @@ fn print_json(args: &Args, report: &Report, note: Option<&CacheNote>, warnings: 
     );
 }
 
-fn run(args: &Args) -> Result<bool, String> {
+/// The check and its output; the exit code: 0 every pair ok, 1 some not, 2 the cache write
+/// that was asked for failed (the verdicts are printed all the same).
+fn run(args: &Args) -> Result<u8, String> {
     let pending = p2pcheck::start(None, args.opts.clone());
     let report = pending.wait().map_err(|e| e.to_string())?;
     let mut warnings = report.warnings.clone();
@@ -586,7 +603,14 @@ fn run(args: &Args) -> Result<bool, String> {
     for w in pending.finish() {
         eprintln!("p2pcheck: warning: {w}");
     }
-    Ok(report.pairs.iter().all(|p| p.ok()))
+    if let Some(e) = note.as_ref().and_then(|n| n.failed.as_ref()) {
+        eprintln!("p2pcheck: could not write vLLM's cache: {e}");
+        return Ok(2);
+    }
+    Ok(match report.pairs.iter().all(|p| p.ok()) {
+        true => 0,
+        false => 1,
+    })
 }
 
 /// How `args` read and write vLLM's cache, in `cache_dir`.
@@ -599,7 +623,7 @@ fn access_options(args: &Args, cache_dir: Option<PathBuf>) -> AccessOptions {
     }
 }
 
-fn access_check(args: &Args, src: u32, tgt: u32) -> Result<bool, String> {
+fn access_check(args: &Args, src: u32, tgt: u32) -> Result<u8, String> {
     let opts = access_options(args, args.cache_dir.clone());
     if args.opts.simulate.is_some() && args.cache_dir.is_none() {
         return Err("access-check --simulate needs an explicit --cache-dir".into());
@@ -618,30 +642,31 @@ fn access_check(args: &Args, src: u32, tgt: u32) -> Result<bool, String> {
     } else {
         println!("{}", access.answer);
     }
-    Ok(true)
+    Ok(0)
 }
 
-/// `--trace PATH`: the file is opened (created, mode 0600) here first, so that a path that cannot
-/// be written is an argument error, then named in `P2PCHECK_TRACE` by its absolute path, for
-/// this process and the workers, which inherit the environment (and may run elsewhere in the
-/// file system's view of the current folder: none does today, but an absolute path is safe).
-fn set_trace(path: &std::path::Path) -> ArgResult<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = match path.is_absolute() {
-        true => path.to_path_buf(),
-        false => std::env::current_dir()
-            .map_err(|e| format!("--trace: cannot know the current folder: {e}"))?
-            .join(path),
+/// Opens the trace destination before anything runs, so that one that cannot be used (a missing
+/// folder, a FIFO, a device: only a regular file is written) ends the run with exit 2 instead
+/// of blocking or being skipped with a warning. `--trace PATH` is named in `P2PCHECK_TRACE` by
+/// its absolute path, for this process and the workers, which inherit the environment (none
+/// runs in another current folder today, but an absolute path is safe); without it,
+/// `P2PCHECK_TRACE` as the caller set it is checked the same way.
+fn open_trace(flag: Option<&std::path::Path>) -> ArgResult<()> {
+    let source = match flag {
+        None => "P2PCHECK_TRACE",
+        Some(path) => {
+            let path = match path.is_absolute() {
+                true => path.to_path_buf(),
+                false => std::env::current_dir()
+                    .map_err(|e| format!("--trace: cannot know the current folder: {e}"))?
+                    .join(path),
+            };
+            // Before any thread is started and before any CUDA call.
+            std::env::set_var("P2PCHECK_TRACE", &path);
+            "--trace"
+        }
     };
-    std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .open(&path)
-        .map_err(|e| format!("--trace {}: {e}", path.display()))?;
-    // Before any thread is started and before any CUDA call (the trace reads it at the first).
-    std::env::set_var("P2PCHECK_TRACE", &path);
-    Ok(())
+    p2pcheck::open_trace().map_err(|e| format!("{source}: {e}"))
 }
 
 /// `p2pcheck trace-summary PATH [--spec]`.
@@ -819,8 +844,8 @@ fn main() -> ExitCode {
         return doctor(argv);
     }
     let args = match parse_args(argv).and_then(|a| {
-        if let Some(path) = a.as_ref().and_then(|a| a.trace.as_ref()) {
-            set_trace(path)?;
+        if let Some(a) = &a {
+            open_trace(a.trace.as_deref())?;
         }
         Ok(a)
     }) {
@@ -850,8 +875,7 @@ fn main() -> ExitCode {
         }
     }
     match result {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::from(1),
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             if args.json {
                 println!("{{\"error\":{}}}", json::escape(&e));

@@ -6,7 +6,9 @@
 //! * `1`: the lines go to stderr (each with one `write(2)`, so lines of the processes sharing
 //!   that stderr never interleave within a line);
 //! * anything else: a file, opened once per process with `O_WRONLY|O_APPEND|O_CREAT|O_CLOEXEC`
-//!   (mode 0600 when it is created); the parent and every worker append to it.
+//!   (mode 0600 when it is created); the parent and every worker append to it. Only a regular
+//!   file is used ([`crate::files::open_regular`]): a FIFO would block `open(2)` until a reader
+//!   came, and every write once its reader stopped reading; a device is no record.
 //!
 //! A line (fields in this order; see README "Audit trace"): `ts_us` (the call's start,
 //! microseconds since the Unix epoch), `dur_us` (`null` for the driver calls a shim kernel
@@ -26,7 +28,7 @@ use std::cell::Cell;
 use std::ffi::OsStr;
 use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
-use std::io::Write as _;
+use std::io::{self, Write as _};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -90,29 +92,28 @@ fn warn_once(message: &str) {
 }
 
 impl Sink {
-    fn open(setting: Setting) -> Option<Sink> {
+    /// The destination `setting` names, opened; `Err` says which file could not be used, and
+    /// why.
+    fn open(setting: Setting) -> Result<Option<Sink>, String> {
         match setting {
-            Setting::Off => None,
-            Setting::Stderr => Some(Sink::Stderr),
+            Setting::Off => Ok(None),
+            Setting::Stderr => Ok(Some(Sink::Stderr)),
             Setting::File(path) => {
                 // append(true) is O_WRONLY|O_APPEND; O_CLOEXEC so that nothing this process
                 // starts inherits the descriptor (a worker opens the file itself).
-                let opened = OpenOptions::new()
-                    .append(true)
-                    .create(true)
-                    .mode(0o600)
-                    .custom_flags(libc::O_CLOEXEC)
-                    .open(&path);
-                match opened {
-                    Ok(f) => Some(Sink::File(f)),
-                    Err(e) => {
-                        warn_once(&format!(
-                            "cannot open the trace file {}: {e}; this process is not traced",
-                            path.display()
-                        ));
-                        None
-                    }
-                }
+                let mut options = OpenOptions::new();
+                options.append(true).create(true).mode(0o600);
+                crate::files::open_regular(&path, &mut options)
+                    .map(|f| Some(Sink::File(f)))
+                    .map_err(|e| {
+                        let hint = match e.kind() {
+                            io::ErrorKind::InvalidInput => {
+                                format!(" ({VAR}=1 sends the trace to stderr)")
+                            }
+                            _ => String::new(),
+                        };
+                        format!("cannot use the trace file {}: {e}{hint}", path.display())
+                    })
             }
         }
     }
@@ -158,13 +159,38 @@ pub(crate) fn enabled() -> bool {
     }
 }
 
+/// The destination [`VAR`] names now.
+fn setting_now() -> Setting {
+    Setting::from_value(std::env::var_os(VAR).as_deref())
+}
+
 #[cold]
 fn init() -> bool {
-    let on = SINK
-        .get_or_init(|| Sink::open(Setting::from_value(std::env::var_os(VAR).as_deref())))
-        .is_some();
+    let sink = SINK.get_or_init(|| {
+        Sink::open(setting_now()).unwrap_or_else(|why| {
+            warn_once(&format!("{why}; this process is not traced"));
+            None
+        })
+    });
+    let on = sink.is_some();
     STATE.store(if on { ON } else { OFF }, Ordering::Release);
     on
+}
+
+/// Opens this process's trace destination now, as `P2PCHECK_TRACE` names it, rather than at
+/// the first CUDA call: the CLI calls it before the check, so that a destination that cannot be
+/// used (a missing folder, a FIFO, a device) is an error before anything runs, not a warning.
+/// `Ok` when the trace is off or goes to stderr, or was already opened.
+///
+/// # Errors
+/// The file cannot be opened or created, or is not a regular file: the message names it and
+/// says why.
+pub fn open_destination() -> Result<(), String> {
+    let on = SINK
+        .get_or_try_init(|| Sink::open(setting_now()))?
+        .is_some();
+    STATE.store(if on { ON } else { OFF }, Ordering::Release);
+    Ok(())
 }
 
 /// A process's role in the check, for the `role` field.
@@ -532,6 +558,7 @@ pub(crate) fn record_inner(
 mod tests {
     use super::*;
     use crate::protocol::{Level, Pair, Role};
+    use std::path::Path;
 
     #[test]
     fn the_variable_means_off_stderr_or_a_file() {
@@ -547,6 +574,57 @@ mod tests {
             Setting::from_value(Some(OsStr::new("00"))),
             Setting::File("00".into())
         );
+    }
+
+    /// Opens `setting` in a thread, so that an open that blocked fails the test instead of
+    /// hanging it.
+    fn open_within_seconds(setting: Setting) -> Result<bool, String> {
+        let (send, receive) = std::sync::mpsc::channel();
+        std::thread::spawn(move || send.send(Sink::open(setting).map(|s| s.is_some())));
+        receive
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("opening the trace destination blocked")
+    }
+
+    #[test]
+    fn only_a_regular_file_is_a_trace_destination_and_opening_never_blocks() {
+        let dir = std::env::temp_dir().join(format!("p2pcheck-trace-dest-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("t.jsonl");
+        assert_eq!(open_within_seconds(Setting::File(file.clone())), Ok(true));
+        assert!(file.is_file());
+        let refused = |path: &Path, what: &str| {
+            let err = open_within_seconds(Setting::File(path.to_path_buf())).unwrap_err();
+            assert_eq!(
+                err,
+                format!(
+                    "cannot use the trace file {}: it is {what}, not a regular file \
+                     (P2PCHECK_TRACE=1 sends the trace to stderr)",
+                    path.display()
+                )
+            );
+        };
+        refused(Path::new("/dev/null"), "a character device");
+        // mkfifo(3) would need `unsafe`, denied here; the mkfifo command makes the same FIFO.
+        let fifo = dir.join("fifo");
+        match std::process::Command::new("mkfifo").arg(&fifo).status() {
+            Ok(status) if status.success() => {
+                // Without a reader (a blocking open would wait for one for ever)...
+                refused(&fifo, "a FIFO");
+                // ...and with one (whose reading could stop and block every write).
+                let _reader = OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(&fifo)
+                    .unwrap();
+                refused(&fifo, "a FIFO");
+            }
+            other => eprintln!("FIFO cases skipped: no mkfifo command ({other:?})"),
+        }
+        let err = open_within_seconds(Setting::File(dir.clone())).unwrap_err();
+        assert!(err.ends_with("Is a directory (os error 21)"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     fn job() -> Job {
