@@ -181,10 +181,10 @@ PY
   say "under load: $same of $total checks gave the unloaded verdicts ($(awk '{print $5}' "$OUT/load-times.log" | sort -n | tr '\n' ' ')s to answer)"
   # Every worker killed as it appears, for the whole run.
   T=$(mktemp -d)
-  VLLM_CACHE_ROOT=$T "$P2P" --write-vllm-cache --json >"$OUT/killed.json" 2>"$OUT/killed.err" &
+  VLLM_CACHE_ROOT=$T timeout 150 "$P2P" --write-vllm-cache --json >"$OUT/killed.json" 2>"$OUT/killed.err" &
   P=$!
-  kills=0
-  while kill -0 "$P" 2>/dev/null; do
+  kills=0; t_end=$((SECONDS + 120))
+  while kill -0 "$P" 2>/dev/null && [ $SECONDS -lt $t_end ]; do
     if pkill -KILL -x p2pcheck-worker; then kills=$((kills + 1)); fi
     sleep 0.01
   done
@@ -193,7 +193,7 @@ PY
   rm -rf "$T"
   # The first workers killed once, 0.3 s in (during start-up or the pairs): the retry decides.
   T=$(mktemp -d)
-  VLLM_CACHE_ROOT=$T "$P2P" --write-vllm-cache --json >"$OUT/killed-once.json" 2>"$OUT/killed-once.err" &
+  VLLM_CACHE_ROOT=$T timeout 150 "$P2P" --write-vllm-cache --json >"$OUT/killed-once.json" 2>"$OUT/killed-once.err" &
   P=$!; sleep 0.3; pkill -KILL -x p2pcheck-worker; wait "$P"; rc=$?
   say "workers killed once at 0.3 s: exit $rc; cache files [$(ls -A "$T" | tr '\n' ' ')]; $(python3 -c "import json,sys; d=json.load(open('$OUT/killed-once.json')); print(' '.join(f\"{p['src']}->{p['tgt']}:{p['verdict']}/attempts {p['attempts']}\" for p in d['pairs']))" 2>/dev/null) $(head -c 200 "$OUT/killed-once.err" | tr '\n' ' ')"
   rm -rf "$T"
