@@ -197,6 +197,37 @@ PY
   P=$!; sleep 0.3; pkill -KILL -x p2pcheck-worker; wait "$P"; rc=$?
   say "workers killed once at 0.3 s: exit $rc; cache files [$(ls -A "$T" | tr '\n' ' ')]; $(python3 -c "import json,sys; d=json.load(open('$OUT/killed-once.json')); print(' '.join(f\"{p['src']}->{p['tgt']}:{p['verdict']}/attempts {p['attempts']}\" for p in d['pairs']))" 2>/dev/null) $(head -c 200 "$OUT/killed-once.err" | tr '\n' ' ')"
   rm -rf "$T"
+  # Every worker killed at its first cudaIpcOpenMemHandle (the pairs under way, start-up done):
+  # the retry on fresh workers passes, the verdict is not a fact, nothing is written.
+  T=$(mktemp -d)
+  VLLM_CACHE_ROOT=$T timeout 150 "$P2P" --write-vllm-cache --json --trace "$T/trace.jsonl" >"$OUT/killed-mid.json" 2>"$OUT/killed-mid.err" &
+  P=$!
+  python3 - "$T/trace.jsonl" "$P" <<'PY' >>"$OUT/killed-mid.err" 2>&1
+import os, signal, sys, time
+path, parent = sys.argv[1], int(sys.argv[2])
+end = time.time() + 60
+while time.time() < end:
+    try:
+        text = open(path).read()
+    except OSError:
+        text = ""
+    if '"call":"cudaIpcOpenMemHandle"' in text:
+        pids = set()
+        for l in text.splitlines():
+            if '"role":"worker"' in l:
+                pids.add(int(l.split('"pid":', 1)[1].split(",", 1)[0]))
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        print("killed workers", sorted(pids), "at their first cudaIpcOpenMemHandle")
+        break
+    time.sleep(0.0005)
+PY
+  wait "$P"; rc=$?
+  say "workers killed mid-pair: exit $rc; cache files [$(ls -A "$T" | grep -v trace.jsonl | tr '\n' ' ')]; $(python3 -c "import json,sys; d=json.load(open('$OUT/killed-mid.json')); print(' '.join(f\"{p['src']}->{p['tgt']}:{p['verdict']}/{p['evidence']}/persistable {p['persistable']}/attempts {p['attempts']}\" for p in d['pairs']), 'vllm_cache written', d['vllm_cache']['written'])" 2>/dev/null) $(grep -h 'killed workers' "$OUT/killed-mid.err")"
+  rm -rf "$T"
   # The CLI itself killed mid-run: no cache file, no temporary file left.
   T=$(mktemp -d)
   VLLM_CACHE_ROOT=$T "$P2P" --write-vllm-cache >/dev/null 2>&1 &
