@@ -226,7 +226,7 @@ while time.time() < end:
     time.sleep(0.0005)
 PY
   wait "$P"; rc=$?
-  say "workers killed mid-pair: exit $rc; cache files [$(ls -A "$T" | grep -v trace.jsonl | tr '\n' ' ')]; $(python3 -c "import json,sys; d=json.load(open('$OUT/killed-mid.json')); print(' '.join(f\"{p['src']}->{p['tgt']}:{p['verdict']}/{p['evidence']}/persistable {p['persistable']}/attempts {p['attempts']}\" for p in d['pairs']), 'vllm_cache written', d['vllm_cache']['written'])" 2>/dev/null) $(grep -h 'killed workers' "$OUT/killed-mid.err")"
+  say "workers killed mid-pair: exit $rc; cache files [$(ls -A "$T" | grep -v trace.jsonl | tr '\n' ' ')]; $(python3 -c "import json,sys; d=json.load(open('$OUT/killed-mid.json')); print(' '.join(f\"{p['src']}->{p['tgt']}:{p['verdict']}/{p['evidence']}/persistable {p['persistable']}/attempts {p['attempts']}\" for p in d['pairs']), 'vllm_cache written', (d.get('vllm_cache') or {}).get('written'))" 2>/dev/null) $(grep -h 'killed workers' "$OUT/killed-mid.err")"
   rm -rf "$T"
   # The CLI itself killed mid-run: no cache file, no temporary file left.
   T=$(mktemp -d)
