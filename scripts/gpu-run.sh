@@ -197,11 +197,11 @@ PY
   P=$!; sleep 0.3; pkill -KILL -x p2pcheck-worker; wait "$P"; rc=$?
   say "workers killed once at 0.3 s: exit $rc; cache files [$(ls -A "$T" | tr '\n' ' ')]; $(python3 -c "import json,sys; d=json.load(open('$OUT/killed-once.json')); print(' '.join(f\"{p['src']}->{p['tgt']}:{p['verdict']}/attempts {p['attempts']}\" for p in d['pairs']))" 2>/dev/null) $(head -c 200 "$OUT/killed-once.err" | tr '\n' ' ')"
   rm -rf "$T"
-  # Every worker killed at its first cudaIpcOpenMemHandle (start-up done; a 2 GiB kernel tier
+  # Every worker killed at its first cudaIpcOpenMemHandle (start-up done; a 1 GiB kernel tier, the most
   # keeps the pair under way for a while):
   # the retry on fresh workers passes, the verdict is not a fact, nothing is written.
   T=$(mktemp -d)
-  VLLM_CACHE_ROOT=$T timeout 150 "$P2P" --write-vllm-cache --json --kernel-bytes 2147483648 --trace "$T/trace.jsonl" >"$OUT/killed-mid.json" 2>"$OUT/killed-mid.err" &
+  VLLM_CACHE_ROOT=$T timeout 150 "$P2P" --write-vllm-cache --json --kernel-bytes 1073741824 --trace "$T/trace.jsonl" >"$OUT/killed-mid.json" 2>"$OUT/killed-mid.err" &
   P=$!
   python3 - "$T/trace.jsonl" "$P" <<'PY' >>"$OUT/killed-mid.err" 2>&1
 import os, signal, sys, time
