@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use common::TempDir;
 use p2pcheck::cache::{self, Ask, Computed, Origin, Trust};
-use p2pcheck::fingerprint::{self, Fingerprint, Gpu, Record};
+use p2pcheck::fingerprint::{self, Fingerprint, Record};
 use p2pcheck::sim::{Fault, Simulation};
 use p2pcheck::{AccessOptions, Level, Options};
 
@@ -37,21 +37,7 @@ const HANDSHAKE: [bool; 4] = [true, false, true, true];
 
 /// The conditions of a check at `level` on a two-GPU machine (as crafted as the verdicts).
 fn now(level: &str) -> Fingerprint {
-    let gpu = |k: usize| Gpu {
-        bus_id: format!("0000:{:02x}:00.0", k + 1),
-        uuid: format!("GPU-51a00000-0000-0000-0000-{k:012x}"),
-        model: "p2pcheck simulated GPU".into(),
-    };
-    Fingerprint {
-        version: env!("CARGO_PKG_VERSION").into(),
-        level: level.into(),
-        check: String::new(),
-        driver_version: "simulated".into(),
-        boot_id: "00000000-0000-0000-0000-000000000000".into(),
-        cvd: None,
-        devices: 2,
-        gpus: vec![gpu(0), gpu(1)],
-    }
+    common::crafted_fingerprint(level)
 }
 
 /// The truth at `level`.

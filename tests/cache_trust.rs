@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use common::TempDir;
 use p2pcheck::cache::{self, Ask, Computed, Loaded, Origin, Trust};
-use p2pcheck::fingerprint::{self, Fingerprint, Gpu, Record};
+use p2pcheck::fingerprint::{self, Fingerprint, Record};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_p2pcheck-worker");
 const CLI: &str = env!("CARGO_BIN_EXE_p2pcheck");
@@ -50,21 +50,7 @@ fn can_chown() -> bool {
 
 /// The check's conditions on a crafted two-GPU machine.
 fn now() -> Fingerprint {
-    let gpu = |k: usize| Gpu {
-        bus_id: format!("0000:{:02x}:00.0", k + 1),
-        uuid: format!("GPU-51a00000-0000-0000-0000-{k:012x}"),
-        model: "p2pcheck simulated GPU".into(),
-    };
-    Fingerprint {
-        version: env!("CARGO_PKG_VERSION").into(),
-        level: "handshake".into(),
-        check: String::new(),
-        driver_version: "simulated".into(),
-        boot_id: "00000000-0000-0000-0000-000000000000".into(),
-        cvd: None,
-        devices: 2,
-        gpus: vec![gpu(0), gpu(1)],
-    }
+    common::crafted_fingerprint("handshake")
 }
 
 /// A cache folder `cache/` (mode 0755) and, beside it, `outside/` with a file that must never
