@@ -545,7 +545,15 @@ impl<'a> Folder<'a> {
         if let Some(text) = beside {
             self.write_then_rename(&temp_name(beside_name), beside_name, text, &beside_path)?;
         }
-        self.write_then_rename(&temp_name(name), name, contents, path)?;
+        if let Err(e) = self.write_then_rename(&temp_name(name), name, contents, path) {
+            // vLLM's file was not replaced: the fingerprint just placed vouches for verdicts
+            // that are not there (never answered from, but a leftover): a failed write leaves
+            // nothing of its own.
+            if beside.is_some() {
+                let _ = os::unlink_at(&self.fd, beside_name);
+            }
+            return Err(e);
+        }
         // Make the renames durable. Best effort: some file systems refuse to fsync a
         // directory, and the new files are already in place either way.
         let _ = self.fd.sync_all();
@@ -1087,8 +1095,9 @@ fn store_unit(
     trust: Trust,
     beside: Option<&str>,
 ) -> Result<()> {
-    let (dir, name) = split(path)?; // so that a bad path is named as given, not as its lock file
-                                    // Refused before the lock is even taken (and again under it, by write_unit).
+    // Split first, so that a bad path is named as given, not as its lock file.
+    let (dir, name) = split(path)?;
+    // Refused before the lock is even taken (and again under it, by write_unit).
     if let Some(folder) = Folder::open(dir, trust)? {
         folder.refuse_foreign(name, path)?;
     }
