@@ -1740,6 +1740,89 @@ fn a_child_of_the_host_lives_through_checks_with_hangs_and_crashes() {
     e.assert(&stdout);
 }
 
+/// Issue 24 through the C ABI's access check: a cache planted by another user (uid 65534: the
+/// file and its fingerprint edited to say true), or lying in a folder others may write without
+/// the sticky bit, is not trusted: the answer is the machine's (false), and the planted files
+/// are left as they are. Needs root (CI is), to give files away; says so and skips otherwise.
+#[test]
+fn the_c_abis_access_check_answers_the_machine_not_a_planted_cache() {
+    const OTHER: u32 = 65534;
+    let tmp = TempDir::new("p2pcheck-capi-trust");
+    let exe = process_program(tmp.path(), "capi_process");
+    let probe = tmp.path().join("probe");
+    fs::write(&probe, "").unwrap();
+    if std::os::unix::fs::chown(&probe, Some(OTHER), None).is_err() {
+        eprintln!("skipped: this process cannot chown files to uid {OTHER} (not root)");
+        return;
+    }
+    let access = |dir: &Path| {
+        let mut cmd = program(&exe);
+        cmd.arg("access").arg(dir).env("P2PCHECK_WORKER", WORKER);
+        let out = run(&mut cmd, Duration::from_secs(120));
+        let stdout = text(&out.stdout);
+        assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+        let mut e = Lines::default();
+        e.ok("sim");
+        e.ok("access");
+        e.is("access.answer", "false");
+        e.assert(&stdout);
+    };
+    let name = "gpu_p2p_access_cache_for_0,1.json";
+    // A consistent forgery of the computed cache: vLLM's file and the fingerprint say true.
+    let forge = |dir: &Path| {
+        let file = dir.join(name);
+        let beside = dir.join(format!(".{name}.p2pcheck-fingerprint"));
+        let text = fs::read_to_string(&file).unwrap();
+        fs::write(&file, text.replace("\"0->1\": false", "\"0->1\": true")).unwrap();
+        let fp = fs::read_to_string(&beside).unwrap();
+        assert!(fp.contains("verdicts=10 11\n"), "{fp}");
+        fs::write(&beside, fp.replace("verdicts=10 11\n", "verdicts=11 11\n")).unwrap();
+    };
+    let snapshot = |dir: &Path| -> Vec<(String, Vec<u8>, u32, u32)> {
+        let mut all: Vec<_> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let meta = fs::symlink_metadata(e.path()).unwrap();
+                use std::os::unix::fs::MetadataExt;
+                let bytes = fs::read(e.path()).unwrap_or_default();
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    bytes,
+                    meta.uid(),
+                    meta.mode(),
+                )
+            })
+            .collect();
+        all.sort();
+        all
+    };
+    use std::os::unix::fs::PermissionsExt;
+    // Another user's forgery in a shared (1777) folder.
+    let shared = tmp.path().join("shared");
+    fs::create_dir(&shared).unwrap();
+    fs::set_permissions(&shared, fs::Permissions::from_mode(0o1777)).unwrap();
+    access(&shared);
+    forge(&shared);
+    for f in fs::read_dir(&shared).unwrap() {
+        std::os::unix::fs::chown(f.unwrap().path(), Some(OTHER), Some(OTHER)).unwrap();
+    }
+    let before = snapshot(&shared);
+    access(&shared);
+    assert_eq!(
+        snapshot(&shared),
+        before,
+        "another user's files are left as they are"
+    );
+    // The user's own forgery, in a folder anyone may write (0777, no sticky bit).
+    let open = tmp.path().join("open");
+    fs::create_dir(&open).unwrap();
+    access(&open);
+    forge(&open);
+    fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).unwrap();
+    access(&open);
+}
+
 #[test]
 fn a_failed_libcuda_load_is_tried_again_after_the_environment_is_fixed() {
     let dir = TempDir::new("p2pcheck-capi-reload");

@@ -267,6 +267,20 @@ static int noworker_mode(void) {
     return 0;
 }
 
+/* ---- access ---------------------------------------------------------------------------- */
+
+/* gpu_p2p_access_check(0, 1) with the cache folder DIR, on 2 simulated GPUs whose 0->1 drops
+ * its writes: the machine's answer is false. */
+static int access_mode(const char *dir) {
+    p2pcheck_options *o = p2pcheck_options_new();
+    bool b = true;
+    stm("sim", p2pcheck_options_set_simulation(o, 2, "0->1:drop-writes", msg, sizeof msg));
+    stm("access", p2pcheck_access_check_with(o, dir, false, 0, 1, &b, msg, sizeof msg));
+    printf("access.answer: %s\n", b ? "true" : "false");
+    p2pcheck_options_free(o);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (argc >= 2 && strcmp(argv[1], "--p2pcheck-worker") == 0) {
@@ -293,7 +307,10 @@ int main(int argc, char **argv) {
     if (argc == 2 && strcmp(argv[1], "noworker") == 0) {
         return noworker_mode();
     }
+    if (argc == 3 && strcmp(argv[1], "access") == 0) {
+        return access_mode(argv[2]);
+    }
     fprintf(stderr, "usage: capi_process cancel | fork FILE | bystander | reload SIM | "
-                    "noworker\n");
+                    "noworker | access DIR\n");
     return 2;
 }
