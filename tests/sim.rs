@@ -66,8 +66,13 @@ fn shm_entries() -> Vec<String> {
 
 fn command(args: &[&str], env: &[(&str, &str)], token: &str) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_p2pcheck"));
-    cmd.args(args)
-        .env("P2PCHECK_WORKER", WORKER)
+    cmd.args(args);
+    // A simulated run that names no step timeout expects no hang: give it one that no healthy
+    // step of a loaded machine reaches (it costs nothing when nothing hangs).
+    if args.contains(&"--simulate") && !args.contains(&"--timeout") {
+        cmd.args(["--timeout", HEALTHY_STEP]);
+    }
+    cmd.env("P2PCHECK_WORKER", WORKER)
         .env("P2PCHECK_TEST_TOKEN", token)
         .env_remove("CUDA_VISIBLE_DEVICES");
     for (k, v) in env {
@@ -98,6 +103,9 @@ fn cli(args: &[&str], env: &[(&str, &str)]) -> (Output, Duration) {
 /// loaded 2-core machine (the CI runs the suite beside busy loops and a second copy of these
 /// tests) reaches it, so that only the `hang` fault times out; each hang costs it twice.
 const STEP: &str = "3";
+
+/// The step timeout of simulated runs that expect no hang (see [`command`]).
+const HEALTHY_STEP: &str = "30";
 
 /// [`STEP`] as a duration.
 fn step() -> Duration {
@@ -269,7 +277,12 @@ fn at_8_gpus_the_parallel_engine_starts_16_workers_that_see_one_gpu_and_never_re
             .count()
     };
     let (out, _) = cli(&["--json", "--simulate", "8"], &[("P2PCHECK_TRACE", "1")]);
-    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let trace = String::from_utf8_lossy(&out.stderr);
     let top = object(json::parse(String::from_utf8_lossy(&out.stdout).trim()).unwrap());
     assert_eq!(count(&trace, "cudaDeviceReset"), 0);
