@@ -431,6 +431,10 @@ impl Run<'_> {
                 Err(Error::Worker(format!("failed while starting: {why}")).into())
             }
             Event::Timeout => {
+                if let Some(later) = self.held_up_by_partner(from) {
+                    self.worker(from).deadline = Some(later);
+                    return Ok(());
+                }
                 let what = self.head_description(from);
                 let stderr = self.worker(from).stderr_note();
                 self.lose(
@@ -777,6 +781,35 @@ impl Run<'_> {
         if self.jobs.iter().any(|j| j.held && !j.started) {
             self.start_ready_jobs();
         }
+    }
+
+    /// When worker `w`'s head step is a handshake that its partner has not reached yet (the
+    /// partner is still busy with earlier steps, perhaps stuck in one of them), `w` cannot be
+    /// blamed before the partner's own deadline has decided: it waits until that deadline plus
+    /// a step timeout. Otherwise which of the two deadlines the poll loop meets first (a
+    /// matter of scheduling) would decide whether the handshake's pair is a hang or is rerun
+    /// after the partner's. Bounded: the partner's steps ahead of the handshake are few, each
+    /// has its deadline, and so has the whole check.
+    fn held_up_by_partner(&self, w: usize) -> Option<Instant> {
+        let &(j, step, _) = self.members[w].queue.front()?;
+        if steps(self.ctx.opts.level)[step].1 != StepKind::Handshake {
+            return None;
+        }
+        let job = &self.jobs[j];
+        let partner = if job.producer == w {
+            job.consumer
+        } else {
+            job.producer
+        };
+        let reached = self.members[partner]
+            .queue
+            .front()
+            .is_some_and(|&(k, s, _)| k == j && s == step);
+        if reached || partner == w {
+            return None;
+        }
+        let theirs = self.workers[partner].as_ref()?.deadline?;
+        Some(theirs + self.ctx.opts.step_timeout)
     }
 
     /// What worker `w` was doing, for a hang's message.
