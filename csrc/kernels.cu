@@ -163,3 +163,66 @@ extern "C" __global__ void p2pc_handshake(unsigned char *area, u32 rounds, u32 r
     out[2] = timed_out;
     out[3] = now_ns() - start;
 }
+
+// ---- Bandwidth and latency (p2pcheck --bandwidth) ----------------------------------------------
+
+// Copies n16 16-byte words src -> dst with SM loads and stores (what an all-reduce kernel does
+// through a peer's mapping): grid-stride, four independent loads in flight per thread before
+// their stores, so that a remote link is kept busy without depending on occupancy alone.
+// Launched with a grid of every SM's resident blocks (shim.c), one wave.
+extern "C" __global__ void p2pc_copy(uint4 *dst, const uint4 *src, u64 n16) {
+    u64 stride = (u64)gridDim.x * blockDim.x;
+    u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x;
+    for (; i + 3 * stride < n16; i += 4 * stride) {
+        uint4 a = __ldcg(src + i);
+        uint4 b = __ldcg(src + i + stride);
+        uint4 c = __ldcg(src + i + 2 * stride);
+        uint4 d = __ldcg(src + i + 3 * stride);
+        __stcg(dst + i, a);
+        __stcg(dst + i + stride, b);
+        __stcg(dst + i + 2 * stride, c);
+        __stcg(dst + i + 3 * stride, d);
+    }
+    for (; i < n16; i += stride) __stcg(dst + i, __ldcg(src + i));
+}
+
+// Holds its stream until the host releases flag[0] (a memset on another stream) or budget_ns
+// pass on the GPU clock, so that the timed work queued behind it starts back to back, without
+// the host's launch overhead in the figure (nvbandwidth's method). flag[1] = 1: released by the
+// host; 2: the deadline came first (the queueing took longer than the budget: the figure may
+// hold launch gaps); with two spins on one flag (both ways at once) the worse. One thread.
+extern "C" __global__ void p2pc_spin(u32 *flag, u64 budget_ns) {
+    u64 deadline = now_ns() + budget_ns;
+    u32 how = 2;
+    for (;;) {
+        if (*(volatile u32 *)flag != 0) {
+            how = 1;
+            break;
+        }
+        if (now_ns() > deadline) break;
+    }
+    atomicMax(flag + 1, how);
+}
+
+// Writes a pointer chase into [p, p + slots*stride): the u64 at slot k holds the byte offset of
+// slot k+1 (the last one's points back to slot 0). Grid-stride over the slots.
+extern "C" __global__ void p2pc_chain(unsigned char *p, u64 slots, u64 stride) {
+    for (u64 k = blockIdx.x * (u64)blockDim.x + threadIdx.x; k < slots;
+         k += (u64)gridDim.x * blockDim.x)
+        *(u64 *)(p + k * stride) = ((k + 1) % slots) * stride;
+    __threadfence_system();
+}
+
+// Latency: one thread follows the chain p2pc_chain wrote, one dependent 8-byte load after
+// another (each waits for the last: nothing overlaps), first `warm` hops untimed (TLB and the
+// owner's L2 warmed), then `hops` hops timed on the GPU clock. out = [ns for the timed hops,
+// the offset reached (keeps the loads live; the host checks it against the chain)].
+extern "C" __global__ void p2pc_chase(const unsigned char *p, u64 warm, u64 hops, u64 *out) {
+    u64 o = 0;
+    for (u64 h = 0; h < warm; h++) o = *(const volatile u64 *)(p + o);
+    u64 start = now_ns();
+    for (u64 h = 0; h < hops; h++) o = *(const volatile u64 *)(p + o);
+    u64 end = now_ns();
+    out[0] = end - start;
+    out[1] = o;
+}
