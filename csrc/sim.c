@@ -69,6 +69,11 @@
  *   shifted          kernel stores through the mapping land 4096 bytes further than addressed
  *                    (allocation offset + 4096); the bytes that would land at or past the
  *                    allocation's end vanish. Copy-engine writes and all loads are unaffected.
+ *   slow             bandwidth: every timed transfer through the mapping (cuMemcpyDtoDAsync,
+ *                    p2pc_copy, p2pc_chase) is modelled at the speed of a path through the host
+ *                    (SIM_SLOW_GBPS, SIM_SLOW_LATENCY_NS) instead of NVLink's; the bytes land.
+ *   fast-wrong       bandwidth: cuMemcpyDtoDAsync and p2pc_copy through the mapping are timed as
+ *                    usual but move nothing (a fast wrong copy, which the data check must catch).
  * Without faults cudaDeviceCanAccessPeer answers 1 for two distinct valid devices and 0 for a
  * device and itself, as real CUDA does. hang and crash print one line on stderr first.
  * @once: the fault fires in the first attempt at the pair only. The first attempt is every
@@ -242,6 +247,19 @@ typedef struct {
     X(int, cuMemFree_v2, (unsigned long long dptr))                                               \
     X(int, cuMemsetD8_v2, (unsigned long long dptr, unsigned char value, size_t n))               \
     X(int, cuMemcpyDtoH_v2, (void *dst, unsigned long long src, size_t bytes))                    \
+    X(int, cuCtxGetDevice, (int *device))                                                         \
+    X(int, cuDeviceGetAttribute, (int *value, int attribute, int device))                         \
+    X(int, cuOccupancyMaxActiveBlocksPerMultiprocessor, (int *blocks, void *f, int block,         \
+                                                         size_t shared))                          \
+    X(int, cuStreamCreate, (void **stream, unsigned flags))                                       \
+    X(int, cuStreamDestroy_v2, (void *stream))                                                    \
+    X(int, cuEventCreate, (void **event, unsigned flags))                                         \
+    X(int, cuEventRecord, (void *event, void *stream))                                            \
+    X(int, cuEventElapsedTime, (float *ms, void *start, void *end))                               \
+    X(int, cuEventDestroy_v2, (void *event))                                                      \
+    X(int, cuMemcpyDtoDAsync_v2, (unsigned long long dst, unsigned long long src, size_t n,       \
+                                  void *stream))                                                  \
+    X(int, cuMemsetD32Async, (unsigned long long dst, unsigned value, size_t n, void *stream))    \
     X(int, cudaGetDeviceCount, (int *count))                                                      \
     X(int, cudaSetDevice, (int device))                                                           \
     X(int, cudaMalloc, (void **devPtr, size_t size))                                              \
@@ -332,6 +350,8 @@ enum {
     F_CLAIM_NO = 1u << 7,
     F_PARTIAL = 1u << 8,
     F_SHIFTED = 1u << 9,
+    F_SLOW = 1u << 10,
+    F_FAST_WRONG = 1u << 11,
 };
 
 static const struct {
@@ -343,7 +363,8 @@ static const struct {
     {"late-visibility", F_LATE},          {"hang", F_HANG},
     {"crash", F_CRASH},                   {"one-way", F_DROP_WRITES},
     {"claim-no", F_CLAIM_NO},             {"partial", F_PARTIAL},
-    {"shifted", F_SHIFTED},
+    {"shifted", F_SHIFTED},               {"slow", F_SLOW},
+    {"fast-wrong", F_FAST_WRONG},
 };
 
 struct config {
@@ -480,7 +501,7 @@ static const char *parse_fault_item(struct config *c, const char *s, const char 
         }
     }
     return "unknown kind (ipc-open-fails, drop-writes, corrupt, sm-only, late-visibility, hang, "
-           "crash, one-way, claim-no, partial, shifted)";
+           "crash, one-way, claim-no, partial, shifted, slow, fast-wrong)";
 }
 
 static int has_once(const struct config *c) {
@@ -626,9 +647,10 @@ struct region {
     uint64_t ino, dev; /* the memfd's identity, written into IPC handles */
 };
 
-enum { K_PATTERN_STORE, K_PATTERN_CHECK, K_HANDSHAKE, K_NUM };
+enum { K_PATTERN_STORE, K_PATTERN_CHECK, K_HANDSHAKE, K_COPY, K_SPIN, K_CHAIN, K_CHASE, K_NUM };
 static const char *const KERNEL_NAMES[K_NUM] = {
-    "p2pc_pattern_store", "p2pc_pattern_check", "p2pc_handshake",
+    "p2pc_pattern_store", "p2pc_pattern_check", "p2pc_handshake", "p2pc_copy",
+    "p2pc_spin",          "p2pc_chain",         "p2pc_chase",
 };
 
 struct module;
@@ -1636,6 +1658,167 @@ static int run_handshake(void **params) {
     return rc;
 }
 
+/* ------------------------------------------------------------------------------------------ */
+/* Bandwidth: streams, events and modelled time (p2pcheck --bandwidth) */
+
+/* What the model gives a transfer, in GB/s (= bytes per ns), and a dependent load, in ns. */
+#define SIM_OWN_GBPS 2000.0       /* a GPU's own memory (an H200 copies about 2000 GB/s) */
+#define SIM_LINK_GBPS 370.0       /* two GPUs: NVLink 4, 18 links, one way, as measured */
+#define SIM_SLOW_GBPS 20.0        /* the slow fault: a path through the host */
+#define SIM_OWN_LATENCY_NS 150.0  /* an L2-resident load of the GPU's own memory */
+#define SIM_LINK_LATENCY_NS 900.0 /* the same through NVLink */
+#define SIM_SLOW_LATENCY_NS 3000.0
+#define SIM_SMS 132 /* CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT of every simulated GPU */
+enum { MAX_STREAMS = 16, MAX_EVENTS = 32, ATTR_SM_COUNT = 16 };
+
+/* A stream keeps the modelled time its queued work ends at; an event, the time it was recorded
+ * at. Work runs at once (synchronously) whatever the stream; only the clocks model a GPU. */
+struct stream {
+    int live;
+    uint64_t clock_ns;
+};
+struct event {
+    int live, recorded;
+    uint64_t at_ns;
+};
+static struct stream g_streams[MAX_STREAMS];
+static struct event g_events[MAX_EVENTS];
+static uint64_t g_vnow_ns; /* modelled time of the last synchronise: new streams start there */
+
+static struct stream *find_stream(const void *h) {
+    for (int i = 0; i < MAX_STREAMS; i++)
+        if (h == &g_streams[i] && g_streams[i].live) return &g_streams[i];
+    return NULL;
+}
+
+static struct event *find_event(const void *h) {
+    for (int i = 0; i < MAX_EVENTS; i++)
+        if (h == &g_events[i] && g_events[i].live) return &g_events[i];
+    return NULL;
+}
+
+/* The modelled speed of an access to r: its pair's (through a mapping) or the GPU's own. */
+static double model_gbps(const struct region *r) {
+    if (r == NULL || !r->is_ipc) return SIM_OWN_GBPS;
+    if (fault_mask(r) & F_SLOW) return SIM_SLOW_GBPS;
+    return r->owner_phys == current_phys() ? SIM_OWN_GBPS : SIM_LINK_GBPS;
+}
+
+static double model_latency_ns(const struct region *r) {
+    if (r == NULL || !r->is_ipc) return SIM_OWN_LATENCY_NS;
+    if (fault_mask(r) & F_SLOW) return SIM_SLOW_LATENCY_NS;
+    return r->owner_phys == current_phys() ? SIM_OWN_LATENCY_NS : SIM_LINK_LATENCY_NS;
+}
+
+/* n bytes moved between rd and rs on st: the stream's clock advances by the slower side. */
+static void model_transfer(struct stream *st, const struct region *rd, const struct region *rs,
+                           size_t n) {
+    double a = model_gbps(rd), b = model_gbps(rs);
+    if (st != NULL) st->clock_ns += (uint64_t)((double)n / (a < b ? a : b));
+}
+
+/* Whether fast-wrong empties a transfer between rd and rs. */
+static int fast_wrong(const struct region *rd, const struct region *rs) {
+    return ((fault_mask(rd) | fault_mask(rs)) & F_FAST_WRONG) != 0;
+}
+
+/* p2pc_copy(uint4 *dst, const uint4 *src, u64 n16): kernel loads and stores of 16 n16 bytes
+ * (both 16-aligned, the ranges disjoint), the faults applied to each side. */
+static int run_copy(void **params, struct stream *st) {
+    uint64_t dst, src, n16;
+    if (param_u64(params, 0, &dst) || param_u64(params, 1, &src) || param_u64(params, 2, &n16))
+        return E_INVALID_VALUE;
+    if (n16 > SIZE_MAX / 16) return E_INVALID_VALUE;
+    size_t n = (size_t)n16 * 16;
+    if (n == 0) return E_OK;
+    struct region *rd = kernel_range(dst, n), *rs = kernel_range(src, n);
+    if (rd == NULL || rs == NULL) return E_ILLEGAL_ADDRESS;
+    if (dst % 16 != 0 || src % 16 != 0) return E_MISALIGNED_ADDRESS;
+    unsigned md = fault_mask(rd), ms = fault_mask(rs);
+    trigger(rs, ms);
+    trigger(rd, md);
+    model_transfer(st, rd, rs, n);
+    if (fast_wrong(rd, rs)) return E_OK;
+    struct launch l = LAUNCH_INIT;
+    unsigned char buf[PATTERN_CHUNK];
+    size_t od = region_off(rd, dst), os = region_off(rs, src);
+    for (size_t o = 0; o < n; o += PATTERN_CHUNK) {
+        size_t len = n - o < PATTERN_CHUNK ? n - o : PATTERN_CHUNK;
+        kernel_load(rs, os + o, buf, len, ms);
+        kernel_store(&l, rd, od + o, buf, 0, len, md);
+    }
+    return kernel_end(&l);
+}
+
+/* p2pc_spin(u32 *flag, u64 budget_ns): streams here never wait, so the spin is released at
+ * once: flag[1] becomes at least 1 ("released by the host"). */
+static int run_spin(void **params) {
+    uint64_t flag, budget;
+    if (param_u64(params, 0, &flag) || param_u64(params, 1, &budget)) return E_INVALID_VALUE;
+    struct region *r = kernel_range(flag, 2 * sizeof(uint32_t));
+    if (r == NULL) return E_ILLEGAL_ADDRESS;
+    if (flag % sizeof(uint32_t) != 0) return E_MISALIGNED_ADDRESS;
+    unsigned mask = fault_mask(r);
+    trigger(r, mask);
+    uint32_t how;
+    size_t off = region_off(r, flag) + sizeof(uint32_t);
+    kernel_load(r, off, &how, sizeof how, mask);
+    if (how >= 1) return E_OK;
+    how = 1;
+    struct launch l = LAUNCH_INIT;
+    kernel_store(&l, r, off, &how, 0, sizeof how, mask);
+    return kernel_end(&l);
+}
+
+/* p2pc_chain(u8 *p, u64 slots, u64 stride): u64 at p + k*stride = ((k+1) % slots) * stride;
+ * stride a multiple of 8, slots at least 1. */
+static int run_chain(void **params) {
+    uint64_t p, slots, stride;
+    if (param_u64(params, 0, &p) || param_u64(params, 1, &slots) || param_u64(params, 2, &stride))
+        return E_INVALID_VALUE;
+    if (slots == 0 || stride == 0 || stride % 8 != 0 || slots > UINT64_MAX / stride)
+        return E_INVALID_VALUE;
+    struct region *r = kernel_range(p, slots * stride);
+    if (r == NULL) return E_ILLEGAL_ADDRESS;
+    if (p % 8 != 0) return E_MISALIGNED_ADDRESS;
+    unsigned mask = fault_mask(r);
+    trigger(r, mask);
+    struct launch l = LAUNCH_INIT;
+    size_t off = region_off(r, p);
+    for (uint64_t k = 0; k < slots; k++) {
+        uint64_t next = ((k + 1) % slots) * stride;
+        kernel_store(&l, r, off + (size_t)(k * stride), &next, 0, sizeof next, mask);
+    }
+    return kernel_end(&l);
+}
+
+/* p2pc_chase(const u8 *p, u64 warm, u64 hops, u64 *out): follows the chain from offset 0 for
+ * warm + hops loads; out = [hops times the modelled latency of p's memory, offset reached]. A
+ * link that leads outside p's region is an illegal address. */
+static int run_chase(void **params) {
+    uint64_t p, warm, hops, out;
+    if (param_u64(params, 0, &p) || param_u64(params, 1, &warm) || param_u64(params, 2, &hops) ||
+        param_u64(params, 3, &out))
+        return E_INVALID_VALUE;
+    struct region *r = kernel_range(p, sizeof(uint64_t));
+    struct region *ro = kernel_range(out, 2 * sizeof(uint64_t));
+    if (r == NULL || ro == NULL) return E_ILLEGAL_ADDRESS;
+    if (p % 8 != 0 || out % 8 != 0) return E_MISALIGNED_ADDRESS;
+    unsigned mask = fault_mask(r), mo = fault_mask(ro);
+    trigger(r, mask);
+    trigger(ro, mo);
+    size_t base = region_off(r, p);
+    uint64_t o = 0;
+    for (uint64_t h = 0; h < warm + hops; h++) {
+        if (o > r->size - base || r->size - base - o < sizeof o) return E_ILLEGAL_ADDRESS;
+        kernel_load(r, base + (size_t)o, &o, sizeof o, mask);
+    }
+    uint64_t result[2] = {(uint64_t)((double)hops * model_latency_ns(r)), o};
+    struct launch l = LAUNCH_INIT;
+    kernel_store(&l, ro, region_off(ro, out), result, 0, sizeof result, mo);
+    return kernel_end(&l);
+}
+
 /* The architecture of every simulated GPU (an H200's sm_90). */
 enum { SIM_ARCH = 90 };
 
@@ -1882,7 +2065,7 @@ SIM_EXPORT int cuLaunchKernel(void *f, unsigned gridX, unsigned gridY, unsigned 
                               unsigned sharedMemBytes, void *hStream, void **kernelParams,
                               void **extra) {
     (void)sharedMemBytes;
-    (void)hStream; /* every launch is synchronous, whatever the stream */
+    /* Every launch is synchronous, whatever the stream; a stream only keeps modelled time. */
     (void)extra;   /* only kernelParams is supported: without it, invalid value */
     int rc = driver_begin();
     if (rc) return rc;
@@ -1891,10 +2074,17 @@ SIM_EXPORT int cuLaunchKernel(void *f, unsigned gridX, unsigned gridY, unsigned 
     if (!gridX || !gridY || !gridZ || !blockX || !blockY || !blockZ ||
         (unsigned long long)blockX * blockY * blockZ > 1024 || kernelParams == NULL)
         return unlock_return(E_INVALID_VALUE);
+    struct stream *st = NULL;
+    if (hStream != NULL && (st = find_stream(hStream)) == NULL)
+        return unlock_return(E_INVALID_HANDLE);
     switch (fn->kernel) {
     case K_PATTERN_STORE: rc = run_pattern_store(kernelParams); break;
     case K_PATTERN_CHECK: rc = run_pattern_check(kernelParams); break;
-    default: rc = run_handshake(kernelParams); break;
+    case K_HANDSHAKE: rc = run_handshake(kernelParams); break;
+    case K_COPY: rc = run_copy(kernelParams, st); break;
+    case K_SPIN: rc = run_spin(kernelParams); break;
+    case K_CHAIN: rc = run_chain(kernelParams); break;
+    default: rc = run_chase(kernelParams); break;
     }
     return unlock_return(rc);
 }
@@ -1902,7 +2092,10 @@ SIM_EXPORT int cuLaunchKernel(void *f, unsigned gridX, unsigned gridY, unsigned 
 SIM_EXPORT int cuCtxSynchronize(void) {
     int rc = driver_begin();
     if (rc) return rc;
-    return unlock_return(E_OK); /* kernels already ran to completion */
+    /* Kernels already ran to completion; the modelled time moves to the last stream's end. */
+    for (int i = 0; i < MAX_STREAMS; i++)
+        if (g_streams[i].live && g_streams[i].clock_ns > g_vnow_ns) g_vnow_ns = g_streams[i].clock_ns;
+    return unlock_return(E_OK);
 }
 
 SIM_EXPORT int cuMemAlloc_v2(unsigned long long *dptr, size_t bytes) {
@@ -1931,6 +2124,143 @@ SIM_EXPORT int cuMemcpyDtoH_v2(void *dst, unsigned long long src, size_t bytes) 
     int rc = driver_begin();
     if (rc) return rc;
     return unlock_return(sim_copy((uintptr_t)dst, (uintptr_t)src, bytes, 2));
+}
+
+SIM_EXPORT int cuCtxGetDevice(int *device) {
+    if (device == NULL) return E_INVALID_VALUE;
+    int rc = driver_begin();
+    if (rc) return rc;
+    *device = tl_dev;
+    return unlock_return(E_OK);
+}
+
+SIM_EXPORT int cuDeviceGetAttribute(int *value, int attribute, int device) {
+    if (value == NULL) return E_INVALID_VALUE;
+    int rc = driver_begin();
+    if (rc) return rc;
+    if (device < 0 || device >= config()->n_visible) return unlock_return(E_INVALID_DEVICE);
+    if (attribute != ATTR_SM_COUNT) return unlock_return(E_INVALID_VALUE);
+    *value = SIM_SMS;
+    return unlock_return(E_OK);
+}
+
+SIM_EXPORT int cuOccupancyMaxActiveBlocksPerMultiprocessor(int *blocks, void *f, int block,
+                                                          size_t shared) {
+    if (blocks == NULL || block <= 0 || block > 1024 || shared != 0) return E_INVALID_VALUE;
+    int rc = driver_begin();
+    if (rc) return rc;
+    if (find_function(f) == NULL) return unlock_return(E_INVALID_HANDLE);
+    *blocks = 2048 / block; /* an sm_90 SM holds 2048 threads */
+    return unlock_return(E_OK);
+}
+
+SIM_EXPORT int cuStreamCreate(void **stream, unsigned flags) {
+    if (stream == NULL || flags > 1) return E_INVALID_VALUE;
+    int rc = driver_begin();
+    if (rc) return rc;
+    for (int i = 0; i < MAX_STREAMS; i++) {
+        if (g_streams[i].live) continue;
+        g_streams[i] = (struct stream){.live = 1, .clock_ns = g_vnow_ns};
+        *stream = &g_streams[i];
+        return unlock_return(E_OK);
+    }
+    return unlock_return(E_OUT_OF_MEMORY);
+}
+
+SIM_EXPORT int cuStreamDestroy_v2(void *stream) {
+    int rc = driver_begin();
+    if (rc) return rc;
+    struct stream *st = find_stream(stream);
+    if (st == NULL) return unlock_return(E_INVALID_HANDLE);
+    st->live = 0;
+    return unlock_return(E_OK);
+}
+
+SIM_EXPORT int cuEventCreate(void **event, unsigned flags) {
+    if (event == NULL || flags > 1) return E_INVALID_VALUE; /* timing events only */
+    int rc = driver_begin();
+    if (rc) return rc;
+    for (int i = 0; i < MAX_EVENTS; i++) {
+        if (g_events[i].live) continue;
+        g_events[i] = (struct event){.live = 1, .recorded = 0, .at_ns = 0};
+        *event = &g_events[i];
+        return unlock_return(E_OK);
+    }
+    return unlock_return(E_OUT_OF_MEMORY);
+}
+
+SIM_EXPORT int cuEventRecord(void *event, void *stream) {
+    int rc = driver_begin();
+    if (rc) return rc;
+    struct event *ev = find_event(event);
+    struct stream *st = stream ? find_stream(stream) : NULL;
+    if (ev == NULL || (stream != NULL && st == NULL)) return unlock_return(E_INVALID_HANDLE);
+    ev->recorded = 1;
+    ev->at_ns = st ? st->clock_ns : g_vnow_ns;
+    return unlock_return(E_OK);
+}
+
+SIM_EXPORT int cuEventElapsedTime(float *ms, void *start, void *end) {
+    if (ms == NULL) return E_INVALID_VALUE;
+    int rc = driver_begin();
+    if (rc) return rc;
+    struct event *a = find_event(start), *b = find_event(end);
+    if (a == NULL || b == NULL || !a->recorded || !b->recorded)
+        return unlock_return(E_INVALID_HANDLE);
+    *ms = (float)(((double)b->at_ns - (double)a->at_ns) / 1e6);
+    return unlock_return(E_OK);
+}
+
+SIM_EXPORT int cuEventDestroy_v2(void *event) {
+    int rc = driver_begin();
+    if (rc) return rc;
+    struct event *ev = find_event(event);
+    if (ev == NULL) return unlock_return(E_INVALID_HANDLE);
+    ev->live = 0;
+    return unlock_return(E_OK);
+}
+
+/* A copy-engine copy between device memory: as cudaMemcpy's device to device, timed on the
+ * stream by the model (fast-wrong: timed, nothing moved). */
+SIM_EXPORT int cuMemcpyDtoDAsync_v2(unsigned long long dst, unsigned long long src, size_t n,
+                                    void *stream) {
+    int rc = driver_begin();
+    if (rc) return rc;
+    struct stream *st = stream ? find_stream(stream) : NULL;
+    if (stream != NULL && st == NULL) return unlock_return(E_INVALID_HANDLE);
+    struct region *rd = find_range((uintptr_t)dst, n), *rs = find_range((uintptr_t)src, n);
+    if (n != 0 && (rd == NULL || rs == NULL)) return unlock_return(E_INVALID_VALUE);
+    if (n == 0) return unlock_return(E_OK);
+    model_transfer(st, rd, rs, n);
+    if (fast_wrong(rd, rs)) {
+        trigger(rs, fault_mask(rs));
+        trigger(rd, fault_mask(rd));
+        return unlock_return(E_OK);
+    }
+    return unlock_return(sim_copy((uintptr_t)dst, (uintptr_t)src, n, 3));
+}
+
+/* n 32-bit words of value at dst (4-aligned), by the copy engine. */
+SIM_EXPORT int cuMemsetD32Async(unsigned long long dst, unsigned value, size_t n, void *stream) {
+    int rc = driver_begin();
+    if (rc) return rc;
+    if (stream != NULL && find_stream(stream) == NULL) return unlock_return(E_INVALID_HANDLE);
+    if (n == 0) return unlock_return(E_OK);
+    if (n > SIZE_MAX / 4) return unlock_return(E_INVALID_VALUE);
+    struct region *r = find_range((uintptr_t)dst, n * 4);
+    if (r == NULL) return unlock_return(E_INVALID_VALUE);
+    if (dst % 4 != 0) return unlock_return(E_MISALIGNED_ADDRESS);
+    unsigned mask = fault_mask(r);
+    trigger(r, mask);
+    uint32_t words[256];
+    for (size_t i = 0; i < 256; i++) words[i] = value;
+    size_t off = region_off(r, dst);
+    for (size_t done = 0; done < n;) {
+        size_t k = n - done < 256 ? n - done : 256;
+        write_bytes(r, off + done * 4, words, 0, k * 4, mask, 0, 0);
+        done += k;
+    }
+    return unlock_return(E_OK);
 }
 
 /* ------------------------------------------------------------------------------------------ */
