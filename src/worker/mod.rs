@@ -18,7 +18,7 @@ pub(crate) use tiers::Layout;
 
 use std::io::{self, Read, Write};
 
-use crate::cuda::{self, DevicePtr};
+use crate::cuda::{self, DeviceView};
 use crate::os;
 use crate::protocol::{self, Check, Message, Problem, ProtocolError};
 
@@ -124,23 +124,17 @@ pub fn serve(input: impl Read, output: impl Write) -> Result<i32, ProtocolError>
     Ok(0)
 }
 
-/// Copies `bytes` at `p` to the host (`cudaMemcpy`, kind default, as vLLM) and checks that every
-/// byte is `expected`; bytes still `old` (the producer's fill) count as stale.
-pub(crate) fn verify(
-    device: i32,
-    p: DevicePtr,
-    bytes: usize,
-    expected: u8,
-    check: Check,
-) -> Result<(), Problem> {
-    let host = cuda::copy_to_host(device, p, bytes)?;
+/// Copies `view` to the host (`cudaMemcpy`, kind default, as vLLM) and checks that every byte
+/// is `expected`; bytes still the producer's fill count as stale.
+pub(crate) fn verify(view: DeviceView<'_>, expected: u8, check: Check) -> Result<(), Problem> {
+    let host = view.copy_to_host()?;
     let mut wrong = host.iter().enumerate().filter(|(_, &b)| b != expected);
     match wrong.next() {
         None => Ok(()),
         Some((first, &seen)) => Err(Problem::Mismatch {
             check,
             wrong: 1 + wrong.count() as u64,
-            total: bytes as u64,
+            total: host.len() as u64,
             first_bad: first as u64,
             seen: Some(seen),
             expected,
