@@ -37,13 +37,14 @@ pub const EXIT_NO_CUDA: i32 = 4;
 pub const EXIT_PROTOCOL: i32 = 3;
 
 /// Runs a worker over this process's stdin and the protocol descriptor its parent set up
-/// ([`crate::os::PROTOCOL_FD`]), and returns its exit code. Call it from a program's `main`
+/// (descriptor 3), and returns its exit code. Call it from a program's `main`
 /// when its first argument is [`WORKER_FLAG`] (the `p2pcheck-worker` executable and the CLI do).
 ///
 /// It changes nothing process-wide: the parent arranged everything between fork and exec (fd
 /// 1 pointed at stderr, so that nothing a library prints can corrupt the stream, which the
 /// parent captures; `PR_SET_PDEATHSIG`, so the worker dies with its parent). A program not
-/// started that way has no protocol descriptor and gets an error and [`EXIT_PROTOCOL`].
+/// started that way has no protocol descriptor and gets an error and exit code 3
+/// (`EXIT_PROTOCOL`).
 pub fn main() -> i32 {
     let out = match os::protocol_output() {
         Ok(out) => out,
