@@ -12,6 +12,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 /// The file (executable or shared library) whose code contains `addr`, from the loader.
@@ -185,8 +186,26 @@ pub fn worker_pre_exec(cmd: &mut std::process::Command) {
 
 /// The worker's end of the protocol's output pipe ([`PROTOCOL_FD`], set up by
 /// [`worker_pre_exec`]), made close-on-exec. `Err` when that descriptor is not a pipe (the
-/// program was not started as a worker). Call it once: the `File` owns the descriptor.
+/// program was not started as a worker), and at every call after one that succeeded: that
+/// call's `File` owns the descriptor.
 pub fn protocol_output() -> io::Result<File> {
+    // Only one call takes it: two Files closing one descriptor would close whatever reused
+    // its number. A call that fails gives it back.
+    static TAKEN: AtomicBool = AtomicBool::new(false);
+    if TAKEN.swap(true, Ordering::SeqCst) {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("descriptor {PROTOCOL_FD} is owned already (taken by an earlier call)"),
+        ));
+    }
+    let taken = take_protocol_output();
+    if taken.is_err() {
+        TAKEN.store(false, Ordering::SeqCst);
+    }
+    taken
+}
+
+fn take_protocol_output() -> io::Result<File> {
     // SAFETY: stat is plain data, written by fstat before it is read; fstat on a descriptor
     // that is not open fails with EBADF and touches nothing else.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
@@ -204,8 +223,8 @@ pub fn protocol_output() -> io::Result<File> {
     if unsafe { libc::fcntl(PROTOCOL_FD, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: the descriptor is open (fstat succeeded) and, called once, owned by the File
-    // alone from here on.
+    // SAFETY: the descriptor is open (fstat succeeded) and, taken by one call only (TAKEN),
+    // owned by the File alone from here on.
     Ok(unsafe { File::from_raw_fd(PROTOCOL_FD) })
 }
 
