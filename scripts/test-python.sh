@@ -47,4 +47,15 @@ cd "$work"
 "$work/venv/bin/python" -c "import p2pcheck; print(p2pcheck.check(simulate=4))"
 "$work/venv/bin/p2pcheck" --simulate 2 --format nagios
 "$work/venv/bin/python" -m pytest -q -p no:cacheprovider "$repo/python/tests"
-"$work/venv/bin/kubernetes-validate" "$repo"/docs/fleet/*.yaml
+"$work/venv/bin/kubernetes-validate" --strict "$repo"/docs/fleet/*.yaml
+# The JSON Schema of the check's --json and env --json validates their output.
+"$work/venv/bin/python" -m pip install -q jsonschema
+"$work/venv/bin/p2pcheck" --json --simulate 2 --fault '0->1:sm-only' > "$work/check.json" || test $? = 1
+"$work/venv/bin/p2pcheck" env --json --simulate 2 --fault '0->1:drop-writes' > "$work/env.json"
+"$work/venv/bin/python" - "$repo/docs/p2pcheck.schema.json" "$work/check.json" "$work/env.json" <<'PY'
+import json, sys, jsonschema
+schema = json.load(open(sys.argv[1]))
+for path, name in [(sys.argv[2], "check"), (sys.argv[3], "env")]:
+    jsonschema.validate(json.load(open(path)), {**schema, "$ref": f"#/$defs/{name}"})
+    print("schema ok:", name)
+PY

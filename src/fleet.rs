@@ -114,7 +114,7 @@ fn pair_labels(p: &PairReport, uuids: Option<&[String]>) -> String {
 /// A tier's result as a gauge value: 1 passed, 0 failed, -1 not run.
 fn tier_value(p: &PairReport, tier: Level) -> i8 {
     let outcome = match tier {
-        Level::Copy => return p.copy_ok().map_or(-1, |ok| i8::from(ok)),
+        Level::Copy => return p.copy_ok().map_or(-1, i8::from),
         Level::Kernel => p.kernel(),
         Level::Handshake => p.handshake(),
     };
