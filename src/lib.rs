@@ -37,6 +37,7 @@
 // `capi` (the C ABI) and `doctor::nvml` (NVML).
 #![deny(unsafe_code)]
 
+pub mod advice;
 pub mod cache;
 pub mod capi;
 mod cuda;
@@ -45,6 +46,7 @@ mod engine;
 mod error;
 mod files;
 pub mod fingerprint;
+pub mod fleet;
 pub mod json;
 mod os;
 pub mod policy;
