@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+use crate::files::kind;
 use crate::fingerprint::{self, Fingerprint, Record};
 use crate::json::{self, Value};
 use crate::os;
@@ -248,20 +249,6 @@ fn split(path: &Path) -> Result<(&Path, &OsStr)> {
     let dir = path.parent().unwrap_or_else(|| Path::new(""));
     check_dir_path(dir).with_context(|| format!("cannot use {}", path.display()))?;
     Ok((dir, name))
-}
-
-/// What a file is, from its `st_mode`, in words: "a symbolic link", "a FIFO", ….
-pub(crate) fn kind(mode: u32) -> &'static str {
-    match mode & libc::S_IFMT {
-        libc::S_IFREG => "a regular file",
-        libc::S_IFDIR => "a directory",
-        libc::S_IFLNK => "a symbolic link",
-        libc::S_IFIFO => "a FIFO",
-        libc::S_IFSOCK => "a socket",
-        libc::S_IFCHR => "a character device",
-        libc::S_IFBLK => "a block device",
-        _ => "a file of unknown type",
-    }
 }
 
 fn is_regular(mode: u32) -> bool {
