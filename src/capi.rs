@@ -117,6 +117,9 @@ impl Status {
             Error::InvalidInput(_) => Status::InvalidArgument,
             Error::Cache { .. } => Status::Cache,
             Error::Cancelled => Status::Cancelled,
+            // The simulator's set-up failing was an invalid argument before it had a variant
+            // of its own; a trace is never read through the C ABI.
+            Error::Simulator { .. } | Error::BadTrace { .. } => Status::InvalidArgument,
         }
     }
 

@@ -51,6 +51,21 @@ pub enum Error {
     },
     /// The check was cancelled before it finished.
     Cancelled,
+    /// The simulated driver could not be made ready (written to a file, or shared with the
+    /// workers through an in-memory file).
+    Simulator {
+        /// What was being done, naming the file: `writing /tmp/libsim.so`.
+        doing: String,
+        /// The operating system's error, as a kind ...
+        kind: io::ErrorKind,
+        /// ... and as its text.
+        text: String,
+    },
+    /// An audit trace could not be read: each problem names its line (`line N: ...`).
+    BadTrace {
+        /// What is wrong, in file order.
+        problems: Vec<String>,
+    },
 }
 
 impl fmt::Display for Error {
@@ -73,6 +88,8 @@ impl fmt::Display for Error {
             Error::Cache { path, kind } if path.as_os_str().is_empty() => write!(f, "{kind}"),
             Error::Cache { path, kind } => write!(f, "{}: {kind}", path.display()),
             Error::Cancelled => write!(f, "the check was cancelled"),
+            Error::Simulator { doing, text, .. } => write!(f, "{doing}: {text}"),
+            Error::BadTrace { problems } => f.write_str(&problems.join("\n")),
         }
     }
 }

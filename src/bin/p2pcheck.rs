@@ -708,11 +708,15 @@ fn trace_summary(mut it: impl Iterator<Item = OsString>) -> ExitCode {
     };
     let trace = match p2pcheck::trace_summary::read(&path) {
         Ok(t) => t,
-        Err(bad) => {
+        Err(p2pcheck::Error::BadTrace { problems }) => {
             eprintln!("p2pcheck: trace-summary {}:", path.display());
-            for p in &bad.problems {
+            for p in &problems {
                 eprintln!("  {p}");
             }
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("p2pcheck: trace-summary {}: {e}", path.display());
             return ExitCode::from(2);
         }
     };
