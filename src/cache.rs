@@ -198,6 +198,11 @@ pub fn render(n: usize, verdicts: &[bool]) -> String {
 /// `"i->j"`, `i, j < n`. Other keys are ignored, as vLLM ignores them, except keys naming a
 /// device `>= n`: those mean the file was written for more devices, so it is rejected (vLLM
 /// would use it). The error says what is wrong, for a message such as "recomputed because …".
+///
+/// # Errors
+///
+/// Why the text is not a cache for `n` devices (not a verdict error: the file is then
+/// recomputed, [`Origin::Recomputed`]).
 pub fn parse(text: &str, n: usize) -> std::result::Result<Vec<bool>, String> {
     if text.is_empty() {
         return Err("the file is empty".into());
@@ -1069,7 +1074,8 @@ fn load(
 
 /// vLLM's own semantics, atomic, computed once and safe in a hostile folder: the verdicts for
 /// `n` devices from the cache file `path`, used whatever wrote it, else computed and written
-/// (see [`load`]'s order), trusting this process's user and root ([`Trust`]).
+/// (the file without the lock, then under the lock the file again, else `compute()`),
+/// trusting this process's user and root ([`Trust`]).
 ///
 /// # Errors
 ///
@@ -1115,7 +1121,7 @@ pub struct Ask {
 /// The verdicts for the GPUs `now` describes, from vLLM's cache file `path` where p2pcheck's
 /// fingerprint beside it vouches for them under `now` (this machine, this check: see
 /// [`Fingerprint::vouched`]), else from `check()`, written with its fingerprint (see
-/// [`load`]'s order).
+/// the order `load_or_compute` follows).
 ///
 /// Readers take no lock: the fingerprint names the exact verdicts it vouches for, so a reader
 /// that sees the fingerprint of one write beside the cache file of another (a writer killed

@@ -85,6 +85,11 @@ pub use worker::{main as worker_main, TEST_BYTES, WORKER_FLAG};
 /// Checks `pairs` (every ordered pair of the visible devices when `None`) and returns when
 /// every verdict is known; the workers exit and are reaped in the background. See [`start`]
 /// to overlap the check with other work.
+///
+/// # Errors
+///
+/// [`Error`] when the check cannot be carried out at all (no worker, no CUDA, no device, bad
+/// options, cancelled); a pair that fails, hangs or errors is an outcome in the [`Report`].
 pub fn check(pairs: Option<&[Pair]>, opts: &Options) -> Result<Report> {
     engine::run(pairs, opts)
 }
@@ -97,12 +102,20 @@ pub fn check(pairs: Option<&[Pair]>, opts: &Options) -> Result<Report> {
 /// warnings say so). With the default [`Options`] the kernel tier runs too and the parallel
 /// engine is used; [`can_actually_p2p_with`] with `engine: Engine::Vllm, level: Level::Copy`
 /// is vLLM's exact test.
+///
+/// # Errors
+///
+/// As [`can_actually_p2p_with`].
 pub fn can_actually_p2p(batch_src: &[u32], batch_tgt: &[u32]) -> Result<Vec<bool>> {
     let report = can_actually_p2p_with(batch_src, batch_tgt, &Options::default())?;
     Ok(report.pairs.iter().map(PairReport::ok).collect())
 }
 
 /// [`can_actually_p2p`] with explicit options, returning the full [`Report`].
+///
+/// # Errors
+///
+/// [`Error::InvalidInput`] when the batches differ in length; otherwise as [`check`].
 pub fn can_actually_p2p_with(
     batch_src: &[u32],
     batch_tgt: &[u32],
@@ -140,6 +153,10 @@ pub fn can_actually_p2p_with(
 }
 
 /// Devices visible to this process, from the driver (`cuInit` + `cuDeviceGetCount`), once.
+///
+/// # Errors
+///
+/// [`Error::Cuda`] when CUDA cannot be loaded or either call fails.
 pub fn visible_device_count() -> Result<u32> {
     static COUNT: OnceCell<u32> = OnceCell::new();
     COUNT

@@ -26,7 +26,7 @@ pub const MAX_LINE_BYTES: usize = 65_536;
 /// larger file is not read.
 pub const MAX_TRACE_BYTES: u64 = 1 << 30;
 /// The most that is kept in memory while reading, counted as the bytes of the lines, names and
-/// keys kept plus [`ENTRY_BYTES`] for each entry: a trace of a check keeps far less (its copy
+/// keys kept plus `ENTRY_BYTES` for each entry: a trace of a check keeps far less (its copy
 /// tier and the calls outside jobs, about 55 MB for 64 GPUs); past it the file is not read
 /// further, so memory stays bounded whatever the file holds.
 pub const MAX_KEPT_BYTES: usize = 256 << 20;
@@ -196,7 +196,7 @@ fn too_big() -> String {
 /// # Errors
 ///
 /// [`Error::BadTrace`], listing the lines that are not a trace's (the first
-/// [`MAX_PROBLEMS`], then how many more).
+/// twenty, then how many more).
 pub fn read_from(input: impl BufRead) -> Result<Trace> {
     read_lines(input).map_err(|problems| Error::BadTrace { problems })
 }

@@ -102,6 +102,10 @@ impl Record {
     ///
     /// A gpu line needs its index (0, 1, … in order), a non-empty UUID and bus id, and no UUID
     /// or bus id seen on an earlier line.
+    ///
+    /// # Errors
+    ///
+    /// What makes the text not a fingerprint file, naming its line.
     pub fn parse(text: &str) -> Result<Record, String> {
         if text.is_empty() {
             return Err("the fingerprint is empty".into());

@@ -52,6 +52,10 @@ pub struct Machine {
 }
 
 /// Reads /proc (the real root "/").
+///
+/// # Errors
+///
+/// As [`read_machine_at`].
 pub fn read_machine() -> Result<Machine, String> {
     read_machine_at(Path::new("/"))
 }
@@ -62,6 +66,10 @@ pub fn read_machine() -> Result<Machine, String> {
 /// file, over 64 KiB, not UTF-8 or not in the driver's format; when the GPUs folder holds
 /// anything but bus-id folders; or when two GPUs share a bus id or UUID. A folder with no GPUs
 /// gives an empty list.
+///
+/// # Errors
+///
+/// The text above, naming the file: why the machine cannot be described without CUDA.
 pub fn read_machine_at(root: &Path) -> Result<Machine, String> {
     let version_path = root.join(VERSION_FILE);
     let version_text = read_text(&version_path).map_err(|e| {
@@ -85,6 +93,10 @@ pub fn read_machine_at(root: &Path) -> Result<Machine, String> {
 }
 
 /// The kernel's boot id (new at every boot), which is there with or without NVIDIA's driver.
+///
+/// # Errors
+///
+/// Why it cannot be read, naming the file, or why what it holds is not a boot id.
 pub fn read_boot_id() -> Result<String, String> {
     read_boot_id_at(Path::new("/"))
 }

@@ -169,6 +169,11 @@ impl Fingerprint {
     /// fingerprint it may only where vLLM's own trust is all there is: GPUs that cannot be
     /// named without CUDA, asked at level `copy` (vLLM's own test); at any other level nothing
     /// would confirm that the file holds that level's verdicts.
+    ///
+    /// # Errors
+    ///
+    /// Why the file may not answer (its origin unknown, another check, a changed machine,
+    /// other verdicts), for [`cache::Origin::Recomputed`](crate::cache::Origin::Recomputed).
     pub fn vouched(&self, beside: Option<&str>, verdicts: &[bool]) -> Result<(), String> {
         let Some(text) = beside else {
             return match (self.is_named(), self.level.as_str()) {

@@ -23,6 +23,10 @@ use crate::visible::{self, DeviceSelector, VisibleDevices};
 /// Also `Err`: any MIG entry in the list (a MIG instance is not a whole GPU), and a UUID entry
 /// that matches differently when letter case is ignored (whether CUDA ignores case is not
 /// known here, so neither answer is safe).
+///
+/// # Errors
+///
+/// Why the GPUs cannot be named without CUDA, as above.
 pub fn resolve_visible(
     cvd: Option<&str>,
     device_order: Option<&str>,
