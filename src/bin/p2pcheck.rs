@@ -304,7 +304,7 @@ fn parse_args(mut it: impl Iterator<Item = OsString>) -> ArgResult<Option<Args>>
             }
             "--cache-dir" => {
                 let dir = PathBuf::from(it.next().ok_or("--cache-dir needs a folder")?);
-                cache::check_dir(&dir).map_err(|e| format!("--cache-dir: {e:#}"))?;
+                cache::check_dir(&dir).map_err(|e| format!("--cache-dir: {}", cache_why(e)))?;
                 args.cache_dir = Some(dir);
             }
             "--trust-cache-owner" => {
@@ -420,8 +420,10 @@ fn cache_note(
     let verdicts: Vec<bool> = report.pairs.iter().map(|p| p.ok()).collect();
     // An existing file that cannot be read is reported as unusable, not as absent.
     let existing = match cache::read(&path, n) {
-        Ok(file) => file.map(|parsed| parsed.map(|v| v == verdicts)),
-        Err(e) => Some(Err(format!("{e:#}"))),
+        Ok(cache::CacheFile::Absent) => None,
+        Ok(cache::CacheFile::Verdicts(v)) => Some(Ok(v == verdicts)),
+        Ok(cache::CacheFile::Unusable(why)) => Some(Err(why)),
+        Err(e) => Some(Err(cache_why(e))),
     };
     let mut written = false;
     let mut failed = None;
@@ -444,6 +446,15 @@ fn cache_note(
         existing,
         failed,
     }))
+}
+
+/// What went wrong with a file of the cache folder, without the file asked about (the text
+/// names it where it is shown).
+fn cache_why(e: p2pcheck::Error) -> String {
+    match e {
+        p2pcheck::Error::Cache { kind, .. } => kind.to_string(),
+        other => other.to_string(),
+    }
 }
 
 fn cvd_shown() -> String {
@@ -757,11 +768,15 @@ fn trace_summary(mut it: impl Iterator<Item = OsString>) -> ExitCode {
     };
     let trace = match p2pcheck::trace_summary::read(&path) {
         Ok(t) => t,
-        Err(bad) => {
+        Err(p2pcheck::Error::BadTrace { problems }) => {
             eprintln!("p2pcheck: trace-summary {}:", path.display());
-            for p in &bad.problems {
+            for p in &problems {
                 eprintln!("  {p}");
             }
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("p2pcheck: trace-summary {}: {e}", path.display());
             return ExitCode::from(2);
         }
     };
