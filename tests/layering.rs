@@ -110,7 +110,10 @@ fn code_only(text: &str) -> String {
             b'\'' => {
                 // A char literal ('x', '\n', '\u{..}') or a lifetime ('a): skip only the former.
                 let end = if b.get(i + 1) == Some(&b'\\') {
-                    b[i + 2..].iter().position(|&c| c == b'\'').map(|p| i + 3 + p)
+                    b[i + 2..]
+                        .iter()
+                        .position(|&c| c == b'\'')
+                        .map(|p| i + 3 + p)
                 } else if b.get(i + 2) == Some(&b'\'') {
                     Some(i + 3)
                 } else {
@@ -231,7 +234,9 @@ fn actual() -> (BTreeSet<String>, BTreeMap<(String, String), PathBuf>) {
     let modules: BTreeSet<String> = files.iter().filter_map(|f| module_of(f)).collect();
     let mut edges = BTreeMap::new();
     for file in &files {
-        let Some(from) = module_of(file) else { continue };
+        let Some(from) = module_of(file) else {
+            continue;
+        };
         let text = fs::read_to_string(file).expect("read a source file");
         for name in crate_paths(&code_only(&text)) {
             let to = if modules.contains(&name) && name != "lib" {
