@@ -26,9 +26,11 @@ const REQUIRED_HEADERS: [&str; 4] = [
 
 #[cfg(feature = "bindgen")]
 /// Driver entry points p2pcheck resolves (their `PFN_` types come from cudaTypedefs.h).
+/// The second line is the bandwidth measurement's (streams, events, async copies, occupancy).
 const DRIVER_PFNS: &str = "PFN_cu(Init|DeviceGetCount|GetErrorName|GetErrorString|ModuleLoadData|\
-ModuleGetFunction|ModuleUnload|FuncGetAttribute|LaunchKernel|CtxSynchronize|MemAlloc|MemFree|MemsetD8|MemcpyDtoH)\
-_v[0-9]+";
+ModuleGetFunction|ModuleUnload|FuncGetAttribute|LaunchKernel|CtxSynchronize|MemAlloc|MemFree|MemsetD8|MemcpyDtoH|\
+CtxGetDevice|DeviceGetAttribute|OccupancyMaxActiveBlocksPerMultiprocessor|StreamCreate|StreamDestroy|EventCreate|\
+EventRecord|EventElapsedTime|EventDestroy|MemcpyDtoDAsync|MemsetD32Async)_v[0-9]+";
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

@@ -161,7 +161,7 @@ void p2pcheck_shim_timed_copy(const p2pc_driver *d, void *spin, void *copy, unsi
     }
     /* Released whatever failed: a held stream would otherwise wait for its deadline. */
     if (spins > 0) {
-        int released = !failed(out, "cuMemsetD32Async_v2",
+        int released = !failed(out, "cuMemsetD32Async",
                                d->memset_d32_async(flag, 1, 1, streams[ways]));
         ok = !failed(out, "cuCtxSynchronize", d->ctx_synchronize()) && released && ok;
     }

@@ -33,10 +33,27 @@ pub mod shim {
         pub mem_free: super::PFN_cuMemFree_v3020,
         pub memset_d8: super::PFN_cuMemsetD8_v3020,
         pub memcpy_dtoh: super::PFN_cuMemcpyDtoH_v3020,
+        pub ctx_get_device: super::PFN_cuCtxGetDevice_v2000,
+        pub device_get_attribute: super::PFN_cuDeviceGetAttribute_v2000,
+        pub occupancy_max_active_blocks: super::PFN_cuOccupancyMaxActiveBlocksPerMultiprocessor_v6050,
+        pub stream_create: super::PFN_cuStreamCreate_v2000,
+        pub stream_destroy: super::PFN_cuStreamDestroy_v4000,
+        pub event_create: super::PFN_cuEventCreate_v2000,
+        pub event_record: super::PFN_cuEventRecord_v2000,
+        pub event_elapsed_time: super::PFN_cuEventElapsedTime_v2000,
+        pub event_destroy: super::PFN_cuEventDestroy_v4000,
+        pub memcpy_dtod_async: super::PFN_cuMemcpyDtoDAsync_v3020,
+        pub memset_d32_async: super::PFN_cuMemsetD32Async_v3020,
     }
 
     /// `P2PC_MAX_CALLS`.
-    pub const P2PC_MAX_CALLS: usize = 16;
+    pub const P2PC_MAX_CALLS: usize = 64;
+    /// `P2PC_ENGINE_CE`: a timed copy by the copy engine.
+    pub const P2PC_ENGINE_CE: c_uint = 0;
+    /// `P2PC_ENGINE_SM`: a timed copy by SM loads and stores.
+    pub const P2PC_ENGINE_SM: c_uint = 1;
+    /// `P2PC_MAX_LOOPS`.
+    pub const P2PC_MAX_LOOPS: c_uint = 8;
 
     /// `p2pc_report`.
     #[repr(C)]
@@ -78,6 +95,31 @@ pub mod shim {
             role: c_uint,
             seed: c_ulonglong,
             budget_ns: c_ulonglong,
+            out: *mut p2pc_report,
+        );
+        pub fn p2pcheck_shim_timed_copy(
+            d: *const p2pc_driver,
+            spin: *mut c_void,
+            copy: *mut c_void,
+            engine: c_uint,
+            dst: c_ulonglong,
+            src: c_ulonglong,
+            dst2: c_ulonglong,
+            src2: c_ulonglong,
+            n: c_ulonglong,
+            loops: c_uint,
+            budget_ns: c_ulonglong,
+            out: *mut p2pc_report,
+        );
+        pub fn p2pcheck_shim_chase(
+            d: *const p2pc_driver,
+            chain: *mut c_void,
+            chase: *mut c_void,
+            p: c_ulonglong,
+            slots: c_ulonglong,
+            stride: c_ulonglong,
+            warm: c_ulonglong,
+            hops: c_ulonglong,
             out: *mut p2pc_report,
         );
     }

@@ -9,7 +9,7 @@ use once_cell::sync::OnceCell;
 use super::fatbin;
 use super::memory::DeviceView;
 use super::trace::{self, Api, Record};
-use super::{c_text, check, describe, resolve, Error, Library, Result};
+use super::{c_text, check, describe, resolve, DevicePtr, Error, Library, Result};
 use crate::sys;
 
 /// Bytes of the handshake kernel's area: its flags and two payloads (csrc/kernels.cu).
@@ -332,6 +332,190 @@ impl Kernels {
     }
 }
 
+/// How a timed copy moves its bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Engine {
+    /// The copy engine (`cuMemcpyDtoDAsync`).
+    CopyEngine,
+    /// SM loads and stores (`p2pc_copy`), as an all-reduce kernel moves data.
+    Sm,
+}
+
+impl Engine {
+    fn code(self) -> u32 {
+        match self {
+            Engine::CopyEngine => sys::shim::P2PC_ENGINE_CE,
+            Engine::Sm => sys::shim::P2PC_ENGINE_SM,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Engine::CopyEngine => "copy engine",
+            Engine::Sm => "SM",
+        }
+    }
+}
+
+/// Most transfers one timed sample queues per direction (`P2PC_MAX_LOOPS`).
+pub(crate) const MAX_LOOPS: u32 = sys::shim::P2PC_MAX_LOOPS;
+
+/// One timed sample of [`BandwidthKernels::timed_copy`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct TimedCopy {
+    /// GPU time from the first transfer's start to the last one's end.
+    pub elapsed_ns: u64,
+    /// The spin kernel held the stream until every transfer was queued (else the figure may
+    /// hold launch gaps).
+    pub held: bool,
+}
+
+/// What [`BandwidthKernels::chase`] measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Chase {
+    /// GPU time of the timed hops.
+    pub ns: u64,
+    /// The offset the chase ended at (the caller checks it against the chain).
+    pub reached: u64,
+}
+
+/// The bandwidth measurement's kernels, fetched from the loaded module only when a check
+/// measures bandwidth (a check that does not makes no call for them).
+pub(crate) struct BandwidthKernels<'k> {
+    kernels: &'k Kernels,
+    copy: sys::CUfunction,
+    spin: sys::CUfunction,
+    chain: sys::CUfunction,
+    chase: sys::CUfunction,
+}
+
+impl Kernels {
+    /// The bandwidth kernels of this module.
+    pub(crate) fn bandwidth(&self) -> Result<BandwidthKernels<'_>> {
+        Ok(BandwidthKernels {
+            kernels: self,
+            copy: self.function(c"p2pc_copy")?,
+            spin: self.function(c"p2pc_spin")?,
+            chain: self.function(c"p2pc_chain")?,
+            chase: self.function(c"p2pc_chase")?,
+        })
+    }
+}
+
+impl BandwidthKernels<'_> {
+    /// One timed sample (`p2pcheck_shim_timed_copy`): `loops` transfers of all of `src` into
+    /// the start of `dst` by `engine`, held behind the spin kernel (ending at `budget_ns` on
+    /// the GPU clock) and timed with events; with `both`, the same from its second view into
+    /// its first at the same time on a second stream. `loops` is 1 to [`MAX_LOOPS`]; `src`'s
+    /// length a multiple of 16.
+    pub(crate) fn timed_copy(
+        &self,
+        engine: Engine,
+        dst: DeviceView<'_>,
+        src: DeviceView<'_>,
+        both: Option<(DeviceView<'_>, DeviceView<'_>)>,
+        loops: u32,
+        budget_ns: u64,
+    ) -> Result<TimedCopy> {
+        let table = shim_table()?;
+        let n = src.len();
+        let dst = dst.slice(0..n)?.ptr();
+        let src = src.ptr();
+        let (dst2, src2) = match both {
+            Some((d, s)) => (d.slice(0..n)?.ptr(), s.slice(0..n)?.ptr()),
+            None => (DevicePtr(0), DevicePtr(0)),
+        };
+        let describe = |t: &mut Record, r: &[u64; 4]| {
+            t.args
+                .text("engine", engine.name())
+                .ptr("dst", dst.0)
+                .ptr("src", src.0);
+            if both.is_some() {
+                t.args.ptr("dst2", dst2.0).ptr("src2", src2.0);
+            }
+            t.args
+                .uint("bytes", n)
+                .uint("loops", u64::from(loops))
+                .uint("budget_ns", budget_ns);
+            t.out
+                .uint("elapsed_ns", r[0])
+                .flag("held", r[1] == 1)
+                .uint("grid", r[2]);
+        };
+        let k = self.kernels;
+        let r = k.run(c"p2pc_timed_copy", describe, |out| {
+            // SAFETY: table holds resolved driver functions, spin and copy are kernels of the
+            // loaded module, dst/src (and dst2/src2) address n bytes of device memory that the
+            // views' borrowed owners keep live (checked by the slices above), out is a live
+            // report; the shim creates and releases its own streams, events and flag.
+            unsafe {
+                sys::shim::p2pcheck_shim_timed_copy(
+                    &table,
+                    self.spin.cast(),
+                    self.copy.cast(),
+                    engine.code(),
+                    dst.0,
+                    src.0,
+                    dst2.0,
+                    src2.0,
+                    n,
+                    loops,
+                    budget_ns,
+                    out,
+                )
+            }
+        })?;
+        Ok(TimedCopy {
+            elapsed_ns: r[0],
+            held: r[1] == 1,
+        })
+    }
+
+    /// Latency (`p2pcheck_shim_chase`): a chain of `slots` slots `stride` bytes apart written
+    /// into `view`, then followed by one thread, `warm` hops untimed and `hops` timed.
+    pub(crate) fn chase(
+        &self,
+        view: DeviceView<'_>,
+        slots: u64,
+        stride: u64,
+        warm: u64,
+        hops: u64,
+    ) -> Result<Chase> {
+        let table = shim_table()?;
+        let p = view.slice(0..slots.saturating_mul(stride))?.ptr();
+        let describe = |t: &mut Record, r: &[u64; 4]| {
+            t.args
+                .ptr("ptr", p.0)
+                .uint("slots", slots)
+                .uint("stride", stride)
+                .uint("warm", warm)
+                .uint("hops", hops);
+            t.out.uint("ns", r[0]).uint("reached", r[1]);
+        };
+        let r = self.kernels.run(c"p2pc_chase", describe, |out| {
+            // SAFETY: as in timed_copy; the chain covers slots*stride bytes of the view,
+            // checked by the slice above.
+            unsafe {
+                sys::shim::p2pcheck_shim_chase(
+                    &table,
+                    self.chain.cast(),
+                    self.chase.cast(),
+                    p.0,
+                    slots,
+                    stride,
+                    warm,
+                    hops,
+                    out,
+                )
+            }
+        })?;
+        Ok(Chase {
+            ns: r[0],
+            reached: r[1],
+        })
+    }
+}
+
 impl Drop for Kernels {
     fn drop(&mut self) {
         // Checked and traced like any call; there is no caller left to tell.
@@ -360,15 +544,38 @@ fn shim_table() -> Result<sys::shim::p2pc_driver> {
         mem_free: pfn!(c"cuMemFree_v2"),
         memset_d8: pfn!(c"cuMemsetD8_v2"),
         memcpy_dtoh: pfn!(c"cuMemcpyDtoH_v2"),
+        ctx_get_device: pfn!(c"cuCtxGetDevice"),
+        device_get_attribute: pfn!(c"cuDeviceGetAttribute"),
+        occupancy_max_active_blocks: pfn!(c"cuOccupancyMaxActiveBlocksPerMultiprocessor"),
+        stream_create: pfn!(c"cuStreamCreate"),
+        stream_destroy: pfn!(c"cuStreamDestroy_v2"),
+        event_create: pfn!(c"cuEventCreate"),
+        event_record: pfn!(c"cuEventRecord"),
+        event_elapsed_time: pfn!(c"cuEventElapsedTime"),
+        event_destroy: pfn!(c"cuEventDestroy_v2"),
+        memcpy_dtod_async: pfn!(c"cuMemcpyDtoDAsync_v2"),
+        memset_d32_async: pfn!(c"cuMemsetD32Async"),
     })
 }
 
-/// The driver calls the shim can name as failed (csrc/shim.c).
-const SHIM_CALLS: [&str; 6] = [
+/// The driver calls the shim can name as failed (csrc/shim.c), and its own argument check.
+const SHIM_CALLS: [&str; 18] = [
     "cuLaunchKernel",
     "cuCtxSynchronize",
     "cuMemAlloc_v2",
     "cuMemFree_v2",
     "cuMemsetD8_v2",
     "cuMemcpyDtoH_v2",
+    "cuCtxGetDevice",
+    "cuDeviceGetAttribute",
+    "cuOccupancyMaxActiveBlocksPerMultiprocessor",
+    "cuStreamCreate",
+    "cuStreamDestroy_v2",
+    "cuEventCreate",
+    "cuEventRecord",
+    "cuEventElapsedTime",
+    "cuEventDestroy_v2",
+    "cuMemcpyDtoDAsync_v2",
+    "cuMemsetD32Async",
+    "p2pc argument",
 ];
