@@ -50,6 +50,7 @@ mod files;
 pub mod fingerprint;
 pub mod fleet;
 pub mod json;
+pub mod link;
 mod os;
 pub mod policy;
 pub mod program;

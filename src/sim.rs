@@ -52,11 +52,17 @@ pub enum FaultKind {
     Partial,
     /// SM stores through the mapping land 4096 bytes further than addressed.
     Shifted,
+    /// Bandwidth: timed transfers through the mapping run at the speed of a path through the
+    /// host (20 GB/s modelled, against 370 for two GPUs' NVLink); the bytes land.
+    Slow,
+    /// Bandwidth: timed transfers through the mapping take their modelled time but move
+    /// nothing (a fast wrong copy, for the data check to catch).
+    FastWrong,
 }
 
 impl FaultKind {
     /// Every kind, in documentation order.
-    pub const ALL: [FaultKind; 11] = [
+    pub const ALL: [FaultKind; 13] = [
         FaultKind::IpcOpenFails,
         FaultKind::DropWrites,
         FaultKind::Corrupt,
@@ -68,6 +74,8 @@ impl FaultKind {
         FaultKind::ClaimNo,
         FaultKind::Partial,
         FaultKind::Shifted,
+        FaultKind::Slow,
+        FaultKind::FastWrong,
     ];
 
     /// The name used on the command line and by the simulator.
@@ -84,6 +92,8 @@ impl FaultKind {
             FaultKind::ClaimNo => "claim-no",
             FaultKind::Partial => "partial",
             FaultKind::Shifted => "shifted",
+            FaultKind::Slow => "slow",
+            FaultKind::FastWrong => "fast-wrong",
         }
     }
 }

@@ -34,6 +34,7 @@ mod rules;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use crate::link::Link;
 pub use nvml::{Gpu as NvmlGpu, P2pStatus, DEFAULT_LIBRARY as DEFAULT_NVML, LIBRARY_VAR};
 pub use render::{finding_json, finding_text, render_json, render_table, JSON_VERSION};
 pub use rules::{explain, findings, observations, Finding, Kind, Observation, Severity, Symptom};
@@ -222,6 +223,54 @@ impl PairFacts {
     pub fn nvlink(&self) -> Option<bool> {
         self.nvml.map(|s| s.nvlink == 0)
     }
+}
+
+impl Facts {
+    /// The path between GPUs `a` and `b` for the bandwidth floor ([`Link`]): NVLink when NVML
+    /// says the pair's P2P goes over it (the links joining the two directly, else, through
+    /// NVSwitch, the fewer active links of the two), else PCIe with the lower generation and
+    /// width of the two GPUs' links; [`Link::Unknown`] where NVML cannot say.
+    pub fn link(&self, a: u32, b: u32) -> Link {
+        if a == b {
+            return Link::SameGpu;
+        }
+        let nvml = |i: u32| self.gpus.get(i as usize).and_then(|g| g.nvml.as_ref());
+        let (Some(na), Some(nb)) = (nvml(a), nvml(b)) else {
+            return Link::Unknown;
+        };
+        let pair = self.pairs.iter().find(|p| p.gpus == (a.min(b), a.max(b)));
+        if pair.and_then(PairFacts::nvlink) == Some(true) {
+            let place = |i: u32| self.gpus.get(i as usize).and_then(|g| pci_place(&g.bus_id));
+            let direct = na
+                .link_remotes
+                .iter()
+                .filter(|r| r.is_some() && **r == place(b))
+                .count() as u32;
+            let active = |g: &NvmlGpu| g.links.iter().filter(|&&up| up).count() as u32;
+            if let Some(version) = na.nvlink_version.or(nb.nvlink_version) {
+                let links = if direct > 0 {
+                    direct
+                } else {
+                    active(na).min(active(nb))
+                };
+                return Link::NvLink { version, links };
+            }
+        }
+        match (na.pcie, nb.pcie) {
+            (Some((ga, wa)), Some((gb, wb))) => Link::Pcie {
+                generation: ga.min(gb),
+                width: wa.min(wb),
+            },
+            _ => Link::Unknown,
+        }
+    }
+}
+
+/// `(domain, bus, device)` of a bus id `dddd:bb:dd.f` (hex), as NVML's `nvmlPciInfo_t` has them.
+fn pci_place(bus_id: &str) -> Option<(u32, u32, u32)> {
+    let mut parts = bus_id.split([':', '.']);
+    let mut next = || u32::from_str_radix(parts.next()?, 16).ok();
+    Some((next()?, next()?, next()?))
 }
 
 /// The IOMMU as the kernel set it up.

@@ -83,6 +83,19 @@ type LinkStateFn = unsafe extern "C" fn(Device, c_uint, *mut c_uint) -> c_int;
 type P2pStatusFn = unsafe extern "C" fn(Device, Device, c_uint, *mut c_uint) -> c_int;
 type FabricV1Fn = unsafe extern "C" fn(Device, *mut FabricInfoV1) -> c_int;
 type FabricV2Fn = unsafe extern "C" fn(Device, *mut FabricInfoV2) -> c_int;
+type RemotePciFn = unsafe extern "C" fn(Device, c_uint, *mut PciInfo) -> c_int;
+
+/// `nvmlPciInfo_t`: where a link's far end is.
+#[repr(C)]
+struct PciInfo {
+    bus_id_legacy: [c_char; 16],
+    domain: c_uint,
+    bus: c_uint,
+    device: c_uint,
+    pci_device_id: c_uint,
+    pci_sub_system_id: c_uint,
+    bus_id: [c_char; 32],
+}
 
 /// What NVML said about one GPU; `None` in a field: NVML could not say (the reason is in
 /// [`Gpu::unavailable`]).
@@ -103,6 +116,15 @@ pub struct Gpu {
     /// `nvmlDeviceGetGpuFabricInfo(V)`: (state, status); `None` where the GPU is not on an
     /// NVSwitch fabric or the driver cannot say.
     pub fabric: Option<(u8, i32)>,
+    /// `nvmlDeviceGetNvLinkVersion` of the first active link: NVML's version enum (6: NVLink
+    /// 4.0); `None` without an active link or where NVML cannot say.
+    pub nvlink_version: Option<u32>,
+    /// `nvmlDeviceGetNvLinkRemotePciInfo_v2` per active link: the far end's (domain, bus,
+    /// device), to count the links that join two GPUs directly; `None` where NVML cannot say.
+    pub link_remotes: Vec<Option<(u32, u32, u32)>>,
+    /// `nvmlDeviceGetMaxPcieLinkGeneration` and `nvmlDeviceGetCurrPcieLinkWidth`: the link's
+    /// generation (the maximum: an idle GPU lowers its current one) and its trained width.
+    pub pcie: Option<(u32, u32)>,
     /// What could not be asked, and why (`"persistence: Not Supported"`).
     pub unavailable: Vec<String>,
 }
@@ -179,6 +201,10 @@ struct Api {
     p2p: Option<P2pStatusFn>,
     fabric_v1: Option<FabricV1Fn>,
     fabric_v2: Option<FabricV2Fn>,
+    nvlink_version: Option<LinkStateFn>,
+    link_remote: Option<RemotePciFn>,
+    pcie_generation: Option<DeviceUintFn>,
+    pcie_width: Option<DeviceUintFn>,
 }
 
 /// The address of `name` in the library `handle`, as the function-pointer type `F`.
@@ -228,6 +254,10 @@ impl Api {
             p2p: sym!(c"nvmlDeviceGetP2PStatus"),
             fabric_v1: sym!(c"nvmlDeviceGetGpuFabricInfo"),
             fabric_v2: sym!(c"nvmlDeviceGetGpuFabricInfoV"),
+            nvlink_version: sym!(c"nvmlDeviceGetNvLinkVersion"),
+            link_remote: sym!(c"nvmlDeviceGetNvLinkRemotePciInfo_v2"),
+            pcie_generation: sym!(c"nvmlDeviceGetMaxPcieLinkGeneration"),
+            pcie_width: sym!(c"nvmlDeviceGetCurrPcieLinkWidth"),
         };
         Ok((api, init))
     }
@@ -292,6 +322,9 @@ impl Api {
         };
         let persistence = uint(self.persistence);
         let compute = uint(self.compute);
+        gpu.pcie = uint(self.pcie_generation)
+            .and_then(|g| Ok((g, uint(self.pcie_width)?)))
+            .ok();
         let mig = self.mig.ok_or_else(absent).and_then(|f| {
             let (mut current, mut pending): (c_uint, c_uint) = (0, 0);
             // SAFETY: dev is NVML's handle; both out-parameters are live.
@@ -321,6 +354,13 @@ impl Api {
             Ok(links) => gpu.links = links,
             Err(e) => note("NVLink", e),
         }
+        let active: Vec<c_uint> = (0..)
+            .zip(&gpu.links)
+            .filter(|(_, &up)| up)
+            .map(|(i, _)| i)
+            .collect();
+        gpu.nvlink_version = active.first().and_then(|&l| self.link_version(dev, l));
+        gpu.link_remotes = active.iter().map(|&l| self.link_remote(dev, l)).collect();
         match self.fabric(dev) {
             Ok(f) => gpu.fabric = f,
             Err(e) => note("fabric", e),
@@ -345,6 +385,30 @@ impl Api {
             }
         }
         Ok(links)
+    }
+
+    /// NVML's version enum of one link.
+    fn link_version(&self, dev: Device, link: c_uint) -> Option<u32> {
+        let f = self.nvlink_version?;
+        let mut v: c_uint = 0;
+        // SAFETY: dev is NVML's handle; v is a live out-parameter.
+        (unsafe { f(dev, link, &mut v) } == SUCCESS).then_some(v)
+    }
+
+    /// The (domain, bus, device) at the far end of one link.
+    fn link_remote(&self, dev: Device, link: c_uint) -> Option<(u32, u32, u32)> {
+        let f = self.link_remote?;
+        let mut info = PciInfo {
+            bus_id_legacy: [0; 16],
+            domain: 0,
+            bus: 0,
+            device: 0,
+            pci_device_id: 0,
+            pci_sub_system_id: 0,
+            bus_id: [0; 32],
+        };
+        // SAFETY: dev is NVML's handle; info is the struct nvml.h declares for this call.
+        (unsafe { f(dev, link, &mut info) } == SUCCESS).then_some((info.domain, info.bus, info.device))
     }
 
     /// The fabric state and status: the versioned call first, the first form where a driver
