@@ -35,7 +35,8 @@ pub mod shim {
         pub memcpy_dtoh: super::PFN_cuMemcpyDtoH_v3020,
         pub ctx_get_device: super::PFN_cuCtxGetDevice_v2000,
         pub device_get_attribute: super::PFN_cuDeviceGetAttribute_v2000,
-        pub occupancy_max_active_blocks: super::PFN_cuOccupancyMaxActiveBlocksPerMultiprocessor_v6050,
+        pub occupancy_max_active_blocks:
+            super::PFN_cuOccupancyMaxActiveBlocksPerMultiprocessor_v6050,
         pub stream_create: super::PFN_cuStreamCreate_v2000,
         pub stream_destroy: super::PFN_cuStreamDestroy_v4000,
         pub event_create: super::PFN_cuEventCreate_v2000,

@@ -1,7 +1,8 @@
 //! The simulated driver itself, driven from C (`tests/c/sim_driver.c`): its memory model against
 //! a plain model of the bytes, across two processes; that memory holding a fill or a pattern
 //! takes no memory; a handshake decided by what the other side did, never by a clock; `@once`
-//! faults that hit only the first process of each check.
+//! faults that hit only the first process of each check; the bandwidth measurement's modelled
+//! time and its faults, through the C shim.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -22,6 +23,8 @@ fn program() -> &'static (TempDir, PathBuf, PathBuf) {
         let out = Command::new("cc")
             .args(["-std=gnu11", "-O1", "-Wall", "-Wextra", "-Werror"])
             .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/c/sim_driver.c"))
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("csrc/shim.c"))
+            .arg(format!("-I{}/csrc", env!("CARGO_MANIFEST_DIR")))
             .args(["-ldl", "-lpthread", "-o"])
             .arg(&exe)
             .output()
@@ -203,4 +206,65 @@ fn once_faults_hit_only_the_first_process_of_each_check() {
         ),
         "count rc 1\n"
     );
+}
+
+/// `sim_driver bandwidth 1` with `faults`: per figure (GB/s, held, wrong bytes), and latency.
+fn bandwidth(faults: &str) -> (Vec<(String, [u64; 3])>, u64) {
+    let out = run(
+        &["bandwidth", "1"],
+        &[("P2PCHECK_SIM_GPUS", "2"), ("P2PCHECK_SIM_FAULTS", faults)],
+    );
+    let mut figures = Vec::new();
+    let mut latency = None;
+    for line in out.lines() {
+        let v: Vec<&str> = line.split_whitespace().collect();
+        match v.as_slice() {
+            ["latency", ns] => latency = ns.parse().ok(),
+            [name, rest @ ..] if rest.len() == 3 => {
+                let n: Vec<u64> = rest.iter().map(|x| x.parse().unwrap()).collect();
+                figures.push((name.to_string(), [n[0], n[1], n[2]]));
+            }
+            _ => panic!("unexpected line {line:?} in {out}"),
+        }
+    }
+    (figures, latency.expect("a latency line"))
+}
+
+#[test]
+fn timed_copies_take_the_modelled_time_and_a_fast_wrong_copy_leaves_wrong_bytes() {
+    // Two GPUs: NVLink's 370 GB/s one way, both ways at once twice that (two streams, full
+    // duplex); every spin released by the host; every byte right.
+    let (figures, latency) = bandwidth("");
+    let got: Vec<(&str, [u64; 3])> = figures.iter().map(|(n, f)| (n.as_str(), *f)).collect();
+    assert_eq!(
+        got,
+        [
+            ("ce-write", [370, 1, 0]),
+            ("sm-read", [370, 1, 0]),
+            ("ce-both", [740, 1, 0])
+        ]
+    );
+    assert_eq!(latency, 900);
+    // slow: the path through the host, 20 GB/s, the bytes still right.
+    let (figures, latency) = bandwidth("0->1:slow");
+    assert!(
+        figures.iter().all(|(_, f)| f[0] <= 40 && f[2] == 0),
+        "{figures:?}"
+    );
+    assert_eq!(latency, 3000);
+    // fast-wrong: NVLink's speed, and every destination byte still the old pattern (but the
+    // few where two patterns agree by chance).
+    let (figures, _) = bandwidth("0->1:fast-wrong");
+    for (name, [gbps, _, wrong]) in &figures {
+        let bytes: u64 = if name.ends_with("both") {
+            2 << 20
+        } else {
+            1 << 20
+        };
+        assert!(*gbps >= 370, "{name}: {gbps}");
+        assert!(
+            wrong * 256 > bytes * 250,
+            "{name}: {wrong} of {bytes} wrong"
+        );
+    }
 }

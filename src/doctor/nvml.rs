@@ -408,7 +408,11 @@ impl Api {
             bus_id: [0; 32],
         };
         // SAFETY: dev is NVML's handle; info is the struct nvml.h declares for this call.
-        (unsafe { f(dev, link, &mut info) } == SUCCESS).then_some((info.domain, info.bus, info.device))
+        (unsafe { f(dev, link, &mut info) } == SUCCESS).then_some((
+            info.domain,
+            info.bus,
+            info.device,
+        ))
     }
 
     /// The fabric state and status: the versioned call first, the first form where a driver

@@ -17,6 +17,11 @@
  *   sim_driver once PROCESSES    the owner's memory is written through IPC by PROCESSES fresh
  *                                processes, one after the other: prints "writer K sees V" (the
  *                                value read back after writing 2 over 1).
+ *   sim_driver bandwidth MIB     (2 GPUs) a process on GPU 1 maps GPU 0's memory and times, with
+ *                                csrc/shim.c, copy-engine writes, SM reads, both ways at once and
+ *                                a pointer chase through the mapping, then checks the bytes with
+ *                                p2pc_pattern_check: prints "NAME GBPS HELD WRONG" per figure
+ *                                (GB/s as the events say) and "latency NS".
  * Exit 0 when it ran (what it saw is on stdout), 1 on any unexpected result or failed call. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -29,6 +34,8 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+
+#include "shim.h"
 
 typedef struct {
     char reserved[64];
@@ -398,6 +405,115 @@ static int once_writer(const char *k, const char *hex) {
     return 0;
 }
 
+/* ---------------------------------------------------------------------------------------- */
+
+static p2pc_driver shim_driver(void) {
+    void *lib = dlopen(getenv("P2PCHECK_LIBCUDA"), RTLD_NOW);
+    if (lib == NULL) FAIL("dlopen: %s", dlerror());
+    p2pc_driver d;
+    *(void **)&d.launch_kernel = sym(lib, "cuLaunchKernel");
+    *(void **)&d.ctx_synchronize = sym(lib, "cuCtxSynchronize");
+    *(void **)&d.mem_alloc = sym(lib, "cuMemAlloc_v2");
+    *(void **)&d.mem_free = sym(lib, "cuMemFree_v2");
+    *(void **)&d.memset_d8 = sym(lib, "cuMemsetD8_v2");
+    *(void **)&d.memcpy_dtoh = sym(lib, "cuMemcpyDtoH_v2");
+    *(void **)&d.ctx_get_device = sym(lib, "cuCtxGetDevice");
+    *(void **)&d.device_get_attribute = sym(lib, "cuDeviceGetAttribute");
+    *(void **)&d.occupancy_max_active_blocks =
+        sym(lib, "cuOccupancyMaxActiveBlocksPerMultiprocessor");
+    *(void **)&d.stream_create = sym(lib, "cuStreamCreate");
+    *(void **)&d.stream_destroy = sym(lib, "cuStreamDestroy_v2");
+    *(void **)&d.event_create = sym(lib, "cuEventCreate");
+    *(void **)&d.event_record = sym(lib, "cuEventRecord");
+    *(void **)&d.event_elapsed_time = sym(lib, "cuEventElapsedTime");
+    *(void **)&d.event_destroy = sym(lib, "cuEventDestroy_v2");
+    *(void **)&d.memcpy_dtod_async = sym(lib, "cuMemcpyDtoDAsync_v2");
+    *(void **)&d.memset_d32_async = sym(lib, "cuMemsetD32Async");
+    return d;
+}
+
+static void report_ok(const p2pc_report *r) {
+    if (r->failed_call) FAIL("%s -> %d", r->failed_call, r->code);
+}
+
+/* One figure: the destinations' old pattern, one timed sample, the pattern check. */
+static void bw_figure(const p2pc_driver *d, void **f, const char *name, unsigned engine,
+                      uint64_t dst, uint64_t src, uint64_t dst2, uint64_t src2, uint64_t n) {
+    p2pc_report r;
+    uint64_t seed = 900;
+    p2pcheck_shim_pattern_store(d, f_store, src, n, seed, 16, 0, &r);
+    report_ok(&r);
+    p2pcheck_shim_pattern_store(d, f_store, dst, n, seed + 1, 16, 0, &r);
+    report_ok(&r);
+    if (dst2) {
+        p2pcheck_shim_pattern_store(d, f_store, src2, n, seed, 16, 0, &r);
+        report_ok(&r);
+        p2pcheck_shim_pattern_store(d, f_store, dst2, n, seed + 1, 16, 0, &r);
+        report_ok(&r);
+    }
+    p2pcheck_shim_timed_copy(d, f[0], f[1], engine, dst, src, dst2, src2, n, 2, 1000000, &r);
+    report_ok(&r);
+    double gbps = (double)n * 2 * (dst2 ? 2 : 1) / (double)r.results[0];
+    unsigned long long held = r.results[1];
+    uint64_t wrong = 0;
+    for (int k = 0; k < (dst2 ? 2 : 1); k++) {
+        p2pcheck_shim_pattern_check(d, f_check, k ? dst2 : dst, n, seed, seed + 1, 16, &r);
+        report_ok(&r);
+        wrong += r.results[0];
+    }
+    printf("%s %.0f %llu %lu\n", name, gbps, held, (unsigned long)wrong);
+}
+
+static int bandwidth(uint64_t mib) {
+    uint64_t n = mib << 20;
+    int to_child[2];
+    if (pipe(to_child)) FAIL("pipe");
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid < 0) FAIL("fork");
+    if (pid == 0) {
+        int count = 0;
+        OK(p_count(&count));
+        OK(p_setdev(1));
+        void *m, *f[4];
+        OK(p_load(&m, ".entry p2pc_pattern_store(\n.entry p2pc_pattern_check(\n"
+                      ".entry p2pc_spin(\n.entry p2pc_copy(\n.entry p2pc_chain(\n"
+                      ".entry p2pc_chase(\n"));
+        OK(p_func(&f_store, m, "p2pc_pattern_store"));
+        OK(p_func(&f_check, m, "p2pc_pattern_check"));
+        OK(p_func(&f[0], m, "p2pc_spin"));
+        OK(p_func(&f[1], m, "p2pc_copy"));
+        OK(p_func(&f[2], m, "p2pc_chain"));
+        OK(p_func(&f[3], m, "p2pc_chase"));
+        handle_t h;
+        void *remote, *local;
+        get(to_child[0], &h, sizeof h);
+        OK(p_open(&remote, h, 1));
+        OK(p_malloc(&local, 2 * n));
+        p2pc_driver d = shim_driver();
+        uint64_t r0 = (uint64_t)remote, r1 = r0 + n, l0 = (uint64_t)local, l1 = l0 + n;
+        bw_figure(&d, f, "ce-write", P2PC_ENGINE_CE, r0, l0, 0, 0, n);
+        bw_figure(&d, f, "sm-read", P2PC_ENGINE_SM, l1, r1, 0, 0, n);
+        bw_figure(&d, f, "ce-both", P2PC_ENGINE_CE, r0, l0, l1, r1, n);
+        p2pc_report r;
+        p2pcheck_shim_chase(&d, f[2], f[3], r0, 64, 4160, 64, 1000, &r);
+        report_ok(&r);
+        if (r.results[1] != (64 + 1000) % 64 * 4160) FAIL("chase ended at %llu", r.results[1]);
+        printf("latency %.0f\n", (double)r.results[0] / 1000);
+        _exit(0);
+    }
+    start();
+    void *p;
+    OK(p_malloc(&p, 2 * n));
+    handle_t h;
+    OK(p_get(&h, p));
+    put(to_child[1], &h, sizeof h);
+    int status;
+    if (waitpid(pid, &status, 0) != pid || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
+        FAIL("the consumer failed");
+    return 0;
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     load();
@@ -408,6 +524,7 @@ int main(int argc, char **argv) {
         return handshake((uint32_t)atol(argv[2]), strtoull(argv[3], NULL, 10), atol(argv[4]),
                          atol(argv[5]));
     if (argc == 3 && strcmp(argv[1], "once") == 0) return once(atoi(argv[2]));
+    if (argc == 3 && strcmp(argv[1], "bandwidth") == 0) return bandwidth(strtoull(argv[2], NULL, 10));
     if (argc == 4 && strcmp(argv[1], "once-writer") == 0) return once_writer(argv[2], argv[3]);
     if (argc == 2 && strcmp(argv[1], "count") == 0) {
         int n = -1;
