@@ -339,7 +339,8 @@ p2pcheck_status p2pcheck_options_set_worker(p2pcheck_options *opts, const char *
 /* Runs the workers on p2pcheck's simulated driver: a machine of `gpus` GPUs (1 to 64) with
    the faults in `faults`, a comma-separated list of SRC->TGT:KIND such as
    "0->1:drop-writes,2->3:hang" (KIND: ipc-open-fails, drop-writes, corrupt, sm-only,
-   late-visibility, hang, crash, one-way, claim-no, partial, shifted), each optionally followed
+   late-visibility, hang, crash, one-way, claim-no, partial, shifted, slow, fast-wrong), each
+   optionally followed
    by "@once" (only in the first attempt at the pair of each check: the fresh workers of its
    retry do not see it), or NULL or "" for none. gpus 0 with no faults turns the simulation off. A fault naming a GPU that does not exist,
    an unknown kind or a malformed entry is INVALID_ARGUMENT, with the entry in the message. */

@@ -130,7 +130,8 @@ OPTIONS:
     --fault SRC->TGT:KIND[@once]
                            With --simulate: break pair SRC->TGT (physical ids; repeatable).
                            KIND: ipc-open-fails, drop-writes, corrupt, sm-only, late-visibility,
-                           hang, crash, one-way, claim-no, partial, shifted (see README).
+                           hang, crash, one-way, claim-no, partial, shifted, slow,
+                           fast-wrong (see README).
                            @once: only in the first attempt at the pair; the fresh workers of
                            a retry do not see it
     --write-sim-lib PATH   Write the simulated driver library to PATH, a regular file (created
