@@ -619,10 +619,12 @@ fn exported(args: &[&str], lib: &Path) -> (BTreeSet<String>, Vec<String>) {
 
 /// The C shim's functions (`csrc/shim.c`): in the static library under the library's prefix,
 /// never exported from the shared one.
-const SHIM_FUNCTIONS: [&str; 3] = [
+const SHIM_FUNCTIONS: [&str; 5] = [
+    "p2pcheck_shim_chase",
     "p2pcheck_shim_handshake",
     "p2pcheck_shim_pattern_check",
     "p2pcheck_shim_pattern_store",
+    "p2pcheck_shim_timed_copy",
 ];
 
 /// Whether a global symbol of the static library, not named `p2pcheck_*`, belongs to the Rust
