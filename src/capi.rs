@@ -32,12 +32,13 @@ use std::time::Duration;
 
 use once_cell::sync::Lazy;
 
-use crate::engine::{
-    Engine, Options, Outcome, Owner, PairReport, Pending, Report, Verdict, Visibility,
-};
+use crate::engine::{Options, Owner, Pending};
 use crate::error::Error;
+use crate::model::{
+    Class, Engine, Level, Outcome, Pair, PairReport, Report, TierOutcome, Verdict, Visibility,
+};
 use crate::policy::{self, ComputeCapability, PolicyConfig};
-use crate::protocol::{Class, Level, Pair, TierOutcome, MAX_DEVICES};
+use crate::protocol::MAX_DEVICES;
 use crate::sim::{Fault, Simulation};
 use crate::AccessOptions;
 

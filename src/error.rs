@@ -10,7 +10,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 use crate::cuda;
-use crate::protocol::Problem;
+use crate::model::Problem;
 
 /// Why a check could not be carried out.
 #[non_exhaustive]

@@ -46,6 +46,7 @@ mod error;
 mod files;
 pub mod fingerprint;
 pub mod json;
+mod model;
 mod os;
 pub mod policy;
 pub mod program;
@@ -68,15 +69,15 @@ use once_cell::sync::{Lazy, OnceCell};
 pub use cuda::trace::open_destination as open_trace;
 pub use cuda::{Error as CudaError, Library};
 pub use engine::{
-    all_pairs, locate_worker, start, this_executable_is_a_worker, Engine, Evidence, Options,
-    Outcome, PairReport, Pending, Report, Verdict, Visibility, WorkerInfo, DEFAULT_KERNEL_BYTES,
+    locate_worker, start, this_executable_is_a_worker, Options, Pending, DEFAULT_KERNEL_BYTES,
     TIMEOUT_RANGE,
 };
 pub use error::{Error, Result};
-pub use protocol::{
-    Check, Class, Level, Pair, Problem, SideVerdict, TierOutcome, TierParams,
-    VERSION as PROTOCOL_VERSION,
+pub use model::{
+    all_pairs, Check, Class, Engine, Evidence, Level, Outcome, Pair, PairReport, Problem, Report,
+    SideVerdict, TierOutcome, TierParams, Verdict, Visibility, WorkerInfo,
 };
+pub use protocol::VERSION as PROTOCOL_VERSION;
 pub use sys::BINDINGS_SOURCE;
 pub use worker::{main as worker_main, TEST_BYTES, WORKER_FLAG};
 

@@ -22,12 +22,13 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use super::pool::{next_event, Event, Graveyard, SendError, Worker};
-use super::{
-    all_pairs, check_ids, hello_count, Ctx, Outcome, RoundError, RoundOut, Visibility, WorkerInfo,
-};
-use crate::cuda::IPC_HANDLE_BYTES;
+use super::{check_ids, hello_count, Ctx, RoundError, RoundOut};
 use crate::error::Error;
-use crate::protocol::{Job, Level, Message, Op, Pair, Problem, Role, SideVerdict, TierOutcome};
+use crate::model::{
+    all_pairs, Level, Outcome, Pair, Problem, Role, SideVerdict, TierOutcome, Visibility,
+    WorkerInfo,
+};
+use crate::protocol::{Job, Message, Op, IPC_HANDLE_BYTES};
 use crate::visible;
 use crate::worker::CONSUMER_FILL;
 

@@ -6,9 +6,10 @@
 use std::time::Instant;
 
 use super::pool::{next_event, Event, Graveyard, Worker};
-use super::{all_pairs, check_ids, hello_count, Ctx, Outcome, RoundError, RoundOut, WorkerInfo};
+use super::{check_ids, hello_count, Ctx, RoundError, RoundOut};
 use crate::error::Error;
-use crate::protocol::{self, Job, Level, Message, Pair, Role, SideVerdict, TierParams};
+use crate::model::{all_pairs, Level, Outcome, Pair, Role, SideVerdict, TierParams, WorkerInfo};
+use crate::protocol::{self, Job, Message};
 
 /// Messages one side may send for one pair: two Handles or Openeds, five barriers, a verdict —
 /// and some slack. More is a worker flooding the pipe, which must not keep a pair alive.

@@ -13,7 +13,8 @@ use super::{peak_rss_kb, unexpected, verify, Layout, Link, PRODUCER_FILL, TEST_B
 use crate::cuda::owned::{DeviceBuffer, PeerMapping};
 use crate::cuda::trace::{self, ProcessRole};
 use crate::cuda::{self, Kernels, IPC_HANDLE_BYTES};
-use crate::protocol::{Check, Job, Message, Op, Problem, ProtocolError, Role, TierParams};
+use crate::model::{Check, Problem, Role, TierParams};
+use crate::protocol::{Job, Message, Op, ProtocolError};
 
 /// Serves the parallel engine on local device `device`, exporting `slots` slots.
 pub(super) fn run<R: Read, W: Write>(
@@ -74,7 +75,7 @@ pub(super) fn run<R: Read, W: Write>(
             Ok(other) => return unexpected("Step", other),
             Err(e) => return Err(e),
         };
-        trace::set_job(Some(job));
+        trace::set_job(Some(job.into()));
         let (result, claim) = worker.step(job, slot, op);
         trace::set_job(None);
         link.send(Message::Done {

@@ -8,7 +8,7 @@
 //! tell "never arrived" from "arrived wrong".
 
 use crate::cuda::{self, DevicePtr, Kernels, PatternCount};
-use crate::protocol::{Check, Problem, TierParams};
+use crate::model::{Check, Problem, TierParams};
 
 use super::TEST_BYTES;
 
