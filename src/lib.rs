@@ -51,6 +51,7 @@ mod os;
 pub mod policy;
 pub mod program;
 mod protocol;
+mod render;
 pub mod sim;
 mod sys;
 #[cfg(test)]
@@ -72,10 +73,11 @@ pub use engine::{
     locate_worker, start, this_executable_is_a_worker, Options, Pending, DEFAULT_KERNEL_BYTES,
     TIMEOUT_RANGE,
 };
-pub use error::{Error, Result};
+pub use error::{Error, Phase, Result};
 pub use model::{
-    all_pairs, Check, Class, Engine, Evidence, Level, Outcome, Pair, PairReport, Problem, Report,
-    SideVerdict, TierOutcome, TierParams, Verdict, Visibility, WorkerInfo,
+    all_pairs, Attempt, Check, Class, Engine, Evidence, Failure, Fault, Finding, Hang, Level, Lost,
+    OtherAttempt, Outcome, Pair, PairReport, Problem, Report, SideVerdict, TierOutcome, TierParams,
+    Verdict, Visibility, WorkerFault, WorkerInfo,
 };
 pub use protocol::VERSION as PROTOCOL_VERSION;
 pub use sys::BINDINGS_SOURCE;
@@ -454,10 +456,10 @@ pub fn access_check(src: u32, tgt: u32, opts: &AccessOptions) -> Result<Access> 
     let compute = || {
         let result = check(None, &opts.check).and_then(|report| {
             if report.device_count != n {
-                return Err(Error::Worker(format!(
-                    "the workers see {} devices, this process {n}",
-                    report.device_count
-                )));
+                return Err(Error::DeviceCountChanged {
+                    workers: report.device_count,
+                    here: n,
+                });
             }
             Ok(report)
         });

@@ -515,7 +515,7 @@ fn print_json(args: &Args, report: &Report, note: Option<&CacheNote>, warnings: 
                 p.pair.tgt,
                 p.ok(),
                 verdict.word(),
-                json::escape(verdict.reason()),
+                json::escape(&verdict.reason()),
                 opt(p.copy_ok()),
                 tier_word(&p.kernel()),
                 tier_word(&p.handshake()),

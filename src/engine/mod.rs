@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 use crate::fingerprint::{self, Gpu};
 use crate::model::{
-    Engine, Evidence, Level, Outcome, Pair, PairReport, Problem, Report, TierParams, Visibility,
-    WorkerInfo,
+    deadline_passed, Engine, Evidence, Level, Lost, Outcome, Pair, PairReport, Problem, Report,
+    TierParams, Visibility, WorkerInfo,
 };
 use crate::sim::Simulation;
 use crate::visible::{self, VisibleDevices};
@@ -256,9 +256,9 @@ struct SettleOnExit(Arc<Shared>);
 
 impl Drop for SettleOnExit {
     fn drop(&mut self) {
-        self.0.settle(Err(Error::Worker(
-            "the check's thread ended without an answer".into(),
-        )));
+        self.0.settle(Err(Error::Internal {
+            what: "the check's thread ended without an answer",
+        }));
     }
 }
 
@@ -328,7 +328,9 @@ impl Pending {
     /// exiting: see [`Pending::finish`].
     pub fn wait(&self) -> Result<Report> {
         self.wait_timeout(Duration::MAX)
-            .unwrap_or_else(|| Err(Error::Worker("the wait ended without a result".into())))
+            .unwrap_or(Err(Error::Internal {
+                what: "the wait ended without a result",
+            }))
     }
 
     /// Stops the check, from any thread, without blocking: unless the result was complete
@@ -440,9 +442,7 @@ pub fn start(pairs: Option<Vec<Pair>>, opts: Options) -> Pending {
                     .map(|s| s.to_string())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_default();
-                Err(Error::Worker(format!(
-                    "internal error in the check (a bug): {what}"
-                )))
+                Err(Error::Bug { what })
             });
             settle.0.settle(result);
             graveyard.reap(Instant::now() + REAP_TIMEOUT)
@@ -450,9 +450,9 @@ pub fn start(pairs: Option<Vec<Pair>>, opts: Options) -> Pending {
     let thread = match thread {
         Ok(t) => Some(t),
         Err(e) => {
-            shared.settle(Err(Error::Worker(format!(
-                "cannot start the check's thread: {e}"
-            ))));
+            shared.settle(Err(Error::Thread {
+                source_text: e.to_string(),
+            }));
             None
         }
     };
@@ -519,15 +519,16 @@ impl Ctx<'_> {
         self.deadline.get().map_or(poll, |d| poll.min(d))
     }
 
+    /// The whole check's budget: from its start to its deadline (zero while unset).
+    pub fn budget(&self) -> Duration {
+        self.deadline.get().map_or(Duration::ZERO, |d| {
+            d.saturating_duration_since(self.started)
+        })
+    }
+
     /// "the check's deadline (320.0 s) passed", for messages.
     fn deadline_words(&self) -> String {
-        let budget = self.deadline.get().map_or(Duration::ZERO, |d| {
-            d.saturating_duration_since(self.started)
-        });
-        format!(
-            "the check's deadline ({:.1} s) passed",
-            budget.as_secs_f64()
-        )
+        deadline_passed(self.budget())
     }
 }
 
@@ -562,6 +563,9 @@ fn max_rounds(pairs: usize) -> u32 {
     2 * pairs as u32 + 2
 }
 
+/// The whole check: the first round, then rounds of fresh workers for what was interrupted
+/// and for second attempts, until every pair is settled, the deadline passes or no fresh
+/// worker can start; then each pair's attempts settled into its report.
 fn run_rounds(
     pairs: Option<&[Pair]>,
     opts: &Options,
@@ -571,26 +575,7 @@ fn run_rounds(
     let started = Instant::now();
     opts.validate()?;
     let mut warnings = Vec::new();
-    let cvd = visible::from_env();
-    if matches!(&cvd.devices, VisibleDevices::List(l) if l.is_empty()) {
-        let value = std::env::var_os(visible::VAR).unwrap_or_default();
-        let first = value.to_string_lossy();
-        let first = first.split(',').next().unwrap_or_default().trim();
-        return Err(Error::NoDevice(if value.is_empty() {
-            "CUDA_VISIBLE_DEVICES is set but empty: CUDA shows this process no GPU".into()
-        } else {
-            format!(
-                "CUDA_VISIBLE_DEVICES={value:?} selects no GPU: CUDA stops at the first invalid \
-                 entry, here the first ({first:?})"
-            )
-        }));
-    }
-    if let Some(tail) = &cvd.ignored {
-        warnings.push(format!(
-            "CUDA_VISIBLE_DEVICES: CUDA ignores {tail:?} (an invalid or repeated entry and \
-             everything after it)"
-        ));
-    }
+    visible_devices(&mut warnings)?;
     let path = locate_worker(opts.worker.as_deref())?;
     // Kept to the end of the check: it holds the simulation's @once ledger.
     let sim_env = match &opts.simulate {
@@ -620,92 +605,69 @@ fn run_rounds(
         started,
         deadline: Cell::new(opts.check_timeout.map(|t| started + t)),
     };
-    let mut workers = Vec::new();
-    let mut peak_in_flight = 0;
-    // `hold`: pairs from this position on are second attempts; they run after the others, so
-    // that a second hang cannot interrupt them, and on fresh workers, as every round.
-    let mut round = |ctx: &mut Ctx, pairs: Option<&[Pair]>, hold: usize| -> Result<RoundOut> {
-        loop {
-            let out = match ctx.opts.engine {
-                Engine::Parallel => parallel::round(ctx, pairs, hold, graveyard),
-                // The vLLM engine runs its batch in order: the second attempts are last already.
-                Engine::Vllm => vllm::round(ctx, pairs, graveyard),
-            };
-            match out {
-                Ok(out) => return Ok(out),
-                Err(RoundError::Fatal(e)) => return Err(e),
-                Err(RoundError::Fallback(why)) => {
-                    warnings.push(format!("each worker sees every GPU: {why}"));
-                    ctx.visibility = Visibility::All;
-                    ctx.gpus = None;
-                }
-            }
-        }
+    let mut rounds = Rounds {
+        graveyard,
+        warnings,
+        workers: Vec::new(),
+        peak_in_flight: 0,
     };
-    let first = round(&mut ctx, pairs, usize::MAX)?;
+    let first = rounds.round(&mut ctx, pairs, usize::MAX)?;
     let n = first.n;
     let batch = first.pairs.clone();
-    // Each pair's attempts so far; it is final once it passed or was attempted twice.
-    let mut tries: Vec<Vec<Outcome>> = vec![Vec::new(); batch.len()];
-    let mut restarts = 0;
-    let mut current: Vec<usize> = (0..batch.len()).collect();
-    let mut out = first;
-    loop {
-        workers.append(&mut out.workers);
-        peak_in_flight = peak_in_flight.max(out.peak_in_flight);
-        let (mut next, mut again) = (Vec::new(), Vec::new());
-        for (&i, outcome) in current.iter().zip(out.outcomes.drain(..)) {
-            let Some(o) = outcome else {
-                next.push(i); // interrupted before it ran: not an attempt
-                continue;
-            };
-            let passed = o.passed();
-            tries[i].push(o);
-            if !passed && tries[i].len() < 2 {
-                again.push(i);
-            }
-        }
-        let hold = next.len();
-        next.append(&mut again);
-        if next.is_empty() {
-            break;
-        }
-        if cancel.load(Ordering::Relaxed) {
-            return Err(Error::Cancelled);
-        }
-        if ctx.past_deadline() {
-            break;
-        }
-        restarts += 1;
-        let rerun: Vec<Pair> = next.iter().map(|&i| batch[i]).collect();
-        let fresh = if restarts > max_rounds(batch.len()) {
-            Err(Error::Worker(format!(
-                "gave up after {restarts} rounds of fresh workers"
-            )))
-        } else {
-            round(&mut ctx, Some(&rerun), hold)
-        };
-        out = match fresh {
-            Ok(out) => out,
-            Err(Error::Cancelled) => return Err(Error::Cancelled),
-            Err(_) if ctx.past_deadline() => break,
-            // No fresh worker could start: that is every pair's attempt left.
-            Err(e) => {
-                let why = format!("no fresh worker could start after an earlier failure: {e}");
-                for &i in &next {
-                    tries[i].push(Outcome::Error(why.clone()));
-                }
-                break;
-            }
-        };
-        current = next;
-    }
-    let not_attempted = format!("not attempted: {}", ctx.deadline_words());
+    let (tries, restarts) = rounds.attempt_all(&mut ctx, &batch, first)?;
     let pairs: Vec<PairReport> = batch
         .iter()
         .zip(tries)
-        .map(|(&pair, tries)| PairReport::settle(pair, tries, &not_attempted))
+        .map(|(&pair, tries)| PairReport::settle(pair, tries, ctx.budget()))
         .collect();
+    let mut warnings = rounds.warnings;
+    warnings.extend(settling_warnings(&ctx, &pairs));
+    Ok(Report {
+        device_count: n,
+        pairs,
+        engine: opts.engine,
+        level: opts.level,
+        visibility: ctx.visibility,
+        answer: started.elapsed(),
+        worker: ctx.path,
+        restarts,
+        workers_started: rounds.workers.len() as u32,
+        peak_in_flight: rounds.peak_in_flight,
+        workers: rounds.workers,
+        warnings,
+    })
+}
+
+/// `CUDA_VISIBLE_DEVICES` as CUDA reads it: an error when it selects no GPU, a warning in
+/// `warnings` for the part CUDA ignores.
+fn visible_devices(warnings: &mut Vec<String>) -> Result<()> {
+    let cvd = visible::from_env();
+    if matches!(&cvd.devices, VisibleDevices::List(l) if l.is_empty()) {
+        let value = std::env::var_os(visible::VAR).unwrap_or_default();
+        let first = value.to_string_lossy();
+        let first = first.split(',').next().unwrap_or_default().trim();
+        return Err(Error::NoDevice(if value.is_empty() {
+            "CUDA_VISIBLE_DEVICES is set but empty: CUDA shows this process no GPU".into()
+        } else {
+            format!(
+                "CUDA_VISIBLE_DEVICES={value:?} selects no GPU: CUDA stops at the first invalid \
+                 entry, here the first ({first:?})"
+            )
+        }));
+    }
+    if let Some(tail) = &cvd.ignored {
+        warnings.push(format!(
+            "CUDA_VISIBLE_DEVICES: CUDA ignores {tail:?} (an invalid or repeated entry and \
+             everything after it)"
+        ));
+    }
+    Ok(())
+}
+
+/// The warnings the settled reports call for: pairs the deadline left unsettled, and pairs
+/// whose two processes disagree.
+fn settling_warnings(ctx: &Ctx, pairs: &[PairReport]) -> Vec<String> {
+    let mut warnings = Vec::new();
     let count = |e: Evidence| pairs.iter().filter(|p| p.evidence == e).count();
     let (never, unconfirmed) = (count(Evidence::NotAttempted), count(Evidence::Unconfirmed));
     if never + unconfirmed > 0 {
@@ -722,20 +684,118 @@ fn run_rounds(
             p.details().join("; ")
         ));
     }
-    Ok(Report {
-        device_count: n,
-        pairs,
-        engine: opts.engine,
-        level: opts.level,
-        visibility: ctx.visibility,
-        answer: started.elapsed(),
-        worker: ctx.path,
-        restarts,
-        workers_started: workers.len() as u32,
-        peak_in_flight,
-        workers,
-        warnings,
-    })
+    warnings
+}
+
+/// What the rounds of one check share: where finished workers go, the warnings so far, every
+/// worker started and the most pairs in flight at once.
+struct Rounds<'g> {
+    graveyard: &'g mut Graveyard,
+    warnings: Vec<String>,
+    workers: Vec<WorkerInfo>,
+    peak_in_flight: u32,
+}
+
+impl Rounds<'_> {
+    /// One round on fresh workers; `hold`: pairs from this position on are second attempts,
+    /// run after the others, so that a second hang cannot interrupt them. A visibility that
+    /// does not work here falls back to every GPU, with a warning, and the round runs again.
+    fn round(&mut self, ctx: &mut Ctx, pairs: Option<&[Pair]>, hold: usize) -> Result<RoundOut> {
+        loop {
+            let out = match ctx.opts.engine {
+                Engine::Parallel => parallel::round(ctx, pairs, hold, self.graveyard),
+                // The vLLM engine runs its batch in order: the second attempts are last already.
+                Engine::Vllm => vllm::round(ctx, pairs, self.graveyard),
+            };
+            match out {
+                Ok(out) => return Ok(out),
+                Err(RoundError::Fatal(e)) => return Err(e),
+                Err(RoundError::Fallback(why)) => {
+                    self.warnings
+                        .push(format!("each worker sees every GPU: {why}"));
+                    ctx.visibility = Visibility::All;
+                    ctx.gpus = None;
+                }
+            }
+        }
+    }
+
+    /// Runs rounds of fresh workers after `first` until each pair of `batch` passed or was
+    /// attempted twice (or the deadline passed, or no fresh worker could start): each pair's
+    /// attempts, and the rounds after the first.
+    fn attempt_all(
+        &mut self,
+        ctx: &mut Ctx,
+        batch: &[Pair],
+        first: RoundOut,
+    ) -> Result<(Vec<Vec<Outcome>>, u32)> {
+        // Each pair's attempts so far; it is final once it passed or was attempted twice.
+        let mut tries: Vec<Vec<Outcome>> = vec![Vec::new(); batch.len()];
+        let mut restarts = 0;
+        let mut current: Vec<usize> = (0..batch.len()).collect();
+        let mut out = first;
+        loop {
+            self.workers.append(&mut out.workers);
+            self.peak_in_flight = self.peak_in_flight.max(out.peak_in_flight);
+            let (next, hold) = record_round(&mut tries, &current, out.outcomes);
+            if next.is_empty() {
+                break;
+            }
+            if ctx.cancel.load(Ordering::Relaxed) {
+                return Err(Error::Cancelled);
+            }
+            if ctx.past_deadline() {
+                break;
+            }
+            restarts += 1;
+            let rerun: Vec<Pair> = next.iter().map(|&i| batch[i]).collect();
+            let fresh = if restarts > max_rounds(batch.len()) {
+                Err(Error::GaveUp { rounds: restarts })
+            } else {
+                self.round(ctx, Some(&rerun), hold)
+            };
+            out = match fresh {
+                Ok(out) => out,
+                Err(Error::Cancelled) => return Err(Error::Cancelled),
+                Err(_) if ctx.past_deadline() => break,
+                // No fresh worker could start: that is every pair's attempt left.
+                Err(e) => {
+                    let lost = Lost::NoFreshWorker { why: e.to_string() };
+                    for &i in &next {
+                        tries[i].push(Outcome::Error(lost.clone()));
+                    }
+                    break;
+                }
+            };
+            current = next;
+        }
+        Ok((tries, restarts))
+    }
+}
+
+/// Adds a round's outcomes (one per pair of `current`, positions in the batch) to `tries`;
+/// returns the pairs to run next — first those interrupted before they ran (not an attempt),
+/// then those that did not pass and have one attempt left — and where the second begin.
+fn record_round(
+    tries: &mut [Vec<Outcome>],
+    current: &[usize],
+    outcomes: Vec<Option<Outcome>>,
+) -> (Vec<usize>, usize) {
+    let (mut next, mut again) = (Vec::new(), Vec::new());
+    for (&i, outcome) in current.iter().zip(outcomes) {
+        let Some(o) = outcome else {
+            next.push(i); // interrupted before it ran: not an attempt
+            continue;
+        };
+        let passed = o.passed();
+        tries[i].push(o);
+        if !passed && tries[i].len() < 2 {
+            again.push(i);
+        }
+    }
+    let hold = next.len();
+    next.append(&mut again);
+    (next, hold)
 }
 
 /// The tiers' parameters for a run: the options, and a seed of its own (time and pid), so
@@ -859,10 +919,11 @@ pub(crate) fn hello_count(
             "no CUDA device is visible (CUDA_VISIBLE_DEVICES={:?})",
             std::env::var(visible::VAR).ok()
         ))),
-        Ok(n) if limit.is_some_and(|l| n > l) => Err(Error::Worker(format!(
-            "the {worker} claims to see {n} GPUs, but the driver lists {}: refused",
-            limit.unwrap_or(0)
-        ))),
+        Ok(n) if limit.is_some_and(|l| n > l) => Err(Error::WorkerClaim {
+            worker: worker.to_string(),
+            claimed: n,
+            listed: limit.unwrap_or(0),
+        }),
         Ok(n) => Ok(n),
     }
 }

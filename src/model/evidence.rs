@@ -1,7 +1,12 @@
 //! What a pair's attempts show ([`Evidence`]), and everything known about one pair after the
 //! check ([`PairReport`]): its attempts settled into one verdict.
 
-use super::{Class, Level, Outcome, Pair, Problem, SideVerdict, TierOutcome, Verdict};
+use std::time::Duration;
+
+use super::{
+    Class, Failure, Finding, Level, Lost, Outcome, Pair, Problem, Role, SideVerdict, TierOutcome,
+    Verdict,
+};
 
 /// What a pair's attempts show, and so whether its verdict is a fact that may be written to
 /// vLLM's cache ([`Evidence::is_fact`]). A pair that does not pass at once is attempted a
@@ -94,17 +99,34 @@ pub struct PairReport {
     /// second), 2 when it did not and the pair was attempted again on fresh workers, 0 when
     /// it was never attempted.
     pub attempts: u32,
-    /// What the other attempt gave, in words, when there were two: `first attempt: …` or
-    /// `second attempt, on fresh workers: …`.
-    pub other_attempt: Option<String>,
+    /// What the other attempt gave, when there were two.
+    pub other_attempt: Option<OtherAttempt>,
     /// What the attempts show: whether the verdict may be written to vLLM's cache.
     pub evidence: Evidence,
 }
 
+/// The attempt at a pair that its verdict is not read from, when there were two.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OtherAttempt {
+    /// Which attempt it was.
+    pub which: Attempt,
+    /// Its verdict.
+    pub verdict: Verdict,
+}
+
+/// One of a pair's two attempts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attempt {
+    /// The first attempt.
+    First,
+    /// The second attempt, on fresh workers.
+    Second,
+}
+
 impl PairReport {
-    /// The report of `pair` from its attempts' outcomes, in order (none: never attempted;
-    /// `not_attempted` says why).
-    pub(crate) fn settle(pair: Pair, tries: Vec<Outcome>, not_attempted: &str) -> PairReport {
+    /// The report of `pair` from its attempts' outcomes, in order (none: never attempted
+    /// within the check's `budget`).
+    pub(crate) fn settle(pair: Pair, tries: Vec<Outcome>, budget: Duration) -> PairReport {
         let report = |outcome: Outcome, evidence, other_attempt| PairReport {
             pair,
             outcome,
@@ -118,9 +140,15 @@ impl PairReport {
             Outcome::Error(_) => Some(Evidence::Error),
             Outcome::Done { .. } => None,
         };
+        let other = |which, r: &PairReport| {
+            Some(OtherAttempt {
+                which,
+                verdict: r.verdict(),
+            })
+        };
         match tries.as_slice() {
             [] => report(
-                Outcome::Error(not_attempted.to_string()),
+                Outcome::Error(Lost::NotAttempted { budget }),
                 Evidence::NotAttempted,
                 None,
             ),
@@ -139,8 +167,7 @@ impl PairReport {
                         true => Evidence::Passed,
                         false => Evidence::NotRepeated,
                     });
-                    let note = format!("second attempt, on fresh workers: {}", b.summary());
-                    return report(first.clone(), evidence, Some(note));
+                    return report(first.clone(), evidence, other(Attempt::Second, &b));
                 }
                 let evidence = match (stopped(first), stopped(second)) {
                     (Some(Evidence::Hang), _) | (_, Some(Evidence::Hang)) => Evidence::Hang,
@@ -151,24 +178,13 @@ impl PairReport {
                         false => Evidence::Inconsistent,
                     },
                 };
-                let note = format!("first attempt: {}", a.summary());
-                report(second.clone(), evidence, Some(note))
+                report(second.clone(), evidence, other(Attempt::First, &a))
             }
         }
     }
 
-    /// The verdict in a few words: `ok`, `fails at the kernel tier (wrong-data)`, or a hang's
-    /// or an error's whole reason (which names the worker and what it was doing).
-    fn summary(&self) -> String {
-        match (self.verdict(), self.failure()) {
-            (Verdict::Fails(_), Some((tier, p))) => {
-                format!("fails at the {} tier ({})", tier.name(), p.class().name())
-            }
-            (v, _) => v.to_string(),
-        }
-    }
-
-    fn sides(&self) -> Option<(&SideVerdict, &SideVerdict)> {
+    /// Each side's verdict, when the attempt ran to the end.
+    pub(crate) fn sides(&self) -> Option<(&SideVerdict, &SideVerdict)> {
         match &self.outcome {
             Outcome::Done { producer, consumer } => Some((producer, consumer)),
             _ => None,
@@ -211,7 +227,7 @@ impl PairReport {
 
     /// The weakest tier that failed and its problem, the one its diagnosis is read from (for
     /// the copy tier the producer's, then the consumer's, in the order of
-    /// [`PairReport::details`]); `None`: none failed, or the pair never ran to the end.
+    /// [`Failure::findings`]); `None`: none failed, or the pair never ran to the end.
     pub fn failure(&self) -> Option<(Level, Problem)> {
         let (producer, consumer) = self.sides()?;
         if let Some(p) = producer
@@ -234,16 +250,18 @@ impl PairReport {
         self.failure().map(|(tier, p)| (tier, p.class()))
     }
 
-    /// The verdict.
+    /// The verdict, with its cause.
     pub fn verdict(&self) -> Verdict {
-        self.outcome.stopped().unwrap_or_else(|| {
-            let problems = self.problems();
-            if problems.is_empty() {
-                Verdict::Ok
-            } else {
-                Verdict::Fails(problems.join("; "))
-            }
-        })
+        self.outcome
+            .stopped()
+            .unwrap_or_else(|| match self.failure() {
+                None => Verdict::Ok,
+                Some((tier, problem)) => Verdict::Fails(Failure {
+                    tier,
+                    problem,
+                    findings: self.findings(),
+                }),
+            })
     }
 
     /// The boolean vLLM expects: only [`Verdict::Ok`] is true.
@@ -262,45 +280,35 @@ impl PairReport {
         self.sides().and_then(|(_, c)| c.claim)
     }
 
-    /// Why a pair that ran to the end failed (empty when it passed).
-    fn problems(&self) -> Vec<String> {
+    /// What a pair that ran to the end got wrong (empty when it passed).
+    fn findings(&self) -> Vec<Finding> {
         let Some((producer, consumer)) = self.sides() else {
             return Vec::new();
         };
         let mut out = Vec::new();
         if self.disagree() {
-            out.push(format!(
-                "producer and consumer disagree (producer {}, consumer {}): counted as false",
-                producer.copy.is_ok(),
-                consumer.copy.is_ok()
-            ));
+            out.push(Finding::Disagree {
+                producer: producer.copy.is_ok(),
+                consumer: consumer.copy.is_ok(),
+            });
         }
-        for (side, v) in [("producer", producer), ("consumer", consumer)] {
-            if let Err(p) = &v.copy {
-                out.push(format!("copy tier, {side}: {}", diagnose(p)));
+        for (side, v) in [(Role::Producer, producer), (Role::Consumer, consumer)] {
+            if let Err(problem) = &v.copy {
+                out.push(Finding::Copy {
+                    side,
+                    problem: problem.clone(),
+                });
             }
         }
-        if let TierOutcome::Failed(why) = self.kernel() {
-            out.push(format!("kernel tier: {}", diagnose(&why)));
-        }
-        if let TierOutcome::Failed(why) = self.handshake() {
-            out.push(format!("handshake tier: {}", diagnose(&why)));
+        for (tier, outcome) in [
+            (Level::Kernel, self.kernel()),
+            (Level::Handshake, self.handshake()),
+        ] {
+            if let TierOutcome::Failed(problem) = outcome {
+                out.push(Finding::Tier { tier, problem });
+            }
         }
         out.dedup();
-        out
-    }
-
-    /// What was seen: why the pair failed, hung or errored, what the other attempt gave, and
-    /// what that means for vLLM's cache; empty for a pass at the first attempt.
-    pub fn details(&self) -> Vec<String> {
-        let mut out = match &self.outcome {
-            Outcome::Hang(why) | Outcome::Error(why) => vec![why.clone()],
-            Outcome::Done { .. } => self.problems(),
-        };
-        out.extend(self.other_attempt.clone());
-        if self.evidence != Evidence::Passed {
-            out.push(self.evidence.describe().to_string());
-        }
         out
     }
 }
@@ -317,16 +325,10 @@ fn combine(consumer: &TierOutcome, producer: &TierOutcome) -> TierOutcome {
     }
 }
 
-/// What a failure is and what usually causes it: "never-written: writes ... (hint)".
-fn diagnose(p: &Problem) -> String {
-    let class = p.class();
-    format!("{p} [{}: {}]", class.name(), class.hint())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Check;
+    use crate::model::{Check, Fault, Hang, WorkerFault};
 
     const PAIR: Pair = Pair { src: 0, tgt: 1 };
 
@@ -380,8 +382,17 @@ mod tests {
         }
     }
 
+    fn no_answer() -> Hang {
+        Hang::Silent {
+            worker: "worker of GPU 1 (pid 8)".into(),
+            waited: Duration::from_secs(5),
+            step: None,
+            stderr: String::new(),
+        }
+    }
+
     fn settle(tries: Vec<Outcome>) -> PairReport {
-        PairReport::settle(PAIR, tries, "not attempted: the check's deadline passed")
+        PairReport::settle(PAIR, tries, Duration::from_secs(320))
     }
 
     #[test]
@@ -396,7 +407,11 @@ mod tests {
         assert_eq!(confirmed.attempts, 2);
         assert_eq!(confirmed.failed_tier(), Some(Level::Copy));
         assert_eq!(
-            confirmed.other_attempt.as_deref(),
+            confirmed
+                .other_attempt
+                .as_ref()
+                .map(ToString::to_string)
+                .as_deref(),
             Some("first attempt: fails at the copy tier (never-written)")
         );
 
@@ -428,8 +443,14 @@ mod tests {
 
     #[test]
     fn hangs_errors_and_deaths_nearby_are_never_facts() {
-        let hang = || Outcome::Hang("no answer".into());
-        let death = || Outcome::Error("the consumer was killed by signal 9".into());
+        let hang = || Outcome::Hang(no_answer());
+        let death = || {
+            Outcome::Error(Lost::Worker(WorkerFault {
+                worker: "consumer (pid 7)".into(),
+                fault: Fault::Exited("was killed by signal 9 (SIGKILL)".into()),
+                stderr: String::new(),
+            }))
+        };
         for (tries, evidence, word) in [
             (vec![hang(), hang()], Evidence::Hang, "hang"),
             (vec![hang(), pass()], Evidence::Hang, "hang"),
@@ -460,7 +481,7 @@ mod tests {
         let once = settle(vec![copy_fails(1024)]);
         assert_eq!(once.evidence, Evidence::Unconfirmed);
         assert!(!once.persistable() && !once.ok());
-        let hung = settle(vec![Outcome::Hang("no answer".into())]);
+        let hung = settle(vec![Outcome::Hang(no_answer())]);
         assert_eq!(hung.evidence, Evidence::Hang);
     }
 }

@@ -11,8 +11,11 @@ mod problem;
 mod report;
 mod verdict;
 
-pub use evidence::{Evidence, PairReport};
+pub use evidence::{Attempt, Evidence, OtherAttempt, PairReport};
 pub use pair::{all_pairs, Level, Pair, Role, TierParams};
 pub use problem::{Check, Class, Problem};
 pub use report::{Engine, Report, Visibility, WorkerInfo};
-pub use verdict::{Outcome, SideVerdict, TierOutcome, Verdict};
+pub use verdict::{
+    deadline_passed, Failure, Fault, Finding, Hang, Lost, Outcome, SideVerdict, TierOutcome,
+    Verdict, WorkerFault,
+};
