@@ -80,6 +80,7 @@ pub use model::{
     Verdict, Visibility, WorkerFault, WorkerInfo,
 };
 pub use protocol::VERSION as PROTOCOL_VERSION;
+pub use render::json::JsonExtras;
 pub use sys::BINDINGS_SOURCE;
 pub use worker::{main as worker_main, TEST_BYTES, WORKER_FLAG};
 
