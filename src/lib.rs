@@ -13,8 +13,10 @@
 //! * [`policy::should_nccl_symm_mem_allreduce`] and the all-reduce size tables.
 //!
 //! The layers, bottom to top: `sys` (generated bindings), `cuda` (dlopen, lazy symbols,
-//! checked calls, owned resources), `protocol` (frames over pipes), `worker` (the child
-//! processes), `engine` (the parent: pool, engines, deadlines, rounds), [`cache`],
+//! checked calls, owned resources), `model` (pairs, problems, verdicts and their causes,
+//! reports: the vocabulary every layer speaks), `protocol` (the model over pipes), `worker`
+//! (the child processes), `engine` (the parent: pool, engines, deadlines, rounds), `render`
+//! (the model as text and JSON), [`cache`],
 //! [`fingerprint`], [`policy`], and this API.
 //!
 //! ```no_run
