@@ -53,7 +53,9 @@ pub enum Status {
     Cuda = 1,
     /// `P2PCHECK_STATUS_WORKER_CUDA`: [`Error::WorkerCuda`].
     WorkerCuda = 2,
-    /// `P2PCHECK_STATUS_WORKER`: [`Error::Worker`].
+    /// `P2PCHECK_STATUS_WORKER`: a worker could not be found, started or kept
+    /// ([`Error::WorkerSpawn`], [`Error::WorkerLost`], [`Error::GaveUp`] and the other worker
+    /// variants).
     Worker = 3,
     /// `P2PCHECK_STATUS_VERSION`: [`Error::Version`].
     Version = 4,

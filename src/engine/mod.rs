@@ -50,8 +50,8 @@ pub struct Options {
     /// Bytes of the kernel tier's pattern area per pair: a multiple of 256 KiB, 256 KiB to
     /// 1 GiB [default: 2 MiB].
     pub kernel_bytes: u32,
-    /// Handshake rounds between two GPUs, 1 to [`MAX_HANDSHAKE_ROUNDS`] [default: 16; same-GPU
-    /// pairs do 3].
+    /// Handshake rounds between two GPUs, 1 to `MAX_HANDSHAKE_ROUNDS` (100,000) [default: 16;
+    /// same-GPU pairs do 3].
     pub handshake_rounds: u32,
     /// The least budget each handshake kernel gets on the GPU clock [default: 1 s]. It is raised
     /// to what the rounds need (0.1 s, plus 5 ms a round) and capped at 60 % of
@@ -67,7 +67,7 @@ pub struct Options {
     /// How long a worker may take to start CUDA, say Hello and set up its device.
     pub startup_timeout: Duration,
     /// How long the parent waits for any single step of a pair; a pair that takes longer is
-    /// [`Verdict::Hang`]. Traffic from a worker never extends it.
+    /// [`Verdict::Hang`](crate::Verdict::Hang). Traffic from a worker never extends it.
     pub step_timeout: Duration,
     /// The deadline for the whole check, from its start to the last verdict: pairs not
     /// attempted by then are [`Evidence::NotAttempted`], failures not confirmed by then
