@@ -34,7 +34,7 @@ mod rules;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use crate::link::Link;
+pub use crate::model::Link;
 pub use nvml::{Gpu as NvmlGpu, P2pStatus, DEFAULT_LIBRARY as DEFAULT_NVML, LIBRARY_VAR};
 pub use render::{finding_json, finding_text, render_json, render_table, JSON_VERSION};
 pub use rules::{explain, findings, observations, Finding, Kind, Observation, Severity, Symptom};
