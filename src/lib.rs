@@ -68,8 +68,6 @@ mod worker;
 
 use std::path::PathBuf;
 
-use once_cell::sync::OnceCell;
-
 use environment::Environment;
 
 pub use access::{access_check, store_report, Access, AccessOptions};
@@ -142,20 +140,7 @@ pub fn can_actually_p2p_with(
         .map(|(&src, &tgt)| Pair { src, tgt })
         .collect();
     if pairs.is_empty() {
-        return Ok(Report {
-            device_count: 0,
-            pairs: Vec::new(),
-            engine: opts.engine,
-            level: opts.level,
-            visibility: opts.visibility,
-            answer: std::time::Duration::ZERO,
-            worker: PathBuf::new(),
-            restarts: 0,
-            workers_started: 0,
-            peak_in_flight: 0,
-            workers: Vec::new(),
-            warnings: Vec::new(),
-        });
+        return Ok(Report::empty(opts.engine, opts.level, opts.visibility));
     }
     check(Some(&pairs), opts)
 }
@@ -166,13 +151,7 @@ pub fn can_actually_p2p_with(
 ///
 /// [`Error::Cuda`] when CUDA cannot be loaded or either call fails.
 pub fn visible_device_count() -> Result<u32> {
-    static COUNT: OnceCell<u32> = OnceCell::new();
-    COUNT
-        .get_or_try_init(|| {
-            cuda::init()?;
-            Ok(cuda::device_count()? as u32)
-        })
-        .copied()
+    access::visible_device_count()
 }
 
 /// The vLLM cache file for `n` devices and this process's `CUDA_VISIBLE_DEVICES`.
