@@ -85,6 +85,7 @@ pub use model::{
 };
 pub use protocol::VERSION as PROTOCOL_VERSION;
 pub use render::json::JsonExtras;
+pub use render::text::TableExtras;
 pub use sys::BINDINGS_SOURCE;
 pub use worker::{main as worker_main, TEST_BYTES, WORKER_FLAG};
 

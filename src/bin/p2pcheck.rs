@@ -13,7 +13,7 @@ use fleet_cli::Format;
 use p2pcheck::json::{Json, Object};
 use p2pcheck::sim::{self, Fault, Simulation};
 use p2pcheck::{
-    cache, AccessOptions, Engine, JsonExtras, Level, Options, Report, Verdict, Visibility,
+    cache, AccessOptions, Engine, JsonExtras, Level, Options, Report, TableExtras, Visibility,
 };
 
 const HELP: &str = "\
@@ -443,7 +443,6 @@ fn cvd_shown() -> String {
 }
 
 fn print_table(args: &Args, report: &Report, note: Option<&CacheNote>, warnings: &[String]) {
-    let n = report.device_count;
     let machine = match &args.opts.simulate {
         Some(s) => format!(
             "simulated, {} GPU(s), faults [{}]",
@@ -456,72 +455,13 @@ fn print_table(args: &Args, report: &Report, note: Option<&CacheNote>, warnings:
         ),
         None => "real driver".into(),
     };
-    println!(
-        "p2pcheck: {n} visible device(s) (CUDA_VISIBLE_DEVICES={}; {machine}), engine {}, level \
-         {}, workers see {}, {:.2} s to answer, {} worker(s), {} restart(s)",
-        cvd_shown(),
-        report.engine.name(),
-        report.level.name(),
-        match report.visibility {
-            Visibility::One => "their own GPU",
-            Visibility::All => "every GPU",
-        },
-        report.answer.as_secs_f64(),
-        report.workers_started,
-        report.restarts
+    print!(
+        "{}",
+        report.table(&TableExtras {
+            cuda_visible_devices: &cvd_shown(),
+            machine: &machine,
+        })
     );
-    let cell = |src: u32, tgt: u32| -> String {
-        let Some(p) = report.get(src, tgt) else {
-            return "-".into();
-        };
-        let word = match p.verdict() {
-            Verdict::Ok => "ok".to_string(),
-            Verdict::Fails(failure) => format!("FAIL:{}", failure.tier.name()),
-            Verdict::Hang(_) => "HANG".into(),
-            Verdict::Error(_) => "ERROR".into(),
-        };
-        match p.claim() {
-            Some(claim) if claim != p.ok() => {
-                format!("{word} (driver: {})", if claim { "yes" } else { "no" })
-            }
-            _ => word,
-        }
-    };
-    let cells: Vec<Vec<String>> = (0..n)
-        .map(|s| (0..n).map(|t| cell(s, t)).collect())
-        .collect();
-    let width = cells
-        .iter()
-        .flatten()
-        .map(String::len)
-        .max()
-        .unwrap_or(2)
-        .max(4);
-    print!("{:>8}", "src\\tgt");
-    for t in 0..n {
-        print!("  {t:>width$}");
-    }
-    println!();
-    for (s, row) in cells.iter().enumerate() {
-        print!("{s:>8}");
-        for c in row {
-            print!("  {c:>width$}");
-        }
-        println!();
-    }
-    let troubled: Vec<_> = report
-        .pairs
-        .iter()
-        .filter(|p| !p.details().is_empty())
-        .collect();
-    if !troubled.is_empty() {
-        println!("details:");
-        for p in troubled {
-            for d in p.details() {
-                println!("  {}: {d}", p.pair);
-            }
-        }
-    }
     print_doctor(&doctor_explanations(args, report));
     for w in warnings {
         println!("warning: {w}");
