@@ -71,7 +71,6 @@ use std::path::PathBuf;
 use environment::Environment;
 
 pub use access::{access_check, store_report, Access, AccessOptions};
-pub use cuda::trace::open_destination as open_trace;
 pub use cuda::{Error as CudaError, Library};
 pub use engine::{
     locate_worker, start, this_executable_is_a_worker, Options, Pending, DEFAULT_KERNEL_BYTES,
@@ -144,6 +143,19 @@ pub fn can_actually_p2p_with(
         return Ok(Report::empty(opts.engine, opts.level, opts.visibility));
     }
     check(Some(&pairs), opts)
+}
+
+/// Opens this process's audit-trace destination now rather than at its first CUDA call:
+/// `file`, or as `P2PCHECK_TRACE` says when `None` (README, "Audit trace"). A process has one
+/// destination, decided once: this call decides it unless it is decided already. Workers get
+/// theirs from [`Options::trace`] or the environment.
+///
+/// # Errors
+///
+/// [`Error::InvalidInput`] when the file cannot be opened or created, or is not a regular file
+/// (a FIFO or a device would block or misbehave): the message names it and says why.
+pub fn open_trace(file: Option<&std::path::Path>) -> Result<()> {
+    cuda::trace::open_destination(file.map(std::path::Path::as_os_str)).map_err(Error::InvalidInput)
 }
 
 /// Devices visible to this process, from the driver (`cuInit` + `cuDeviceGetCount`), once.

@@ -139,8 +139,8 @@ OPTIONS:
                            it as libcuda/libcudart to test your own code without a GPU)
     --trace PATH           Append the audit trace to PATH, a regular file (created with mode
                            0600; a FIFO or a device is refused: exit 2): one JSON line for
-                           every CUDA call of this process and of every worker (sets
-                           P2PCHECK_TRACE for the run; see README, Audit trace)
+                           every CUDA call of this process and of every worker (wins over
+                           P2PCHECK_TRACE; see README, Audit trace)
     -h, --help             Print this help
     -V, --version          Print the version and where the CUDA bindings came from
 
@@ -574,26 +574,23 @@ fn access_check(args: &Args, src: u32, tgt: u32) -> Result<u8, String> {
 
 /// Opens the trace destination before anything runs, so that one that cannot be used (a missing
 /// folder, a FIFO, a device: only a regular file is written) ends the run with exit 2 instead
-/// of blocking or being skipped with a warning. `--trace PATH` is named in `P2PCHECK_TRACE` by
-/// its absolute path, for this process and the workers, which inherit the environment (none
-/// runs in another current folder today, but an absolute path is safe); without it,
+/// of blocking or being skipped with a warning. `--trace PATH` is made absolute and given to
+/// the check through its options (for this process and the workers); without it,
 /// `P2PCHECK_TRACE` as the caller set it is checked the same way.
-fn open_trace(flag: Option<&std::path::Path>) -> ArgResult<()> {
-    let source = match flag {
-        None => "P2PCHECK_TRACE",
-        Some(path) => {
-            let path = match path.is_absolute() {
-                true => path.to_path_buf(),
-                false => std::env::current_dir()
-                    .map_err(|e| format!("--trace: cannot know the current folder: {e}"))?
-                    .join(path),
-            };
-            // Before any thread is started and before any CUDA call.
-            std::env::set_var("P2PCHECK_TRACE", &path);
-            "--trace"
-        }
+fn open_trace(args: &mut Args) -> ArgResult<()> {
+    let Some(path) = args.trace.take() else {
+        return p2pcheck::open_trace(None).map_err(|e| format!("P2PCHECK_TRACE: {e}"));
     };
-    p2pcheck::open_trace().map_err(|e| format!("{source}: {e}"))
+    let path = match path.is_absolute() {
+        true => path,
+        false => std::env::current_dir()
+            .map_err(|e| format!("--trace: cannot know the current folder: {e}"))?
+            .join(path),
+    };
+    p2pcheck::open_trace(Some(&path)).map_err(|e| format!("--trace: {e}"))?;
+    args.opts.trace = Some(path.clone());
+    args.trace = Some(path);
+    Ok(())
 }
 
 /// `p2pcheck trace-summary PATH [--spec]`.
@@ -791,9 +788,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    let args = match parse_args(argv.into_iter()).and_then(|a| {
-        if let Some(a) = &a {
-            open_trace(a.trace.as_deref())?;
+    let args = match parse_args(argv.into_iter()).and_then(|mut a| {
+        if let Some(a) = &mut a {
+            open_trace(a)?;
         }
         Ok(a)
     }) {
