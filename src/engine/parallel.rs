@@ -235,7 +235,7 @@ impl Run<'_> {
         self.ctx.arm_deadline(n);
         let batch = match pairs {
             Some(p) => {
-                check_ids(p, n)?;
+                check_ids(p, n, self.ctx.environment)?;
                 p.to_vec()
             }
             None => all_pairs(n),
@@ -310,7 +310,7 @@ impl Run<'_> {
         let mut env = self.ctx.env.clone();
         if let (Visibility::One, Some(gpus)) = (self.ctx.visibility, &self.ctx.gpus) {
             let gpu = &gpus[part.device() as usize];
-            env.push((visible::VAR.to_string(), gpu.uuid.clone()));
+            env.push((visible::VAR.into(), gpu.uuid.clone().into()));
         }
         let mut w = Worker::spawn(&self.ctx.path, part.label(), &env)?;
         w.deadline = Some(Instant::now() + self.ctx.opts.startup_timeout);
@@ -471,6 +471,7 @@ impl Run<'_> {
                 },
             ) => {
                 let sees = hello_count(
+                    self.ctx.environment,
                     &name,
                     &self.ctx.path,
                     version,

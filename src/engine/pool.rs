@@ -19,6 +19,7 @@
 //! its handle is kept, and the next check of this process reaps it if it has died by then
 //! (until then it is a child of this process, a zombie once it dies).
 
+use std::ffi::OsString;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -265,11 +266,18 @@ impl Worker {
     /// Starts `path` as a worker with `env` added to this process's environment. Everything
     /// that sets the worker up (its descriptors, `PR_SET_PDEATHSIG`) happens in the child
     /// before exec ([`os::worker_pre_exec`]): nothing of this process changes.
-    pub(crate) fn spawn(path: &Path, label: String, env: &[(String, String)]) -> Result<Worker> {
+    pub(crate) fn spawn(
+        path: &Path,
+        label: String,
+        env: &[(OsString, OsString)],
+    ) -> Result<Worker> {
         // The audit trace to stderr (P2PCHECK_TRACE=1) asks for every process's lines there:
         // then the worker shares this process's stderr instead of having it captured.
-        let to_stderr = trace::Setting::from_value(std::env::var_os(trace::VAR).as_deref())
-            == trace::Setting::Stderr;
+        let trace_var = match env.iter().rev().find(|(k, _)| k == trace::VAR) {
+            Some((_, v)) => Some(v.clone()),
+            None => std::env::var_os(trace::VAR),
+        };
+        let to_stderr = trace::Setting::from_value(trace_var.as_deref()) == trace::Setting::Stderr;
         let mut cmd = Command::new(path);
         cmd.arg(WORKER_FLAG)
             .envs(env.iter().map(|(k, v)| (k, v)))
