@@ -73,8 +73,8 @@ use environment::Environment;
 pub use access::{access_check, store_report, Access, AccessOptions};
 pub use cuda::{Error as CudaError, Library};
 pub use engine::{
-    locate_worker, start, this_executable_is_a_worker, Options, Pending, DEFAULT_KERNEL_BYTES,
-    TIMEOUT_RANGE,
+    locate_worker, start, this_executable_is_a_worker, Options, Pending, DEFAULT_BANDWIDTH_BYTES,
+    DEFAULT_KERNEL_BYTES, TIMEOUT_RANGE,
 };
 pub use error::{CacheErrorKind, Error, Phase, Result};
 pub use model::{
@@ -82,7 +82,10 @@ pub use model::{
     OtherAttempt, Outcome, Pair, PairReport, Problem, Report, SideVerdict, TierOutcome, TierParams,
     Verdict, Visibility, WorkerFault, WorkerInfo,
 };
-pub use model::{Link, FLOOR_FRACTION};
+pub use model::{
+    figure_name, Bandwidth, Direction, Figure, Floor, Link, Mover, PairBandwidth, FIGURES,
+    FLOOR_FRACTION,
+};
 pub use protocol::VERSION as PROTOCOL_VERSION;
 pub use render::json::JsonExtras;
 pub use render::text::TableExtras;
@@ -98,7 +101,32 @@ pub use worker::{main as worker_main, TEST_BYTES, WORKER_FLAG};
 /// [`Error`] when the check cannot be carried out at all (no worker, no CUDA, no device, bad
 /// options, cancelled); a pair that fails, hangs or errors is an outcome in the [`Report`].
 pub fn check(pairs: Option<&[Pair]>, opts: &Options) -> Result<Report> {
-    engine::run(pairs, opts)
+    let mut report = engine::run(pairs, opts)?;
+    judge_bandwidth_links(&mut report, opts);
+    Ok(report)
+}
+
+/// Judges a report's bandwidth figures ([`Report::bandwidth`]) against the links NVML
+/// describes (the doctor's [`doctor::Facts::link`]): the engine knows only one GPU's own
+/// memory and the simulator's link, so a report from [`start`] and [`Pending::wait`] is
+/// judged here ([`check`] does it itself). Nothing changes when the check was simulated or
+/// measured nothing, or when the GPUs cannot be numbered as CUDA numbers them without CUDA
+/// (then each link stays unknown: no floor, unless [`Options::min_gbps`] gives one).
+pub fn judge_bandwidth_links(report: &mut Report, opts: &Options) {
+    if report.bandwidth.is_empty() || opts.simulate.is_some() {
+        return;
+    }
+    let facts = doctor::gather();
+    let numbered = matches!(facts.numbering, doctor::Numbering::Cuda)
+        && facts.gpus.len() == report.device_count as usize;
+    report.judge_bandwidth(
+        |p| match (p.src == p.tgt, numbered) {
+            (true, _) => Link::SameGpu,
+            (false, true) => facts.link(p.src, p.tgt),
+            (false, false) => Link::Unknown,
+        },
+        opts.min_gbps,
+    );
 }
 
 /// vLLM's `can_actually_p2p`: checks the pairs `(batch_src[i], batch_tgt[i])` and returns one

@@ -97,6 +97,19 @@ OPTIONS:
                            GPU: 3]. Their kernels get 0.1 s plus 5 ms a round on the GPU clock
                            (at least 1 s), which must fit in 60 % of --timeout: more rounds
                            than that are refused
+    --bandwidth            After the tiers, measure every pair whose copy tier passed, one at a
+                           time, through its IPC mapping: copy engine and SM copies, write, read
+                           and both at once (GB/s, median of 5 timed samples, with their CV),
+                           the bytes moved checked; latency of one dependent load. Prints a
+                           matrix per figure; a pair of two GPUs whose copy-engine write or read
+                           is below the floor of its link (NVML: 0.6 of NVLink's or PCIe's
+                           theoretical figure; the simulator: NVLink 4, 270 GB/s) is `slow`.
+                           Parallel engine only; about 60 ms a pair over NVLink
+    --min-gbps GBPS        With --bandwidth: the floor for every pair of two GPUs instead of
+                           its link's (needed for a verdict where the link is unknown)
+    --bandwidth-bytes BYTES
+                           With --bandwidth: bytes of each timed transfer [default: 67108864;
+                           a multiple of 2 MiB up to 512 MiB]
     --test-only-plant-shifted-stores
                            TEST ONLY: make the kernel tier's SM stores land 64 bytes off, a
                            planted fault it must catch; never use it to check a machine
@@ -160,7 +173,8 @@ ENVIRONMENT:
 EXIT CODES:
     0  every pair works (access-check: the answer was given, true or false; env: the settings
        were printed)
-    1  some pair is not ok: FAIL, HANG or ERROR (the output says which and why)
+    1  some pair is not ok: FAIL, HANG or ERROR (the output says which and why); with
+       --bandwidth also a pair that is slow or whose measurement failed (wrong bytes moved)
     2  could not check (no GPU, no driver, bad arguments, a worker failed or timed out), or
        could not write the vLLM cache file --write-vllm-cache asked for (the verdicts are
        printed all the same)
@@ -280,6 +294,20 @@ fn parse_args(mut it: impl Iterator<Item = OsString>) -> ArgResult<Option<Args>>
                 args.opts.kernel_bytes = v
                     .parse()
                     .map_err(|_| format!("--kernel-bytes {v:?}: expected a number of bytes"))?;
+            }
+            "--bandwidth" => args.opts.bandwidth = true,
+            "--bandwidth-bytes" => {
+                let v = text(&a, it.next(), "a number of bytes")?;
+                args.opts.bandwidth_bytes = v
+                    .parse()
+                    .map_err(|_| format!("--bandwidth-bytes {v:?}: expected a number of bytes"))?;
+            }
+            "--min-gbps" => {
+                let v = text(&a, it.next(), "GB/s")?;
+                args.opts.min_gbps = Some(
+                    v.parse()
+                        .map_err(|_| format!("--min-gbps {v:?}: expected a number of GB/s"))?,
+                );
             }
             "--handshake-rounds" => {
                 let v = text(&a, it.next(), "a number of rounds")?;
@@ -516,7 +544,8 @@ fn print_json(args: &Args, report: &Report, note: Option<&CacheNote>, warnings: 
 /// that was asked for failed (the verdicts are printed all the same).
 fn run(args: &Args) -> Result<u8, String> {
     let pending = p2pcheck::start(None, args.opts.clone());
-    let report = pending.wait().map_err(|e| e.to_string())?;
+    let mut report = pending.wait().map_err(|e| e.to_string())?;
+    p2pcheck::judge_bandwidth_links(&mut report, &args.opts);
     let mut warnings = report.warnings.clone();
     let note = cache_note(args, &report, &mut warnings)?;
     if args.json {
@@ -533,7 +562,8 @@ fn run(args: &Args) -> Result<u8, String> {
         eprintln!("p2pcheck: could not write vLLM's cache: {e}");
         return Ok(2);
     }
-    Ok(match report.pairs.iter().all(|p| p.ok()) {
+    let measured_well = !report.bandwidth.iter().any(p2pcheck::PairBandwidth::failed);
+    Ok(match report.pairs.iter().all(|p| p.ok()) && measured_well {
         true => 0,
         false => 1,
     })

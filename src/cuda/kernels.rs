@@ -332,8 +332,6 @@ impl Kernels {
     }
 }
 
-// Transitional: the worker's bandwidth step (issue 18, integration pending) calls these.
-#[allow(dead_code)]
 /// How a timed copy moves its bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Engine {
@@ -343,8 +341,6 @@ pub(crate) enum Engine {
     Sm,
 }
 
-// Transitional: the worker's bandwidth step (issue 18, integration pending) calls these.
-#[allow(dead_code)]
 impl Engine {
     fn code(self) -> u32 {
         match self {
@@ -361,13 +357,9 @@ impl Engine {
     }
 }
 
-// Transitional: the worker's bandwidth step (issue 18, integration pending) calls these.
-#[allow(dead_code)]
 /// Most transfers one timed sample queues per direction (`P2PC_MAX_LOOPS`).
 pub(crate) const MAX_LOOPS: u32 = sys::shim::P2PC_MAX_LOOPS;
 
-// Transitional: the worker's bandwidth step (issue 18, integration pending) calls these.
-#[allow(dead_code)]
 /// One timed sample of [`BandwidthKernels::timed_copy`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct TimedCopy {
@@ -378,8 +370,6 @@ pub(crate) struct TimedCopy {
     pub held: bool,
 }
 
-// Transitional: the worker's bandwidth step (issue 18, integration pending) calls these.
-#[allow(dead_code)]
 /// What [`BandwidthKernels::chase`] measured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Chase {
@@ -389,8 +379,6 @@ pub(crate) struct Chase {
     pub reached: u64,
 }
 
-// Transitional: the worker's bandwidth step (issue 18, integration pending) calls these.
-#[allow(dead_code)]
 /// The bandwidth measurement's kernels, fetched from the loaded module only when a check
 /// measures bandwidth (a check that does not makes no call for them).
 pub(crate) struct BandwidthKernels<'k> {
@@ -401,8 +389,6 @@ pub(crate) struct BandwidthKernels<'k> {
     chase: sys::CUfunction,
 }
 
-// Transitional: the worker's bandwidth step (issue 18, integration pending) calls these.
-#[allow(dead_code)]
 impl Kernels {
     /// The bandwidth kernels of this module.
     pub(crate) fn bandwidth(&self) -> Result<BandwidthKernels<'_>> {
@@ -416,8 +402,6 @@ impl Kernels {
     }
 }
 
-// Transitional: the worker's bandwidth step (issue 18, integration pending) calls these.
-#[allow(dead_code)]
 impl BandwidthKernels<'_> {
     /// One timed sample (`p2pcheck_shim_timed_copy`): `loops` transfers of all of `src` into
     /// the start of `dst` by `engine`, held behind the spin kernel (ending at `budget_ns` on

@@ -20,6 +20,7 @@ pub(crate) mod pool;
 mod vllm;
 
 use std::cell::Cell;
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,8 +33,8 @@ use crate::environment::Environment;
 use crate::error::{Error, Result};
 use crate::fingerprint::{self, Gpu};
 use crate::model::{
-    deadline_passed, Engine, Evidence, Level, Lost, Outcome, Pair, PairReport, Problem, Report,
-    TierParams, Visibility, WorkerInfo,
+    deadline_passed, Bandwidth, Engine, Evidence, Level, Link, Lost, Outcome, Pair, PairBandwidth,
+    PairReport, Problem, Report, TierParams, Visibility, WorkerInfo,
 };
 use crate::sim::Simulation;
 use crate::visible::{self, VisibleDevices};
@@ -87,6 +88,18 @@ pub struct Options {
     /// (the first CUDA call, or [`open_trace`](crate::open_trace), decides it once per
     /// process). `None`: as `P2PCHECK_TRACE` says.
     pub trace: Option<PathBuf>,
+    /// Measure every pair's bandwidth and latency through its IPC mapping after the tiers
+    /// (README, "Bandwidth"), into [`Report::bandwidth`] [default: off; the parallel engine
+    /// only]. Each pair whose copy tier passed is measured alone; about 60 ms a pair over
+    /// NVLink.
+    pub bandwidth: bool,
+    /// Bytes of each timed transfer of the bandwidth measurement: a multiple of 2 MiB from
+    /// 2 MiB to 512 MiB [default: 64 MiB]. Each producer's buffer grows by twice this (and
+    /// 6 MiB), each consumer allocates twice this.
+    pub bandwidth_bytes: u32,
+    /// The floor in GB/s under which a pair of two GPUs is `slow`, instead of its link's
+    /// ([`Link::floor_gbps`]) [default: the link's; none where the link is unknown].
+    pub min_gbps: Option<f64>,
 }
 
 impl Default for Options {
@@ -105,9 +118,16 @@ impl Default for Options {
             worker: None,
             simulate: None,
             trace: None,
+            bandwidth: false,
+            bandwidth_bytes: DEFAULT_BANDWIDTH_BYTES,
+            min_gbps: None,
         }
     }
 }
+
+/// Bytes of each timed transfer of the bandwidth measurement by default: 64 MiB, large enough
+/// that the link, not the start of a transfer, sets the figure (README, "Bandwidth").
+pub const DEFAULT_BANDWIDTH_BYTES: u32 = 64 << 20;
 
 /// The kernel tier's pattern area per pair by default: 2 MiB, many pages.
 pub const DEFAULT_KERNEL_BYTES: u32 = 2 << 20;
@@ -187,6 +207,25 @@ impl Options {
                 (need.as_secs_f64() / HANDSHAKE_SHARE * 1000.0).ceil() / 1000.0
             )));
         }
+        let bb = self.bandwidth_bytes;
+        if self.bandwidth && (bb % (2 << 20) != 0 || !((2 << 20)..=(512 << 20)).contains(&bb)) {
+            return Err(Error::InvalidInput(format!(
+                "bandwidth transfer bytes {bb}: must be a multiple of 2 MiB from 2 MiB to 512 MiB"
+            )));
+        }
+        if self.bandwidth && self.engine == Engine::Vllm {
+            return Err(Error::InvalidInput(
+                "the bandwidth measurement runs on the parallel engine only, not --engine vllm"
+                    .into(),
+            ));
+        }
+        if let Some(g) = self.min_gbps {
+            if !(g.is_finite() && g > 0.0) {
+                return Err(Error::InvalidInput(format!(
+                    "a bandwidth floor of {g} GB/s: must be a positive number"
+                )));
+            }
+        }
         if let Some(sim) = &self.simulate {
             sim.validate()
                 .map_err(|e| Error::InvalidInput(format!("{e:#}")))?;
@@ -204,9 +243,15 @@ impl Options {
     /// that claims many GPUs and then stays silent costs this, not one timeout per pair.
     pub fn check_budget(&self, devices: u32) -> Duration {
         let n = u64::from(devices);
-        self.startup_timeout * 2
+        let tiers = self.startup_timeout * 2
             + self.step_timeout * (4 * devices + 8)
-            + Duration::from_millis(250 * n * n)
+            + Duration::from_millis(250 * n * n);
+        // The bandwidth phase: a slow pair's step may take a good part of its timeout, and a
+        // healthy one about 60 ms (250 ms of room).
+        match self.bandwidth {
+            true => tiers + self.step_timeout * 2 + Duration::from_millis(250 * n * n),
+            false => tiers,
+        }
     }
 }
 
@@ -561,6 +606,8 @@ pub(crate) struct RoundOut {
     pub pairs: Vec<Pair>,
     /// One per pair: its outcome, or `None` when a broken worker interrupted it before it ran.
     pub outcomes: Vec<Option<Outcome>>,
+    /// The bandwidth measured in the round, per pair (empty without the measurement).
+    pub measured: Vec<parallel::Measured>,
     pub workers: Vec<WorkerInfo>,
     pub peak_in_flight: u32,
 }
@@ -637,6 +684,7 @@ fn run_rounds(
         warnings,
         workers: Vec::new(),
         peak_in_flight: 0,
+        measured: BTreeMap::new(),
     };
     let first = rounds.round(&mut ctx, pairs, usize::MAX)?;
     let n = first.n;
@@ -662,7 +710,22 @@ fn run_rounds(
         peak_in_flight: rounds.peak_in_flight,
         workers: rounds.workers,
         warnings,
+        bandwidth: rounds
+            .measured
+            .into_iter()
+            .map(|(pair, m)| PairBandwidth::judge(pair, m, known_link(pair, opts), opts.min_gbps))
+            .collect(),
     })
+}
+
+/// The path of `pair` as the engine knows it: one GPU, or the simulator's modelled link; the
+/// crate root refines the rest from NVML (`p2pcheck::link_bandwidth`).
+fn known_link(pair: Pair, opts: &Options) -> Link {
+    match (pair.src == pair.tgt, &opts.simulate) {
+        (true, _) => Link::SameGpu,
+        (false, Some(_)) => Link::Simulated,
+        (false, None) => Link::Unknown,
+    }
 }
 
 /// `CUDA_VISIBLE_DEVICES` as CUDA reads it: an error when it selects no GPU, a warning in
@@ -726,6 +789,8 @@ struct Rounds<'g> {
     warnings: Vec<String>,
     workers: Vec<WorkerInfo>,
     peak_in_flight: u32,
+    /// Each pair's latest bandwidth measurement.
+    measured: BTreeMap<Pair, std::result::Result<Bandwidth, Problem>>,
 }
 
 impl Rounds<'_> {
@@ -768,6 +833,7 @@ impl Rounds<'_> {
         let mut out = first;
         loop {
             self.workers.append(&mut out.workers);
+            self.measured.extend(out.measured.drain(..));
             self.peak_in_flight = self.peak_in_flight.max(out.peak_in_flight);
             let (next, hold) = record_round(&mut tries, &current, out.outcomes);
             if next.is_empty() {
@@ -850,6 +916,10 @@ fn tier_params(opts: &Options) -> TierParams {
             0
         },
         rounds: opts.handshake_rounds,
+        bandwidth_bytes: match opts.bandwidth {
+            true => opts.bandwidth_bytes,
+            false => 0,
+        },
         budget_ms: opts
             .handshake_budget
             .max(handshake_need(opts.handshake_rounds))

@@ -25,8 +25,8 @@ use super::pool::{next_event, Event, Graveyard, SendError, Worker};
 use super::{check_ids, hello_count, Ctx, RoundError, RoundOut};
 use crate::error::{Error, Phase};
 use crate::model::{
-    all_pairs, Fault, Hang, Level, Lost, Outcome, Pair, Problem, Role, SideVerdict, TierOutcome,
-    Visibility, WorkerInfo,
+    all_pairs, Bandwidth, Fault, Hang, Level, Lost, Outcome, Pair, Problem, Role, SideVerdict,
+    TierOutcome, Visibility, WorkerInfo,
 };
 use crate::protocol::{Job, Message, Op, IPC_HANDLE_BYTES};
 use crate::visible;
@@ -194,11 +194,12 @@ pub(super) fn round(
     for w in run.lost.drain(..) {
         graveyard.kill(w);
     }
-    let (pairs, outcomes) = result?;
+    let (pairs, outcomes, measured) = result?;
     Ok(RoundOut {
         n: run.n,
         pairs,
         outcomes,
+        measured,
         workers: infos,
         peak_in_flight: run.peak_in_flight,
     })
@@ -218,7 +219,10 @@ struct Run<'a> {
     handshakes_waiting: VecDeque<usize>,
 }
 
-type Outcomes = (Vec<Pair>, Vec<Option<Outcome>>);
+type Outcomes = (Vec<Pair>, Vec<Option<Outcome>>, Vec<Measured>);
+
+/// A pair's bandwidth measurement, or why it has none.
+pub(super) type Measured = (Pair, Result<Bandwidth, Problem>);
 
 impl Run<'_> {
     fn go(&mut self, pairs: Option<&[Pair]>, hold: usize) -> Result<Outcomes, RoundError> {
@@ -297,13 +301,118 @@ impl Run<'_> {
             }
         }
         self.event_loop()?;
+        let measured = match self.ctx.tiers.bandwidth_bytes {
+            0 => Vec::new(),
+            _ => self.measure_all()?,
+        };
         let by_pair: BTreeMap<Pair, Option<Outcome>> = self
             .jobs
             .iter()
             .map(|j| (j.pair, j.outcome.clone()))
             .collect();
         let outcomes = batch.iter().map(|p| by_pair[p].clone()).collect();
-        Ok((batch, outcomes))
+        Ok((batch, outcomes, measured))
+    }
+
+    /// The bandwidth phase, after every pair's tiers: each pair whose copy tier passed on both
+    /// sides, measured by its consumer one at a time (so that no two pairs share a link while
+    /// measured), in pair order, until the whole check's deadline.
+    fn measure_all(&mut self) -> Result<Vec<Measured>, RoundError> {
+        let mut out = Vec::new();
+        for j in 0..self.jobs.len() {
+            let job = &self.jobs[j];
+            let copied = matches!(&job.outcome, Some(Outcome::Done { producer, consumer })
+                if producer.copy.is_ok() && consumer.copy.is_ok());
+            let alive = self.workers[job.producer].is_some() && self.workers[job.consumer].is_some();
+            if !copied || !alive {
+                continue;
+            }
+            self.check_cancel()?;
+            if self.ctx.past_deadline() {
+                break;
+            }
+            let pair = job.pair;
+            out.push((pair, self.measure(j)?));
+        }
+        Ok(out)
+    }
+
+    /// Job `j`'s bandwidth step: sent to its consumer, answered within the step timeout. A
+    /// consumer that does not answer, dies or answers something else is killed (its pair's
+    /// verdict stands: the measurement failed, with why).
+    fn measure(&mut self, j: usize) -> Result<Result<Bandwidth, Problem>, RoundError> {
+        let (c, pair) = (self.jobs[j].consumer, self.jobs[j].pair);
+        let job = Job {
+            index: j as u32,
+            pair,
+            role: Role::Consumer,
+            tier: Level::Copy,
+        };
+        let message = Message::Step {
+            job,
+            slot: pair.tgt,
+            op: Op::Bandwidth,
+        };
+        let timeout = self.ctx.opts.step_timeout;
+        let deadline = Instant::now() + timeout;
+        let worker = self.worker(c);
+        worker.deadline = Some(deadline);
+        let name = worker.name();
+        if let Err(e) = worker.try_send(&message, deadline) {
+            let why = match e {
+                SendError::Stuck(fault) => fault.to_string(),
+                SendError::Gone => "it is gone".into(),
+            };
+            self.kill(c);
+            return Ok(Err(Problem::Driver(format!(
+                "the bandwidth step could not be sent to the {name}: {why}"
+            ))));
+        }
+        loop {
+            self.check_cancel()?;
+            let Some((from, event)) = next_event(&mut self.workers, self.ctx.wake()) else {
+                continue;
+            };
+            let why = match (event, from == c) {
+                (
+                    Event::Message(Message::Measured {
+                        job: answered,
+                        result,
+                        peak_rss_kb,
+                    }),
+                    true,
+                ) if answered == job => {
+                    self.members[c].info.peak_rss_kb = peak_rss_kb;
+                    self.worker(c).deadline = None;
+                    return Ok(result);
+                }
+                (Event::Timeout, true) => format!(
+                    "the {name} gave no bandwidth figures within {:.1} s",
+                    timeout.as_secs_f64()
+                ),
+                (Event::Broken(fault), true) => format!("the bandwidth step: {fault}"),
+                (Event::Message(other), true) => format!(
+                    "the {name} answered the bandwidth step with {}",
+                    message_name(&other)
+                ),
+                // Another worker spoke out of turn or ended: it is not needed any more.
+                (_, false) => {
+                    self.kill(from);
+                    continue;
+                }
+            };
+            self.kill(c);
+            return Ok(Err(Problem::Driver(why)));
+        }
+    }
+
+    /// Kills worker `w` (the graveyard reaps it) without touching any verdict.
+    fn kill(&mut self, w: usize) {
+        self.members[w].state = State::Gone;
+        if let Some(mut worker) = self.workers[w].take() {
+            worker.kill();
+            self.lost.push(worker);
+        }
     }
 
     fn spawn(&mut self, part: Part) -> Result<usize, RoundError> {
@@ -413,11 +522,7 @@ impl Run<'_> {
         }
         self.in_flight = 0;
         for w in 0..self.workers.len() {
-            self.members[w].state = State::Gone;
-            if let Some(mut worker) = self.workers[w].take() {
-                worker.kill();
-                self.lost.push(worker);
-            }
+            self.kill(w);
         }
     }
 
@@ -881,5 +986,6 @@ fn message_name(m: &Message) -> &'static str {
         Message::Ready { .. } => "Ready",
         Message::Step { .. } => "Step",
         Message::Done { .. } => "Done",
+        Message::Measured { .. } => "Measured",
     }
 }

@@ -62,6 +62,8 @@ pub(super) fn round(
         n,
         pairs,
         outcomes,
+        // The vLLM engine does not measure bandwidth (Options::validate refuses it).
+        measured: Vec::new(),
         workers: infos,
         peak_in_flight: 1,
     })

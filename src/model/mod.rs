@@ -5,6 +5,7 @@
 //! engine produces it, the renderers ([`crate::render`]) turn it into text, JSON and the C
 //! ABI's values.
 
+mod bandwidth;
 mod evidence;
 mod link;
 mod pair;
@@ -12,6 +13,9 @@ mod problem;
 mod report;
 mod verdict;
 
+pub use bandwidth::{
+    figure_name, Bandwidth, Direction, Figure, Floor, Mover, PairBandwidth, FIGURES,
+};
 pub use evidence::{Attempt, Evidence, OtherAttempt, PairReport};
 pub use link::{Link, FLOOR_FRACTION};
 pub use pair::{all_pairs, Level, Pair, Role, TierParams};

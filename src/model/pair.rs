@@ -97,4 +97,7 @@ pub struct TierParams {
     pub rounds: u32,
     /// Each handshake kernel's budget on the GPU clock, in milliseconds.
     pub budget_ms: u32,
+    /// Bytes of each timed transfer of the bandwidth measurement (a multiple of 2 MiB); 0 when
+    /// it does not run (then nothing is allocated for it).
+    pub bandwidth_bytes: u32,
 }

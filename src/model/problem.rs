@@ -49,6 +49,8 @@ pub enum Check {
     KernelStores,
     /// The consumer's SM loads of what the owner wrote.
     KernelLoads,
+    /// The destination of the bandwidth measurement's timed copies, checked after them.
+    BandwidthCopies,
 }
 
 impl Check {
@@ -58,6 +60,7 @@ impl Check {
             Check::CopyReadBack => "copy read-back",
             Check::KernelStores => "peer SM stores, as the owner sees them",
             Check::KernelLoads => "SM loads through the mapping",
+            Check::BandwidthCopies => "the bandwidth measurement's copied bytes",
         }
     }
 }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{Level, Pair, PairReport};
+use super::{Level, Link, Pair, PairBandwidth, PairReport};
 
 /// Which procedure checks the pairs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,6 +91,9 @@ pub struct Report {
     /// Things the caller should know that are not a pair's verdict (a visibility fallback,
     /// an ignored part of `CUDA_VISIBLE_DEVICES`, disagreeing sides).
     pub warnings: Vec<String>,
+    /// The bandwidth of each pair measured (`Options::bandwidth`; empty without it): the
+    /// pairs whose copy tier passed, in pair order.
+    pub bandwidth: Vec<PairBandwidth>,
 }
 
 impl Report {
@@ -109,7 +112,21 @@ impl Report {
             peak_in_flight: 0,
             workers: Vec::new(),
             warnings: Vec::new(),
+            bandwidth: Vec::new(),
         }
+    }
+
+    /// Judges every bandwidth measurement again, with the path `link` gives for its pair and
+    /// the caller's floor `min_gbps` ([`PairBandwidth::judge`]).
+    pub fn judge_bandwidth(&mut self, link: impl Fn(Pair) -> Link, min_gbps: Option<f64>) {
+        for b in &mut self.bandwidth {
+            *b = PairBandwidth::judge(b.pair, b.measured.clone(), link(b.pair), min_gbps);
+        }
+    }
+
+    /// The bandwidth measured for `pair`, if it was.
+    pub fn bandwidth_of(&self, src: u32, tgt: u32) -> Option<&PairBandwidth> {
+        self.bandwidth.iter().find(|b| b.pair == Pair { src, tgt })
     }
 
     /// The report for `pair`, if it was checked.

@@ -5,7 +5,9 @@ use super::{
     Job, Message, Op, ProtocolError, Stage, IPC_HANDLE_BYTES, MAGIC, MAX_DEVICES, MAX_FRAME,
     MAX_TEXT, VERSION,
 };
-use crate::model::{Check, Level, Pair, Problem, Role, SideVerdict, TierOutcome, TierParams};
+use crate::model::{
+    Bandwidth, Check, Figure, Level, Pair, Problem, Role, SideVerdict, TierOutcome, TierParams,
+};
 
 struct Enc(Vec<u8>);
 
@@ -146,6 +148,10 @@ impl Enc {
         self.u32(t.shift);
         self.u32(t.rounds);
         self.u32(t.budget_ms);
+        self.u32(t.bandwidth_bytes);
+    }
+    fn f64(&mut self, v: f64) {
+        self.u64(v.to_bits());
     }
     fn tier(&mut self, t: &TierOutcome) {
         match t {
@@ -169,6 +175,7 @@ pub(super) const TAG_SETUP: u8 = 7;
 pub(super) const TAG_READY: u8 = 8;
 pub(super) const TAG_STEP: u8 = 9;
 pub(super) const TAG_DONE: u8 = 10;
+pub(super) const TAG_MEASURED: u8 = 11;
 
 /// Encodes `msg` as one complete frame (length prefix included).
 pub fn encode(msg: &Message) -> Vec<u8> {
@@ -288,6 +295,7 @@ pub fn encode(msg: &Message) -> Vec<u8> {
                 Op::VerifyStores => e.u8(4),
                 Op::KernelLoad => e.u8(5),
                 Op::Handshake => e.u8(6),
+                Op::Bandwidth => e.u8(7),
             }
         }
         Message::Done {
@@ -300,6 +308,29 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             e.job(job);
             e.result_unit(result);
             e.opt_bool(*claim);
+            e.u32(*peak_rss_kb);
+        }
+        Message::Measured {
+            job,
+            result,
+            peak_rss_kb,
+        } => {
+            e.u8(TAG_MEASURED);
+            e.job(job);
+            match result {
+                Ok(b) => {
+                    e.u8(1);
+                    for f in &b.figures {
+                        e.f64(f.gbps);
+                        e.f64(f.cv);
+                    }
+                    e.f64(b.latency_ns);
+                }
+                Err(p) => {
+                    e.u8(0);
+                    e.problem(p);
+                }
+            }
             e.u32(*peak_rss_kb);
         }
     }
@@ -421,6 +452,7 @@ impl<'a> Dec<'a> {
             0 => Ok(Check::CopyReadBack),
             1 => Ok(Check::KernelStores),
             2 => Ok(Check::KernelLoads),
+            3 => Ok(Check::BandwidthCopies),
             v => malformed(format!("unknown check {v}")),
         }
     }
@@ -473,7 +505,11 @@ impl<'a> Dec<'a> {
             shift: self.u32("shift")?,
             rounds: self.u32("rounds")?,
             budget_ms: self.u32("budget")?,
+            bandwidth_bytes: self.u32("bandwidth bytes")?,
         })
+    }
+    fn f64(&mut self, what: &str) -> Result<f64, ProtocolError> {
+        Ok(f64::from_bits(self.u64(what)?))
     }
     fn tier(&mut self) -> Result<TierOutcome, ProtocolError> {
         Ok(match self.u8("tier outcome")? {
@@ -600,6 +636,7 @@ pub fn decode(body: &[u8]) -> Result<Message, ProtocolError> {
                 4 => Op::VerifyStores,
                 5 => Op::KernelLoad,
                 6 => Op::Handshake,
+                7 => Op::Bandwidth,
                 v => return malformed(format!("unknown op {v}")),
             };
             Message::Step { job, slot, op }
@@ -610,6 +647,27 @@ pub fn decode(body: &[u8]) -> Result<Message, ProtocolError> {
             claim: d.opt_bool("claim")?,
             peak_rss_kb: d.u32("peak RSS")?,
         },
+        TAG_MEASURED => {
+            let job = d.job()?;
+            let result = if d.flag("measure status")? {
+                let mut figures = [Figure { gbps: 0.0, cv: 0.0 }; 6];
+                for f in &mut figures {
+                    f.gbps = d.f64("figure")?;
+                    f.cv = d.f64("spread")?;
+                }
+                Ok(Bandwidth {
+                    figures,
+                    latency_ns: d.f64("latency")?,
+                })
+            } else {
+                Err(d.problem(0)?)
+            };
+            Message::Measured {
+                job,
+                result,
+                peak_rss_kb: d.u32("peak RSS")?,
+            }
+        }
         tag => return malformed(format!("unknown tag {tag}")),
     };
     if d.pos != body.len() {

@@ -4,7 +4,7 @@ use std::fmt;
 use std::io;
 
 use super::IPC_HANDLE_BYTES;
-use crate::model::{Level, Pair, Problem, Role, SideVerdict, TierParams};
+use crate::model::{Bandwidth, Level, Pair, Problem, Role, SideVerdict, TierParams};
 
 /// What a message is about: the pair's position in its batch, the pair, the sender's or
 /// receiver's role in it, and the tier it belongs to.
@@ -60,10 +60,13 @@ pub enum Op {
     /// Either side: its half of the handshake on the slot's handshake area (the producer
     /// serves on its own memory, the consumer drives through the mapping).
     Handshake,
+    /// Consumer: measure bandwidth and latency through the mapping of the producer's
+    /// bandwidth area, and check the bytes moved; answered by [`Message::Measured`].
+    Bandwidth,
 }
 
 /// Every message, both directions. Which side may send which is the engine's business.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Message {
     /// Worker -> parent, first frame: CUDA started (`device_count`) or not.
     Hello {
@@ -149,6 +152,15 @@ pub enum Message {
         /// A consumer's write: the driver's claim (`cudaDeviceCanAccessPeer(tgt, src)`), where
         /// the worker could ask it (it sees both devices).
         claim: Option<bool>,
+        /// The worker's peak resident memory so far (`VmHWM`), in KiB.
+        peak_rss_kb: u32,
+    },
+    /// Worker -> parent (parallel engine): the answer to an [`Op::Bandwidth`] step.
+    Measured {
+        /// The pair and role.
+        job: Job,
+        /// The figures, or what failed (a transfer, or the check of the bytes moved).
+        result: Result<Bandwidth, Problem>,
         /// The worker's peak resident memory so far (`VmHWM`), in KiB.
         peak_rss_kb: u32,
     },

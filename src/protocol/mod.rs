@@ -10,6 +10,9 @@
 //! several pairs can be in flight on one pipe, and outcomes are typed ([`Problem`]): the failing
 //! CUDA call with its code, or the mismatch count and first bad offset, never just a string.
 //! The IPC handle travels as its raw 64 bytes.
+//!
+//! Version 3: the tiers' parameters carry the bandwidth transfer size, a `Step` may ask for
+//! the bandwidth measurement (`Op::Bandwidth`), answered by `Measured` (figures as `f64` bits).
 
 //! The domain values it carries ([`Pair`](crate::model::Pair), [`Problem`](crate::model::Problem),
 //! ...) are the model's ([`crate::model`]); this module only encodes them: the messages
@@ -24,7 +27,7 @@ pub use frames::{recv_blocking, send, FrameReader};
 pub use message::{Job, Message, Op, ProtocolError, Stage};
 
 /// Protocol version; bumped on any change to the encoding.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Magic bytes at the start of a Hello payload.
 pub const MAGIC: [u8; 4] = *b"P2PC";
 /// Largest frame accepted, tag included: far above any real message (a Start of 8 x 8 pairs is

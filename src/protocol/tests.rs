@@ -1,7 +1,9 @@
 //! The wire format's tests: every message round-trips, and no input makes decoding panic.
 use super::codec::{TAG_HELLO, TAG_START};
 use super::*;
-use crate::model::{Check, Level, Pair, Problem, Role, SideVerdict, TierOutcome, TierParams};
+use crate::model::{
+    Bandwidth, Check, Figure, Level, Pair, Problem, Role, SideVerdict, TierOutcome, TierParams,
+};
 use crate::os;
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -45,6 +47,7 @@ fn tiers() -> TierParams {
         shift: 64,
         rounds: 16,
         budget_ms: 1000,
+        bandwidth_bytes: 64 << 20,
     }
 }
 
@@ -178,6 +181,27 @@ fn samples() -> Vec<Message> {
             result: Err(mismatch()),
             claim: None,
             peak_rss_kb: 5,
+        },
+        Message::Step {
+            job: job(Role::Consumer),
+            slot: 1,
+            op: Op::Bandwidth,
+        },
+        Message::Measured {
+            job: job(Role::Consumer),
+            result: Ok(Bandwidth {
+                figures: [0.5, 370.25, 741.0, 1e-9, f64::MAX, 20.0].map(|g| Figure {
+                    gbps: g,
+                    cv: g / 1e4,
+                }),
+                latency_ns: 2150.5,
+            }),
+            peak_rss_kb: 9,
+        },
+        Message::Measured {
+            job: job(Role::Consumer),
+            result: Err(mismatch()),
+            peak_rss_kb: 9,
         },
     ]
 }

@@ -2,7 +2,10 @@
 //! crate's JSON writer ([`crate::json::Object`]).
 
 use crate::json::{Json, Object};
-use crate::model::{Level, PairReport, Report, TierOutcome, Verdict, WorkerInfo};
+use crate::model::{
+    figure_name, Floor, Level, PairBandwidth, PairReport, Report, TierOutcome, Verdict,
+    WorkerInfo, FIGURES,
+};
 
 /// What the `--json` object holds besides the report: facts of the run and of its caller.
 #[derive(Clone, Debug)]
@@ -29,8 +32,8 @@ fn tier_word(k: &TierOutcome) -> &'static str {
 }
 
 /// One pair: its verdict with the reason, each tier, the failed tier's diagnosis, the evidence
-/// and the details.
-fn pair(p: &PairReport) -> Json {
+/// and the details; its `bandwidth` (`null` when not measured) when the report measured any.
+fn pair(p: &PairReport, report: &Report) -> Json {
     let verdict = p.verdict();
     let failure = match &verdict {
         Verdict::Fails(failure) => Some(failure),
@@ -43,8 +46,8 @@ fn pair(p: &PairReport) -> Json {
             .str("hint", class.hint())
             .finish()
     });
-    Object::new()
-        .uint("src", p.pair.src.into())
+    let mut o = Object::new();
+    o.uint("src", p.pair.src.into())
         .uint("tgt", p.pair.tgt.into())
         .bool("ok", p.ok())
         .str("verdict", verdict.word())
@@ -61,7 +64,47 @@ fn pair(p: &PairReport) -> Json {
         .value(
             "details",
             &Json::array(p.details().iter().map(|d| Json::string(d))),
+        );
+    if !report.bandwidth.is_empty() {
+        let b = report.bandwidth_of(p.pair.src, p.pair.tgt);
+        o.value("bandwidth", &b.map_or_else(Json::null, bandwidth));
+    }
+    o.finish()
+}
+
+/// A pair's bandwidth (README, "JSON output"): the link, the floor and where it came from,
+/// `slow`, and the figures with their spread and the latency, or the error that stands for
+/// them.
+fn bandwidth(b: &PairBandwidth) -> Json {
+    let (figures, latency, error) = match &b.measured {
+        Ok(m) => {
+            let mut o = Object::new();
+            for (f, &(mover, direction)) in m.figures.iter().zip(FIGURES.iter()) {
+                let figure = Object::new()
+                    .fixed("gbps", f.gbps, 1)
+                    .fixed("cv", f.cv, 4)
+                    .finish();
+                o.value(figure_name(mover, direction), &figure);
+            }
+            (o.finish(), m.latency_ns, None)
+        }
+        Err(p) => (Json::null(), f64::NAN, Some(p.to_string())),
+    };
+    Object::new()
+        .str("link", &b.link.to_string())
+        .fixed("floor_gbps", b.floor.gbps().unwrap_or(f64::NAN), 1)
+        .opt_str(
+            "floor_from",
+            match b.floor {
+                Floor::Given(_) => Some("given"),
+                Floor::Link(_) => Some("link"),
+                Floor::None => None,
+            },
         )
+        .bool("slow", b.slow)
+        .value("figures", &figures)
+        .fixed("latency_ns", latency, 1)
+        .opt_str("error", error.as_deref())
         .finish()
 }
 
@@ -100,7 +143,7 @@ impl Report {
             .opt_uint("worker_max_rss_kb", self.worker_max_rss_kb().map(u64::from))
             .value("workers", &Json::array(self.workers.iter().map(worker)))
             .bool("all_ok", self.pairs.iter().all(PairReport::ok))
-            .value("pairs", &Json::array(self.pairs.iter().map(pair)))
+            .value("pairs", &Json::array(self.pairs.iter().map(|p| pair(p, self))))
             .value(
                 "warnings",
                 &Json::array(extras.warnings.iter().map(|w| Json::string(w))),

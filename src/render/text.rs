@@ -4,8 +4,8 @@
 use std::fmt::{self, Display, Formatter};
 
 use crate::model::{
-    deadline_passed, Attempt, Evidence, Failure, Fault, Finding, Hang, Lost, OtherAttempt, Outcome,
-    PairReport, Problem, Report, Verdict, Visibility, WorkerFault,
+    deadline_passed, figure_name, Attempt, Evidence, Failure, Fault, Finding, Floor, Hang, Lost,
+    OtherAttempt, Outcome, PairReport, Problem, Report, Verdict, Visibility, WorkerFault, FIGURES,
 };
 
 /// What a failure is and what usually causes it: "… [never-written: writes … (hint)]".
@@ -331,28 +331,7 @@ impl Report {
                 _ => word,
             }
         };
-        let cells: Vec<Vec<String>> = (0..n)
-            .map(|s| (0..n).map(|t| cell(s, t)).collect())
-            .collect();
-        let width = cells
-            .iter()
-            .flatten()
-            .map(String::len)
-            .max()
-            .unwrap_or(2)
-            .max(4);
-        let _ = write!(out, "{:>8}", "src\\tgt");
-        for t in 0..n {
-            let _ = write!(out, "  {t:>width$}");
-        }
-        out.push('\n');
-        for (s, row) in cells.iter().enumerate() {
-            let _ = write!(out, "{s:>8}");
-            for c in row {
-                let _ = write!(out, "  {c:>width$}");
-            }
-            out.push('\n');
-        }
+        matrix(&mut out, n, cell);
         let troubled: Vec<_> = self
             .pairs
             .iter()
@@ -366,6 +345,103 @@ impl Report {
                 }
             }
         }
+        if !self.bandwidth.is_empty() {
+            out.push_str(&self.bandwidth_table());
+        }
         out
+    }
+
+    /// The bandwidth measurement as tables: one matrix per figure (rows src, columns tgt,
+    /// GB/s, `slow` marked), the latency matrix (ns), then each pair's floor where it is
+    /// slow or has none, and each measurement that failed.
+    pub fn bandwidth_table(&self) -> String {
+        use std::fmt::Write as _;
+        let n = self.device_count;
+        let mut out = String::new();
+        let figure = |i: usize| {
+            move |src: u32, tgt: u32| -> String {
+                let Some(b) = self.bandwidth_of(src, tgt) else {
+                    return "-".into();
+                };
+                match (&b.measured, b.slow) {
+                    (Err(_), _) => "FAIL".into(),
+                    (Ok(m), true) if i < 2 => format!("{:.1} slow", m.figures[i].gbps),
+                    (Ok(m), _) => format!("{:.1}", m.figures[i].gbps),
+                }
+            }
+        };
+        for (i, &(mover, direction)) in FIGURES.iter().enumerate() {
+            let _ = writeln!(out, "bandwidth {}, GB/s:", figure_name(mover, direction));
+            matrix(&mut out, n, figure(i));
+        }
+        out.push_str("latency, ns:\n");
+        matrix(&mut out, n, |src, tgt| match self.bandwidth_of(src, tgt) {
+            Some(b) => b
+                .measured
+                .as_ref()
+                .map_or_else(|_| "FAIL".into(), |m| format!("{:.0}", m.latency_ns)),
+            None => "-".into(),
+        });
+        let mut unknown = Vec::new();
+        for b in &self.bandwidth {
+            match (&b.measured, b.floor) {
+                (Err(p), _) => {
+                    let _ = writeln!(out, "  {}: bandwidth not measured: {p}", b.pair);
+                }
+                (Ok(m), floor) if b.slow => {
+                    let _ = writeln!(
+                        out,
+                        "  {}: slow: {:.1} GB/s one way by the copy engine, below the floor of \
+                         {:.1} GB/s ({}; link {})",
+                        b.pair,
+                        m.judged_gbps(),
+                        floor.gbps().unwrap_or(0.0),
+                        match floor {
+                            Floor::Given(_) => "given",
+                            _ => "the link's",
+                        },
+                        b.link
+                    );
+                }
+                (Ok(_), Floor::None) if b.pair.src != b.pair.tgt => unknown.push(b.pair.to_string()),
+                _ => {}
+            }
+        }
+        if !unknown.is_empty() {
+            let _ = writeln!(
+                out,
+                "  no floor for {}: the link is unknown (NVML did not say); no slow verdict \
+                 (give --min-gbps)",
+                unknown.join(", ")
+            );
+        }
+        out
+    }
+}
+
+/// An `n` x `n` matrix of `cell(src, tgt)`, rows src and columns tgt, right-aligned.
+fn matrix(out: &mut String, n: u32, cell: impl Fn(u32, u32) -> String) {
+    use std::fmt::Write as _;
+    let cells: Vec<Vec<String>> = (0..n)
+        .map(|s| (0..n).map(|t| cell(s, t)).collect())
+        .collect();
+    let width = cells
+        .iter()
+        .flatten()
+        .map(String::len)
+        .max()
+        .unwrap_or(2)
+        .max(4);
+    let _ = write!(out, "{:>8}", "src\\tgt");
+    for t in 0..n {
+        let _ = write!(out, "  {t:>width$}");
+    }
+    out.push('\n');
+    for (s, row) in cells.iter().enumerate() {
+        let _ = write!(out, "{s:>8}");
+        for c in row {
+            let _ = write!(out, "  {c:>width$}");
+        }
+        out.push('\n');
     }
 }

@@ -10,6 +10,7 @@
 //! Every CUDA failure becomes part of an outcome; only a broken pipe or a protocol violation
 //! ends the worker early (the parent then sees EOF at once).
 
+mod bandwidth;
 mod convert;
 mod parallel;
 mod tiers;

@@ -9,10 +9,10 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 
-use super::{peak_rss_kb, unexpected, verify, Layout, Link, PRODUCER_FILL, TEST_BYTES};
+use super::{bandwidth, peak_rss_kb, unexpected, verify, Layout, Link, PRODUCER_FILL, TEST_BYTES};
 use crate::cuda::trace::{self, ProcessRole};
 use crate::cuda::{self, DeviceBuffer, DeviceView, Kernels, PeerMapping, IPC_HANDLE_BYTES};
-use crate::model::{Check, Problem, Role, TierParams};
+use crate::model::{Bandwidth, Check, Problem, Role, TierParams};
 use crate::protocol::{Job, Message, Op, ProtocolError, MAX_DEVICES};
 
 /// Serves the parallel engine on local device `device`, exporting `slots` slots.
@@ -28,14 +28,15 @@ pub(super) fn run<R: Read, W: Write>(
     let layout = Layout::new(tiers);
     let set_up = (|| {
         cuda::set_device(d)?;
-        let kernels = match layout.has_tiers() {
+        let kernels = match layout.needs_kernels() {
             true => Some(Kernels::load(d)?),
             false => None,
         };
         if slots == 0 {
             return Ok((kernels, None, None));
         }
-        let bytes = slots as usize * layout.slot_bytes() as usize;
+        let bytes = usize::try_from(layout.buffer_bytes(slots))
+            .map_err(|_| Problem::Driver(format!("a buffer of {slots} slots: too large")))?;
         let buffer = DeviceBuffer::new(d, bytes)?;
         buffer.view().memset(PRODUCER_FILL)?;
         cuda::device_synchronize(d)?;
@@ -64,6 +65,7 @@ pub(super) fn run<R: Read, W: Write>(
         tiers: *tiers,
         kernels,
         buffer,
+        local: None,
         mappings: HashMap::new(),
     };
     loop {
@@ -75,14 +77,24 @@ pub(super) fn run<R: Read, W: Write>(
             Err(e) => return Err(e),
         };
         trace::set_job(Some(job.into()));
-        let (result, claim) = worker.step(job, slot, op);
+        let answer = match (job.role, op) {
+            (Role::Consumer, Op::Bandwidth) => Message::Measured {
+                job,
+                result: worker.bandwidth(job.pair.src),
+                peak_rss_kb: peak_rss_kb(),
+            },
+            (_, op) => {
+                let (result, claim) = worker.step(job, slot, op);
+                Message::Done {
+                    job,
+                    result,
+                    claim,
+                    peak_rss_kb: peak_rss_kb(),
+                }
+            }
+        };
         trace::set_job(None);
-        link.send(Message::Done {
-            job,
-            result,
-            claim,
-            peak_rss_kb: peak_rss_kb(),
-        })?;
+        link.send(answer)?;
     }
     worker.release();
     Ok(())
@@ -123,6 +135,8 @@ struct Worker {
     tiers: TierParams,
     kernels: Option<Kernels>,
     buffer: Option<DeviceBuffer>,
+    /// The bandwidth measurement's own memory, allocated at its first step.
+    local: Option<DeviceBuffer>,
     /// Peer buffers, by the producer's device.
     mappings: HashMap<u32, PeerMapping>,
 }
@@ -184,6 +198,31 @@ impl Worker {
         }
     }
 
+    /// The bandwidth measurement through the mapping of `src`'s bandwidth area (its buffer
+    /// is mapped by the pair's copy step, which passed before the parent asks this).
+    fn bandwidth(&mut self, src: u32) -> Result<Bandwidth, Problem> {
+        let transfer = u64::from(self.tiers.bandwidth_bytes);
+        if transfer == 0 {
+            return Err(Problem::Driver(
+                "a bandwidth step without a bandwidth transfer size in the Setup".into(),
+            ));
+        }
+        if self.local.is_none() {
+            let bytes = usize::try_from(bandwidth::local_bytes(transfer))
+                .map_err(|_| Problem::Driver(format!("transfers of {transfer} bytes")))?;
+            self.local = Some(DeviceBuffer::new(self.device, bytes)?);
+        }
+        let remote = self
+            .mapped(src)?
+            .view()
+            .slice(self.layout.bandwidth_range())?;
+        let local = match &self.local {
+            Some(b) => b.view(),
+            None => return Err(Problem::Driver("no local buffer".into())),
+        };
+        bandwidth::measure(self.kernels()?, remote, local, transfer, self.tiers.seed)
+    }
+
     fn kernels(&self) -> Result<&Kernels, Problem> {
         self.kernels.as_ref().ok_or_else(|| {
             Problem::Driver("a kernel step at level copy: no kernels were loaded".into())
@@ -234,7 +273,7 @@ impl Worker {
                 0 => MAX_DEVICES,
                 n => n,
             };
-            let bytes = u64::from(slots) * self.layout.slot_bytes();
+            let bytes = self.layout.buffer_bytes(slots);
             // For a second worker that is an upper bound: a slot number at or past the
             // producer's real count is caught only by the producer's own step (the wire does
             // not carry the count to it).
@@ -261,6 +300,9 @@ impl Worker {
         if let Some(b) = self.buffer {
             let _ = b.release();
         }
+        if let Some(b) = self.local {
+            let _ = b.release();
+        }
         drop(self.kernels);
     }
 }
@@ -281,6 +323,7 @@ mod tests {
             shift: 0,
             rounds: 0,
             budget_ms: 0,
+            bandwidth_bytes: 0,
         };
         let layout = Layout::new(&tiers);
         let bytes = u64::from(slots) * layout.slot_bytes();
@@ -292,6 +335,7 @@ mod tests {
             tiers,
             kernels: None,
             buffer: (slots > 0).then(|| DeviceBuffer::unbacked(0, bytes)),
+            local: None,
             mappings: HashMap::from([(1, PeerMapping::unbacked(0, handle, bytes))]),
         }
     }

@@ -12,12 +12,15 @@ use std::ops::Range;
 use crate::cuda::{self, DeviceView, Kernels, PatternCount, HANDSHAKE_AREA_BYTES};
 use crate::model::{Check, Problem, TierParams};
 
-use super::TEST_BYTES;
+use super::{bandwidth, TEST_BYTES};
 
-/// Where the parts of a slot are.
+/// Where the parts of a slot are, and where the bandwidth area is: at the start of a
+/// parallel-engine producer's buffer, before its slots, one for all pairs (they are measured
+/// one at a time).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Layout {
     kernel_bytes: u64,
+    bandwidth_area: u64,
 }
 
 /// Offset of the handshake area in a slot (page 0, with the copy bytes).
@@ -59,12 +62,28 @@ impl Layout {
     pub(crate) fn new(tiers: &TierParams) -> Layout {
         Layout {
             kernel_bytes: u64::from(tiers.kernel_bytes),
+            bandwidth_area: bandwidth::area_bytes(u64::from(tiers.bandwidth_bytes)),
         }
     }
 
     /// Whether the tiers beyond copy run.
     pub(crate) fn has_tiers(&self) -> bool {
         self.kernel_bytes > 0
+    }
+
+    /// Whether the kernels are needed: the tiers beyond copy, or the bandwidth measurement.
+    pub(crate) fn needs_kernels(&self) -> bool {
+        self.has_tiers() || self.bandwidth_area > 0
+    }
+
+    /// The bytes of the bandwidth area in a producer's buffer (empty when it does not run).
+    pub(crate) fn bandwidth_range(&self) -> Range<u64> {
+        0..self.bandwidth_area
+    }
+
+    /// Bytes of a producer's buffer of `slots` slots.
+    pub(crate) fn buffer_bytes(&self, slots: u32) -> u64 {
+        self.bandwidth_area + u64::from(slots) * self.slot_bytes()
     }
 
     /// Bytes of one slot: vLLM's 1 KiB at level copy.
@@ -83,7 +102,9 @@ impl Layout {
     /// The bytes of slot `slot` in a buffer of slots (saturating: a slot number too large for
     /// any buffer gives a range that no view holds).
     pub(crate) fn slot_range(&self, slot: u32) -> Range<u64> {
-        let start = u64::from(slot).saturating_mul(self.slot_bytes());
+        let start = u64::from(slot)
+            .saturating_mul(self.slot_bytes())
+            .saturating_add(self.bandwidth_area);
         start..start.saturating_add(self.slot_bytes())
     }
 
