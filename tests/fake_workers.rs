@@ -21,8 +21,8 @@ const BOUND: Duration = Duration::from_secs(60);
 const BARRIER: &str =
     r"\x10\x00\x00\x00\x05\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00";
 
-/// A Hello frame for one device: length 16, tag 1, "P2PC", version 2, pid 0, ok, count 1.
-const HELLO: &str = r"\x10\x00\x00\x00\x01P2PC\x02\x00\x00\x00\x00\x00\x01\x01\x00\x00\x00";
+/// A Hello frame for one device: length 16, tag 1, "P2PC", version 3, pid 0, ok, count 1.
+const HELLO: &str = r"\x10\x00\x00\x00\x01P2PC\x03\x00\x00\x00\x00\x00\x01\x01\x00\x00\x00";
 
 /// Writes an executable worker script whose body runs after `exec 1>&3 3>&-` (the protocol's
 /// output pipe is descriptor 3; its stdout and stderr are captured by the parent), in a folder

@@ -323,7 +323,8 @@ impl Run<'_> {
             let job = &self.jobs[j];
             let copied = matches!(&job.outcome, Some(Outcome::Done { producer, consumer })
                 if producer.copy.is_ok() && consumer.copy.is_ok());
-            let alive = self.workers[job.producer].is_some() && self.workers[job.consumer].is_some();
+            let alive =
+                self.workers[job.producer].is_some() && self.workers[job.consumer].is_some();
             if !copied || !alive {
                 continue;
             }

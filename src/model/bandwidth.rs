@@ -182,7 +182,10 @@ mod tests {
     use super::*;
 
     fn figures(ce: f64) -> Bandwidth {
-        let mut figures = [Figure { gbps: 360.0, cv: 0.01 }; 6];
+        let mut figures = [Figure {
+            gbps: 360.0,
+            cv: 0.01,
+        }; 6];
         figures[0].gbps = ce;
         Bandwidth {
             figures,

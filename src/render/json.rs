@@ -3,8 +3,8 @@
 
 use crate::json::{Json, Object};
 use crate::model::{
-    figure_name, Floor, Level, PairBandwidth, PairReport, Report, TierOutcome, Verdict,
-    WorkerInfo, FIGURES,
+    figure_name, Floor, Level, PairBandwidth, PairReport, Report, TierOutcome, Verdict, WorkerInfo,
+    FIGURES,
 };
 
 /// What the `--json` object holds besides the report: facts of the run and of its caller.
@@ -143,7 +143,10 @@ impl Report {
             .opt_uint("worker_max_rss_kb", self.worker_max_rss_kb().map(u64::from))
             .value("workers", &Json::array(self.workers.iter().map(worker)))
             .bool("all_ok", self.pairs.iter().all(PairReport::ok))
-            .value("pairs", &Json::array(self.pairs.iter().map(|p| pair(p, self))))
+            .value(
+                "pairs",
+                &Json::array(self.pairs.iter().map(|p| pair(p, self))),
+            )
             .value(
                 "warnings",
                 &Json::array(extras.warnings.iter().map(|w| Json::string(w))),

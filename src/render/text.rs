@@ -403,7 +403,9 @@ impl Report {
                         b.link
                     );
                 }
-                (Ok(_), Floor::None) if b.pair.src != b.pair.tgt => unknown.push(b.pair.to_string()),
+                (Ok(_), Floor::None) if b.pair.src != b.pair.tgt => {
+                    unknown.push(b.pair.to_string())
+                }
                 _ => {}
             }
         }
