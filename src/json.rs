@@ -142,6 +142,16 @@ impl Json {
         Json(n.to_string())
     }
 
+    /// A signed number.
+    pub fn int(n: i64) -> Json {
+        Json(n.to_string())
+    }
+
+    /// An array of strings, in order.
+    pub fn strings<S: AsRef<str>>(items: impl IntoIterator<Item = S>) -> Json {
+        Json::array(items.into_iter().map(|s| Json::string(s.as_ref())))
+    }
+
     /// An array of `items`, in order.
     pub fn array(items: impl IntoIterator<Item = Json>) -> Json {
         let items: Vec<String> = items.into_iter().map(|j| j.0).collect();
@@ -173,7 +183,7 @@ impl fmt::Display for Json {
 /// and the strings and places the commas, and every value is one it writes or a [`Json`], so
 /// the object is valid JSON whatever the strings hold.
 #[derive(Debug, Default)]
-pub struct Object(String);
+pub struct Object(Vec<(String, String)>);
 
 impl Object {
     /// An empty object.
@@ -181,14 +191,15 @@ impl Object {
         Object::default()
     }
 
+    /// Appends a member: `key` escaped, `value` already valid JSON (made here or a [`Json`]).
     fn member(&mut self, key: &str, value: &str) -> &mut Object {
-        if !self.0.is_empty() {
-            self.0.push(',');
-        }
-        self.0.push_str(&escape(key));
-        self.0.push(':');
-        self.0.push_str(value);
+        self.0.push((escape(key), value.to_string()));
         self
+    }
+
+    /// Whether no member was added.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 
     /// A member whose value is `value`.
@@ -209,6 +220,21 @@ impl Object {
     /// An unsigned number.
     pub fn uint(&mut self, key: &str, value: u64) -> &mut Object {
         self.member(key, &value.to_string())
+    }
+
+    /// A signed number.
+    pub fn int(&mut self, key: &str, value: i64) -> &mut Object {
+        self.member(key, &value.to_string())
+    }
+
+    /// A signed number, or `null`.
+    pub fn opt_int(&mut self, key: &str, value: Option<i64>) -> &mut Object {
+        self.member(key, &value.map_or_else(|| "null".into(), |v| v.to_string()))
+    }
+
+    /// A member whose value is `value`, or `null`.
+    pub fn opt_value(&mut self, key: &str, value: Option<&Json>) -> &mut Object {
+        self.member(key, value.map_or("null", Json::as_str))
     }
 
     /// An unsigned number, or `null`.
@@ -236,9 +262,22 @@ impl Object {
         self.member(key, &text)
     }
 
-    /// The object.
+    /// The object, on one line with no spaces.
     pub fn finish(&self) -> Json {
-        Json(format!("{{{}}}", self.0))
+        let members: Vec<String> = self.0.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+        Json(format!("{{{}}}", members.join(",")))
+    }
+
+    /// The object as Python's `json.dump(obj, f, indent=4)` writes a flat one: each member on
+    /// its own line, indented by four spaces, `": "` after the key; `{}` when empty. (Values
+    /// are written as they are: a nested object or array stays on one line, where Python
+    /// would indent it too.)
+    pub fn finish_indented(&self) -> Json {
+        if self.0.is_empty() {
+            return Json("{}".into());
+        }
+        let members: Vec<String> = self.0.iter().map(|(k, v)| format!("    {k}: {v}")).collect();
+        Json(format!("{{\n{}\n}}", members.join(",\n")))
     }
 }
 
