@@ -669,6 +669,50 @@ mod tests {
         assert!(crate::json::parse(line.trim_end()).is_ok());
     }
 
+    /// Quotes, backslashes, control characters, a JSON-looking tail and non-ASCII.
+    const HOSTILE: &str = "q\"b\\n\n\t\u{0}\u{1f}\"},{\"x\":[é€😀\u{2028}";
+
+    #[test]
+    fn hostile_text_in_every_string_still_makes_one_json_line() {
+        let mut r = Record::default();
+        r.args.text(HOSTILE, HOSTILE).int("device", -1);
+        r.out.text("kernel", HOSTILE);
+        let line = Line {
+            ts_us: 1,
+            dur_us: Some(2),
+            pid: 3,
+            role: ProcessRole::Worker,
+            part: HOSTILE,
+            job: Some(JobContext {
+                role: HOSTILE,
+                tier: HOSTILE,
+                ..job()
+            }),
+            call: HOSTILE,
+            via: Some((HOSTILE, 4)),
+            api: Api::Shim,
+            device: Some(-1),
+            args: &r.args,
+            code: -5,
+            name: HOSTILE,
+            out: Some(&r.out),
+        }
+        .to_json();
+        assert_eq!(line.matches('\n').count(), 1, "{line}");
+        let Ok(crate::json::Value::Object(members)) = crate::json::parse(line.trim_end()) else {
+            panic!("not one JSON object: {line}");
+        };
+        let text = |key: &str| members.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+        let hostile = Some(crate::json::Value::String(HOSTILE.into()));
+        for key in ["part", "call", "via", "name"] {
+            assert_eq!(text(key), hostile, "{key}");
+        }
+        let Some(crate::json::Value::Object(args)) = text("args") else {
+            panic!("args: {line}");
+        };
+        assert_eq!(args[0], (HOSTILE.into(), crate::json::Value::String(HOSTILE.into())));
+    }
+
     #[test]
     fn an_inner_call_has_via_and_seq_and_no_duration() {
         let args = Fields::default();

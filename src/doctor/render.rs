@@ -445,3 +445,144 @@ fn p2p_word(status: u32) -> String {
         s => format!("no({s})"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::doctor::{
+        Bridge, Host, Iommu, Kind, Namespace, Nvml, NvmlGpu, Observation, P2pStatus, PathKind,
+        Severity, Symptom,
+    };
+    use crate::json::{parse, Value};
+    use crate::model::Pair;
+
+    /// Quotes, backslashes, control characters, a JSON-looking tail and non-ASCII.
+    const HOSTILE: &str = "q\"b\\n\n\t\u{0}\u{1f}\"},{\"x\":[é€😀\u{2028}";
+
+    fn h() -> String {
+        HOSTILE.to_string()
+    }
+
+    /// Facts and a finding with [`HOSTILE`] in every text field.
+    fn hostile() -> (Facts, Finding) {
+        let gpu = Gpu {
+            index: 0,
+            bus_id: h(),
+            uuid: Some(h()),
+            model: Some(h()),
+            numa_node: Some(-1),
+            root_complex: Some(h()),
+            upstream: vec![h(), h()],
+            iommu_group: Some(7),
+            iommu_type: Some(h()),
+            iommu_translating: Some(true),
+            nvml: Some(NvmlGpu {
+                uuid: Some(h()),
+                persistence: Some(false),
+                mig: Some((true, false)),
+                compute_mode: Some(3),
+                links: vec![true, false],
+                fabric: Some((3, -1)),
+                unavailable: vec![h()],
+            }),
+        };
+        let facts = Facts {
+            root: PathBuf::from(HOSTILE),
+            numbering: Numbering::BusOrder(h()),
+            gpus: vec![gpu.clone(), Gpu { index: 1, ..gpu }],
+            bridges: vec![
+                Bridge {
+                    bus_id: h(),
+                    acs: Acs::Unreadable(h()),
+                },
+                Bridge {
+                    bus_id: h(),
+                    acs: Acs::Present {
+                        capability: 0x5f,
+                        control: 0x1d,
+                    },
+                },
+            ],
+            pairs: vec![PairFacts {
+                gpus: (0, 1),
+                path: PathKind::Phb,
+                common: Some(h()),
+                ports: vec![h()],
+                nvml: Some(P2pStatus {
+                    read: 0,
+                    write: 1,
+                    atomics: 2,
+                    nvlink: 3,
+                }),
+            }],
+            iommu: Iommu {
+                units: vec![h()],
+                cmdline: vec![h()],
+            },
+            nvml: Ok(Nvml {
+                library: h(),
+                driver_version: Some(h()),
+            }),
+            host: Host {
+                namespaces: vec![Namespace {
+                    kind: "pid",
+                    this: h(),
+                    init: h(),
+                    host_initial: Some(false),
+                    same_as_init: None,
+                }],
+                container: vec![h()],
+                cgroup: vec![h()],
+                env: vec![("CUDA_VISIBLE_DEVICES", Some(h())), ("NCCL_P2P_LEVEL", None)],
+            },
+            notes: vec![h()],
+        };
+        let pair = Pair { src: 0, tgt: 1 };
+        let finding = Finding {
+            rank: 1,
+            kind: Kind::AcsIommu,
+            severity: Severity::Breaks,
+            title: h(),
+            gpus: vec![0, 1],
+            pairs: vec![pair],
+            explains: vec![Observation {
+                pair,
+                symptom: Symptom::Hang,
+            }],
+            facts: vec![h()],
+            fix: vec![h()],
+            confirm: vec![h()],
+        };
+        (facts, finding)
+    }
+
+    /// Every string in `v`, depth first.
+    fn strings(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::String(s) => out.push(s.clone()),
+            Value::Array(items) => items.iter().for_each(|i| strings(i, out)),
+            Value::Object(members) => members.iter().for_each(|(_, v)| strings(v, out)),
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn hostile_text_in_every_field_still_makes_valid_json() {
+        let (mut facts, finding) = hostile();
+        let text = render_json(&facts, std::slice::from_ref(&finding));
+        let v = parse(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        let mut found = Vec::new();
+        strings(&v, &mut found);
+        // Every hostile text came through whole: 11 of the machine and host, 8 per GPU, 3 of
+        // the bridges, 2 of the pair, 4 of the finding and the note.
+        assert_eq!(found.iter().filter(|s| *s == HOSTILE).count(), 37, "{text}");
+        // The same with NVML's error instead.
+        facts.nvml = Err(h());
+        let text = render_json(&facts, &[]);
+        assert!(parse(&text).is_ok(), "{text}");
+        let finding = finding_json(&finding);
+        assert!(parse(finding.as_str()).is_ok(), "{finding}");
+    }
+}
