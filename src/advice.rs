@@ -517,8 +517,14 @@ mod tests {
             "hang before the copy tier was proven: 3->0; error before the copy tier was \
              proven: 0->3"
         );
-        let v = crate::json::parse(a.json().uint("extra", 1).finish().as_str()).expect("JSON");
-        assert!(member(&v, "extra").is_some());
+        // The caller's members, whatever their strings hold, keep the object valid.
+        let hostile = "q\"b\\\n\u{1}\"},{\"x\":[é😀";
+        let text = a.json().str("extra", hostile).finish();
+        let v = crate::json::parse(text.as_str()).expect("JSON");
+        assert_eq!(
+            member(&v, "extra"),
+            Some(&crate::json::Value::String(hostile.into()))
+        );
     }
 
     #[test]

@@ -265,7 +265,11 @@ impl Object {
         if self.0.is_empty() {
             return Json("{}".into());
         }
-        let members: Vec<String> = self.0.iter().map(|(k, v)| format!("    {k}: {v}")).collect();
+        let members: Vec<String> = self
+            .0
+            .iter()
+            .map(|(k, v)| format!("    {k}: {v}"))
+            .collect();
         Json(format!("{{\n{}\n}}", members.join(",\n")))
     }
 }
@@ -808,7 +812,10 @@ mod tests {
              \"nv\":null,\"s\":[\"a\\\"\",\"\\u0001\"],\"e\":[]}"
         );
         // json.dumps({"0->0": True, "k": None}, indent=4)
-        let flat = Object::new().bool("0->0", true).opt_str("k", None).finish_indented();
+        let flat = Object::new()
+            .bool("0->0", true)
+            .opt_str("k", None)
+            .finish_indented();
         assert_eq!(flat.as_str(), "{\n    \"0->0\": true,\n    \"k\": null\n}");
     }
 

@@ -702,7 +702,12 @@ mod tests {
         let Ok(crate::json::Value::Object(members)) = crate::json::parse(line.trim_end()) else {
             panic!("not one JSON object: {line}");
         };
-        let text = |key: &str| members.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+        let text = |key: &str| {
+            members
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone())
+        };
         let hostile = Some(crate::json::Value::String(HOSTILE.into()));
         for key in ["part", "call", "via", "name"] {
             assert_eq!(text(key), hostile, "{key}");
@@ -710,7 +715,10 @@ mod tests {
         let Some(crate::json::Value::Object(args)) = text("args") else {
             panic!("args: {line}");
         };
-        assert_eq!(args[0], (HOSTILE.into(), crate::json::Value::String(HOSTILE.into())));
+        assert_eq!(
+            args[0],
+            (HOSTILE.into(), crate::json::Value::String(HOSTILE.into()))
+        );
     }
 
     #[test]

@@ -31,7 +31,10 @@ fn nvml_json(g: &Gpu) -> Json {
         .opt_bool("persistence", n.persistence)
         .opt_value("mig", mig.as_ref())
         .opt_str("compute_mode", n.compute_mode.map(compute_mode_name))
-        .value("nvlinks", &Json::array(n.links.iter().map(|&l| Json::bool(l))))
+        .value(
+            "nvlinks",
+            &Json::array(n.links.iter().map(|&l| Json::bool(l))),
+        )
         .opt_value("fabric", fabric.as_ref())
         .value("unavailable", &Json::strings(&n.unavailable))
         .finish()
@@ -80,10 +83,10 @@ fn two(a: u32, b: u32) -> Json {
 
 /// One finding as a JSON object (an element of [`render_json`]'s `findings`).
 pub fn finding_json(f: &Finding) -> Json {
-    let pairs = Json::array(f.pairs.iter().map(|p| two(p.src.into(), p.tgt.into())));
+    let pairs = Json::array(f.pairs.iter().map(|p| two(p.src, p.tgt)));
     let explains = Json::array(f.explains.iter().map(|o| {
         Object::new()
-            .value("pair", &two(o.pair.src.into(), o.pair.tgt.into()))
+            .value("pair", &two(o.pair.src, o.pair.tgt))
             .str("symptom", o.symptom.name())
             .finish()
     }));
@@ -92,7 +95,10 @@ pub fn finding_json(f: &Finding) -> Json {
         .str("kind", f.kind.name())
         .str("severity", f.severity.name())
         .str("title", &f.title)
-        .value("gpus", &Json::array(f.gpus.iter().map(|&g| Json::uint(g.into()))))
+        .value(
+            "gpus",
+            &Json::array(f.gpus.iter().map(|&g| Json::uint(g.into()))),
+        )
         .value("pairs", &pairs)
         .value("explains", &explains)
         .value("facts", &Json::strings(&f.facts))
@@ -535,7 +541,10 @@ mod tests {
                 }],
                 container: vec![h()],
                 cgroup: vec![h()],
-                env: vec![("CUDA_VISIBLE_DEVICES", Some(h())), ("NCCL_P2P_LEVEL", None)],
+                env: vec![
+                    ("CUDA_VISIBLE_DEVICES", Some(h())),
+                    ("NCCL_P2P_LEVEL", None),
+                ],
             },
             notes: vec![h()],
         };
