@@ -263,6 +263,25 @@ typedef struct p2pcheck_pair_result {
     int32_t persistable;  /* offset 44: 1 when the verdict may go into vLLM's cache */
 } p2pcheck_pair_result;
 
+/*
+ * One pair's bandwidth measurement (p2pcheck_options_set_bandwidth) as plain data, filled by
+ * p2pcheck_report_pair_bandwidth: 120 bytes, alignment 8, no padding, the offsets as
+ * commented. The figures are measured by the process on tgt through its IPC mapping of src's
+ * memory (README, "Bandwidth"); each is the median of 5 timed samples after a warm-up, and the
+ * bytes moved are checked after them: wrong bytes are state 2, never a figure.
+ */
+typedef struct p2pcheck_bandwidth {
+    int32_t state;      /* offset   0: 0 not measured (its copy tier did not pass, or the
+                           measurement was off), 1 measured, 2 failed (no figures) */
+    int32_t slow;       /* offset   4: 1 when the copy engine's write or read is below floor */
+    double floor_gbps;  /* offset   8: the floor judged against (the given one, else the
+                           link's from NVML, the simulator's 270); 0: none, no verdict */
+    double gbps[6];     /* offset  16: median GB/s: copy engine write, read, both ways at
+                           once; SM write, read, both ways at once */
+    double cv[6];       /* offset  64: each figure's coefficient of variation (0.01 = 1 %) */
+    double latency_ns;  /* offset 112: one dependent 8-byte load through the mapping */
+} p2pcheck_bandwidth;
+
 /* Options of a check (opaque): p2pcheck_options_new, the setters, p2pcheck_options_free. */
 typedef struct p2pcheck_options p2pcheck_options;
 
@@ -330,6 +349,16 @@ p2pcheck_status p2pcheck_options_set_timeouts_ms(p2pcheck_options *opts, uint64_
 p2pcheck_status p2pcheck_options_set_kernel_bytes(p2pcheck_options *opts, uint32_t bytes,
                                                   char *msg, size_t msg_len);
 
+/* Turns the bandwidth measurement on (on true) or off (the default: the check's time does not
+   change): after the tiers, each pair whose copy tier passed is measured alone, about 60 ms a
+   pair over NVLink (p2pcheck_bandwidth). transfer_bytes: each timed transfer, a multiple of
+   2 MiB up to 512 MiB (0: 64 MiB); min_gbps: the floor for every pair of two GPUs (0: the
+   link's, from NVML; none where the link is unknown). The parallel engine only: with
+   P2PCHECK_ENGINE_VLLM, or a bad size or floor, INVALID_ARGUMENT and nothing changes. */
+p2pcheck_status p2pcheck_options_set_bandwidth(p2pcheck_options *opts, bool on,
+                                               uint32_t transfer_bytes, double min_gbps,
+                                               char *msg, size_t msg_len);
+
 /* Sets the worker executable's path (any bytes but NUL, copied; checked when a check starts:
    a path that is not an executable file then gives P2PCHECK_STATUS_WORKER). NULL: search as
    the opening comment says. "" is INVALID_ARGUMENT. */
@@ -376,6 +405,13 @@ p2pcheck_status p2pcheck_report_pair_count(const p2pcheck_report *report, size_t
 /* Pair `index` (below the pair count, else INVALID_ARGUMENT) as plain data. */
 p2pcheck_status p2pcheck_report_pair(const p2pcheck_report *report, size_t index,
                                      p2pcheck_pair_result *out);
+
+/* Pair `index`'s bandwidth measurement (below the pair count, else INVALID_ARGUMENT) as plain
+   data; state 0 when it was not measured. p2pcheck_check judges slow against the link NVML
+   describes; a report from p2pcheck_pending_wait only against min_gbps, the simulator's link
+   and none for one GPU's own memory. */
+p2pcheck_status p2pcheck_report_pair_bandwidth(const p2pcheck_report *report, size_t index,
+                                               p2pcheck_bandwidth *out);
 
 /* What was seen for pair `index`, one line per detail ('\n' between them): why it failed,
    hung or errored, with the diagnosis and its usual cause in brackets, and what an earlier

@@ -35,7 +35,7 @@ use once_cell::sync::Lazy;
 use crate::engine::{Options, Owner, Pending};
 use crate::error::Error;
 use crate::model::{
-    Class, Engine, Level, Pair, PairReport, Report, TierOutcome, Verdict, Visibility,
+    Class, Engine, Level, Pair, PairBandwidth, PairReport, Report, TierOutcome, Verdict, Visibility,
 };
 use crate::policy::{self, ComputeCapability, PolicyConfig};
 use crate::protocol::MAX_DEVICES;
@@ -323,6 +323,51 @@ pub struct PairResult {
     pub driver_claim: i32,
     /// 1 when the verdict is a fact that may be written to vLLM's cache.
     pub persistable: i32,
+}
+
+/// `p2pcheck_bandwidth`: one pair's bandwidth measurement as plain data (120 bytes, alignment
+/// 8; the header lists the offsets).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct BandwidthResult {
+    /// 0 not measured, 1 measured (the figures hold), 2 failed (a transfer failed, or the
+    /// bytes moved were wrong: no figure).
+    pub state: i32,
+    /// 1 when the pair is `slow`.
+    pub slow: i32,
+    /// The floor judged against, GB/s; 0 when there was none.
+    pub floor_gbps: f64,
+    /// Median GB/s of each figure, in [`crate::FIGURES`] order: copy engine write, read, both;
+    /// SM write, read, both.
+    pub gbps: [f64; 6],
+    /// The coefficient of variation of each figure's samples (0.01 = 1 %).
+    pub cv: [f64; 6],
+    /// One dependent load through the mapping, in nanoseconds.
+    pub latency_ns: f64,
+}
+
+impl BandwidthResult {
+    /// The plain data of one pair's measurement (`None`: not measured).
+    pub fn of(b: Option<&PairBandwidth>) -> BandwidthResult {
+        let Some(b) = b else {
+            return BandwidthResult::default();
+        };
+        let mut out = BandwidthResult {
+            state: 2,
+            slow: i32::from(b.slow),
+            floor_gbps: b.floor.gbps().unwrap_or(0.0),
+            ..BandwidthResult::default()
+        };
+        if let Ok(m) = &b.measured {
+            out.state = 1;
+            for (i, f) in m.figures.iter().enumerate() {
+                out.gbps[i] = f.gbps;
+                out.cv[i] = f.cv;
+            }
+            out.latency_ns = m.latency_ns;
+        }
+        out
+    }
 }
 
 impl PairResult {
@@ -908,6 +953,34 @@ pub unsafe extern "C" fn p2pcheck_options_set_kernel_bytes(
     })
 }
 
+/// `p2pcheck_options_set_bandwidth(opts, on, transfer_bytes, min_gbps, msg, msg_len)`: the
+/// bandwidth measurement on or off, its transfer size (0: the default) and the caller's floor
+/// (0: the link's).
+///
+/// # Safety
+/// `opts` is NULL or a live `p2pcheck_options`; `msg` is NULL or valid for `msg_len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn p2pcheck_options_set_bandwidth(
+    opts: *mut OptionsHandle,
+    on: bool,
+    transfer_bytes: u32,
+    min_gbps: f64,
+    msg: *mut c_char,
+    msg_len: usize,
+) -> Status {
+    // SAFETY: the caller's promises.
+    let (opts, msg) = unsafe { (opts.as_ref(), TextBuf::new(msg, msg_len)) };
+    update(opts, msg, |o| {
+        o.bandwidth = on;
+        o.bandwidth_bytes = match transfer_bytes {
+            0 => crate::DEFAULT_BANDWIDTH_BYTES,
+            b => b,
+        };
+        o.min_gbps = (min_gbps != 0.0).then_some(min_gbps);
+        Ok(())
+    })
+}
+
 /// `p2pcheck_options_set_worker(opts, path, msg, msg_len)`: NULL searches as the header says.
 ///
 /// # Safety
@@ -1082,6 +1155,29 @@ pub unsafe extern "C" fn p2pcheck_report_pair(
     with_report(report, |r| {
         let i = in_range(index, r.pairs.len(), "pair")?;
         out.put("out", PairResult::of(&r.pairs[i]))
+    })
+}
+
+/// `p2pcheck_report_pair_bandwidth(report, index, out)`: pair `index`'s bandwidth
+/// measurement as plain data (state 0 when it was not measured).
+///
+/// # Safety
+/// `report` is NULL or a live `p2pcheck_report`; `out` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn p2pcheck_report_pair_bandwidth(
+    report: *const ReportHandle,
+    index: usize,
+    out: *mut BandwidthResult,
+) -> Status {
+    // SAFETY: the caller's promises.
+    let (report, out) = unsafe { (report.as_ref(), Out::new(out)) };
+    with_report(report, |r| {
+        let i = in_range(index, r.pairs.len(), "pair")?;
+        let pair = r.pairs[i].pair;
+        out.put(
+            "out",
+            BandwidthResult::of(r.bandwidth_of(pair.src, pair.tgt)),
+        )
     })
 }
 

@@ -35,7 +35,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use p2pcheck::capi::{
-    ClassCode, EngineCode, LevelCode, PairResult, Status, TierCode, VerdictCode, VisibilityCode,
+    BandwidthResult, ClassCode, EngineCode, LevelCode, PairResult, Status, TierCode, VerdictCode,
+    VisibilityCode,
 };
 use p2pcheck::policy::{self, ComputeCapability, PolicyConfig};
 use p2pcheck::Class;
@@ -689,7 +690,7 @@ fn every_exported_function_is_declared_documented_and_called() {
         "no comment right before: {undocumented:?}"
     );
     let names: BTreeSet<String> = declared.into_iter().map(|d| d.0).collect();
-    assert_eq!(names.len(), 39, "{names:?}");
+    assert_eq!(names.len(), 41, "{names:?}");
 
     let (shared, others) = exported(&["-D", "--defined-only"], &shared_lib());
     assert_eq!(shared, names, "exported by the shared library vs declared");
@@ -1283,6 +1284,43 @@ fn main_lines(dir: &Path) -> Lines {
     e.msg("wait.null", NullArgument, "pending is NULL");
     e.msg("wait_ms.null", NullArgument, "pending is NULL");
     e.status("cancel.null", NullArgument);
+
+    // The bandwidth measurement: 0->1 through the host is slow, 1->0 over the simulated
+    // NVLink is not; both judged against the simulated link's floor.
+    e.is(
+        "bw.layout",
+        format!(
+            "{} {} {} {} {}",
+            std::mem::size_of::<BandwidthResult>(),
+            std::mem::align_of::<BandwidthResult>(),
+            std::mem::offset_of!(BandwidthResult, floor_gbps),
+            std::mem::offset_of!(BandwidthResult, cv),
+            std::mem::offset_of!(BandwidthResult, latency_ns)
+        ),
+    );
+    e.msg("set_bandwidth.null", NullArgument, "opts is NULL");
+    e.msg(
+        "set_bandwidth.1000",
+        InvalidArgument,
+        "bandwidth transfer bytes 1000: must be a multiple of 2 MiB from 2 MiB to 512 MiB",
+    );
+    e.ok("bw.set_simulation");
+    e.ok("bw.set_timeouts");
+    e.ok("set_bandwidth");
+    e.ok("bw.check");
+    e.status("bw.pair.0", Ok);
+    e.is(
+        "bw.pair.0.value",
+        "state=1 slow=1 floor=270.0 ce_write=20 ce_read=20 sm_both=40 cv=1 latency=1",
+    );
+    e.status("bw.pair.1", Ok);
+    e.is(
+        "bw.pair.1.value",
+        "state=1 slow=0 floor=270.0 ce_write=370 ce_read=370 sm_both=740 cv=1 latency=1",
+    );
+    e.status("bw.pair.2", InvalidArgument);
+    e.status("bw.pair.null_out", NullArgument);
+    e.status("bw.pair.null_report", NullArgument);
 
     let on = PolicyConfig {
         batch_invariant: false,

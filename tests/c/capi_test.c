@@ -14,6 +14,7 @@
 
 #include "p2pcheck.h"
 
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -321,6 +322,43 @@ static int main_mode(const char *dir) {
     stm("wait.null", p2pcheck_pending_wait(NULL, &r, m(), sizeof msg));
     stm("wait_ms.null", p2pcheck_pending_wait_ms(NULL, 0, &r, m(), sizeof msg));
     st("cancel.null", p2pcheck_pending_cancel(NULL));
+
+    /* The bandwidth measurement: two GPUs whose 0->1 runs through the host (20 GB/s). */
+    {
+        static const uint32_t bsrc[] = {0, 1}, btgt[] = {1, 0};
+        p2pcheck_options *ob = p2pcheck_options_new();
+        p2pcheck_bandwidth bw;
+        size_t i;
+        printf("bw.layout: %zu %zu %zu %zu %zu\n", sizeof(p2pcheck_bandwidth),
+               _Alignof(p2pcheck_bandwidth), offsetof(p2pcheck_bandwidth, floor_gbps),
+               offsetof(p2pcheck_bandwidth, cv), offsetof(p2pcheck_bandwidth, latency_ns));
+        stm("set_bandwidth.null",
+            p2pcheck_options_set_bandwidth(NULL, true, 0, 0, m(), sizeof msg));
+        stm("set_bandwidth.1000",
+            p2pcheck_options_set_bandwidth(ob, true, 1000, 0, m(), sizeof msg));
+        stm("bw.set_simulation",
+            p2pcheck_options_set_simulation(ob, 2, "0->1:slow", m(), sizeof msg));
+        stm("bw.set_timeouts", p2pcheck_options_set_timeouts_ms(ob, 60000, 0, m(), sizeof msg));
+        stm("set_bandwidth",
+            p2pcheck_options_set_bandwidth(ob, true, 2u << 20, 0, m(), sizeof msg));
+        r = NULL;
+        stm("bw.check", p2pcheck_check(ob, bsrc, btgt, 2, &r, m(), sizeof msg));
+        for (i = 0; i < 2; i++) {
+            char name[32];
+            memset(&bw, 0xAB, sizeof bw);
+            snprintf(name, sizeof name, "bw.pair.%zu", i);
+            st(name, p2pcheck_report_pair_bandwidth(r, i, &bw));
+            printf("%s.value: state=%d slow=%d floor=%.1f ce_write=%.0f ce_read=%.0f "
+                   "sm_both=%.0f cv=%d latency=%d\n",
+                   name, bw.state, bw.slow, bw.floor_gbps, bw.gbps[0], bw.gbps[1], bw.gbps[5],
+                   bw.cv[0] >= 0 && bw.cv[0] < 0.03, bw.latency_ns > 0);
+        }
+        st("bw.pair.2", p2pcheck_report_pair_bandwidth(r, 2, &bw));
+        st("bw.pair.null_out", p2pcheck_report_pair_bandwidth(r, 0, NULL));
+        st("bw.pair.null_report", p2pcheck_report_pair_bandwidth(NULL, 0, &bw));
+        p2pcheck_report_free(r);
+        p2pcheck_options_free(ob);
+    }
 
     /* The all-reduce policy. */
     printf("should.8_64k: %d\n", p2pcheck_should_nccl_symm_mem_allreduce(8, 65536, false, true));
