@@ -357,9 +357,6 @@ impl Engine {
     }
 }
 
-/// Most transfers one timed sample queues per direction (`P2PC_MAX_LOOPS`).
-pub(crate) const MAX_LOOPS: u32 = sys::shim::P2PC_MAX_LOOPS;
-
 /// One timed sample of [`BandwidthKernels::timed_copy`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct TimedCopy {
@@ -406,7 +403,7 @@ impl BandwidthKernels<'_> {
     /// One timed sample (`p2pcheck_shim_timed_copy`): `loops` transfers of all of `src` into
     /// the start of `dst` by `engine`, held behind the spin kernel (ending at `budget_ns` on
     /// the GPU clock) and timed with events; with `both`, the same from its second view into
-    /// its first at the same time on a second stream. `loops` is 1 to [`MAX_LOOPS`]; `src`'s
+    /// its first at the same time on a second stream. `loops` is 1 to `P2PC_MAX_LOOPS` (the shim refuses more); `src`'s
     /// length a multiple of 16.
     pub(crate) fn timed_copy(
         &self,

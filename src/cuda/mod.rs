@@ -823,5 +823,5 @@ pub(crate) fn runtime_claims_peer(src: i32, tgt: i32) -> Result<bool> {
 
 mod fatbin;
 mod kernels;
-pub(crate) use kernels::{Engine as Mover, Kernels, PatternCount, HANDSHAKE_AREA_BYTES, MAX_LOOPS};
+pub(crate) use kernels::{Engine as Mover, Kernels, PatternCount, HANDSHAKE_AREA_BYTES};
 pub(crate) use memory::{DeviceBuffer, DeviceView, PeerMapping};

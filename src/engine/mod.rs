@@ -95,7 +95,8 @@ pub struct Options {
     pub bandwidth: bool,
     /// Bytes of each timed transfer of the bandwidth measurement: a multiple of 2 MiB from
     /// 2 MiB to 512 MiB [default: 64 MiB]. Each producer's buffer grows by twice this (and
-    /// 6 MiB), each consumer allocates twice this.
+    /// 6 MiB), each consumer allocates twice this. On the simulator at most 2 MiB: its figures
+    /// are modelled, whatever the size, but its copies are real and slow.
     pub bandwidth_bytes: u32,
     /// The floor in GB/s under which a pair of two GPUs is `slow`, instead of its link's
     /// ([`Link::floor_gbps`]) [default: the link's; none where the link is unknown].
@@ -124,6 +125,9 @@ impl Default for Options {
         }
     }
 }
+
+/// The simulator's largest bandwidth transfer (see [`Options::bandwidth_bytes`]).
+const SIM_BANDWIDTH_BYTES: u32 = 2 << 20;
 
 /// Bytes of each timed transfer of the bandwidth measurement by default: 64 MiB, large enough
 /// that the link, not the start of a transfer, sets the figure (README, "Bandwidth").
@@ -916,9 +920,10 @@ fn tier_params(opts: &Options) -> TierParams {
             0
         },
         rounds: opts.handshake_rounds,
-        bandwidth_bytes: match opts.bandwidth {
-            true => opts.bandwidth_bytes,
-            false => 0,
+        bandwidth_bytes: match (opts.bandwidth, &opts.simulate) {
+            (false, _) => 0,
+            (true, None) => opts.bandwidth_bytes,
+            (true, Some(_)) => opts.bandwidth_bytes.min(SIM_BANDWIDTH_BYTES),
         },
         budget_ms: opts
             .handshake_budget

@@ -560,7 +560,8 @@ pub fn decode(body: &[u8]) -> Result<Message, ProtocolError> {
             let level = d.level()?;
             let tiers = d.tiers()?;
             let n = d.u32("pair count")? as usize;
-            if n > (MAX_FRAME - 31) / 8 {
+            // Tag, role, level, the tier parameters (28 bytes) and the count come first.
+            if n > (MAX_FRAME - 35) / 8 {
                 return malformed(format!("{n} pairs cannot fit in a frame"));
             }
             let mut pairs = Vec::with_capacity(n);

@@ -285,7 +285,7 @@ fn trailing_bytes_unknown_tags_and_bad_values_are_rejected() {
     assert!(matches!(decode(&hello), Err(ProtocolError::Malformed(m)) if m.contains("magic")));
     // A pair count that cannot fit is refused before allocating.
     let mut start = vec![TAG_START, 0, 0];
-    start.extend_from_slice(&[0; 24]); // the tier parameters
+    start.extend_from_slice(&[0; 28]); // the tier parameters
     start.extend_from_slice(&u32::MAX.to_le_bytes());
     assert!(matches!(decode(&start), Err(ProtocolError::Malformed(m)) if m.contains("pairs")));
     // A device id beyond any machine is refused, not used to size anything.
