@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds release binaries and the GPU test binary here and copies them, with the vLLM-style
-# reference, the floor (scripts/floor.c, a bare CUDA process) and scripts/bench.py, into .carry/
+# reference, the floor (scripts/floor.c, a bare CUDA process), scripts/bench.py and the
+# bandwidth matrix's scripts (scripts/gpu-bandwidth.sh and its two helpers), into .carry/
 # (git-ignored) for the device tool's `carry`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +17,8 @@ cp "$test_bin" .carry/gpu-tests
 cp ../shared/bench/vllm_style_reference.py .carry/
 gcc -O2 -Wall -Wextra -Werror -o .carry/floor scripts/floor.c -ldl
 cp scripts/bench.py .carry/
+# The bandwidth matrix (issue 18), which scripts/gpu-all.sh runs when it is staged.
+cp scripts/gpu-bandwidth.sh scripts/torch-copy-bw.py scripts/bw-agree.py .carry/
 # The C ABI from C++, linked statically with exactly the system libraries the README names.
 g++ -std=c++17 -O2 -Iinclude -x c++ examples/cmake/main.c -x none target/release/libp2pcheck.a \
   -lgcc_s -lutil -lrt -lpthread -lm -ldl -lc -o .carry/verdicts-cpp

@@ -3,8 +3,12 @@
 buffers of one GPU, timed with torch.cuda events (warm-up, then SAMPLES samples of LOOPS copies
 each, median and coefficient of variation), in GB/s of 1e9 bytes, the buffer's size counted once
 per copy as p2pcheck and nvbandwidth count a device-local copy. One JSON line per size.
+With "peer:MIB:LOOPS", the same for every ordered pair of distinct GPUs (src, tgt): a buffer on
+tgt copied from one on src, on tgt's current stream (the data flows src -> tgt, as p2pcheck's
+read figure of the pair src->tgt), one line per pair.
 
-usage: torch-copy-bw.py [MIB:LOOPS...]   (default 64:4 256:2); SAMPLES=5 from the environment
+usage: torch-copy-bw.py [[peer:]MIB:LOOPS...]   (default 64:4 256:2); SAMPLES=5 from the
+environment
 """
 import json
 import os
@@ -14,32 +18,45 @@ import sys
 import torch
 
 
-def figure(mib, loops, samples):
+def figure(mib, loops, samples, src="cuda", tgt="cuda"):
     n = mib << 20
-    a = torch.empty(n, dtype=torch.uint8, device="cuda").random_(0, 255)
-    b = torch.empty_like(a)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    rates = []
-    for s in range(samples + 1):
-        start.record()
-        for _ in range(loops):
-            b.copy_(a)
-        end.record()
-        torch.cuda.synchronize()
-        if s > 0:  # the first is the warm-up
-            rates.append(n * loops / (start.elapsed_time(end) * 1e6))
-    assert torch.equal(a, b), "torch copy_ gave wrong bytes"
+    a = torch.empty(n, dtype=torch.uint8, device=src).random_(0, 255)
+    b = torch.empty(n, dtype=torch.uint8, device=tgt)
+    with torch.cuda.device(b.device):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        rates = []
+        for s in range(samples + 1):
+            start.record()
+            for _ in range(loops):
+                b.copy_(a)
+            end.record()
+            torch.cuda.synchronize()
+            if s > 0:  # the first is the warm-up
+                rates.append(n * loops / (start.elapsed_time(end) * 1e6))
+    assert torch.equal(a.to(b.device), b), "torch copy_ gave wrong bytes"
     mean = statistics.fmean(rates)
     return {"figure": "torch-copy", "mib": mib, "loops": loops,
             "gbps": round(statistics.median(rates), 1),
             "cv_pct": round(100 * statistics.pstdev(rates) / mean, 2)}
 
 
+def peers(mib, loops, samples):
+    n = torch.cuda.device_count()
+    for s in range(n):
+        for t in range(n):
+            if s != t:
+                f = figure(mib, loops, samples, f"cuda:{s}", f"cuda:{t}")
+                f.update(figure="torch-peer", src=s, tgt=t)
+                yield f
+
+
 def main():
     samples = int(os.environ.get("SAMPLES", "5"))
     for arg in sys.argv[1:] or ["64:4", "256:2"]:
-        mib, loops = (int(x) for x in arg.split(":"))
-        print(json.dumps(figure(mib, loops, samples)), flush=True)
+        peer = arg.startswith("peer:")
+        mib, loops = (int(x) for x in arg.removeprefix("peer:").split(":"))
+        for f in peers(mib, loops, samples) if peer else [figure(mib, loops, samples)]:
+            print(json.dumps(f), flush=True)
 
 
 if __name__ == "__main__":
