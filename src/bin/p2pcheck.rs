@@ -135,7 +135,8 @@ OPTIONS:
     --startup-timeout SECS Deadline for a worker to start CUDA [default: 60; 0.001 to 86400]
     --check-timeout SECS   Deadline for the whole check; pairs not settled by then are
                            reported so (not-attempted, unconfirmed) [default: 2 x start-up
-                           timeout + (4 x GPUs + 8) x step timeout + 0.25 s per pair]
+                           timeout + (4 x GPUs + 8) x step timeout + 0.25 s per pair; with
+                           --bandwidth 2 step timeouts and 0.25 s per pair more]
     --worker PATH          The worker executable [default: $P2PCHECK_WORKER, else
                            p2pcheck-worker beside this program, else this program]
     --simulate N           Run on the built-in simulated driver with N GPUs instead of the real

@@ -243,8 +243,10 @@ impl Options {
     /// GPUs: two start-ups, `4 x devices + 8` step timeouts (room for one GPU whose every pair
     /// hangs on both attempts, one after the other, as in vLLM's procedure) and 250 ms per
     /// pair (a healthy pair of vLLM's procedure, device resets included, takes about that on
-    /// an H200). With the defaults: 336 s for 8 GPUs. It bounds the sum of all steps: a worker
-    /// that claims many GPUs and then stays silent costs this, not one timeout per pair.
+    /// an H200). With the defaults: 336 s for 8 GPUs. With [`Options::bandwidth`], 2 step
+    /// timeouts and 250 ms per pair more (a pair's measurement takes about 60 ms over NVLink).
+    /// It bounds the sum of all steps: a worker that claims many GPUs and then stays silent
+    /// costs this, not one timeout per pair.
     pub fn check_budget(&self, devices: u32) -> Duration {
         let n = u64::from(devices);
         let tiers = self.startup_timeout * 2
