@@ -243,7 +243,7 @@ fn a_descendant_that_escaped_with_setsid_does_not_outlive_the_check() {
 fn a_worker_claiming_more_gpus_than_the_driver_lists_is_refused() {
     // Hello with a device count of 91, on a (simulated) machine of 2 GPUs: nothing is sized by
     // the claim (91 devices would be 8,281 pairs).
-    let hello91 = r"\x10\x00\x00\x00\x01P2PC\x02\x00\x00\x00\x00\x00\x01\x5b\x00\x00\x00";
+    let hello91 = r"\x10\x00\x00\x00\x01P2PC\x03\x00\x00\x00\x00\x00\x01\x5b\x00\x00\x00";
     let (_dir, w) = fake_worker("liar", &format!("printf '{hello91}'; sleep 300"));
     for engine in ["vllm", "parallel"] {
         let (out, took) = run_with(&w, engine, &["--simulate", "2"]);
@@ -262,7 +262,7 @@ fn the_whole_check_has_a_deadline_that_no_number_of_pairs_can_stretch() {
     // Hello with a device count of 20 on a simulated machine of 20 GPUs, then silence: 400
     // pairs, each of which would cost a step timeout (and fresh workers) twice, over two
     // minutes. The whole check's deadline ends it (5 s), every pair accounted for.
-    let hello20 = r"\x10\x00\x00\x00\x01P2PC\x02\x00\x00\x00\x00\x00\x01\x14\x00\x00\x00";
+    let hello20 = r"\x10\x00\x00\x00\x01P2PC\x03\x00\x00\x00\x00\x00\x01\x14\x00\x00\x00";
     let (_dir, w) = fake_worker("silent20", &format!("printf '{hello20}'; sleep 30"));
     let (out, took) = run_with(
         &w,
