@@ -1,5 +1,5 @@
 //! Build script: generates the CUDA bindings (or falls back to the committed ones), compiles
-//! the C shim and the simulator, and gives the C ABI's shared library its soname.
+//! the C shim and the simulator (the C ABI's libraries are capi/'s, with its own build script).
 //!
 //! Bindings: with the `bindgen` feature (default), bindgen runs over `csrc/wrapper.h` when the
 //! CUDA headers and libclang are both present; otherwise the committed `src/sys/bindings.rs`
@@ -61,9 +61,6 @@ fn main() {
             format!("committed ({why})")
         }
     };
-    // The C ABI's shared library is versioned by its soname (include/p2pcheck.h); bump the
-    // number with any incompatible change of the header.
-    println!("cargo:rustc-cdylib-link-arg=-Wl,-soname,libp2pcheck.so.0");
     // Read by the drift test (src/sys.rs) and shown by `p2pcheck --version`.
     println!("cargo:rustc-env=P2PCHECK_BINDINGS_SOURCE={source}");
 
@@ -73,7 +70,7 @@ fn main() {
         .warnings(true)
         .extra_warnings(true)
         .flag_if_supported("-Werror")
-        // Linked into libp2pcheck.a and .so: never exported from a shared object.
+        // Linked into the C ABI's libp2pcheck.a and .so too: never exported from a shared object.
         .flag("-fvisibility=hidden")
         .compile("p2pcheck_shim");
 

@@ -9,16 +9,17 @@
  * machine without a GPU gets an error status, never a crash. C11 and C++ (any standard).
  *
  * BUILDING AND LINKING
- *   cargo build --release puts both libraries and the worker in target/release/.
- *   Static: cc prog.c -Iinclude target/release/libp2pcheck.a \
+ *   cargo build --release puts both libraries (the crate capi/, so cargo names them
+ *   libp2pcheck_capi.a and libp2pcheck_capi.so) and the worker in target/release/.
+ *   Static: cc prog.c -Iinclude target/release/libp2pcheck_capi.a \
  *             -lgcc_s -lutil -lrt -lpthread -lm -ldl -lc
  *     Those are the system libraries the static library needs, exactly ("native-static-libs"
- *     of rustc; tests/capi.rs links a C and a C++ program with this list). The program needs
- *     no file of p2pcheck at run time but the worker.
- *   Shared, from the build tree: cargo names the file libp2pcheck.so; its soname, the name a
- *   program loads, is libp2pcheck.so.0, so give it that name too:
- *     ln -sf libp2pcheck.so target/release/libp2pcheck.so.0
- *     cc prog.c -Iinclude -Ltarget/release -lp2pcheck -Wl,-rpath,"$PWD/target/release"
+ *     of rustc; capi/tests/capi.rs links a C and a C++ program with this list). The program
+ *     needs no file of p2pcheck at run time but the worker.
+ *   Shared, from the build tree: the library's soname, the name a program loads, is
+ *   libp2pcheck.so.0, so give the file that name too and link it:
+ *     ln -sf libp2pcheck_capi.so target/release/libp2pcheck.so.0
+ *     cc prog.c -Iinclude target/release/libp2pcheck.so.0 -Wl,-rpath,"$PWD/target/release"
  *   Installed: scripts/install.sh PREFIX puts the header in PREFIX/include; libp2pcheck.a,
  *     libp2pcheck.so.0, its libp2pcheck.so link and pkgconfig/p2pcheck.pc in PREFIX/lib; the
  *     worker in PREFIX/bin. There, cc prog.c $(pkg-config --cflags --static --libs p2pcheck)

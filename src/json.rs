@@ -2,7 +2,7 @@
 //! produce invalid JSON.
 //!
 //! Why not a crate: the only JSON we read is vLLM's small cache file (and our own `--json`
-//! output in tests), and the crate keeps its dependencies to libc, once_cell and anyhow.
+//! output in tests), and the crate keeps its dependencies to libc and once_cell.
 //!
 //! The reader accepts what Python's `json.loads` accepts, with these documented differences:
 //!

@@ -36,13 +36,12 @@
 //! ```
 
 // `unsafe` lives only at the FFI edges: `cuda` (CUDA), `os` (libc), `sys` (bindings),
-// `capi` (the C ABI) and `doctor::nvml` (NVML).
+// and `doctor::nvml` (NVML); the C ABI is the crate `capi/`.
 #![deny(unsafe_code)]
 
 mod access;
 pub mod advice;
 pub mod cache;
-pub mod capi;
 mod cuda;
 pub mod doctor;
 mod engine;
@@ -83,7 +82,7 @@ pub use model::{
     OtherAttempt, Outcome, Pair, PairReport, Problem, Report, SideVerdict, TierOutcome, TierParams,
     Verdict, Visibility, WorkerFault, WorkerInfo,
 };
-pub use protocol::VERSION as PROTOCOL_VERSION;
+pub use protocol::{MAX_DEVICES, VERSION as PROTOCOL_VERSION};
 pub use render::json::JsonExtras;
 pub use render::text::TableExtras;
 pub use sys::BINDINGS_SOURCE;
@@ -170,9 +169,12 @@ pub fn vllm_cache_path(n: u32) -> Result<PathBuf> {
 ///
 /// # Errors
 ///
+/// [`Error::Cache`] ([`CacheErrorKind::BadPath`]) for a folder path that cannot hold the cache
+/// (empty, with a NUL byte, or naming something that is not a folder);
 /// [`Error::InvalidInput`] for a `CUDA_VISIBLE_DEVICES` that is not UTF-8 text: it cannot
 /// name a cache file.
 pub fn vllm_cache_path_in(dir: &std::path::Path, n: u32) -> Result<PathBuf> {
+    cache::check_dir(dir)?;
     Environment::read().cache_path_in(dir, n)
 }
 

@@ -32,8 +32,8 @@ pub const MAGIC: [u8; 4] = *b"P2PC";
 pub const MAX_FRAME: usize = 64 * 1024;
 /// Longest string carried (error texts), in bytes; longer ones are cut at a char boundary.
 pub const MAX_TEXT: usize = 4096;
-/// Most devices a worker may claim to see, or a Setup may name: far above any machine (NVLink
-/// domains reach 72 GPUs), small enough that N x N pairs stay cheap.
+/// The most devices a check takes (a worker that sees more is refused): far above any machine
+/// (NVLink domains reach 72 GPUs), small enough that N x N pairs stay cheap.
 pub const MAX_DEVICES: u32 = 256;
 
 /// Bytes of a CUDA IPC memory handle (`cudaIpcMemHandle_t`), carried raw. The worker passes

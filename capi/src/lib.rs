@@ -1,7 +1,10 @@
-//! The C ABI: every function `include/p2pcheck.h` declares, `#[no_mangle] extern "C"`, built
-//! into `libp2pcheck.a` and `libp2pcheck.so` (soname `libp2pcheck.so.0`).
+//! The C ABI of p2pcheck: every function `include/p2pcheck.h` declares, `#[no_mangle] extern
+//! "C"`, built into `libp2pcheck_capi.a` and `libp2pcheck_capi.so` (soname `libp2pcheck.so.0`;
+//! `scripts/install.sh` installs them as `libp2pcheck.a` and `libp2pcheck.so.0`). A crate of its
+//! own, on the library's public API only, so that a Rust dependent of `p2pcheck` builds no C
+//! library.
 //!
-//! The header is the reference for C callers; this module is the Rust side of it. Every export
+//! The header is the reference for C callers; this crate is the Rust side of it. Every export
 //! runs its body inside [`std::panic::catch_unwind`], so no panic crosses the boundary (it
 //! becomes [`Status::Panic`]); a NULL where a pointer is required is [`Status::NullArgument`]
 //! and a value out of range [`Status::InvalidArgument`], never a crash. Functions whose failures
@@ -20,7 +23,6 @@
 //! enums and struct; `tests/capi.rs` compiles the header as C and C++ and compares every
 //! constant, size, alignment and offset with these.
 
-#![allow(unsafe_code)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
 use std::ffi::{c_char, c_int, CStr, CString, OsStr};
@@ -32,15 +34,12 @@ use std::time::Duration;
 
 use once_cell::sync::Lazy;
 
-use crate::engine::{Options, Owner, Pending};
-use crate::error::Error;
-use crate::model::{
-    Class, Engine, Level, Pair, PairReport, Report, TierOutcome, Verdict, Visibility,
+use p2pcheck::policy::{self, ComputeCapability, PolicyConfig};
+use p2pcheck::sim::{Fault, Simulation};
+use p2pcheck::{
+    AccessOptions, Class, Engine, Error, Level, Options, Pair, PairReport, Pending, Report,
+    TierOutcome, Verdict, Visibility, MAX_DEVICES,
 };
-use crate::policy::{self, ComputeCapability, PolicyConfig};
-use crate::protocol::MAX_DEVICES;
-use crate::sim::{Fault, Simulation};
-use crate::AccessOptions;
 
 /// `p2pcheck_status`: what a call of the C ABI gave. `Ok` is 0; one code per [`Error`] variant
 /// follows, then the ABI's own.
@@ -109,8 +108,6 @@ impl Status {
 
     /// The status for an [`Error`].
     pub fn of(e: &Error) -> Status {
-        // Exhaustive inside the crate: a new variant fails to compile here until it has a
-        // status (older callers see its value as unknown; `Other` is for them to fall back on).
         match e {
             Error::Cuda(_) => Status::Cuda,
             Error::WorkerCuda { .. } => Status::WorkerCuda,
@@ -138,6 +135,9 @@ impl Status {
             // The simulator's set-up failing was an invalid argument before it had a variant
             // of its own; a trace is never read through the C ABI.
             Error::Simulator { .. } | Error::BadTrace { .. } => Status::InvalidArgument,
+            // `Error` is non-exhaustive outside its crate: a variant added later is `Other`
+            // until it is given a status here.
+            _ => Status::Other,
         }
     }
 
@@ -317,7 +317,7 @@ pub struct PairResult {
     pub failed_tier: i32,
     /// A [`ClassCode`]: the diagnosis of the failed tier.
     pub diagnosis: i32,
-    /// Attempts made: 1, or 2 when the first did not pass (see [`crate::Evidence`]).
+    /// Attempts made: 1, or 2 when the first did not pass (see [`p2pcheck::Evidence`]).
     pub attempts: u32,
     /// The driver's claim (`cudaDeviceCanAccessPeer`): 1, 0, or -1 where it could not be asked.
     pub driver_claim: i32,
@@ -393,6 +393,31 @@ impl<T> Handle<T> {
             owner: Owner::current(),
             value,
         }))
+    }
+}
+
+/// The process that made a handle (its pid, asked again at each check: a child of `fork` has
+/// its own).
+#[derive(Clone, Copy)]
+struct Owner(u32);
+
+impl Owner {
+    /// This process.
+    fn current() -> Owner {
+        Owner(std::process::id())
+    }
+
+    /// `Err` naming both processes when called from another process than the owner's.
+    fn check(self, what: &str) -> Result<(), String> {
+        let here = std::process::id();
+        match here == self.0 {
+            true => Ok(()),
+            false => Err(format!(
+                "{what} was made by process {}, and this is process {here} (a child of fork?): \
+                 a handle is used only in the process that made it",
+                self.0
+            )),
+        }
     }
 }
 
@@ -688,7 +713,7 @@ pub extern "C" fn p2pcheck_version() -> *const c_char {
 /// `uint32_t p2pcheck_protocol_version(void)`: the worker protocol version this library speaks.
 #[no_mangle]
 pub extern "C" fn p2pcheck_protocol_version() -> u32 {
-    catch_unwind(|| u32::from(crate::PROTOCOL_VERSION)).unwrap_or(0)
+    catch_unwind(|| u32::from(p2pcheck::PROTOCOL_VERSION)).unwrap_or(0)
 }
 
 /// `const char *p2pcheck_status_text(p2pcheck_status)`: what a status means, a static string
@@ -950,10 +975,10 @@ pub unsafe extern "C" fn p2pcheck_options_set_simulation(
     // SAFETY: the caller's promises.
     let (opts, spec, msg) = unsafe { (opts.as_ref(), c_str(faults), TextBuf::new(msg, msg_len)) };
     update(opts, msg, |o| {
-        if gpus > crate::sim::MAX_GPUS {
+        if gpus > p2pcheck::sim::MAX_GPUS {
             return Err(Failure::invalid(format!(
                 "{gpus} simulated GPUs: at most {}",
-                crate::sim::MAX_GPUS
+                p2pcheck::sim::MAX_GPUS
             )));
         }
         let spec = match spec {
@@ -1005,7 +1030,7 @@ pub unsafe extern "C" fn p2pcheck_check(
         // SAFETY: the caller's promise about src, tgt and n_pairs.
         let (s, t) = unsafe { (devices(src, n_pairs, "src")?, devices(tgt, n_pairs, "tgt")?) };
         out.required("out")?;
-        let report = crate::check(batch(s, t).as_deref(), &options_or_default(opts)?)?;
+        let report = p2pcheck::check(batch(s, t).as_deref(), &options_or_default(opts)?)?;
         give_report(&out, report)
     })
 }
@@ -1212,7 +1237,7 @@ pub unsafe extern "C" fn p2pcheck_can_actually_p2p(
         if results.is_null() {
             return Err(Failure::null("results"));
         }
-        let report = crate::can_actually_p2p_with(s, t, &options_or_default(opts)?)?;
+        let report = p2pcheck::can_actually_p2p_with(s, t, &options_or_default(opts)?)?;
         // SAFETY: not NULL, and the caller's promise of n writable elements (n is bounded by
         // devices() above).
         let results = unsafe { std::slice::from_raw_parts_mut(results, n) };
@@ -1239,7 +1264,7 @@ pub unsafe extern "C" fn p2pcheck_gpu_p2p_access_check(
     let (result, msg) = unsafe { (Out::new(result), TextBuf::new(msg, msg_len)) };
     guard(msg, || {
         result.required("result")?;
-        result.put("result", crate::gpu_p2p_access_check(src, tgt)?)
+        result.put("result", p2pcheck::gpu_p2p_access_check(src, tgt)?)
     })
 }
 
@@ -1277,7 +1302,7 @@ pub unsafe extern "C" fn p2pcheck_access_check_with(
             refresh,
             ..AccessOptions::default()
         };
-        result.put("result", crate::access_check(src, tgt, &access)?.answer)
+        result.put("result", p2pcheck::access_check(src, tgt, &access)?.answer)
     })
 }
 
@@ -1313,11 +1338,8 @@ pub unsafe extern "C" fn p2pcheck_cache_path(
             )));
         }
         let path = match cache_folder(cache_dir)? {
-            Some(dir) => {
-                crate::cache::check_dir(&dir)?;
-                crate::vllm_cache_path_in(&dir, n_devices)?
-            }
-            None => crate::vllm_cache_path(n_devices)?,
+            Some(dir) => p2pcheck::vllm_cache_path_in(&dir, n_devices)?,
+            None => p2pcheck::vllm_cache_path(n_devices)?,
         };
         buf.output(needed, path.as_os_str().as_bytes())
     })
@@ -1345,7 +1367,7 @@ pub unsafe extern "C" fn p2pcheck_start(
         let (s, t) = unsafe { (devices(src, n_pairs, "src")?, devices(tgt, n_pairs, "tgt")?) };
         out.required("out")?;
         let opts = options_or_default(opts)?;
-        out.put("out", Handle::into_raw(crate::start(batch(s, t), opts)))
+        out.put("out", Handle::into_raw(p2pcheck::start(batch(s, t), opts)))
     })
 }
 
@@ -1634,7 +1656,7 @@ mod tests {
             (
                 Error::Cache {
                     path: "p".into(),
-                    kind: crate::CacheErrorKind::BadPath("m".into()),
+                    kind: p2pcheck::CacheErrorKind::BadPath("m".into()),
                 },
                 Status::Cache,
             ),
