@@ -93,7 +93,7 @@ fn check_terms(opts: &Options) -> String {
     let mut terms = Vec::new();
     if opts.level >= Level::Kernel {
         terms.push(format!("kernel_bytes={}", opts.kernel_bytes));
-        if opts.test_plant_shifted_stores {
+        if crate::engine::planted_shift() != 0 {
             terms.push("test_plant_shifted_stores".into());
         }
     }

@@ -82,6 +82,11 @@ impl fmt::Display for ParseError {
 impl std::error::Error for ParseError {}
 
 /// Parses one JSON value filling all of `text` (whitespace around it allowed).
+///
+/// # Errors
+///
+/// [`ParseError`], with the offset, what was expected and what was found there, for text that
+/// is not exactly one JSON value.
 pub fn parse(text: &str) -> Result<Value, ParseError> {
     let mut p = Parser { text, pos: 0 };
     p.skip_ws();

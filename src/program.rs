@@ -18,6 +18,10 @@ use crate::os;
 /// Makes this process the reaper of its orphaned descendants (`PR_SET_CHILD_SUBREAPER`), so
 /// that a worker's descendant that escaped its process group (`setsid`) is reparented here
 /// when the worker dies and [`end_adopted_orphans`] can end it.
+///
+/// # Errors
+///
+/// [`Error::Subreaper`] when the kernel refuses (`prctl`).
 pub fn adopt_orphans() -> Result<()> {
     os::become_subreaper().map_err(|e| Error::Subreaper {
         source_text: e.to_string(),

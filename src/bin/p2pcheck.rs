@@ -97,9 +97,6 @@ OPTIONS:
                            GPU: 3]. Their kernels get 0.1 s plus 5 ms a round on the GPU clock
                            (at least 1 s), which must fit in 60 % of --timeout: more rounds
                            than that are refused
-    --test-only-plant-shifted-stores
-                           TEST ONLY: make the kernel tier's SM stores land 64 bytes off, a
-                           planted fault it must catch; never use it to check a machine
     --visibility WHICH     one (default: each worker sees only its GPU, by UUID) or all (each
                            sees every GPU; used anyway where GPUs cannot be named: MIG, no
                            /proc/driver/nvidia)
@@ -273,7 +270,6 @@ fn parse_args(mut it: impl Iterator<Item = OsString>) -> ArgResult<Option<Args>>
             "--write-vllm-cache" => args.write_cache = true,
             "--refresh" => args.refresh = true,
             "--no-kernel-check" => args.opts.level = Level::Copy,
-            "--test-only-plant-shifted-stores" => args.opts.test_plant_shifted_stores = true,
             "--kernel-bytes" => {
                 let v = text(&a, it.next(), "a number of bytes")?;
                 args.opts.kernel_bytes = v

@@ -54,6 +54,7 @@ impl Library {
 }
 
 /// Everything that can go wrong below the check: loading, resolving, or a failed call.
+#[non_exhaustive]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Error {
     /// The library could not be loaded; one line per path tried, each with `dlerror()`'s text.

@@ -59,9 +59,6 @@ pub struct Options {
     /// check whose rounds need more than that cap is refused, since a healthy pair could then
     /// fail for want of time.
     pub handshake_budget: Duration,
-    /// Test only: the consumer's SM stores land 64 bytes off, a planted fault the kernel tier
-    /// must catch (as `wrong-data`). Never set it to check a machine.
-    pub test_plant_shifted_stores: bool,
     /// What each parallel-engine worker sees (the vLLM engine ignores it).
     pub visibility: Visibility,
     /// How long a worker may take to start CUDA, say Hello and set up its device.
@@ -88,7 +85,6 @@ impl Default for Options {
             kernel_bytes: DEFAULT_KERNEL_BYTES,
             handshake_rounds: 16,
             handshake_budget: Duration::from_secs(1),
-            test_plant_shifted_stores: false,
             visibility: Visibility::One,
             startup_timeout: Duration::from_secs(60),
             step_timeout: Duration::from_secs(5),
@@ -129,6 +125,11 @@ pub const TIMEOUT_RANGE: (Duration, Duration) =
 
 impl Options {
     /// Checks the options: timeouts within [`TIMEOUT_RANGE`], a valid simulation.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidInput`] naming the option out of range or inconsistent (a timeout,
+    /// the handshake rounds against the step timeout), and the simulation's own error.
     pub fn validate(&self) -> Result<()> {
         for (name, t) in [
             ("step timeout", self.step_timeout),
@@ -326,6 +327,12 @@ impl Pending {
 
     /// Waits for the result (the check's own deadlines bound it). The workers may still be
     /// exiting: see [`Pending::finish`].
+    ///
+    /// # Errors
+    ///
+    /// The check's error, as [`crate::check`] gives it; [`Error::Cancelled`] after
+    /// [`Pending::cancel`]; [`Error::InvalidInput`] in another process than the one that
+    /// started the check.
     pub fn wait(&self) -> Result<Report> {
         self.wait_timeout(Duration::MAX)
             .unwrap_or(Err(Error::Internal {
@@ -798,6 +805,19 @@ fn record_round(
     (next, hold)
 }
 
+/// The environment variable of the test switch that plants a fault on real GPUs: set to `1`,
+/// the consumer's SM stores land 64 bytes off, which the kernel tier must catch (as
+/// `wrong-data`) while the copy tier passes (tests/gpu.rs). Never set it to check a machine.
+pub(crate) const PLANT_SHIFTED_STORES_ENV: &str = "P2PCHECK_TEST_PLANT_SHIFTED_STORES";
+
+/// The kernel tier's store offset: 64 bytes under [`PLANT_SHIFTED_STORES_ENV`], else 0.
+pub(crate) fn planted_shift() -> u32 {
+    match std::env::var_os(PLANT_SHIFTED_STORES_ENV) {
+        Some(v) if v == "1" => 64,
+        _ => 0,
+    }
+}
+
 /// The tiers' parameters for a run: the options, and a seed of its own (time and pid), so
 /// that nothing left from an earlier run can pass for this one's pattern.
 fn tier_params(opts: &Options) -> TierParams {
@@ -812,11 +832,7 @@ fn tier_params(opts: &Options) -> TierParams {
             0
         },
         seed: now ^ (u64::from(std::process::id()) << 32),
-        shift: if opts.test_plant_shifted_stores {
-            64
-        } else {
-            0
-        },
+        shift: planted_shift(),
         rounds: opts.handshake_rounds,
         budget_ms: opts
             .handshake_budget

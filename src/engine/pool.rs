@@ -43,6 +43,11 @@ use crate::worker::WORKER_FLAG;
 ///    worker ([`this_executable_is_a_worker`]: the `p2pcheck` CLI does); an embedding host's
 ///    executable is never run, whatever its name;
 /// 5. `p2pcheck-worker` on `$PATH`.
+///
+/// # Errors
+///
+/// [`Error::WorkerUnusable`] when the one named explicitly or by `$P2PCHECK_WORKER` is not an
+/// executable file; [`Error::WorkerNotFound`], listing the places tried, when none is found.
 pub fn locate_worker(explicit: Option<&Path>) -> Result<PathBuf> {
     if let Some(p) = explicit {
         return executable(p).map_err(|why| Error::WorkerUnusable {
