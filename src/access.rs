@@ -31,7 +31,7 @@ pub struct AccessOptions {
     pub refresh: bool,
     /// One more user (uid), besides this process's own and root, whose cache folder and files
     /// are trusted: for a folder shared between users on purpose (`--trust-cache-owner`). See
-    /// [`cache::Trust`].
+    /// [`crate::Origin::Untrusted`].
     pub trust_cache_owner: Option<u32>,
 }
 
@@ -169,13 +169,13 @@ fn cache_folder(opts: &AccessOptions, env: &Environment) -> Result<PathBuf> {
 }
 
 /// Writes `report`'s verdicts as vLLM's cache file in `opts`' folder, with the fingerprint
-/// that vouches for them (the machine, `opts.check`'s level and settings, the verdicts; see
-/// [`cache::store_checked`]), atomically and under the lock, so that [`access_check`] answers
+/// that vouches for them (the machine, `opts.check`'s level and settings, the verdicts),
+/// atomically and under the lock, so that [`access_check`] answers
 /// from it without CUDA. `opts.check` must be the options the report was checked with.
 ///
 /// Every failure is an error and nothing is written: a verdict that is not a fact
 /// ([`PairReport::persistable`]), a folder, lock or file that is not trusted
-/// ([`cache::Trust`]), a machine whose GPUs `/proc` counts differently from the workers, a
+/// ([`crate::Origin::Untrusted`]), a machine whose GPUs `/proc` counts differently from the workers, a
 /// failed write. Returns the file written and, where the GPUs could not be named without CUDA,
 /// what the fingerprint therefore cannot notice (for a warning).
 ///
@@ -250,7 +250,7 @@ pub fn store_report(report: &Report, opts: &AccessOptions) -> Result<(PathBuf, O
 /// without initialising CUDA); else the check for all pairs, once (one process computes while
 /// others wait on the lock), written atomically with its fingerprint. A pair that hung or
 /// errored only once is answered `false` to this caller and nothing is written. A cache folder
-/// or file that is not trusted ([`cache::Trust`]) is neither read nor written: the pairs are
+/// or file that is not trusted ([`crate::Origin::Untrusted`]) is neither read nor written: the pairs are
 /// checked and a warning says why.
 ///
 /// Where the GPUs cannot be named without CUDA (no `/proc/driver/nvidia`, MIG) the device count

@@ -195,7 +195,7 @@ impl Simulation {
     /// The simulated machine as `/proc/driver/nvidia` would describe it: GPU k has the UUID
     /// the simulator gives it (`csrc/sim.c`), bus id `0000:<k+1>:00.0`, one model; so single-GPU
     /// visibility works on the simulator exactly as on a real machine.
-    pub fn machine(&self) -> crate::fingerprint::Machine {
+    pub(crate) fn machine(&self) -> crate::fingerprint::Machine {
         crate::fingerprint::Machine {
             driver_version: "simulated".into(),
             boot_id: "00000000-0000-0000-0000-000000000000".into(),

@@ -822,7 +822,7 @@ fn a_failure_that_does_not_repeat_is_reported_but_never_written_to_vllms_cache()
     let access = p2pcheck::access_check(0, 1, &opts).unwrap();
     assert!(!access.answer);
     assert!(
-        matches!(access.origin, p2pcheck::cache::Origin::NotPersisted { .. }),
+        matches!(access.origin, p2pcheck::Origin::NotPersisted { .. }),
         "{:?}",
         access.origin
     );

@@ -13,7 +13,7 @@ use fleet_cli::Format;
 use p2pcheck::json::{Json, Object};
 use p2pcheck::sim::{self, Fault, Simulation};
 use p2pcheck::{
-    cache, AccessOptions, Engine, JsonExtras, Level, Options, Report, TableExtras, Visibility,
+    AccessOptions, Engine, JsonExtras, Level, Options, Report, TableExtras, Visibility,
 };
 
 const HELP: &str = "\
@@ -264,7 +264,8 @@ fn parse_args(mut it: impl Iterator<Item = OsString>) -> ArgResult<Option<Args>>
             }
             "--sglang-cache-dir" => {
                 let dir = PathBuf::from(it.next().ok_or("--sglang-cache-dir needs a folder")?);
-                cache::check_dir(&dir).map_err(|e| format!("--sglang-cache-dir: {e:#}"))?;
+                p2pcheck::check_cache_dir(&dir)
+                    .map_err(|e| format!("--sglang-cache-dir: {e:#}"))?;
                 args.sglang_cache_dir = Some(dir);
             }
             "--write-vllm-cache" => args.write_cache = true,
@@ -301,7 +302,8 @@ fn parse_args(mut it: impl Iterator<Item = OsString>) -> ArgResult<Option<Args>>
             }
             "--cache-dir" => {
                 let dir = PathBuf::from(it.next().ok_or("--cache-dir needs a folder")?);
-                cache::check_dir(&dir).map_err(|e| format!("--cache-dir: {}", cache_why(e)))?;
+                p2pcheck::check_cache_dir(&dir)
+                    .map_err(|e| format!("--cache-dir: {}", cache_why(e)))?;
                 args.cache_dir = Some(dir);
             }
             "--trust-cache-owner" => {
@@ -387,16 +389,16 @@ fn cache_note(
     let dir = match (&args.cache_dir, &args.opts.simulate) {
         (Some(d), _) => d.clone(),
         (None, Some(_)) => return Ok(None),
-        (None, None) => cache::cache_dir().map_err(|e| format!("{e:#}"))?,
+        (None, None) => p2pcheck::vllm_cache_dir().map_err(|e| format!("{e:#}"))?,
     };
     let path =
         p2pcheck::vllm_cache_path_in(&dir, report.device_count).map_err(|e| e.to_string())?;
     let verdicts: Vec<bool> = report.pairs.iter().map(|p| p.ok()).collect();
     // An existing file that cannot be read is reported as unusable, not as absent.
-    let existing = match cache::read(&path, n) {
-        Ok(cache::CacheFile::Absent) => None,
-        Ok(cache::CacheFile::Verdicts(v)) => Some(Ok(v == verdicts)),
-        Ok(cache::CacheFile::Unusable(why)) => Some(Err(why)),
+    let existing = match p2pcheck::read_vllm_cache(&path, n) {
+        Ok(p2pcheck::CacheFile::Absent) => None,
+        Ok(p2pcheck::CacheFile::Verdicts(v)) => Some(Ok(v == verdicts)),
+        Ok(p2pcheck::CacheFile::Unusable(why)) => Some(Err(why)),
         Err(e) => Some(Err(cache_why(e))),
     };
     let mut written = false;
