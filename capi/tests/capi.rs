@@ -88,12 +88,12 @@ fn profile_dir() -> PathBuf {
 /// that package's tests (a plain `cargo test` in the workspace builds both), checked fresh.
 fn worker() -> &'static Path {
     static WORKER: OnceLock<PathBuf> = OnceLock::new();
-    WORKER.get_or_init(|| fresh(profile_dir().join("p2pcheck-worker")))
+    WORKER.get_or_init(|| fresh(profile_dir().join("p2pcheck-worker"), LIBRARY_SOURCES))
 }
 
 /// The CLI, `p2pcheck`, built and checked as [`worker`].
 fn cli_exe() -> PathBuf {
-    fresh(profile_dir().join("p2pcheck"))
+    fresh(profile_dir().join("p2pcheck"), LIBRARY_SOURCES)
 }
 
 fn header_text() -> String {
@@ -106,8 +106,13 @@ fn mtime(p: &Path) -> SystemTime {
     fs::metadata(p).unwrap().modified().unwrap()
 }
 
-/// The newest source file the library is built from.
-fn newest_source() -> (SystemTime, PathBuf) {
+/// The folders of the p2pcheck package's sources (the binaries are built from them alone).
+const LIBRARY_SOURCES: &[&str] = &["src", "csrc"];
+/// The folders of the C libraries' sources: the library's and this crate's.
+const CAPI_SOURCES: &[&str] = &["src", "csrc", "capi/src"];
+
+/// The newest file in `dirs` and the build script.
+fn newest_source(dirs: &[&str]) -> (SystemTime, PathBuf) {
     fn walk(dir: &Path, best: &mut (SystemTime, PathBuf)) {
         for e in fs::read_dir(dir).unwrap().flatten() {
             let p = e.path();
@@ -119,7 +124,7 @@ fn newest_source() -> (SystemTime, PathBuf) {
         }
     }
     let mut best = (mtime(&root("build.rs")), root("build.rs"));
-    for dir in ["src", "csrc", "capi/src"] {
+    for dir in dirs {
         walk(&root(dir), &mut best);
     }
     best
@@ -127,20 +132,20 @@ fn newest_source() -> (SystemTime, PathBuf) {
 
 /// A library cargo built with this test's dependencies, checked to be newer than every source.
 fn built(name: &str) -> PathBuf {
-    fresh(profile_dir().join("deps").join(name))
+    fresh(profile_dir().join("deps").join(name), CAPI_SOURCES)
 }
 
-/// `p`, asserted to exist and to be newer than every source.
-fn fresh(p: PathBuf) -> PathBuf {
+/// `p`, asserted to exist and to be newer than every file of `sources`.
+fn fresh(p: PathBuf, sources: &[&str]) -> PathBuf {
     assert!(
         p.is_file(),
         "{} is missing: a plain `cargo test` (or `cargo build`) in the workspace builds it",
         p.display()
     );
-    let (newest, source) = newest_source();
+    let (newest, source) = newest_source(sources);
     assert!(
         mtime(&p) >= newest,
-        "{} is older than {}: stale",
+        "{} is older than {}: stale (a plain `cargo test` rebuilds it)",
         p.display(),
         source.display()
     );
