@@ -117,6 +117,9 @@ impl Status {
             Error::InvalidInput(_) => Status::InvalidArgument,
             Error::Cache { .. } => Status::Cache,
             Error::Cancelled => Status::Cancelled,
+            // The simulator's set-up failing was an invalid argument before it had a variant
+            // of its own; a trace is never read through the C ABI.
+            Error::Simulator { .. } | Error::BadTrace { .. } => Status::InvalidArgument,
         }
     }
 
@@ -1303,7 +1306,7 @@ pub unsafe extern "C" fn p2pcheck_cache_path(
         }
         let path = match cache_folder(cache_dir)? {
             Some(dir) => {
-                crate::cache::check_dir(&dir).map_err(|e| Error::cache(&dir, e))?;
+                crate::cache::check_dir(&dir)?;
                 crate::vllm_cache_path_in(&dir, n_devices)?
             }
             None => crate::vllm_cache_path(n_devices)?,
@@ -1617,7 +1620,7 @@ mod tests {
             (
                 Error::Cache {
                     path: "p".into(),
-                    message: "m".into(),
+                    kind: crate::CacheErrorKind::BadPath("m".into()),
                 },
                 Status::Cache,
             ),

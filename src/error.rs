@@ -7,7 +7,9 @@
 //! act on the text.
 
 use std::fmt;
+use std::io;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use crate::cuda;
 use crate::protocol::Problem;
@@ -39,15 +41,31 @@ pub enum Error {
     NoDevice(String),
     /// Bad input: device ids out of range, an unpaired batch, an option out of range.
     InvalidInput(String),
-    /// vLLM's cache file or its lock could not be used.
+    /// vLLM's cache folder, its cache file, the fingerprint beside it or its lock could not be
+    /// used.
     Cache {
-        /// The file.
+        /// The file asked about (empty where the folder could not even be located).
         path: PathBuf,
         /// What went wrong.
-        message: String,
+        kind: CacheErrorKind,
     },
     /// The check was cancelled before it finished.
     Cancelled,
+    /// The simulated driver could not be made ready (written to a file, or shared with the
+    /// workers through an in-memory file).
+    Simulator {
+        /// What was being done, naming the file: `writing /tmp/libsim.so`.
+        doing: String,
+        /// The operating system's error, as a kind ...
+        kind: io::ErrorKind,
+        /// ... and as its text.
+        text: String,
+    },
+    /// An audit trace could not be read: each problem names its line (`line N: ...`).
+    BadTrace {
+        /// What is wrong, in file order.
+        problems: Vec<String>,
+    },
 }
 
 impl fmt::Display for Error {
@@ -67,8 +85,11 @@ impl fmt::Display for Error {
                 worker.display(),
                 crate::protocol::VERSION
             ),
-            Error::Cache { path, message } => write!(f, "{}: {message}", path.display()),
+            Error::Cache { path, kind } if path.as_os_str().is_empty() => write!(f, "{kind}"),
+            Error::Cache { path, kind } => write!(f, "{}: {kind}", path.display()),
             Error::Cancelled => write!(f, "the check was cancelled"),
+            Error::Simulator { doing, text, .. } => write!(f, "{doing}: {text}"),
+            Error::BadTrace { problems } => f.write_str(&problems.join("\n")),
         }
     }
 }
@@ -88,12 +109,96 @@ impl From<cuda::Error> for Error {
     }
 }
 
-impl Error {
-    /// A cache error for `path` from the cache module's context chain.
-    pub(crate) fn cache(path: &std::path::Path, e: anyhow::Error) -> Error {
-        Error::Cache {
-            path: path.to_path_buf(),
-            message: format!("{e:#}"),
+/// What went wrong with vLLM's cache folder or a file in it (see [`Error::Cache`]). Each text
+/// names the files involved.
+#[non_exhaustive]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CacheErrorKind {
+    /// A file system call failed.
+    Io {
+        /// What was being done, naming the file: `cannot read /c/f.json: cannot open the
+        /// folder /c`.
+        doing: String,
+        /// The operating system's error, as a kind ...
+        kind: io::ErrorKind,
+        /// ... and as its text.
+        text: String,
+    },
+    /// What is there is refused and left as it is: a file of a user this process does not
+    /// trust, a lock file that is a link, a directory where the cache file should be.
+    Refused {
+        /// What was being done (`cannot read /c/f.json`), or empty.
+        doing: String,
+        /// Why, and what to change.
+        why: String,
+    },
+    /// The path cannot name a cache folder or file (empty, a NUL byte, no file name, not a
+    /// folder).
+    BadPath(String),
+    /// Another process held the lock past the deadline.
+    LockTimeout {
+        /// The lock file.
+        lock: PathBuf,
+        /// How long this process waited.
+        waited: Duration,
+        /// The pid that last took the lock, where it wrote one.
+        holder: Option<u32>,
+    },
+    /// vLLM's cache folder cannot be located from the environment (`VLLM_CACHE_ROOT`,
+    /// `XDG_CACHE_HOME`, `HOME`): why.
+    NoFolder(String),
+}
+
+impl CacheErrorKind {
+    /// This error as a step of `outer` ("cannot read /c/f.json"), which is named first.
+    pub(crate) fn within(self, outer: String) -> CacheErrorKind {
+        let join = |inner: String| match inner.is_empty() {
+            true => outer.clone(),
+            false => format!("{outer}: {inner}"),
+        };
+        match self {
+            CacheErrorKind::Io { doing, kind, text } => CacheErrorKind::Io {
+                doing: join(doing),
+                kind,
+                text,
+            },
+            CacheErrorKind::Refused { doing, why } => CacheErrorKind::Refused {
+                doing: join(doing),
+                why,
+            },
+            CacheErrorKind::BadPath(why) => CacheErrorKind::BadPath(join(why)),
+            // Whole sentences of their own, never a step of another.
+            other @ (CacheErrorKind::LockTimeout { .. } | CacheErrorKind::NoFolder(_)) => other,
+        }
+    }
+}
+
+impl fmt::Display for CacheErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CacheErrorKind::Io { doing, text, .. } => write!(f, "{doing}: {text}"),
+            CacheErrorKind::Refused { doing, why } if doing.is_empty() => f.write_str(why),
+            CacheErrorKind::Refused { doing, why } => write!(f, "{doing}: {why}"),
+            CacheErrorKind::BadPath(why) | CacheErrorKind::NoFolder(why) => f.write_str(why),
+            CacheErrorKind::LockTimeout {
+                lock,
+                waited,
+                holder,
+            } => {
+                write!(
+                    f,
+                    "timed out after {waited:?} waiting for the lock {} (",
+                    lock.display()
+                )?;
+                match holder {
+                    Some(pid) => write!(f, "last taken by pid {pid}")?,
+                    None => f.write_str("its holder is unknown")?,
+                }
+                f.write_str(
+                    "); another process is probably computing the same cache: wait for it, or \
+                     stop it",
+                )
+            }
         }
     }
 }

@@ -2,7 +2,7 @@
 //! library to write) so that what is there cannot block the opener or feed it without end.
 
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, Read};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
@@ -16,7 +16,7 @@ pub(crate) fn open_regular(path: &Path, options: &mut OpenOptions) -> io::Result
     let not_regular = |mode: u32| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("it is {}, not a regular file", crate::cache::kind(mode)),
+            format!("it is {}, not a regular file", kind(mode)),
         )
     };
     let file = match options
@@ -36,4 +36,41 @@ pub(crate) fn open_regular(path: &Path, options: &mut OpenOptions) -> io::Result
         return Err(not_regular(mode));
     }
     Ok(file)
+}
+
+/// Reads a small file without ever blocking on it ([`open_regular`]: only a regular file is
+/// read), at most `max` bytes of it (procfs and sysfs files report sizes that are not what a
+/// read gives, so the size has to be found by reading); a longer file is an error. Every
+/// error's text names the file and says why.
+pub(crate) fn read_bounded(path: &Path, max: u64) -> io::Result<Vec<u8>> {
+    let fail = |kind: io::ErrorKind, why: String| {
+        io::Error::new(kind, format!("cannot read {}: {why}", path.display()))
+    };
+    let io_fail = |e: io::Error| fail(e.kind(), e.to_string());
+    let file = open_regular(path, OpenOptions::new().read(true)).map_err(io_fail)?;
+    let mut bytes = Vec::new();
+    file.take(max.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(io_fail)?;
+    if bytes.len() as u64 > max {
+        return Err(fail(
+            io::ErrorKind::InvalidData,
+            format!("it is larger than {max} bytes"),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// What a file is, from its `st_mode`, in words: "a symbolic link", "a FIFO", ….
+pub(crate) fn kind(mode: u32) -> &'static str {
+    match mode & libc::S_IFMT {
+        libc::S_IFREG => "a regular file",
+        libc::S_IFDIR => "a directory",
+        libc::S_IFLNK => "a symbolic link",
+        libc::S_IFIFO => "a FIFO",
+        libc::S_IFSOCK => "a socket",
+        libc::S_IFCHR => "a character device",
+        libc::S_IFBLK => "a block device",
+        _ => "a file of unknown type",
+    }
 }

@@ -1,14 +1,18 @@
 //! The operating-system edge: the few libc calls p2pcheck makes outside CUDA, as safe
-//! functions. With [`crate::driver`] (the CUDA edge) this is the only place with `unsafe`.
+//! functions. With [`crate::cuda`] (the CUDA edge) this is the only place with `unsafe`.
+//!
+//! Descriptors are taken as [`BorrowedFd`] or `&impl AsFd` (and handed out as [`OwnedFd`] or
+//! `File`), never as bare numbers: a safe caller cannot name a descriptor it does not hold open.
 
 #![allow(unsafe_code)]
 
 use std::ffi::{CStr, CString, OsStr};
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 /// The file (executable or shared library) whose code contains `addr`, from the loader.
@@ -29,11 +33,27 @@ pub fn object_containing(addr: usize) -> Option<PathBuf> {
 }
 
 /// SIGKILL to the process group `pgid` (a worker started as its own group leader).
-pub fn kill_process_group(pgid: u32) {
-    // SAFETY: kill(2) has no memory effects; a negative pid names the group.
-    unsafe {
-        libc::kill(-(pgid as i32), libc::SIGKILL);
+///
+/// # Errors
+///
+/// `InvalidInput`, sending nothing, for a `pgid` that names no single other group: 0 (`kill`
+/// would signal the caller's own group), 1 (`kill(-1)` signals every process it may) or one
+/// beyond `pid_t` (it would turn into a single process's pid). Otherwise what `kill(2)` says.
+pub fn kill_process_group(pgid: u32) -> io::Result<()> {
+    let group = match libc::pid_t::try_from(pgid) {
+        Ok(g) if g > 1 => g,
+        _ => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{pgid} names no single process group other than our own"),
+            ))
+        }
+    };
+    // SAFETY: kill(2) has no memory effects; a negative pid (below -1) names one group.
+    if unsafe { libc::kill(-group, libc::SIGKILL) } != 0 {
+        return Err(io::Error::last_os_error());
     }
+    Ok(())
 }
 
 /// A pidfd for `pid` (`pidfd_open(2)`, Linux 5.3+): readable once the process has exited, so
@@ -85,13 +105,13 @@ pub fn child_pids() -> Vec<u32> {
 
 /// SIGKILL to the process a pidfd refers to (`pidfd_send_signal(2)`): unlike `kill(pid)`, it
 /// can never reach another process that reused the pid.
-pub fn pidfd_kill(pidfd: &impl AsRawFd) -> io::Result<()> {
+pub fn pidfd_kill(pidfd: &impl AsFd) -> io::Result<()> {
     // SAFETY: pidfd_send_signal takes a descriptor, a signal, a null siginfo and flags 0; it
     // touches no memory of ours.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_pidfd_send_signal,
-            pidfd.as_raw_fd(),
+            pidfd.as_fd().as_raw_fd(),
             libc::SIGKILL,
             std::ptr::null::<libc::siginfo_t>(),
             0,
@@ -105,7 +125,7 @@ pub fn pidfd_kill(pidfd: &impl AsRawFd) -> io::Result<()> {
 
 /// Reaps the exited child a pidfd refers to (`waitid(P_PIDFD, WEXITED | WNOHANG)`, Linux
 /// 5.4+), without waiting: `Ok(true)` when it was reaped, `Ok(false)` while it runs.
-pub fn reap_pidfd(pidfd: &impl AsRawFd) -> io::Result<bool> {
+pub fn reap_pidfd(pidfd: &impl AsFd) -> io::Result<bool> {
     // SAFETY: siginfo_t is plain data; waitid fills it (and zeroes si_pid when no child has
     // exited, with WNOHANG) before it is read.
     let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
@@ -114,7 +134,7 @@ pub fn reap_pidfd(pidfd: &impl AsRawFd) -> io::Result<bool> {
         let rc = unsafe {
             libc::waitid(
                 libc::P_PIDFD,
-                pidfd.as_raw_fd() as libc::id_t,
+                pidfd.as_fd().as_raw_fd() as libc::id_t,
                 &mut info,
                 libc::WEXITED | libc::WNOHANG,
             )
@@ -166,8 +186,26 @@ pub fn worker_pre_exec(cmd: &mut std::process::Command) {
 
 /// The worker's end of the protocol's output pipe ([`PROTOCOL_FD`], set up by
 /// [`worker_pre_exec`]), made close-on-exec. `Err` when that descriptor is not a pipe (the
-/// program was not started as a worker). Call it once: the `File` owns the descriptor.
+/// program was not started as a worker), and at every call after one that succeeded: that
+/// call's `File` owns the descriptor.
 pub fn protocol_output() -> io::Result<File> {
+    // Only one call takes it: two Files closing one descriptor would close whatever reused
+    // its number. A call that fails gives it back.
+    static TAKEN: AtomicBool = AtomicBool::new(false);
+    if TAKEN.swap(true, Ordering::SeqCst) {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("descriptor {PROTOCOL_FD} is owned already (taken by an earlier call)"),
+        ));
+    }
+    let taken = take_protocol_output();
+    if taken.is_err() {
+        TAKEN.store(false, Ordering::SeqCst);
+    }
+    taken
+}
+
+fn take_protocol_output() -> io::Result<File> {
     // SAFETY: stat is plain data, written by fstat before it is read; fstat on a descriptor
     // that is not open fails with EBADF and touches nothing else.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
@@ -185,19 +223,19 @@ pub fn protocol_output() -> io::Result<File> {
     if unsafe { libc::fcntl(PROTOCOL_FD, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: the descriptor is open (fstat succeeded) and, called once, owned by the File
-    // alone from here on.
+    // SAFETY: the descriptor is open (fstat succeeded) and, taken by one call only (TAKEN),
+    // owned by the File alone from here on.
     Ok(unsafe { File::from_raw_fd(PROTOCOL_FD) })
 }
 
 /// Whether `fd` is readable (or hung up) right now, without waiting.
-pub fn readable_now(fd: RawFd) -> bool {
+pub fn readable_now(fd: BorrowedFd<'_>) -> bool {
     poll_readable(&[fd], Instant::now()).is_ok_and(|r| r.is_some())
 }
 
 /// Sets `O_NONBLOCK` on `fd` (the parent's end of a worker's stdin: writes must never block).
-pub fn set_nonblocking(fd: &impl AsRawFd) -> io::Result<()> {
-    let fd = fd.as_raw_fd();
+pub fn set_nonblocking(fd: &impl AsFd) -> io::Result<()> {
+    let fd = fd.as_fd().as_raw_fd();
     // SAFETY: fcntl on the caller's open descriptor; F_GETFL/F_SETFL touch no memory of ours.
     unsafe {
         let flags = libc::fcntl(fd, libc::F_GETFL);
@@ -212,8 +250,8 @@ pub fn set_nonblocking(fd: &impl AsRawFd) -> io::Result<()> {
 /// (then `TimedOut`: a reader that stopped reading cannot stall us). A reader that is gone gives
 /// `EPIPE` instead of SIGPIPE killing the process (a host program may not ignore SIGPIPE the way
 /// Rust's runtime does).
-pub fn write_all_until(fd: &impl AsRawFd, bytes: &[u8], deadline: Instant) -> io::Result<()> {
-    let fd = fd.as_raw_fd();
+pub fn write_all_until(fd: &impl AsFd, bytes: &[u8], deadline: Instant) -> io::Result<()> {
+    let fd = fd.as_fd();
     // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
     let mut pipe_set: libc::sigset_t = unsafe { std::mem::zeroed() };
     let mut old: libc::sigset_t = pipe_set;
@@ -227,7 +265,13 @@ pub fn write_all_until(fd: &impl AsRawFd, bytes: &[u8], deadline: Instant) -> io
     let mut result = Ok(());
     while done < bytes.len() {
         // SAFETY: fd is open for the call; the pointer and length describe live memory.
-        let n = unsafe { libc::write(fd, bytes[done..].as_ptr().cast(), bytes.len() - done) };
+        let n = unsafe {
+            libc::write(
+                fd.as_raw_fd(),
+                bytes[done..].as_ptr().cast(),
+                bytes.len() - done,
+            )
+        };
         if n >= 0 {
             done += n as usize;
             continue;
@@ -270,9 +314,9 @@ pub fn write_all_until(fd: &impl AsRawFd, bytes: &[u8], deadline: Instant) -> io
 }
 
 /// Waits until `fd` has one of `events` (or an error or hang-up): `Ok(false)` at the deadline.
-fn poll_one(fd: RawFd, events: i16, deadline: Instant) -> io::Result<bool> {
+fn poll_one(fd: BorrowedFd<'_>, events: i16, deadline: Instant) -> io::Result<bool> {
     let mut p = libc::pollfd {
-        fd,
+        fd: fd.as_raw_fd(),
         events,
         revents: 0,
     };
@@ -298,9 +342,9 @@ fn poll_one(fd: RawFd, events: i16, deadline: Instant) -> io::Result<bool> {
 }
 
 /// One `read(2)` from `fd` into `buf`: `Ok(0)` at end of file.
-pub fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: buf is writable memory of the length passed; fd is the caller's open descriptor.
-    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+pub fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: buf is writable memory of the length passed; fd is borrowed, so open for the call.
+    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
     if n < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -310,11 +354,11 @@ pub fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
 
 /// Waits until one of `fds` is readable (or hung up); returns its position, or `None` at the
 /// deadline.
-pub fn poll_readable(fds: &[RawFd], deadline: Instant) -> io::Result<Option<usize>> {
+pub fn poll_readable(fds: &[BorrowedFd<'_>], deadline: Instant) -> io::Result<Option<usize>> {
     let mut pfds: Vec<libc::pollfd> = fds
         .iter()
-        .map(|&fd| libc::pollfd {
-            fd,
+        .map(|fd| libc::pollfd {
+            fd: fd.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         })
@@ -322,7 +366,8 @@ pub fn poll_readable(fds: &[RawFd], deadline: Instant) -> io::Result<Option<usiz
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let ms = left.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: pfds is a live array of pollfd of the length passed.
+        // SAFETY: pfds is a live array of pollfd of the length passed; its descriptors are
+        // borrowed, so open for the call.
         let rc = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
         if rc < 0 {
             let e = io::Error::last_os_error();
@@ -582,6 +627,30 @@ mod write_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kill_process_group_refuses_our_own_group_everyone_and_lone_pids() {
+        // 0 is the caller's own group, 1 is kill(-1) (every process), and beyond pid_t the
+        // negation would name a single process: each is refused before kill(2) is called (a
+        // refusal that failed would kill this test's own group).
+        for pgid in [0, 1, i32::MAX as u32 + 1, u32::MAX] {
+            let e = kill_process_group(pgid).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{pgid}: {e}");
+            assert!(e.to_string().contains(&pgid.to_string()), "{e}");
+        }
+    }
+
+    #[test]
+    fn kill_process_group_kills_a_group_of_its_own() {
+        use std::os::unix::process::{CommandExt, ExitStatusExt};
+        let mut child = std::process::Command::new("sleep")
+            .arg("300")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        kill_process_group(child.id()).unwrap();
+        assert_eq!(child.wait().unwrap().signal(), Some(libc::SIGKILL));
+    }
 
     #[test]
     fn entry_functions_take_one_file_name_only() {

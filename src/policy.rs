@@ -29,8 +29,6 @@
 
 use std::fmt;
 
-use anyhow::{bail, Result};
-
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * 1024;
 
@@ -174,9 +172,13 @@ impl PolicyConfig {
     /// })?;
     /// assert!(config.symm_mem_enabled && !config.batch_invariant);
     /// assert!(PolicyConfig::from_lookup(|_| Some("maybe".to_string())).is_err());
-    /// # Ok::<(), anyhow::Error>(())
+    /// # Ok::<(), p2pcheck::policy::BadFlag>(())
     /// ```
-    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self> {
+    ///
+    /// # Errors
+    ///
+    /// [`BadFlag`] for the first variable set to anything but the values above.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, BadFlag> {
         let flag = |name: &str| parse_flag(name, lookup(name).as_deref());
         Ok(Self {
             batch_invariant: flag(Self::BATCH_INVARIANT_VAR)?,
@@ -186,13 +188,39 @@ impl PolicyConfig {
 
     /// [`PolicyConfig::from_lookup`] this process's environment. A value that is not valid
     /// UTF-8 is reported as invalid, not ignored.
-    pub fn from_env() -> Result<Self> {
+    ///
+    /// # Errors
+    ///
+    /// As [`PolicyConfig::from_lookup`].
+    pub fn from_env() -> Result<Self, BadFlag> {
         Self::from_lookup(|name| std::env::var_os(name).map(|v| v.to_string_lossy().into_owned()))
     }
 }
 
+/// A policy variable set to a value that is not a boolean. (This module stands alone, below
+/// the rest of the crate, so it has its own error rather than [`crate::Error`].)
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BadFlag {
+    /// The variable.
+    pub name: String,
+    /// Its value, as set.
+    pub value: String,
+}
+
+impl fmt::Display for BadFlag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} is {:?}: expected 1, true, 0 or false (case-insensitive)",
+            self.name, self.value
+        )
+    }
+}
+
+impl std::error::Error for BadFlag {}
+
 /// One boolean variable: `1`/`true` on, `0`/`false`/unset/empty off, anything else an error.
-fn parse_flag(name: &str, value: Option<&str>) -> Result<bool> {
+fn parse_flag(name: &str, value: Option<&str>) -> Result<bool, BadFlag> {
     let Some(raw) = value else {
         return Ok(false);
     };
@@ -205,7 +233,10 @@ fn parse_flag(name: &str, value: Option<&str>) -> Result<bool> {
     } else if v == "0" || v.eq_ignore_ascii_case("false") {
         Ok(false)
     } else {
-        bail!("{name} is {raw:?}: expected 1, true, 0 or false (case-insensitive)")
+        Err(BadFlag {
+            name: name.to_string(),
+            value: raw.to_string(),
+        })
     }
 }
 

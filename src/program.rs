@@ -8,7 +8,7 @@
 //! (`PR_SET_PDEATHSIG`, its descriptors) happens in the child before exec; and the workers'
 //! stderr is captured into the report.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use crate::engine::{self, pool};
@@ -64,7 +64,7 @@ pub fn end_adopted_orphans() -> Vec<std::result::Result<u32, String>> {
             };
             // One that is dead already (a worker's descendant killed with the worker's group,
             // then handed over) is only reaped: it was left behind by nobody.
-            if os::readable_now(fd.as_raw_fd()) {
+            if os::readable_now(fd.as_fd()) {
                 if let Err(e) = os::reap_pidfd(&fd) {
                     results.push(Err(format!("process {pid}: {e}")));
                 }
@@ -76,7 +76,7 @@ pub fn end_adopted_orphans() -> Vec<std::result::Result<u32, String>> {
             }
         }
         for (pid, fd) in open {
-            let readable = os::poll_readable(&[fd.as_raw_fd()], deadline);
+            let readable = os::poll_readable(&[fd.as_fd()], deadline);
             match readable.and_then(|_| os::reap_pidfd(&fd)) {
                 Ok(true) => results.push(Ok(pid)),
                 Ok(false) => results.push(Err(format!(

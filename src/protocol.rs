@@ -13,7 +13,7 @@
 
 use std::fmt;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use crate::cuda::{self, IPC_HANDLE_BYTES};
 use crate::os;
@@ -1208,22 +1208,22 @@ fn frame_len(prefix: [u8; 4]) -> Result<usize, ProtocolError> {
 
 /// Reads frames from a pipe with deadlines (the parent's side), without blocking past them.
 pub struct FrameReader {
-    fd: RawFd,
+    pipe: OwnedFd,
     buf: Vec<u8>,
 }
 
 impl FrameReader {
-    /// Wraps a readable pipe end; the caller keeps the owner alive as long as the reader.
-    pub fn new(pipe: &impl AsRawFd) -> FrameReader {
+    /// Takes a readable pipe end (it is closed with the reader).
+    pub fn new(pipe: impl Into<OwnedFd>) -> FrameReader {
         FrameReader {
-            fd: pipe.as_raw_fd(),
+            pipe: pipe.into(),
             buf: Vec::new(),
         }
     }
 
     /// The pipe's descriptor, for polling several readers at once.
-    pub fn fd(&self) -> RawFd {
-        self.fd
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.pipe.as_fd()
     }
 
     /// A complete frame already buffered, if any.
@@ -1243,7 +1243,7 @@ impl FrameReader {
     /// Reads what the pipe has now (call after `poll` said it is readable).
     pub fn fill(&mut self) -> Result<(), ProtocolError> {
         let mut chunk = [0u8; 4096];
-        match os::read(self.fd, &mut chunk) {
+        match os::read(self.pipe.as_fd(), &mut chunk) {
             Ok(0) => Err(ProtocolError::Eof),
             Ok(n) => {
                 self.buf.extend_from_slice(&chunk[..n]);
@@ -1691,7 +1691,7 @@ mod tests {
     #[test]
     fn reader_reassembles_split_frames_and_honours_deadlines() {
         let (r, mut w) = os::pipe().unwrap();
-        let mut reader = FrameReader::new(&r);
+        let mut reader = FrameReader::new(r);
         let msgs = samples();
         let bytes: Vec<u8> = msgs.iter().flat_map(encode).collect();
         // Nothing written: times out promptly.

@@ -15,7 +15,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use anyhow::{bail, Context, Result};
+use crate::error::{Error, Result};
 use once_cell::sync::OnceCell;
 
 use crate::os;
@@ -134,7 +134,7 @@ impl fmt::Display for Fault {
 }
 
 impl FromStr for Fault {
-    type Err = anyhow::Error;
+    type Err = Error;
 
     /// Parses `SRC->TGT:KIND[@once]`, e.g. `0->1:drop-writes` or `0->1:hang@once`.
     fn from_str(s: &str) -> Result<Fault> {
@@ -145,28 +145,31 @@ impl FromStr for Fault {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
+        let bad = |why: String| Error::InvalidInput(format!("fault {s:?}: {why}"));
         let (pair, kind) = s
             .split_once(':')
-            .with_context(|| format!("fault {s:?}: expected SRC->TGT:KIND"))?;
+            .ok_or_else(|| bad("expected SRC->TGT:KIND".into()))?;
         let (kind, once) = match kind.split_once('@') {
             None => (kind, false),
             Some((kind, "once")) => (kind, true),
-            Some((_, other)) => bail!("fault {s:?}: unknown modifier @{other} (only @once)"),
+            Some((_, other)) => return Err(bad(format!("unknown modifier @{other} (only @once)"))),
         };
         let (src, tgt) = pair
             .split_once("->")
-            .with_context(|| format!("fault {s:?}: expected SRC->TGT before the colon"))?;
+            .ok_or_else(|| bad("expected SRC->TGT before the colon".into()))?;
         let id = |t: &str| {
             t.trim()
                 .parse::<u32>()
-                .with_context(|| format!("fault {s:?}: {t:?} is not a GPU id"))
+                .map_err(|e| bad(format!("{t:?} is not a GPU id: {e}")))
         };
         let kind = FaultKind::ALL
             .into_iter()
             .find(|k| k.name() == kind.trim())
-            .with_context(|| format!("fault {s:?}: unknown kind {kind:?} (one of {})", kinds()))?;
+            .ok_or_else(|| bad(format!("unknown kind {kind:?} (one of {})", kinds())))?;
         if once && kind == FaultKind::CumemExportFails {
-            bail!("fault {s:?}: cumem-export-fails takes no @once (the export is made once per device)");
+            return Err(bad(
+                "cumem-export-fails takes no @once (the export is made once per device)".into(),
+            ));
         }
         Ok(Fault {
             src: id(src)?,
@@ -188,16 +191,27 @@ pub struct Simulation {
 
 impl Simulation {
     /// Checks the GPU count and that every fault names existing GPUs.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidInput`] for more than [`MAX_GPUS`] GPUs, or a fault naming a GPU the
+    /// simulated machine does not have.
     pub fn validate(&self) -> Result<()> {
         if self.gpus > MAX_GPUS {
-            bail!("--simulate {}: at most {MAX_GPUS} GPUs", self.gpus);
+            return Err(Error::InvalidInput(format!(
+                "--simulate {}: at most {MAX_GPUS} GPUs",
+                self.gpus
+            )));
         }
         if let Some(f) = self
             .faults
             .iter()
             .find(|f| f.src >= self.gpus || f.tgt >= self.gpus)
         {
-            bail!("fault {f}: the simulated machine has GPUs 0..{}", self.gpus);
+            return Err(Error::InvalidInput(format!(
+                "fault {f}: the simulated machine has GPUs 0..{}",
+                self.gpus
+            )));
         }
         Ok(())
     }
@@ -223,6 +237,11 @@ impl Simulation {
     /// faults it holds a fresh ledger (an in-memory file the simulator marks a pair's `@once`
     /// faults in when a process claims them), so each check fires them again; keep the
     /// [`WorkerEnv`] until the check's workers have started.
+    ///
+    /// # Errors
+    ///
+    /// As [`Simulation::validate`]; [`Error::Simulator`] where the in-memory files cannot be
+    /// made.
     pub fn worker_env(&self) -> Result<WorkerEnv> {
         self.validate()?;
         let lib = library_path()?.display().to_string();
@@ -236,8 +255,8 @@ impl Simulation {
         let ledger = match self.faults.iter().any(|f| f.once) {
             true => {
                 // Zeros: no pair claimed. The simulator sizes it (MAX_GPUS squared u64s).
-                let fd =
-                    os::memfd(c"p2pcheck-sim-ledger").context("memfd_create for the ledger")?;
+                let fd = os::memfd(c"p2pcheck-sim-ledger")
+                    .map_err(simulator("memfd_create for the ledger"))?;
                 vars.push(("P2PCHECK_SIM_LEDGER", proc_path(&fd)));
                 Some(fd)
             }
@@ -267,19 +286,39 @@ fn proc_path(fd: &OwnedFd) -> String {
 
 /// A path to the simulator that this process and its children can `dlopen`: an anonymous
 /// in-memory file (memfd), named through `/proc/<pid>/fd`, so there is no file to clean up.
+///
+/// # Errors
+///
+/// [`Error::Simulator`] where the in-memory file cannot be made or written.
 pub fn library_path() -> Result<PathBuf> {
     static MEMFD: OnceCell<OwnedFd> = OnceCell::new();
     let fd = MEMFD.get_or_try_init(|| {
-        let fd = os::memfd(c"p2pcheck-sim").context("memfd_create for the simulator")?;
-        let mut file = std::fs::File::from(fd.try_clone()?);
-        std::io::Write::write_all(&mut file, LIBRARY).context("writing the simulator")?;
-        Ok::<_, anyhow::Error>(fd)
+        let fd = os::memfd(c"p2pcheck-sim").map_err(simulator("memfd_create for the simulator"))?;
+        let mut file =
+            std::fs::File::from(fd.try_clone().map_err(simulator("writing the simulator"))?);
+        std::io::Write::write_all(&mut file, LIBRARY)
+            .map_err(simulator("writing the simulator"))?;
+        Ok::<_, Error>(fd)
     })?;
     Ok(PathBuf::from(proc_path(fd)))
 }
 
+/// [`Error::Simulator`] for a failed step `doing`.
+fn simulator(doing: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let doing = doing.into();
+    move |e| Error::Simulator {
+        doing,
+        kind: e.kind(),
+        text: e.to_string(),
+    }
+}
+
 /// Writes the simulator library to `path` (for loading in place of libcuda/libcudart): a
 /// regular file, created or replaced; a FIFO, a device or a directory there is refused.
+///
+/// # Errors
+///
+/// [`Error::Simulator`] where `path` is refused or cannot be written.
 pub fn write_library(path: &Path) -> Result<()> {
     use std::io::Write;
     // Only a regular file: a FIFO would block the open (or the write) for ever.
@@ -291,7 +330,7 @@ pub fn write_library(path: &Path) -> Result<()> {
             .truncate(true),
     )
     .and_then(|mut f| f.write_all(LIBRARY))
-    .with_context(|| format!("writing {}", path.display()))
+    .map_err(simulator(format!("writing {}", path.display())))
 }
 
 #[cfg(test)]

@@ -93,10 +93,13 @@ mod drift {
         if !super::BINDINGS_SOURCE.starts_with("generated") {
             assert!(
                 std::env::var_os("P2PCHECK_REQUIRE_BINDGEN").is_none(),
-                "P2PCHECK_REQUIRE_BINDGEN is set but build.rs could not run bindgen \
-                 (see its cargo warning)"
+                "P2PCHECK_REQUIRE_BINDGEN is set but build.rs did not run bindgen: bindings {}",
+                super::BINDINGS_SOURCE
             );
-            eprintln!("skipped: bindings were not regenerated in this build (no CUDA headers or libclang)");
+            eprintln!(
+                "skipped: bindings were not regenerated in this build: {}",
+                super::BINDINGS_SOURCE
+            );
             return;
         }
         let committed = std::fs::read_to_string(committed_path).unwrap_or_default();

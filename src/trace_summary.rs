@@ -16,6 +16,7 @@ use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 
+use crate::error::{Error, Result};
 use crate::json::{self, Value};
 
 /// The longest line accepted (the writer's lines are under 4000 bytes).
@@ -25,7 +26,7 @@ pub const MAX_LINE_BYTES: usize = 65_536;
 /// larger file is not read.
 pub const MAX_TRACE_BYTES: u64 = 1 << 30;
 /// The most that is kept in memory while reading, counted as the bytes of the lines, names and
-/// keys kept plus [`ENTRY_BYTES`] for each entry: a trace of a check keeps far less (its copy
+/// keys kept plus `ENTRY_BYTES` for each entry: a trace of a check keeps far less (its copy
 /// tier and the calls outside jobs, about 55 MB for 64 GPUs); past it the file is not read
 /// further, so memory stays bounded whatever the file holds.
 pub const MAX_KEPT_BYTES: usize = 256 << 20;
@@ -39,21 +40,6 @@ const MAX_ROLES: usize = 8;
 const MAX_PROBLEMS: usize = 20;
 /// The most failed calls listed per process.
 const MAX_FAILURES_SHOWN: usize = 10;
-
-/// Why a trace file could not be read: each problem names its line (`line N: ...`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BadTrace {
-    /// What is wrong, in file order.
-    pub problems: Vec<String>,
-}
-
-impl std::fmt::Display for BadTrace {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.problems.join("\n"))
-    }
-}
-
-impl std::error::Error for BadTrace {}
 
 /// The job a line belongs to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -180,8 +166,12 @@ pub struct Trace {
 
 /// Reads the trace file at `path` (streamed, line by line): only a regular file, at most
 /// [`MAX_TRACE_BYTES`] of it.
-pub fn read(path: &Path) -> Result<Trace, BadTrace> {
-    let fail = |why: String| BadTrace {
+///
+/// # Errors
+///
+/// [`Error::BadTrace`] where the file cannot be read, or has lines that are not a trace's.
+pub fn read(path: &Path) -> Result<Trace> {
+    let fail = |why: String| Error::BadTrace {
         problems: vec![format!("cannot read {}: {why}", path.display())],
     };
     let file = crate::files::open_regular(path, std::fs::OpenOptions::new().read(true))
@@ -202,7 +192,17 @@ fn too_big() -> String {
 }
 
 /// Reads a trace from `input`: at most [`MAX_TRACE_BYTES`], and stops there with an error.
-pub fn read_from(input: impl BufRead) -> Result<Trace, BadTrace> {
+///
+/// # Errors
+///
+/// [`Error::BadTrace`], listing the lines that are not a trace's (the first
+/// twenty, then how many more).
+pub fn read_from(input: impl BufRead) -> Result<Trace> {
+    read_lines(input).map_err(|problems| Error::BadTrace { problems })
+}
+
+/// [`read_from`], the problems as they are listed.
+fn read_lines(input: impl BufRead) -> std::result::Result<Trace, Vec<String>> {
     let mut input = input.take(MAX_TRACE_BYTES + 1);
     let mut trace = Trace::default();
     let mut problems = Vec::new();
@@ -264,7 +264,7 @@ pub fn read_from(input: impl BufRead) -> Result<Trace, BadTrace> {
     }
     match problems.is_empty() {
         true => Ok(trace),
-        false => Err(BadTrace { problems }),
+        false => Err(problems),
     }
 }
 
@@ -317,7 +317,7 @@ fn object(v: Option<&Value>) -> Option<Vec<(String, Value)>> {
     }
 }
 
-fn job_of(v: Option<&Value>) -> Result<Option<JobKey>, String> {
+fn job_of(v: Option<&Value>) -> std::result::Result<Option<JobKey>, String> {
     let m = match v {
         None | Some(Value::Null) => return Ok(None),
         Some(Value::Object(m)) => m,
@@ -343,7 +343,7 @@ fn job_of(v: Option<&Value>) -> Result<Option<JobKey>, String> {
 
 impl Trace {
     /// Adds line `number`, or says why it is malformed.
-    fn add(&mut self, number: u64, text: &str) -> Result<(), String> {
+    fn add(&mut self, number: u64, text: &str) -> std::result::Result<(), String> {
         let value = json::parse(text).map_err(|e| format!("not JSON: {e}"))?;
         let m = members(value).ok_or("not a JSON object")?;
         let pid = unsigned(field(&m, "pid")).ok_or("no \"pid\" (a non-negative integer)")?;
@@ -1126,8 +1126,8 @@ mod tests {
         t
     }
 
-    fn parse(text: &str) -> Result<Trace, BadTrace> {
-        read_from(text.as_bytes())
+    fn parse(text: &str) -> std::result::Result<Trace, Vec<String>> {
+        read_lines(text.as_bytes())
     }
 
     #[test]
@@ -1252,16 +1252,16 @@ mod tests {
         );
         let mut bytes = text.into_bytes();
         bytes.extend_from_slice(b"\xff\n");
-        let err = read_from(&bytes[..]).unwrap_err();
-        assert_eq!(err.problems.len(), 5, "{err}");
-        assert!(err.problems[0].starts_with("line 2: not JSON"), "{err}");
-        assert_eq!(err.problems[1], "line 3: no \"role\" (a string)");
-        assert_eq!(err.problems[2], "line 5: not a JSON object");
+        let err = read_lines(&bytes[..]).unwrap_err();
+        assert_eq!(err.len(), 5, "{err:?}");
+        assert!(err[0].starts_with("line 2: not JSON"), "{err:?}");
+        assert_eq!(err[1], "line 3: no \"role\" (a string)");
+        assert_eq!(err[2], "line 5: not a JSON object");
         assert_eq!(
-            err.problems[3],
+            err[3],
             format!("line 6: longer than {MAX_LINE_BYTES} bytes")
         );
-        assert_eq!(err.problems[4], "line 8: not UTF-8 text");
+        assert_eq!(err[4], "line 8: not UTF-8 text");
     }
 
     /// An endless input of the lines `line(i)` makes, for i = 0, 1, 2...
@@ -1298,9 +1298,9 @@ mod tests {
     #[test]
     fn an_endless_input_is_read_up_to_the_size_limit_and_no_further() {
         // /dev/zero without the device: one endless line, skipped, then the limit.
-        let err = read_from(BufReader::new(std::io::repeat(0))).unwrap_err();
+        let err = read_lines(BufReader::new(std::io::repeat(0))).unwrap_err();
         assert_eq!(
-            err.problems,
+            err,
             vec![
                 format!("line 1: longer than {MAX_LINE_BYTES} bytes"),
                 "larger than 1073741824 bytes (1 GiB), the most trace-summary reads: not the \
@@ -1313,7 +1313,7 @@ mod tests {
     #[test]
     fn what_is_kept_is_bounded_whatever_the_lines_hold() {
         // Each line a new process, a new call and a new job: everything a line can add.
-        let err = read_from(endless(|i| {
+        let err = read_lines(endless(|i| {
             format!(
                 "{{\"pid\":{i},\"role\":\"consumer\",\"call\":\"c{i}\",\"code\":0,\"job\":\
                  {{\"index\":{i},\"src\":{i},\"tgt\":0,\"role\":\"consumer\",\"tier\":\"copy\"}},\
@@ -1321,21 +1321,21 @@ mod tests {
             )
         }))
         .unwrap_err();
-        assert_eq!(err.problems.len(), 1, "{err}");
+        assert_eq!(err.len(), 1, "{err:?}");
         assert!(
-            err.problems[0].ends_with(
+            err[0].ends_with(
                 "more than 268435456 bytes (256 MiB) of calls, names and jobs to keep, the \
                  most trace-summary keeps: not the trace of a check; not read further"
             ),
-            "{err}"
+            "{err:?}"
         );
         // Roles are few per process: a line with yet another one is not kept.
-        let err = read_from(endless(|i| {
+        let err = read_lines(endless(|i| {
             format!("{{\"pid\":1,\"role\":\"r{i}\",\"call\":\"c\",\"code\":0}}\n")
         }))
         .unwrap_err();
         assert_eq!(
-            err.problems,
+            err,
             vec![format!(
                 "line 9: pid 1 has more than {MAX_ROLES} roles: not the trace of a check; not \
                  read further"

@@ -7,6 +7,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use p2pcheck::doctor;
+#[path = "cli/fleet.rs"]
+mod fleet_cli;
+use fleet_cli::Format;
 use p2pcheck::sim::{self, Fault, Simulation};
 use p2pcheck::{
     cache, json, AccessOptions, Engine, Level, Options, Report, TierOutcome, Verdict, Visibility,
@@ -18,6 +21,8 @@ p2pcheck - prove which GPU pairs can really reach each other's memory across pro
 USAGE:
     p2pcheck [OPTIONS]
     p2pcheck access-check SRC TGT [OPTIONS]
+    p2pcheck env [OPTIONS] [--sglang-cache-dir DIR]
+    p2pcheck exec [OPTIONS] [--sglang-cache-dir DIR] -- COMMAND [ARGS...]
     p2pcheck trace-summary PATH [--spec]
     p2pcheck doctor [--json] [--root DIR]
 
@@ -49,6 +54,18 @@ every difference: exit 0 when there is none, 1 when there are some, 2 when the f
 read or has a malformed line (named by its number). Only a regular file is read, at most 1 GiB
 of it, lines of at most 64 KiB, keeping at most 256 MiB; past a limit, exit 2 naming it.
 
+env checks the pairs and prints the settings that make NCCL and the engines safe on this
+machine, one `export` line per variable with a comment naming the pairs and tiers that call
+for it (--json: one object): nothing when every pair passes every tier; a copy tier that
+failed, or a pair that hung or errored before its copy tier passed: NCCL_P2P_DISABLE=1 and
+custom all-reduce off; only the kernel or handshake tier failed: custom all-reduce off
+(vLLM and SGLang: --disable-custom-all-reduce; TensorRT-LLM: FORCE_NCCL_ALL_REDUCE_STRATEGY=1).
+It also writes vLLM's cache and SGLang's (~/.cache/sglang) with the verdicts (on the
+simulator only into --cache-dir and --sglang-cache-dir). Exit 0 with the settings, 2 when it
+could not check. exec does the same, then runs COMMAND in its place with those variables and,
+for `vllm serve`, `python -m vllm.entrypoints.openai.api_server` and `python -m
+sglang.launch_server`, the flags appended; when it could not check, COMMAND is not run (2).
+
 doctor says why a pair fails or is slow, and what to change: the PCIe path of each GPU pair
 (bridges, ACS, IOMMU groups and mode, kernel command line; from sysfs, without root where
 possible), NVLink, NVML's P2P status, the NVSwitch fabric, persistence, MIG and compute modes
@@ -60,6 +77,14 @@ reads the files under DIR instead of / (testing). Exit 0, 1 when a finding break
 
 OPTIONS:
     --json                 Print one JSON object on stdout instead of the table
+    --format FORMAT        table (default), json (= --json), prometheus (text exposition for
+                           node-exporter's textfile collector), npd (node-problem-detector
+                           custom plugin: exit 0 OK, 1 NonOK, 2 Unknown, a short message) or
+                           nagios (exit 0 OK, 1 WARNING: kernel/handshake tier failed, 2
+                           CRITICAL: copy tier failed or not proven, 3 UNKNOWN)
+    --output FILE          With --format prometheus, npd or nagios: write the text to FILE
+                           atomically (a temp file renamed over it) instead of stdout; a check
+                           that cannot run still writes p2pcheck_check_success 0
     --engine ENGINE        parallel (default) or vllm (vLLM's procedure exactly)
     --level LEVEL          copy (vLLM's test only), kernel (also SM stores and loads of a
                            position-dependent pattern, 1/4/8/16 bytes wide) or handshake (also
@@ -84,6 +109,7 @@ OPTIONS:
                            only once is not written (a warning)
     --cache-dir DIR        Folder of that file [default: $VLLM_CACHE_ROOT, else
                            $XDG_CACHE_HOME/vllm, else ~/.cache/vllm]
+    --sglang-cache-dir DIR env, exec: SGLang's cache folder [default: ~/.cache/sglang]
     --refresh              access-check: check again even if the cache is valid
     --trust-cache-owner UID
                            Also trust the cache folder and files of user UID (a folder shared
@@ -130,16 +156,24 @@ ENVIRONMENT:
                            file, checked as --trace is), 0/empty = off
 
 EXIT CODES:
-    0  every pair works (access-check: the answer was given, true or false)
+    0  every pair works (access-check: the answer was given, true or false; env: the settings
+       were printed)
     1  some pair is not ok: FAIL, HANG or ERROR (the output says which and why)
     2  could not check (no GPU, no driver, bad arguments, a worker failed or timed out), or
        could not write the vLLM cache file --write-vllm-cache asked for (the verdicts are
        printed all the same)
+    --format npd and nagios have their own (see --format); exec exits with COMMAND's code
 ";
 
 struct Args {
     trace: Option<PathBuf>,
     json: bool,
+    /// `--format`; `--json` is `Format::Json`.
+    format: Format,
+    /// `--output FILE`: the fleet formats' text goes there, atomically, instead of stdout.
+    output: Option<PathBuf>,
+    /// `env`/`exec`: SGLang's cache folder instead of `~/.cache/sglang`.
+    sglang_cache_dir: Option<PathBuf>,
     write_cache: bool,
     refresh: bool,
     cache_dir: Option<PathBuf>,
@@ -188,6 +222,9 @@ fn parse_args(mut it: impl Iterator<Item = OsString>) -> ArgResult<Option<Args>>
     let mut args = Args {
         trace: None,
         json: false,
+        format: Format::Table,
+        output: None,
+        sglang_cache_dir: None,
         write_cache: false,
         refresh: false,
         cache_dir: None,
@@ -219,6 +256,19 @@ fn parse_args(mut it: impl Iterator<Item = OsString>) -> ArgResult<Option<Args>>
                 return Ok(None);
             }
             "--json" => args.json = true,
+            "--format" => args.format = text(&a, it.next(), "a format")?.parse()?,
+            "--output" => {
+                let path = PathBuf::from(it.next().ok_or("--output needs a file")?);
+                if path.as_os_str().is_empty() {
+                    return Err("--output needs a file, not an empty argument".into());
+                }
+                args.output = Some(path);
+            }
+            "--sglang-cache-dir" => {
+                let dir = PathBuf::from(it.next().ok_or("--sglang-cache-dir needs a folder")?);
+                cache::check_dir(&dir).map_err(|e| format!("--sglang-cache-dir: {e:#}"))?;
+                args.sglang_cache_dir = Some(dir);
+            }
             "--write-vllm-cache" => args.write_cache = true,
             "--refresh" => args.refresh = true,
             "--no-kernel-check" => args.opts.level = Level::Copy,
@@ -254,7 +304,7 @@ fn parse_args(mut it: impl Iterator<Item = OsString>) -> ArgResult<Option<Args>>
             }
             "--cache-dir" => {
                 let dir = PathBuf::from(it.next().ok_or("--cache-dir needs a folder")?);
-                cache::check_dir(&dir).map_err(|e| format!("--cache-dir: {e:#}"))?;
+                cache::check_dir(&dir).map_err(|e| format!("--cache-dir: {}", cache_why(e)))?;
                 args.cache_dir = Some(dir);
             }
             "--trust-cache-owner" => {
@@ -300,6 +350,15 @@ fn parse_args(mut it: impl Iterator<Item = OsString>) -> ArgResult<Option<Args>>
             other => return Err(format!("unknown argument {other:?} (see --help)")),
         }
         first = false;
+    }
+    match args.format {
+        Format::Json => args.json = true,
+        Format::Table if args.json => args.format = Format::Json,
+        _ if args.json => return Err("--json and --format are two answers to one question".into()),
+        _ => {}
+    }
+    if args.output.is_some() && !args.format.is_fleet() {
+        return Err("--output goes with --format prometheus, npd or nagios".into());
     }
     match &mut args.opts.simulate {
         Some(s) => s.faults = faults,
@@ -361,8 +420,10 @@ fn cache_note(
     let verdicts: Vec<bool> = report.pairs.iter().map(|p| p.ok()).collect();
     // An existing file that cannot be read is reported as unusable, not as absent.
     let existing = match cache::read(&path, n) {
-        Ok(file) => file.map(|parsed| parsed.map(|v| v == verdicts)),
-        Err(e) => Some(Err(format!("{e:#}"))),
+        Ok(cache::CacheFile::Absent) => None,
+        Ok(cache::CacheFile::Verdicts(v)) => Some(Ok(v == verdicts)),
+        Ok(cache::CacheFile::Unusable(why)) => Some(Err(why)),
+        Err(e) => Some(Err(cache_why(e))),
     };
     let mut written = false;
     let mut failed = None;
@@ -385,6 +446,15 @@ fn cache_note(
         existing,
         failed,
     }))
+}
+
+/// What went wrong with a file of the cache folder, without the file asked about (the text
+/// names it where it is shown).
+fn cache_why(e: p2pcheck::Error) -> String {
+    match e {
+        p2pcheck::Error::Cache { kind, .. } => kind.to_string(),
+        other => other.to_string(),
+    }
 }
 
 fn cvd_shown() -> String {
@@ -563,7 +633,8 @@ fn print_json(args: &Args, report: &Report, note: Option<&CacheNote>, warnings: 
     let warnings: Vec<String> = warnings.iter().map(|w| json::escape(w)).collect();
     let doctor = doctor_json(&doctor_explanations(args, report));
     println!(
-        "{{\"p2pcheck\":{},\"device_count\":{},\"cuda_visible_devices\":{cvd},\"simulated\":{},\"engine\":\"{}\",\"level\":\"{}\",\"kernel_check\":{},\"visibility\":\"{}\",\"answer_s\":{:.4},\"elapsed_s\":{:.4},\"restarts\":{},\"workers_started\":{},\"peak_in_flight\":{},\"worker_max_rss_kb\":{},\"workers\":[{}],\"all_ok\":{},\"pairs\":[{}],\"warnings\":[{}],\"vllm_cache\":{cache},\"doctor\":{doctor}}}",
+        "{{\"schema\":{},\"p2pcheck\":{},\"device_count\":{},\"cuda_visible_devices\":{cvd},\"simulated\":{},\"engine\":\"{}\",\"level\":\"{}\",\"kernel_check\":{},\"visibility\":\"{}\",\"answer_s\":{:.4},\"elapsed_s\":{:.4},\"restarts\":{},\"workers_started\":{},\"peak_in_flight\":{},\"worker_max_rss_kb\":{},\"workers\":[{}],\"all_ok\":{},\"pairs\":[{}],\"warnings\":[{}],\"vllm_cache\":{cache},\"doctor\":{doctor}}}",
+        p2pcheck::fleet::JSON_SCHEMA_VERSION,
         json::escape(env!("CARGO_PKG_VERSION")),
         report.device_count,
         args.opts.simulate.is_some(),
@@ -697,11 +768,15 @@ fn trace_summary(mut it: impl Iterator<Item = OsString>) -> ExitCode {
     };
     let trace = match p2pcheck::trace_summary::read(&path) {
         Ok(t) => t,
-        Err(bad) => {
+        Err(p2pcheck::Error::BadTrace { problems }) => {
             eprintln!("p2pcheck: trace-summary {}:", path.display());
-            for p in &bad.problems {
+            for p in &problems {
                 eprintln!("  {p}");
             }
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("p2pcheck: trace-summary {}: {e}", path.display());
             return ExitCode::from(2);
         }
     };
@@ -843,7 +918,25 @@ fn main() -> ExitCode {
         argv.next();
         return doctor(argv);
     }
-    let args = match parse_args(argv).and_then(|a| {
+    // `env` and `exec` take the check's options; exec's command follows `--`.
+    let command = match argv.peek().and_then(|a| a.to_str()) {
+        Some(c @ ("env" | "exec")) => Some(c == "exec"),
+        _ => None,
+    };
+    let mut argv: Vec<OsString> = argv.collect();
+    let mut exec_command = Vec::new();
+    if let Some(is_exec) = command {
+        argv.remove(0);
+        if let Some(i) = argv.iter().position(|a| a == "--") {
+            exec_command = argv.split_off(i + 1);
+            argv.pop();
+        }
+        if !is_exec && !exec_command.is_empty() {
+            eprintln!("p2pcheck: env takes no command (did you mean exec?)");
+            return ExitCode::from(2);
+        }
+    }
+    let args = match parse_args(argv.into_iter()).and_then(|a| {
         if let Some(a) = &a {
             open_trace(a.trace.as_deref())?;
         }
@@ -856,13 +949,31 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    match command {
+        Some(true) => {
+            if args.access.is_some() {
+                eprintln!("p2pcheck: exec takes the check's options, not access-check");
+                return ExitCode::from(2);
+            }
+            // No orphans are adopted here: the command this process becomes would inherit
+            // the subreaper role and the orphans with it.
+            return ExitCode::from(fleet_cli::exec(&args, exec_command));
+        }
+        Some(false) if args.access.is_some() => {
+            eprintln!("p2pcheck: env takes the check's options, not access-check");
+            return ExitCode::from(2);
+        }
+        _ => {}
+    }
     // A worker's descendant that escaped its process group becomes ours when the worker dies,
     // and is ended below, once the checks have reaped their workers: nothing started by the
     // check outlives it. (A program of its own may do this; the library never does.)
     let adopted = p2pcheck::program::adopt_orphans();
-    let result = match args.access {
-        Some((src, tgt)) => access_check(&args, src, tgt),
-        None => run(&args),
+    let result = match (args.access, command) {
+        (Some((src, tgt)), _) => access_check(&args, src, tgt),
+        (None, Some(_)) => Ok(fleet_cli::env(&args)),
+        (None, None) if args.format.is_fleet() => Ok(fleet_cli::run_fleet(&args)),
+        (None, None) => run(&args),
     };
     if adopted.is_ok() {
         for ended in p2pcheck::program::end_adopted_orphans() {

@@ -1,7 +1,8 @@
 //! The kernels' image, `csrc/kernels.fatbin` (made by `scripts/gen-kernels.sh`): a CUDA fat
-//! binary with SASS for the GPUs of [`SASS_ARCHS`] and PTX for [`PTX_ARCH`], so that on those
-//! GPUs `cuModuleLoadData` takes ready machine code and nothing waits for the driver's JIT
-//! (whose cache is empty in a fresh container), while newer GPUs still JIT-compile the PTX.
+//! binary with SASS for the GPUs of `SASS_ARCHS` and PTX for `PTX_ARCH` (its tests' pins), so
+//! that on those GPUs `cuModuleLoadData` takes ready machine code and nothing waits for the
+//! driver's JIT (whose cache is empty in a fresh container), while newer GPUs still JIT-compile
+//! the PTX.
 //!
 //! The container's layout (as `cuobjdump` reads it): a 16-byte header (magic `0xBA55ED50`, u16
 //! version, u16 header size, u64 size of what follows), then entries, each a header (u16 kind:

@@ -7,9 +7,13 @@ use std::ffi::CStr;
 use once_cell::sync::OnceCell;
 
 use super::fatbin;
+use super::memory::DeviceView;
 use super::trace::{self, Api, Record};
-use super::{c_text, check, describe, resolve, DevicePtr, Error, Library, Result};
+use super::{c_text, check, describe, resolve, Error, Library, Result};
 use crate::sys;
+
+/// Bytes of the handshake kernel's area: its flags and two payloads (csrc/kernels.cu).
+pub(crate) const HANDSHAKE_AREA_BYTES: u64 = 2048;
 
 /// What `p2pc_pattern_check` counted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -123,20 +127,20 @@ impl Kernels {
         Ok(f)
     }
 
-    /// `p2pc_pattern_store`: the pattern for `seed` into [p, p+n) with SM stores of `width`
-    /// bytes, word i at offset (i*width + shift) % n; then a synchronise.
+    /// `p2pc_pattern_store`: the pattern for `seed` into all `n` bytes of `view` with SM stores
+    /// of `width` bytes, word i at offset (i*width + shift) % n; then a synchronise.
     pub(crate) fn pattern_store(
         &self,
-        p: DevicePtr,
-        n: u64,
+        view: DeviceView<'_>,
         seed: u64,
         width: u32,
         shift: u64,
     ) -> Result<()> {
         let table = shim_table()?;
+        let (p, n) = (view.ptr(), view.len());
         let describe = |t: &mut Record, _: &[u64; 4]| {
             t.args
-                .ptr("ptr", p.address())
+                .ptr("ptr", p.0)
                 .uint("bytes", n)
                 .uint("seed", seed)
                 .uint("width", u64::from(width))
@@ -144,8 +148,8 @@ impl Kernels {
         };
         self.run(c"p2pc_pattern_store", describe, |out| {
             // SAFETY: table holds resolved driver functions, store is a kernel of the loaded
-            // module, p addresses n bytes of device memory (an allocation or a mapping the
-            // caller owns), out is a live report.
+            // module, p addresses the n bytes of device memory that the view's borrowed owner
+            // (an allocation or a mapping) keeps live, out is a live report.
             unsafe {
                 sys::shim::p2pcheck_shim_pattern_store(
                     &table,
@@ -162,21 +166,21 @@ impl Kernels {
         .map(|_| ())
     }
 
-    /// `p2pc_pattern_check`: SM loads of [p, p+n) with loads of `width` bytes, counting bytes
-    /// that differ from the pattern for `seed` (and, of those, the ones that still hold the
-    /// pattern for `old_seed`).
+    /// `p2pc_pattern_check`: SM loads of all of `view` with loads of `width` bytes, counting
+    /// bytes that differ from the pattern for `seed` (and, of those, the ones that still hold
+    /// the pattern for `old_seed`).
     pub(crate) fn pattern_check(
         &self,
-        p: DevicePtr,
-        n: u64,
+        view: DeviceView<'_>,
         seed: u64,
         old_seed: u64,
         width: u32,
     ) -> Result<PatternCount> {
         let table = shim_table()?;
+        let (p, n) = (view.ptr(), view.len());
         let describe = |t: &mut Record, r: &[u64; 4]| {
             t.args
-                .ptr("ptr", p.address())
+                .ptr("ptr", p.0)
                 .uint("bytes", n)
                 .uint("seed", seed)
                 .uint("old_seed", old_seed)
@@ -210,19 +214,21 @@ impl Kernels {
     }
 
     /// `p2pc_handshake`: one side (`role` 0 owner, 1 through the mapping) of `rounds` rounds of
-    /// ping-pong on `area`, every wait ending at `budget_ns` on the GPU clock.
+    /// ping-pong on the first [`HANDSHAKE_AREA_BYTES`] of `area` (an error, and no launch, when
+    /// it is shorter), every wait ending at `budget_ns` on the GPU clock.
     pub(crate) fn handshake(
         &self,
-        area: DevicePtr,
+        area: DeviceView<'_>,
         rounds: u32,
         role: u32,
         seed: u64,
         budget_ns: u64,
     ) -> Result<HandshakeResult> {
         let table = shim_table()?;
+        let area = area.slice(0..HANDSHAKE_AREA_BYTES)?.ptr();
         let describe = |t: &mut Record, r: &[u64; 4]| {
             t.args
-                .ptr("area", area.address())
+                .ptr("area", area.0)
                 .uint("rounds", u64::from(rounds))
                 .text(
                     "role",
@@ -241,7 +247,8 @@ impl Kernels {
                 .uint("elapsed_ns", r[3]);
         };
         let r = self.run(c"p2pc_handshake", describe, |out| {
-            // SAFETY: as in pattern_store; area addresses 2048 bytes of device memory.
+            // SAFETY: as in pattern_store; area addresses the HANDSHAKE_AREA_BYTES (2048) the
+            // kernel uses, checked by the slice above.
             unsafe {
                 sys::shim::p2pcheck_shim_handshake(
                     &table,

@@ -8,13 +8,14 @@
 //! name and text. `P2PCHECK_TRACE` writes every call (arguments, result, duration, the process's
 //! role and job) as one JSON line: the audit trail of exactly which calls were made ([`trace`]).
 //!
-//! This is the only module that touches raw pointers; everything above it is safe. The calls
-//! are crate-private: a public "safe" function taking a device address could touch any memory.
-//! [`owned`] wraps allocations and IPC mappings so that `Drop` frees them.
+//! This is the only module that touches raw pointers; everything above it is safe. Device
+//! memory leaves it only as [`memory`]'s owners (which know their length and free by `Drop`)
+//! and bounds-checked views of them; the calls that take a bare address are private `unsafe
+//! fn`s, each stating what its caller must guarantee.
 
 #![allow(unsafe_code)]
 
-pub(crate) mod owned;
+pub(crate) mod memory;
 pub(crate) mod trace;
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
@@ -73,6 +74,18 @@ pub enum Error {
         /// `dlerror()`'s text.
         reason: String,
     },
+    /// A range of device memory asked for lies outside the memory or view it was asked of
+    /// (an offset derived from a message, say); no call was made.
+    OutOfBounds {
+        /// The memory: whose buffer or mapping, and its length.
+        memory: String,
+        /// The first byte asked for, from the start of that memory.
+        offset: u64,
+        /// Bytes asked for.
+        len: u64,
+        /// The bytes of that memory the view it was asked of covers.
+        bounds: std::ops::Range<u64>,
+    },
     /// A call returned an error code.
     Cuda {
         /// The function called, e.g. `cudaIpcOpenMemHandle`.
@@ -123,6 +136,18 @@ impl fmt::Display for Error {
                 f,
                 "{} at {path} has no symbol {symbol} (driver too old?): {reason}",
                 library.name()
+            ),
+            Error::OutOfBounds {
+                memory,
+                offset,
+                len,
+                bounds,
+            } => write!(
+                f,
+                "bytes {offset}..{} of {memory} lie outside the view's {}..{}",
+                offset.saturating_add(*len),
+                bounds.start,
+                bounds.end
             ),
             Error::Cuda {
                 call,
@@ -588,24 +613,14 @@ pub(crate) fn device_count() -> Result<i32> {
 // ---------------------------------------------------------------------------------------------
 // Runtime API
 
-/// A device allocation or IPC mapping, by address (never dereferenced on the host). Only this
-/// crate makes them, from CUDA's answers; [`owned`] holds the ones that must be freed.
+/// A device allocation or IPC mapping, by address (never dereferenced on the host). Private to
+/// this module: only [`memory`]'s owners and views hold one, and only for memory they keep live.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct DevicePtr(u64);
+struct DevicePtr(u64);
 
 impl DevicePtr {
-    /// The address, for the trace.
-    pub(crate) fn address(self) -> u64 {
-        self.0
-    }
-
     fn as_mut_ptr(self) -> *mut c_void {
         self.0 as usize as *mut c_void
-    }
-
-    /// The address `bytes` further on (inside the same allocation, as the caller ensures).
-    pub(crate) fn offset(self, bytes: u64) -> DevicePtr {
-        DevicePtr(self.0 + bytes)
     }
 }
 
@@ -632,7 +647,7 @@ pub(crate) fn set_device(device: i32) -> Result<()> {
 }
 
 /// `cudaMalloc` on the current device (`device` is for error messages).
-pub(crate) fn malloc(device: i32, bytes: usize) -> Result<DevicePtr> {
+fn malloc(device: i32, bytes: usize) -> Result<DevicePtr> {
     let mut p: *mut c_void = std::ptr::null_mut();
     cuda!(
         c"cudaMalloc" as sys::p2pc_PFN_cudaMalloc,
@@ -647,7 +662,12 @@ pub(crate) fn malloc(device: i32, bytes: usize) -> Result<DevicePtr> {
 }
 
 /// `cudaMemset`.
-pub(crate) fn memset(device: i32, p: DevicePtr, value: u8, bytes: usize) -> Result<()> {
+///
+/// # Safety
+///
+/// `p` must address `bytes` bytes of live device memory (an allocation or mapping the caller
+/// keeps alive for the call).
+unsafe fn memset(device: i32, p: DevicePtr, value: u8, bytes: usize) -> Result<()> {
     cuda!(
         c"cudaMemset" as sys::p2pc_PFN_cudaMemset,
         Some(device),
@@ -680,7 +700,12 @@ pub(crate) fn device_reset(device: i32) -> Result<()> {
 }
 
 /// `cudaMemcpy(host, p, bytes, cudaMemcpyDefault)`, as vLLM's check does (kind default).
-pub(crate) fn copy_to_host(device: i32, p: DevicePtr, bytes: usize) -> Result<Vec<u8>> {
+///
+/// # Safety
+///
+/// `p` must address `bytes` bytes of live device memory: with the default kind CUDA takes an
+/// address it does not know as host memory and reads it.
+unsafe fn copy_to_host(device: i32, p: DevicePtr, bytes: usize) -> Result<Vec<u8>> {
     let mut host = vec![0u8; bytes];
     cuda!(
         c"cudaMemcpy" as sys::p2pc_PFN_cudaMemcpy,
@@ -702,7 +727,12 @@ pub(crate) fn copy_to_host(device: i32, p: DevicePtr, bytes: usize) -> Result<Ve
 }
 
 /// `cudaFree`.
-pub(crate) fn free(device: i32, p: DevicePtr) -> Result<()> {
+///
+/// # Safety
+///
+/// `p` must be the base of a live `cudaMalloc` allocation that nothing uses afterwards (it is
+/// freed once).
+unsafe fn free(device: i32, p: DevicePtr) -> Result<()> {
     cuda!(
         c"cudaFree" as sys::p2pc_PFN_cudaFree,
         Some(device),
@@ -712,7 +742,12 @@ pub(crate) fn free(device: i32, p: DevicePtr) -> Result<()> {
 }
 
 /// `cudaIpcCloseMemHandle`: unmaps a peer's memory opened with [`ipc_open_mem_handle`].
-pub(crate) fn ipc_close_mem_handle(device: i32, p: DevicePtr) -> Result<()> {
+///
+/// # Safety
+///
+/// `p` must be an address [`ipc_open_mem_handle`] returned, not yet closed, that nothing uses
+/// afterwards (it is closed once).
+unsafe fn ipc_close_mem_handle(device: i32, p: DevicePtr) -> Result<()> {
     cuda!(
         c"cudaIpcCloseMemHandle" as sys::p2pc_PFN_cudaIpcCloseMemHandle,
         Some(device),
@@ -722,7 +757,12 @@ pub(crate) fn ipc_close_mem_handle(device: i32, p: DevicePtr) -> Result<()> {
 }
 
 /// `cudaIpcGetMemHandle`: the handle's raw 64 bytes.
-pub(crate) fn ipc_get_mem_handle(device: i32, p: DevicePtr) -> Result<[u8; IPC_HANDLE_BYTES]> {
+///
+/// # Safety
+///
+/// `p` must be the base of a live `cudaMalloc` allocation: the handle gives other processes
+/// access to all of it.
+unsafe fn ipc_get_mem_handle(device: i32, p: DevicePtr) -> Result<[u8; IPC_HANDLE_BYTES]> {
     let mut h = sys::cudaIpcMemHandle_t::default();
     cuda!(
         c"cudaIpcGetMemHandle" as sys::p2pc_PFN_cudaIpcGetMemHandle,
@@ -737,10 +777,7 @@ pub(crate) fn ipc_get_mem_handle(device: i32, p: DevicePtr) -> Result<[u8; IPC_H
 }
 
 /// `cudaIpcOpenMemHandle(.., cudaIpcMemLazyEnablePeerAccess)` on the current device.
-pub(crate) fn ipc_open_mem_handle(
-    device: i32,
-    handle: &[u8; IPC_HANDLE_BYTES],
-) -> Result<DevicePtr> {
+fn ipc_open_mem_handle(device: i32, handle: &[u8; IPC_HANDLE_BYTES]) -> Result<DevicePtr> {
     let h = sys::cudaIpcMemHandle_t {
         reserved: handle.map(|b| b as c_char),
     };
@@ -786,4 +823,5 @@ pub(crate) fn runtime_claims_peer(src: i32, tgt: i32) -> Result<bool> {
 
 mod fatbin;
 mod kernels;
-pub(crate) use kernels::{Kernels, PatternCount};
+pub(crate) use kernels::{Kernels, PatternCount, HANDSHAKE_AREA_BYTES};
+pub(crate) use memory::{DeviceBuffer, DeviceView, PeerMapping};

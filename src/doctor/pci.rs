@@ -4,13 +4,14 @@
 //! its first 64 bytes), IOMMU groups and whether the IOMMU translates, and the kernel command
 //! line's IOMMU and ACS settings.
 //!
-//! Every file is read with a size bound and never blocks (see `fingerprint::read_bounded`);
+//! Every file is read with a size bound and never blocks (see `files::read_bounded`);
 //! links are read as text and resolved by hand inside the root, never followed out of it.
 
 use std::path::{Component, Path, PathBuf};
 
 use super::{Acs, Bridge, PathKind};
-use crate::fingerprint::{parse_bus_id, read_bounded};
+use crate::files::read_bounded;
+use crate::fingerprint::parse_bus_id;
 
 /// The most bytes read from a small sysfs or procfs text file.
 pub(super) const MAX_TEXT: u64 = 64 * 1024;

@@ -1289,14 +1289,14 @@ pub(crate) fn machine(
 }
 
 /// The GPUs `cvd` (the raw `CUDA_VISIBLE_DEVICES`) selects on `machine`, in local order, under
-/// this process's `CUDA_DEVICE_ORDER`; an error where they cannot be named without CUDA, or
+/// `order` (the raw `CUDA_DEVICE_ORDER`); an error where they cannot be named without CUDA, or
 /// when `/proc` lists none of them.
 pub(crate) fn visible_gpus(
     machine: &fingerprint::Machine,
     cvd: Option<&str>,
+    order: Option<&str>,
 ) -> std::result::Result<Vec<Gpu>, String> {
-    let order = std::env::var("CUDA_DEVICE_ORDER").ok();
-    let gpus = fingerprint::resolve_visible(cvd, order.as_deref(), machine)?;
+    let gpus = fingerprint::resolve_visible(cvd, order, machine)?;
     if gpus.is_empty() {
         return Err("/proc/driver/nvidia lists none of the visible GPUs".into());
     }
@@ -1320,7 +1320,8 @@ fn plan(
                 "CUDA_VISIBLE_DEVICES is not UTF-8 text, so its GPUs cannot be named".to_string()
             })?),
         };
-        visible_gpus(m, cvd)
+        let order = std::env::var("CUDA_DEVICE_ORDER").ok();
+        visible_gpus(m, cvd, order.as_deref())
     });
     match (opts.visibility, resolved) {
         (Visibility::One, Ok(gpus)) => (Some(gpus), Visibility::One, None),

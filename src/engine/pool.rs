@@ -19,10 +19,10 @@
 //! its handle is kept, and the next check of this process reaps it if it has died by then
 //! (until then it is a child of this process, a zombie once it dies).
 
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStderr, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -163,7 +163,7 @@ fn reap_parked() {
 /// Reads what the non-blocking pipe `fd` holds now, handing each chunk to `take`; at most 64
 /// reads (256 KiB), so a writer that never stops cannot hold the caller. `open` turns false at
 /// its end of file (or on an error: the pipe is not looked at again).
-fn drain(fd: RawFd, open: &mut bool, mut take: impl FnMut(&[u8])) {
+fn drain(fd: BorrowedFd<'_>, open: &mut bool, mut take: impl FnMut(&[u8])) {
     let mut chunk = [0u8; 4096];
     for _ in 0..64 {
         if !*open {
@@ -191,7 +191,7 @@ struct Captured {
 impl Captured {
     fn drain(&mut self) {
         let (tail, dropped) = (&mut self.tail, &mut self.dropped);
-        drain(self.pipe.as_raw_fd(), &mut self.open, |bytes| {
+        drain(self.pipe.as_fd(), &mut self.open, |bytes| {
             tail.extend_from_slice(bytes);
             let excess = tail.len().saturating_sub(STDERR_KEEP);
             tail.drain(..excess);
@@ -236,8 +236,8 @@ pub(crate) struct Worker {
     /// `None` once parked (it did not die by its reap deadline).
     child: Option<Child>,
     stdin: Option<ChildStdin>,
+    /// Owns the protocol pipe (the worker's stdout).
     reader: FrameReader,
-    stdout: ChildStdout,
     /// The protocol pipe may still hold bytes (false after its end of file).
     stdout_open: bool,
     /// `None` when it shares this process's stderr (the audit trace goes there).
@@ -296,8 +296,7 @@ impl Worker {
         let worker = Worker {
             label,
             pid,
-            reader: FrameReader::new(&stdout),
-            stdout,
+            reader: FrameReader::new(stdout),
             stdout_open: true,
             stderr,
             pidfd: os::pidfd_open(pid).ok(),
@@ -317,7 +316,7 @@ impl Worker {
         if let Some(s) = &worker.stdin {
             os::set_nonblocking(s).map_err(blocking)?;
         }
-        os::set_nonblocking(&worker.stdout).map_err(blocking)?;
+        os::set_nonblocking(&worker.reader.fd()).map_err(blocking)?;
         if let Some(c) = &worker.stderr {
             os::set_nonblocking(&c.pipe).map_err(blocking)?;
         }
@@ -414,7 +413,7 @@ impl Worker {
             if now >= deadline {
                 return None;
             }
-            let fds: Vec<RawFd> = self.pidfd.iter().map(AsRawFd::as_raw_fd).collect();
+            let fds: Vec<BorrowedFd<'_>> = self.pidfd.iter().map(AsFd::as_fd).collect();
             let _ = os::poll_readable(&fds, deadline.min(now + POLL_TICK));
         }
     }
@@ -424,7 +423,8 @@ impl Worker {
     pub(crate) fn kill(&mut self) {
         if self.reaped.is_none() && !self.killed {
             // Its group id is its pid, which names no other process while it is not reaped.
-            os::kill_process_group(self.pid);
+            // A refusal (a pid that names no group of its own) leaves nothing to kill.
+            let _ = os::kill_process_group(self.pid);
         }
         self.killed = true;
     }
@@ -452,7 +452,7 @@ pub(crate) trait Mortal {
     /// Whether [`Mortal::kill`] was called.
     fn killed(&self) -> bool;
     /// Descriptors that turn readable when it exits or writes: what to poll while waiting.
-    fn wake_fds(&self) -> Vec<RawFd>;
+    fn wake_fds(&self) -> Vec<BorrowedFd<'_>>;
     /// Reads what its pipes hold now: a process blocked on a full pipe would never exit.
     fn drain(&mut self);
     /// `; its stderr: "…"`, or nothing.
@@ -487,23 +487,23 @@ impl Mortal for Worker {
         self.killed
     }
 
-    fn wake_fds(&self) -> Vec<RawFd> {
-        let mut fds: Vec<RawFd> = self.pidfd.iter().map(AsRawFd::as_raw_fd).collect();
+    fn wake_fds(&self) -> Vec<BorrowedFd<'_>> {
+        let mut fds: Vec<BorrowedFd<'_>> = self.pidfd.iter().map(AsFd::as_fd).collect();
         if self.stdout_open {
-            fds.push(self.stdout.as_raw_fd());
+            fds.push(self.reader.fd());
         }
         fds.extend(
             self.stderr
                 .iter()
                 .filter(|c| c.open)
-                .map(|c| c.pipe.as_raw_fd()),
+                .map(|c| c.pipe.as_fd()),
         );
         fds
     }
 
     fn drain(&mut self) {
         // Its work is done: what it still sends on the protocol pipe is not read.
-        drain(self.stdout.as_raw_fd(), &mut self.stdout_open, |_| {});
+        drain(self.reader.fd(), &mut self.stdout_open, |_| {});
         if let Some(c) = &mut self.stderr {
             c.drain();
         }
@@ -596,14 +596,14 @@ pub(crate) fn next_event(workers: &mut [Option<Worker>], wake: Instant) -> Optio
             fds.push(w.reader.fd());
             owners.push((i, Source::Pipe));
             if let Some(p) = &w.pidfd {
-                fds.push(p.as_raw_fd());
+                fds.push(p.as_fd());
                 owners.push((i, Source::Exit));
             }
         }
         for &i in &live {
             if let Some(c) = workers[i].as_ref().and_then(|w| w.stderr.as_ref()) {
                 if c.open {
-                    fds.push(c.pipe.as_raw_fd());
+                    fds.push(c.pipe.as_fd());
                     owners.push((i, Source::Stderr));
                 }
             }
@@ -813,7 +813,7 @@ mod tests {
         fn killed(&self) -> bool {
             self.killed_at.is_some()
         }
-        fn wake_fds(&self) -> Vec<RawFd> {
+        fn wake_fds(&self) -> Vec<BorrowedFd<'_>> {
             Vec::new()
         }
         fn drain(&mut self) {}

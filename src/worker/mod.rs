@@ -18,7 +18,7 @@ pub(crate) use tiers::Layout;
 
 use std::io::{self, Read, Write};
 
-use crate::cuda::{self, DevicePtr};
+use crate::cuda::{self, DeviceView};
 use crate::os;
 use crate::protocol::{self, Check, Message, Problem, ProtocolError};
 
@@ -37,13 +37,14 @@ pub const EXIT_NO_CUDA: i32 = 4;
 pub const EXIT_PROTOCOL: i32 = 3;
 
 /// Runs a worker over this process's stdin and the protocol descriptor its parent set up
-/// ([`crate::os::PROTOCOL_FD`]), and returns its exit code. Call it from a program's `main`
+/// (descriptor 3), and returns its exit code. Call it from a program's `main`
 /// when its first argument is [`WORKER_FLAG`] (the `p2pcheck-worker` executable and the CLI do).
 ///
 /// It changes nothing process-wide: the parent arranged everything between fork and exec (fd
 /// 1 pointed at stderr, so that nothing a library prints can corrupt the stream, which the
 /// parent captures; `PR_SET_PDEATHSIG`, so the worker dies with its parent). A program not
-/// started that way has no protocol descriptor and gets an error and [`EXIT_PROTOCOL`].
+/// started that way has no protocol descriptor and gets an error and exit code 3
+/// (`EXIT_PROTOCOL`).
 pub fn main() -> i32 {
     let out = match os::protocol_output() {
         Ok(out) => out,
@@ -124,23 +125,17 @@ pub fn serve(input: impl Read, output: impl Write) -> Result<i32, ProtocolError>
     Ok(0)
 }
 
-/// Copies `bytes` at `p` to the host (`cudaMemcpy`, kind default, as vLLM) and checks that every
-/// byte is `expected`; bytes still `old` (the producer's fill) count as stale.
-pub(crate) fn verify(
-    device: i32,
-    p: DevicePtr,
-    bytes: usize,
-    expected: u8,
-    check: Check,
-) -> Result<(), Problem> {
-    let host = cuda::copy_to_host(device, p, bytes)?;
+/// Copies `view` to the host (`cudaMemcpy`, kind default, as vLLM) and checks that every byte
+/// is `expected`; bytes still the producer's fill count as stale.
+pub(crate) fn verify(view: DeviceView<'_>, expected: u8, check: Check) -> Result<(), Problem> {
+    let host = view.copy_to_host()?;
     let mut wrong = host.iter().enumerate().filter(|(_, &b)| b != expected);
     match wrong.next() {
         None => Ok(()),
         Some((first, &seen)) => Err(Problem::Mismatch {
             check,
             wrong: 1 + wrong.count() as u64,
-            total: bytes as u64,
+            total: host.len() as u64,
             first_bad: first as u64,
             seen: Some(seen),
             expected,

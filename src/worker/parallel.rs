@@ -10,10 +10,11 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 
 use super::{peak_rss_kb, unexpected, verify, Layout, Link, PRODUCER_FILL, TEST_BYTES};
-use crate::cuda::owned::{DeviceBuffer, PeerMapping};
 use crate::cuda::trace::{self, ProcessRole};
-use crate::cuda::{self, Kernels, IPC_HANDLE_BYTES};
-use crate::protocol::{Check, Job, Message, Op, Problem, ProtocolError, Role, TierParams};
+use crate::cuda::{self, DeviceBuffer, DeviceView, Kernels, PeerMapping, IPC_HANDLE_BYTES};
+use crate::protocol::{
+    Check, Job, Message, Op, Problem, ProtocolError, Role, TierParams, MAX_DEVICES,
+};
 
 /// Serves the parallel engine on local device `device`, exporting `slots` slots.
 pub(super) fn run<R: Read, W: Write>(
@@ -37,11 +38,11 @@ pub(super) fn run<R: Read, W: Write>(
         }
         let bytes = slots as usize * layout.slot_bytes() as usize;
         let buffer = DeviceBuffer::new(d, bytes)?;
-        cuda::memset(d, buffer.at(0), PRODUCER_FILL, bytes)?;
+        buffer.view().memset(PRODUCER_FILL)?;
         cuda::device_synchronize(d)?;
         if let Some(k) = &kernels {
             for slot in 0..slots {
-                let at = buffer.at(u64::from(slot) * layout.slot_bytes());
+                let at = buffer.view().slice(layout.slot_range(slot))?;
                 layout.prepare(k, d, at, tiers)?;
             }
         }
@@ -103,6 +104,17 @@ fn part(device: u32, slots: u32) -> String {
     }
 }
 
+/// Slot `slot` (a number from the parent) of `memory`, or the error the parent is told.
+fn slot_of<'a>(
+    memory: DeviceView<'a>,
+    layout: &Layout,
+    slot: u32,
+) -> Result<DeviceView<'a>, Problem> {
+    memory
+        .slice(layout.slot_range(slot))
+        .map_err(|e| Problem::Driver(format!("slot {slot} from the parent: {e}")))
+}
+
 struct Worker {
     device: i32,
     /// Devices this worker's CUDA sees: the driver's claim can be asked only when it sees both.
@@ -119,49 +131,48 @@ struct Worker {
 impl Worker {
     fn step(&mut self, job: Job, slot: u32, op: Op) -> (Result<(), Problem>, Option<bool>) {
         let d = self.device;
-        let offset = u64::from(slot) * self.layout.slot_bytes();
         let (layout, tiers) = (self.layout, self.tiers);
         let same_gpu = job.pair.src == job.pair.tgt;
+        let copy_bytes = 0..TEST_BYTES as u64;
         match (job.role, op) {
             (Role::Producer, Op::Verify { expect }) => (
                 self.own(slot)
-                    .and_then(|p| verify(d, p, TEST_BYTES, expect, Check::CopyReadBack)),
+                    .and_then(|v| verify(v.slice(copy_bytes)?, expect, Check::CopyReadBack)),
                 None,
             ),
             (Role::Producer, Op::VerifyStores) => (
                 self.own(slot)
-                    .and_then(|p| layout.verify_stores(self.kernels()?, p, &tiers)),
+                    .and_then(|v| layout.verify_stores(self.kernels()?, v, &tiers)),
                 None,
             ),
             (Role::Producer, Op::Handshake) => (
                 self.own(slot)
-                    .and_then(|p| layout.handshake(self.kernels()?, p, 0, same_gpu, &tiers)),
+                    .and_then(|v| layout.handshake(self.kernels()?, v, 0, same_gpu, &tiers)),
                 None,
             ),
             (Role::Consumer, Op::Write { handle, value }) => {
                 let claim = self.claim(job);
                 let result = self.map(job.pair.src, &handle).and_then(|m| {
-                    let q = m.at(offset);
-                    cuda::memset(d, q, value, TEST_BYTES)?;
+                    let q = slot_of(m.view(), &layout, slot)?.slice(copy_bytes)?;
+                    q.memset(value)?;
                     cuda::device_synchronize(d)?;
-                    verify(d, q, TEST_BYTES, value, Check::CopyReadBack)
+                    verify(q, value, Check::CopyReadBack)
                 });
                 (result, claim)
             }
             (Role::Consumer, Op::KernelStore) => (
-                self.mapped(job.pair.src)
-                    .and_then(|m| layout.store(self.kernels()?, m.at(offset), &tiers)),
+                self.peer(job.pair.src, slot)
+                    .and_then(|v| layout.store(self.kernels()?, v, &tiers)),
                 None,
             ),
             (Role::Consumer, Op::KernelLoad) => (
-                self.mapped(job.pair.src)
-                    .and_then(|m| layout.load(self.kernels()?, m.at(offset), &tiers)),
+                self.peer(job.pair.src, slot)
+                    .and_then(|v| layout.load(self.kernels()?, v, &tiers)),
                 None,
             ),
             (Role::Consumer, Op::Handshake) => (
-                self.mapped(job.pair.src).and_then(|m| {
-                    layout.handshake(self.kernels()?, m.at(offset), 1, same_gpu, &tiers)
-                }),
+                self.peer(job.pair.src, slot)
+                    .and_then(|v| layout.handshake(self.kernels()?, v, 1, same_gpu, &tiers)),
                 None,
             ),
             (role, op) => (
@@ -181,14 +192,18 @@ impl Worker {
     }
 
     /// Slot `slot` of this worker's own buffer.
-    fn own(&self, slot: u32) -> Result<cuda::DevicePtr, Problem> {
+    fn own(&self, slot: u32) -> Result<DeviceView<'_>, Problem> {
         match &self.buffer {
-            Some(b) if slot < self.slots => Ok(b.at(u64::from(slot) * self.layout.slot_bytes())),
-            _ => Err(Problem::Driver(format!(
-                "slot {slot} of a buffer of {} slots",
-                self.slots
+            Some(b) => slot_of(b.view(), &self.layout, slot),
+            None => Err(Problem::Driver(format!(
+                "slot {slot} of this worker's buffer: it exports none"
             ))),
         }
+    }
+
+    /// Slot `slot` of `src`'s buffer, through its mapping.
+    fn peer(&self, src: u32, slot: u32) -> Result<DeviceView<'_>, Problem> {
+        slot_of(self.mapped(src)?.view(), &self.layout, slot)
     }
 
     /// The driver's claim for the job's pair, where this worker sees both devices.
@@ -212,7 +227,19 @@ impl Worker {
             }
         }
         if !self.mappings.contains_key(&src) {
-            let m = PeerMapping::open(self.device, handle)?;
+            // Every producer of the engine exports as many slots as its Setup names, the same
+            // count for all (engine::parallel's set-up); a worker that exports none (a second
+            // worker of a GPU, slots 0) is not told that count and takes the most any Setup
+            // may name.
+            let slots = match self.slots {
+                0 => MAX_DEVICES,
+                n => n,
+            };
+            let bytes = u64::from(slots) * self.layout.slot_bytes();
+            // For a second worker that is an upper bound: a slot number at or past the
+            // producer's real count is caught only by the producer's own step (the wire does
+            // not carry the count to it).
+            let m = PeerMapping::open(self.device, handle, bytes)?;
             self.mappings.insert(src, m);
         }
         self.mapped(src)
@@ -236,5 +263,101 @@ impl Worker {
             let _ = b.release();
         }
         drop(self.kernels);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{Level, Pair};
+
+    /// A worker of device 0 at level copy (1 KiB slots) whose buffer holds `slots` slots and
+    /// which has mapped device 1's buffer of as many, all at made-up addresses: a step that
+    /// reached CUDA would fail to load it (no driver here), so an error naming the slot and the
+    /// memory proves the step was refused before any call.
+    fn worker(slots: u32, handle: &[u8; IPC_HANDLE_BYTES]) -> Worker {
+        let tiers = TierParams {
+            kernel_bytes: 0,
+            seed: 1,
+            shift: 0,
+            rounds: 0,
+            budget_ms: 0,
+        };
+        let layout = Layout::new(&tiers);
+        let bytes = u64::from(slots) * layout.slot_bytes();
+        Worker {
+            device: 0,
+            sees: 0,
+            slots,
+            layout,
+            tiers,
+            kernels: None,
+            buffer: (slots > 0).then(|| DeviceBuffer::unbacked(0, bytes)),
+            mappings: HashMap::from([(1, PeerMapping::unbacked(0, handle, bytes))]),
+        }
+    }
+
+    fn job(role: Role) -> Job {
+        Job {
+            index: 0,
+            pair: Pair { src: 1, tgt: 0 },
+            role,
+            tier: Level::Copy,
+        }
+    }
+
+    fn refusal(result: Result<(), Problem>) -> String {
+        match result {
+            Err(Problem::Driver(why)) => why,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_slot_out_of_range_from_the_parent_is_an_error_reported_not_an_access() {
+        let handle = [9; IPC_HANDLE_BYTES];
+        let mut w = worker(2, &handle);
+        let producer = [Op::Verify { expect: 2 }, Op::VerifyStores, Op::Handshake];
+        let consumer = [
+            Op::Write { handle, value: 2 },
+            Op::KernelStore,
+            Op::KernelLoad,
+            Op::Handshake,
+        ];
+        for slot in [2, 7, u32::MAX] {
+            let start = u64::from(slot) * 1024;
+            for op in &producer {
+                let (result, claim) = w.step(job(Role::Producer), slot, op.clone());
+                assert_eq!(claim, None);
+                assert_eq!(
+                    refusal(result),
+                    format!(
+                        "slot {slot} from the parent: bytes {start}..{} of device 0's buffer of \
+                         2048 bytes lie outside the view's 0..2048",
+                        start + 1024
+                    ),
+                    "{op:?}"
+                );
+            }
+            for op in &consumer {
+                let (result, _) = w.step(job(Role::Consumer), slot, op.clone());
+                assert_eq!(
+                    refusal(result),
+                    format!(
+                        "slot {slot} from the parent: bytes {start}..{} of device 0's mapping \
+                         of a peer's buffer of 2048 bytes lie outside the view's 0..2048",
+                        start + 1024
+                    ),
+                    "{op:?}"
+                );
+            }
+        }
+        // A worker that exports nothing has no slot to give.
+        let mut second = worker(0, &handle);
+        let (result, _) = second.step(job(Role::Producer), 0, Op::Verify { expect: 2 });
+        assert_eq!(
+            refusal(result),
+            "slot 0 of this worker's buffer: it exports none"
+        );
     }
 }

@@ -7,7 +7,9 @@
 //! lost page or stale contents show as wrong bytes; the bytes that still hold the old pattern
 //! tell "never arrived" from "arrived wrong".
 
-use crate::cuda::{self, DevicePtr, Kernels, PatternCount};
+use std::ops::Range;
+
+use crate::cuda::{self, DeviceView, Kernels, PatternCount, HANDSHAKE_AREA_BYTES};
 use crate::protocol::{Check, Problem, TierParams};
 
 use super::TEST_BYTES;
@@ -20,8 +22,6 @@ pub(crate) struct Layout {
 
 /// Offset of the handshake area in a slot (page 0, with the copy bytes).
 const HANDSHAKE_OFFSET: u64 = 4096;
-/// Bytes of the handshake area (flags and two payloads, see csrc/kernels.cu).
-const HANDSHAKE_BYTES: usize = 2048;
 /// Offset of the pattern area: its own huge page on.
 const KERNEL_OFFSET: u64 = 2 << 20;
 /// Bytes after the pattern area that no pair uses.
@@ -43,6 +43,11 @@ enum Pattern {
     Load = 3,
     /// The handshake payloads.
     Handshake = 4,
+}
+
+/// A slot's handshake area.
+fn handshake_area(slot: DeviceView<'_>) -> cuda::Result<DeviceView<'_>> {
+    slot.slice(HANDSHAKE_OFFSET..HANDSHAKE_OFFSET + HANDSHAKE_AREA_BYTES)
 }
 
 fn seed(tiers: &TierParams, pattern: Pattern, part: usize) -> u64 {
@@ -75,8 +80,17 @@ impl Layout {
         self.kernel_bytes / WIDTHS.len() as u64
     }
 
-    fn part(&self, slot: DevicePtr, part: usize) -> DevicePtr {
-        slot.offset(KERNEL_OFFSET + part as u64 * self.part_bytes())
+    /// The bytes of slot `slot` in a buffer of slots (saturating: a slot number too large for
+    /// any buffer gives a range that no view holds).
+    pub(crate) fn slot_range(&self, slot: u32) -> Range<u64> {
+        let start = u64::from(slot).saturating_mul(self.slot_bytes());
+        start..start.saturating_add(self.slot_bytes())
+    }
+
+    /// Part `part` of a slot's pattern area.
+    fn part<'a>(&self, slot: DeviceView<'a>, part: usize) -> cuda::Result<DeviceView<'a>> {
+        let start = KERNEL_OFFSET + part as u64 * self.part_bytes();
+        slot.slice(start..start + self.part_bytes())
     }
 
     /// Producer, at set-up: the slot's pattern area holds the old pattern and its handshake
@@ -85,14 +99,14 @@ impl Layout {
         &self,
         k: &Kernels,
         device: i32,
-        slot: DevicePtr,
+        slot: DeviceView<'_>,
         tiers: &TierParams,
     ) -> Result<(), Problem> {
-        cuda::memset(device, slot.offset(HANDSHAKE_OFFSET), 0, HANDSHAKE_BYTES)?;
+        handshake_area(slot)?.memset(0)?;
         cuda::device_synchronize(device)?;
         for q in 0..WIDTHS.len() {
             let s = seed(tiers, Pattern::Old, q);
-            k.pattern_store(self.part(slot, q), self.part_bytes(), s, 16, 0)?;
+            k.pattern_store(self.part(slot, q)?, s, 16, 0)?;
         }
         Ok(())
     }
@@ -101,18 +115,12 @@ impl Layout {
     pub(crate) fn store(
         &self,
         k: &Kernels,
-        slot: DevicePtr,
+        slot: DeviceView<'_>,
         tiers: &TierParams,
     ) -> Result<(), Problem> {
         for (q, &width) in WIDTHS.iter().enumerate() {
             let s = seed(tiers, Pattern::Store, q);
-            k.pattern_store(
-                self.part(slot, q),
-                self.part_bytes(),
-                s,
-                width,
-                u64::from(tiers.shift),
-            )?;
+            k.pattern_store(self.part(slot, q)?, s, width, u64::from(tiers.shift))?;
         }
         Ok(())
     }
@@ -122,7 +130,7 @@ impl Layout {
     pub(crate) fn verify_stores(
         &self,
         k: &Kernels,
-        slot: DevicePtr,
+        slot: DeviceView<'_>,
         tiers: &TierParams,
     ) -> Result<(), Problem> {
         let seen = self.check(
@@ -136,7 +144,10 @@ impl Layout {
         let mut refill = Ok(());
         for q in 0..WIDTHS.len() {
             let s = seed(tiers, Pattern::Load, q);
-            if let Err(e) = k.pattern_store(self.part(slot, q), self.part_bytes(), s, 16, 0) {
+            let stored = self
+                .part(slot, q)
+                .and_then(|part| k.pattern_store(part, s, 16, 0));
+            if let Err(e) = stored {
                 refill = Err(Problem::from(e));
                 break;
             }
@@ -148,7 +159,7 @@ impl Layout {
     pub(crate) fn load(
         &self,
         k: &Kernels,
-        slot: DevicePtr,
+        slot: DeviceView<'_>,
         tiers: &TierParams,
     ) -> Result<(), Problem> {
         self.check(
@@ -166,7 +177,7 @@ impl Layout {
     fn check(
         &self,
         k: &Kernels,
-        slot: DevicePtr,
+        slot: DeviceView<'_>,
         tiers: &TierParams,
         expect: Pattern,
         old: Pattern,
@@ -175,8 +186,7 @@ impl Layout {
         let mut counts: Vec<(usize, PatternCount)> = Vec::new();
         for (q, &width) in WIDTHS.iter().enumerate() {
             let c = k.pattern_check(
-                self.part(slot, q),
-                self.part_bytes(),
+                self.part(slot, q)?,
                 seed(tiers, expect, q),
                 seed(tiers, old, q),
                 width,
@@ -204,7 +214,7 @@ impl Layout {
     pub(crate) fn handshake(
         &self,
         k: &Kernels,
-        slot: DevicePtr,
+        slot: DeviceView<'_>,
         role: u32,
         same_gpu: bool,
         tiers: &TierParams,
@@ -215,9 +225,8 @@ impl Layout {
             tiers.rounds
         };
         let budget_ns = u64::from(tiers.budget_ms) * 1_000_000;
-        let area = slot.offset(HANDSHAKE_OFFSET);
         let r = k.handshake(
-            area,
+            handshake_area(slot)?,
             rounds,
             role,
             seed(tiers, Pattern::Handshake, 0),

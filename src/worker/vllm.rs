@@ -8,9 +8,8 @@ use std::io::{Read, Write};
 use super::{
     peak_rss_kb, unexpected, verify, Layout, Link, CONSUMER_FILL, PRODUCER_FILL, TEST_BYTES,
 };
-use crate::cuda::owned::{DeviceBuffer, PeerMapping};
 use crate::cuda::trace::{self, ProcessRole};
-use crate::cuda::{self, Kernels, IPC_HANDLE_BYTES};
+use crate::cuda::{self, DeviceBuffer, Kernels, PeerMapping, IPC_HANDLE_BYTES};
 use crate::protocol::{
     Check, Job, Level, Message, Pair, Problem, ProtocolError, Role, SideVerdict, Stage,
     TierOutcome, TierParams,
@@ -138,10 +137,11 @@ fn produce<R: Read, W: Write>(
     // vLLM's calls exactly; the allocation is not freed: the reset after the pair releases it.
     let exported = (|| {
         cuda::set_device(d)?;
-        let p = cuda::malloc(d, TEST_BYTES)?;
-        cuda::memset(d, p, PRODUCER_FILL, TEST_BYTES)?;
+        let p = DeviceBuffer::until_reset(d, TEST_BYTES)?;
+        p.view().memset(PRODUCER_FILL)?;
         cuda::device_synchronize(d)?;
-        Ok::<_, cuda::Error>((p, cuda::ipc_get_mem_handle(d, p)?))
+        let handle = p.ipc_handle()?;
+        Ok::<_, cuda::Error>((p, handle))
     })()
     .map_err(Problem::from);
     let p = match exported {
@@ -168,7 +168,7 @@ fn produce<R: Read, W: Write>(
     }
     link.barrier_out(job, Stage::Copy)?;
     link.barrier_in(job, Stage::Copy)?;
-    let copy = verify(d, p, TEST_BYTES, CONSUMER_FILL, Check::CopyReadBack);
+    let copy = verify(p.view(), CONSUMER_FILL, Check::CopyReadBack);
     let tiers_seen = if level >= Level::Kernel {
         produce_tiers(link, job, level, tiers)?
     } else {
@@ -194,7 +194,7 @@ fn produce_tiers<R: Read, W: Write>(
     let set_up = (|| {
         let k = Kernels::load(d)?;
         let buffer = DeviceBuffer::new(d, layout.slot_bytes() as usize)?;
-        layout.prepare(&k, d, buffer.at(0), tiers)?;
+        layout.prepare(&k, d, buffer.view(), tiers)?;
         let handle = buffer.ipc_handle()?;
         Ok::<_, Problem>((k, buffer, handle))
     })();
@@ -219,7 +219,7 @@ fn produce_tiers<R: Read, W: Write>(
         return Ok(tiers_failed(level, Problem::Peer(Box::new(why))));
     }
     link.barrier_in(job, Stage::KernelStored)?;
-    let kernel = layout.verify_stores(&k, buffer.at(0), tiers);
+    let kernel = layout.verify_stores(&k, buffer.view(), tiers);
     link.barrier_out(job, Stage::ProducerRewrote)?;
     let handshake = if level >= Level::Handshake {
         // Both kernels must be resident at once: the consumer launches on this token.
@@ -229,7 +229,7 @@ fn produce_tiers<R: Read, W: Write>(
             tier: Level::Handshake,
             ..job
         }));
-        let shook = layout.handshake(&k, buffer.at(0), 0, same_gpu, tiers);
+        let shook = layout.handshake(&k, buffer.view(), 0, same_gpu, tiers);
         trace::set_job(Some(job));
         Some(shook)
     } else {
@@ -258,7 +258,10 @@ fn consume<R: Read, W: Write>(
     let opened = match (selected, handle) {
         (Err(why), _) => Err(why),
         (_, Err(why)) => Err(Problem::Peer(Box::new(why))),
-        (Ok(()), Ok(h)) => cuda::ipc_open_mem_handle(d, &h).map_err(Problem::from),
+        // The producer allocated TEST_BYTES (produce, SPEC section 2).
+        (Ok(()), Ok(h)) => {
+            PeerMapping::until_reset(d, &h, TEST_BYTES as u64).map_err(Problem::from)
+        }
     };
     let q = match opened {
         Ok(q) => q,
@@ -276,12 +279,14 @@ fn consume<R: Read, W: Write>(
     })?;
     // A failure here is this side's "false"; the barriers still run so the producer is not
     // left waiting.
-    let wrote = cuda::memset(d, q, CONSUMER_FILL, TEST_BYTES)
+    let wrote = q
+        .view()
+        .memset(CONSUMER_FILL)
         .and_then(|_| cuda::device_synchronize(d))
         .map_err(Problem::from);
     link.barrier_in(job, Stage::Copy)?;
     link.barrier_out(job, Stage::Copy)?;
-    let copy = wrote.and_then(|_| verify(d, q, TEST_BYTES, CONSUMER_FILL, Check::CopyReadBack));
+    let copy = wrote.and_then(|_| verify(q.view(), CONSUMER_FILL, Check::CopyReadBack));
     let tiers_seen = if level >= Level::Kernel {
         consume_tiers(link, job, level, tiers)?
     } else {
@@ -310,7 +315,8 @@ fn consume_tiers<R: Read, W: Write>(
         .map_err(|why| Problem::Peer(Box::new(why)))
         .and_then(|h| {
             let k = Kernels::load(d)?;
-            Ok((k, PeerMapping::open(d, &h)?))
+            // The producer allocated one slot of the same layout (produce_tiers).
+            Ok((k, PeerMapping::open(d, &h, layout.slot_bytes())?))
         });
     let (k, mapping) = match opened {
         Ok(ok) => {
@@ -328,10 +334,10 @@ fn consume_tiers<R: Read, W: Write>(
             return Ok(tiers_failed(level, why));
         }
     };
-    let stored = layout.store(&k, mapping.at(0), tiers);
+    let stored = layout.store(&k, mapping.view(), tiers);
     link.barrier_out(job, Stage::KernelStored)?;
     link.barrier_in(job, Stage::ProducerRewrote)?;
-    let loaded = layout.load(&k, mapping.at(0), tiers);
+    let loaded = layout.load(&k, mapping.view(), tiers);
     let handshake = if level >= Level::Handshake {
         link.barrier_in(job, Stage::Handshake)?;
         let same_gpu = job.pair.src == job.pair.tgt;
@@ -339,7 +345,7 @@ fn consume_tiers<R: Read, W: Write>(
             tier: Level::Handshake,
             ..job
         }));
-        let shook = layout.handshake(&k, mapping.at(0), 1, same_gpu, tiers);
+        let shook = layout.handshake(&k, mapping.view(), 1, same_gpu, tiers);
         trace::set_job(Some(job));
         Some(shook)
     } else {
