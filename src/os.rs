@@ -6,6 +6,8 @@
 
 #![allow(unsafe_code)]
 
+pub mod fdpass;
+
 use std::ffi::{CStr, CString, OsStr};
 use std::fs::File;
 use std::io;
