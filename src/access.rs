@@ -12,11 +12,11 @@ use std::sync::Mutex;
 use once_cell::sync::Lazy;
 
 use crate::cache;
-use crate::engine::{self, Options, PairReport, Report};
+use crate::engine::{self, Options};
 use crate::environment::Environment;
 use crate::error::{CacheErrorKind, Error, Result};
 use crate::fingerprint;
-use crate::protocol::Level;
+use crate::model::{Level, PairReport, Report};
 
 /// How [`access_check`] finds or computes its answer.
 #[derive(Clone, Debug, Default)]
@@ -333,10 +333,10 @@ fn remembered(key: &AnswerKey, src: u32, tgt: u32) -> Option<Access> {
 fn check_all(opts: &Options, n: u32) -> Result<cache::Computed> {
     let report = engine::run(None, opts)?;
     if report.device_count != n {
-        return Err(Error::Worker(format!(
-            "the workers see {} devices, this process {n}",
-            report.device_count
-        )));
+        return Err(Error::DeviceCountChanged {
+            workers: report.device_count,
+            here: n,
+        });
     }
     let not_persisted = (!report.persistable()).then(|| {
         let once: Vec<String> = report

@@ -357,8 +357,10 @@ fn engine_of(argv: &[String]) -> Option<Consumer> {
 /// a report is made).
 #[cfg(test)]
 pub(crate) mod test_reports {
-    use crate::TierOutcome;
-    use crate::{Evidence, Level, Outcome, Pair, PairReport, Problem, Report, SideVerdict};
+    use crate::model::{
+        Evidence, Fault, Hang, Level, Lost, Outcome, Pair, PairReport, Problem, Report,
+        SideVerdict, TierOutcome, WorkerFault,
+    };
 
     fn side(copy_ok: bool, kernel: TierOutcome, handshake: TierOutcome) -> SideVerdict {
         SideVerdict {
@@ -426,12 +428,29 @@ pub(crate) mod test_reports {
 
     /// A pair whose worker hung.
     pub fn hangs(src: u32, tgt: u32) -> PairReport {
-        pair(src, tgt, Outcome::Hang("stuck".into()))
+        pair(
+            src,
+            tgt,
+            Outcome::Hang(Hang::Silent {
+                worker: format!("worker of GPU {tgt}"),
+                waited: std::time::Duration::from_secs(1),
+                step: None,
+                stderr: String::new(),
+            }),
+        )
     }
 
     /// A pair whose worker died.
     pub fn errs(src: u32, tgt: u32) -> PairReport {
-        pair(src, tgt, Outcome::Error("died".into()))
+        pair(
+            src,
+            tgt,
+            Outcome::Error(Lost::Worker(WorkerFault {
+                worker: format!("worker of GPU {tgt}"),
+                fault: Fault::ReapedElsewhere,
+                stderr: String::new(),
+            })),
+        )
     }
 }
 

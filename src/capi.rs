@@ -32,12 +32,13 @@ use std::time::Duration;
 
 use once_cell::sync::Lazy;
 
-use crate::engine::{
-    Engine, Options, Outcome, Owner, PairReport, Pending, Report, Verdict, Visibility,
-};
+use crate::engine::{Options, Owner, Pending};
 use crate::error::Error;
+use crate::model::{
+    Class, Engine, Level, Pair, PairReport, Report, TierOutcome, Verdict, Visibility,
+};
 use crate::policy::{self, ComputeCapability, PolicyConfig};
-use crate::protocol::{Class, Level, Pair, TierOutcome, MAX_DEVICES};
+use crate::protocol::MAX_DEVICES;
 use crate::sim::{Fault, Simulation};
 use crate::AccessOptions;
 
@@ -52,7 +53,9 @@ pub enum Status {
     Cuda = 1,
     /// `P2PCHECK_STATUS_WORKER_CUDA`: [`Error::WorkerCuda`].
     WorkerCuda = 2,
-    /// `P2PCHECK_STATUS_WORKER`: [`Error::Worker`].
+    /// `P2PCHECK_STATUS_WORKER`: a worker could not be found, started or kept
+    /// ([`Error::WorkerSpawn`], [`Error::WorkerLost`], [`Error::GaveUp`] and the other worker
+    /// variants).
     Worker = 3,
     /// `P2PCHECK_STATUS_VERSION`: [`Error::Version`].
     Version = 4,
@@ -111,7 +114,22 @@ impl Status {
         match e {
             Error::Cuda(_) => Status::Cuda,
             Error::WorkerCuda { .. } => Status::WorkerCuda,
-            Error::Worker(_) => Status::Worker,
+            Error::WorkerUnusable { .. }
+            | Error::WorkerNotFound { .. }
+            | Error::WorkerSpawn { .. }
+            | Error::WorkerPipes { .. }
+            | Error::WorkerStartup { .. }
+            | Error::WorkerLost { .. }
+            | Error::WorkerProtocol { .. }
+            | Error::StartDeadline { .. }
+            | Error::WorkerClaim { .. }
+            | Error::DeviceCounts { .. }
+            | Error::DeviceCountChanged { .. }
+            | Error::GaveUp { .. }
+            | Error::Thread { .. }
+            | Error::Subreaper { .. }
+            | Error::Bug { .. }
+            | Error::Internal { .. } => Status::Worker,
             Error::Version { .. } => Status::Version,
             Error::NoDevice(_) => Status::NoDevice,
             Error::InvalidInput(_) => Status::InvalidArgument,
@@ -310,7 +328,8 @@ pub struct PairResult {
 impl PairResult {
     /// The plain data of one pair.
     pub fn of(p: &PairReport) -> PairResult {
-        let verdict = match p.verdict() {
+        let verdict = p.verdict();
+        let code = match &verdict {
             Verdict::Ok => VerdictCode::Ok,
             Verdict::Fails(_) => VerdictCode::Fails,
             Verdict::Hang(_) => VerdictCode::Hang,
@@ -326,32 +345,21 @@ impl PairResult {
             Some(true) => TierCode::Ok,
             Some(false) => TierCode::Failed,
         };
-        let failed = p.failed_tier();
-        // The failed tier's first problem, in the order the details list them.
-        let problem = match (&p.outcome, failed) {
-            (Outcome::Done { producer, consumer }, Some(Level::Copy)) => {
-                producer.copy.clone().err().or(consumer.copy.clone().err())
-            }
-            (_, Some(Level::Kernel)) => match p.kernel() {
-                TierOutcome::Failed(why) => Some(why),
-                _ => None,
-            },
-            (_, Some(Level::Handshake)) => match p.handshake() {
-                TierOutcome::Failed(why) => Some(why),
-                _ => None,
-            },
+        // The failed tier and its diagnosis, from the verdict's cause.
+        let failure = match &verdict {
+            Verdict::Fails(failure) => Some(failure),
             _ => None,
         };
         PairResult {
             src: p.pair.src,
             tgt: p.pair.tgt,
-            ok: i32::from(verdict == VerdictCode::Ok),
-            verdict: verdict as i32,
+            ok: i32::from(code == VerdictCode::Ok),
+            verdict: code as i32,
             copy: copy as i32,
             kernel: tier(p.kernel()) as i32,
             handshake: tier(p.handshake()) as i32,
-            failed_tier: failed.map_or(LevelCode::None, LevelCode::of) as i32,
-            diagnosis: problem.map_or(ClassCode::None, |why| ClassCode::of(why.class())) as i32,
+            failed_tier: failure.map_or(LevelCode::None, |f| LevelCode::of(f.tier)) as i32,
+            diagnosis: failure.map_or(ClassCode::None, |f| ClassCode::of(f.class())) as i32,
             attempts: p.attempts,
             driver_claim: p.claim().map_or(-1, i32::from),
             persistable: i32::from(p.persistable()),
@@ -1606,7 +1614,13 @@ mod tests {
     #[test]
     fn every_error_has_its_status() {
         let cases = [
-            (Error::Worker("w".into()), Status::Worker),
+            (
+                Error::WorkerNotFound {
+                    tried: vec!["w".into()],
+                },
+                Status::Worker,
+            ),
+            (Error::GaveUp { rounds: 3 }, Status::Worker),
             (Error::NoDevice("n".into()), Status::NoDevice),
             (Error::InvalidInput("i".into()), Status::InvalidArgument),
             (Error::Cancelled, Status::Cancelled),

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::cuda;
-use crate::protocol::Problem;
+use crate::model::{deadline_passed, Problem, WorkerFault};
 
 /// Why a check could not be carried out.
 #[non_exhaustive]
@@ -27,9 +27,112 @@ pub enum Error {
         /// The failing call, with its code.
         problem: Problem,
     },
-    /// The worker executable could not be found or started, or misbehaved before any pair
-    /// (silent at start-up, wrong first message).
-    Worker(String),
+    /// The worker executable named by the options or `P2PCHECK_WORKER` cannot be used.
+    WorkerUnusable {
+        /// Where it was named: `worker (from options)` or `P2PCHECK_WORKER=PATH`.
+        origin: String,
+        /// Why it cannot be used.
+        why: String,
+    },
+    /// No worker executable was found.
+    WorkerNotFound {
+        /// Where it was looked for, in order.
+        tried: Vec<String>,
+    },
+    /// The worker executable could not be started.
+    WorkerSpawn {
+        /// The executable.
+        path: PathBuf,
+        /// The system's error.
+        source_text: String,
+    },
+    /// A worker's pipes could not be set up.
+    WorkerPipes {
+        /// The system's error.
+        source_text: String,
+    },
+    /// A worker did not start CUDA (and set up its GPU) within the start-up timeout.
+    WorkerStartup {
+        /// The worker; `None`: the vLLM engine's two workers.
+        worker: Option<String>,
+        /// The worker executable.
+        path: PathBuf,
+        /// The start-up timeout.
+        timeout: Duration,
+        /// What the worker(s) wrote to stderr, as `; its stderr: "…"` (empty when nothing).
+        stderr: String,
+    },
+    /// A worker died, broke the protocol or stopped reading before the pairs ran.
+    WorkerLost {
+        /// When: while starting, before its Hello, or (`None`) when it was sent its work.
+        during: Option<Phase>,
+        /// What went wrong with it.
+        fault: WorkerFault,
+    },
+    /// A worker sent a message it may not send while starting.
+    WorkerProtocol {
+        /// The worker.
+        worker: String,
+        /// The message.
+        sent: String,
+        /// When.
+        during: Phase,
+    },
+    /// The whole check's deadline passed before the workers said Hello.
+    StartDeadline {
+        /// The check's budget.
+        budget: Duration,
+        /// The worker waited for; `None`: the vLLM engine's two workers.
+        worker: Option<String>,
+    },
+    /// A worker claims to see more GPUs than the driver lists.
+    WorkerClaim {
+        /// The worker.
+        worker: String,
+        /// The GPUs it claims to see.
+        claimed: u32,
+        /// The GPUs the driver lists.
+        listed: u32,
+    },
+    /// The vLLM engine's two workers see different device counts.
+    DeviceCounts {
+        /// The producer's count.
+        producer: u32,
+        /// The consumer's count.
+        consumer: u32,
+    },
+    /// The workers see another device count than this process.
+    DeviceCountChanged {
+        /// The workers' count.
+        workers: u32,
+        /// This process's count.
+        here: u32,
+    },
+    /// Rounds of fresh workers kept failing: the check gave up.
+    GaveUp {
+        /// Rounds of fresh workers started.
+        rounds: u32,
+    },
+    /// The check's thread could not be started.
+    Thread {
+        /// The system's error.
+        source_text: String,
+    },
+    /// `PR_SET_CHILD_SUBREAPER` failed.
+    Subreaper {
+        /// The system's error.
+        source_text: String,
+    },
+    /// A bug in the check: a panic, caught (its message).
+    Bug {
+        /// The panic's message.
+        what: String,
+    },
+    /// A state that cannot happen short of a bug (no result where there must be one).
+    Internal {
+        /// What happened.
+        what: &'static str,
+    },
     /// The worker speaks another protocol version.
     Version {
         /// The worker executable.
@@ -75,9 +178,90 @@ impl fmt::Display for Error {
             Error::WorkerCuda { worker, problem } => {
                 write!(f, "the {worker} could not start CUDA: {problem}")
             }
-            Error::Worker(why) | Error::NoDevice(why) | Error::InvalidInput(why) => {
-                f.write_str(why)
+            Error::NoDevice(why) | Error::InvalidInput(why) => f.write_str(why),
+            Error::WorkerUnusable { origin, why } => write!(f, "{origin}: {why}"),
+            Error::WorkerNotFound { tried } => write!(
+                f,
+                "cannot find the p2pcheck-worker executable (tried {}); install it beside your \
+                 program or set P2PCHECK_WORKER to its path",
+                tried.join(", ")
+            ),
+            Error::WorkerSpawn { path, source_text } => {
+                write!(f, "cannot start worker {}: {source_text}", path.display())
             }
+            Error::WorkerPipes { source_text } => {
+                write!(f, "cannot set up the worker's pipes: {source_text}")
+            }
+            Error::WorkerStartup {
+                worker: Some(worker),
+                timeout,
+                stderr,
+                ..
+            } => write!(
+                f,
+                "the {worker} did not start CUDA and set up its GPU within the start-up timeout \
+                 ({timeout:?}){stderr}"
+            ),
+            Error::WorkerStartup {
+                worker: None,
+                path,
+                timeout,
+                stderr,
+            } => write!(
+                f,
+                "the workers did not start CUDA within the start-up timeout ({timeout:?}, {}){stderr}",
+                path.display()
+            ),
+            Error::WorkerLost { during, fault } => match during {
+                Some(Phase::Starting) => write!(f, "failed while starting: {fault}"),
+                Some(Phase::Hello) => write!(f, "failed before saying Hello: {fault}"),
+                None => write!(f, "{fault}"),
+            },
+            Error::WorkerProtocol {
+                worker,
+                sent,
+                during,
+            } => write!(
+                f,
+                "the {worker} sent {sent} {}",
+                match during {
+                    Phase::Starting => "while starting",
+                    Phase::Hello => "before Hello",
+                }
+            ),
+            Error::StartDeadline { budget, worker } => {
+                write!(f, "{} before the ", deadline_passed(*budget))?;
+                match worker {
+                    Some(w) => write!(f, "{w} said Hello"),
+                    None => write!(f, "workers said Hello"),
+                }
+            }
+            Error::WorkerClaim {
+                worker,
+                claimed,
+                listed,
+            } => write!(
+                f,
+                "the {worker} claims to see {claimed} GPUs, but the driver lists {listed}: refused"
+            ),
+            Error::DeviceCounts { producer, consumer } => write!(
+                f,
+                "the workers see different device counts ({producer} and {consumer})"
+            ),
+            Error::DeviceCountChanged { workers, here } => {
+                write!(f, "the workers see {workers} devices, this process {here}")
+            }
+            Error::GaveUp { rounds } => {
+                write!(f, "gave up after {rounds} rounds of fresh workers")
+            }
+            Error::Thread { source_text } => {
+                write!(f, "cannot start the check's thread: {source_text}")
+            }
+            Error::Subreaper { source_text } => {
+                write!(f, "PR_SET_CHILD_SUBREAPER failed: {source_text}")
+            }
+            Error::Bug { what } => write!(f, "internal error in the check (a bug): {what}"),
+            Error::Internal { what } => f.write_str(what),
             Error::Version { worker, theirs } => write!(
                 f,
                 "the worker {} speaks protocol version {theirs}, this library {}: install the \
@@ -201,6 +385,15 @@ impl fmt::Display for CacheErrorKind {
             }
         }
     }
+}
+
+/// When a worker went wrong before the pairs ran.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// While it started CUDA and set up its GPU.
+    Starting,
+    /// Before it said Hello.
+    Hello,
 }
 
 /// Result of p2pcheck's API.

@@ -6,9 +6,7 @@
 use crate::advice::{self, Remedy};
 use crate::{Level, PairReport, Report};
 
-/// The version of p2pcheck's JSON formats (`docs/json-schema.md`): the check's `--json`, `env
-/// --json`. A change that removes or redefines a field bumps it; a new field does not.
-pub const JSON_SCHEMA_VERSION: u32 = 1;
+pub use crate::render::json::JSON_SCHEMA_VERSION;
 
 /// What a check's result does not hold but its renderings name.
 #[derive(Clone, Debug, Default, PartialEq)]

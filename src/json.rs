@@ -1,4 +1,5 @@
-//! A tiny strict JSON (RFC 8259) reader, and the one writer helper the crate needs.
+//! A tiny strict JSON (RFC 8259) reader, and a writer ([`Object`], [`Json`]) that cannot
+//! produce invalid JSON.
 //!
 //! Why not a crate: the only JSON we read is vLLM's small cache file (and our own `--json`
 //! output in tests), and the crate keeps its dependencies to libc, once_cell and anyhow.
@@ -113,6 +114,132 @@ pub fn escape(s: &str) -> String {
     }
     out.push('"');
     out
+}
+
+/// A JSON text made by this module's writer ([`Object`], [`Json::array`], ...), or checked by
+/// [`parse`]: valid JSON by construction, whatever the strings in it hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Json(String);
+
+impl Json {
+    /// `null`.
+    pub fn null() -> Json {
+        Json("null".into())
+    }
+
+    /// A string, escaped ([`escape`]).
+    pub fn string(s: &str) -> Json {
+        Json(escape(s))
+    }
+
+    /// `true` or `false`.
+    pub fn bool(b: bool) -> Json {
+        Json(b.to_string())
+    }
+
+    /// An unsigned number.
+    pub fn uint(n: u64) -> Json {
+        Json(n.to_string())
+    }
+
+    /// An array of `items`, in order.
+    pub fn array(items: impl IntoIterator<Item = Json>) -> Json {
+        let items: Vec<String> = items.into_iter().map(|j| j.0).collect();
+        Json(format!("[{}]", items.join(",")))
+    }
+
+    /// `text` if it is one JSON value (a text another module wrote), else the error.
+    ///
+    /// # Errors
+    /// `text` is not valid JSON: where and why, as [`parse`] says.
+    pub fn checked(text: String) -> Result<Json, ParseError> {
+        parse(&text)?;
+        Ok(Json(text))
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Json {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Writes one JSON object, member after member in the order given: the writer escapes the keys
+/// and the strings and places the commas, and every value is one it writes or a [`Json`], so
+/// the object is valid JSON whatever the strings hold.
+#[derive(Debug, Default)]
+pub struct Object(String);
+
+impl Object {
+    /// An empty object.
+    pub fn new() -> Object {
+        Object::default()
+    }
+
+    fn member(&mut self, key: &str, value: &str) -> &mut Object {
+        if !self.0.is_empty() {
+            self.0.push(',');
+        }
+        self.0.push_str(&escape(key));
+        self.0.push(':');
+        self.0.push_str(value);
+        self
+    }
+
+    /// A member whose value is `value`.
+    pub fn value(&mut self, key: &str, value: &Json) -> &mut Object {
+        self.member(key, &value.0)
+    }
+
+    /// A string member.
+    pub fn str(&mut self, key: &str, value: &str) -> &mut Object {
+        self.member(key, &escape(value))
+    }
+
+    /// A string member, or `null`.
+    pub fn opt_str(&mut self, key: &str, value: Option<&str>) -> &mut Object {
+        self.member(key, &value.map_or_else(|| "null".into(), escape))
+    }
+
+    /// An unsigned number.
+    pub fn uint(&mut self, key: &str, value: u64) -> &mut Object {
+        self.member(key, &value.to_string())
+    }
+
+    /// An unsigned number, or `null`.
+    pub fn opt_uint(&mut self, key: &str, value: Option<u64>) -> &mut Object {
+        self.member(key, &value.map_or_else(|| "null".into(), |v| v.to_string()))
+    }
+
+    /// `true` or `false`.
+    pub fn bool(&mut self, key: &str, value: bool) -> &mut Object {
+        self.member(key, &value.to_string())
+    }
+
+    /// `true`, `false` or `null`.
+    pub fn opt_bool(&mut self, key: &str, value: Option<bool>) -> &mut Object {
+        self.member(key, &value.map_or_else(|| "null".into(), |v| v.to_string()))
+    }
+
+    /// A number with `decimals` digits after the point (`null` for a value that is not
+    /// finite, which JSON cannot hold).
+    pub fn fixed(&mut self, key: &str, value: f64, decimals: usize) -> &mut Object {
+        let text = match value.is_finite() {
+            true => format!("{value:.decimals$}"),
+            false => "null".into(),
+        };
+        self.member(key, &text)
+    }
+
+    /// The object.
+    pub fn finish(&self) -> Json {
+        Json(format!("{{{}}}", self.0))
+    }
 }
 
 /// Recursive-descent parser over the input's bytes; `pos` is always on a char boundary.
@@ -608,5 +735,29 @@ mod tests {
                 "an object"
             ]
         );
+    }
+
+    #[test]
+    fn the_writer_gives_valid_json_whatever_the_strings_hold() {
+        let hostile = "\"},{\"x\":1,\\\n\u{0}\u{1f}é\u{2028}";
+        let inner = Object::new().str(hostile, hostile).finish();
+        let text = Object::new()
+            .str("s", hostile)
+            .opt_str("none", None)
+            .uint("n", u64::MAX)
+            .opt_bool("b", Some(false))
+            .fixed("f", 1.0 / 3.0, 4)
+            .fixed("nan", f64::NAN, 4)
+            .value("a", &Json::array([inner.clone(), Json::null()]))
+            .finish();
+        let Value::Object(members) = parse(text.as_str()).unwrap() else {
+            panic!("{text}");
+        };
+        assert_eq!(members[0], ("s".into(), Value::String(hostile.into())));
+        assert_eq!(members[4], ("f".into(), Value::Number("0.3333".into())));
+        assert_eq!(members[5], ("nan".into(), Value::Null));
+        assert_eq!(members.len(), 7);
+        assert!(Json::checked("{\"a\":".into()).is_err());
+        assert_eq!(Json::checked(inner.to_string()).unwrap(), inner);
     }
 }

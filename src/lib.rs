@@ -13,8 +13,10 @@
 //! * [`policy::should_nccl_symm_mem_allreduce`] and the all-reduce size tables.
 //!
 //! The layers, bottom to top: `sys` (generated bindings), `cuda` (dlopen, lazy symbols,
-//! checked calls, owned resources), `protocol` (frames over pipes), `worker` (the child
-//! processes), `engine` (the parent: pool, engines, deadlines, rounds), [`cache`],
+//! checked calls, owned resources), `model` (pairs, problems, verdicts and their causes,
+//! reports: the vocabulary every layer speaks), `protocol` (the model over pipes), `worker`
+//! (the child processes), `engine` (the parent: pool, engines, deadlines, rounds), `render`
+//! (the model as text and JSON), [`cache`],
 //! [`fingerprint`], [`policy`], and this API.
 //!
 //! ```no_run
@@ -50,10 +52,12 @@ mod files;
 pub mod fingerprint;
 pub mod fleet;
 pub mod json;
+mod model;
 mod os;
 pub mod policy;
 pub mod program;
 mod protocol;
+mod render;
 pub mod sim;
 mod sys;
 #[cfg(test)]
@@ -72,15 +76,17 @@ pub use access::{access_check, store_report, Access, AccessOptions};
 pub use cuda::trace::open_destination as open_trace;
 pub use cuda::{Error as CudaError, Library};
 pub use engine::{
-    all_pairs, locate_worker, start, this_executable_is_a_worker, Engine, Evidence, Options,
-    Outcome, PairReport, Pending, Report, Verdict, Visibility, WorkerInfo, DEFAULT_KERNEL_BYTES,
+    locate_worker, start, this_executable_is_a_worker, Options, Pending, DEFAULT_KERNEL_BYTES,
     TIMEOUT_RANGE,
 };
-pub use error::{CacheErrorKind, Error, Result};
-pub use protocol::{
-    Check, Class, Level, Pair, Problem, SideVerdict, TierOutcome, TierParams,
-    VERSION as PROTOCOL_VERSION,
+pub use error::{CacheErrorKind, Error, Phase, Result};
+pub use model::{
+    all_pairs, Attempt, Check, Class, Engine, Evidence, Failure, Fault, Finding, Hang, Level, Lost,
+    OtherAttempt, Outcome, Pair, PairReport, Problem, Report, SideVerdict, TierOutcome, TierParams,
+    Verdict, Visibility, WorkerFault, WorkerInfo,
 };
+pub use protocol::VERSION as PROTOCOL_VERSION;
+pub use render::json::JsonExtras;
 pub use sys::BINDINGS_SOURCE;
 pub use worker::{main as worker_main, TEST_BYTES, WORKER_FLAG};
 

@@ -19,7 +19,9 @@ use crate::os;
 /// that a worker's descendant that escaped its process group (`setsid`) is reparented here
 /// when the worker dies and [`end_adopted_orphans`] can end it.
 pub fn adopt_orphans() -> Result<()> {
-    os::become_subreaper().map_err(|e| Error::Worker(format!("PR_SET_CHILD_SUBREAPER failed: {e}")))
+    os::become_subreaper().map_err(|e| Error::Subreaper {
+        source_text: e.to_string(),
+    })
 }
 
 /// How long [`end_adopted_orphans`] waits for the checks of this process to reap their

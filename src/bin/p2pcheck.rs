@@ -10,9 +10,10 @@ use p2pcheck::doctor;
 #[path = "cli/fleet.rs"]
 mod fleet_cli;
 use fleet_cli::Format;
+use p2pcheck::json::{Json, Object};
 use p2pcheck::sim::{self, Fault, Simulation};
 use p2pcheck::{
-    cache, json, AccessOptions, Engine, Level, Options, Report, TierOutcome, Verdict, Visibility,
+    cache, AccessOptions, Engine, JsonExtras, Level, Options, Report, Verdict, Visibility,
 };
 
 const HELP: &str = "\
@@ -369,29 +370,6 @@ fn parse_args(mut it: impl Iterator<Item = OsString>) -> ArgResult<Option<Args>>
     Ok(Some(args))
 }
 
-fn tier_word(k: &TierOutcome) -> &'static str {
-    match k {
-        TierOutcome::NotRun => "not-run",
-        TierOutcome::Ok => "ok",
-        TierOutcome::Failed(_) => "fail",
-    }
-}
-
-/// The weakest failing tier's diagnosis as JSON: `{"class":…,"hint":…}`, or `null`.
-fn diagnosis(p: &p2pcheck::PairReport) -> String {
-    match p.failure() {
-        None => "null".into(),
-        Some((_, why)) => {
-            let class = why.class();
-            format!(
-                "{{\"class\":\"{}\",\"hint\":{}}}",
-                class.name(),
-                json::escape(class.hint())
-            )
-        }
-    }
-}
-
 /// Where the vLLM cache file is, and what happened to it.
 struct CacheNote {
     path: PathBuf,
@@ -496,12 +474,11 @@ fn print_table(args: &Args, report: &Report, note: Option<&CacheNote>, warnings:
         let Some(p) = report.get(src, tgt) else {
             return "-".into();
         };
-        let word = match (p.verdict(), p.failed_tier()) {
-            (Verdict::Ok, _) => "ok".to_string(),
-            (Verdict::Fails(_), Some(tier)) => format!("FAIL:{}", tier.name()),
-            (Verdict::Fails(_), None) => "FAIL".into(),
-            (Verdict::Hang(_), _) => "HANG".into(),
-            (Verdict::Error(_), _) => "ERROR".into(),
+        let word = match p.verdict() {
+            Verdict::Ok => "ok".to_string(),
+            Verdict::Fails(failure) => format!("FAIL:{}", failure.tier.name()),
+            Verdict::Hang(_) => "HANG".into(),
+            Verdict::Error(_) => "ERROR".into(),
         };
         match p.claim() {
             Some(claim) if claim != p.ok() => {
@@ -569,92 +546,29 @@ fn print_table(args: &Args, report: &Report, note: Option<&CacheNote>, warnings:
 }
 
 fn print_json(args: &Args, report: &Report, note: Option<&CacheNote>, warnings: &[String]) {
-    let cvd = std::env::var_os("CUDA_VISIBLE_DEVICES")
-        .map(|v| json::escape(&v.to_string_lossy()))
-        .unwrap_or_else(|| "null".into());
-    let opt = |b: Option<bool>| b.map_or("null".to_string(), |b| b.to_string());
-    let pairs: Vec<String> = report
-        .pairs
-        .iter()
-        .map(|p| {
-            let verdict = p.verdict();
-            let details: Vec<String> = p.details().iter().map(|d| json::escape(d)).collect();
-            format!(
-                "{{\"src\":{},\"tgt\":{},\"ok\":{},\"verdict\":\"{}\",\"reason\":{},\"copy_ok\":{},\"kernel\":\"{}\",\"handshake\":\"{}\",\"failed_tier\":{},\"diagnosis\":{},\"driver_claim\":{},\"attempts\":{},\"evidence\":\"{}\",\"persistable\":{},\"details\":[{}]}}",
-                p.pair.src,
-                p.pair.tgt,
-                p.ok(),
-                verdict.word(),
-                json::escape(verdict.reason()),
-                opt(p.copy_ok()),
-                tier_word(&p.kernel()),
-                tier_word(&p.handshake()),
-                p.failed_tier()
-                    .map_or("null".into(), |t| format!("\"{}\"", t.name())),
-                diagnosis(p),
-                opt(p.claim()),
-                p.attempts,
-                p.evidence.name(),
-                p.persistable(),
-                details.join(",")
-            )
-        })
-        .collect();
-    let cache = match note {
-        None => "null".to_string(),
-        Some(note) => {
-            let before = match &note.existing {
-                None => "\"absent\"".to_string(),
-                Some(Ok(true)) => "\"agrees\"".into(),
-                Some(Ok(false)) => "\"disagrees\"".into(),
-                Some(Err(e)) => json::escape(&format!("unusable: {e}")),
-            };
-            format!(
-                "{{\"path\":{},\"written\":{},\"before\":{before},\"error\":{}}}",
-                json::escape(&note.path.display().to_string()),
-                note.written,
-                note.failed.as_deref().map_or("null".into(), json::escape)
-            )
-        }
+    let cvd = std::env::var_os("CUDA_VISIBLE_DEVICES").map(|v| v.to_string_lossy().into_owned());
+    let vllm_cache = note.map_or_else(Json::null, |note| {
+        let before = match &note.existing {
+            None => "absent".to_string(),
+            Some(Ok(true)) => "agrees".into(),
+            Some(Ok(false)) => "disagrees".into(),
+            Some(Err(e)) => format!("unusable: {e}"),
+        };
+        Object::new()
+            .str("path", &note.path.display().to_string())
+            .bool("written", note.written)
+            .str("before", &before)
+            .opt_str("error", note.failed.as_deref())
+            .finish()
+    });
+    let extras = JsonExtras {
+        cuda_visible_devices: cvd.as_deref(),
+        simulated: args.opts.simulate.is_some(),
+        warnings,
+        vllm_cache,
+        doctor: doctor_json(&doctor_explanations(args, report)),
     };
-    let workers: Vec<String> = report
-        .workers
-        .iter()
-        .map(|w| {
-            format!(
-                "{{\"pid\":{},\"label\":{},\"saw\":{},\"peak_rss_kb\":{}}}",
-                w.pid,
-                json::escape(&w.label),
-                w.sees.map_or("null".into(), |s| s.to_string()),
-                w.peak_rss_kb
-            )
-        })
-        .collect();
-    let warnings: Vec<String> = warnings.iter().map(|w| json::escape(w)).collect();
-    let doctor = doctor_json(&doctor_explanations(args, report));
-    println!(
-        "{{\"schema\":{},\"p2pcheck\":{},\"device_count\":{},\"cuda_visible_devices\":{cvd},\"simulated\":{},\"engine\":\"{}\",\"level\":\"{}\",\"kernel_check\":{},\"visibility\":\"{}\",\"answer_s\":{:.4},\"elapsed_s\":{:.4},\"restarts\":{},\"workers_started\":{},\"peak_in_flight\":{},\"worker_max_rss_kb\":{},\"workers\":[{}],\"all_ok\":{},\"pairs\":[{}],\"warnings\":[{}],\"vllm_cache\":{cache},\"doctor\":{doctor}}}",
-        p2pcheck::fleet::JSON_SCHEMA_VERSION,
-        json::escape(env!("CARGO_PKG_VERSION")),
-        report.device_count,
-        args.opts.simulate.is_some(),
-        report.engine.name(),
-        report.level.name(),
-        report.level >= Level::Kernel,
-        report.visibility.name(),
-        report.answer.as_secs_f64(),
-        report.answer.as_secs_f64(),
-        report.restarts,
-        report.workers_started,
-        report.peak_in_flight,
-        report
-            .worker_max_rss_kb()
-            .map_or("null".into(), |k| k.to_string()),
-        workers.join(","),
-        report.pairs.iter().all(|p| p.ok()),
-        pairs.join(","),
-        warnings.join(","),
-    );
+    println!("{}", report.to_json(&extras));
 }
 
 /// The check and its output; the exit code: 0 every pair ok, 1 some not, 2 the cache write
@@ -704,12 +618,14 @@ fn access_check(args: &Args, src: u32, tgt: u32) -> Result<u8, String> {
         eprintln!("p2pcheck: warning: {w}");
     }
     if args.json {
-        println!(
-            "{{\"src\":{src},\"tgt\":{tgt},\"answer\":{},\"origin\":{},\"cache\":{}}}",
-            access.answer,
-            json::escape(&format!("{:?}", access.origin)),
-            json::escape(&access.path.display().to_string())
-        );
+        let answer = Object::new()
+            .uint("src", src.into())
+            .uint("tgt", tgt.into())
+            .bool("answer", access.answer)
+            .str("origin", &format!("{:?}", access.origin))
+            .str("cache", &access.path.display().to_string())
+            .finish();
+        println!("{answer}");
     } else {
         println!("{}", access.answer);
     }
@@ -846,20 +762,19 @@ fn print_doctor(explained: &[(p2pcheck::Pair, doctor::Finding)]) {
     }
 }
 
-/// The same for `--json`: `[{"pair":[src,tgt],"finding":{…}}]`.
-fn doctor_json(explained: &[(p2pcheck::Pair, doctor::Finding)]) -> String {
-    let items: Vec<String> = explained
-        .iter()
-        .map(|(p, f)| {
-            format!(
-                "{{\"pair\":[{},{}],\"finding\":{}}}",
-                p.src,
-                p.tgt,
-                doctor::finding_json(f)
+/// The same for `--json`: `[{"pair":[src,tgt],"finding":{…}}]` (a finding the doctor could
+/// not write as JSON is `null`).
+fn doctor_json(explained: &[(p2pcheck::Pair, doctor::Finding)]) -> Json {
+    Json::array(explained.iter().map(|(p, f)| {
+        let finding = Json::checked(doctor::finding_json(f)).unwrap_or_else(|_| Json::null());
+        Object::new()
+            .value(
+                "pair",
+                &Json::array([p.src, p.tgt].map(|d| Json::uint(d.into()))),
             )
-        })
-        .collect();
-    format!("[{}]", items.join(","))
+            .value("finding", &finding)
+            .finish()
+    }))
 }
 
 /// `p2pcheck doctor [--json] [--root DIR]`: exit 0, or 1 when a finding breaks peer access,
@@ -989,7 +904,7 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             if args.json {
-                println!("{{\"error\":{}}}", json::escape(&e));
+                println!("{}", Object::new().str("error", &e).finish());
             }
             eprintln!("p2pcheck: could not check: {e}");
             ExitCode::from(2)

@@ -161,7 +161,7 @@ impl fmt::Display for Error {
 }
 
 /// How a failed CUDA call reads, with the hint that fits (shared by [`Error`] and
-/// [`crate::protocol::Problem`], which carries the same parts across the pipe).
+/// `model::Problem`, which carries the same parts across the pipe).
 pub(crate) fn fmt_failure(
     f: &mut fmt::Formatter<'_>,
     call: &str,

@@ -39,7 +39,22 @@ use once_cell::sync::OnceCell;
 
 use super::Library;
 use crate::json;
-use crate::protocol::Job;
+
+/// The job a thread's calls belong to, as plain values set by its caller (the worker): the
+/// pair's position in its batch, the pair, the role and the tier, by name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct JobContext {
+    /// Position of the pair in the batch.
+    pub(crate) index: u32,
+    /// The device that owns the memory.
+    pub(crate) src: u32,
+    /// The device that maps it.
+    pub(crate) tgt: u32,
+    /// `producer` or `consumer`.
+    pub(crate) role: &'static str,
+    /// `copy`, `kernel` or `handshake`.
+    pub(crate) tier: &'static str,
+}
 
 /// The variable that turns the trace on: `1` (stderr) or a file path.
 pub(crate) const VAR: &str = "P2PCHECK_TRACE";
@@ -227,7 +242,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 thread_local! {
     /// The job the calls of this thread belong to.
-    static JOB: Cell<Option<Job>> = const { Cell::new(None) };
+    static JOB: Cell<Option<JobContext>> = const { Cell::new(None) };
 }
 
 /// Sets this process's role and its part in words (e.g. `worker of device 2`), for every line
@@ -240,7 +255,7 @@ pub(crate) fn set_role(role: ProcessRole, part: &str) {
 
 /// Sets the job this thread's calls belong to from now on (`None`: outside any job). Does
 /// nothing when the trace is off.
-pub(crate) fn set_job(job: Option<Job>) {
+pub(crate) fn set_job(job: Option<JobContext>) {
     if enabled() {
         JOB.with(|j| j.set(job));
     }
@@ -401,7 +416,7 @@ struct Line<'a> {
     pid: u32,
     role: ProcessRole,
     part: &'a str,
-    job: Option<Job>,
+    job: Option<JobContext>,
     call: &'a str,
     /// For a shim's inner call: the shim function and the call's position in it.
     via: Option<(&'a str, usize)>,
@@ -414,16 +429,16 @@ struct Line<'a> {
     out: Option<&'a Fields>,
 }
 
-fn job_json(job: Option<Job>) -> String {
+fn job_json(job: Option<JobContext>) -> String {
     match job {
         None => "null".into(),
         Some(j) => format!(
-            "{{\"index\":{},\"src\":{},\"tgt\":{},\"role\":\"{}\",\"tier\":\"{}\"}}",
+            "{{\"index\":{},\"src\":{},\"tgt\":{},\"role\":{},\"tier\":{}}}",
             j.index,
-            j.pair.src,
-            j.pair.tgt,
-            j.role.name(),
-            j.tier.name()
+            j.src,
+            j.tgt,
+            json::escape(j.role),
+            json::escape(j.tier)
         ),
     }
 }
@@ -473,7 +488,7 @@ impl Line<'_> {
 }
 
 /// Fills in who and which job, and writes the line.
-fn emit(line: impl FnOnce(u32, ProcessRole, &str, Option<Job>) -> String) {
+fn emit(line: impl FnOnce(u32, ProcessRole, &str, Option<JobContext>) -> String) {
     let Some(sink) = SINK.get().and_then(Option::as_ref) else {
         return;
     };
@@ -557,7 +572,6 @@ pub(crate) fn record_inner(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{Level, Pair, Role};
     use std::path::Path;
 
     #[test]
@@ -627,12 +641,13 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    fn job() -> Job {
-        Job {
+    fn job() -> JobContext {
+        JobContext {
             index: 3,
-            pair: Pair { src: 1, tgt: 0 },
-            role: Role::Consumer,
-            tier: Level::Copy,
+            src: 1,
+            tgt: 0,
+            role: "consumer",
+            tier: "copy",
         }
     }
 

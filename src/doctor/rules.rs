@@ -1,8 +1,8 @@
 //! From facts (and the failures a check saw) to ranked causes, each with the pairs it bears on,
 //! the fix that fits and how to confirm it.
 
-use crate::engine::{Report, Verdict};
-use crate::protocol::{Class, Pair};
+use crate::model::{Class, Pair};
+use crate::model::{Report, Verdict};
 
 use super::host::{nccl_level, nccl_p2p_disabled, NCCL_LEVELS};
 use super::{Facts, Gpu, Numbering, PairFacts, PathKind};

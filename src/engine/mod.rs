@@ -28,55 +28,15 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::fingerprint::{self, Gpu};
-use crate::protocol::{Class, Level, Pair, Problem, SideVerdict, TierOutcome, TierParams};
+use crate::model::{
+    deadline_passed, Engine, Evidence, Level, Lost, Outcome, Pair, PairReport, Problem, Report,
+    TierParams, Visibility, WorkerInfo,
+};
 use crate::sim::Simulation;
 use crate::visible::{self, VisibleDevices};
 use pool::Graveyard;
 
 pub use pool::{locate_worker, this_executable_is_a_worker};
-
-/// Which procedure checks the pairs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Engine {
-    /// One worker per GPU for the whole run, every pair at once, no device reset.
-    Parallel,
-    /// vLLM's procedure exactly: two workers, pair after pair, a device reset after each.
-    Vllm,
-}
-
-impl Engine {
-    /// `parallel` or `vllm`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Engine::Parallel => "parallel",
-            Engine::Vllm => "vllm",
-        }
-    }
-}
-
-/// Which GPUs a parallel-engine worker's CUDA sees.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Visibility {
-    /// Only its own GPU (`CUDA_VISIBLE_DEVICES` = that GPU's UUID): CUDA starts faster the
-    /// fewer GPUs it sees, and IPC mappings of a GPU it cannot see work the same. Needs the
-    /// GPUs' UUIDs from `/proc/driver/nvidia`; where they cannot be known without CUDA (MIG,
-    /// GPUs hidden from /proc, mixed models under CUDA's default order) the check falls back
-    /// to [`Visibility::All`] and says why.
-    One,
-    /// Every GPU this process sees (its own `CUDA_VISIBLE_DEVICES`). The vLLM engine always
-    /// runs this way.
-    All,
-}
-
-impl Visibility {
-    /// `one` or `all`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Visibility::One => "one",
-            Visibility::All => "all",
-        }
-    }
-}
 
 /// How a check runs.
 #[derive(Clone, Debug)]
@@ -90,8 +50,8 @@ pub struct Options {
     /// Bytes of the kernel tier's pattern area per pair: a multiple of 256 KiB, 256 KiB to
     /// 1 GiB [default: 2 MiB].
     pub kernel_bytes: u32,
-    /// Handshake rounds between two GPUs, 1 to [`MAX_HANDSHAKE_ROUNDS`] [default: 16; same-GPU
-    /// pairs do 3].
+    /// Handshake rounds between two GPUs, 1 to `MAX_HANDSHAKE_ROUNDS` (100,000) [default: 16;
+    /// same-GPU pairs do 3].
     pub handshake_rounds: u32,
     /// The least budget each handshake kernel gets on the GPU clock [default: 1 s]. It is raised
     /// to what the rounds need (0.1 s, plus 5 ms a round) and capped at 60 % of
@@ -107,7 +67,7 @@ pub struct Options {
     /// How long a worker may take to start CUDA, say Hello and set up its device.
     pub startup_timeout: Duration,
     /// How long the parent waits for any single step of a pair; a pair that takes longer is
-    /// [`Verdict::Hang`]. Traffic from a worker never extends it.
+    /// [`Verdict::Hang`](crate::Verdict::Hang). Traffic from a worker never extends it.
     pub step_timeout: Duration,
     /// The deadline for the whole check, from its start to the last verdict: pairs not
     /// attempted by then are [`Evidence::NotAttempted`], failures not confirmed by then
@@ -240,476 +200,6 @@ impl Options {
     }
 }
 
-/// A pair's verdict. Only [`Verdict::Ok`] is `true` for vLLM.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Verdict {
-    /// Both processes saw every byte the other wrote, at every level asked for.
-    Ok,
-    /// The pair ran to the end and something was wrong: what was seen.
-    Fails(String),
-    /// A worker stopped answering during this pair; it was killed.
-    Hang(String),
-    /// A worker died or broke the protocol during this pair, or the pair could not be
-    /// attempted (no fresh worker could start, the check's deadline passed first): why.
-    Error(String),
-}
-
-impl Verdict {
-    /// The one-word name: `ok`, `fails`, `hang` or `error`.
-    pub fn word(&self) -> &'static str {
-        match self {
-            Verdict::Ok => "ok",
-            Verdict::Fails(_) => "fails",
-            Verdict::Hang(_) => "hang",
-            Verdict::Error(_) => "error",
-        }
-    }
-
-    /// What was seen or why (empty for `Ok`).
-    pub fn reason(&self) -> &str {
-        match self {
-            Verdict::Ok => "",
-            Verdict::Fails(r) | Verdict::Hang(r) | Verdict::Error(r) => r,
-        }
-    }
-}
-
-impl std::fmt::Display for Verdict {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Verdict::Ok => write!(f, "ok"),
-            v => write!(f, "{}: {}", v.word(), v.reason()),
-        }
-    }
-}
-
-/// How one attempt at a pair ended.
-// One per pair, and most are `Done`: boxing the large variant would buy nothing.
-#[allow(clippy::large_enum_variant)]
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// It ran to the end; each side's own verdict.
-    Done {
-        /// The producer's verdict (the process that owns the memory, on `src`).
-        producer: SideVerdict,
-        /// The consumer's verdict (the process that maps it, on `tgt`).
-        consumer: SideVerdict,
-    },
-    /// A worker stopped answering: where it was stuck.
-    Hang(String),
-    /// A worker died or broke the protocol, or the pair could not be attempted: why.
-    Error(String),
-}
-
-impl Outcome {
-    /// Whether the pair ran to the end and passed.
-    pub(crate) fn passed(&self) -> bool {
-        PairReport::settle(Pair { src: 0, tgt: 0 }, vec![self.clone()], "").ok()
-    }
-
-    /// The verdict of a pair that did not run to the end (`None` for one that did).
-    fn stopped(&self) -> Option<Verdict> {
-        match self {
-            Outcome::Hang(why) => Some(Verdict::Hang(why.clone())),
-            Outcome::Error(why) => Some(Verdict::Error(why.clone())),
-            Outcome::Done { .. } => None,
-        }
-    }
-}
-
-/// What a pair's attempts show, and so whether its verdict is a fact that may be written to
-/// vLLM's cache ([`Evidence::is_fact`]). A pair that does not pass at once is attempted a
-/// second time on fresh workers, after every other pair; only a pass at once or the same
-/// failure twice is a fact. Whatever is not a fact is reported, answered `false` unless it
-/// passed at once (a wrong `true` is the worst answer), and never written: the next check
-/// looks again.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Evidence {
-    /// Passed at its first attempt: a fact (`true`).
-    Passed,
-    /// Failed at both attempts, the second on fresh workers, at the same tier with the same
-    /// diagnosis: a fact (`false`).
-    Confirmed,
-    /// Failed once, then passed on fresh workers: not a fact (the first failure may have been
-    /// the check's own trouble, a worker's death nearby), answered `false`.
-    NotRepeated,
-    /// Failed at both attempts, but at different tiers or with different diagnoses.
-    Inconsistent,
-    /// A worker stopped answering during an attempt.
-    Hang,
-    /// A worker died or broke the protocol during an attempt, or no fresh worker could start
-    /// for the second.
-    Error,
-    /// Failed once; the check's deadline passed before the failure could be confirmed.
-    Unconfirmed,
-    /// Never attempted: the check's deadline passed first.
-    NotAttempted,
-}
-
-impl Evidence {
-    /// `passed`, `confirmed`, `not-repeated`, `inconsistent`, `hang`, `error`, `unconfirmed`
-    /// or `not-attempted`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Evidence::Passed => "passed",
-            Evidence::Confirmed => "confirmed",
-            Evidence::NotRepeated => "not-repeated",
-            Evidence::Inconsistent => "inconsistent",
-            Evidence::Hang => "hang",
-            Evidence::Error => "error",
-            Evidence::Unconfirmed => "unconfirmed",
-            Evidence::NotAttempted => "not-attempted",
-        }
-    }
-
-    /// Whether the verdict is a fact about the machine, which may be written to vLLM's cache.
-    pub fn is_fact(self) -> bool {
-        matches!(self, Evidence::Passed | Evidence::Confirmed)
-    }
-
-    /// What it means for the cache, in words.
-    pub fn describe(self) -> &'static str {
-        match self {
-            Evidence::Passed => "passed at once: may be written to vLLM's cache",
-            Evidence::Confirmed => {
-                "the same failure on fresh workers: confirmed, may be written to vLLM's cache"
-            }
-            Evidence::NotRepeated => {
-                "the failure did not repeat on fresh workers: answered false, not written to \
-                 vLLM's cache"
-            }
-            Evidence::Inconsistent => {
-                "failed differently on fresh workers: not written to vLLM's cache"
-            }
-            Evidence::Hang => "a worker hung: not written to vLLM's cache",
-            Evidence::Error => "a worker died or could not start: not written to vLLM's cache",
-            Evidence::Unconfirmed => {
-                "the check's deadline passed before the failure could be confirmed: not \
-                 written to vLLM's cache"
-            }
-            Evidence::NotAttempted => {
-                "the check's deadline passed before the pair was attempted: answered false, \
-                 not written to vLLM's cache"
-            }
-        }
-    }
-}
-
-/// Everything known about one pair after the check.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PairReport {
-    /// The pair (local device ids).
-    pub pair: Pair,
-    /// The attempt its verdict is read from: the one that did not pass (the later one when
-    /// neither did), so that a failure that did not repeat is still reported, and answered
-    /// `false`.
-    pub outcome: Outcome,
-    /// Attempts made: 1 when the first passed (or the check's deadline left no time for a
-    /// second), 2 when it did not and the pair was attempted again on fresh workers, 0 when
-    /// it was never attempted.
-    pub attempts: u32,
-    /// What the other attempt gave, in words, when there were two: `first attempt: …` or
-    /// `second attempt, on fresh workers: …`.
-    pub other_attempt: Option<String>,
-    /// What the attempts show: whether the verdict may be written to vLLM's cache.
-    pub evidence: Evidence,
-}
-
-impl PairReport {
-    /// The report of `pair` from its attempts' outcomes, in order (none: never attempted;
-    /// `not_attempted` says why).
-    fn settle(pair: Pair, tries: Vec<Outcome>, not_attempted: &str) -> PairReport {
-        let report = |outcome: Outcome, evidence, other_attempt| PairReport {
-            pair,
-            outcome,
-            attempts: tries.len() as u32,
-            other_attempt,
-            evidence,
-        };
-        let alone = |o: &Outcome| report(o.clone(), Evidence::Passed, None);
-        let stopped = |o: &Outcome| match o {
-            Outcome::Hang(_) => Some(Evidence::Hang),
-            Outcome::Error(_) => Some(Evidence::Error),
-            Outcome::Done { .. } => None,
-        };
-        match tries.as_slice() {
-            [] => report(
-                Outcome::Error(not_attempted.to_string()),
-                Evidence::NotAttempted,
-                None,
-            ),
-            [only] => {
-                let evidence = match alone(only).ok() {
-                    true => Evidence::Passed,
-                    false => stopped(only).unwrap_or(Evidence::Unconfirmed),
-                };
-                report(only.clone(), evidence, None)
-            }
-            [first, second, ..] => {
-                let (a, b) = (alone(first), alone(second));
-                if b.ok() {
-                    // Not repeated: the failing attempt gives the verdict (false).
-                    let evidence = stopped(first).unwrap_or(match a.ok() {
-                        true => Evidence::Passed,
-                        false => Evidence::NotRepeated,
-                    });
-                    let note = format!("second attempt, on fresh workers: {}", b.summary());
-                    return report(first.clone(), evidence, Some(note));
-                }
-                let evidence = match (stopped(first), stopped(second)) {
-                    (Some(Evidence::Hang), _) | (_, Some(Evidence::Hang)) => Evidence::Hang,
-                    (Some(e), _) | (_, Some(e)) => e,
-                    (None, None) if a.ok() => Evidence::Inconsistent,
-                    (None, None) => match a.failure_class() == b.failure_class() {
-                        true => Evidence::Confirmed,
-                        false => Evidence::Inconsistent,
-                    },
-                };
-                let note = format!("first attempt: {}", a.summary());
-                report(second.clone(), evidence, Some(note))
-            }
-        }
-    }
-
-    /// The verdict in a few words: `ok`, `fails at the kernel tier (wrong-data)`, or a hang's
-    /// or an error's whole reason (which names the worker and what it was doing).
-    fn summary(&self) -> String {
-        match (self.verdict(), self.failure()) {
-            (Verdict::Fails(_), Some((tier, p))) => {
-                format!("fails at the {} tier ({})", tier.name(), p.class().name())
-            }
-            (v, _) => v.to_string(),
-        }
-    }
-
-    fn sides(&self) -> Option<(&SideVerdict, &SideVerdict)> {
-        match &self.outcome {
-            Outcome::Done { producer, consumer } => Some((producer, consumer)),
-            _ => None,
-        }
-    }
-
-    /// vLLM's boolean for the copy test: both sides read back the consumer's bytes (false when
-    /// they disagree); `None` when the pair never ran to the end.
-    pub fn copy_ok(&self) -> Option<bool> {
-        self.sides().map(|(p, c)| p.copy.is_ok() && c.copy.is_ok())
-    }
-
-    /// The sides disagree on the copy test (vLLM logs a warning and answers false).
-    pub fn disagree(&self) -> bool {
-        self.sides()
-            .is_some_and(|(p, c)| p.copy.is_ok() != c.copy.is_ok())
-    }
-
-    /// The kernel tier, both sides combined: `Ok` only if both saw it pass; the first failure
-    /// otherwise (the consumer's first: it is the side that issued the SM accesses).
-    pub fn kernel(&self) -> TierOutcome {
-        let Some((p, c)) = self.sides() else {
-            return TierOutcome::NotRun;
-        };
-        combine(&c.kernel, &p.kernel)
-    }
-
-    /// The handshake tier, both sides combined, as [`PairReport::kernel`].
-    pub fn handshake(&self) -> TierOutcome {
-        let Some((p, c)) = self.sides() else {
-            return TierOutcome::NotRun;
-        };
-        combine(&c.handshake, &p.handshake)
-    }
-
-    /// The weakest tier that failed (`None`: none failed, or the pair never ran to the end).
-    pub fn failed_tier(&self) -> Option<Level> {
-        self.failure().map(|(tier, _)| tier)
-    }
-
-    /// The weakest tier that failed and its problem, the one its diagnosis is read from (for
-    /// the copy tier the producer's, then the consumer's, in the order of
-    /// [`PairReport::details`]); `None`: none failed, or the pair never ran to the end.
-    pub fn failure(&self) -> Option<(Level, Problem)> {
-        let (producer, consumer) = self.sides()?;
-        if let Some(p) = producer
-            .copy
-            .as_ref()
-            .err()
-            .or(consumer.copy.as_ref().err())
-        {
-            return Some((Level::Copy, p.clone()));
-        }
-        match (self.kernel(), self.handshake()) {
-            (TierOutcome::Failed(p), _) => Some((Level::Kernel, p)),
-            (_, TierOutcome::Failed(p)) => Some((Level::Handshake, p)),
-            _ => None,
-        }
-    }
-
-    /// The weakest failed tier and its diagnosis: what "failing the same way" compares.
-    fn failure_class(&self) -> Option<(Level, Class)> {
-        self.failure().map(|(tier, p)| (tier, p.class()))
-    }
-
-    /// The verdict.
-    pub fn verdict(&self) -> Verdict {
-        self.outcome.stopped().unwrap_or_else(|| {
-            let problems = self.problems();
-            if problems.is_empty() {
-                Verdict::Ok
-            } else {
-                Verdict::Fails(problems.join("; "))
-            }
-        })
-    }
-
-    /// The boolean vLLM expects: only [`Verdict::Ok`] is true.
-    pub fn ok(&self) -> bool {
-        self.verdict() == Verdict::Ok
-    }
-
-    /// Whether the verdict is a fact about the machine that may be written to vLLM's cache:
-    /// it passed at once, or failed the same way twice ([`Evidence::is_fact`]).
-    pub fn persistable(&self) -> bool {
-        self.evidence.is_fact()
-    }
-
-    /// The driver's claim (`cudaDeviceCanAccessPeer(tgt, src)`), where the consumer could ask.
-    pub fn claim(&self) -> Option<bool> {
-        self.sides().and_then(|(_, c)| c.claim)
-    }
-
-    /// Why a pair that ran to the end failed (empty when it passed).
-    fn problems(&self) -> Vec<String> {
-        let Some((producer, consumer)) = self.sides() else {
-            return Vec::new();
-        };
-        let mut out = Vec::new();
-        if self.disagree() {
-            out.push(format!(
-                "producer and consumer disagree (producer {}, consumer {}): counted as false",
-                producer.copy.is_ok(),
-                consumer.copy.is_ok()
-            ));
-        }
-        for (side, v) in [("producer", producer), ("consumer", consumer)] {
-            if let Err(p) = &v.copy {
-                out.push(format!("copy tier, {side}: {}", diagnose(p)));
-            }
-        }
-        if let TierOutcome::Failed(why) = self.kernel() {
-            out.push(format!("kernel tier: {}", diagnose(&why)));
-        }
-        if let TierOutcome::Failed(why) = self.handshake() {
-            out.push(format!("handshake tier: {}", diagnose(&why)));
-        }
-        out.dedup();
-        out
-    }
-
-    /// What was seen: why the pair failed, hung or errored, what the other attempt gave, and
-    /// what that means for vLLM's cache; empty for a pass at the first attempt.
-    pub fn details(&self) -> Vec<String> {
-        let mut out = match &self.outcome {
-            Outcome::Hang(why) | Outcome::Error(why) => vec![why.clone()],
-            Outcome::Done { .. } => self.problems(),
-        };
-        out.extend(self.other_attempt.clone());
-        if self.evidence != Evidence::Passed {
-            out.push(self.evidence.describe().to_string());
-        }
-        out
-    }
-}
-
-/// Two sides' outcomes of a tier: `Ok` only if both passed; else the consumer's failure first
-/// (it is the side that reached through the mapping), then the producer's.
-fn combine(consumer: &TierOutcome, producer: &TierOutcome) -> TierOutcome {
-    match (consumer, producer) {
-        (TierOutcome::Ok, TierOutcome::Ok) => TierOutcome::Ok,
-        (TierOutcome::Failed(why), _) | (_, TierOutcome::Failed(why)) => {
-            TierOutcome::Failed(why.clone())
-        }
-        _ => TierOutcome::NotRun,
-    }
-}
-
-/// What a failure is and what usually causes it: "never-written: writes ... (hint)".
-fn diagnose(p: &Problem) -> String {
-    let class = p.class();
-    format!("{p} [{}: {}]", class.name(), class.hint())
-}
-
-/// One worker process of a run.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct WorkerInfo {
-    /// Its pid.
-    pub pid: u32,
-    /// Its part: "producer", "worker of GPU 2", ...
-    pub label: String,
-    /// How many GPUs its CUDA saw (`None`: it never said).
-    pub sees: Option<u32>,
-    /// Its peak resident memory as last reported, in KiB (0: never reported).
-    pub peak_rss_kb: u32,
-}
-
-/// The result of one check run.
-#[derive(Clone, Debug)]
-pub struct Report {
-    /// Devices checked (the devices this process sees).
-    pub device_count: u32,
-    /// One entry per pair, in batch order; every pair is accounted for.
-    pub pairs: Vec<PairReport>,
-    /// The engine used.
-    pub engine: Engine,
-    /// The level checked.
-    pub level: Level,
-    /// What the workers saw (after any fallback).
-    pub visibility: Visibility,
-    /// Time from the start of the check to the last verdict (worker exit is not included:
-    /// it happens after).
-    pub answer: Duration,
-    /// The worker executable used.
-    pub worker: PathBuf,
-    /// Rounds of fresh workers after the first: for the pairs a hang or a death interrupted,
-    /// and for second attempts (0 when every pair passed at once).
-    pub restarts: u32,
-    /// Worker processes started, in all rounds.
-    pub workers_started: u32,
-    /// The most pairs in flight at one moment.
-    pub peak_in_flight: u32,
-    /// Every worker started, in order.
-    pub workers: Vec<WorkerInfo>,
-    /// Things the caller should know that are not a pair's verdict (a visibility fallback,
-    /// an ignored part of `CUDA_VISIBLE_DEVICES`, disagreeing sides).
-    pub warnings: Vec<String>,
-}
-
-impl Report {
-    /// The report for `pair`, if it was checked.
-    pub fn get(&self, src: u32, tgt: u32) -> Option<&PairReport> {
-        self.pairs.iter().find(|p| p.pair == Pair { src, tgt })
-    }
-
-    /// The largest peak resident memory any worker reported, in KiB.
-    pub fn worker_max_rss_kb(&self) -> Option<u32> {
-        self.workers
-            .iter()
-            .map(|w| w.peak_rss_kb)
-            .filter(|&k| k > 0)
-            .max()
-    }
-
-    /// Whether every verdict may be written to vLLM's cache (see [`PairReport::persistable`]).
-    pub fn persistable(&self) -> bool {
-        self.pairs.iter().all(PairReport::persistable)
-    }
-}
-
-/// Every ordered pair of `n` devices, row-major (src outer), as vLLM's cache orders them.
-pub fn all_pairs(n: u32) -> Vec<Pair> {
-    (0..n)
-        .flat_map(|src| (0..n).map(move |tgt| Pair { src, tgt }))
-        .collect()
-}
-
 /// A check running in the background (see [`start`]).
 ///
 /// Every method takes `&self`, and `Pending` is `Send + Sync`: one thread may wait while
@@ -766,9 +256,9 @@ struct SettleOnExit(Arc<Shared>);
 
 impl Drop for SettleOnExit {
     fn drop(&mut self) {
-        self.0.settle(Err(Error::Worker(
-            "the check's thread ended without an answer".into(),
-        )));
+        self.0.settle(Err(Error::Internal {
+            what: "the check's thread ended without an answer",
+        }));
     }
 }
 
@@ -838,7 +328,9 @@ impl Pending {
     /// exiting: see [`Pending::finish`].
     pub fn wait(&self) -> Result<Report> {
         self.wait_timeout(Duration::MAX)
-            .unwrap_or_else(|| Err(Error::Worker("the wait ended without a result".into())))
+            .unwrap_or(Err(Error::Internal {
+                what: "the wait ended without a result",
+            }))
     }
 
     /// Stops the check, from any thread, without blocking: unless the result was complete
@@ -950,9 +442,7 @@ pub fn start(pairs: Option<Vec<Pair>>, opts: Options) -> Pending {
                     .map(|s| s.to_string())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_default();
-                Err(Error::Worker(format!(
-                    "internal error in the check (a bug): {what}"
-                )))
+                Err(Error::Bug { what })
             });
             settle.0.settle(result);
             graveyard.reap(Instant::now() + REAP_TIMEOUT)
@@ -960,9 +450,9 @@ pub fn start(pairs: Option<Vec<Pair>>, opts: Options) -> Pending {
     let thread = match thread {
         Ok(t) => Some(t),
         Err(e) => {
-            shared.settle(Err(Error::Worker(format!(
-                "cannot start the check's thread: {e}"
-            ))));
+            shared.settle(Err(Error::Thread {
+                source_text: e.to_string(),
+            }));
             None
         }
     };
@@ -1029,15 +519,16 @@ impl Ctx<'_> {
         self.deadline.get().map_or(poll, |d| poll.min(d))
     }
 
+    /// The whole check's budget: from its start to its deadline (zero while unset).
+    pub fn budget(&self) -> Duration {
+        self.deadline.get().map_or(Duration::ZERO, |d| {
+            d.saturating_duration_since(self.started)
+        })
+    }
+
     /// "the check's deadline (320.0 s) passed", for messages.
     fn deadline_words(&self) -> String {
-        let budget = self.deadline.get().map_or(Duration::ZERO, |d| {
-            d.saturating_duration_since(self.started)
-        });
-        format!(
-            "the check's deadline ({:.1} s) passed",
-            budget.as_secs_f64()
-        )
+        deadline_passed(self.budget())
     }
 }
 
@@ -1072,6 +563,9 @@ fn max_rounds(pairs: usize) -> u32 {
     2 * pairs as u32 + 2
 }
 
+/// The whole check: the first round, then rounds of fresh workers for what was interrupted
+/// and for second attempts, until every pair is settled, the deadline passes or no fresh
+/// worker can start; then each pair's attempts settled into its report.
 fn run_rounds(
     pairs: Option<&[Pair]>,
     opts: &Options,
@@ -1081,26 +575,7 @@ fn run_rounds(
     let started = Instant::now();
     opts.validate()?;
     let mut warnings = Vec::new();
-    let cvd = visible::from_env();
-    if matches!(&cvd.devices, VisibleDevices::List(l) if l.is_empty()) {
-        let value = std::env::var_os(visible::VAR).unwrap_or_default();
-        let first = value.to_string_lossy();
-        let first = first.split(',').next().unwrap_or_default().trim();
-        return Err(Error::NoDevice(if value.is_empty() {
-            "CUDA_VISIBLE_DEVICES is set but empty: CUDA shows this process no GPU".into()
-        } else {
-            format!(
-                "CUDA_VISIBLE_DEVICES={value:?} selects no GPU: CUDA stops at the first invalid \
-                 entry, here the first ({first:?})"
-            )
-        }));
-    }
-    if let Some(tail) = &cvd.ignored {
-        warnings.push(format!(
-            "CUDA_VISIBLE_DEVICES: CUDA ignores {tail:?} (an invalid or repeated entry and \
-             everything after it)"
-        ));
-    }
+    visible_devices(&mut warnings)?;
     let path = locate_worker(opts.worker.as_deref())?;
     // Kept to the end of the check: it holds the simulation's @once ledger.
     let sim_env = match &opts.simulate {
@@ -1130,92 +605,69 @@ fn run_rounds(
         started,
         deadline: Cell::new(opts.check_timeout.map(|t| started + t)),
     };
-    let mut workers = Vec::new();
-    let mut peak_in_flight = 0;
-    // `hold`: pairs from this position on are second attempts; they run after the others, so
-    // that a second hang cannot interrupt them, and on fresh workers, as every round.
-    let mut round = |ctx: &mut Ctx, pairs: Option<&[Pair]>, hold: usize| -> Result<RoundOut> {
-        loop {
-            let out = match ctx.opts.engine {
-                Engine::Parallel => parallel::round(ctx, pairs, hold, graveyard),
-                // The vLLM engine runs its batch in order: the second attempts are last already.
-                Engine::Vllm => vllm::round(ctx, pairs, graveyard),
-            };
-            match out {
-                Ok(out) => return Ok(out),
-                Err(RoundError::Fatal(e)) => return Err(e),
-                Err(RoundError::Fallback(why)) => {
-                    warnings.push(format!("each worker sees every GPU: {why}"));
-                    ctx.visibility = Visibility::All;
-                    ctx.gpus = None;
-                }
-            }
-        }
+    let mut rounds = Rounds {
+        graveyard,
+        warnings,
+        workers: Vec::new(),
+        peak_in_flight: 0,
     };
-    let first = round(&mut ctx, pairs, usize::MAX)?;
+    let first = rounds.round(&mut ctx, pairs, usize::MAX)?;
     let n = first.n;
     let batch = first.pairs.clone();
-    // Each pair's attempts so far; it is final once it passed or was attempted twice.
-    let mut tries: Vec<Vec<Outcome>> = vec![Vec::new(); batch.len()];
-    let mut restarts = 0;
-    let mut current: Vec<usize> = (0..batch.len()).collect();
-    let mut out = first;
-    loop {
-        workers.append(&mut out.workers);
-        peak_in_flight = peak_in_flight.max(out.peak_in_flight);
-        let (mut next, mut again) = (Vec::new(), Vec::new());
-        for (&i, outcome) in current.iter().zip(out.outcomes.drain(..)) {
-            let Some(o) = outcome else {
-                next.push(i); // interrupted before it ran: not an attempt
-                continue;
-            };
-            let passed = o.passed();
-            tries[i].push(o);
-            if !passed && tries[i].len() < 2 {
-                again.push(i);
-            }
-        }
-        let hold = next.len();
-        next.append(&mut again);
-        if next.is_empty() {
-            break;
-        }
-        if cancel.load(Ordering::Relaxed) {
-            return Err(Error::Cancelled);
-        }
-        if ctx.past_deadline() {
-            break;
-        }
-        restarts += 1;
-        let rerun: Vec<Pair> = next.iter().map(|&i| batch[i]).collect();
-        let fresh = if restarts > max_rounds(batch.len()) {
-            Err(Error::Worker(format!(
-                "gave up after {restarts} rounds of fresh workers"
-            )))
-        } else {
-            round(&mut ctx, Some(&rerun), hold)
-        };
-        out = match fresh {
-            Ok(out) => out,
-            Err(Error::Cancelled) => return Err(Error::Cancelled),
-            Err(_) if ctx.past_deadline() => break,
-            // No fresh worker could start: that is every pair's attempt left.
-            Err(e) => {
-                let why = format!("no fresh worker could start after an earlier failure: {e}");
-                for &i in &next {
-                    tries[i].push(Outcome::Error(why.clone()));
-                }
-                break;
-            }
-        };
-        current = next;
-    }
-    let not_attempted = format!("not attempted: {}", ctx.deadline_words());
+    let (tries, restarts) = rounds.attempt_all(&mut ctx, &batch, first)?;
     let pairs: Vec<PairReport> = batch
         .iter()
         .zip(tries)
-        .map(|(&pair, tries)| PairReport::settle(pair, tries, &not_attempted))
+        .map(|(&pair, tries)| PairReport::settle(pair, tries, ctx.budget()))
         .collect();
+    let mut warnings = rounds.warnings;
+    warnings.extend(settling_warnings(&ctx, &pairs));
+    Ok(Report {
+        device_count: n,
+        pairs,
+        engine: opts.engine,
+        level: opts.level,
+        visibility: ctx.visibility,
+        answer: started.elapsed(),
+        worker: ctx.path,
+        restarts,
+        workers_started: rounds.workers.len() as u32,
+        peak_in_flight: rounds.peak_in_flight,
+        workers: rounds.workers,
+        warnings,
+    })
+}
+
+/// `CUDA_VISIBLE_DEVICES` as CUDA reads it: an error when it selects no GPU, a warning in
+/// `warnings` for the part CUDA ignores.
+fn visible_devices(warnings: &mut Vec<String>) -> Result<()> {
+    let cvd = visible::from_env();
+    if matches!(&cvd.devices, VisibleDevices::List(l) if l.is_empty()) {
+        let value = std::env::var_os(visible::VAR).unwrap_or_default();
+        let first = value.to_string_lossy();
+        let first = first.split(',').next().unwrap_or_default().trim();
+        return Err(Error::NoDevice(if value.is_empty() {
+            "CUDA_VISIBLE_DEVICES is set but empty: CUDA shows this process no GPU".into()
+        } else {
+            format!(
+                "CUDA_VISIBLE_DEVICES={value:?} selects no GPU: CUDA stops at the first invalid \
+                 entry, here the first ({first:?})"
+            )
+        }));
+    }
+    if let Some(tail) = &cvd.ignored {
+        warnings.push(format!(
+            "CUDA_VISIBLE_DEVICES: CUDA ignores {tail:?} (an invalid or repeated entry and \
+             everything after it)"
+        ));
+    }
+    Ok(())
+}
+
+/// The warnings the settled reports call for: pairs the deadline left unsettled, and pairs
+/// whose two processes disagree.
+fn settling_warnings(ctx: &Ctx, pairs: &[PairReport]) -> Vec<String> {
+    let mut warnings = Vec::new();
     let count = |e: Evidence| pairs.iter().filter(|p| p.evidence == e).count();
     let (never, unconfirmed) = (count(Evidence::NotAttempted), count(Evidence::Unconfirmed));
     if never + unconfirmed > 0 {
@@ -1232,20 +684,118 @@ fn run_rounds(
             p.details().join("; ")
         ));
     }
-    Ok(Report {
-        device_count: n,
-        pairs,
-        engine: opts.engine,
-        level: opts.level,
-        visibility: ctx.visibility,
-        answer: started.elapsed(),
-        worker: ctx.path,
-        restarts,
-        workers_started: workers.len() as u32,
-        peak_in_flight,
-        workers,
-        warnings,
-    })
+    warnings
+}
+
+/// What the rounds of one check share: where finished workers go, the warnings so far, every
+/// worker started and the most pairs in flight at once.
+struct Rounds<'g> {
+    graveyard: &'g mut Graveyard,
+    warnings: Vec<String>,
+    workers: Vec<WorkerInfo>,
+    peak_in_flight: u32,
+}
+
+impl Rounds<'_> {
+    /// One round on fresh workers; `hold`: pairs from this position on are second attempts,
+    /// run after the others, so that a second hang cannot interrupt them. A visibility that
+    /// does not work here falls back to every GPU, with a warning, and the round runs again.
+    fn round(&mut self, ctx: &mut Ctx, pairs: Option<&[Pair]>, hold: usize) -> Result<RoundOut> {
+        loop {
+            let out = match ctx.opts.engine {
+                Engine::Parallel => parallel::round(ctx, pairs, hold, self.graveyard),
+                // The vLLM engine runs its batch in order: the second attempts are last already.
+                Engine::Vllm => vllm::round(ctx, pairs, self.graveyard),
+            };
+            match out {
+                Ok(out) => return Ok(out),
+                Err(RoundError::Fatal(e)) => return Err(e),
+                Err(RoundError::Fallback(why)) => {
+                    self.warnings
+                        .push(format!("each worker sees every GPU: {why}"));
+                    ctx.visibility = Visibility::All;
+                    ctx.gpus = None;
+                }
+            }
+        }
+    }
+
+    /// Runs rounds of fresh workers after `first` until each pair of `batch` passed or was
+    /// attempted twice (or the deadline passed, or no fresh worker could start): each pair's
+    /// attempts, and the rounds after the first.
+    fn attempt_all(
+        &mut self,
+        ctx: &mut Ctx,
+        batch: &[Pair],
+        first: RoundOut,
+    ) -> Result<(Vec<Vec<Outcome>>, u32)> {
+        // Each pair's attempts so far; it is final once it passed or was attempted twice.
+        let mut tries: Vec<Vec<Outcome>> = vec![Vec::new(); batch.len()];
+        let mut restarts = 0;
+        let mut current: Vec<usize> = (0..batch.len()).collect();
+        let mut out = first;
+        loop {
+            self.workers.append(&mut out.workers);
+            self.peak_in_flight = self.peak_in_flight.max(out.peak_in_flight);
+            let (next, hold) = record_round(&mut tries, &current, out.outcomes);
+            if next.is_empty() {
+                break;
+            }
+            if ctx.cancel.load(Ordering::Relaxed) {
+                return Err(Error::Cancelled);
+            }
+            if ctx.past_deadline() {
+                break;
+            }
+            restarts += 1;
+            let rerun: Vec<Pair> = next.iter().map(|&i| batch[i]).collect();
+            let fresh = if restarts > max_rounds(batch.len()) {
+                Err(Error::GaveUp { rounds: restarts })
+            } else {
+                self.round(ctx, Some(&rerun), hold)
+            };
+            out = match fresh {
+                Ok(out) => out,
+                Err(Error::Cancelled) => return Err(Error::Cancelled),
+                Err(_) if ctx.past_deadline() => break,
+                // No fresh worker could start: that is every pair's attempt left.
+                Err(e) => {
+                    let lost = Lost::NoFreshWorker { why: e.to_string() };
+                    for &i in &next {
+                        tries[i].push(Outcome::Error(lost.clone()));
+                    }
+                    break;
+                }
+            };
+            current = next;
+        }
+        Ok((tries, restarts))
+    }
+}
+
+/// Adds a round's outcomes (one per pair of `current`, positions in the batch) to `tries`;
+/// returns the pairs to run next — first those interrupted before they ran (not an attempt),
+/// then those that did not pass and have one attempt left — and where the second begin.
+fn record_round(
+    tries: &mut [Vec<Outcome>],
+    current: &[usize],
+    outcomes: Vec<Option<Outcome>>,
+) -> (Vec<usize>, usize) {
+    let (mut next, mut again) = (Vec::new(), Vec::new());
+    for (&i, outcome) in current.iter().zip(outcomes) {
+        let Some(o) = outcome else {
+            next.push(i); // interrupted before it ran: not an attempt
+            continue;
+        };
+        let passed = o.passed();
+        tries[i].push(o);
+        if !passed && tries[i].len() < 2 {
+            again.push(i);
+        }
+    }
+    let hold = next.len();
+    next.append(&mut again);
+    (next, hold)
 }
 
 /// The tiers' parameters for a run: the options, and a seed of its own (time and pid), so
@@ -1370,10 +920,11 @@ pub(crate) fn hello_count(
             "no CUDA device is visible (CUDA_VISIBLE_DEVICES={:?})",
             std::env::var(visible::VAR).ok()
         ))),
-        Ok(n) if limit.is_some_and(|l| n > l) => Err(Error::Worker(format!(
-            "the {worker} claims to see {n} GPUs, but the driver lists {}: refused",
-            limit.unwrap_or(0)
-        ))),
+        Ok(n) if limit.is_some_and(|l| n > l) => Err(Error::WorkerClaim {
+            worker: worker.to_string(),
+            claimed: n,
+            listed: limit.unwrap_or(0),
+        }),
         Ok(n) => Ok(n),
     }
 }
@@ -1381,143 +932,6 @@ pub(crate) fn hello_count(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::Check;
-
-    const PAIR: Pair = Pair { src: 0, tgt: 1 };
-
-    fn side(copy: std::result::Result<(), Problem>, kernel: TierOutcome) -> SideVerdict {
-        SideVerdict {
-            copy,
-            claim: Some(true),
-            kernel,
-            handshake: TierOutcome::NotRun,
-        }
-    }
-
-    /// `wrong` of 1024 bytes wrong, `stale` of them still the old contents.
-    fn mismatch(check: Check, wrong: u64, stale: u64) -> Problem {
-        Problem::Mismatch {
-            check,
-            wrong,
-            total: 1024,
-            first_bad: 0,
-            seen: Some(1),
-            expected: 2,
-            width: 0,
-            stale,
-        }
-    }
-
-    fn pass() -> Outcome {
-        Outcome::Done {
-            producer: side(Ok(()), TierOutcome::Ok),
-            consumer: side(Ok(()), TierOutcome::Ok),
-        }
-    }
-
-    /// The copy tier fails: never-written (every byte stale) or wrong-data.
-    fn copy_fails(stale: u64) -> Outcome {
-        let p = mismatch(Check::CopyReadBack, 1024, stale);
-        Outcome::Done {
-            producer: side(Err(p.clone()), TierOutcome::NotRun),
-            consumer: side(Err(p), TierOutcome::NotRun),
-        }
-    }
-
-    /// The copy tier passes and the kernel tier's loads are wrong.
-    fn kernel_fails() -> Outcome {
-        Outcome::Done {
-            producer: side(Ok(()), TierOutcome::Ok),
-            consumer: side(
-                Ok(()),
-                TierOutcome::Failed(mismatch(Check::KernelLoads, 1024, 0)),
-            ),
-        }
-    }
-
-    fn settle(tries: Vec<Outcome>) -> PairReport {
-        PairReport::settle(PAIR, tries, "not attempted: the check's deadline passed")
-    }
-
-    #[test]
-    fn only_a_pass_at_once_or_the_same_failure_twice_is_a_fact() {
-        let passed = settle(vec![pass()]);
-        assert_eq!((passed.evidence, passed.ok()), (Evidence::Passed, true));
-        assert!(passed.persistable() && passed.details().is_empty());
-
-        let confirmed = settle(vec![copy_fails(1024), copy_fails(1024)]);
-        assert_eq!(confirmed.evidence, Evidence::Confirmed);
-        assert!(confirmed.persistable() && !confirmed.ok());
-        assert_eq!(confirmed.attempts, 2);
-        assert_eq!(confirmed.failed_tier(), Some(Level::Copy));
-        assert_eq!(
-            confirmed.other_attempt.as_deref(),
-            Some("first attempt: fails at the copy tier (never-written)")
-        );
-
-        // The same tier, another diagnosis; another tier.
-        for second in [copy_fails(0), kernel_fails()] {
-            let r = settle(vec![copy_fails(1024), second]);
-            assert_eq!(r.evidence, Evidence::Inconsistent);
-            assert!(!r.persistable() && !r.ok());
-        }
-    }
-
-    #[test]
-    fn a_failure_that_does_not_repeat_is_reported_answered_false_and_not_persisted() {
-        let r = settle(vec![kernel_fails(), pass()]);
-        assert_eq!(r.evidence, Evidence::NotRepeated);
-        assert!(!r.ok() && !r.persistable());
-        assert_eq!(
-            r.failed_tier(),
-            Some(Level::Kernel),
-            "the failing attempt decides"
-        );
-        let details = r.details().join("\n");
-        assert!(
-            details.contains("second attempt, on fresh workers: ok"),
-            "{details}"
-        );
-        assert!(details.contains("did not repeat"), "{details}");
-    }
-
-    #[test]
-    fn hangs_errors_and_deaths_nearby_are_never_facts() {
-        let hang = || Outcome::Hang("no answer".into());
-        let death = || Outcome::Error("the consumer was killed by signal 9".into());
-        for (tries, evidence, word) in [
-            (vec![hang(), hang()], Evidence::Hang, "hang"),
-            (vec![hang(), pass()], Evidence::Hang, "hang"),
-            (vec![copy_fails(1024), hang()], Evidence::Hang, "hang"),
-            (vec![death(), death()], Evidence::Error, "error"),
-            (vec![death(), pass()], Evidence::Error, "error"),
-            // A failure with a worker's death nearby, then the death itself.
-            (vec![copy_fails(1024), death()], Evidence::Error, "error"),
-            (vec![death(), copy_fails(1024)], Evidence::Error, "fails"),
-        ] {
-            let r = settle(tries);
-            assert_eq!(r.evidence, evidence, "{:?}", r.details());
-            assert_eq!(r.verdict().word(), word);
-            assert!(!r.persistable() && !r.ok());
-            assert!(r.other_attempt.is_some());
-        }
-    }
-
-    #[test]
-    fn what_the_deadline_cut_short_is_reported_so() {
-        let never = settle(Vec::new());
-        assert_eq!(
-            (never.evidence, never.attempts),
-            (Evidence::NotAttempted, 0)
-        );
-        assert_eq!(never.verdict().word(), "error");
-        assert!(never.verdict().reason().contains("deadline"));
-        let once = settle(vec![copy_fails(1024)]);
-        assert_eq!(once.evidence, Evidence::Unconfirmed);
-        assert!(!once.persistable() && !once.ok());
-        let hung = settle(vec![Outcome::Hang("no answer".into())]);
-        assert_eq!(hung.evidence, Evidence::Hang);
-    }
 
     #[test]
     fn the_whole_checks_budget_grows_with_the_gpus_and_the_timeouts() {

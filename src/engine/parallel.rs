@@ -22,12 +22,13 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use super::pool::{next_event, Event, Graveyard, SendError, Worker};
-use super::{
-    all_pairs, check_ids, hello_count, Ctx, Outcome, RoundError, RoundOut, Visibility, WorkerInfo,
+use super::{check_ids, hello_count, Ctx, RoundError, RoundOut};
+use crate::error::{Error, Phase};
+use crate::model::{
+    all_pairs, Fault, Hang, Level, Lost, Outcome, Pair, Problem, Role, SideVerdict, TierOutcome,
+    Visibility, WorkerInfo,
 };
-use crate::cuda::IPC_HANDLE_BYTES;
-use crate::error::Error;
-use crate::protocol::{Job, Level, Message, Op, Pair, Problem, Role, SideVerdict, TierOutcome};
+use crate::protocol::{Job, Message, Op, IPC_HANDLE_BYTES};
 use crate::visible;
 use crate::worker::CONSUMER_FILL;
 
@@ -334,11 +335,10 @@ impl Run<'_> {
         while matches!(self.members[i].state, State::Starting) {
             self.check_cancel()?;
             if self.ctx.past_deadline() {
-                return Err(Error::Worker(format!(
-                    "{} before the {} said Hello",
-                    self.ctx.deadline_words(),
-                    self.worker(i).name()
-                ))
+                return Err(Error::StartDeadline {
+                    budget: self.ctx.budget(),
+                    worker: Some(self.worker(i).name()),
+                }
                 .into());
             }
             if let Some((from, event)) = next_event(&mut self.workers, self.ctx.wake()) {
@@ -379,7 +379,12 @@ impl Run<'_> {
             },
             deadline,
         )
-        .map_err(|why| RoundError::Fatal(Error::Worker(why)))?;
+        .map_err(|fault| {
+            RoundError::Fatal(Error::WorkerLost {
+                during: None,
+                fault,
+            })
+        })?;
         self.members[i].state = State::SettingUp;
         Ok(())
     }
@@ -420,34 +425,34 @@ impl Run<'_> {
         let name = self.worker(from).name();
         let starting = matches!(self.members[from].state, State::Starting | State::SettingUp);
         match event {
-            Event::Timeout if starting => Err(Error::Worker(format!(
-                "the {name} did not start CUDA and set up its GPU within the start-up timeout \
-                 ({:?}){}",
-                self.ctx.opts.startup_timeout,
-                self.worker(from).stderr_note()
-            ))
-            .into()),
-            Event::Broken(why) if starting => {
-                Err(Error::Worker(format!("failed while starting: {why}")).into())
+            Event::Timeout if starting => Err(Error::WorkerStartup {
+                worker: Some(name),
+                path: self.ctx.path.clone(),
+                timeout: self.ctx.opts.startup_timeout,
+                stderr: self.worker(from).stderr_note(),
             }
+            .into()),
+            Event::Broken(fault) if starting => Err(Error::WorkerLost {
+                during: Some(Phase::Starting),
+                fault,
+            }
+            .into()),
             Event::Timeout => {
                 if let Some(later) = self.held_up_by_partner(from) {
                     self.worker(from).deadline = Some(later);
                     return Ok(());
                 }
-                let what = self.head_description(from);
-                let stderr = self.worker(from).stderr_note();
-                self.lose(
-                    from,
-                    Outcome::Hang(format!(
-                        "the {name} gave no answer within {:.1} s {what}; it was killed{stderr}",
-                        self.ctx.opts.step_timeout.as_secs_f64(),
-                    )),
-                );
+                let hang = Hang::Silent {
+                    worker: name,
+                    waited: self.ctx.opts.step_timeout,
+                    step: self.head_step(from),
+                    stderr: self.worker(from).stderr_note(),
+                };
+                self.lose(from, Outcome::Hang(hang));
                 Ok(())
             }
-            Event::Broken(why) => {
-                self.lose(from, Outcome::Error(why));
+            Event::Broken(fault) => {
+                self.lose(from, Outcome::Error(Lost::Worker(fault)));
                 Ok(())
             }
             Event::Message(m) => self.on_message(from, m),
@@ -505,10 +510,7 @@ impl Run<'_> {
                 if matches!(self.members[from].part, Part::Primary(_))
                     && matches!(self.members[from].state, State::Ready(None))
                 {
-                    self.lose(
-                        from,
-                        Outcome::Error(format!("the {name} exported no buffer")),
-                    );
+                    self.lose_to(from, Fault::NoBuffer);
                 }
                 self.start_ready_jobs();
                 Ok(())
@@ -524,20 +526,12 @@ impl Run<'_> {
             ) => {
                 self.members[from].info.peak_rss_kb = peak_rss_kb;
                 let Some(&(j, step, role)) = self.members[from].queue.front() else {
-                    self.lose(
-                        from,
-                        Outcome::Error(format!("the {name} answered a step it was not given")),
-                    );
+                    self.lose_to(from, Fault::StrayAnswer);
                     return Ok(());
                 };
                 let expected = &self.jobs[j];
                 if job.pair != expected.pair || job.role != role || job.index != j as u32 {
-                    self.lose(
-                        from,
-                        Outcome::Error(format!(
-                            "the {name} answered for {job:?}, not for the step it was given"
-                        )),
-                    );
+                    self.lose_to(from, Fault::WrongJob(format!("{job:?}")));
                     return Ok(());
                 }
                 self.members[from].queue.pop_front();
@@ -551,19 +545,14 @@ impl Run<'_> {
                 self.start_waiting_handshakes();
                 Ok(())
             }
-            (State::Starting | State::SettingUp, other) => Err(Error::Worker(format!(
-                "the {name} sent {} while starting",
-                message_name(&other)
-            ))
+            (State::Starting | State::SettingUp, other) => Err(Error::WorkerProtocol {
+                worker: name,
+                sent: message_name(&other).into(),
+                during: Phase::Starting,
+            }
             .into()),
             (_, other) => {
-                self.lose(
-                    from,
-                    Outcome::Error(format!(
-                        "the {name} sent {} out of turn",
-                        message_name(&other)
-                    )),
-                );
+                self.lose_to(from, Fault::OutOfTurn(message_name(&other)));
                 Ok(())
             }
         }
@@ -673,7 +662,9 @@ impl Run<'_> {
             }
             match worker.try_send(&message, deadline) {
                 Ok(()) => {}
-                Err(SendError::Stuck(why)) => self.lose(w, Outcome::Hang(why)),
+                Err(SendError::Stuck(fault)) => {
+                    self.lose(w, Outcome::Hang(Hang::StoppedReading(fault)));
+                }
                 // Its exit shows on its pipe, after whatever it answered before dying: the
                 // poll loop reads those first, then the pair at its head gets the error.
                 Err(SendError::Gone) => {}
@@ -812,16 +803,18 @@ impl Run<'_> {
         Some(theirs + self.ctx.opts.step_timeout)
     }
 
-    /// What worker `w` was doing, for a hang's message.
-    fn head_description(&self, w: usize) -> String {
-        match self.members[w].queue.front() {
-            Some(&(j, step, _)) => format!(
-                "to step {:?} of pair {}",
-                steps(self.ctx.opts.level)[step].1,
-                self.jobs[j].pair
-            ),
-            None => "while idle".into(),
-        }
+    /// The step worker `w` was doing (its name) and its pair, for a hang's cause; `None`
+    /// when idle.
+    fn head_step(&self, w: usize) -> Option<(String, Pair)> {
+        let &(j, step, _) = self.members[w].queue.front()?;
+        let kind = steps(self.ctx.opts.level)[step].1;
+        Some((format!("{kind:?}"), self.jobs[j].pair))
+    }
+
+    /// Worker `w` broke the protocol (`fault`): it is lost, with what it wrote to stderr.
+    fn lose_to(&mut self, w: usize, fault: Fault) {
+        let fault = self.worker(w).fault(fault);
+        self.lose(w, Outcome::Error(Lost::Worker(fault)));
     }
 
     /// Worker `w` hung, died or broke the protocol: it is killed; the pair at its head gets

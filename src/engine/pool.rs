@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use crate::cuda::trace;
 use crate::error::{Error, Result};
+use crate::model::{Fault, WorkerFault};
 use crate::os;
 use crate::protocol::{self, FrameReader, Message, ProtocolError};
 use crate::worker::WORKER_FLAG;
@@ -44,12 +45,17 @@ use crate::worker::WORKER_FLAG;
 /// 5. `p2pcheck-worker` on `$PATH`.
 pub fn locate_worker(explicit: Option<&Path>) -> Result<PathBuf> {
     if let Some(p) = explicit {
-        return executable(p).map_err(|e| Error::Worker(format!("worker (from options): {e}")));
+        return executable(p).map_err(|why| Error::WorkerUnusable {
+            origin: "worker (from options)".into(),
+            why,
+        });
     }
     if let Some(p) = std::env::var_os("P2PCHECK_WORKER").filter(|v| !v.is_empty()) {
         let p = PathBuf::from(p);
-        return executable(&p)
-            .map_err(|e| Error::Worker(format!("P2PCHECK_WORKER={}: {e}", p.display())));
+        return executable(&p).map_err(|why| Error::WorkerUnusable {
+            origin: format!("P2PCHECK_WORKER={}", p.display()),
+            why,
+        });
     }
     let exe = std::env::current_exe().ok();
     let mut dirs: Vec<PathBuf> = exe
@@ -80,11 +86,7 @@ pub fn locate_worker(explicit: Option<&Path>) -> Result<PathBuf> {
         }
     }
     tried.push("p2pcheck-worker on $PATH".into());
-    Err(Error::Worker(format!(
-        "cannot find the p2pcheck-worker executable (tried {}); install it beside your program \
-         or set P2PCHECK_WORKER to its path",
-        tried.join(", ")
-    )))
+    Err(Error::WorkerNotFound { tried })
 }
 
 /// Whether this program's executable serves as a worker (see [`this_executable_is_a_worker`]).
@@ -122,16 +124,16 @@ pub(crate) enum Event {
     Message(Message),
     /// Its deadline passed with nothing from it.
     Timeout,
-    /// It closed its pipe or sent bytes that are not a frame: why, in words (it is reaped
-    /// and its exit described when it is gone).
-    Broken(String),
+    /// It closed its pipe or sent bytes that are not a frame: how (it is reaped and its exit
+    /// described when it is gone).
+    Broken(WorkerFault),
 }
 
 /// Why a message could not be sent.
 #[derive(Debug)]
 pub(crate) enum SendError {
-    /// The worker did not read within the deadline: why, in words.
-    Stuck(String),
+    /// The worker did not read within the deadline ([`Fault::StoppedReading`]).
+    Stuck(WorkerFault),
     /// Its end of the pipe is closed: it exited or died.
     Gone,
 }
@@ -281,9 +283,10 @@ impl Worker {
             // Its own process group, so a kill reaches anything it started too.
             .process_group(0);
         os::worker_pre_exec(&mut cmd);
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| Error::Worker(format!("cannot start worker {}: {e}", path.display())))?;
+        let mut child = cmd.spawn().map_err(|e| Error::WorkerSpawn {
+            path: path.to_path_buf(),
+            source_text: e.to_string(),
+        })?;
         let pid = child.id();
         let stdin = child.stdin.take();
         let stdout = child.stdout.take().expect("stdout was piped");
@@ -312,7 +315,9 @@ impl Worker {
         // Writes must never block (a worker that stops reading would stall the parent), nor
         // reads of its output once poll said there is some (a drain reads until empty). On an
         // error the worker is dropped: killed, and reaped later.
-        let blocking = |e| Error::Worker(format!("cannot set up the worker's pipes: {e}"));
+        let blocking = |e: std::io::Error| Error::WorkerPipes {
+            source_text: e.to_string(),
+        };
         if let Some(s) = &worker.stdin {
             os::set_nonblocking(s).map_err(blocking)?;
         }
@@ -345,12 +350,12 @@ impl Worker {
         }
     }
 
-    /// Sends `m`, giving up at `deadline`; `Err` says why in words.
+    /// Sends `m`, giving up at `deadline`; `Err` says what went wrong with the worker.
     pub(crate) fn send(
         &mut self,
         m: &Message,
         deadline: Instant,
-    ) -> std::result::Result<(), String> {
+    ) -> std::result::Result<(), WorkerFault> {
         self.try_send(m, deadline).map_err(|e| match e {
             SendError::Stuck(why) => why,
             SendError::Gone => self.death_note(),
@@ -369,38 +374,43 @@ impl Worker {
         };
         os::write_all_until(stdin, &protocol::encode(m), deadline).map_err(|e| {
             if e.kind() == std::io::ErrorKind::TimedOut {
-                SendError::Stuck(format!(
-                    "the {} stopped reading its pipe{}",
-                    self.name(),
-                    self.stderr_note()
-                ))
+                SendError::Stuck(self.fault_noting_stderr(Fault::StoppedReading))
             } else {
                 SendError::Gone
             }
         })
     }
 
+    /// `fault`, from this worker (a breach of the protocol: what it wrote to stderr is left
+    /// for its death, if it dies).
+    pub(crate) fn fault(&self, fault: Fault) -> WorkerFault {
+        WorkerFault {
+            worker: self.name(),
+            fault,
+            stderr: String::new(),
+        }
+    }
+
+    /// `fault`, from this worker, with what it wrote to stderr.
+    pub(crate) fn fault_noting_stderr(&mut self, fault: Fault) -> WorkerFault {
+        WorkerFault {
+            stderr: self.stderr_note(),
+            ..self.fault(fault)
+        }
+    }
+
     /// Why a worker is gone or broken, with what it wrote to stderr: it is reaped here if it
     /// exits within [`EXIT_WAIT`], killed otherwise (and reaped later).
-    pub(crate) fn death_note(&mut self) -> String {
-        let note = match self.wait_until(Instant::now() + EXIT_WAIT) {
-            Some(Reaped::Exited(status)) => {
-                format!("the {} {}", self.name(), describe_exit(status))
-            }
-            Some(Reaped::Elsewhere) => format!(
-                "the {} exited and was reaped by other code of this process (its status is \
-                 unknown)",
-                self.name()
-            ),
+    pub(crate) fn death_note(&mut self) -> WorkerFault {
+        let fault = match self.wait_until(Instant::now() + EXIT_WAIT) {
+            Some(Reaped::Exited(status)) => Fault::Exited(describe_exit(status)),
+            Some(Reaped::Elsewhere) => Fault::ReapedElsewhere,
             None => {
                 self.kill();
-                format!(
-                    "the {} closed its pipe but did not exit; killed",
-                    self.name()
-                )
+                Fault::ClosedPipe
             }
         };
-        format!("{note}{}", self.stderr_note())
+        self.fault_noting_stderr(fault)
     }
 
     /// Waits until it has exited and is reaped, or until `deadline` (`None`).
@@ -630,10 +640,7 @@ pub(crate) fn next_event(workers: &mut [Option<Worker>], wake: Instant) -> Optio
             }
             Err(e) => {
                 let w = workers[first].as_mut().expect("live");
-                return Some((
-                    first,
-                    Event::Broken(format!("polling the {}: {e}", w.name())),
-                ));
+                return Some((first, Event::Broken(w.fault(Fault::Poll(e.to_string())))));
             }
         }
     }
@@ -659,10 +666,10 @@ fn exited(i: usize, w: &mut Worker) -> (usize, Event) {
     }
 }
 
-fn broken(w: &mut Worker, e: ProtocolError) -> String {
+fn broken(w: &mut Worker, e: ProtocolError) -> WorkerFault {
     match e {
         ProtocolError::Eof => w.death_note(),
-        e => format!("the {}: {e}{}", w.name(), w.stderr_note()),
+        e => w.fault_noting_stderr(Fault::Protocol(e.to_string())),
     }
 }
 

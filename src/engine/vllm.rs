@@ -6,9 +6,13 @@
 use std::time::Instant;
 
 use super::pool::{next_event, Event, Graveyard, Worker};
-use super::{all_pairs, check_ids, hello_count, Ctx, Outcome, RoundError, RoundOut, WorkerInfo};
-use crate::error::Error;
-use crate::protocol::{self, Job, Level, Message, Pair, Role, SideVerdict, TierParams};
+use super::{check_ids, hello_count, Ctx, RoundError, RoundOut};
+use crate::error::{Error, Phase};
+use crate::model::{
+    all_pairs, Fault, Hang, Level, Lost, Outcome, Pair, Role, SideVerdict, TierParams, WorkerFault,
+    WorkerInfo,
+};
+use crate::protocol::{self, Job, Message};
 
 /// Messages one side may send for one pair: two Handles or Openeds, five barriers, a verdict —
 /// and some slack. More is a worker flooding the pipe, which must not keep a pair alive.
@@ -87,8 +91,12 @@ fn batch(
     for (i, role) in [Role::Producer, Role::Consumer].into_iter().enumerate() {
         let w = workers[i].as_mut().expect("spawned");
         let start = start_message(role, ctx.opts.level, ctx.tiers, &pairs)?;
-        w.send(&start, deadline)
-            .map_err(|why| RoundError::Fatal(Error::Worker(why)))?;
+        w.send(&start, deadline).map_err(|fault| {
+            RoundError::Fatal(Error::WorkerLost {
+                during: None,
+                fault,
+            })
+        })?;
     }
     relay(ctx, workers, &pairs, &mut outcomes)?;
     Ok((n, pairs, outcomes))
@@ -134,10 +142,10 @@ fn hello(ctx: &Ctx, workers: &mut [Option<Worker>]) -> Result<u32, RoundError> {
             return Err(Error::Cancelled.into());
         }
         if ctx.past_deadline() {
-            return Err(Error::Worker(format!(
-                "{} before the workers said Hello",
-                ctx.deadline_words()
-            ))
+            return Err(Error::StartDeadline {
+                budget: ctx.budget(),
+                worker: None,
+            }
             .into());
         }
         let Some((from, event)) = next_event(workers, ctx.wake()) else {
@@ -157,19 +165,28 @@ fn hello(ctx: &Ctx, workers: &mut [Option<Worker>]) -> Result<u32, RoundError> {
                 counts[from] = Some(n);
             }
             Event::Message(other) => {
-                return Err(Error::Worker(format!("the {name} sent {other:?} before Hello")).into())
-            }
-            Event::Timeout => {
-                return Err(Error::Worker(format!(
-                    "the workers did not start CUDA within the start-up timeout ({:?}, {}){}",
-                    ctx.opts.startup_timeout,
-                    ctx.path.display(),
-                    stderr_notes(workers)
-                ))
+                return Err(Error::WorkerProtocol {
+                    worker: name,
+                    sent: format!("{other:?}"),
+                    during: Phase::Hello,
+                }
                 .into())
             }
-            Event::Broken(why) => {
-                return Err(Error::Worker(format!("failed before saying Hello: {why}")).into())
+            Event::Timeout => {
+                return Err(Error::WorkerStartup {
+                    worker: None,
+                    path: ctx.path.clone(),
+                    timeout: ctx.opts.startup_timeout,
+                    stderr: stderr_notes(workers),
+                }
+                .into())
+            }
+            Event::Broken(fault) => {
+                return Err(Error::WorkerLost {
+                    during: Some(Phase::Hello),
+                    fault,
+                }
+                .into())
             }
         }
     }
@@ -177,20 +194,24 @@ fn hello(ctx: &Ctx, workers: &mut [Option<Worker>]) -> Result<u32, RoundError> {
         unreachable!("the loop ends when both are set")
     };
     if a != b {
-        return Err(Error::Worker(format!(
-            "the workers see different device counts ({a} and {b})"
-        ))
+        return Err(Error::DeviceCounts {
+            producer: a,
+            consumer: b,
+        }
         .into());
     }
     Ok(a)
 }
 
-/// The last event the parent saw of the pair in flight, for a hang's message.
-fn last_event(last: Option<&(usize, Message)>) -> String {
-    let Some((from, msg)) = last else {
-        return "before the producer sent its IPC handle".into();
+/// The last message the parent saw of the pair in flight, for a hang's cause: who sent it
+/// and what it was.
+fn last_event(last: Option<&(usize, Message)>) -> Option<(Role, String)> {
+    let (from, msg) = last?;
+    let who = if *from == 0 {
+        Role::Producer
+    } else {
+        Role::Consumer
     };
-    let who = if *from == 0 { "producer" } else { "consumer" };
     let what = match msg {
         Message::Handle { .. } => "IPC handle".to_string(),
         Message::Opened { .. } => "answer to opening the handle".into(),
@@ -198,7 +219,7 @@ fn last_event(last: Option<&(usize, Message)>) -> String {
         Message::Verdict { .. } => "verdict".into(),
         other => format!("{other:?}"),
     };
-    format!("after the {who}'s {what}")
+    Some((who, what))
 }
 
 /// Forwards each message to the other worker and records verdicts until every pair has both,
@@ -239,28 +260,26 @@ fn relay(
         let outcome = match event {
             Event::Message(msg) => {
                 sent[from] += 1;
-                let name = workers[from].as_ref().expect("spawned").name();
                 if sent[from] > MAX_MESSAGES_PER_PAIR {
-                    Some(Outcome::Error(format!(
-                        "the {name} sent more than {MAX_MESSAGES_PER_PAIR} messages for one pair"
-                    )))
+                    let w = workers[from].as_ref().expect("spawned");
+                    let fault = w.fault(Fault::TooManyMessages(MAX_MESSAGES_PER_PAIR));
+                    Some(Outcome::Error(Lost::Worker(fault)))
                 } else {
                     match route(workers, &mut verdicts, from, msg.clone(), deadline) {
                         Ok(()) => {
                             last = Some((from, msg));
                             None
                         }
-                        Err(why) => Some(Outcome::Error(why)),
+                        Err(fault) => Some(Outcome::Error(Lost::Worker(fault))),
                     }
                 }
             }
-            Event::Timeout => Some(Outcome::Hang(format!(
-                "no answer within {:.1} s {}; the workers were killed{}",
-                step.as_secs_f64(),
-                last_event(last.as_ref()),
-                stderr_notes(workers)
-            ))),
-            Event::Broken(why) => Some(Outcome::Error(why)),
+            Event::Timeout => Some(Outcome::Hang(Hang::Pair {
+                waited: step,
+                after: last_event(last.as_ref()),
+                stderr: stderr_notes(workers),
+            })),
+            Event::Broken(fault) => Some(Outcome::Error(Lost::Worker(fault))),
         };
         if let Some(outcome) = outcome {
             // The pairs before it have their outcomes; those after it stay interrupted.
@@ -303,27 +322,27 @@ fn done(v: &mut [Option<SideVerdict>; 2]) -> Option<Outcome> {
 }
 
 /// Forwards `msg` from worker `from` to the other, or records it if it is a verdict; `Err`
-/// says how the sender broke the protocol (or how the receiver is gone).
+/// says how the sender broke the protocol (or what went wrong with the receiver).
 fn route(
     workers: &mut [Option<Worker>],
     verdicts: &mut [[Option<SideVerdict>; 2]],
     from: usize,
     msg: Message,
     deadline: Instant,
-) -> Result<(), String> {
-    let name = workers[from].as_ref().expect("spawned").name();
+) -> Result<(), WorkerFault> {
+    let sender = workers[from].as_mut().expect("spawned");
     let job: Job = match &msg {
         Message::Handle { job, .. } if from == 0 => *job,
         Message::Opened { job, .. } if from == 1 => *job,
         Message::Barrier { job, .. } | Message::Verdict { job, .. } => *job,
-        m => return Err(format!("the {name} sent {m:?}, which it may not")),
+        m => return Err(sender.fault(Fault::Forbidden(format!("{m:?}")))),
     };
     let index = job.index as usize;
     if index >= verdicts.len() {
-        return Err(format!(
-            "the {name} sent a message for pair {index} of {}",
-            verdicts.len()
-        ));
+        return Err(sender.fault(Fault::PairOutOfRange {
+            index,
+            of: verdicts.len(),
+        }));
     }
     match msg {
         Message::Verdict {
@@ -331,9 +350,9 @@ fn route(
             peak_rss_kb,
             ..
         } => {
-            workers[from].as_mut().expect("spawned").peak_rss_kb = peak_rss_kb;
+            sender.peak_rss_kb = peak_rss_kb;
             if verdicts[index][from].replace(verdict).is_some() {
-                return Err(format!("the {name} sent two verdicts for pair {index}"));
+                return Err(sender.fault(Fault::TwoVerdicts { index }));
             }
             Ok(())
         }

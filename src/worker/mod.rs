@@ -10,6 +10,7 @@
 //! Every CUDA failure becomes part of an outcome; only a broken pipe or a protocol violation
 //! ends the worker early (the parent then sees EOF at once).
 
+mod convert;
 mod parallel;
 mod tiers;
 mod vllm;
@@ -19,8 +20,9 @@ pub(crate) use tiers::Layout;
 use std::io::{self, Read, Write};
 
 use crate::cuda::{self, DeviceView};
+use crate::model::{Check, Problem};
 use crate::os;
-use crate::protocol::{self, Check, Message, Problem, ProtocolError};
+use crate::protocol::{self, Message, ProtocolError};
 
 /// The first argument that makes a program act as a p2pcheck worker.
 pub const WORKER_FLAG: &str = "--p2pcheck-worker";

@@ -12,9 +12,8 @@ use std::io::{Read, Write};
 use super::{peak_rss_kb, unexpected, verify, Layout, Link, PRODUCER_FILL, TEST_BYTES};
 use crate::cuda::trace::{self, ProcessRole};
 use crate::cuda::{self, DeviceBuffer, DeviceView, Kernels, PeerMapping, IPC_HANDLE_BYTES};
-use crate::protocol::{
-    Check, Job, Message, Op, Problem, ProtocolError, Role, TierParams, MAX_DEVICES,
-};
+use crate::model::{Check, Problem, Role, TierParams};
+use crate::protocol::{Job, Message, Op, ProtocolError, MAX_DEVICES};
 
 /// Serves the parallel engine on local device `device`, exporting `slots` slots.
 pub(super) fn run<R: Read, W: Write>(
@@ -75,7 +74,7 @@ pub(super) fn run<R: Read, W: Write>(
             Ok(other) => return unexpected("Step", other),
             Err(e) => return Err(e),
         };
-        trace::set_job(Some(job));
+        trace::set_job(Some(job.into()));
         let (result, claim) = worker.step(job, slot, op);
         trace::set_job(None);
         link.send(Message::Done {
@@ -269,7 +268,7 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{Level, Pair};
+    use crate::model::{Level, Pair};
 
     /// A worker of device 0 at level copy (1 KiB slots) whose buffer holds `slots` slots and
     /// which has mapped device 1's buffer of as many, all at made-up addresses: a step that

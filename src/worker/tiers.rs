@@ -10,7 +10,7 @@
 use std::ops::Range;
 
 use crate::cuda::{self, DeviceView, Kernels, PatternCount, HANDSHAKE_AREA_BYTES};
-use crate::protocol::{Check, Problem, TierParams};
+use crate::model::{Check, Problem, TierParams};
 
 use super::TEST_BYTES;
 

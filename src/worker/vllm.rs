@@ -10,10 +10,8 @@ use super::{
 };
 use crate::cuda::trace::{self, ProcessRole};
 use crate::cuda::{self, DeviceBuffer, Kernels, PeerMapping, IPC_HANDLE_BYTES};
-use crate::protocol::{
-    Check, Job, Level, Message, Pair, Problem, ProtocolError, Role, SideVerdict, Stage,
-    TierOutcome, TierParams,
-};
+use crate::model::{Check, Level, Pair, Problem, Role, SideVerdict, TierOutcome, TierParams};
+use crate::protocol::{Job, Message, ProtocolError, Stage};
 
 impl<R: Read, W: Write> Link<R, W> {
     /// The next message must be this pair's `Handle` (of the tier `job` names).
@@ -66,7 +64,7 @@ pub(super) fn run<R: Read, W: Write>(
             role,
             tier: Level::Copy,
         };
-        trace::set_job(Some(job));
+        trace::set_job(Some(job.into()));
         let device = match role {
             Role::Producer => pair.src as i32,
             Role::Consumer => pair.tgt as i32,
@@ -78,7 +76,7 @@ pub(super) fn run<R: Read, W: Write>(
         // vLLM resets after every pair, so that each pair starts from a clean context. A failed
         // reset fails this side's copy test (the next pair would start from a dirty context).
         // The reset is SPEC section 2's step 4: traced as the pair's copy job, after any tiers.
-        trace::set_job(Some(job));
+        trace::set_job(Some(job.into()));
         if let Err(e) = cuda::device_reset(device) {
             if verdict.copy.is_ok() {
                 verdict.copy = Err(e.into());
@@ -189,7 +187,7 @@ fn produce_tiers<R: Read, W: Write>(
         tier: Level::Kernel,
         ..job
     };
-    trace::set_job(Some(job));
+    trace::set_job(Some(job.into()));
     let layout = Layout::new(tiers);
     let set_up = (|| {
         let k = Kernels::load(d)?;
@@ -225,12 +223,15 @@ fn produce_tiers<R: Read, W: Write>(
         // Both kernels must be resident at once: the consumer launches on this token.
         link.barrier_out(job, Stage::Handshake)?;
         let same_gpu = job.pair.src == job.pair.tgt;
-        trace::set_job(Some(Job {
-            tier: Level::Handshake,
-            ..job
-        }));
+        trace::set_job(Some(
+            Job {
+                tier: Level::Handshake,
+                ..job
+            }
+            .into(),
+        ));
         let shook = layout.handshake(&k, buffer.view(), 0, same_gpu, tiers);
-        trace::set_job(Some(job));
+        trace::set_job(Some(job.into()));
         Some(shook)
     } else {
         None
@@ -308,7 +309,7 @@ fn consume_tiers<R: Read, W: Write>(
         tier: Level::Kernel,
         ..job
     };
-    trace::set_job(Some(job));
+    trace::set_job(Some(job.into()));
     let layout = Layout::new(tiers);
     let handle = link.recv_handle(job)?;
     let opened = handle
@@ -341,12 +342,15 @@ fn consume_tiers<R: Read, W: Write>(
     let handshake = if level >= Level::Handshake {
         link.barrier_in(job, Stage::Handshake)?;
         let same_gpu = job.pair.src == job.pair.tgt;
-        trace::set_job(Some(Job {
-            tier: Level::Handshake,
-            ..job
-        }));
+        trace::set_job(Some(
+            Job {
+                tier: Level::Handshake,
+                ..job
+            }
+            .into(),
+        ));
         let shook = layout.handshake(&k, mapping.view(), 1, same_gpu, tiers);
-        trace::set_job(Some(job));
+        trace::set_job(Some(job.into()));
         Some(shook)
     } else {
         None

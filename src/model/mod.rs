@@ -1,0 +1,21 @@
+//! The domain model every layer speaks: pairs and levels, the problems a side can find, the
+//! verdicts and outcomes of an attempt, the evidence of a pair's attempts, and a check's report.
+//!
+//! It imports nothing else of the crate: the wire format ([`crate::protocol`]) encodes it, the
+//! engine produces it, the renderers ([`crate::render`]) turn it into text, JSON and the C
+//! ABI's values.
+
+mod evidence;
+mod pair;
+mod problem;
+mod report;
+mod verdict;
+
+pub use evidence::{Attempt, Evidence, OtherAttempt, PairReport};
+pub use pair::{all_pairs, Level, Pair, Role, TierParams};
+pub use problem::{Check, Class, Problem};
+pub use report::{Engine, Report, Visibility, WorkerInfo};
+pub use verdict::{
+    deadline_passed, Failure, Fault, Finding, Hang, Lost, Outcome, SideVerdict, TierOutcome,
+    Verdict, WorkerFault,
+};
