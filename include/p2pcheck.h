@@ -236,7 +236,15 @@ typedef enum p2pcheck_class {
     /* Resident kernels never saw each other's flags within the deadline. */
     P2PCHECK_CLASS_TIMEOUT = 5,
     /* Another failed call, or the driver could not be used. */
-    P2PCHECK_CLASS_OTHER = 6
+    P2PCHECK_CLASS_OTHER = 6,
+    /* cuMem transport: cuMemCreate/cuMemExportToShareableHandle refused a POSIX descriptor. */
+    P2PCHECK_CLASS_EXPORT_REFUSED = 7,
+    /* cuMem transport: the descriptor could not be passed over the Unix socket. */
+    P2PCHECK_CLASS_FD_NOT_PASSABLE = 8,
+    /* cuMem transport: cuMemImportFromShareableHandle refused the descriptor. */
+    P2PCHECK_CLASS_IMPORT_REFUSED = 9,
+    /* cuMem transport: cuMemAddressReserve, cuMemMap or cuMemSetAccess refused. */
+    P2PCHECK_CLASS_MAP_REFUSED = 10
 } p2pcheck_class;
 
 /*

@@ -359,7 +359,7 @@ fn engine_of(argv: &[String]) -> Option<Consumer> {
 pub(crate) mod test_reports {
     use crate::model::{
         Evidence, Fault, Hang, Level, Lost, Outcome, Pair, PairReport, Problem, Report,
-        SideVerdict, TierOutcome, WorkerFault,
+        SideVerdict, TierOutcome, Transport, WorkerFault,
     };
 
     fn side(copy_ok: bool, kernel: TierOutcome, handshake: TierOutcome) -> SideVerdict {
@@ -377,6 +377,7 @@ pub(crate) mod test_reports {
     fn pair(src: u32, tgt: u32, outcome: Outcome) -> PairReport {
         PairReport {
             pair: Pair { src, tgt },
+            transport: Transport::Ipc,
             outcome,
             attempts: 1,
             other_attempt: None,

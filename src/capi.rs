@@ -254,6 +254,14 @@ pub enum ClassCode {
     Timeout = 5,
     /// `P2PCHECK_CLASS_OTHER`: [`Class::Other`].
     Other = 6,
+    /// `P2PCHECK_CLASS_EXPORT_REFUSED`: [`Class::ExportRefused`].
+    ExportRefused = 7,
+    /// `P2PCHECK_CLASS_FD_NOT_PASSABLE`: [`Class::FdNotPassable`].
+    FdNotPassable = 8,
+    /// `P2PCHECK_CLASS_IMPORT_REFUSED`: [`Class::ImportRefused`].
+    ImportRefused = 9,
+    /// `P2PCHECK_CLASS_MAP_REFUSED`: [`Class::MapRefused`].
+    MapRefused = 10,
 }
 
 impl ClassCode {
@@ -265,6 +273,10 @@ impl ClassCode {
             Class::WrongData => ClassCode::WrongData,
             Class::OpenFailed => ClassCode::OpenFailed,
             Class::Timeout => ClassCode::Timeout,
+            Class::ExportRefused => ClassCode::ExportRefused,
+            Class::FdNotPassable => ClassCode::FdNotPassable,
+            Class::ImportRefused => ClassCode::ImportRefused,
+            Class::MapRefused => ClassCode::MapRefused,
             Class::Other => ClassCode::Other,
         }
     }
@@ -279,11 +291,15 @@ impl ClassCode {
             ClassCode::OpenFailed => Class::OpenFailed,
             ClassCode::Timeout => Class::Timeout,
             ClassCode::Other => Class::Other,
+            ClassCode::ExportRefused => Class::ExportRefused,
+            ClassCode::FdNotPassable => Class::FdNotPassable,
+            ClassCode::ImportRefused => Class::ImportRefused,
+            ClassCode::MapRefused => Class::MapRefused,
         })
     }
 
     /// Every code, in value order.
-    pub const ALL: [ClassCode; 7] = [
+    pub const ALL: [ClassCode; 11] = [
         ClassCode::None,
         ClassCode::NeverWritten,
         ClassCode::Partial,
@@ -291,6 +307,10 @@ impl ClassCode {
         ClassCode::OpenFailed,
         ClassCode::Timeout,
         ClassCode::Other,
+        ClassCode::ExportRefused,
+        ClassCode::FdNotPassable,
+        ClassCode::ImportRefused,
+        ClassCode::MapRefused,
     ];
 }
 

@@ -82,8 +82,8 @@ pub use engine::{
 pub use error::{CacheErrorKind, Error, Phase, Result};
 pub use model::{
     all_pairs, Attempt, Check, Class, Engine, Evidence, Failure, Fault, Finding, Hang, Level, Lost,
-    OtherAttempt, Outcome, Pair, PairReport, Problem, Report, SideVerdict, TierOutcome, TierParams,
-    Verdict, Visibility, WorkerFault, WorkerInfo,
+    OtherAttempt, Outcome, Pair, PairReport, Problem, Report, Route, SideVerdict, TierOutcome,
+    TierParams, Transport, Transports, Verdict, Visibility, WorkerFault, WorkerInfo,
 };
 pub use protocol::VERSION as PROTOCOL_VERSION;
 pub use render::json::JsonExtras;
@@ -116,7 +116,7 @@ pub fn check(pairs: Option<&[Pair]>, opts: &Options) -> Result<Report> {
 /// As [`can_actually_p2p_with`].
 pub fn can_actually_p2p(batch_src: &[u32], batch_tgt: &[u32]) -> Result<Vec<bool>> {
     let report = can_actually_p2p_with(batch_src, batch_tgt, &Options::default())?;
-    Ok(report.pairs.iter().map(PairReport::ok).collect())
+    Ok(report.primary().map(PairReport::ok).collect())
 }
 
 /// [`can_actually_p2p`] with explicit options, returning the full [`Report`].
@@ -147,6 +147,7 @@ pub fn can_actually_p2p_with(
             pairs: Vec::new(),
             engine: opts.engine,
             level: opts.level,
+            transport: opts.transport,
             visibility: opts.visibility,
             answer: std::time::Duration::ZERO,
             worker: PathBuf::new(),

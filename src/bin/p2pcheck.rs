@@ -13,7 +13,8 @@ use fleet_cli::Format;
 use p2pcheck::json::{Json, Object};
 use p2pcheck::sim::{self, Fault, Simulation};
 use p2pcheck::{
-    cache, AccessOptions, Engine, JsonExtras, Level, Options, Report, Verdict, Visibility,
+    cache, AccessOptions, Engine, JsonExtras, Level, Options, Report, Transport, Transports,
+    Verdict, Visibility,
 };
 
 const HELP: &str = "\
@@ -31,7 +32,8 @@ Checks every ordered pair (src, tgt) of the visible GPUs in three tiers: copy (a
 owns memory, a process on tgt maps it through CUDA IPC and writes it, both read it back:
 vLLM's can_actually_p2p), kernel (SM-issued stores and loads of a pattern through the mapping)
 and handshake (kernels resident on both sides at once, exchanging flags). A failure is
-classified (never-written, partial, wrong-data, open-failed, timeout) with a hint. By
+classified (never-written, partial, wrong-data, open-failed, timeout; over the cuMem
+transport also export-refused, fd-not-passable, import-refused, map-refused) with a hint. By
 default one worker process per GPU checks every pair at once, each seeing only its own GPU;
 --engine vllm runs vLLM's procedure exactly (two processes, pair after pair, a device reset
 after each). Prints the matrix (rows src, columns tgt) of verdicts - ok, FAIL:TIER (ran; the
@@ -100,6 +102,12 @@ OPTIONS:
     --test-only-plant-shifted-stores
                            TEST ONLY: make the kernel tier's SM stores land 64 bytes off, a
                            planted fault it must catch; never use it to check a machine
+    --transport WHICH      ipc (default: legacy CUDA IPC, what vLLM's check and its custom
+                           all-reduce use), cumem (cuMemCreate memory exported as a POSIX
+                           descriptor, passed to the other process over a Unix socket,
+                           imported, mapped: PyTorch's symmetric memory, NCCL_CUMEM_ENABLE) or
+                           all (both); every tier runs over each, a matrix per transport. vLLM's
+                           cache holds the ipc verdicts only; cumem needs --engine parallel
     --visibility WHICH     one (default: each worker sees only its GPU, by UUID) or all (each
                            sees every GPU; used anyway where GPUs cannot be named: MIG, no
                            /proc/driver/nvidia)
@@ -131,7 +139,9 @@ OPTIONS:
     --fault SRC->TGT:KIND[@once]
                            With --simulate: break pair SRC->TGT (physical ids; repeatable).
                            KIND: ipc-open-fails, drop-writes, corrupt, sm-only, late-visibility,
-                           hang, crash, one-way, claim-no, partial, shifted (see README).
+                           hang, crash, one-way, claim-no, partial, shifted, cumem-export-fails,
+                           cumem-import-fails, cumem-access-fails, cumem-drop-writes (see
+                           README).
                            @once: only in the first attempt at the pair; the fresh workers of
                            a retry do not see it
     --write-sim-lib PATH   Write the simulated driver library to PATH, a regular file (created
@@ -296,6 +306,9 @@ fn parse_args(mut it: impl Iterator<Item = OsString>) -> ArgResult<Option<Args>>
                     other => return Err(format!("--engine {other:?}: parallel or vllm")),
                 }
             }
+            "--transport" => {
+                args.opts.transport = text(&a, it.next(), "ipc, cumem or all")?.parse()?
+            }
             "--visibility" => {
                 args.opts.visibility = match text(&a, it.next(), "one or all")?.as_str() {
                     "one" => Visibility::One,
@@ -366,6 +379,11 @@ fn parse_args(mut it: impl Iterator<Item = OsString>) -> ArgResult<Option<Args>>
         None if !faults.is_empty() => return Err("--fault needs --simulate".into()),
         None => {}
     }
+    if args.write_cache && !args.opts.transport.has(Transport::Ipc) {
+        return Err("--write-vllm-cache needs the legacy IPC transport (--transport ipc or \
+                    all): vLLM's cache holds its verdicts"
+            .into());
+    }
     args.opts.validate().map_err(|e| e.to_string())?;
     Ok(Some(args))
 }
@@ -389,13 +407,15 @@ fn cache_note(
 ) -> Result<Option<CacheNote>, String> {
     let n = report.device_count as usize;
     let dir = match (&args.cache_dir, &args.opts.simulate) {
+        // vLLM's cache holds legacy IPC's verdicts: a check without them says nothing of it.
+        _ if !report.transport.has(Transport::Ipc) => return Ok(None),
         (Some(d), _) => d.clone(),
         (None, Some(_)) => return Ok(None),
         (None, None) => cache::cache_dir().map_err(|e| format!("{e:#}"))?,
     };
     let path =
         p2pcheck::vllm_cache_path_in(&dir, report.device_count).map_err(|e| e.to_string())?;
-    let verdicts: Vec<bool> = report.pairs.iter().map(|p| p.ok()).collect();
+    let verdicts: Vec<bool> = report.on(Transport::Ipc).map(|p| p.ok()).collect();
     // An existing file that cannot be read is reported as unusable, not as absent.
     let existing = match cache::read(&path, n) {
         Ok(cache::CacheFile::Absent) => None,
@@ -456,9 +476,14 @@ fn print_table(args: &Args, report: &Report, note: Option<&CacheNote>, warnings:
         ),
         None => "real driver".into(),
     };
+    // Legacy IPC alone reads as it always did; another choice is named.
+    let transport = match report.transport {
+        Transports::Ipc => String::new(),
+        t => format!(", transport {}", t.name()),
+    };
     println!(
         "p2pcheck: {n} visible device(s) (CUDA_VISIBLE_DEVICES={}; {machine}), engine {}, level \
-         {}, workers see {}, {:.2} s to answer, {} worker(s), {} restart(s)",
+         {}{transport}, workers see {}, {:.2} s to answer, {} worker(s), {} restart(s)",
         cvd_shown(),
         report.engine.name(),
         report.level.name(),
@@ -470,8 +495,67 @@ fn print_table(args: &Args, report: &Report, note: Option<&CacheNote>, warnings:
         report.workers_started,
         report.restarts
     );
+    for &t in report.transport.list() {
+        if report.transport != Transports::Ipc {
+            println!("transport {}:", t.name());
+        }
+        print_matrix(report, t);
+    }
+    let troubled: Vec<_> = report
+        .pairs
+        .iter()
+        .filter(|p| !p.details().is_empty())
+        .collect();
+    if !troubled.is_empty() {
+        println!("details:");
+        for p in troubled {
+            // Legacy IPC's read as they always did; the cuMem transport's say so.
+            let over = match p.transport {
+                Transport::Ipc => String::new(),
+                t => format!(" over {}", t.name()),
+            };
+            for d in p.details() {
+                println!("  {}{over}: {d}", p.pair);
+            }
+        }
+    }
+    print_doctor(&doctor_explanations(args, report));
+    for w in warnings {
+        println!("warning: {w}");
+    }
+    let Some(note) = note else {
+        match report.transport.has(Transport::Ipc) {
+            true => {
+                println!("vLLM cache: not consulted (simulation; give --cache-dir to write one)")
+            }
+            false => println!(
+                "vLLM cache: not consulted (it holds legacy IPC's verdicts; this run checked the \
+                 cuMem transport only)"
+            ),
+        }
+        return;
+    };
+    let state = match (&note.existing, note.written, &note.failed) {
+        (_, _, Some(e)) => format!("NOT written: {e}"),
+        (_, true, None) => "written".to_string(),
+        (None, false, None) => "absent; --write-vllm-cache writes it".into(),
+        (Some(Ok(true)), false, None) => "present, agrees with this run".into(),
+        (Some(Ok(false)), false, None) => {
+            "present, DISAGREES with this run; --write-vllm-cache replaces it".into()
+        }
+        (Some(Err(e)), false, None) => {
+            format!("present but unusable ({e}); --write-vllm-cache replaces it")
+        }
+    };
+    println!("vLLM cache: {} ({state})", note.path.display());
+}
+
+/// The verdict matrix of `transport` (rows src, columns tgt), with the driver's claim where it
+/// differs.
+fn print_matrix(report: &Report, transport: Transport) {
+    let n = report.device_count;
     let cell = |src: u32, tgt: u32| -> String {
-        let Some(p) = report.get(src, tgt) else {
+        let Some(p) = report.get_on(transport, src, tgt) else {
             return "-".into();
         };
         let word = match p.verdict() {
@@ -509,40 +593,6 @@ fn print_table(args: &Args, report: &Report, note: Option<&CacheNote>, warnings:
         }
         println!();
     }
-    let troubled: Vec<_> = report
-        .pairs
-        .iter()
-        .filter(|p| !p.details().is_empty())
-        .collect();
-    if !troubled.is_empty() {
-        println!("details:");
-        for p in troubled {
-            for d in p.details() {
-                println!("  {}: {d}", p.pair);
-            }
-        }
-    }
-    print_doctor(&doctor_explanations(args, report));
-    for w in warnings {
-        println!("warning: {w}");
-    }
-    let Some(note) = note else {
-        println!("vLLM cache: not consulted (simulation; give --cache-dir to write one)");
-        return;
-    };
-    let state = match (&note.existing, note.written, &note.failed) {
-        (_, _, Some(e)) => format!("NOT written: {e}"),
-        (_, true, None) => "written".to_string(),
-        (None, false, None) => "absent; --write-vllm-cache writes it".into(),
-        (Some(Ok(true)), false, None) => "present, agrees with this run".into(),
-        (Some(Ok(false)), false, None) => {
-            "present, DISAGREES with this run; --write-vllm-cache replaces it".into()
-        }
-        (Some(Err(e)), false, None) => {
-            format!("present but unusable ({e}); --write-vllm-cache replaces it")
-        }
-    };
-    println!("vLLM cache: {} ({state})", note.path.display());
 }
 
 fn print_json(args: &Args, report: &Report, note: Option<&CacheNote>, warnings: &[String]) {

@@ -54,6 +54,9 @@ pub(crate) struct JobContext {
     pub(crate) role: &'static str,
     /// `copy`, `kernel` or `handshake`.
     pub(crate) tier: &'static str,
+    /// `cumem` for the cuMem transport; `None` for legacy IPC (written only when set, so a
+    /// legacy check's trace reads as before).
+    pub(crate) transport: Option<&'static str>,
 }
 
 /// The variable that turns the trace on: `1` (stderr) or a file path.
@@ -433,12 +436,15 @@ fn job_json(job: Option<JobContext>) -> String {
     match job {
         None => "null".into(),
         Some(j) => format!(
-            "{{\"index\":{},\"src\":{},\"tgt\":{},\"role\":{},\"tier\":{}}}",
+            "{{\"index\":{},\"src\":{},\"tgt\":{},\"role\":{},\"tier\":{}{}}}",
             j.index,
             j.src,
             j.tgt,
             json::escape(j.role),
-            json::escape(j.tier)
+            json::escape(j.tier),
+            j.transport
+                .map(|t| format!(",\"transport\":{}", json::escape(t)))
+                .unwrap_or_default()
         ),
     }
 }
@@ -648,6 +654,7 @@ mod tests {
             tgt: 0,
             role: "consumer",
             tier: "copy",
+            transport: None,
         }
     }
 

@@ -30,7 +30,7 @@ use crate::error::{Error, Result};
 use crate::fingerprint::{self, Gpu};
 use crate::model::{
     deadline_passed, Engine, Evidence, Level, Lost, Outcome, Pair, PairReport, Problem, Report,
-    TierParams, Visibility, WorkerInfo,
+    Route, TierParams, Transports, Visibility, WorkerInfo,
 };
 use crate::sim::Simulation;
 use crate::visible::{self, VisibleDevices};
@@ -64,6 +64,9 @@ pub struct Options {
     pub test_plant_shifted_stores: bool,
     /// What each parallel-engine worker sees (the vLLM engine ignores it).
     pub visibility: Visibility,
+    /// Which transports every tier runs over [default: legacy IPC, what vLLM's check does].
+    /// The cuMem transport needs the parallel engine: vLLM's procedure is legacy IPC's.
+    pub transport: Transports,
     /// How long a worker may take to start CUDA, say Hello and set up its device.
     pub startup_timeout: Duration,
     /// How long the parent waits for any single step of a pair; a pair that takes longer is
@@ -90,6 +93,7 @@ impl Default for Options {
             handshake_budget: Duration::from_secs(1),
             test_plant_shifted_stores: false,
             visibility: Visibility::One,
+            transport: Transports::Ipc,
             startup_timeout: Duration::from_secs(60),
             step_timeout: Duration::from_secs(5),
             check_timeout: None,
@@ -146,6 +150,13 @@ impl Options {
                     "the check timeout {t:?} is outside 1 ms to 1 day"
                 )));
             }
+        }
+        if self.engine == Engine::Vllm && self.transport != Transports::Ipc {
+            return Err(Error::InvalidInput(format!(
+                "transport {}: vLLM's procedure (--engine vllm) checks legacy CUDA IPC only, as \
+                 vLLM's own check does; the cuMem transport runs on the parallel engine",
+                self.transport.name()
+            )));
         }
         let kb = self.kernel_bytes;
         if kb % (256 << 10) != 0 || !((256 << 10)..=(1 << 30)).contains(&kb) {
@@ -536,9 +547,9 @@ impl Ctx<'_> {
 pub(crate) struct RoundOut {
     /// Devices the workers see.
     pub n: u32,
-    /// The pairs of the round.
-    pub pairs: Vec<Pair>,
-    /// One per pair: its outcome, or `None` when a broken worker interrupted it before it ran.
+    /// The pairs of the round, each over its transport.
+    pub routes: Vec<Route>,
+    /// One per route: its outcome, or `None` when a broken worker interrupted it before it ran.
     pub outcomes: Vec<Option<Outcome>>,
     pub workers: Vec<WorkerInfo>,
     pub peak_in_flight: u32,
@@ -611,14 +622,21 @@ fn run_rounds(
         workers: Vec::new(),
         peak_in_flight: 0,
     };
-    let first = rounds.round(&mut ctx, pairs, usize::MAX)?;
+    let routes: Option<Vec<Route>> = pairs.map(|pairs| {
+        opts.transport
+            .list()
+            .iter()
+            .flat_map(|&transport| pairs.iter().map(move |&pair| Route { transport, pair }))
+            .collect()
+    });
+    let first = rounds.round(&mut ctx, routes.as_deref(), usize::MAX)?;
     let n = first.n;
-    let batch = first.pairs.clone();
+    let batch = first.routes.clone();
     let (tries, restarts) = rounds.attempt_all(&mut ctx, &batch, first)?;
     let pairs: Vec<PairReport> = batch
         .iter()
         .zip(tries)
-        .map(|(&pair, tries)| PairReport::settle(pair, tries, ctx.budget()))
+        .map(|(&route, tries)| PairReport::settle(route, tries, ctx.budget()))
         .collect();
     let mut warnings = rounds.warnings;
     warnings.extend(settling_warnings(&ctx, &pairs));
@@ -627,6 +645,7 @@ fn run_rounds(
         pairs,
         engine: opts.engine,
         level: opts.level,
+        transport: opts.transport,
         visibility: ctx.visibility,
         answer: started.elapsed(),
         worker: ctx.path,
@@ -700,12 +719,17 @@ impl Rounds<'_> {
     /// One round on fresh workers; `hold`: pairs from this position on are second attempts,
     /// run after the others, so that a second hang cannot interrupt them. A visibility that
     /// does not work here falls back to every GPU, with a warning, and the round runs again.
-    fn round(&mut self, ctx: &mut Ctx, pairs: Option<&[Pair]>, hold: usize) -> Result<RoundOut> {
+    fn round(
+        &mut self,
+        ctx: &mut Ctx,
+        routes: Option<&[Route]>,
+        hold: usize,
+    ) -> Result<RoundOut> {
         loop {
             let out = match ctx.opts.engine {
-                Engine::Parallel => parallel::round(ctx, pairs, hold, self.graveyard),
+                Engine::Parallel => parallel::round(ctx, routes, hold, self.graveyard),
                 // The vLLM engine runs its batch in order: the second attempts are last already.
-                Engine::Vllm => vllm::round(ctx, pairs, self.graveyard),
+                Engine::Vllm => vllm::round(ctx, routes, self.graveyard),
             };
             match out {
                 Ok(out) => return Ok(out),
@@ -726,7 +750,7 @@ impl Rounds<'_> {
     fn attempt_all(
         &mut self,
         ctx: &mut Ctx,
-        batch: &[Pair],
+        batch: &[Route],
         first: RoundOut,
     ) -> Result<(Vec<Vec<Outcome>>, u32)> {
         // Each pair's attempts so far; it is final once it passed or was attempted twice.
@@ -748,7 +772,7 @@ impl Rounds<'_> {
                 break;
             }
             restarts += 1;
-            let rerun: Vec<Pair> = next.iter().map(|&i| batch[i]).collect();
+            let rerun: Vec<Route> = next.iter().map(|&i| batch[i]).collect();
             let fresh = if restarts > max_rounds(batch.len()) {
                 Err(Error::GaveUp { rounds: restarts })
             } else {

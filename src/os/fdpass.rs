@@ -8,10 +8,24 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
+/// The descriptor a worker receives and sends cuMem descriptors on, when its parent gave it a
+/// socket ([`super::worker_pre_exec`]).
+pub const WORKER_SOCKET_FD: RawFd = 4;
+
+/// The worker's end of its descriptor socket ([`WORKER_SOCKET_FD`]), made close-on-exec:
+/// `Err` when that descriptor is not a socket (the parent gave none), and at every call after
+/// one that succeeded (that call's descriptor owns it).
+pub fn worker_socket() -> io::Result<OwnedFd> {
+    static TAKEN: AtomicBool = AtomicBool::new(false);
+    super::take_inherited(&TAKEN, WORKER_SOCKET_FD, libc::S_IFSOCK, "a socket")
+}
+
 /// A connected pair of Unix sequenced-packet sockets (`socketpair(AF_UNIX, SOCK_SEQPACKET)`),
-/// both close-on-exec.
+/// both close-on-exec and numbered 3 or above (so that a child's standard descriptors, set up
+/// by the spawn, can never replace one).
 pub fn socket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds: [libc::c_int; 2] = [-1; 2];
     // SAFETY: fds is a two-element array, as socketpair(2) requires; both new descriptors are
@@ -26,7 +40,24 @@ pub fn socket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
         {
             return Err(io::Error::last_os_error());
         }
-        Ok((OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])))
+        let (a, b) = (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]));
+        Ok((above_standard(a)?, above_standard(b)?))
+    }
+}
+
+/// `fd` itself when it is 3 or above, else a close-on-exec duplicate that is (the original
+/// closed).
+fn above_standard(fd: OwnedFd) -> io::Result<OwnedFd> {
+    if fd.as_raw_fd() > 2 {
+        return Ok(fd);
+    }
+    // SAFETY: fcntl duplicates an open descriptor; the new one is owned by the OwnedFd alone.
+    unsafe {
+        let dup = libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3);
+        if dup < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(dup))
     }
 }
 

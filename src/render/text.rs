@@ -5,7 +5,7 @@ use std::fmt::{self, Display, Formatter};
 
 use crate::model::{
     deadline_passed, Attempt, Evidence, Failure, Fault, Finding, Hang, Lost, OtherAttempt, Outcome,
-    PairReport, Problem, Verdict, WorkerFault,
+    PairReport, Problem, Transport, Verdict, WorkerFault,
 };
 
 /// What a failure is and what usually causes it: "… [never-written: writes … (hint)]".
@@ -191,8 +191,14 @@ impl PairReport {
             (Outcome::Done { .. }, _) => Vec::new(),
         };
         out.extend(self.other_attempt.as_ref().map(OtherAttempt::to_string));
-        if self.evidence != Evidence::Passed {
-            out.push(self.evidence.describe().to_string());
+        match (self.evidence, self.transport) {
+            (Evidence::Passed, _) => {}
+            (e, Transport::Ipc) => out.push(e.describe().to_string()),
+            // What the attempts show, without the cache: it never holds this transport's.
+            (e, _) => out.push(format!(
+                "evidence: {} (vLLM's cache holds legacy IPC's verdicts only)",
+                e.name()
+            )),
         }
         out
     }
