@@ -35,7 +35,7 @@ use once_cell::sync::Lazy;
 use crate::engine::{Options, Owner, Pending};
 use crate::error::Error;
 use crate::model::{
-    Class, Engine, Level, Pair, PairReport, Report, TierOutcome, Verdict, Visibility,
+    Class, Engine, Level, Pair, PairReport, Report, TierOutcome, Transports, Verdict, Visibility,
 };
 use crate::policy::{self, ComputeCapability, PolicyConfig};
 use crate::protocol::MAX_DEVICES;
@@ -883,6 +883,34 @@ pub unsafe extern "C" fn p2pcheck_options_set_visibility(
     })
 }
 
+/// `p2pcheck_options_set_transport(opts, transport, msg, msg_len)`: which transports every
+/// tier runs over ([`Transports`]: 0 ipc, 1 cumem, 2 all).
+///
+/// # Safety
+/// `opts` is NULL or a live `p2pcheck_options`; `msg` is NULL or valid for `msg_len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn p2pcheck_options_set_transport(
+    opts: *mut OptionsHandle,
+    transport: c_int,
+    msg: *mut c_char,
+    msg_len: usize,
+) -> Status {
+    // SAFETY: the caller's promises.
+    let (opts, msg) = unsafe { (opts.as_ref(), TextBuf::new(msg, msg_len)) };
+    update(opts, msg, |o| {
+        o.transport = *usize::try_from(transport)
+            .ok()
+            .and_then(|i| Transports::ALL.get(i))
+            .ok_or_else(|| {
+                Failure::invalid(format!(
+                    "transport {transport}: P2PCHECK_TRANSPORTS_IPC (0), \
+                     P2PCHECK_TRANSPORTS_CUMEM (1) or P2PCHECK_TRANSPORTS_ALL (2)"
+                ))
+            })?;
+        Ok(())
+    })
+}
+
 /// `p2pcheck_options_set_timeouts_ms(opts, step_ms, startup_ms, msg, msg_len)`: 0 keeps a
 /// value; each must be from 1 ms to 1 day.
 ///
@@ -1105,6 +1133,25 @@ pub unsafe extern "C" fn p2pcheck_report_pair(
     })
 }
 
+/// `p2pcheck_report_pair_transport(report, index, out)`: the transport pair `index` was
+/// checked over (0 ipc, 1 cumem).
+///
+/// # Safety
+/// `report` is NULL or a live `p2pcheck_report`; `out` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn p2pcheck_report_pair_transport(
+    report: *const ReportHandle,
+    index: usize,
+    out: *mut c_int,
+) -> Status {
+    // SAFETY: the caller's promises.
+    let (report, out) = unsafe { (report.as_ref(), Out::new(out)) };
+    with_report(report, |r| {
+        let i = in_range(index, r.pairs.len(), "pair")?;
+        out.put("out", r.pairs[i].transport as c_int)
+    })
+}
+
 /// `p2pcheck_report_pair_details(report, index, buf, len, needed)`: what was seen, one line
 /// per detail.
 ///
@@ -1236,7 +1283,7 @@ pub unsafe extern "C" fn p2pcheck_can_actually_p2p(
         // SAFETY: not NULL, and the caller's promise of n writable elements (n is bounded by
         // devices() above).
         let results = unsafe { std::slice::from_raw_parts_mut(results, n) };
-        for (r, p) in results.iter_mut().zip(&report.pairs) {
+        for (r, p) in results.iter_mut().zip(report.primary()) {
             *r = p.ok();
         }
         Ok(Status::Ok)

@@ -380,9 +380,11 @@ fn parse_args(mut it: impl Iterator<Item = OsString>) -> ArgResult<Option<Args>>
         None => {}
     }
     if args.write_cache && !args.opts.transport.has(Transport::Ipc) {
-        return Err("--write-vllm-cache needs the legacy IPC transport (--transport ipc or \
+        return Err(
+            "--write-vllm-cache needs the legacy IPC transport (--transport ipc or \
                     all): vLLM's cache holds its verdicts"
-            .into());
+                .into(),
+        );
     }
     args.opts.validate().map_err(|e| e.to_string())?;
     Ok(Some(args))

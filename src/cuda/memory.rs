@@ -57,7 +57,11 @@ impl fmt::Display for Memory {
             Kind::Mapping => write!(f, "device {}'s mapping of a peer's buffer", self.device),
             Kind::CumemBuffer => write!(f, "device {}'s cuMem allocation", self.device),
             Kind::CumemMapping => {
-                write!(f, "device {}'s cuMem mapping of a peer's allocation", self.device)
+                write!(
+                    f,
+                    "device {}'s cuMem mapping of a peer's allocation",
+                    self.device
+                )
             }
         }?;
         write!(f, " of {} bytes", self.bytes)

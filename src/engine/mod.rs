@@ -719,12 +719,7 @@ impl Rounds<'_> {
     /// One round on fresh workers; `hold`: pairs from this position on are second attempts,
     /// run after the others, so that a second hang cannot interrupt them. A visibility that
     /// does not work here falls back to every GPU, with a warning, and the round runs again.
-    fn round(
-        &mut self,
-        ctx: &mut Ctx,
-        routes: Option<&[Route]>,
-        hold: usize,
-    ) -> Result<RoundOut> {
+    fn round(&mut self, ctx: &mut Ctx, routes: Option<&[Route]>, hold: usize) -> Result<RoundOut> {
         loop {
             let out = match ctx.opts.engine {
                 Engine::Parallel => parallel::round(ctx, routes, hold, self.graveyard),

@@ -641,7 +641,12 @@ impl Run<'_> {
     /// consumer needs nothing of its own for the cuMem transport: what it lacks shows in its
     /// step.
     fn unable(&self, m: usize, transport: Transport, role: Role) -> Option<Problem> {
-        match (&self.members[m].state, transport, role, &self.members[m].cumem) {
+        match (
+            &self.members[m].state,
+            transport,
+            role,
+            &self.members[m].cumem,
+        ) {
             (State::Failed(why), _, _, _) => Some(why.clone()),
             (_, Transport::Cumem, Role::Producer, Some(Err(why))) => Some(why.clone()),
             _ => None,

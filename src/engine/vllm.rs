@@ -10,8 +10,7 @@ use super::{check_ids, hello_count, Ctx, RoundError, RoundOut};
 use crate::error::{Error, Phase};
 use crate::model::{
     all_pairs, Fault, Hang, Level, Lost, Outcome, Pair, Role, Route, SideVerdict, TierParams,
-    Transport, WorkerFault,
-    WorkerInfo,
+    Transport, WorkerFault, WorkerInfo,
 };
 use crate::protocol::{self, Job, Message};
 

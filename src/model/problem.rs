@@ -179,7 +179,10 @@ impl fmt::Display for Problem {
             }
             Problem::Peer(p) => write!(f, "the other side could not take part: {p}"),
             Problem::Descriptor(why) => {
-                write!(f, "the cuMem allocation's descriptor could not be passed: {why}")
+                write!(
+                    f,
+                    "the cuMem allocation's descriptor could not be passed: {why}"
+                )
             }
         }
     }

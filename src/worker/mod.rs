@@ -15,8 +15,8 @@ mod parallel;
 mod tiers;
 mod vllm;
 
-pub(crate) use tiers::Layout;
 pub(crate) use parallel::descriptor_payload;
+pub(crate) use tiers::Layout;
 
 use std::io::{self, Read, Write};
 

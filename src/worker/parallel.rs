@@ -168,9 +168,7 @@ fn cumem_set_up(
                 layout.prepare(k, d, at, tiers)?;
             }
         }
-        let fd = buffer
-            .export()
-            .map_err(|e| with_cumem_facts(d, e.into()))?;
+        let fd = buffer.export().map_err(|e| with_cumem_facts(d, e.into()))?;
         // The parent knows whose it is; the device here is this worker's own numbering.
         let payload = descriptor_payload(d as u32, buffer.len());
         fdpass::send_fd(
