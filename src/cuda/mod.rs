@@ -669,12 +669,15 @@ pub(crate) fn posix_fd_handles_supported(device: i32) -> Result<bool> {
 
 /// The properties of a pinned allocation on `device` exportable as a POSIX descriptor.
 fn vmm_prop(device: sys::CUdevice_v1) -> sys::CUmemAllocationProp_v1 {
-    let mut prop = sys::CUmemAllocationProp_v1::default();
-    prop.type_ = sys::CU_MEM_ALLOCATION_TYPE_PINNED;
-    prop.requestedHandleTypes = sys::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
-    prop.location.type_ = sys::CU_MEM_LOCATION_TYPE_DEVICE;
-    prop.location.id = device;
-    prop
+    sys::CUmemAllocationProp_v1 {
+        type_: sys::CU_MEM_ALLOCATION_TYPE_PINNED,
+        requestedHandleTypes: sys::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
+        location: sys::CUmemLocation {
+            type_: sys::CU_MEM_LOCATION_TYPE_DEVICE,
+            id: device,
+        },
+        ..Default::default()
+    }
 }
 
 /// `cuMemGetAllocationGranularity(MINIMUM)` for [`vmm_prop`] on local ordinal `device`: every
@@ -861,10 +864,13 @@ unsafe fn mem_unmap(device: i32, p: DevicePtr, bytes: usize) -> Result<()> {
 ///
 /// `p` and `bytes` must be exactly one live mapping of [`mem_map`].
 unsafe fn mem_set_access(device: i32, p: DevicePtr, bytes: usize) -> Result<()> {
-    let mut desc = sys::CUmemAccessDesc_v1::default();
-    desc.location.type_ = sys::CU_MEM_LOCATION_TYPE_DEVICE;
-    desc.location.id = device_handle(device)?;
-    desc.flags = sys::CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+    let desc = sys::CUmemAccessDesc_v1 {
+        location: sys::CUmemLocation {
+            type_: sys::CU_MEM_LOCATION_TYPE_DEVICE,
+            id: device_handle(device)?,
+        },
+        flags: sys::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+    };
     cu!(
         c"cuMemSetAccess" as sys::PFN_cuMemSetAccess_v10020,
         Some(device),
