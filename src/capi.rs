@@ -35,7 +35,8 @@ use once_cell::sync::Lazy;
 use crate::engine::{Options, Owner, Pending};
 use crate::error::Error;
 use crate::model::{
-    Class, Engine, Level, Pair, PairReport, Report, TierOutcome, Transports, Verdict, Visibility,
+    Class, Engine, Level, Pair, PairReport, Report, TierOutcome, Transport, Transports, Verdict,
+    Visibility,
 };
 use crate::policy::{self, ComputeCapability, PolicyConfig};
 use crate::protocol::MAX_DEVICES;
@@ -208,6 +209,52 @@ pub enum VisibilityCode {
     One = 0,
     /// `P2PCHECK_VISIBILITY_ALL`: [`Visibility::All`].
     All = 1,
+}
+
+/// `p2pcheck_transport`: a [`Transport`] as a C value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TransportCode {
+    /// `P2PCHECK_TRANSPORT_IPC`: [`Transport::Ipc`].
+    Ipc = 0,
+    /// `P2PCHECK_TRANSPORT_CUMEM`: [`Transport::Cumem`].
+    Cumem = 1,
+}
+
+impl TransportCode {
+    /// The code for a [`Transport`].
+    pub fn of(t: Transport) -> TransportCode {
+        match t {
+            Transport::Ipc => TransportCode::Ipc,
+            Transport::Cumem => TransportCode::Cumem,
+        }
+    }
+}
+
+/// `p2pcheck_transports`: a [`Transports`] choice as a C value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TransportsCode {
+    /// `P2PCHECK_TRANSPORTS_IPC`: [`Transports::Ipc`].
+    Ipc = 0,
+    /// `P2PCHECK_TRANSPORTS_CUMEM`: [`Transports::Cumem`].
+    Cumem = 1,
+    /// `P2PCHECK_TRANSPORTS_ALL`: [`Transports::All`].
+    All = 2,
+}
+
+impl TransportsCode {
+    /// The [`Transports`] of a C value, if it is one.
+    pub fn from_c(v: c_int) -> Option<Transports> {
+        [
+            (TransportsCode::Ipc, Transports::Ipc),
+            (TransportsCode::Cumem, Transports::Cumem),
+            (TransportsCode::All, Transports::All),
+        ]
+        .into_iter()
+        .find(|(code, _)| *code as c_int == v)
+        .map(|(_, t)| t)
+    }
 }
 
 /// `p2pcheck_verdict`: the kind of [`Verdict`].
@@ -898,15 +945,12 @@ pub unsafe extern "C" fn p2pcheck_options_set_transport(
     // SAFETY: the caller's promises.
     let (opts, msg) = unsafe { (opts.as_ref(), TextBuf::new(msg, msg_len)) };
     update(opts, msg, |o| {
-        o.transport = *usize::try_from(transport)
-            .ok()
-            .and_then(|i| Transports::ALL.get(i))
-            .ok_or_else(|| {
-                Failure::invalid(format!(
-                    "transport {transport}: P2PCHECK_TRANSPORTS_IPC (0), \
+        o.transport = TransportsCode::from_c(transport).ok_or_else(|| {
+            Failure::invalid(format!(
+                "transport {transport}: P2PCHECK_TRANSPORTS_IPC (0), \
                      P2PCHECK_TRANSPORTS_CUMEM (1) or P2PCHECK_TRANSPORTS_ALL (2)"
-                ))
-            })?;
+            ))
+        })?;
         Ok(())
     })
 }
@@ -1148,7 +1192,7 @@ pub unsafe extern "C" fn p2pcheck_report_pair_transport(
     let (report, out) = unsafe { (report.as_ref(), Out::new(out)) };
     with_report(report, |r| {
         let i = in_range(index, r.pairs.len(), "pair")?;
-        out.put("out", r.pairs[i].transport as c_int)
+        out.put("out", TransportCode::of(r.pairs[i].transport) as c_int)
     })
 }
 
