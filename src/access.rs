@@ -9,7 +9,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use once_cell::sync::Lazy;
+use once_cell::sync::{Lazy, OnceCell};
 
 use crate::cache;
 use crate::engine::{self, Options};
@@ -286,7 +286,7 @@ pub fn access_check(src: u32, tgt: u32, opts: &AccessOptions) -> Result<Access> 
     }
     cache::check_dir(&dir)?;
     let mut warnings = Vec::new();
-    let (now, unnamed) = current_fingerprint(&env, &opts.check, crate::visible_device_count)?;
+    let (now, unnamed) = current_fingerprint(&env, &opts.check, visible_device_count)?;
     if let Some(why) = unnamed {
         warnings.push(format!(
             "the GPUs cannot be named without CUDA ({why}): counted with the driver; the cache \
@@ -383,4 +383,16 @@ fn origin_warning(origin: &cache::Origin, path: &Path) -> Option<String> {
         )),
         _ => None,
     }
+}
+
+/// Devices visible to this process, from the driver (`cuInit` + `cuDeviceGetCount`), once per
+/// process: the count of a process's own devices does not change while it runs.
+pub(crate) fn visible_device_count() -> Result<u32> {
+    static COUNT: OnceCell<u32> = OnceCell::new();
+    COUNT
+        .get_or_try_init(|| {
+            crate::cuda::init()?;
+            Ok(crate::cuda::device_count()? as u32)
+        })
+        .copied()
 }

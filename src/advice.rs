@@ -14,7 +14,7 @@
 //! for TensorRT-LLM (its all-reduce plugin and op read it). NCCL reads `NCCL_P2P_DISABLE`
 //! (NCCL's environment documentation). Sources are cited in `docs/engines.md`.
 
-use crate::{Level, Pair, PairReport, Report};
+use crate::model::{Level, Pair, PairReport, Report};
 
 /// The software a setting is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -248,7 +248,7 @@ impl Advice {
     pub fn render_json(&self, extra: &[String]) -> String {
         let settings: Vec<String> = self.settings.iter().map(setting_json).collect();
         let mut members = vec![
-            format!("\"schema\":{}", crate::fleet::JSON_SCHEMA_VERSION),
+            format!("\"schema\":{}", crate::render::json::JSON_SCHEMA_VERSION),
             format!("\"level\":\"{}\"", self.level.name()),
             format!("\"pairs\":{}", self.pairs),
             format!("\"all_ok\":{}", self.settings.is_empty()),
@@ -358,8 +358,8 @@ fn engine_of(argv: &[String]) -> Option<Consumer> {
 #[cfg(test)]
 pub(crate) mod test_reports {
     use crate::model::{
-        Evidence, Fault, Hang, Level, Lost, Outcome, Pair, PairReport, Problem, Report,
-        SideVerdict, TierOutcome, Transport, WorkerFault,
+        Engine, Evidence, Fault, Hang, Level, Lost, Outcome, Pair, PairReport, Problem, Report,
+        SideVerdict, TierOutcome, Transport, Visibility, WorkerFault,
     };
 
     fn side(copy_ok: bool, kernel: TierOutcome, handshake: TierOutcome) -> SideVerdict {
@@ -398,8 +398,7 @@ pub(crate) mod test_reports {
 
     /// A report of `pairs` on 4 GPUs at level handshake.
     pub fn report(pairs: Vec<PairReport>) -> Report {
-        let mut r = crate::can_actually_p2p_with(&[], &[], &crate::Options::default())
-            .expect("an empty batch needs no GPU");
+        let mut r = Report::empty(Engine::Parallel, Level::Handshake, Visibility::One);
         r.device_count = 4;
         r.pairs = pairs;
         r

@@ -4,7 +4,7 @@
 //! shows them in use.
 
 use crate::advice::{self, Remedy};
-use crate::{Level, PairReport, Report};
+use crate::model::{Level, PairReport, Report, TierOutcome};
 
 pub use crate::render::json::JSON_SCHEMA_VERSION;
 
@@ -117,9 +117,9 @@ fn tier_value(p: &PairReport, tier: Level) -> i8 {
         Level::Handshake => p.handshake(),
     };
     match outcome {
-        crate::TierOutcome::NotRun => -1,
-        crate::TierOutcome::Ok => 1,
-        crate::TierOutcome::Failed(_) => 0,
+        TierOutcome::NotRun => -1,
+        TierOutcome::Ok => 1,
+        TierOutcome::Failed(_) => 0,
     }
 }
 

@@ -68,12 +68,9 @@ mod worker;
 
 use std::path::PathBuf;
 
-use once_cell::sync::OnceCell;
-
 use environment::Environment;
 
 pub use access::{access_check, store_report, Access, AccessOptions};
-pub use cuda::trace::open_destination as open_trace;
 pub use cuda::{Error as CudaError, Library};
 pub use engine::{
     locate_worker, start, this_executable_is_a_worker, Options, Pending, DEFAULT_KERNEL_BYTES,
@@ -87,6 +84,7 @@ pub use model::{
 };
 pub use protocol::VERSION as PROTOCOL_VERSION;
 pub use render::json::JsonExtras;
+pub use render::text::TableExtras;
 pub use sys::BINDINGS_SOURCE;
 pub use worker::{main as worker_main, TEST_BYTES, WORKER_FLAG};
 
@@ -142,23 +140,27 @@ pub fn can_actually_p2p_with(
         .map(|(&src, &tgt)| Pair { src, tgt })
         .collect();
     if pairs.is_empty() {
-        return Ok(Report {
-            device_count: 0,
-            pairs: Vec::new(),
-            engine: opts.engine,
-            level: opts.level,
-            transport: opts.transport,
-            visibility: opts.visibility,
-            answer: std::time::Duration::ZERO,
-            worker: PathBuf::new(),
-            restarts: 0,
-            workers_started: 0,
-            peak_in_flight: 0,
-            workers: Vec::new(),
-            warnings: Vec::new(),
-        });
+        return Ok(Report::empty(
+            opts.engine,
+            opts.level,
+            opts.transport,
+            opts.visibility,
+        ));
     }
     check(Some(&pairs), opts)
+}
+
+/// Opens this process's audit-trace destination now rather than at its first CUDA call:
+/// `file`, or as `P2PCHECK_TRACE` says when `None` (README, "Audit trace"). A process has one
+/// destination, decided once: this call decides it unless it is decided already. Workers get
+/// theirs from [`Options::trace`] or the environment.
+///
+/// # Errors
+///
+/// [`Error::InvalidInput`] when the file cannot be opened or created, or is not a regular file
+/// (a FIFO or a device would block or misbehave): the message names it and says why.
+pub fn open_trace(file: Option<&std::path::Path>) -> Result<()> {
+    cuda::trace::open_destination(file.map(std::path::Path::as_os_str)).map_err(Error::InvalidInput)
 }
 
 /// Devices visible to this process, from the driver (`cuInit` + `cuDeviceGetCount`), once.
@@ -167,13 +169,7 @@ pub fn can_actually_p2p_with(
 ///
 /// [`Error::Cuda`] when CUDA cannot be loaded or either call fails.
 pub fn visible_device_count() -> Result<u32> {
-    static COUNT: OnceCell<u32> = OnceCell::new();
-    COUNT
-        .get_or_try_init(|| {
-            cuda::init()?;
-            Ok(cuda::device_count()? as u32)
-        })
-        .copied()
+    access::visible_device_count()
 }
 
 /// The vLLM cache file for `n` devices and this process's `CUDA_VISIBLE_DEVICES`.

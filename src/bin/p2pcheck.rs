@@ -13,8 +13,8 @@ use fleet_cli::Format;
 use p2pcheck::json::{Json, Object};
 use p2pcheck::sim::{self, Fault, Simulation};
 use p2pcheck::{
-    cache, AccessOptions, Engine, JsonExtras, Level, Options, Report, Transport, Transports,
-    Verdict, Visibility,
+    cache, AccessOptions, Engine, JsonExtras, Level, Options, Report, TableExtras, Transport,
+    Visibility,
 };
 
 const HELP: &str = "\
@@ -149,8 +149,8 @@ OPTIONS:
                            it as libcuda/libcudart to test your own code without a GPU)
     --trace PATH           Append the audit trace to PATH, a regular file (created with mode
                            0600; a FIFO or a device is refused: exit 2): one JSON line for
-                           every CUDA call of this process and of every worker (sets
-                           P2PCHECK_TRACE for the run; see README, Audit trace)
+                           every CUDA call of this process and of every worker (wins over
+                           P2PCHECK_TRACE; see README, Audit trace)
     -h, --help             Print this help
     -V, --version          Print the version and where the CUDA bindings came from
 
@@ -465,7 +465,6 @@ fn cvd_shown() -> String {
 }
 
 fn print_table(args: &Args, report: &Report, note: Option<&CacheNote>, warnings: &[String]) {
-    let n = report.device_count;
     let machine = match &args.opts.simulate {
         Some(s) => format!(
             "simulated, {} GPU(s), faults [{}]",
@@ -478,49 +477,13 @@ fn print_table(args: &Args, report: &Report, note: Option<&CacheNote>, warnings:
         ),
         None => "real driver".into(),
     };
-    // Legacy IPC alone reads as it always did; another choice is named.
-    let transport = match report.transport {
-        Transports::Ipc => String::new(),
-        t => format!(", transport {}", t.name()),
-    };
-    println!(
-        "p2pcheck: {n} visible device(s) (CUDA_VISIBLE_DEVICES={}; {machine}), engine {}, level \
-         {}{transport}, workers see {}, {:.2} s to answer, {} worker(s), {} restart(s)",
-        cvd_shown(),
-        report.engine.name(),
-        report.level.name(),
-        match report.visibility {
-            Visibility::One => "their own GPU",
-            Visibility::All => "every GPU",
-        },
-        report.answer.as_secs_f64(),
-        report.workers_started,
-        report.restarts
+    print!(
+        "{}",
+        report.table(&TableExtras {
+            cuda_visible_devices: &cvd_shown(),
+            machine: &machine,
+        })
     );
-    for &t in report.transport.list() {
-        if report.transport != Transports::Ipc {
-            println!("transport {}:", t.name());
-        }
-        print_matrix(report, t);
-    }
-    let troubled: Vec<_> = report
-        .pairs
-        .iter()
-        .filter(|p| !p.details().is_empty())
-        .collect();
-    if !troubled.is_empty() {
-        println!("details:");
-        for p in troubled {
-            // Legacy IPC's read as they always did; the cuMem transport's say so.
-            let over = match p.transport {
-                Transport::Ipc => String::new(),
-                t => format!(" over {}", t.name()),
-            };
-            for d in p.details() {
-                println!("  {}{over}: {d}", p.pair);
-            }
-        }
-    }
     print_doctor(&doctor_explanations(args, report));
     for w in warnings {
         println!("warning: {w}");
@@ -550,51 +513,6 @@ fn print_table(args: &Args, report: &Report, note: Option<&CacheNote>, warnings:
         }
     };
     println!("vLLM cache: {} ({state})", note.path.display());
-}
-
-/// The verdict matrix of `transport` (rows src, columns tgt), with the driver's claim where it
-/// differs.
-fn print_matrix(report: &Report, transport: Transport) {
-    let n = report.device_count;
-    let cell = |src: u32, tgt: u32| -> String {
-        let Some(p) = report.get_on(transport, src, tgt) else {
-            return "-".into();
-        };
-        let word = match p.verdict() {
-            Verdict::Ok => "ok".to_string(),
-            Verdict::Fails(failure) => format!("FAIL:{}", failure.tier.name()),
-            Verdict::Hang(_) => "HANG".into(),
-            Verdict::Error(_) => "ERROR".into(),
-        };
-        match p.claim() {
-            Some(claim) if claim != p.ok() => {
-                format!("{word} (driver: {})", if claim { "yes" } else { "no" })
-            }
-            _ => word,
-        }
-    };
-    let cells: Vec<Vec<String>> = (0..n)
-        .map(|s| (0..n).map(|t| cell(s, t)).collect())
-        .collect();
-    let width = cells
-        .iter()
-        .flatten()
-        .map(String::len)
-        .max()
-        .unwrap_or(2)
-        .max(4);
-    print!("{:>8}", "src\\tgt");
-    for t in 0..n {
-        print!("  {t:>width$}");
-    }
-    println!();
-    for (s, row) in cells.iter().enumerate() {
-        print!("{s:>8}");
-        for c in row {
-            print!("  {c:>width$}");
-        }
-        println!();
-    }
 }
 
 fn print_json(args: &Args, report: &Report, note: Option<&CacheNote>, warnings: &[String]) {
@@ -686,26 +604,23 @@ fn access_check(args: &Args, src: u32, tgt: u32) -> Result<u8, String> {
 
 /// Opens the trace destination before anything runs, so that one that cannot be used (a missing
 /// folder, a FIFO, a device: only a regular file is written) ends the run with exit 2 instead
-/// of blocking or being skipped with a warning. `--trace PATH` is named in `P2PCHECK_TRACE` by
-/// its absolute path, for this process and the workers, which inherit the environment (none
-/// runs in another current folder today, but an absolute path is safe); without it,
+/// of blocking or being skipped with a warning. `--trace PATH` is made absolute and given to
+/// the check through its options (for this process and the workers); without it,
 /// `P2PCHECK_TRACE` as the caller set it is checked the same way.
-fn open_trace(flag: Option<&std::path::Path>) -> ArgResult<()> {
-    let source = match flag {
-        None => "P2PCHECK_TRACE",
-        Some(path) => {
-            let path = match path.is_absolute() {
-                true => path.to_path_buf(),
-                false => std::env::current_dir()
-                    .map_err(|e| format!("--trace: cannot know the current folder: {e}"))?
-                    .join(path),
-            };
-            // Before any thread is started and before any CUDA call.
-            std::env::set_var("P2PCHECK_TRACE", &path);
-            "--trace"
-        }
+fn open_trace(args: &mut Args) -> ArgResult<()> {
+    let Some(path) = args.trace.take() else {
+        return p2pcheck::open_trace(None).map_err(|e| format!("P2PCHECK_TRACE: {e}"));
     };
-    p2pcheck::open_trace().map_err(|e| format!("{source}: {e}"))
+    let path = match path.is_absolute() {
+        true => path,
+        false => std::env::current_dir()
+            .map_err(|e| format!("--trace: cannot know the current folder: {e}"))?
+            .join(path),
+    };
+    p2pcheck::open_trace(Some(&path)).map_err(|e| format!("--trace: {e}"))?;
+    args.opts.trace = Some(path.clone());
+    args.trace = Some(path);
+    Ok(())
 }
 
 /// `p2pcheck trace-summary PATH [--spec]`.
@@ -903,9 +818,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    let args = match parse_args(argv.into_iter()).and_then(|a| {
-        if let Some(a) = &a {
-            open_trace(a.trace.as_deref())?;
+    let args = match parse_args(argv.into_iter()).and_then(|mut a| {
+        if let Some(a) = &mut a {
+            open_trace(a)?;
         }
         Ok(a)
     }) {

@@ -1,6 +1,6 @@
 //! The audit trace: one JSON object per line for every CUDA call of every process of a check
-//! (`P2PCHECK_TRACE`, or the CLI's `--trace PATH`, which sets it for the parent and so for the
-//! workers, which inherit the parent's environment).
+//! (`P2PCHECK_TRACE`, which the workers inherit, or the check's `Options::trace` / the CLI's
+//! `--trace PATH`, which the parent opens and hands to each worker in its environment).
 //!
 //! * unset, empty or `0`: off;
 //! * `1`: the lines go to stderr (each with one `write(2)`, so lines of the processes sharing
@@ -195,18 +195,21 @@ fn init() -> bool {
     on
 }
 
-/// Opens this process's trace destination now, as `P2PCHECK_TRACE` names it, rather than at
-/// the first CUDA call: the CLI calls it before the check, so that a destination that cannot be
-/// used (a missing folder, a FIFO, a device) is an error before anything runs, not a warning.
-/// `Ok` when the trace is off or goes to stderr, or was already opened.
+/// Opens this process's trace destination now, rather than at the first CUDA call: `file`, or
+/// as `P2PCHECK_TRACE` names it when `None`. The CLI calls it before the check, so that a
+/// destination that cannot be used (a missing folder, a FIFO, a device) is an error before
+/// anything runs, not a warning. `Ok` when the trace is off or goes to stderr, or was already
+/// decided in this process (once decided, it stays: a process has one destination).
 ///
 /// # Errors
 /// The file cannot be opened or created, or is not a regular file: the message names it and
 /// says why.
-pub fn open_destination() -> Result<(), String> {
-    let on = SINK
-        .get_or_try_init(|| Sink::open(setting_now()))?
-        .is_some();
+pub fn open_destination(file: Option<&OsStr>) -> Result<(), String> {
+    let setting = match file {
+        Some(f) => Setting::File(PathBuf::from(f)),
+        None => setting_now(),
+    };
+    let on = SINK.get_or_try_init(|| Sink::open(setting))?.is_some();
     STATE.store(if on { ON } else { OFF }, Ordering::Release);
     Ok(())
 }
@@ -766,12 +769,10 @@ mod tests {
     #[test]
     #[ignore = "a benchmark: run with --ignored --nocapture, in release"]
     fn trace_off_costs_nothing_measurable() {
-        let dir = std::env::temp_dir().join(format!("p2pcheck-trace-bench-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let lib = dir.join("libsim.so");
-        crate::sim::write_library(&lib).unwrap();
-        std::env::set_var("P2PCHECK_LIBCUDA", &lib);
-        std::env::set_var("P2PCHECK_LIBCUDART", &lib);
+        // The simulated driver as build.rs left it (the crate embeds the same file).
+        let lib = env!("P2PCHECK_SIM_LIB");
+        std::env::set_var("P2PCHECK_LIBCUDA", lib);
+        std::env::set_var("P2PCHECK_LIBCUDART", lib);
         std::env::set_var("P2PCHECK_SIM_GPUS", "1");
         STATE.store(OFF, Ordering::Release);
         assert!(start().is_none());
@@ -844,6 +845,5 @@ mod tests {
              trace's check (off) {best_traced:.2} ns/call (difference {:.2} ns)",
             best_traced - best_bare
         );
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

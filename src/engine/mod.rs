@@ -20,12 +20,15 @@ pub(crate) mod pool;
 mod vllm;
 
 use std::cell::Cell;
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::cuda::trace;
+use crate::environment::Environment;
 use crate::error::{Error, Result};
 use crate::fingerprint::{self, Gpu};
 use crate::model::{
@@ -81,6 +84,12 @@ pub struct Options {
     pub worker: Option<PathBuf>,
     /// Run the workers on the simulated driver instead of the real one.
     pub simulate: Option<Simulation>,
+    /// The audit trace (README, "Audit trace"): every CUDA call of every worker appended to
+    /// this file, one JSON line each, as `P2PCHECK_TRACE=FILE` does (this option wins over the
+    /// variable). This process's own calls go there too unless its trace was already decided
+    /// (the first CUDA call, or [`open_trace`](crate::open_trace), decides it once per
+    /// process). `None`: as `P2PCHECK_TRACE` says.
+    pub trace: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -99,6 +108,7 @@ impl Default for Options {
             check_timeout: None,
             worker: None,
             simulate: None,
+            trace: None,
         }
     }
 }
@@ -433,6 +443,8 @@ pub(crate) fn wait_for_checks(deadline: Instant) -> bool {
 /// report is handed over it reaps every worker (they tear their contexts down off the critical
 /// path). Dropping the [`Pending`] before the check has a result cancels it.
 pub fn start(pairs: Option<Vec<Pair>>, opts: Options) -> Pending {
+    // The caller's environment at the call, read once: the check's thread never reads it again.
+    let environment = Environment::read();
     let shared = Arc::new(Shared::new());
     let theirs = Arc::clone(&shared);
     // Counted from here, so that a wait for the checks that begins once this returns sees it.
@@ -445,7 +457,13 @@ pub fn start(pairs: Option<Vec<Pair>>, opts: Options) -> Pending {
             let mut graveyard = Graveyard::default();
             // A bug here must not take an embedding host down, nor leave the caller waiting.
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                run_rounds(pairs.as_deref(), &opts, &mut graveyard, &settle.0.cancel)
+                run_rounds(
+                    pairs.as_deref(),
+                    &opts,
+                    &environment,
+                    &mut graveyard,
+                    &settle.0.cancel,
+                )
             }))
             .unwrap_or_else(|panic| {
                 let what = panic
@@ -490,9 +508,12 @@ pub fn run(pairs: Option<&[Pair]>, opts: &Options) -> Result<Report> {
 /// What an engine needs for one round.
 pub(crate) struct Ctx<'a> {
     pub opts: &'a Options,
+    /// The caller's environment, read once when the check started.
+    pub environment: &'a Environment,
     pub path: PathBuf,
-    /// Environment every worker gets (the simulator's variables).
-    pub env: Vec<(String, String)>,
+    /// Environment every worker gets on top of this process's (the simulator's variables, the
+    /// trace's destination).
+    pub env: Vec<(OsString, OsString)>,
     /// The visible GPUs in local order, when known without CUDA.
     pub gpus: Option<Vec<Gpu>>,
     pub visibility: Visibility,
@@ -580,13 +601,14 @@ fn max_rounds(pairs: usize) -> u32 {
 fn run_rounds(
     pairs: Option<&[Pair]>,
     opts: &Options,
+    environment: &Environment,
     graveyard: &mut Graveyard,
     cancel: &AtomicBool,
 ) -> Result<Report> {
     let started = Instant::now();
     opts.validate()?;
     let mut warnings = Vec::new();
-    visible_devices(&mut warnings)?;
+    visible_devices(environment, &mut warnings)?;
     let path = locate_worker(opts.worker.as_deref())?;
     // Kept to the end of the check: it holds the simulation's @once ledger.
     let sim_env = match &opts.simulate {
@@ -596,16 +618,21 @@ fn run_rounds(
         ),
         None => None,
     };
-    let env: Vec<(String, String)> = sim_env
+    let mut env: Vec<(OsString, OsString)> = sim_env
         .iter()
         .flat_map(|e| e.vars.iter())
-        .map(|(k, v)| (k.to_string(), v.clone()))
+        .map(|(k, v)| (k.into(), v.into()))
         .collect();
+    if let Some(file) = &opts.trace {
+        trace::open_destination(Some(file.as_os_str())).map_err(Error::InvalidInput)?;
+        env.push((trace::VAR.into(), file.into()));
+    }
     let machine = machine(opts.simulate.as_ref());
-    let (gpus, visibility, note) = plan(opts, machine.as_ref().map_err(Clone::clone));
+    let (gpus, visibility, note) = plan(opts, environment, machine.as_ref().map_err(Clone::clone));
     warnings.extend(note);
     let mut ctx = Ctx {
         opts,
+        environment,
         path,
         env,
         gpus,
@@ -659,10 +686,15 @@ fn run_rounds(
 
 /// `CUDA_VISIBLE_DEVICES` as CUDA reads it: an error when it selects no GPU, a warning in
 /// `warnings` for the part CUDA ignores.
-fn visible_devices(warnings: &mut Vec<String>) -> Result<()> {
-    let cvd = visible::from_env();
+fn visible_devices(environment: &Environment, warnings: &mut Vec<String>) -> Result<()> {
+    // A value that is not valid UTF-8 is read lossily, so its bad part shows as ignored.
+    let lossy = environment
+        .cvd
+        .as_deref()
+        .map(|v| v.to_string_lossy().into_owned());
+    let cvd = visible::parse(lossy.as_deref());
     if matches!(&cvd.devices, VisibleDevices::List(l) if l.is_empty()) {
-        let value = std::env::var_os(visible::VAR).unwrap_or_default();
+        let value = environment.cvd.clone().unwrap_or_default();
         let first = value.to_string_lossy();
         let first = first.split(',').next().unwrap_or_default().trim();
         return Err(Error::NoDevice(if value.is_empty() {
@@ -876,12 +908,13 @@ pub(crate) fn visible_gpus(
 /// CUDA, the visibility that gives, and why it differs from the one asked for.
 fn plan(
     opts: &Options,
+    environment: &Environment,
     machine: std::result::Result<&fingerprint::Machine, String>,
 ) -> (Option<Vec<Gpu>>, Visibility, Option<String>) {
     if opts.engine == Engine::Vllm {
         return (None, Visibility::All, None);
     }
-    let cvd = std::env::var_os(visible::VAR);
+    let cvd = &environment.cvd;
     let resolved = machine.and_then(|m| {
         let cvd = match &cvd {
             None => None,
@@ -889,8 +922,7 @@ fn plan(
                 "CUDA_VISIBLE_DEVICES is not UTF-8 text, so its GPUs cannot be named".to_string()
             })?),
         };
-        let order = std::env::var("CUDA_DEVICE_ORDER").ok();
-        visible_gpus(m, cvd, order.as_deref())
+        visible_gpus(m, cvd, environment.device_order())
     });
     match (opts.visibility, resolved) {
         (Visibility::One, Ok(gpus)) => (Some(gpus), Visibility::One, None),
@@ -904,12 +936,12 @@ fn plan(
 }
 
 /// Checks that every pair names a device below `n`.
-pub(crate) fn check_ids(pairs: &[Pair], n: u32) -> Result<()> {
+pub(crate) fn check_ids(pairs: &[Pair], n: u32, environment: &Environment) -> Result<()> {
     if let Some(bad) = pairs.iter().find(|p| p.src >= n || p.tgt >= n) {
         return Err(Error::InvalidInput(format!(
             "pair {bad} names a device this process cannot see: {n} visible \
              (CUDA_VISIBLE_DEVICES={})",
-            std::env::var(visible::VAR).unwrap_or_else(|_| "<unset>".into())
+            environment.cvd_utf8().unwrap_or("<unset>")
         )));
     }
     Ok(())
@@ -918,6 +950,7 @@ pub(crate) fn check_ids(pairs: &[Pair], n: u32) -> Result<()> {
 /// A Hello's device count, checked: the worker could start CUDA, sees at least one GPU, and
 /// no more than the driver lists (`limit`, where known).
 pub(crate) fn hello_count(
+    environment: &Environment,
     worker: &str,
     path: &std::path::Path,
     version: u16,
@@ -937,7 +970,7 @@ pub(crate) fn hello_count(
         }),
         Ok(0) => Err(Error::NoDevice(format!(
             "no CUDA device is visible (CUDA_VISIBLE_DEVICES={:?})",
-            std::env::var(visible::VAR).ok()
+            environment.cvd_utf8()
         ))),
         Ok(n) if limit.is_some_and(|l| n > l) => Err(Error::WorkerClaim {
             worker: worker.to_string(),

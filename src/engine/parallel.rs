@@ -256,7 +256,7 @@ impl Run<'_> {
         let batch: Vec<Route> = match routes {
             Some(r) => {
                 let pairs: Vec<Pair> = r.iter().map(|r| r.pair).collect();
-                check_ids(&pairs, n)?;
+                check_ids(&pairs, n, self.ctx.environment)?;
                 r.to_vec()
             }
             None => self
@@ -349,7 +349,7 @@ impl Run<'_> {
         let mut env = self.ctx.env.clone();
         if let (Visibility::One, Some(gpus)) = (self.ctx.visibility, &self.ctx.gpus) {
             let gpu = &gpus[part.device() as usize];
-            env.push((visible::VAR.to_string(), gpu.uuid.clone()));
+            env.push((visible::VAR.into(), gpu.uuid.clone().into()));
         }
         let cumem = self.ctx.opts.transport.has(Transport::Cumem);
         let mut w = Worker::spawn(&self.ctx.path, part.label(), &env, cumem)?;
@@ -514,6 +514,7 @@ impl Run<'_> {
                 },
             ) => {
                 let sees = hello_count(
+                    self.ctx.environment,
                     &name,
                     &self.ctx.path,
                     version,

@@ -19,6 +19,7 @@
 //! its handle is kept, and the next check of this process reaps it if it has died by then
 //! (until then it is a child of this process, a zombie once it dies).
 
+use std::ffi::OsString;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -268,39 +269,10 @@ impl Worker {
     /// descriptor socket when `socket` (the cuMem transport's: see [`os::fdpass`]). Everything
     /// that sets the worker up (its descriptors, `PR_SET_PDEATHSIG`) happens in the child
     /// before exec ([`os::worker_pre_exec`]): nothing of this process changes.
-    /// Sends `fd` with `payload` over its descriptor socket, by `deadline`.
-    pub(crate) fn send_descriptor(
-        &self,
-        fd: BorrowedFd<'_>,
-        payload: &[u8],
-        deadline: Instant,
-    ) -> std::io::Result<()> {
-        os::fdpass::send_fd(self.descriptor_socket()?, fd, payload, deadline)
-    }
-
-    /// Receives a descriptor and its message (into `buf`: its length) from its descriptor
-    /// socket, by `deadline`.
-    pub(crate) fn recv_descriptor(
-        &self,
-        buf: &mut [u8],
-        deadline: Instant,
-    ) -> std::io::Result<(usize, OwnedFd)> {
-        os::fdpass::recv_fd(self.descriptor_socket()?, buf, deadline)
-    }
-
-    fn descriptor_socket(&self) -> std::io::Result<BorrowedFd<'_>> {
-        self.socket.as_ref().map(AsFd::as_fd).ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::NotConnected,
-                "the worker was started without a descriptor socket",
-            )
-        })
-    }
-
     pub(crate) fn spawn(
         path: &Path,
         label: String,
-        env: &[(String, String)],
+        env: &[(OsString, OsString)],
         socket: bool,
     ) -> Result<Worker> {
         let pipes = |e: std::io::Error| Error::WorkerPipes {
@@ -315,8 +287,11 @@ impl Worker {
         };
         // The audit trace to stderr (P2PCHECK_TRACE=1) asks for every process's lines there:
         // then the worker shares this process's stderr instead of having it captured.
-        let to_stderr = trace::Setting::from_value(std::env::var_os(trace::VAR).as_deref())
-            == trace::Setting::Stderr;
+        let trace_var = match env.iter().rev().find(|(k, _)| k == trace::VAR) {
+            Some((_, v)) => Some(v.clone()),
+            None => std::env::var_os(trace::VAR),
+        };
+        let to_stderr = trace::Setting::from_value(trace_var.as_deref()) == trace::Setting::Stderr;
         let mut cmd = Command::new(path);
         cmd.arg(WORKER_FLAG)
             .envs(env.iter().map(|(k, v)| (k, v)))
@@ -376,6 +351,35 @@ impl Worker {
             os::set_nonblocking(&c.pipe).map_err(blocking)?;
         }
         Ok(worker)
+    }
+
+    /// Sends `fd` with `payload` over its descriptor socket, by `deadline`.
+    pub(crate) fn send_descriptor(
+        &self,
+        fd: BorrowedFd<'_>,
+        payload: &[u8],
+        deadline: Instant,
+    ) -> std::io::Result<()> {
+        os::fdpass::send_fd(self.descriptor_socket()?, fd, payload, deadline)
+    }
+
+    /// Receives a descriptor and its message (into `buf`: its length) from its descriptor
+    /// socket, by `deadline`.
+    pub(crate) fn recv_descriptor(
+        &self,
+        buf: &mut [u8],
+        deadline: Instant,
+    ) -> std::io::Result<(usize, OwnedFd)> {
+        os::fdpass::recv_fd(self.descriptor_socket()?, buf, deadline)
+    }
+
+    fn descriptor_socket(&self) -> std::io::Result<BorrowedFd<'_>> {
+        self.socket.as_ref().map(AsFd::as_fd).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "the worker was started without a descriptor socket",
+            )
+        })
     }
 
     /// The worker's pid.

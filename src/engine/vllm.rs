@@ -88,7 +88,7 @@ fn batch(
     ctx.arm_deadline(n);
     let pairs = match pairs {
         Some(p) => {
-            check_ids(p, n)?;
+            check_ids(p, n, ctx.environment)?;
             p.to_vec()
         }
         None => all_pairs(n),
@@ -168,7 +168,14 @@ fn hello(ctx: &Ctx, workers: &mut [Option<Worker>]) -> Result<u32, RoundError> {
                 device_count,
                 ..
             }) => {
-                let n = hello_count(&name, &ctx.path, version, device_count, ctx.driver_gpus)?;
+                let n = hello_count(
+                    ctx.environment,
+                    &name,
+                    &ctx.path,
+                    version,
+                    device_count,
+                    ctx.driver_gpus,
+                )?;
                 let w = workers[from].as_mut().expect("spawned");
                 w.sees = Some(n);
                 w.deadline = None;

@@ -97,6 +97,30 @@ pub struct Report {
 }
 
 impl Report {
+    /// A report of no pair: what an empty batch gives, without a worker.
+    pub fn empty(
+        engine: Engine,
+        level: Level,
+        transport: Transports,
+        visibility: Visibility,
+    ) -> Report {
+        Report {
+            device_count: 0,
+            pairs: Vec::new(),
+            engine,
+            level,
+            transport,
+            visibility,
+            answer: Duration::ZERO,
+            worker: PathBuf::new(),
+            restarts: 0,
+            workers_started: 0,
+            peak_in_flight: 0,
+            workers: Vec::new(),
+            warnings: Vec::new(),
+        }
+    }
+
     /// The report for `pair` over the first transport checked (legacy IPC unless only the
     /// cuMem transport was), if it was checked.
     pub fn get(&self, src: u32, tgt: u32) -> Option<&PairReport> {

@@ -5,7 +5,7 @@ use std::fmt::{self, Display, Formatter};
 
 use crate::model::{
     deadline_passed, Attempt, Evidence, Failure, Fault, Finding, Hang, Lost, OtherAttempt, Outcome,
-    PairReport, Problem, Transport, Verdict, WorkerFault,
+    PairReport, Problem, Report, Transport, Transports, Verdict, Visibility, WorkerFault,
 };
 
 /// What a failure is and what usually causes it: "… [never-written: writes … (hint)]".
@@ -283,6 +283,118 @@ mod tests {
         ];
         for (got, want) in cases {
             assert_eq!(got, want);
+        }
+    }
+}
+
+/// What a report's table shows that the report does not hold.
+#[derive(Clone, Copy, Debug)]
+pub struct TableExtras<'a> {
+    /// `CUDA_VISIBLE_DEVICES` as shown (`<unset>`, or the value quoted).
+    pub cuda_visible_devices: &'a str,
+    /// The machine: `real driver`, or the simulation and its faults.
+    pub machine: &'a str,
+}
+
+impl Report {
+    /// The report as the CLI's table: a header line, the matrix (rows src, columns tgt: `ok`,
+    /// `FAIL:<tier>`, `HANG`, `ERROR`, with the driver's claim where it disagrees) of each
+    /// transport checked (headed by its name unless legacy IPC alone was) and each troubled
+    /// pair's details (the cuMem transport's saying so). Every line ends with a newline.
+    pub fn table(&self, extras: &TableExtras<'_>) -> String {
+        use std::fmt::Write as _;
+        let n = self.device_count;
+        let mut out = String::new();
+        // Legacy IPC alone reads as it always did; another choice is named.
+        let transport = match self.transport {
+            Transports::Ipc => String::new(),
+            t => format!(", transport {}", t.name()),
+        };
+        let _ = writeln!(
+            out,
+            "p2pcheck: {n} visible device(s) (CUDA_VISIBLE_DEVICES={}; {}), engine {}, level \
+             {}{transport}, workers see {}, {:.2} s to answer, {} worker(s), {} restart(s)",
+            extras.cuda_visible_devices,
+            extras.machine,
+            self.engine.name(),
+            self.level.name(),
+            match self.visibility {
+                Visibility::One => "their own GPU",
+                Visibility::All => "every GPU",
+            },
+            self.answer.as_secs_f64(),
+            self.workers_started,
+            self.restarts
+        );
+        for &t in self.transport.list() {
+            if self.transport != Transports::Ipc {
+                let _ = writeln!(out, "transport {}:", t.name());
+            }
+            self.matrix(t, &mut out);
+        }
+        let troubled: Vec<_> = self
+            .pairs
+            .iter()
+            .filter(|p| !p.details().is_empty())
+            .collect();
+        if !troubled.is_empty() {
+            out.push_str("details:\n");
+            for p in troubled {
+                // Legacy IPC's read as they always did; the cuMem transport's say so.
+                let over = match p.transport {
+                    Transport::Ipc => String::new(),
+                    t => format!(" over {}", t.name()),
+                };
+                for d in p.details() {
+                    let _ = writeln!(out, "  {}{over}: {d}", p.pair);
+                }
+            }
+        }
+        out
+    }
+
+    /// The verdict matrix of `transport` into `out`.
+    fn matrix(&self, transport: Transport, out: &mut String) {
+        use std::fmt::Write as _;
+        let n = self.device_count;
+        let cell = |src: u32, tgt: u32| -> String {
+            let Some(p) = self.get_on(transport, src, tgt) else {
+                return "-".into();
+            };
+            let word = match p.verdict() {
+                Verdict::Ok => "ok".to_string(),
+                Verdict::Fails(failure) => format!("FAIL:{}", failure.tier.name()),
+                Verdict::Hang(_) => "HANG".into(),
+                Verdict::Error(_) => "ERROR".into(),
+            };
+            match p.claim() {
+                Some(claim) if claim != p.ok() => {
+                    format!("{word} (driver: {})", if claim { "yes" } else { "no" })
+                }
+                _ => word,
+            }
+        };
+        let cells: Vec<Vec<String>> = (0..n)
+            .map(|s| (0..n).map(|t| cell(s, t)).collect())
+            .collect();
+        let width = cells
+            .iter()
+            .flatten()
+            .map(String::len)
+            .max()
+            .unwrap_or(2)
+            .max(4);
+        let _ = write!(out, "{:>8}", "src\\tgt");
+        for t in 0..n {
+            let _ = write!(out, "  {t:>width$}");
+        }
+        out.push('\n');
+        for (s, row) in cells.iter().enumerate() {
+            let _ = write!(out, "{s:>8}");
+            for c in row {
+                let _ = write!(out, "  {c:>width$}");
+            }
+            out.push('\n');
         }
     }
 }
