@@ -359,7 +359,7 @@ fn engine_of(argv: &[String]) -> Option<Consumer> {
 pub(crate) mod test_reports {
     use crate::model::{
         Engine, Evidence, Fault, Hang, Level, Lost, Outcome, Pair, PairReport, Problem, Report,
-        SideVerdict, TierOutcome, Transport, Visibility, WorkerFault,
+        SideVerdict, TierOutcome, Transport, Transports, Visibility, WorkerFault,
     };
 
     fn side(copy_ok: bool, kernel: TierOutcome, handshake: TierOutcome) -> SideVerdict {
@@ -398,7 +398,12 @@ pub(crate) mod test_reports {
 
     /// A report of `pairs` on 4 GPUs at level handshake.
     pub fn report(pairs: Vec<PairReport>) -> Report {
-        let mut r = Report::empty(Engine::Parallel, Level::Handshake, Visibility::One);
+        let mut r = Report::empty(
+            Engine::Parallel,
+            Level::Handshake,
+            Transports::Ipc,
+            Visibility::One,
+        );
         r.device_count = 4;
         r.pairs = pairs;
         r
