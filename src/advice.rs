@@ -149,7 +149,9 @@ pub const DISABLE_CUSTOM_ALL_REDUCE: &str = "--disable-custom-all-reduce";
 
 /// The settings `report` calls for (see the module's table).
 pub fn advise(report: &Report) -> Advice {
-    let causes: Vec<Cause> = report.pairs.iter().filter(|p| !p.ok()).map(cause).collect();
+    // The remedies here are for the legacy IPC path (the cuMem transport's alone when only it
+    // was checked).
+    let causes: Vec<Cause> = report.primary().filter(|p| !p.ok()).map(cause).collect();
     let path_broken: Vec<Cause> = causes.iter().filter(|c| !c.copy_proven).copied().collect();
     let mut settings = Vec::new();
     if !path_broken.is_empty() {
@@ -184,7 +186,7 @@ pub fn advise(report: &Report) -> Advice {
     }
     Advice {
         level: report.level,
-        pairs: report.pairs.len(),
+        pairs: report.primary().count(),
         settings,
     }
 }
