@@ -26,9 +26,14 @@ const REQUIRED_HEADERS: [&str; 4] = [
 
 #[cfg(feature = "bindgen")]
 /// Driver entry points p2pcheck resolves (their `PFN_` types come from cudaTypedefs.h).
+/// The cuMem transport's calls (`cuMemCreate` .. `cuMemSetAccess`, with `cuDeviceGet`,
+/// `cuDeviceGetAttribute` and `cuDriverGetVersion` for its diagnosis) are here too; the
+/// multicast calls (`cuMulticast*`) are deliberately not: p2pcheck never resolves them.
 const DRIVER_PFNS: &str = "PFN_cu(Init|DeviceGetCount|GetErrorName|GetErrorString|ModuleLoadData|\
-ModuleGetFunction|ModuleUnload|FuncGetAttribute|LaunchKernel|CtxSynchronize|MemAlloc|MemFree|MemsetD8|MemcpyDtoH)\
-_v[0-9]+";
+ModuleGetFunction|ModuleUnload|FuncGetAttribute|LaunchKernel|CtxSynchronize|MemAlloc|MemFree|MemsetD8|MemcpyDtoH|\
+DeviceGet|DeviceGetAttribute|DriverGetVersion|MemCreate|MemRelease|MemExportToShareableHandle|\
+MemImportFromShareableHandle|MemAddressReserve|MemAddressFree|MemMap|MemUnmap|MemSetAccess|\
+MemGetAllocationGranularity)_v[0-9]+";
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
@@ -163,6 +168,11 @@ fn generate(manifest: &Path) -> Result<(String, PathBuf), String> {
             .allowlist_var("CU_FUNC_ATTRIBUTE_(PTX|BINARY)_VERSION")
             .allowlist_var("cudaMemcpy(HostToDevice|DeviceToHost|Default)")
             .allowlist_var("cudaIpcMemLazyEnablePeerAccess|CUDA_VERSION|CUDART_VERSION")
+            .allowlist_var("CU_MEM_(HANDLE_TYPE|ALLOCATION_TYPE|LOCATION_TYPE|ACCESS_FLAGS)_.*")
+            .allowlist_var("CU_MEM_ALLOC_GRANULARITY_.*")
+            .allowlist_var(
+                "CU_DEVICE_ATTRIBUTE_(HANDLE_TYPE_POSIX_FILE_DESCRIPTOR|VIRTUAL_MEMORY_MANAGEMENT)_SUPPORTED",
+            )
             .default_enum_style(bindgen::EnumVariation::Consts)
             .prepend_enum_name(false)
             .layout_tests(false)

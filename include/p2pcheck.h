@@ -199,6 +199,25 @@ typedef enum p2pcheck_visibility {
     P2PCHECK_VISIBILITY_ALL = 1
 } p2pcheck_visibility;
 
+/* A transport: how a pair's two processes reach each other's memory. */
+typedef enum p2pcheck_transport {
+    /* Legacy CUDA IPC (cudaIpcGetMemHandle/cudaIpcOpenMemHandle): what vLLM's check uses. */
+    P2PCHECK_TRANSPORT_IPC = 0,
+    /* cuMemCreate memory exported as a POSIX descriptor, passed over a Unix socket, imported
+       and mapped (PyTorch's symmetric memory, NCCL_CUMEM_ENABLE). */
+    P2PCHECK_TRANSPORT_CUMEM = 1
+} p2pcheck_transport;
+
+/* Which transports a check runs every tier over. */
+typedef enum p2pcheck_transports {
+    /* Legacy IPC alone (default). */
+    P2PCHECK_TRANSPORTS_IPC = 0,
+    /* The cuMem path alone (the parallel engine only). */
+    P2PCHECK_TRANSPORTS_CUMEM = 1,
+    /* Both: the report holds every pair over IPC, then every pair over cuMem. */
+    P2PCHECK_TRANSPORTS_ALL = 2
+} p2pcheck_transports;
+
 /* A pair's verdict. Only OK is true for vLLM. */
 typedef enum p2pcheck_verdict {
     /* Every tier asked for passed, as both processes saw it. */
@@ -237,7 +256,15 @@ typedef enum p2pcheck_class {
     /* Resident kernels never saw each other's flags within the deadline. */
     P2PCHECK_CLASS_TIMEOUT = 5,
     /* Another failed call, or the driver could not be used. */
-    P2PCHECK_CLASS_OTHER = 6
+    P2PCHECK_CLASS_OTHER = 6,
+    /* cuMem transport: cuMemCreate/cuMemExportToShareableHandle refused a POSIX descriptor. */
+    P2PCHECK_CLASS_EXPORT_REFUSED = 7,
+    /* cuMem transport: the descriptor could not be passed over the Unix socket. */
+    P2PCHECK_CLASS_FD_NOT_PASSABLE = 8,
+    /* cuMem transport: cuMemImportFromShareableHandle refused the descriptor. */
+    P2PCHECK_CLASS_IMPORT_REFUSED = 9,
+    /* cuMem transport: cuMemAddressReserve, cuMemMap or cuMemSetAccess refused. */
+    P2PCHECK_CLASS_MAP_REFUSED = 10
 } p2pcheck_class;
 
 /*
@@ -318,6 +345,13 @@ p2pcheck_status p2pcheck_options_set_visibility(p2pcheck_options *opts,
                                                 p2pcheck_visibility visibility, char *msg,
                                                 size_t msg_len);
 
+/* Sets the transports every tier runs over (a p2pcheck_transports). INVALID_ARGUMENT for
+   another value; a check with the vLLM engine and another choice than IPC is INVALID_ARGUMENT
+   too (vLLM's procedure is legacy IPC's). vLLM's cache only ever holds IPC's verdicts. */
+p2pcheck_status p2pcheck_options_set_transport(p2pcheck_options *opts,
+                                               p2pcheck_transports transport, char *msg,
+                                               size_t msg_len);
+
 /* Sets the timeouts in milliseconds: step_ms, how long any single step of a pair may take
    (longer: the pair is HANG), and startup_ms, how long a worker may take to start CUDA. 0
    keeps a value as it is. Each must be from 1 ms to 1 day (86400000 ms), else
@@ -340,7 +374,8 @@ p2pcheck_status p2pcheck_options_set_worker(p2pcheck_options *opts, const char *
 /* Runs the workers on p2pcheck's simulated driver: a machine of `gpus` GPUs (1 to 64) with
    the faults in `faults`, a comma-separated list of SRC->TGT:KIND such as
    "0->1:drop-writes,2->3:hang" (KIND: ipc-open-fails, drop-writes, corrupt, sm-only,
-   late-visibility, hang, crash, one-way, claim-no, partial, shifted), each optionally followed
+   late-visibility, hang, crash, one-way, claim-no, partial, shifted, cumem-export-fails,
+   cumem-import-fails, cumem-access-fails, cumem-drop-writes), each optionally followed
    by "@once" (only in the first attempt at the pair of each check: the fresh workers of its
    retry do not see it), or NULL or "" for none. gpus 0 with no faults turns the simulation off. A fault naming a GPU that does not exist,
    an unknown kind or a malformed entry is INVALID_ARGUMENT, with the entry in the message. */
@@ -376,6 +411,12 @@ p2pcheck_status p2pcheck_report_pair_count(const p2pcheck_report *report, size_t
 /* Pair `index` (below the pair count, else INVALID_ARGUMENT) as plain data. */
 p2pcheck_status p2pcheck_report_pair(const p2pcheck_report *report, size_t index,
                                      p2pcheck_pair_result *out);
+
+/* The transport pair `index` was checked over (a p2pcheck_transport, in *out). With
+   P2PCHECK_TRANSPORTS_ALL the report holds every pair over IPC first, then over cuMem; the
+   pair struct's layout is unchanged. */
+p2pcheck_status p2pcheck_report_pair_transport(const p2pcheck_report *report, size_t index,
+                                               int *out);
 
 /* What was seen for pair `index`, one line per detail ('\n' between them): why it failed,
    hung or errored, with the diagnosis and its usual cause in brackets, and what an earlier

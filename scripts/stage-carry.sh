@@ -16,6 +16,8 @@ cp "$test_bin" .carry/gpu-tests
 cp ../shared/bench/vllm_style_reference.py .carry/
 gcc -O2 -Wall -Wextra -Werror -o .carry/floor scripts/floor.c -ldl
 cp scripts/bench.py .carry/
+# The cuMem transport's GPU run (issue 21), which scripts/gpu-all.sh runs when it is here.
+cp scripts/gpu-cumem.sh .carry/
 # The C ABI from C++, linked statically with exactly the system libraries the README names.
 g++ -std=c++17 -O2 -Iinclude -x c++ examples/cmake/main.c -x none target/release/libp2pcheck_capi.a \
   -lgcc_s -lutil -lrt -lpthread -lm -ldl -lc -o .carry/verdicts-cpp

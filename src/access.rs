@@ -16,7 +16,7 @@ use crate::engine::{self, Options};
 use crate::environment::Environment;
 use crate::error::{CacheErrorKind, Error, Result};
 use crate::fingerprint;
-use crate::model::{Level, PairReport, Report};
+use crate::model::{Level, PairReport, Report, Transport, Transports};
 
 /// How [`access_check`] finds or computes its answer.
 #[derive(Clone, Debug, Default)]
@@ -202,7 +202,15 @@ pub fn store_report(report: &Report, opts: &AccessOptions) -> Result<(PathBuf, O
             opts.check.level.name()
         )));
     }
-    if let Some(p) = report.pairs.iter().find(|p| !p.persistable()) {
+    if !report.transport.has(Transport::Ipc) {
+        return Err(refuse(
+            "not written: the report is of the cuMem transport alone, and vLLM's cache holds \
+             legacy CUDA IPC's verdicts (check with --transport ipc or all)"
+                .into(),
+        ));
+    }
+    // The cache holds legacy IPC's verdicts, whatever else the report checked.
+    if let Some(p) = report.on(Transport::Ipc).find(|p| !p.persistable()) {
         return Err(refuse(format!(
             "not written: pair {} is {} ({}): {}",
             p.pair,
@@ -212,7 +220,7 @@ pub fn store_report(report: &Report, opts: &AccessOptions) -> Result<(PathBuf, O
         )));
     }
     let n = report.device_count as usize;
-    let verdicts: Vec<bool> = report.pairs.iter().map(PairReport::ok).collect();
+    let verdicts: Vec<bool> = report.on(Transport::Ipc).map(PairReport::ok).collect();
     if verdicts.len() != n * n {
         return Err(Error::InvalidInput(format!(
             "a report of {} pairs is not the whole {n} x {n} matrix vLLM's cache holds",
@@ -331,7 +339,12 @@ fn remembered(key: &AnswerKey, src: u32, tgt: u32) -> Option<Access> {
 /// must not be written where one is not a fact. The workers must see the `n` devices this
 /// process counted.
 fn check_all(opts: &Options, n: u32) -> Result<cache::Computed> {
-    let report = engine::run(None, opts)?;
+    // vLLM's cache speaks of legacy CUDA IPC only, whatever transport the options name.
+    let ipc = Options {
+        transport: Transports::Ipc,
+        ..opts.clone()
+    };
+    let report = engine::run(None, &ipc)?;
     if report.device_count != n {
         return Err(Error::DeviceCountChanged {
             workers: report.device_count,

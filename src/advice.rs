@@ -14,6 +14,7 @@
 //! for TensorRT-LLM (its all-reduce plugin and op read it). NCCL reads `NCCL_P2P_DISABLE`
 //! (NCCL's environment documentation). Sources are cited in `docs/engines.md`.
 
+use crate::json::{Json, Object};
 use crate::model::{Level, Pair, PairReport, Report};
 
 /// The software a setting is for.
@@ -149,7 +150,9 @@ pub const DISABLE_CUSTOM_ALL_REDUCE: &str = "--disable-custom-all-reduce";
 
 /// The settings `report` calls for (see the module's table).
 pub fn advise(report: &Report) -> Advice {
-    let causes: Vec<Cause> = report.pairs.iter().filter(|p| !p.ok()).map(cause).collect();
+    // The remedies here are for the legacy IPC path (the cuMem transport's alone when only it
+    // was checked).
+    let causes: Vec<Cause> = report.primary().filter(|p| !p.ok()).map(cause).collect();
     let path_broken: Vec<Cause> = causes.iter().filter(|c| !c.copy_proven).copied().collect();
     let mut settings = Vec::new();
     if !path_broken.is_empty() {
@@ -184,7 +187,7 @@ pub fn advise(report: &Report) -> Advice {
     }
     Advice {
         level: report.level,
-        pairs: report.pairs.len(),
+        pairs: report.primary().count(),
         settings,
     }
 }
@@ -243,19 +246,20 @@ impl Advice {
         out
     }
 
-    /// The same as one JSON object (`docs/json-schema.md`, "env"), with `extra` (already JSON:
-    /// `"key":value` members) appended.
-    pub fn render_json(&self, extra: &[String]) -> String {
-        let settings: Vec<String> = self.settings.iter().map(setting_json).collect();
-        let mut members = vec![
-            format!("\"schema\":{}", crate::render::json::JSON_SCHEMA_VERSION),
-            format!("\"level\":\"{}\"", self.level.name()),
-            format!("\"pairs\":{}", self.pairs),
-            format!("\"all_ok\":{}", self.settings.is_empty()),
-            format!("\"settings\":[{}]", settings.join(",")),
-        ];
-        members.extend(extra.iter().cloned());
-        format!("{{{}}}", members.join(","))
+    /// The same as one JSON object (`docs/json-schema.md`, "env"), unfinished: the caller
+    /// appends its own members (the CLI's `devices` and `caches`) and calls
+    /// [`Object::finish`].
+    pub fn json(&self) -> Object {
+        let mut o = Object::new();
+        o.uint("schema", crate::render::json::JSON_SCHEMA_VERSION.into())
+            .str("level", self.level.name())
+            .uint("pairs", self.pairs as u64)
+            .bool("all_ok", self.settings.is_empty())
+            .value(
+                "settings",
+                &Json::array(self.settings.iter().map(setting_json)),
+            );
+        o
     }
 }
 
@@ -272,40 +276,31 @@ fn consumers_text(consumers: &[Consumer]) -> String {
         .join(" and ")
 }
 
-fn setting_json(s: &Setting) -> String {
-    let knob = match s.knob {
-        Knob::Env { name, value } => {
-            format!("\"kind\":\"env\",\"name\":\"{name}\",\"value\":\"{value}\"")
-        }
-        Knob::Flag(flag) => format!("\"kind\":\"flag\",\"name\":\"{flag}\",\"value\":null"),
+fn setting_json(s: &Setting) -> Json {
+    let mut o = Object::new();
+    match s.knob {
+        Knob::Env { name, value } => o.str("kind", "env").str("name", name).str("value", value),
+        Knob::Flag(flag) => o
+            .str("kind", "flag")
+            .str("name", flag)
+            .value("value", &Json::null()),
     };
-    let consumers: Vec<String> = s
-        .consumers
-        .iter()
-        .map(|c| format!("\"{}\"", c.name()))
-        .collect();
-    let causes: Vec<String> = s
-        .causes
-        .iter()
-        .map(|c| {
-            format!(
-                "{{\"pair\":[{},{}],\"verdict\":\"{}\",\"tier\":{},\"copy_proven\":{}}}",
-                c.pair.src,
-                c.pair.tgt,
-                c.verdict,
-                c.tier
-                    .map_or("null".into(), |t| format!("\"{}\"", t.name())),
-                c.copy_proven
+    let causes = s.causes.iter().map(|c| {
+        Object::new()
+            .value(
+                "pair",
+                &Json::array([c.pair.src, c.pair.tgt].map(|d| Json::uint(d.into()))),
             )
-        })
-        .collect();
-    format!(
-        "{{{knob},\"remedy\":\"{}\",\"for\":[{}],\"because\":{},\"causes\":[{}]}}",
-        s.remedy.name(),
-        consumers.join(","),
-        crate::json::escape(&s.because()),
-        causes.join(",")
-    )
+            .str("verdict", c.verdict)
+            .opt_str("tier", c.tier.map(Level::name))
+            .bool("copy_proven", c.copy_proven)
+            .finish()
+    });
+    o.str("remedy", s.remedy.name())
+        .value("for", &Json::strings(s.consumers.iter().map(|c| c.name())))
+        .str("because", &s.because())
+        .value("causes", &Json::array(causes))
+        .finish()
 }
 
 /// The engine flags among `settings` that `argv` (a command about to run) takes: vLLM's
@@ -359,7 +354,7 @@ fn engine_of(argv: &[String]) -> Option<Consumer> {
 pub(crate) mod test_reports {
     use crate::model::{
         Engine, Evidence, Fault, Hang, Level, Lost, Outcome, Pair, PairReport, Problem, Report,
-        SideVerdict, TierOutcome, Visibility, WorkerFault,
+        SideVerdict, TierOutcome, Transport, Transports, Visibility, WorkerFault,
     };
 
     fn side(copy_ok: bool, kernel: TierOutcome, handshake: TierOutcome) -> SideVerdict {
@@ -377,6 +372,7 @@ pub(crate) mod test_reports {
     fn pair(src: u32, tgt: u32, outcome: Outcome) -> PairReport {
         PairReport {
             pair: Pair { src, tgt },
+            transport: Transport::Ipc,
             outcome,
             attempts: 1,
             other_attempt: None,
@@ -397,7 +393,12 @@ pub(crate) mod test_reports {
 
     /// A report of `pairs` on 4 GPUs at level handshake.
     pub fn report(pairs: Vec<PairReport>) -> Report {
-        let mut r = Report::empty(Engine::Parallel, Level::Handshake, Visibility::One);
+        let mut r = Report::empty(
+            Engine::Parallel,
+            Level::Handshake,
+            Transports::Ipc,
+            Visibility::One,
+        );
         r.device_count = 4;
         r.pairs = pairs;
         r
@@ -473,7 +474,7 @@ mod tests {
         let shell = a.render_shell(&[]);
         assert!(shell.lines().all(|l| l.starts_with('#')), "{shell}");
         assert!(shell.contains("nothing to change"), "{shell}");
-        let v = crate::json::parse(&a.render_json(&[])).expect("valid JSON");
+        let v = crate::json::parse(a.json().finish().as_str()).expect("valid JSON");
         assert_eq!(member(&v, "all_ok"), Some(&crate::json::Value::Bool(true)));
     }
 
@@ -524,8 +525,14 @@ mod tests {
             "hang before the copy tier was proven: 3->0; error before the copy tier was \
              proven: 0->3"
         );
-        let v = crate::json::parse(&a.render_json(&["\"extra\":1".into()])).expect("JSON");
-        assert!(member(&v, "extra").is_some());
+        // The caller's members, whatever their strings hold, keep the object valid.
+        let hostile = "q\"b\\\n\u{1}\"},{\"x\":[é😀";
+        let text = a.json().str("extra", hostile).finish();
+        let v = crate::json::parse(text.as_str()).expect("JSON");
+        assert_eq!(
+            member(&v, "extra"),
+            Some(&crate::json::Value::String(hostile.into()))
+        );
     }
 
     #[test]

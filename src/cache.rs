@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 use crate::error::{CacheErrorKind, Error, Result};
 use crate::files::kind;
 use crate::fingerprint::{self, Fingerprint, Record};
-use crate::json::{self, Value};
+use crate::json::{self, Json, Object, Value};
 use crate::os;
 
 /// A step's result inside this module: what went wrong, without the file asked about, which
@@ -172,15 +172,11 @@ pub fn render(n: usize, verdicts: &[bool]) -> String {
         "render: {n} devices need {} verdicts",
         n * n
     );
-    if n == 0 {
-        return "{}".to_string();
+    let mut cache = Object::new();
+    for (k, &v) in verdicts.iter().enumerate() {
+        cache.bool(&pair_key(k / n, k % n), v);
     }
-    let members: Vec<String> = verdicts
-        .iter()
-        .enumerate()
-        .map(|(k, v)| format!("    {}: {v}", json::escape(&pair_key(k / n, k % n))))
-        .collect();
-    format!("{{\n{}\n}}", members.join(",\n"))
+    cache.finish_indented().to_string()
 }
 
 /// Reads a cache file's text for `n` devices into row-major verdicts.
@@ -211,7 +207,7 @@ pub fn parse(text: &str, n: usize) -> std::result::Result<Vec<bool>, String> {
         if i >= n || j >= n {
             return Err(format!(
                 "key {} names device {}, but {n} device(s) were expected: the file is for more",
-                json::escape(key),
+                Json::string(key),
                 i.max(j)
             ));
         }
@@ -222,7 +218,7 @@ pub fn parse(text: &str, n: usize) -> std::result::Result<Vec<bool>, String> {
             other => {
                 return Err(format!(
                     "key {} holds {}, not true or false",
-                    json::escape(key),
+                    Json::string(key),
                     other.kind()
                 ))
             }
@@ -237,7 +233,7 @@ pub fn parse(text: &str, n: usize) -> std::result::Result<Vec<bool>, String> {
             found.get(&(k / n, k % n)).copied().ok_or_else(|| {
                 format!(
                     "key {} is missing (the file has {} of the {pairs} pairs)",
-                    json::escape(&pair_key(k / n, k % n)),
+                    Json::string(&pair_key(k / n, k % n)),
                     found.len()
                 )
             })

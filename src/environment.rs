@@ -53,6 +53,12 @@ impl Environment {
             .transpose()
     }
 
+    /// `CUDA_VISIBLE_DEVICES` as text where it is set and UTF-8 (`None` otherwise), for
+    /// messages.
+    pub fn cvd_utf8(&self) -> Option<&str> {
+        self.cvd.as_deref().and_then(|v| v.to_str())
+    }
+
     /// `CUDA_DEVICE_ORDER` as text, where it is.
     pub fn device_order(&self) -> Option<&str> {
         self.device_order.as_deref().and_then(|v| v.to_str())

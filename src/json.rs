@@ -98,10 +98,11 @@ pub fn parse(text: &str) -> Result<Value, ParseError> {
     Ok(value)
 }
 
-/// `s` as a JSON string literal, quotes included. Escapes what RFC 8259 requires (`"`, `\`
+/// `s` as a JSON string literal, quotes included ([`Json::string`] gives it to other modules).
+/// Escapes what RFC 8259 requires (`"`, `\`
 /// and control characters, the latter as `\n`-style short forms or lowercase `\u00xx` as Python
 /// writes them); everything else, non-ASCII included, is written as is.
-pub fn escape(s: &str) -> String {
+fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
     out.push('"');
     for c in s.chars() {
@@ -121,8 +122,8 @@ pub fn escape(s: &str) -> String {
     out
 }
 
-/// A JSON text made by this module's writer ([`Object`], [`Json::array`], ...), or checked by
-/// [`parse`]: valid JSON by construction, whatever the strings in it hold.
+/// A JSON text made by this module's writer ([`Object`], [`Json::array`], ...): valid JSON by
+/// construction, whatever the strings in it hold.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Json(String);
 
@@ -132,7 +133,9 @@ impl Json {
         Json("null".into())
     }
 
-    /// A string, escaped ([`escape`]).
+    /// A string, quotes included, escaping what RFC 8259 requires (`"`, `\` and control
+    /// characters, the latter as `\n`-style short forms or lowercase `\u00xx` as Python writes
+    /// them); everything else, non-ASCII included, is written as is.
     pub fn string(s: &str) -> Json {
         Json(escape(s))
     }
@@ -147,19 +150,15 @@ impl Json {
         Json(n.to_string())
     }
 
+    /// An array of strings, in order.
+    pub fn strings<S: AsRef<str>>(items: impl IntoIterator<Item = S>) -> Json {
+        Json::array(items.into_iter().map(|s| Json::string(s.as_ref())))
+    }
+
     /// An array of `items`, in order.
     pub fn array(items: impl IntoIterator<Item = Json>) -> Json {
         let items: Vec<String> = items.into_iter().map(|j| j.0).collect();
         Json(format!("[{}]", items.join(",")))
-    }
-
-    /// `text` if it is one JSON value (a text another module wrote), else the error.
-    ///
-    /// # Errors
-    /// `text` is not valid JSON: where and why, as [`parse`] says.
-    pub fn checked(text: String) -> Result<Json, ParseError> {
-        parse(&text)?;
-        Ok(Json(text))
     }
 
     /// The text.
@@ -178,7 +177,7 @@ impl fmt::Display for Json {
 /// and the strings and places the commas, and every value is one it writes or a [`Json`], so
 /// the object is valid JSON whatever the strings hold.
 #[derive(Debug, Default)]
-pub struct Object(String);
+pub struct Object(Vec<(String, String)>);
 
 impl Object {
     /// An empty object.
@@ -186,14 +185,15 @@ impl Object {
         Object::default()
     }
 
+    /// Appends a member: `key` escaped, `value` already valid JSON (made here or a [`Json`]).
     fn member(&mut self, key: &str, value: &str) -> &mut Object {
-        if !self.0.is_empty() {
-            self.0.push(',');
-        }
-        self.0.push_str(&escape(key));
-        self.0.push(':');
-        self.0.push_str(value);
+        self.0.push((escape(key), value.to_string()));
         self
+    }
+
+    /// Whether no member was added.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 
     /// A member whose value is `value`.
@@ -214,6 +214,21 @@ impl Object {
     /// An unsigned number.
     pub fn uint(&mut self, key: &str, value: u64) -> &mut Object {
         self.member(key, &value.to_string())
+    }
+
+    /// A signed number.
+    pub fn int(&mut self, key: &str, value: i64) -> &mut Object {
+        self.member(key, &value.to_string())
+    }
+
+    /// A signed number, or `null`.
+    pub fn opt_int(&mut self, key: &str, value: Option<i64>) -> &mut Object {
+        self.member(key, &value.map_or_else(|| "null".into(), |v| v.to_string()))
+    }
+
+    /// A member whose value is `value`, or `null`.
+    pub fn opt_value(&mut self, key: &str, value: Option<&Json>) -> &mut Object {
+        self.member(key, value.map_or("null", Json::as_str))
     }
 
     /// An unsigned number, or `null`.
@@ -241,9 +256,26 @@ impl Object {
         self.member(key, &text)
     }
 
-    /// The object.
+    /// The object, on one line with no spaces.
     pub fn finish(&self) -> Json {
-        Json(format!("{{{}}}", self.0))
+        let members: Vec<String> = self.0.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+        Json(format!("{{{}}}", members.join(",")))
+    }
+
+    /// The object as Python's `json.dump(obj, f, indent=4)` writes a flat one: each member on
+    /// its own line, indented by four spaces, `": "` after the key; `{}` when empty. (Values
+    /// are written as they are: a nested object or array stays on one line, where Python
+    /// would indent it too.)
+    pub fn finish_indented(&self) -> Json {
+        if self.0.is_empty() {
+            return Json("{}".into());
+        }
+        let members: Vec<String> = self
+            .0
+            .iter()
+            .map(|(k, v)| format!("    {k}: {v}"))
+            .collect();
+        Json(format!("{{\n{}\n}}", members.join(",\n")))
     }
 }
 
@@ -762,7 +794,47 @@ mod tests {
         assert_eq!(members[4], ("f".into(), Value::Number("0.3333".into())));
         assert_eq!(members[5], ("nan".into(), Value::Null));
         assert_eq!(members.len(), 7);
-        assert!(Json::checked("{\"a\":".into()).is_err());
-        assert_eq!(Json::checked(inner.to_string()).unwrap(), inner);
+    }
+
+    #[test]
+    fn the_writer_writes_each_kind_as_python_would() {
+        let mut o = Object::new();
+        assert!(o.is_empty());
+        assert_eq!(o.finish().as_str(), "{}");
+        assert_eq!(o.finish_indented().as_str(), "{}");
+        let inner = Object::new().int("i", -3).finish();
+        o.int("min", i64::MIN)
+            .opt_int("none", None)
+            .opt_int("some", Some(-1))
+            .opt_value("v", Some(&inner))
+            .opt_value("nv", None)
+            .value("s", &Json::strings(["a\"", "\u{1}"]))
+            .value("e", &Json::strings(Vec::<String>::new()));
+        assert!(!o.is_empty());
+        assert_eq!(
+            o.finish().as_str(),
+            "{\"min\":-9223372036854775808,\"none\":null,\"some\":-1,\"v\":{\"i\":-3},\
+             \"nv\":null,\"s\":[\"a\\\"\",\"\\u0001\"],\"e\":[]}"
+        );
+        // json.dumps({"0->0": True, "k": None}, indent=4)
+        let flat = Object::new()
+            .bool("0->0", true)
+            .opt_str("k", None)
+            .finish_indented();
+        assert_eq!(flat.as_str(), "{\n    \"0->0\": true,\n    \"k\": null\n}");
+    }
+
+    #[test]
+    fn the_indented_object_is_valid_whatever_the_keys_hold() {
+        let hostile = "\"},{\"x\":1,\\\n\u{0}\u{1f}é\u{2028}";
+        let text = Object::new()
+            .str(hostile, hostile)
+            .value(hostile, &Json::strings([hostile]))
+            .finish_indented();
+        let parsed = parse(text.as_str()).unwrap_or_else(|e| panic!("{e}: {text}"));
+        assert_eq!(
+            parsed,
+            Value::Object(vec![(hostile.into(), Value::Array(vec![s(hostile)]))])
+        );
     }
 }

@@ -81,7 +81,6 @@ use environment::Environment;
 
 pub use access::{access_check, store_report, Access, AccessOptions};
 pub use cache::{CacheFile, Origin};
-pub use cuda::trace::open_destination as open_trace;
 pub use cuda::{Error as CudaError, Library};
 pub use engine::{
     locate_worker, start, this_executable_is_a_worker, Options, Pending, DEFAULT_KERNEL_BYTES,
@@ -90,8 +89,8 @@ pub use engine::{
 pub use error::{CacheErrorKind, Error, Phase, Result};
 pub use model::{
     all_pairs, Attempt, Check, Class, Engine, Evidence, Failure, Fault, Finding, Hang, Level, Lost,
-    OtherAttempt, Outcome, Pair, PairReport, Problem, Report, SideVerdict, TierOutcome, TierParams,
-    Verdict, Visibility, WorkerFault, WorkerInfo,
+    OtherAttempt, Outcome, Pair, PairReport, Problem, Report, Route, SideVerdict, TierOutcome,
+    TierParams, Transport, Transports, Verdict, Visibility, WorkerFault, WorkerInfo,
 };
 pub use protocol::{MAX_DEVICES, VERSION as PROTOCOL_VERSION};
 pub use render::json::JsonExtras;
@@ -125,7 +124,7 @@ pub fn check(pairs: Option<&[Pair]>, opts: &Options) -> Result<Report> {
 /// As [`can_actually_p2p_with`].
 pub fn can_actually_p2p(batch_src: &[u32], batch_tgt: &[u32]) -> Result<Vec<bool>> {
     let report = can_actually_p2p_with(batch_src, batch_tgt, &Options::default())?;
-    Ok(report.pairs.iter().map(PairReport::ok).collect())
+    Ok(report.primary().map(PairReport::ok).collect())
 }
 
 /// [`can_actually_p2p`] with explicit options, returning the full [`Report`].
@@ -151,9 +150,27 @@ pub fn can_actually_p2p_with(
         .map(|(&src, &tgt)| Pair { src, tgt })
         .collect();
     if pairs.is_empty() {
-        return Ok(Report::empty(opts.engine, opts.level, opts.visibility));
+        return Ok(Report::empty(
+            opts.engine,
+            opts.level,
+            opts.transport,
+            opts.visibility,
+        ));
     }
     check(Some(&pairs), opts)
+}
+
+/// Opens this process's audit-trace destination now rather than at its first CUDA call:
+/// `file`, or as `P2PCHECK_TRACE` says when `None` (README, "Audit trace"). A process has one
+/// destination, decided once: this call decides it unless it is decided already. Workers get
+/// theirs from [`Options::trace`] or the environment.
+///
+/// # Errors
+///
+/// [`Error::InvalidInput`] when the file cannot be opened or created, or is not a regular file
+/// (a FIFO or a device would block or misbehave): the message names it and says why.
+pub fn open_trace(file: Option<&std::path::Path>) -> Result<()> {
+    cuda::trace::open_destination(file.map(std::path::Path::as_os_str)).map_err(Error::InvalidInput)
 }
 
 /// Devices visible to this process, from the driver (`cuInit` + `cuDeviceGetCount`), once.

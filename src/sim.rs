@@ -27,7 +27,8 @@ const LIBRARY: &[u8] = include_bytes!(env!("P2PCHECK_SIM_LIB"));
 pub const MAX_GPUS: u32 = 64;
 
 /// How a pair's peer path is broken. Each applies to one ordered pair `src->tgt`: a process on
-/// `tgt` accessing memory owned by `src` through CUDA IPC.
+/// `tgt` accessing memory owned by `src` through a peer mapping, of CUDA IPC or of the cuMem
+/// transport (the kinds named `cumem-*` concern the cuMem path alone).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum FaultKind {
     /// `cudaIpcOpenMemHandle` fails, as in a container without a shared IPC namespace.
@@ -52,11 +53,21 @@ pub enum FaultKind {
     Partial,
     /// SM stores through the mapping land 4096 bytes further than addressed.
     Shifted,
+    /// `cuMemExportToShareableHandle` of `src`'s memory fails, and `src` says it does not
+    /// support POSIX descriptor handles: every pair from `src` fails on the cuMem path. No
+    /// `@once` (the export is made once per device).
+    CumemExportFails,
+    /// `cuMemImportFromShareableHandle` of `src`'s memory fails on `tgt`.
+    CumemImportFails,
+    /// `cuMemSetAccess` granting `tgt` access to its mapping of `src`'s memory fails.
+    CumemAccessFails,
+    /// Writes through a cuMem mapping vanish; the IPC mapping of the same pair works.
+    CumemDropWrites,
 }
 
 impl FaultKind {
     /// Every kind, in documentation order.
-    pub const ALL: [FaultKind; 11] = [
+    pub const ALL: [FaultKind; 15] = [
         FaultKind::IpcOpenFails,
         FaultKind::DropWrites,
         FaultKind::Corrupt,
@@ -68,6 +79,10 @@ impl FaultKind {
         FaultKind::ClaimNo,
         FaultKind::Partial,
         FaultKind::Shifted,
+        FaultKind::CumemExportFails,
+        FaultKind::CumemImportFails,
+        FaultKind::CumemAccessFails,
+        FaultKind::CumemDropWrites,
     ];
 
     /// The name used on the command line and by the simulator.
@@ -84,6 +99,10 @@ impl FaultKind {
             FaultKind::ClaimNo => "claim-no",
             FaultKind::Partial => "partial",
             FaultKind::Shifted => "shifted",
+            FaultKind::CumemExportFails => "cumem-export-fails",
+            FaultKind::CumemImportFails => "cumem-import-fails",
+            FaultKind::CumemAccessFails => "cumem-access-fails",
+            FaultKind::CumemDropWrites => "cumem-drop-writes",
         }
     }
 }
@@ -147,6 +166,11 @@ impl FromStr for Fault {
             .into_iter()
             .find(|k| k.name() == kind.trim())
             .ok_or_else(|| bad(format!("unknown kind {kind:?} (one of {})", kinds())))?;
+        if once && kind == FaultKind::CumemExportFails {
+            return Err(bad(
+                "cumem-export-fails takes no @once (the export is made once per device)".into(),
+            ));
+        }
         Ok(Fault {
             src: id(src)?,
             tgt: id(tgt)?,
@@ -316,7 +340,11 @@ mod tests {
     #[test]
     fn faults_parse_and_print_round_trip() {
         for kind in FaultKind::ALL {
-            for once in [false, true] {
+            let onces: &[bool] = match kind {
+                FaultKind::CumemExportFails => &[false],
+                _ => &[false, true],
+            };
+            for &once in onces {
                 let text = format!("3->1:{}{}", kind.name(), if once { "@once" } else { "" });
                 let f: Fault = text.parse().unwrap();
                 assert_eq!(
@@ -358,6 +386,7 @@ mod tests {
             ("0->1:melt", "drop-writes"),
             ("0->1:hang@twice", "only @once"),
             ("0->1:hang@", "only @once"),
+            ("0->1:cumem-export-fails@once", "no @once"),
         ] {
             let err = text.parse::<Fault>().unwrap_err().to_string();
             assert!(err.contains(needle), "{text}: {err}");

@@ -81,13 +81,6 @@ pub fn parse(value: Option<&str>) -> Parsed {
     }
 }
 
-/// [`parse`] of this process's `CUDA_VISIBLE_DEVICES` (a value that is not valid UTF-8 is read
-/// lossily, so its bad part shows up in [`Parsed::ignored`]).
-pub fn from_env() -> Parsed {
-    let value = std::env::var_os(VAR).map(|v| v.to_string_lossy().into_owned());
-    parse(value.as_deref())
-}
-
 /// The `CUDA_VISIBLE_DEVICES` part of vLLM's cache file name: the value exactly as set (even
 /// empty, even with parts CUDA ignores), or `0,1,…,n-1` for `n` devices when unset.
 pub fn cache_key(value: Option<&str>, n: usize) -> String {

@@ -177,6 +177,64 @@ fn env_writes_the_caches_write_vllm_cache_writes() {
 }
 
 #[test]
+fn env_json_stays_valid_whatever_the_cache_paths_hold() {
+    // Quotes, a backslash, control characters, a JSON-looking tail and non-ASCII in the paths
+    // that `caches` names (written) and quotes in its errors (not written).
+    let hostile = "q\"b\\n\n\t\u{1}\"},{\"x\":[é€😀";
+    let tmp = TempDir::new("p2pcheck-env-hostile");
+    let vllm = tmp.path().join(hostile);
+    let file = tmp.path().join(format!("{hostile}-a-file"));
+    std::fs::write(&file, "not a folder").unwrap();
+    let sglang = file.join("sglang");
+    let out = p2pcheck(
+        &[
+            "env",
+            "--json",
+            "--simulate",
+            "2",
+            "--cache-dir",
+            vllm.to_str().unwrap(),
+            "--sglang-cache-dir",
+            sglang.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let v = json::parse(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    let Value::Array(caches) = member(&v, "caches") else {
+        panic!("caches is not an array: {stdout}")
+    };
+    let string = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        other => panic!("not a string: {other:?} in {stdout}"),
+    };
+    let written = string(member(&caches[0], "path"));
+    assert!(written.starts_with(vllm.to_str().unwrap()), "{written}");
+    assert_eq!(member(&caches[0], "written"), &Value::Bool(true));
+    let error = string(member(&caches[1], "error"));
+    assert!(error.contains(hostile), "{error}");
+    assert_eq!(member(&caches[1], "path"), &Value::Null);
+}
+
+#[test]
+fn env_json_error_line_stays_valid_whatever_the_error_holds() {
+    let hostile = "q\"b\\n\n\t\u{1}\"},{\"x\":[é€😀";
+    let worker = format!("/nonexistent/{hostile}");
+    let out = p2pcheck(
+        &["env", "--json", "--simulate", "2"],
+        &[("P2PCHECK_WORKER", &worker)],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let v = json::parse(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    let Value::String(error) = member(&v, "error") else {
+        panic!("error is not a string: {stdout}")
+    };
+    assert!(error.contains(&worker), "{error}");
+}
+
+#[test]
 fn exec_runs_the_command_with_the_settings() {
     let bin = TempDir::new("p2pcheck-exec");
     // A stand-in for vLLM's server: its name and `serve` make it one.

@@ -455,6 +455,37 @@ fn p2pcheck_trace_names_a_file_that_every_process_appends_to() {
 }
 
 #[test]
+fn the_library_traces_through_its_options_without_the_environment() {
+    // No P2PCHECK_TRACE in this process: the option alone turns the workers' trace on.
+    assert!(std::env::var_os("P2PCHECK_TRACE").is_none());
+    let dir = TempDir::new("p2pcheck-trace-option");
+    let path = dir.path().join("option.jsonl");
+    let opts = p2pcheck::Options {
+        engine: p2pcheck::Engine::Vllm,
+        level: p2pcheck::Level::Copy,
+        worker: Some(env!("CARGO_BIN_EXE_p2pcheck-worker").into()),
+        simulate: Some(p2pcheck::sim::Simulation {
+            gpus: 2,
+            faults: Vec::new(),
+        }),
+        trace: Some(path.clone()),
+        ..p2pcheck::Options::default()
+    };
+    let report = p2pcheck::check(None, &opts).expect("a simulated check runs");
+    assert!(report.pairs.iter().all(|p| p.ok()));
+    assert!(
+        std::env::var_os("P2PCHECK_TRACE").is_none(),
+        "the environment is left alone"
+    );
+    // The same 58 lines as `P2PCHECK_TRACE=FILE` gives for this check, from 2 workers.
+    let lines = read_trace(&path);
+    assert_eq!(lines.len(), 58);
+    let pids: BTreeSet<i64> = lines.iter().map(|l| n(l, "pid")).collect();
+    assert_eq!(pids.len(), 2);
+    assert!(!pids.contains(&i64::from(std::process::id())));
+}
+
+#[test]
 fn with_the_trace_off_no_file_is_created_and_nothing_is_printed() {
     for value in [None, Some(""), Some("0")] {
         let dir = TempDir::new("p2pcheck-trace-off");

@@ -38,7 +38,7 @@ use p2pcheck::policy::{self, ComputeCapability, PolicyConfig};
 use p2pcheck::sim::{Fault, Simulation};
 use p2pcheck::{
     AccessOptions, Class, Engine, Error, Level, Options, Pair, PairReport, Pending, Report,
-    TierOutcome, Verdict, Visibility, MAX_DEVICES,
+    TierOutcome, Transport, Transports, Verdict, Visibility, MAX_DEVICES,
 };
 
 /// `p2pcheck_status`: what a call of the C ABI gave. `Ok` is 0; one code per [`Error`] variant
@@ -210,6 +210,52 @@ pub enum VisibilityCode {
     All = 1,
 }
 
+/// `p2pcheck_transport`: a [`Transport`] as a C value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TransportCode {
+    /// `P2PCHECK_TRANSPORT_IPC`: [`Transport::Ipc`].
+    Ipc = 0,
+    /// `P2PCHECK_TRANSPORT_CUMEM`: [`Transport::Cumem`].
+    Cumem = 1,
+}
+
+impl TransportCode {
+    /// The code for a [`Transport`].
+    pub fn of(t: Transport) -> TransportCode {
+        match t {
+            Transport::Ipc => TransportCode::Ipc,
+            Transport::Cumem => TransportCode::Cumem,
+        }
+    }
+}
+
+/// `p2pcheck_transports`: a [`Transports`] choice as a C value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TransportsCode {
+    /// `P2PCHECK_TRANSPORTS_IPC`: [`Transports::Ipc`].
+    Ipc = 0,
+    /// `P2PCHECK_TRANSPORTS_CUMEM`: [`Transports::Cumem`].
+    Cumem = 1,
+    /// `P2PCHECK_TRANSPORTS_ALL`: [`Transports::All`].
+    All = 2,
+}
+
+impl TransportsCode {
+    /// The [`Transports`] of a C value, if it is one.
+    pub fn from_c(v: c_int) -> Option<Transports> {
+        [
+            (TransportsCode::Ipc, Transports::Ipc),
+            (TransportsCode::Cumem, Transports::Cumem),
+            (TransportsCode::All, Transports::All),
+        ]
+        .into_iter()
+        .find(|(code, _)| *code as c_int == v)
+        .map(|(_, t)| t)
+    }
+}
+
 /// `p2pcheck_verdict`: the kind of [`Verdict`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -254,6 +300,14 @@ pub enum ClassCode {
     Timeout = 5,
     /// `P2PCHECK_CLASS_OTHER`: [`Class::Other`].
     Other = 6,
+    /// `P2PCHECK_CLASS_EXPORT_REFUSED`: [`Class::ExportRefused`].
+    ExportRefused = 7,
+    /// `P2PCHECK_CLASS_FD_NOT_PASSABLE`: [`Class::FdNotPassable`].
+    FdNotPassable = 8,
+    /// `P2PCHECK_CLASS_IMPORT_REFUSED`: [`Class::ImportRefused`].
+    ImportRefused = 9,
+    /// `P2PCHECK_CLASS_MAP_REFUSED`: [`Class::MapRefused`].
+    MapRefused = 10,
 }
 
 impl ClassCode {
@@ -265,6 +319,10 @@ impl ClassCode {
             Class::WrongData => ClassCode::WrongData,
             Class::OpenFailed => ClassCode::OpenFailed,
             Class::Timeout => ClassCode::Timeout,
+            Class::ExportRefused => ClassCode::ExportRefused,
+            Class::FdNotPassable => ClassCode::FdNotPassable,
+            Class::ImportRefused => ClassCode::ImportRefused,
+            Class::MapRefused => ClassCode::MapRefused,
             Class::Other => ClassCode::Other,
         }
     }
@@ -279,11 +337,15 @@ impl ClassCode {
             ClassCode::OpenFailed => Class::OpenFailed,
             ClassCode::Timeout => Class::Timeout,
             ClassCode::Other => Class::Other,
+            ClassCode::ExportRefused => Class::ExportRefused,
+            ClassCode::FdNotPassable => Class::FdNotPassable,
+            ClassCode::ImportRefused => Class::ImportRefused,
+            ClassCode::MapRefused => Class::MapRefused,
         })
     }
 
     /// Every code, in value order.
-    pub const ALL: [ClassCode; 7] = [
+    pub const ALL: [ClassCode; 11] = [
         ClassCode::None,
         ClassCode::NeverWritten,
         ClassCode::Partial,
@@ -291,6 +353,10 @@ impl ClassCode {
         ClassCode::OpenFailed,
         ClassCode::Timeout,
         ClassCode::Other,
+        ClassCode::ExportRefused,
+        ClassCode::FdNotPassable,
+        ClassCode::ImportRefused,
+        ClassCode::MapRefused,
     ];
 }
 
@@ -888,6 +954,31 @@ pub unsafe extern "C" fn p2pcheck_options_set_visibility(
     })
 }
 
+/// `p2pcheck_options_set_transport(opts, transport, msg, msg_len)`: which transports every
+/// tier runs over ([`Transports`]: 0 ipc, 1 cumem, 2 all).
+///
+/// # Safety
+/// `opts` is NULL or a live `p2pcheck_options`; `msg` is NULL or valid for `msg_len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn p2pcheck_options_set_transport(
+    opts: *mut OptionsHandle,
+    transport: c_int,
+    msg: *mut c_char,
+    msg_len: usize,
+) -> Status {
+    // SAFETY: the caller's promises.
+    let (opts, msg) = unsafe { (opts.as_ref(), TextBuf::new(msg, msg_len)) };
+    update(opts, msg, |o| {
+        o.transport = TransportsCode::from_c(transport).ok_or_else(|| {
+            Failure::invalid(format!(
+                "transport {transport}: P2PCHECK_TRANSPORTS_IPC (0), \
+                     P2PCHECK_TRANSPORTS_CUMEM (1) or P2PCHECK_TRANSPORTS_ALL (2)"
+            ))
+        })?;
+        Ok(())
+    })
+}
+
 /// `p2pcheck_options_set_timeouts_ms(opts, step_ms, startup_ms, msg, msg_len)`: 0 keeps a
 /// value; each must be from 1 ms to 1 day.
 ///
@@ -1110,6 +1201,25 @@ pub unsafe extern "C" fn p2pcheck_report_pair(
     })
 }
 
+/// `p2pcheck_report_pair_transport(report, index, out)`: the transport pair `index` was
+/// checked over (0 ipc, 1 cumem).
+///
+/// # Safety
+/// `report` is NULL or a live `p2pcheck_report`; `out` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn p2pcheck_report_pair_transport(
+    report: *const ReportHandle,
+    index: usize,
+    out: *mut c_int,
+) -> Status {
+    // SAFETY: the caller's promises.
+    let (report, out) = unsafe { (report.as_ref(), Out::new(out)) };
+    with_report(report, |r| {
+        let i = in_range(index, r.pairs.len(), "pair")?;
+        out.put("out", TransportCode::of(r.pairs[i].transport) as c_int)
+    })
+}
+
 /// `p2pcheck_report_pair_details(report, index, buf, len, needed)`: what was seen, one line
 /// per detail.
 ///
@@ -1241,7 +1351,7 @@ pub unsafe extern "C" fn p2pcheck_can_actually_p2p(
         // SAFETY: not NULL, and the caller's promise of n writable elements (n is bounded by
         // devices() above).
         let results = unsafe { std::slice::from_raw_parts_mut(results, n) };
-        for (r, p) in results.iter_mut().zip(&report.pairs) {
+        for (r, p) in results.iter_mut().zip(report.primary()) {
             *r = p.ok();
         }
         Ok(Status::Ok)

@@ -38,7 +38,8 @@ use std::time::{Duration, Instant, SystemTime};
 use p2pcheck::policy::{self, ComputeCapability, PolicyConfig};
 use p2pcheck::Class;
 use p2pcheck_capi::{
-    ClassCode, EngineCode, LevelCode, PairResult, Status, TierCode, VerdictCode, VisibilityCode,
+    ClassCode, EngineCode, LevelCode, PairResult, Status, TierCode, TransportCode, TransportsCode,
+    VerdictCode, VisibilityCode,
 };
 
 #[path = "../../tests/common/mod.rs"]
@@ -396,6 +397,11 @@ fn rust_constants() -> Vec<(&'static str, i64)> {
         ("P2PCHECK_LEVEL_HANDSHAKE", LevelCode::Handshake as i64),
         ("P2PCHECK_VISIBILITY_ONE", VisibilityCode::One as i64),
         ("P2PCHECK_VISIBILITY_ALL", VisibilityCode::All as i64),
+        ("P2PCHECK_TRANSPORT_IPC", TransportCode::Ipc as i64),
+        ("P2PCHECK_TRANSPORT_CUMEM", TransportCode::Cumem as i64),
+        ("P2PCHECK_TRANSPORTS_IPC", TransportsCode::Ipc as i64),
+        ("P2PCHECK_TRANSPORTS_CUMEM", TransportsCode::Cumem as i64),
+        ("P2PCHECK_TRANSPORTS_ALL", TransportsCode::All as i64),
         ("P2PCHECK_VERDICT_OK", VerdictCode::Ok as i64),
         ("P2PCHECK_VERDICT_FAILS", VerdictCode::Fails as i64),
         ("P2PCHECK_VERDICT_HANG", VerdictCode::Hang as i64),
@@ -413,6 +419,19 @@ fn rust_constants() -> Vec<(&'static str, i64)> {
         ("P2PCHECK_CLASS_OPEN_FAILED", ClassCode::OpenFailed as i64),
         ("P2PCHECK_CLASS_TIMEOUT", ClassCode::Timeout as i64),
         ("P2PCHECK_CLASS_OTHER", ClassCode::Other as i64),
+        (
+            "P2PCHECK_CLASS_EXPORT_REFUSED",
+            ClassCode::ExportRefused as i64,
+        ),
+        (
+            "P2PCHECK_CLASS_FD_NOT_PASSABLE",
+            ClassCode::FdNotPassable as i64,
+        ),
+        (
+            "P2PCHECK_CLASS_IMPORT_REFUSED",
+            ClassCode::ImportRefused as i64,
+        ),
+        ("P2PCHECK_CLASS_MAP_REFUSED", ClassCode::MapRefused as i64),
     ]
 }
 
@@ -435,6 +454,16 @@ fn rust_enums() -> Vec<(&'static str, usize, usize)> {
             "p2pcheck_visibility",
             size_of::<VisibilityCode>(),
             align_of::<VisibilityCode>(),
+        ),
+        (
+            "p2pcheck_transport",
+            size_of::<TransportCode>(),
+            align_of::<TransportCode>(),
+        ),
+        (
+            "p2pcheck_transports",
+            size_of::<TransportsCode>(),
+            align_of::<TransportsCode>(),
         ),
         (
             "p2pcheck_verdict",
@@ -719,7 +748,7 @@ fn every_exported_function_is_declared_documented_and_called() {
         "no comment right before: {undocumented:?}"
     );
     let names: BTreeSet<String> = declared.into_iter().map(|d| d.0).collect();
-    assert_eq!(names.len(), 39, "{names:?}");
+    assert_eq!(names.len(), 41, "{names:?}");
 
     let (shared, others) = exported(&["-D", "--defined-only"], &shared_lib());
     assert_eq!(shared, names, "exported by the shared library vs declared");
@@ -1117,6 +1146,13 @@ fn main_lines(dir: &Path) -> Lines {
     e.ok("set_visibility.all");
     e.ok("set_visibility.one");
     e.msg(
+        "set_transport.3",
+        InvalidArgument,
+        "transport 3: P2PCHECK_TRANSPORTS_IPC (0), P2PCHECK_TRANSPORTS_CUMEM (1) or \
+         P2PCHECK_TRANSPORTS_ALL (2)",
+    );
+    e.ok("set_transport.ipc");
+    e.msg(
         "set_timeouts.day_and_1ms",
         InvalidArgument,
         "the step timeout 86400.001s is outside 1 ms to 1 day",
@@ -1194,7 +1230,11 @@ fn main_lines(dir: &Path) -> Lines {
     e.is("report.warning_count.value", "0");
     e.status("report.warning.0", InvalidArgument);
     e.status("report.pair.16", InvalidArgument);
+    e.status("report.pair_transport.0", Ok);
+    e.is("report.pair_transport.0.value", "0");
+    e.status("report.pair_transport.16", InvalidArgument);
     for key in [
+        "report.pair_transport.null_out",
         "report.pair.null_out",
         "report.pair.null_report",
         "report.device_count.null",

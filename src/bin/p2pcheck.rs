@@ -13,7 +13,7 @@ use fleet_cli::Format;
 use p2pcheck::json::{Json, Object};
 use p2pcheck::sim::{self, Fault, Simulation};
 use p2pcheck::{
-    AccessOptions, Engine, JsonExtras, Level, Options, Report, TableExtras, Visibility,
+    AccessOptions, Engine, JsonExtras, Level, Options, Report, TableExtras, Transport, Visibility,
 };
 
 const HELP: &str = "\
@@ -31,7 +31,8 @@ Checks every ordered pair (src, tgt) of the visible GPUs in three tiers: copy (a
 owns memory, a process on tgt maps it through CUDA IPC and writes it, both read it back:
 vLLM's can_actually_p2p), kernel (SM-issued stores and loads of a pattern through the mapping)
 and handshake (kernels resident on both sides at once, exchanging flags). A failure is
-classified (never-written, partial, wrong-data, open-failed, timeout) with a hint. By
+classified (never-written, partial, wrong-data, open-failed, timeout; over the cuMem
+transport also export-refused, fd-not-passable, import-refused, map-refused) with a hint. By
 default one worker process per GPU checks every pair at once, each seeing only its own GPU;
 --engine vllm runs vLLM's procedure exactly (two processes, pair after pair, a device reset
 after each). Prints the matrix (rows src, columns tgt) of verdicts - ok, FAIL:TIER (ran; the
@@ -97,6 +98,12 @@ OPTIONS:
                            GPU: 3]. Their kernels get 0.1 s plus 5 ms a round on the GPU clock
                            (at least 1 s), which must fit in 60 % of --timeout: more rounds
                            than that are refused
+    --transport WHICH      ipc (default: legacy CUDA IPC, what vLLM's check and its custom
+                           all-reduce use), cumem (cuMemCreate memory exported as a POSIX
+                           descriptor, passed to the other process over a Unix socket,
+                           imported, mapped: PyTorch's symmetric memory, NCCL_CUMEM_ENABLE) or
+                           all (both); every tier runs over each, a matrix per transport. vLLM's
+                           cache holds the ipc verdicts only; cumem needs --engine parallel
     --visibility WHICH     one (default: each worker sees only its GPU, by UUID) or all (each
                            sees every GPU; used anyway where GPUs cannot be named: MIG, no
                            /proc/driver/nvidia)
@@ -128,7 +135,9 @@ OPTIONS:
     --fault SRC->TGT:KIND[@once]
                            With --simulate: break pair SRC->TGT (physical ids; repeatable).
                            KIND: ipc-open-fails, drop-writes, corrupt, sm-only, late-visibility,
-                           hang, crash, one-way, claim-no, partial, shifted (see README).
+                           hang, crash, one-way, claim-no, partial, shifted, cumem-export-fails,
+                           cumem-import-fails, cumem-access-fails, cumem-drop-writes (see
+                           README).
                            @once: only in the first attempt at the pair; the fresh workers of
                            a retry do not see it
     --write-sim-lib PATH   Write the simulated driver library to PATH, a regular file (created
@@ -136,8 +145,8 @@ OPTIONS:
                            it as libcuda/libcudart to test your own code without a GPU)
     --trace PATH           Append the audit trace to PATH, a regular file (created with mode
                            0600; a FIFO or a device is refused: exit 2): one JSON line for
-                           every CUDA call of this process and of every worker (sets
-                           P2PCHECK_TRACE for the run; see README, Audit trace)
+                           every CUDA call of this process and of every worker (wins over
+                           P2PCHECK_TRACE; see README, Audit trace)
     -h, --help             Print this help
     -V, --version          Print the version and where the CUDA bindings came from
 
@@ -293,6 +302,9 @@ fn parse_args(mut it: impl Iterator<Item = OsString>) -> ArgResult<Option<Args>>
                     other => return Err(format!("--engine {other:?}: parallel or vllm")),
                 }
             }
+            "--transport" => {
+                args.opts.transport = text(&a, it.next(), "ipc, cumem or all")?.parse()?
+            }
             "--visibility" => {
                 args.opts.visibility = match text(&a, it.next(), "one or all")?.as_str() {
                     "one" => Visibility::One,
@@ -364,6 +376,13 @@ fn parse_args(mut it: impl Iterator<Item = OsString>) -> ArgResult<Option<Args>>
         None if !faults.is_empty() => return Err("--fault needs --simulate".into()),
         None => {}
     }
+    if args.write_cache && !args.opts.transport.has(Transport::Ipc) {
+        return Err(
+            "--write-vllm-cache needs the legacy IPC transport (--transport ipc or \
+                    all): vLLM's cache holds its verdicts"
+                .into(),
+        );
+    }
     args.opts.validate().map_err(|e| e.to_string())?;
     Ok(Some(args))
 }
@@ -387,13 +406,15 @@ fn cache_note(
 ) -> Result<Option<CacheNote>, String> {
     let n = report.device_count as usize;
     let dir = match (&args.cache_dir, &args.opts.simulate) {
+        // vLLM's cache holds legacy IPC's verdicts: a check without them says nothing of it.
+        _ if !report.transport.has(Transport::Ipc) => return Ok(None),
         (Some(d), _) => d.clone(),
         (None, Some(_)) => return Ok(None),
         (None, None) => p2pcheck::vllm_cache_dir().map_err(|e| format!("{e:#}"))?,
     };
     let path =
         p2pcheck::vllm_cache_path_in(&dir, report.device_count).map_err(|e| e.to_string())?;
-    let verdicts: Vec<bool> = report.pairs.iter().map(|p| p.ok()).collect();
+    let verdicts: Vec<bool> = report.on(Transport::Ipc).map(|p| p.ok()).collect();
     // An existing file that cannot be read is reported as unusable, not as absent.
     let existing = match p2pcheck::read_vllm_cache(&path, n) {
         Ok(p2pcheck::CacheFile::Absent) => None,
@@ -465,7 +486,15 @@ fn print_table(args: &Args, report: &Report, note: Option<&CacheNote>, warnings:
         println!("warning: {w}");
     }
     let Some(note) = note else {
-        println!("vLLM cache: not consulted (simulation; give --cache-dir to write one)");
+        match report.transport.has(Transport::Ipc) {
+            true => {
+                println!("vLLM cache: not consulted (simulation; give --cache-dir to write one)")
+            }
+            false => println!(
+                "vLLM cache: not consulted (it holds legacy IPC's verdicts; this run checked the \
+                 cuMem transport only)"
+            ),
+        }
         return;
     };
     let state = match (&note.existing, note.written, &note.failed) {
@@ -572,26 +601,23 @@ fn access_check(args: &Args, src: u32, tgt: u32) -> Result<u8, String> {
 
 /// Opens the trace destination before anything runs, so that one that cannot be used (a missing
 /// folder, a FIFO, a device: only a regular file is written) ends the run with exit 2 instead
-/// of blocking or being skipped with a warning. `--trace PATH` is named in `P2PCHECK_TRACE` by
-/// its absolute path, for this process and the workers, which inherit the environment (none
-/// runs in another current folder today, but an absolute path is safe); without it,
+/// of blocking or being skipped with a warning. `--trace PATH` is made absolute and given to
+/// the check through its options (for this process and the workers); without it,
 /// `P2PCHECK_TRACE` as the caller set it is checked the same way.
-fn open_trace(flag: Option<&std::path::Path>) -> ArgResult<()> {
-    let source = match flag {
-        None => "P2PCHECK_TRACE",
-        Some(path) => {
-            let path = match path.is_absolute() {
-                true => path.to_path_buf(),
-                false => std::env::current_dir()
-                    .map_err(|e| format!("--trace: cannot know the current folder: {e}"))?
-                    .join(path),
-            };
-            // Before any thread is started and before any CUDA call.
-            std::env::set_var("P2PCHECK_TRACE", &path);
-            "--trace"
-        }
+fn open_trace(args: &mut Args) -> ArgResult<()> {
+    let Some(path) = args.trace.take() else {
+        return p2pcheck::open_trace(None).map_err(|e| format!("P2PCHECK_TRACE: {e}"));
     };
-    p2pcheck::open_trace().map_err(|e| format!("{source}: {e}"))
+    let path = match path.is_absolute() {
+        true => path,
+        false => std::env::current_dir()
+            .map_err(|e| format!("--trace: cannot know the current folder: {e}"))?
+            .join(path),
+    };
+    p2pcheck::open_trace(Some(&path)).map_err(|e| format!("--trace: {e}"))?;
+    args.opts.trace = Some(path.clone());
+    args.trace = Some(path);
+    Ok(())
 }
 
 /// `p2pcheck trace-summary PATH [--spec]`.
@@ -700,17 +726,15 @@ fn print_doctor(explained: &[(p2pcheck::Pair, doctor::Finding)]) {
     }
 }
 
-/// The same for `--json`: `[{"pair":[src,tgt],"finding":{…}}]` (a finding the doctor could
-/// not write as JSON is `null`).
+/// The same for `--json`: `[{"pair":[src,tgt],"finding":{…}}]`.
 fn doctor_json(explained: &[(p2pcheck::Pair, doctor::Finding)]) -> Json {
     Json::array(explained.iter().map(|(p, f)| {
-        let finding = Json::checked(doctor::finding_json(f)).unwrap_or_else(|_| Json::null());
         Object::new()
             .value(
                 "pair",
                 &Json::array([p.src, p.tgt].map(|d| Json::uint(d.into()))),
             )
-            .value("finding", &finding)
+            .value("finding", &doctor::finding_json(f))
             .finish()
     }))
 }
@@ -789,9 +813,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    let args = match parse_args(argv.into_iter()).and_then(|a| {
-        if let Some(a) = &a {
-            open_trace(a.trace.as_deref())?;
+    let args = match parse_args(argv.into_iter()).and_then(|mut a| {
+        if let Some(a) = &mut a {
+            open_trace(a)?;
         }
         Ok(a)
     }) {

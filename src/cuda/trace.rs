@@ -1,6 +1,6 @@
 //! The audit trace: one JSON object per line for every CUDA call of every process of a check
-//! (`P2PCHECK_TRACE`, or the CLI's `--trace PATH`, which sets it for the parent and so for the
-//! workers, which inherit the parent's environment).
+//! (`P2PCHECK_TRACE`, which the workers inherit, or the check's `Options::trace` / the CLI's
+//! `--trace PATH`, which the parent opens and hands to each worker in its environment).
 //!
 //! * unset, empty or `0`: off;
 //! * `1`: the lines go to stderr (each with one `write(2)`, so lines of the processes sharing
@@ -38,7 +38,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use once_cell::sync::OnceCell;
 
 use super::Library;
-use crate::json;
+use crate::json::{Json, Object};
 
 /// The job a thread's calls belong to, as plain values set by its caller (the worker): the
 /// pair's position in its batch, the pair, the role and the tier, by name.
@@ -54,6 +54,9 @@ pub(crate) struct JobContext {
     pub(crate) role: &'static str,
     /// `copy`, `kernel` or `handshake`.
     pub(crate) tier: &'static str,
+    /// `cumem` for the cuMem transport; `None` for legacy IPC (written only when set, so a
+    /// legacy check's trace reads as before).
+    pub(crate) transport: Option<&'static str>,
 }
 
 /// The variable that turns the trace on: `1` (stderr) or a file path.
@@ -192,18 +195,21 @@ fn init() -> bool {
     on
 }
 
-/// Opens this process's trace destination now, as `P2PCHECK_TRACE` names it, rather than at
-/// the first CUDA call: the CLI calls it before the check, so that a destination that cannot be
-/// used (a missing folder, a FIFO, a device) is an error before anything runs, not a warning.
-/// `Ok` when the trace is off or goes to stderr, or was already opened.
+/// Opens this process's trace destination now, rather than at the first CUDA call: `file`, or
+/// as `P2PCHECK_TRACE` names it when `None`. The CLI calls it before the check, so that a
+/// destination that cannot be used (a missing folder, a FIFO, a device) is an error before
+/// anything runs, not a warning. `Ok` when the trace is off or goes to stderr, or was already
+/// decided in this process (once decided, it stays: a process has one destination).
 ///
 /// # Errors
 /// The file cannot be opened or created, or is not a regular file: the message names it and
 /// says why.
-pub fn open_destination() -> Result<(), String> {
-    let on = SINK
-        .get_or_try_init(|| Sink::open(setting_now()))?
-        .is_some();
+pub fn open_destination(file: Option<&OsStr>) -> Result<(), String> {
+    let setting = match file {
+        Some(f) => Setting::File(PathBuf::from(f)),
+        None => setting_now(),
+    };
+    let on = SINK.get_or_try_init(|| Sink::open(setting))?.is_some();
     STATE.store(if on { ON } else { OFF }, Ordering::Release);
     Ok(())
 }
@@ -283,61 +289,51 @@ pub(crate) fn start() -> Option<Start> {
     })
 }
 
-/// The members of one JSON object, written as they are added (keys are this module's
-/// constants; values are numbers, escaped strings or hex strings).
+/// The members of one JSON object, written as they are added with the crate's JSON writer
+/// (keys are this module's constants; values are numbers, strings or hex strings).
 #[derive(Debug, Default)]
-pub(crate) struct Fields(String);
+pub(crate) struct Fields(Object);
 
 impl Fields {
-    fn key(&mut self, key: &str) -> &mut String {
-        if !self.0.is_empty() {
-            self.0.push(',');
-        }
-        self.0.push_str(&json::escape(key));
-        self.0.push(':');
-        &mut self.0
-    }
     /// An unsigned number (sizes in bytes, seeds, counts).
     pub(crate) fn uint(&mut self, key: &str, value: u64) -> &mut Fields {
-        let _ = write!(self.key(key), "{value}");
+        self.0.uint(key, value);
         self
     }
     /// A signed number (device ordinals, C ints).
     pub(crate) fn int(&mut self, key: &str, value: i64) -> &mut Fields {
-        let _ = write!(self.key(key), "{value}");
+        self.0.int(key, value);
         self
     }
     /// A string, escaped (flag and kind names, kernel names).
     pub(crate) fn text(&mut self, key: &str, value: &str) -> &mut Fields {
-        let escaped = json::escape(value);
-        self.key(key).push_str(&escaped);
+        self.0.str(key, value);
         self
     }
     /// A pointer (device or host address) as `"0x…"`.
     pub(crate) fn ptr(&mut self, key: &str, address: u64) -> &mut Fields {
-        let _ = write!(self.key(key), "\"0x{address:x}\"");
+        self.0.str(key, &format!("0x{address:x}"));
         self
     }
     /// Bytes (an IPC handle) as one lowercase hex string.
     pub(crate) fn hex(&mut self, key: &str, bytes: &[u8]) -> &mut Fields {
-        let out = self.key(key);
-        out.push('"');
+        let mut hex = String::with_capacity(2 * bytes.len());
         for b in bytes {
-            let _ = write!(out, "{b:02x}");
+            let _ = write!(hex, "{b:02x}");
         }
-        out.push('"');
+        self.0.str(key, &hex);
         self
     }
     /// `true` or `false`.
     pub(crate) fn flag(&mut self, key: &str, value: bool) -> &mut Fields {
-        let _ = write!(self.key(key), "{value}");
+        self.0.bool(key, value);
         self
     }
     fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
-    fn object(&self) -> String {
-        format!("{{{}}}", self.0)
+    fn object(&self) -> Json {
+        self.0.finish()
     }
 }
 
@@ -429,61 +425,59 @@ struct Line<'a> {
     out: Option<&'a Fields>,
 }
 
-fn job_json(job: Option<JobContext>) -> String {
+fn job_json(job: Option<JobContext>) -> Json {
     match job {
-        None => "null".into(),
-        Some(j) => format!(
-            "{{\"index\":{},\"src\":{},\"tgt\":{},\"role\":{},\"tier\":{}}}",
-            j.index,
-            j.src,
-            j.tgt,
-            json::escape(j.role),
-            json::escape(j.tier)
-        ),
+        None => Json::null(),
+        Some(j) => {
+            let mut o = Object::new();
+            o.uint("index", j.index.into())
+                .uint("src", j.src.into())
+                .uint("tgt", j.tgt.into())
+                .str("role", j.role)
+                .str("tier", j.tier);
+            // Written only for the cuMem transport: a legacy check's trace reads as before.
+            if let Some(t) = j.transport {
+                o.str("transport", t);
+            }
+            o.finish()
+        }
     }
 }
 
 impl Line<'_> {
     /// The line, newline included.
     fn to_json(&self) -> String {
-        let text = self.format(self.args.object(), self.out.map(Fields::object));
+        let out = self.out.filter(|o| !o.is_empty()).map(Fields::object);
+        let text = self.format(&self.args.object(), out.as_ref());
         if text.len() <= MAX_LINE {
             return text;
         }
         let mut dropped = Fields::default();
         dropped.text("dropped", "args and out: the line would exceed 4000 bytes");
-        self.format(dropped.object(), None)
+        self.format(&dropped.object(), None)
     }
 
-    fn format(&self, args: String, out: Option<String>) -> String {
-        let mut s = String::with_capacity(320 + args.len());
-        let _ = write!(
-            s,
-            "{{\"ts_us\":{},\"dur_us\":{},\"pid\":{},\"role\":\"{}\",\"part\":{},\"job\":{},\"call\":{}",
-            self.ts_us,
-            self.dur_us.map_or("null".into(), |d| d.to_string()),
-            self.pid,
-            self.role.name(),
-            json::escape(self.part),
-            job_json(self.job),
-            json::escape(self.call)
-        );
+    fn format(&self, args: &Json, out: Option<&Json>) -> String {
+        let mut line = Object::new();
+        line.uint("ts_us", self.ts_us)
+            .opt_uint("dur_us", self.dur_us)
+            .uint("pid", self.pid.into())
+            .str("role", self.role.name())
+            .str("part", self.part)
+            .value("job", &job_json(self.job))
+            .str("call", self.call);
         if let Some((via, seq)) = self.via {
-            let _ = write!(s, ",\"via\":{},\"seq\":{seq}", json::escape(via));
+            line.str("via", via).uint("seq", seq as u64);
         }
-        let _ = write!(
-            s,
-            ",\"api\":\"{}\",\"device\":{},\"args\":{args},\"code\":{},\"name\":{}",
-            self.api.name(),
-            self.device.map_or("null".into(), |d| d.to_string()),
-            self.code,
-            json::escape(self.name)
-        );
-        if let Some(out) = out.filter(|o| o != "{}") {
-            let _ = write!(s, ",\"out\":{out}");
+        line.str("api", self.api.name())
+            .opt_int("device", self.device.map(i64::from))
+            .value("args", args)
+            .int("code", self.code.into())
+            .str("name", self.name);
+        if let Some(out) = out {
+            line.value("out", out);
         }
-        s.push_str("}\n");
-        s
+        format!("{}\n", line.finish())
     }
 }
 
@@ -648,6 +642,7 @@ mod tests {
             tgt: 0,
             role: "consumer",
             tier: "copy",
+            transport: None,
         }
     }
 
@@ -685,6 +680,58 @@ mod tests {
              \"out\":{\"ptr\":\"0x7f00dead0000\"}}\n"
         );
         assert!(crate::json::parse(line.trim_end()).is_ok());
+    }
+
+    /// Quotes, backslashes, control characters, a JSON-looking tail and non-ASCII.
+    const HOSTILE: &str = "q\"b\\n\n\t\u{0}\u{1f}\"},{\"x\":[é€😀\u{2028}";
+
+    #[test]
+    fn hostile_text_in_every_string_still_makes_one_json_line() {
+        let mut r = Record::default();
+        r.args.text(HOSTILE, HOSTILE).int("device", -1);
+        r.out.text("kernel", HOSTILE);
+        let line = Line {
+            ts_us: 1,
+            dur_us: Some(2),
+            pid: 3,
+            role: ProcessRole::Worker,
+            part: HOSTILE,
+            job: Some(JobContext {
+                role: HOSTILE,
+                tier: HOSTILE,
+                ..job()
+            }),
+            call: HOSTILE,
+            via: Some((HOSTILE, 4)),
+            api: Api::Shim,
+            device: Some(-1),
+            args: &r.args,
+            code: -5,
+            name: HOSTILE,
+            out: Some(&r.out),
+        }
+        .to_json();
+        assert_eq!(line.matches('\n').count(), 1, "{line}");
+        let Ok(crate::json::Value::Object(members)) = crate::json::parse(line.trim_end()) else {
+            panic!("not one JSON object: {line}");
+        };
+        let text = |key: &str| {
+            members
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone())
+        };
+        let hostile = Some(crate::json::Value::String(HOSTILE.into()));
+        for key in ["part", "call", "via", "name"] {
+            assert_eq!(text(key), hostile, "{key}");
+        }
+        let Some(crate::json::Value::Object(args)) = text("args") else {
+            panic!("args: {line}");
+        };
+        assert_eq!(
+            args[0],
+            (HOSTILE.into(), crate::json::Value::String(HOSTILE.into()))
+        );
     }
 
     #[test]

@@ -5,106 +5,164 @@ use std::fmt::Write as _;
 
 use super::pci::ACS_BITS;
 use super::rules::{compute_mode_name, fabric_state_name, on_off};
-use super::{Acs, Facts, Finding, Gpu, Numbering};
-use crate::json::escape;
+use super::{Acs, Facts, Finding, Gpu, Host, Numbering, PairFacts};
+use crate::json::{Json, Object};
 
 /// The format version of [`render_json`]'s object (its `doctor` field).
 pub const JSON_VERSION: u32 = 1;
 
-fn opt<T: ToString>(v: Option<T>) -> String {
-    v.map_or("null".into(), |v| v.to_string())
-}
-
-fn opt_str(v: Option<&str>) -> String {
-    v.map_or("null".into(), escape)
-}
-
-fn strings<S: AsRef<str>>(items: &[S]) -> String {
-    let items: Vec<String> = items.iter().map(|s| escape(s.as_ref())).collect();
-    format!("[{}]", items.join(","))
-}
-
-fn nvml_json(g: &Gpu) -> String {
+fn nvml_json(g: &Gpu) -> Json {
     let Some(n) = &g.nvml else {
-        return "null".into();
+        return Json::null();
     };
-    let mig = n.mig.map_or("null".into(), |(current, pending)| {
-        format!("{{\"current\":{current},\"pending\":{pending}}}")
+    let mig = n.mig.map(|(current, pending)| {
+        Object::new()
+            .bool("current", current)
+            .bool("pending", pending)
+            .finish()
     });
-    let fabric = n.fabric.map_or("null".into(), |(state, status)| {
-        format!(
-            "{{\"state\":{},\"status\":{status}}}",
-            escape(fabric_state_name(state))
+    let fabric = n.fabric.map(|(state, status)| {
+        Object::new()
+            .str("state", fabric_state_name(state))
+            .int("status", status.into())
+            .finish()
+    });
+    Object::new()
+        .opt_bool("persistence", n.persistence)
+        .opt_value("mig", mig.as_ref())
+        .opt_str("compute_mode", n.compute_mode.map(compute_mode_name))
+        .value(
+            "nvlinks",
+            &Json::array(n.links.iter().map(|&l| Json::bool(l))),
         )
-    });
-    let links: Vec<String> = n.links.iter().map(bool::to_string).collect();
-    format!(
-        "{{\"persistence\":{},\"mig\":{mig},\"compute_mode\":{},\"nvlinks\":[{}],\"fabric\":{fabric},\"unavailable\":{}}}",
-        opt(n.persistence),
-        opt_str(n.compute_mode.map(compute_mode_name)),
-        links.join(","),
-        strings(&n.unavailable)
-    )
+        .opt_value("fabric", fabric.as_ref())
+        .value("unavailable", &Json::strings(&n.unavailable))
+        .finish()
 }
 
-fn acs_json(acs: &Acs) -> String {
+fn acs_json(acs: &Acs) -> Json {
+    let mut o = Object::new();
     match acs {
-        Acs::Unreadable(why) => format!(
-            "{{\"state\":\"unreadable\",\"why\":{},\"capability\":null,\"control\":null,\"control_bits\":null,\"redirects\":null}}",
-            escape(why)
-        ),
-        Acs::Absent => "{\"state\":\"absent\",\"why\":null,\"capability\":null,\"control\":null,\"control_bits\":null,\"redirects\":false}".into(),
+        Acs::Unreadable(why) => o
+            .str("state", "unreadable")
+            .str("why", why)
+            .value("capability", &Json::null())
+            .value("control", &Json::null())
+            .value("control_bits", &Json::null())
+            .value("redirects", &Json::null()),
+        Acs::Absent => o
+            .str("state", "absent")
+            .value("why", &Json::null())
+            .value("capability", &Json::null())
+            .value("control", &Json::null())
+            .value("control_bits", &Json::null())
+            .bool("redirects", false),
         Acs::Present {
             capability,
             control,
         } => {
-            let bits: Vec<String> = ACS_BITS
-                .iter()
-                .enumerate()
-                .map(|(bit, (name, _))| format!("\"{name}\":{}", control & (1 << bit) != 0))
-                .collect();
-            format!(
-                "{{\"state\":\"present\",\"why\":null,\"capability\":{capability},\"control\":{control},\"control_bits\":{{{}}},\"redirects\":{}}}",
-                bits.join(","),
-                opt(acs.redirects())
-            )
+            let mut bits = Object::new();
+            for (bit, (name, _)) in ACS_BITS.iter().enumerate() {
+                bits.bool(name, control & (1 << bit) != 0);
+            }
+            o.str("state", "present")
+                .value("why", &Json::null())
+                .uint("capability", (*capability).into())
+                .uint("control", (*control).into())
+                .value("control_bits", &bits.finish())
+                .opt_bool("redirects", acs.redirects())
         }
-    }
+    };
+    o.finish()
+}
+
+/// `[a,b]`: two device numbers.
+fn two(a: u32, b: u32) -> Json {
+    Json::array([a, b].map(|d| Json::uint(d.into())))
 }
 
 /// One finding as a JSON object (an element of [`render_json`]'s `findings`).
-pub fn finding_json(f: &Finding) -> String {
-    let pairs: Vec<String> = f
-        .pairs
-        .iter()
-        .map(|p| format!("[{},{}]", p.src, p.tgt))
-        .collect();
-    let explains: Vec<String> = f
-        .explains
-        .iter()
-        .map(|o| {
-            format!(
-                "{{\"pair\":[{},{}],\"symptom\":\"{}\"}}",
-                o.pair.src,
-                o.pair.tgt,
-                o.symptom.name()
-            )
-        })
-        .collect();
-    let gpus: Vec<String> = f.gpus.iter().map(u32::to_string).collect();
-    format!(
-        "{{\"rank\":{},\"kind\":\"{}\",\"severity\":\"{}\",\"title\":{},\"gpus\":[{}],\"pairs\":[{}],\"explains\":[{}],\"facts\":{},\"fix\":{},\"confirm\":{}}}",
-        f.rank,
-        f.kind.name(),
-        f.severity.name(),
-        escape(&f.title),
-        gpus.join(","),
-        pairs.join(","),
-        explains.join(","),
-        strings(&f.facts),
-        strings(&f.fix),
-        strings(&f.confirm)
-    )
+pub fn finding_json(f: &Finding) -> Json {
+    let pairs = Json::array(f.pairs.iter().map(|p| two(p.src, p.tgt)));
+    let explains = Json::array(f.explains.iter().map(|o| {
+        Object::new()
+            .value("pair", &two(o.pair.src, o.pair.tgt))
+            .str("symptom", o.symptom.name())
+            .finish()
+    }));
+    Object::new()
+        .uint("rank", f.rank.into())
+        .str("kind", f.kind.name())
+        .str("severity", f.severity.name())
+        .str("title", &f.title)
+        .value(
+            "gpus",
+            &Json::array(f.gpus.iter().map(|&g| Json::uint(g.into()))),
+        )
+        .value("pairs", &pairs)
+        .value("explains", &explains)
+        .value("facts", &Json::strings(&f.facts))
+        .value("fix", &Json::strings(&f.fix))
+        .value("confirm", &Json::strings(&f.confirm))
+        .finish()
+}
+
+fn gpu_json(g: &Gpu) -> Json {
+    Object::new()
+        .uint("index", g.index.into())
+        .str("bus_id", &g.bus_id)
+        .opt_str("uuid", g.uuid.as_deref())
+        .opt_str("model", g.model.as_deref())
+        .opt_int("numa_node", g.numa_node.map(i64::from))
+        .opt_str("root_complex", g.root_complex.as_deref())
+        .value("upstream", &Json::strings(&g.upstream))
+        .opt_uint("iommu_group", g.iommu_group.map(u64::from))
+        .opt_str("iommu_type", g.iommu_type.as_deref())
+        .opt_bool("iommu_translating", g.iommu_translating)
+        .value("nvml", &nvml_json(g))
+        .finish()
+}
+
+fn pair_json(p: &PairFacts) -> Json {
+    let status = p.nvml.map(|s| {
+        Object::new()
+            .uint("read", s.read.into())
+            .uint("write", s.write.into())
+            .uint("atomics", s.atomics.into())
+            .uint("nvlink", s.nvlink.into())
+            .finish()
+    });
+    Object::new()
+        .value("gpus", &two(p.gpus.0, p.gpus.1))
+        .str("path", p.path.name())
+        .opt_str("common", p.common.as_deref())
+        .value("ports", &Json::strings(&p.ports))
+        .opt_bool("nvlink", p.nvlink())
+        .opt_value("nvml_p2p", status.as_ref())
+        .finish()
+}
+
+fn host_json(h: &Host) -> Json {
+    let namespaces = Json::array(h.namespaces.iter().map(|ns| {
+        Object::new()
+            .str("kind", ns.kind)
+            .str("this", &ns.this)
+            .str("init", &ns.init)
+            .opt_bool("host_initial", ns.host_initial)
+            .opt_bool("same_as_init", ns.same_as_init)
+            .finish()
+    }));
+    let mut env = Object::new();
+    for (k, v) in &h.env {
+        env.opt_str(k, v.as_deref());
+    }
+    Object::new()
+        .bool("container", !h.container.is_empty())
+        .value("container_evidence", &Json::strings(&h.container))
+        .value("namespaces", &namespaces)
+        .value("cgroup", &Json::strings(&h.cgroup))
+        .value("env", &env.finish())
+        .finish()
 }
 
 /// The facts and findings as one JSON object on one line.
@@ -114,108 +172,43 @@ pub fn render_json(facts: &Facts, findings: &[Finding]) -> String {
         Numbering::BusOrder(why) => ("bus-order", Some(why.as_str())),
     };
     let (nvml, nvml_error) = match &facts.nvml {
-        Ok(n) => (
-            format!(
-                "{{\"library\":{},\"driver_version\":{}}}",
-                escape(&n.library),
-                opt_str(n.driver_version.as_deref())
-            ),
-            "null".to_string(),
-        ),
-        Err(e) => ("null".to_string(), escape(e)),
+        Ok(n) => {
+            let nvml = Object::new()
+                .str("library", &n.library)
+                .opt_str("driver_version", n.driver_version.as_deref())
+                .finish();
+            (Some(nvml), None)
+        }
+        Err(e) => (None, Some(e.as_str())),
     };
-    let gpus: Vec<String> = facts
-        .gpus
-        .iter()
-        .map(|g| {
-            format!(
-                "{{\"index\":{},\"bus_id\":{},\"uuid\":{},\"model\":{},\"numa_node\":{},\"root_complex\":{},\"upstream\":{},\"iommu_group\":{},\"iommu_type\":{},\"iommu_translating\":{},\"nvml\":{}}}",
-                g.index,
-                escape(&g.bus_id),
-                opt_str(g.uuid.as_deref()),
-                opt_str(g.model.as_deref()),
-                opt(g.numa_node),
-                opt_str(g.root_complex.as_deref()),
-                strings(&g.upstream),
-                opt(g.iommu_group),
-                opt_str(g.iommu_type.as_deref()),
-                opt(g.iommu_translating),
-                nvml_json(g)
-            )
-        })
-        .collect();
-    let bridges: Vec<String> = facts
-        .bridges
-        .iter()
-        .map(|b| {
-            format!(
-                "{{\"bus_id\":{},\"acs\":{}}}",
-                escape(&b.bus_id),
-                acs_json(&b.acs)
-            )
-        })
-        .collect();
-    let pairs: Vec<String> = facts
-        .pairs
-        .iter()
-        .map(|p| {
-            let status = p.nvml.map_or("null".into(), |s| {
-                format!(
-                    "{{\"read\":{},\"write\":{},\"atomics\":{},\"nvlink\":{}}}",
-                    s.read, s.write, s.atomics, s.nvlink
-                )
-            });
-            format!(
-                "{{\"gpus\":[{},{}],\"path\":\"{}\",\"common\":{},\"ports\":{},\"nvlink\":{},\"nvml_p2p\":{status}}}",
-                p.gpus.0,
-                p.gpus.1,
-                p.path.name(),
-                opt_str(p.common.as_deref()),
-                strings(&p.ports),
-                opt(p.nvlink())
-            )
-        })
-        .collect();
-    let h = &facts.host;
-    let namespaces: Vec<String> = h
-        .namespaces
-        .iter()
-        .map(|ns| {
-            format!(
-                "{{\"kind\":\"{}\",\"this\":{},\"init\":{},\"host_initial\":{},\"same_as_init\":{}}}",
-                ns.kind,
-                escape(&ns.this),
-                escape(&ns.init),
-                opt(ns.host_initial),
-                opt(ns.same_as_init)
-            )
-        })
-        .collect();
-    let env: Vec<String> = h
-        .env
-        .iter()
-        .map(|(k, v)| format!("\"{k}\":{}", opt_str(v.as_deref())))
-        .collect();
-    let findings: Vec<String> = findings.iter().map(finding_json).collect();
-    format!(
-        "{{\"doctor\":{JSON_VERSION},\"p2pcheck\":{},\"root\":{},\"numbering\":\"{numbering}\",\"numbering_note\":{},\"nvml\":{nvml},\"nvml_error\":{nvml_error},\"iommu\":{{\"units\":{},\"vendor\":{},\"cmdline\":{}}},\"host\":{{\"container\":{},\"container_evidence\":{},\"namespaces\":[{}],\"cgroup\":{},\"env\":{{{}}}}},\"gpus\":[{}],\"bridges\":[{}],\"pairs\":[{}],\"findings\":[{}],\"notes\":{}}}",
-        escape(env!("CARGO_PKG_VERSION")),
-        escape(&facts.root.display().to_string()),
-        opt_str(numbering_note),
-        strings(&facts.iommu.units),
-        opt_str(facts.iommu.vendor()),
-        strings(&facts.iommu.cmdline),
-        !h.container.is_empty(),
-        strings(&h.container),
-        namespaces.join(","),
-        strings(&h.cgroup),
-        env.join(","),
-        gpus.join(","),
-        bridges.join(","),
-        pairs.join(","),
-        findings.join(","),
-        strings(&facts.notes)
-    )
+    let iommu = Object::new()
+        .value("units", &Json::strings(&facts.iommu.units))
+        .opt_str("vendor", facts.iommu.vendor())
+        .value("cmdline", &Json::strings(&facts.iommu.cmdline))
+        .finish();
+    let bridges = facts.bridges.iter().map(|b| {
+        Object::new()
+            .str("bus_id", &b.bus_id)
+            .value("acs", &acs_json(&b.acs))
+            .finish()
+    });
+    Object::new()
+        .uint("doctor", JSON_VERSION.into())
+        .str("p2pcheck", env!("CARGO_PKG_VERSION"))
+        .str("root", &facts.root.display().to_string())
+        .str("numbering", numbering)
+        .opt_str("numbering_note", numbering_note)
+        .opt_value("nvml", nvml.as_ref())
+        .opt_str("nvml_error", nvml_error)
+        .value("iommu", &iommu)
+        .value("host", &host_json(&facts.host))
+        .value("gpus", &Json::array(facts.gpus.iter().map(gpu_json)))
+        .value("bridges", &Json::array(bridges))
+        .value("pairs", &Json::array(facts.pairs.iter().map(pair_json)))
+        .value("findings", &Json::array(findings.iter().map(finding_json)))
+        .value("notes", &Json::strings(&facts.notes))
+        .finish()
+        .to_string()
 }
 
 /// Rows of cells, each column padded to its widest cell, two spaces apart, indented.
@@ -456,5 +449,149 @@ fn p2p_word(status: u32) -> String {
     match status {
         0 => "ok".into(),
         s => format!("no({s})"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::doctor::{
+        Bridge, Host, Iommu, Kind, Namespace, Nvml, NvmlGpu, Observation, P2pStatus, PathKind,
+        Severity, Symptom,
+    };
+    use crate::json::{parse, Value};
+    use crate::model::Pair;
+
+    /// Quotes, backslashes, control characters, a JSON-looking tail and non-ASCII.
+    const HOSTILE: &str = "q\"b\\n\n\t\u{0}\u{1f}\"},{\"x\":[é€😀\u{2028}";
+
+    fn h() -> String {
+        HOSTILE.to_string()
+    }
+
+    /// Facts and a finding with [`HOSTILE`] in every text field.
+    fn hostile() -> (Facts, Finding) {
+        let gpu = Gpu {
+            index: 0,
+            bus_id: h(),
+            uuid: Some(h()),
+            model: Some(h()),
+            numa_node: Some(-1),
+            root_complex: Some(h()),
+            upstream: vec![h(), h()],
+            iommu_group: Some(7),
+            iommu_type: Some(h()),
+            iommu_translating: Some(true),
+            nvml: Some(NvmlGpu {
+                uuid: Some(h()),
+                persistence: Some(false),
+                mig: Some((true, false)),
+                compute_mode: Some(3),
+                links: vec![true, false],
+                fabric: Some((3, -1)),
+                unavailable: vec![h()],
+            }),
+        };
+        let facts = Facts {
+            root: PathBuf::from(HOSTILE),
+            numbering: Numbering::BusOrder(h()),
+            gpus: vec![gpu.clone(), Gpu { index: 1, ..gpu }],
+            bridges: vec![
+                Bridge {
+                    bus_id: h(),
+                    acs: Acs::Unreadable(h()),
+                },
+                Bridge {
+                    bus_id: h(),
+                    acs: Acs::Present {
+                        capability: 0x5f,
+                        control: 0x1d,
+                    },
+                },
+            ],
+            pairs: vec![PairFacts {
+                gpus: (0, 1),
+                path: PathKind::Phb,
+                common: Some(h()),
+                ports: vec![h()],
+                nvml: Some(P2pStatus {
+                    read: 0,
+                    write: 1,
+                    atomics: 2,
+                    nvlink: 3,
+                }),
+            }],
+            iommu: Iommu {
+                units: vec![h()],
+                cmdline: vec![h()],
+            },
+            nvml: Ok(Nvml {
+                library: h(),
+                driver_version: Some(h()),
+            }),
+            host: Host {
+                namespaces: vec![Namespace {
+                    kind: "pid",
+                    this: h(),
+                    init: h(),
+                    host_initial: Some(false),
+                    same_as_init: None,
+                }],
+                container: vec![h()],
+                cgroup: vec![h()],
+                env: vec![
+                    ("CUDA_VISIBLE_DEVICES", Some(h())),
+                    ("NCCL_P2P_LEVEL", None),
+                ],
+            },
+            notes: vec![h()],
+        };
+        let pair = Pair { src: 0, tgt: 1 };
+        let finding = Finding {
+            rank: 1,
+            kind: Kind::AcsIommu,
+            severity: Severity::Breaks,
+            title: h(),
+            gpus: vec![0, 1],
+            pairs: vec![pair],
+            explains: vec![Observation {
+                pair,
+                symptom: Symptom::Hang,
+            }],
+            facts: vec![h()],
+            fix: vec![h()],
+            confirm: vec![h()],
+        };
+        (facts, finding)
+    }
+
+    /// Every string in `v`, depth first.
+    fn strings(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::String(s) => out.push(s.clone()),
+            Value::Array(items) => items.iter().for_each(|i| strings(i, out)),
+            Value::Object(members) => members.iter().for_each(|(_, v)| strings(v, out)),
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn hostile_text_in_every_field_still_makes_valid_json() {
+        let (mut facts, finding) = hostile();
+        let text = render_json(&facts, std::slice::from_ref(&finding));
+        let v = parse(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        let mut found = Vec::new();
+        strings(&v, &mut found);
+        // Every hostile text came through whole: 11 of the machine and host, 8 per GPU, 3 of
+        // the bridges, 2 of the pair, 4 of the finding and the note.
+        assert_eq!(found.iter().filter(|s| *s == HOSTILE).count(), 37, "{text}");
+        // The same with NVML's error instead.
+        facts.nvml = Err(h());
+        let text = render_json(&facts, &[]);
+        assert!(parse(&text).is_ok(), "{text}");
+        let finding = finding_json(&finding);
+        assert!(parse(finding.as_str()).is_ok(), "{finding}");
     }
 }

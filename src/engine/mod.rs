@@ -20,17 +20,20 @@ pub(crate) mod pool;
 mod vllm;
 
 use std::cell::Cell;
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::cuda::trace;
+use crate::environment::Environment;
 use crate::error::{Error, Result};
 use crate::fingerprint::{self, Gpu};
 use crate::model::{
     deadline_passed, Engine, Evidence, Level, Lost, Outcome, Pair, PairReport, Problem, Report,
-    TierParams, Visibility, WorkerInfo,
+    Route, TierParams, Transports, Visibility, WorkerInfo,
 };
 use crate::sim::Simulation;
 use crate::visible::{self, VisibleDevices};
@@ -61,6 +64,9 @@ pub struct Options {
     pub handshake_budget: Duration,
     /// What each parallel-engine worker sees (the vLLM engine ignores it).
     pub visibility: Visibility,
+    /// Which transports every tier runs over [default: legacy IPC, what vLLM's check does].
+    /// The cuMem transport needs the parallel engine: vLLM's procedure is legacy IPC's.
+    pub transport: Transports,
     /// How long a worker may take to start CUDA, say Hello and set up its device.
     pub startup_timeout: Duration,
     /// How long the parent waits for any single step of a pair; a pair that takes longer is
@@ -75,6 +81,12 @@ pub struct Options {
     pub worker: Option<PathBuf>,
     /// Run the workers on the simulated driver instead of the real one.
     pub simulate: Option<Simulation>,
+    /// The audit trace (README, "Audit trace"): every CUDA call of every worker appended to
+    /// this file, one JSON line each, as `P2PCHECK_TRACE=FILE` does (this option wins over the
+    /// variable). This process's own calls go there too unless its trace was already decided
+    /// (the first CUDA call, or [`open_trace`](crate::open_trace), decides it once per
+    /// process). `None`: as `P2PCHECK_TRACE` says.
+    pub trace: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -86,11 +98,13 @@ impl Default for Options {
             handshake_rounds: 16,
             handshake_budget: Duration::from_secs(1),
             visibility: Visibility::One,
+            transport: Transports::Ipc,
             startup_timeout: Duration::from_secs(60),
             step_timeout: Duration::from_secs(5),
             check_timeout: None,
             worker: None,
             simulate: None,
+            trace: None,
         }
     }
 }
@@ -147,6 +161,13 @@ impl Options {
                     "the check timeout {t:?} is outside 1 ms to 1 day"
                 )));
             }
+        }
+        if self.engine == Engine::Vllm && self.transport != Transports::Ipc {
+            return Err(Error::InvalidInput(format!(
+                "transport {}: vLLM's procedure (--engine vllm) checks legacy CUDA IPC only, as \
+                 vLLM's own check does; the cuMem transport runs on the parallel engine",
+                self.transport.name()
+            )));
         }
         let kb = self.kernel_bytes;
         if kb % (256 << 10) != 0 || !((256 << 10)..=(1 << 30)).contains(&kb) {
@@ -429,6 +450,8 @@ pub(crate) fn wait_for_checks(deadline: Instant) -> bool {
 /// report is handed over it reaps every worker (they tear their contexts down off the critical
 /// path). Dropping the [`Pending`] before the check has a result cancels it.
 pub fn start(pairs: Option<Vec<Pair>>, opts: Options) -> Pending {
+    // The caller's environment at the call, read once: the check's thread never reads it again.
+    let environment = Environment::read();
     let shared = Arc::new(Shared::new());
     let theirs = Arc::clone(&shared);
     // Counted from here, so that a wait for the checks that begins once this returns sees it.
@@ -441,7 +464,13 @@ pub fn start(pairs: Option<Vec<Pair>>, opts: Options) -> Pending {
             let mut graveyard = Graveyard::default();
             // A bug here must not take an embedding host down, nor leave the caller waiting.
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                run_rounds(pairs.as_deref(), &opts, &mut graveyard, &settle.0.cancel)
+                run_rounds(
+                    pairs.as_deref(),
+                    &opts,
+                    &environment,
+                    &mut graveyard,
+                    &settle.0.cancel,
+                )
             }))
             .unwrap_or_else(|panic| {
                 let what = panic
@@ -486,9 +515,12 @@ pub fn run(pairs: Option<&[Pair]>, opts: &Options) -> Result<Report> {
 /// What an engine needs for one round.
 pub(crate) struct Ctx<'a> {
     pub opts: &'a Options,
+    /// The caller's environment, read once when the check started.
+    pub environment: &'a Environment,
     pub path: PathBuf,
-    /// Environment every worker gets (the simulator's variables).
-    pub env: Vec<(String, String)>,
+    /// Environment every worker gets on top of this process's (the simulator's variables, the
+    /// trace's destination).
+    pub env: Vec<(OsString, OsString)>,
     /// The visible GPUs in local order, when known without CUDA.
     pub gpus: Option<Vec<Gpu>>,
     pub visibility: Visibility,
@@ -543,9 +575,9 @@ impl Ctx<'_> {
 pub(crate) struct RoundOut {
     /// Devices the workers see.
     pub n: u32,
-    /// The pairs of the round.
-    pub pairs: Vec<Pair>,
-    /// One per pair: its outcome, or `None` when a broken worker interrupted it before it ran.
+    /// The pairs of the round, each over its transport.
+    pub routes: Vec<Route>,
+    /// One per route: its outcome, or `None` when a broken worker interrupted it before it ran.
     pub outcomes: Vec<Option<Outcome>>,
     pub workers: Vec<WorkerInfo>,
     pub peak_in_flight: u32,
@@ -576,13 +608,14 @@ fn max_rounds(pairs: usize) -> u32 {
 fn run_rounds(
     pairs: Option<&[Pair]>,
     opts: &Options,
+    environment: &Environment,
     graveyard: &mut Graveyard,
     cancel: &AtomicBool,
 ) -> Result<Report> {
     let started = Instant::now();
     opts.validate()?;
     let mut warnings = Vec::new();
-    visible_devices(&mut warnings)?;
+    visible_devices(environment, &mut warnings)?;
     let path = locate_worker(opts.worker.as_deref())?;
     // Kept to the end of the check: it holds the simulation's @once ledger.
     let sim_env = match &opts.simulate {
@@ -592,16 +625,21 @@ fn run_rounds(
         ),
         None => None,
     };
-    let env: Vec<(String, String)> = sim_env
+    let mut env: Vec<(OsString, OsString)> = sim_env
         .iter()
         .flat_map(|e| e.vars.iter())
-        .map(|(k, v)| (k.to_string(), v.clone()))
+        .map(|(k, v)| (k.into(), v.into()))
         .collect();
+    if let Some(file) = &opts.trace {
+        trace::open_destination(Some(file.as_os_str())).map_err(Error::InvalidInput)?;
+        env.push((trace::VAR.into(), file.into()));
+    }
     let machine = machine(opts.simulate.as_ref());
-    let (gpus, visibility, note) = plan(opts, machine.as_ref().map_err(Clone::clone));
+    let (gpus, visibility, note) = plan(opts, environment, machine.as_ref().map_err(Clone::clone));
     warnings.extend(note);
     let mut ctx = Ctx {
         opts,
+        environment,
         path,
         env,
         gpus,
@@ -618,14 +656,21 @@ fn run_rounds(
         workers: Vec::new(),
         peak_in_flight: 0,
     };
-    let first = rounds.round(&mut ctx, pairs, usize::MAX)?;
+    let routes: Option<Vec<Route>> = pairs.map(|pairs| {
+        opts.transport
+            .list()
+            .iter()
+            .flat_map(|&transport| pairs.iter().map(move |&pair| Route { transport, pair }))
+            .collect()
+    });
+    let first = rounds.round(&mut ctx, routes.as_deref(), usize::MAX)?;
     let n = first.n;
-    let batch = first.pairs.clone();
+    let batch = first.routes.clone();
     let (tries, restarts) = rounds.attempt_all(&mut ctx, &batch, first)?;
     let pairs: Vec<PairReport> = batch
         .iter()
         .zip(tries)
-        .map(|(&pair, tries)| PairReport::settle(pair, tries, ctx.budget()))
+        .map(|(&route, tries)| PairReport::settle(route, tries, ctx.budget()))
         .collect();
     let mut warnings = rounds.warnings;
     warnings.extend(settling_warnings(&ctx, &pairs));
@@ -634,6 +679,7 @@ fn run_rounds(
         pairs,
         engine: opts.engine,
         level: opts.level,
+        transport: opts.transport,
         visibility: ctx.visibility,
         answer: started.elapsed(),
         worker: ctx.path,
@@ -647,10 +693,15 @@ fn run_rounds(
 
 /// `CUDA_VISIBLE_DEVICES` as CUDA reads it: an error when it selects no GPU, a warning in
 /// `warnings` for the part CUDA ignores.
-fn visible_devices(warnings: &mut Vec<String>) -> Result<()> {
-    let cvd = visible::from_env();
+fn visible_devices(environment: &Environment, warnings: &mut Vec<String>) -> Result<()> {
+    // A value that is not valid UTF-8 is read lossily, so its bad part shows as ignored.
+    let lossy = environment
+        .cvd
+        .as_deref()
+        .map(|v| v.to_string_lossy().into_owned());
+    let cvd = visible::parse(lossy.as_deref());
     if matches!(&cvd.devices, VisibleDevices::List(l) if l.is_empty()) {
-        let value = std::env::var_os(visible::VAR).unwrap_or_default();
+        let value = environment.cvd.clone().unwrap_or_default();
         let first = value.to_string_lossy();
         let first = first.split(',').next().unwrap_or_default().trim();
         return Err(Error::NoDevice(if value.is_empty() {
@@ -707,12 +758,12 @@ impl Rounds<'_> {
     /// One round on fresh workers; `hold`: pairs from this position on are second attempts,
     /// run after the others, so that a second hang cannot interrupt them. A visibility that
     /// does not work here falls back to every GPU, with a warning, and the round runs again.
-    fn round(&mut self, ctx: &mut Ctx, pairs: Option<&[Pair]>, hold: usize) -> Result<RoundOut> {
+    fn round(&mut self, ctx: &mut Ctx, routes: Option<&[Route]>, hold: usize) -> Result<RoundOut> {
         loop {
             let out = match ctx.opts.engine {
-                Engine::Parallel => parallel::round(ctx, pairs, hold, self.graveyard),
+                Engine::Parallel => parallel::round(ctx, routes, hold, self.graveyard),
                 // The vLLM engine runs its batch in order: the second attempts are last already.
-                Engine::Vllm => vllm::round(ctx, pairs, self.graveyard),
+                Engine::Vllm => vllm::round(ctx, routes, self.graveyard),
             };
             match out {
                 Ok(out) => return Ok(out),
@@ -733,7 +784,7 @@ impl Rounds<'_> {
     fn attempt_all(
         &mut self,
         ctx: &mut Ctx,
-        batch: &[Pair],
+        batch: &[Route],
         first: RoundOut,
     ) -> Result<(Vec<Vec<Outcome>>, u32)> {
         // Each pair's attempts so far; it is final once it passed or was attempted twice.
@@ -755,7 +806,7 @@ impl Rounds<'_> {
                 break;
             }
             restarts += 1;
-            let rerun: Vec<Pair> = next.iter().map(|&i| batch[i]).collect();
+            let rerun: Vec<Route> = next.iter().map(|&i| batch[i]).collect();
             let fresh = if restarts > max_rounds(batch.len()) {
                 Err(Error::GaveUp { rounds: restarts })
             } else {
@@ -873,12 +924,13 @@ pub(crate) fn visible_gpus(
 /// CUDA, the visibility that gives, and why it differs from the one asked for.
 fn plan(
     opts: &Options,
+    environment: &Environment,
     machine: std::result::Result<&fingerprint::Machine, String>,
 ) -> (Option<Vec<Gpu>>, Visibility, Option<String>) {
     if opts.engine == Engine::Vllm {
         return (None, Visibility::All, None);
     }
-    let cvd = std::env::var_os(visible::VAR);
+    let cvd = &environment.cvd;
     let resolved = machine.and_then(|m| {
         let cvd = match &cvd {
             None => None,
@@ -886,8 +938,7 @@ fn plan(
                 "CUDA_VISIBLE_DEVICES is not UTF-8 text, so its GPUs cannot be named".to_string()
             })?),
         };
-        let order = std::env::var("CUDA_DEVICE_ORDER").ok();
-        visible_gpus(m, cvd, order.as_deref())
+        visible_gpus(m, cvd, environment.device_order())
     });
     match (opts.visibility, resolved) {
         (Visibility::One, Ok(gpus)) => (Some(gpus), Visibility::One, None),
@@ -901,12 +952,12 @@ fn plan(
 }
 
 /// Checks that every pair names a device below `n`.
-pub(crate) fn check_ids(pairs: &[Pair], n: u32) -> Result<()> {
+pub(crate) fn check_ids(pairs: &[Pair], n: u32, environment: &Environment) -> Result<()> {
     if let Some(bad) = pairs.iter().find(|p| p.src >= n || p.tgt >= n) {
         return Err(Error::InvalidInput(format!(
             "pair {bad} names a device this process cannot see: {n} visible \
              (CUDA_VISIBLE_DEVICES={})",
-            std::env::var(visible::VAR).unwrap_or_else(|_| "<unset>".into())
+            environment.cvd_utf8().unwrap_or("<unset>")
         )));
     }
     Ok(())
@@ -915,6 +966,7 @@ pub(crate) fn check_ids(pairs: &[Pair], n: u32) -> Result<()> {
 /// A Hello's device count, checked: the worker could start CUDA, sees at least one GPU, and
 /// no more than the driver lists (`limit`, where known).
 pub(crate) fn hello_count(
+    environment: &Environment,
     worker: &str,
     path: &std::path::Path,
     version: u16,
@@ -934,7 +986,7 @@ pub(crate) fn hello_count(
         }),
         Ok(0) => Err(Error::NoDevice(format!(
             "no CUDA device is visible (CUDA_VISIBLE_DEVICES={:?})",
-            std::env::var(visible::VAR).ok()
+            environment.cvd_utf8()
         ))),
         Ok(n) if limit.is_some_and(|l| n > l) => Err(Error::WorkerClaim {
             worker: worker.to_string(),

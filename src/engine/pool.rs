@@ -19,6 +19,7 @@
 //! its handle is kept, and the next check of this process reaps it if it has died by then
 //! (until then it is a child of this process, a zombie once it dies).
 
+use std::ffi::OsString;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -264,17 +265,38 @@ pub(crate) struct Worker {
     pub sees: Option<u32>,
     /// Its peak resident memory as it last reported it, in KiB.
     pub peak_rss_kb: u32,
+    /// This side of its descriptor socket (the cuMem transport), when it was given one.
+    socket: Option<OwnedFd>,
 }
 
 impl Worker {
-    /// Starts `path` as a worker with `env` added to this process's environment. Everything
+    /// Starts `path` as a worker with `env` added to this process's environment, and with a
+    /// descriptor socket when `socket` (the cuMem transport's: see [`os::fdpass`]). Everything
     /// that sets the worker up (its descriptors, `PR_SET_PDEATHSIG`) happens in the child
     /// before exec ([`os::worker_pre_exec`]): nothing of this process changes.
-    pub(crate) fn spawn(path: &Path, label: String, env: &[(String, String)]) -> Result<Worker> {
+    pub(crate) fn spawn(
+        path: &Path,
+        label: String,
+        env: &[(OsString, OsString)],
+        socket: bool,
+    ) -> Result<Worker> {
+        let pipes = |e: std::io::Error| Error::WorkerPipes {
+            source_text: format!("the descriptor socket: {e}"),
+        };
+        let (ours, theirs) = match socket {
+            true => {
+                let (a, b) = os::fdpass::socket_pair().map_err(pipes)?;
+                (Some(a), Some(b))
+            }
+            false => (None, None),
+        };
         // The audit trace to stderr (P2PCHECK_TRACE=1) asks for every process's lines there:
         // then the worker shares this process's stderr instead of having it captured.
-        let to_stderr = trace::Setting::from_value(std::env::var_os(trace::VAR).as_deref())
-            == trace::Setting::Stderr;
+        let trace_var = match env.iter().rev().find(|(k, _)| k == trace::VAR) {
+            Some((_, v)) => Some(v.clone()),
+            None => std::env::var_os(trace::VAR),
+        };
+        let to_stderr = trace::Setting::from_value(trace_var.as_deref()) == trace::Setting::Stderr;
         let mut cmd = Command::new(path);
         cmd.arg(WORKER_FLAG)
             .envs(env.iter().map(|(k, v)| (k, v)))
@@ -287,11 +309,13 @@ impl Worker {
             })
             // Its own process group, so a kill reaches anything it started too.
             .process_group(0);
-        os::worker_pre_exec(&mut cmd);
+        os::worker_pre_exec(&mut cmd, theirs.as_ref());
         let mut child = cmd.spawn().map_err(|e| Error::WorkerSpawn {
             path: path.to_path_buf(),
             source_text: e.to_string(),
         })?;
+        // The child has its copy at its socket descriptor now.
+        drop(theirs);
         let pid = child.id();
         let stdin = child.stdin.take();
         let stdout = child.stdout.take().expect("stdout was piped");
@@ -316,6 +340,7 @@ impl Worker {
             listening: true,
             sees: None,
             peak_rss_kb: 0,
+            socket: ours,
         };
         // Writes must never block (a worker that stops reading would stall the parent), nor
         // reads of its output once poll said there is some (a drain reads until empty). On an
@@ -331,6 +356,35 @@ impl Worker {
             os::set_nonblocking(&c.pipe).map_err(blocking)?;
         }
         Ok(worker)
+    }
+
+    /// Sends `fd` with `payload` over its descriptor socket, by `deadline`.
+    pub(crate) fn send_descriptor(
+        &self,
+        fd: BorrowedFd<'_>,
+        payload: &[u8],
+        deadline: Instant,
+    ) -> std::io::Result<()> {
+        os::fdpass::send_fd(self.descriptor_socket()?, fd, payload, deadline)
+    }
+
+    /// Receives a descriptor and its message (into `buf`: its length) from its descriptor
+    /// socket, by `deadline`.
+    pub(crate) fn recv_descriptor(
+        &self,
+        buf: &mut [u8],
+        deadline: Instant,
+    ) -> std::io::Result<(usize, OwnedFd)> {
+        os::fdpass::recv_fd(self.descriptor_socket()?, buf, deadline)
+    }
+
+    fn descriptor_socket(&self) -> std::io::Result<BorrowedFd<'_>> {
+        self.socket.as_ref().map(AsFd::as_fd).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "the worker was started without a descriptor socket",
+            )
+        })
     }
 
     /// The worker's pid.

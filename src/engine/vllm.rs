@@ -9,8 +9,8 @@ use super::pool::{next_event, Event, Graveyard, Worker};
 use super::{check_ids, hello_count, Ctx, RoundError, RoundOut};
 use crate::error::{Error, Phase};
 use crate::model::{
-    all_pairs, Fault, Hang, Level, Lost, Outcome, Pair, Role, SideVerdict, TierParams, WorkerFault,
-    WorkerInfo,
+    all_pairs, Fault, Hang, Level, Lost, Outcome, Pair, Role, Route, SideVerdict, TierParams,
+    Transport, WorkerFault, WorkerInfo,
 };
 use crate::protocol::{self, Job, Message};
 
@@ -19,15 +19,19 @@ use crate::protocol::{self, Job, Message};
 const MAX_MESSAGES_PER_PAIR: u32 = 16;
 
 /// Runs `pairs` (all pairs when `None`) on a fresh producer and consumer.
+/// Runs `routes` (all pairs when `None`), legacy IPC only: vLLM's procedure knows no other
+/// transport (the options refuse one).
 pub(super) fn round(
     ctx: &Ctx,
-    pairs: Option<&[Pair]>,
+    routes: Option<&[Route]>,
     graveyard: &mut Graveyard,
 ) -> Result<RoundOut, RoundError> {
+    let pairs: Option<Vec<Pair>> = routes.map(|r| r.iter().map(|r| r.pair).collect());
+    let pairs = pairs.as_deref();
     let mut workers: Vec<Option<Worker>> = Vec::new();
     let mut result = Ok(());
     for role in [Role::Producer, Role::Consumer] {
-        match Worker::spawn(&ctx.path, role.name().to_string(), &ctx.env) {
+        match Worker::spawn(&ctx.path, role.name().to_string(), &ctx.env, false) {
             Ok(w) => workers.push(Some(w)),
             Err(e) => {
                 result = Err(RoundError::Fatal(e));
@@ -60,7 +64,13 @@ pub(super) fn round(
     let (n, pairs, outcomes) = result?;
     Ok(RoundOut {
         n,
-        pairs,
+        routes: pairs
+            .into_iter()
+            .map(|pair| Route {
+                transport: Transport::Ipc,
+                pair,
+            })
+            .collect(),
         outcomes,
         workers: infos,
         peak_in_flight: 1,
@@ -78,7 +88,7 @@ fn batch(
     ctx.arm_deadline(n);
     let pairs = match pairs {
         Some(p) => {
-            check_ids(p, n)?;
+            check_ids(p, n, ctx.environment)?;
             p.to_vec()
         }
         None => all_pairs(n),
@@ -158,7 +168,14 @@ fn hello(ctx: &Ctx, workers: &mut [Option<Worker>]) -> Result<u32, RoundError> {
                 device_count,
                 ..
             }) => {
-                let n = hello_count(&name, &ctx.path, version, device_count, ctx.driver_gpus)?;
+                let n = hello_count(
+                    ctx.environment,
+                    &name,
+                    &ctx.path,
+                    version,
+                    device_count,
+                    ctx.driver_gpus,
+                )?;
                 let w = workers[from].as_mut().expect("spawned");
                 w.sees = Some(n);
                 w.deadline = None;

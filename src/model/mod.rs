@@ -12,7 +12,7 @@ mod report;
 mod verdict;
 
 pub use evidence::{Attempt, Evidence, OtherAttempt, PairReport};
-pub use pair::{all_pairs, Level, Pair, Role, TierParams};
+pub use pair::{all_pairs, Level, Pair, Role, Route, TierParams, Transport, Transports};
 pub use problem::{Check, Class, Problem};
 pub use report::{Engine, Report, Visibility, WorkerInfo};
 pub use verdict::{

@@ -10,6 +10,10 @@
 //! several pairs can be in flight on one pipe, and outcomes are typed ([`Problem`]): the failing
 //! CUDA call with its code, or the mismatch count and first bad offset, never just a string.
 //! The IPC handle travels as its raw 64 bytes.
+//!
+//! Version 3: a job names its transport (legacy IPC or cuMem); a parallel worker may be asked
+//! to export a cuMem allocation too (`Setup`), whose descriptor then travels beside the pipe,
+//! over a Unix socket (`os::fdpass`), never in a frame.
 
 //! The domain values it carries ([`Pair`](crate::model::Pair), [`Problem`](crate::model::Problem),
 //! ...) are the model's ([`crate::model`]); this module only encodes them: the messages
@@ -24,7 +28,7 @@ pub use frames::{recv_blocking, send, FrameReader};
 pub use message::{Job, Message, Op, ProtocolError, Stage};
 
 /// Protocol version; bumped on any change to the encoding.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Magic bytes at the start of a Hello payload.
 pub const MAGIC: [u8; 4] = *b"P2PC";
 /// Largest frame accepted, tag included: far above any real message (a Start of 8 x 8 pairs is

@@ -7,7 +7,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use p2pcheck::advice::{self, Advice};
 use p2pcheck::fleet::{self, RunInfo};
-use p2pcheck::{json, AccessOptions, Report};
+use p2pcheck::json::{Json, Object};
+use p2pcheck::{AccessOptions, Report};
 
 use super::Args;
 
@@ -236,35 +237,28 @@ pub fn env(args: &Args) -> u8 {
         Ok(x) => x,
         Err(e) => {
             if args.json {
-                println!("{{\"error\":{}}}", json::escape(&e));
+                println!("{}", Object::new().str("error", &e).finish());
             }
             eprintln!("p2pcheck: could not check: {e}");
             return 2;
         }
     };
     if args.json {
-        let caches: Vec<String> = caches
-            .iter()
-            .map(|c| {
-                format!(
-                    "{{\"engine\":\"{}\",\"path\":{},\"written\":{},\"error\":{}}}",
-                    c.engine,
-                    match c.error {
-                        None => json::escape(&c.path.display().to_string()),
-                        Some(_) => "null".into(),
-                    },
-                    c.error.is_none(),
-                    c.error.as_deref().map_or("null".into(), json::escape)
-                )
-            })
-            .collect();
-        println!(
-            "{}",
-            advice.render_json(&[
-                format!("\"devices\":{}", report.device_count),
-                format!("\"caches\":[{}]", caches.join(",")),
-            ])
-        );
+        let caches = caches.iter().map(|c| {
+            let path = c.path.display().to_string();
+            Object::new()
+                .str("engine", c.engine)
+                .opt_str("path", c.error.is_none().then_some(path.as_str()))
+                .bool("written", c.error.is_none())
+                .opt_str("error", c.error.as_deref())
+                .finish()
+        });
+        let json = advice
+            .json()
+            .uint("devices", report.device_count.into())
+            .value("caches", &Json::array(caches))
+            .finish();
+        println!("{json}");
         return 0;
     }
     let mut notes = vec![format!(
