@@ -1,6 +1,10 @@
 //! A tiny strict JSON (RFC 8259) reader, and a writer ([`Object`], [`Json`]) that cannot
 //! produce invalid JSON.
 //!
+//! Public because it is part of the report's API: [`JsonExtras`](crate::JsonExtras) takes
+//! [`Json`] values (the vLLM cache's state, the doctor's explanations) that a program builds
+//! with this writer, and a program reading p2pcheck's JSON outputs can use the same reader.
+//!
 //! Why not a crate: the only JSON we read is vLLM's small cache file (and our own `--json`
 //! output in tests), and the crate keeps its dependencies to libc and once_cell.
 //!
