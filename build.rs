@@ -1,5 +1,5 @@
 //! Build script: generates the CUDA bindings (or falls back to the committed ones), compiles
-//! the C shim and the simulator, and gives the C ABI's shared library its soname.
+//! the C shim and the simulator (the C ABI's libraries are capi/'s, with its own build script).
 //!
 //! Bindings: with the `bindgen` feature (default), bindgen runs over `csrc/wrapper.h` when the
 //! CUDA headers and libclang are both present; otherwise the committed `src/sys/bindings.rs`
@@ -27,10 +27,16 @@ const REQUIRED_HEADERS: [&str; 4] = [
 #[cfg(feature = "bindgen")]
 /// Driver entry points p2pcheck resolves (their `PFN_` types come from cudaTypedefs.h).
 /// The second line is the bandwidth measurement's (streams, events, async copies, occupancy).
+/// The cuMem transport's calls (`cuMemCreate` .. `cuMemSetAccess`, with `cuDeviceGet`,
+/// `cuDeviceGetAttribute` and `cuDriverGetVersion` for its diagnosis) are here too; the
+/// multicast calls (`cuMulticast*`) are deliberately not: p2pcheck never resolves them.
 const DRIVER_PFNS: &str = "PFN_cu(Init|DeviceGetCount|GetErrorName|GetErrorString|ModuleLoadData|\
 ModuleGetFunction|ModuleUnload|FuncGetAttribute|LaunchKernel|CtxSynchronize|MemAlloc|MemFree|MemsetD8|MemcpyDtoH|\
 CtxGetDevice|DeviceGetAttribute|OccupancyMaxActiveBlocksPerMultiprocessor|StreamCreate|StreamDestroy|EventCreate|\
-EventRecord|EventElapsedTime|EventDestroy|MemcpyDtoDAsync|MemsetD32Async)_v[0-9]+";
+EventRecord|EventElapsedTime|EventDestroy|MemcpyDtoDAsync|MemsetD32Async|\
+DeviceGet|DriverGetVersion|MemCreate|MemRelease|MemExportToShareableHandle|\
+MemImportFromShareableHandle|MemAddressReserve|MemAddressFree|MemMap|MemUnmap|MemSetAccess|\
+MemGetAllocationGranularity)_v[0-9]+";
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
@@ -63,9 +69,6 @@ fn main() {
             format!("committed ({why})")
         }
     };
-    // The C ABI's shared library is versioned by its soname (include/p2pcheck.h); bump the
-    // number with any incompatible change of the header.
-    println!("cargo:rustc-cdylib-link-arg=-Wl,-soname,libp2pcheck.so.0");
     // Read by the drift test (src/sys.rs) and shown by `p2pcheck --version`.
     println!("cargo:rustc-env=P2PCHECK_BINDINGS_SOURCE={source}");
 
@@ -75,7 +78,7 @@ fn main() {
         .warnings(true)
         .extra_warnings(true)
         .flag_if_supported("-Werror")
-        // Linked into libp2pcheck.a and .so: never exported from a shared object.
+        // Linked into the C ABI's libp2pcheck.a and .so too: never exported from a shared object.
         .flag("-fvisibility=hidden")
         .compile("p2pcheck_shim");
 
@@ -168,6 +171,11 @@ fn generate(manifest: &Path) -> Result<(String, PathBuf), String> {
             .allowlist_var("CU_FUNC_ATTRIBUTE_(PTX|BINARY)_VERSION")
             .allowlist_var("cudaMemcpy(HostToDevice|DeviceToHost|Default)")
             .allowlist_var("cudaIpcMemLazyEnablePeerAccess|CUDA_VERSION|CUDART_VERSION")
+            .allowlist_var("CU_MEM_(HANDLE_TYPE|ALLOCATION_TYPE|LOCATION_TYPE|ACCESS_FLAGS)_.*")
+            .allowlist_var("CU_MEM_ALLOC_GRANULARITY_.*")
+            .allowlist_var(
+                "CU_DEVICE_ATTRIBUTE_(HANDLE_TYPE_POSIX_FILE_DESCRIPTOR|VIRTUAL_MEMORY_MANAGEMENT)_SUPPORTED",
+            )
             .default_enum_style(bindgen::EnumVariation::Consts)
             .prepend_enum_name(false)
             .layout_tests(false)

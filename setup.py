@@ -3,7 +3,7 @@ the CLI copied into the package (python/p2pcheck/_bin/), so that nothing of Rust
 where the wheel is installed. The metadata is in pyproject.toml.
 
 Where the artifacts come from is said once, in CARGO_ARGS and ARTIFACTS below (should the C
-ABI move to a crate of its own, only they change). P2PCHECK_PREBUILT=DIR takes the three files
+ABI's library be renamed again, only they change). P2PCHECK_PREBUILT=DIR takes the three files
 from DIR instead of running cargo (CI builds them once); CARGO_TARGET_DIR is honoured.
 """
 
@@ -25,9 +25,12 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # The one place that says how the artifacts are built and where cargo puts them (relative to
 # the target directory's release/ folder), and their names in the package's _bin/ folder.
-CARGO_ARGS = ["build", "--release", "--lib", "--bin", "p2pcheck", "--bin", "p2pcheck-worker"]
+CARGO_ARGS = [
+    "build", "--release", "--workspace", "--lib", "--bin", "p2pcheck", "--bin", "p2pcheck-worker"
+]
 ARTIFACTS = {
-    "libp2pcheck.so": "libp2pcheck.so",
+    # The C ABI is the crate capi/ (p2pcheck-capi): cargo names its library after it.
+    "libp2pcheck.so": "libp2pcheck_capi.so",
     "p2pcheck-worker": "p2pcheck-worker",
     "p2pcheck": "p2pcheck",
 }
@@ -46,7 +49,7 @@ def built_artifacts_dir():
     except FileNotFoundError:
         sys.exit(
             "p2pcheck: building the wheel needs cargo (Rust 1.79 or newer, https://rustup.rs), "
-            "or P2PCHECK_PREBUILT=DIR with libp2pcheck.so, p2pcheck-worker and p2pcheck in DIR"
+            "or P2PCHECK_PREBUILT=DIR with libp2pcheck_capi.so, p2pcheck-worker and p2pcheck in DIR"
         )
     target = os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target")
     return os.path.join(target, "release")

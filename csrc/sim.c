@@ -40,8 +40,11 @@
  *
  * FAULTS. A fault on SRC->TGT means "TGT accessing SRC's memory": it applies to accesses made
  * by a process whose current device is (physically) TGT to memory owned by (physical) device SRC
- * that the process mapped with cudaIpcOpenMemHandle. Memory a process allocated itself is never
- * faulted. SRC == TGT is allowed (two processes sharing one GPU). Kinds:
+ * that the process mapped from another process: with cudaIpcOpenMemHandle, or imported with
+ * cuMemImportFromShareableHandle and mapped with cuMemMap (a "peer mapping" of either
+ * transport: the kinds below that name no transport model the path between the GPUs, which both
+ * use). Memory a process allocated itself is never faulted. SRC == TGT is allowed (two
+ * processes sharing one GPU). Kinds:
  *   ipc-open-fails   cudaIpcOpenMemHandle returns cudaErrorMapBufferObjectFailed (205), as in a
  *                    container without a shared IPC namespace.
  *   drop-writes      the driver says yes, but writes through the mapping (cudaMemset,
@@ -74,6 +77,18 @@
  *                    (SIM_SLOW_GBPS, SIM_SLOW_LATENCY_NS) instead of NVLink's; the bytes land.
  *   fast-wrong       bandwidth: cuMemcpyDtoDAsync and p2pc_copy through the mapping are timed as
  *                    usual but move nothing (a fast wrong copy, which the data check must catch).
+ *   cumem-export-fails  cuMemExportToShareableHandle of any allocation owned by SRC fails with
+ *                    CUDA_ERROR_NOT_SUPPORTED (801), in every process, and
+ *                    cuDeviceGetAttribute(CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_
+ *                    SUPPORTED) answers 0 for SRC: a property of the device, so TGT only names
+ *                    the pair it is written on (every pair from SRC fails on the cuMem path).
+ *                    No @once (the export is the producer's, made once for all its pairs).
+ *   cumem-import-fails  cuMemImportFromShareableHandle of SRC's memory on TGT fails with
+ *                    CUDA_ERROR_NOT_PERMITTED (800), as where the driver refuses the handle.
+ *   cumem-access-fails  cuMemSetAccess granting TGT access to a mapping of SRC's imported
+ *                    memory fails with CUDA_ERROR_NOT_SUPPORTED (801).
+ *   cumem-drop-writes   drop-writes on the cuMem path only: writes through a cuMem mapping of
+ *                    SRC's imported memory vanish; an IPC mapping of the same pair is untouched.
  * Without faults cudaDeviceCanAccessPeer answers 1 for two distinct valid devices and 0 for a
  * device and itself, as real CUDA does. hang and crash print one line on stderr first.
  * @once: the fault fires in the first attempt at the pair only. The first attempt is every
@@ -120,6 +135,36 @@
  * A pointer is valid when it lies inside a live region (allocation or IPC mapping); an access
  * outside every region, or running past a region's end, fails with invalid value (1) and touches
  * nothing. Kernels report such an access as CUDA_ERROR_ILLEGAL_ADDRESS (700), as a GPU would.
+ *
+ * VIRTUAL MEMORY (the cuMem calls; the legacy IPC path above is untouched by them).
+ * cuMemCreate(&h, size, prop, 0) makes an allocation of `size` bytes (a multiple of the
+ * granularity, SIM_GRANULARITY = 2 MiB, which cuMemGetAllocationGranularity answers for both
+ * MINIMUM and RECOMMENDED) on prop->location.id (a local ordinal; type PINNED, location type
+ * DEVICE, requestedHandleTypes NONE or POSIX_FILE_DESCRIPTOR, else invalid value): a memfd laid
+ * out as cudaMalloc's, not mapped. The handle is a number of this process. cuMemRelease forgets
+ * it (the memory lives on while mapped). cuMemExportToShareableHandle(&fd, h,
+ * CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0) returns a new descriptor (close-on-exec) of the
+ * memfd, which the caller owns and may pass to another process (SCM_RIGHTS), only when the
+ * allocation asked for that handle type (else invalid value). cuMemImportFromShareableHandle(&h,
+ * (void *)(intptr_t)fd, POSIX_FILE_DESCRIPTOR) takes a descriptor exported so (not a descriptor:
+ * invalid value; another file: invalid handle, 400), keeps its own duplicate (the caller still
+ * owns and closes fd) and returns a handle of this process to the same memory.
+ * cuMemAddressReserve(&p, size, alignment, addr, 0) reserves `size` bytes (a multiple of the
+ * granularity) of address space, inaccessible (alignment and addr are only hints: ignored);
+ * cuMemAddressFree(p, size) gives back exactly one reservation with nothing mapped in it.
+ * cuMemMap(p, size, 0, h, 0) maps ALL of h's allocation (size must be its size, offset 0) at p,
+ * inside a reservation, over nothing mapped; cuMemUnmap(p, size) undoes exactly one such
+ * mapping (the range becomes reserved again). A mapping is accessible from no device until
+ * cuMemSetAccess(p, size, desc, count) (exactly one mapping's range; each desc a device location
+ * with flags PROT_NONE or PROT_READWRITE; PROT_READ alone is not simulated: invalid value)
+ * grants it: any call or kernel touching it from a device without access fails as an access
+ * outside every region does. Memory mapped from an imported handle is a peer mapping (faulted as
+ * above); memory of one's own cuMemCreate is not. cuDeviceGet(&d, ordinal) answers the ordinal;
+ * cuDeviceGetAttribute answers VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED (102) 1 and
+ * HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED (103) 1 (0 under cumem-export-fails), any other
+ * attribute invalid value; cuDriverGetVersion answers 13000. cudaDeviceReset releases the
+ * handles, mappings and reservations made while its device was current. cudaIpcGetMemHandle of
+ * cuMem memory is invalid value, as on a GPU. The simulator never defines cuMulticast*.
  *
  * CONTEXTS. The current device is per thread (0 until cudaSetDevice, as in CUDA). Runtime calls
  * create the current device's primary context and make it current for the calling thread;
@@ -226,6 +271,25 @@ typedef struct {
     char reserved[HANDLE_BYTES];
 } cudaIpcMemHandle_t;
 
+/* CUmemLocation, CUmemAllocationProp and CUmemAccessDesc, as cuda.h lays them out. */
+typedef struct {
+    int type; /* CU_MEM_LOCATION_TYPE_DEVICE = 1 */
+    int id;
+} sim_location;
+typedef struct {
+    int type;                   /* CU_MEM_ALLOCATION_TYPE_PINNED = 1 */
+    int requested_handle_types; /* CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR = 1 */
+    sim_location location;
+    void *win32_metadata;
+    unsigned char alloc_flags[8];
+} sim_alloc_prop;
+typedef struct {
+    sim_location location;
+    int flags; /* CU_MEM_ACCESS_FLAGS_PROT_NONE = 0, _READ = 1, _READWRITE = 3 */
+} sim_access_desc;
+_Static_assert(sizeof(sim_alloc_prop) == 32, "CUmemAllocationProp layout");
+_Static_assert(sizeof(sim_access_desc) == 12, "CUmemAccessDesc layout");
+
 /* The exported ABI: libcuda's and libcudart's own signatures (CUresult, cudaError_t and the
  * handle types spelled as plain C types), plus the simulator's marker. */
 #define P2PC_PROTOTYPES(X)                                                                        \
@@ -248,7 +312,6 @@ typedef struct {
     X(int, cuMemsetD8_v2, (unsigned long long dptr, unsigned char value, size_t n))               \
     X(int, cuMemcpyDtoH_v2, (void *dst, unsigned long long src, size_t bytes))                    \
     X(int, cuCtxGetDevice, (int *device))                                                         \
-    X(int, cuDeviceGetAttribute, (int *value, int attribute, int device))                         \
     X(int, cuOccupancyMaxActiveBlocksPerMultiprocessor, (int *blocks, void *f, int block,         \
                                                          size_t shared))                          \
     X(int, cuStreamCreate, (void **stream, unsigned flags))                                       \
@@ -260,6 +323,26 @@ typedef struct {
     X(int, cuMemcpyDtoDAsync_v2, (unsigned long long dst, unsigned long long src, size_t n,       \
                                   void *stream))                                                  \
     X(int, cuMemsetD32Async, (unsigned long long dst, unsigned value, size_t n, void *stream))    \
+    X(int, cuDriverGetVersion, (int *version))                                                    \
+    X(int, cuDeviceGet, (int *device, int ordinal))                                               \
+    X(int, cuDeviceGetAttribute, (int *value, int attribute, int device))                         \
+    X(int, cuMemGetAllocationGranularity, (size_t *granularity, const sim_alloc_prop *prop,       \
+                                           int option))                                           \
+    X(int, cuMemCreate, (unsigned long long *handle, size_t size, const sim_alloc_prop *prop,     \
+                         unsigned long long flags))                                               \
+    X(int, cuMemRelease, (unsigned long long handle))                                             \
+    X(int, cuMemExportToShareableHandle, (void *shareable, unsigned long long handle, int type,   \
+                                          unsigned long long flags))                              \
+    X(int, cuMemImportFromShareableHandle, (unsigned long long *handle, void *osHandle,           \
+                                            int type))                                            \
+    X(int, cuMemAddressReserve, (unsigned long long *ptr, size_t size, size_t alignment,          \
+                                 unsigned long long addr, unsigned long long flags))              \
+    X(int, cuMemAddressFree, (unsigned long long ptr, size_t size))                               \
+    X(int, cuMemMap, (unsigned long long ptr, size_t size, size_t offset,                         \
+                      unsigned long long handle, unsigned long long flags))                       \
+    X(int, cuMemUnmap, (unsigned long long ptr, size_t size))                                     \
+    X(int, cuMemSetAccess, (unsigned long long ptr, size_t size, const sim_access_desc *desc,     \
+                            size_t count))                                                        \
     X(int, cudaGetDeviceCount, (int *count))                                                      \
     X(int, cudaSetDevice, (int device))                                                           \
     X(int, cudaMalloc, (void **devPtr, size_t size))                                              \
@@ -292,6 +375,8 @@ enum {
     E_INVALID_CONTEXT = 201,    /* driver only */
     E_MAP_FAILED = 205,         /* CUDA_ERROR_MAP_FAILED / cudaErrorMapBufferObjectFailed */
     E_INVALID_HANDLE = 400,     /* CUDA_ERROR_INVALID_HANDLE / cudaErrorInvalidResourceHandle */
+    E_NOT_PERMITTED = 800,      /* CUDA_ERROR_NOT_PERMITTED / cudaErrorNotPermitted */
+    E_NOT_SUPPORTED = 801,      /* CUDA_ERROR_NOT_SUPPORTED / cudaErrorNotSupported */
     E_NOT_FOUND = 500,          /* driver only */
     E_ILLEGAL_ADDRESS = 700,
     E_MISALIGNED_ADDRESS = 716,
@@ -327,6 +412,8 @@ static const struct err_desc ERRORS[] = {
     {700, "CUDA_ERROR_ILLEGAL_ADDRESS", "cudaErrorIllegalAddress",
      "an illegal memory access was encountered"},
     {716, "CUDA_ERROR_MISALIGNED_ADDRESS", "cudaErrorMisalignedAddress", "misaligned address"},
+    {800, "CUDA_ERROR_NOT_PERMITTED", "cudaErrorNotPermitted", "operation not permitted"},
+    {801, "CUDA_ERROR_NOT_SUPPORTED", "cudaErrorNotSupported", "operation not supported"},
     {999, "CUDA_ERROR_UNKNOWN", "cudaErrorUnknown", "unknown error"},
 };
 
@@ -350,8 +437,12 @@ enum {
     F_CLAIM_NO = 1u << 7,
     F_PARTIAL = 1u << 8,
     F_SHIFTED = 1u << 9,
-    F_SLOW = 1u << 10,
-    F_FAST_WRONG = 1u << 11,
+    F_CUMEM_EXPORT = 1u << 10,
+    F_CUMEM_IMPORT = 1u << 11,
+    F_CUMEM_ACCESS = 1u << 12,
+    F_CUMEM_DROP = 1u << 13, /* becomes F_DROP_WRITES on cuMem peer mappings (fault_mask) */
+    F_SLOW = 1u << 14,
+    F_FAST_WRONG = 1u << 15,
 };
 
 static const struct {
@@ -364,7 +455,9 @@ static const struct {
     {"crash", F_CRASH},                   {"one-way", F_DROP_WRITES},
     {"claim-no", F_CLAIM_NO},             {"partial", F_PARTIAL},
     {"shifted", F_SHIFTED},               {"slow", F_SLOW},
-    {"fast-wrong", F_FAST_WRONG},
+    {"fast-wrong", F_FAST_WRONG},         {"cumem-export-fails", F_CUMEM_EXPORT},
+    {"cumem-import-fails", F_CUMEM_IMPORT}, {"cumem-access-fails", F_CUMEM_ACCESS},
+    {"cumem-drop-writes", F_CUMEM_DROP},
 };
 
 struct config {
@@ -493,6 +586,8 @@ static const char *parse_fault_item(struct config *c, const char *s, const char 
     size_t len = (size_t)(end - s);
     for (size_t i = 0; i < sizeof FAULT_KINDS / sizeof FAULT_KINDS[0]; i++) {
         if (strlen(FAULT_KINDS[i].name) == len && strncmp(s, FAULT_KINDS[i].name, len) == 0) {
+            if (once && FAULT_KINDS[i].bit == F_CUMEM_EXPORT)
+                return "cumem-export-fails takes no @once (the export is made once per device)";
             if (once)
                 c->once[src][tgt] |= (uint16_t)FAULT_KINDS[i].bit;
             else
@@ -501,7 +596,8 @@ static const char *parse_fault_item(struct config *c, const char *s, const char 
         }
     }
     return "unknown kind (ipc-open-fails, drop-writes, corrupt, sm-only, late-visibility, hang, "
-           "crash, one-way, claim-no, partial, shifted, slow, fast-wrong)";
+           "crash, one-way, claim-no, partial, shifted, slow, fast-wrong, cumem-export-fails, "
+           "cumem-import-fails, cumem-access-fails, cumem-drop-writes)";
 }
 
 static int has_once(const struct config *c) {
@@ -643,6 +739,10 @@ struct region {
     int fd;            /* memfd of an own allocation; -1 for an IPC mapping (closed once mapped) */
     int owner_phys;    /* physical device that owns the memory */
     int is_ipc;        /* opened with cudaIpcOpenMemHandle */
+    int is_import;     /* a cuMem mapping of memory imported from another process */
+    int cumem;         /* mapped with cuMemMap inside a reservation; its metadata is mapped
+                          apart (meta, map_len bytes) and unmapping reserves the range again */
+    uint64_t access;   /* cuMem: bit d set when local ordinal d may access it (cuMemSetAccess) */
     int ctx_dev;       /* local ordinal current when it was created/opened (for cudaDeviceReset) */
     uint64_t ino, dev; /* the memfd's identity, written into IPC handles */
 };
@@ -735,21 +835,56 @@ static struct region *find_region(uintptr_t p) {
 }
 
 /* The region holding all of [p, p+n) (n > 0), or NULL: a range that leaves its region, or
- * starts outside every region, must never be touched. */
+ * starts outside every region, or lies in a cuMem mapping the current device was granted no
+ * access to, must never be touched. */
 static struct region *find_range(uintptr_t p, size_t n) {
     struct region *r = find_region(p);
     if (r == NULL || n > r->size - (p - (uintptr_t)r->base)) return NULL;
+    if (r->cumem && !((r->access >> tl_dev) & 1)) return NULL;
     return r;
 }
 
+/* Address space reserved with cuMemAddressReserve (inaccessible where nothing is mapped). */
+struct reservation {
+    unsigned char *base;
+    size_t size;
+    int ctx_dev;
+};
+static struct reservation *g_res;
+static size_t g_nres, g_cap_res;
+
+/* Whether p lies in a reservation: an address the host must never touch as host memory. */
+static int in_reservation(uintptr_t p) {
+    for (size_t i = 0; i < g_nres; i++)
+        if (p >= (uintptr_t)g_res[i].base && p - (uintptr_t)g_res[i].base < g_res[i].size)
+            return 1;
+    return 0;
+}
+
+/* Makes room for one more element in a growable table; 0 when memory ran out. */
+static int grow(void **table, size_t *cap, size_t n, size_t elem) {
+    if (n < *cap) return 1;
+    size_t want = *cap ? 2 * *cap : 16;
+    void *grown = realloc(*table, want * elem);
+    if (grown == NULL) return 0;
+    *table = grown;
+    *cap = want;
+    return 1;
+}
+
+/* Makes [base, base+size) reserved and inaccessible again (after a cuMem mapping there). */
+static int re_reserve(unsigned char *base, size_t size) {
+    void *p = mmap(base, size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED,
+                   -1, 0);
+    if (p != MAP_FAILED) return E_OK;
+    fprintf(stderr, "p2pcheck-sim: mmap(reserve %p, %zu): %s\n", (void *)base, size,
+            strerror(errno));
+    return E_UNKNOWN;
+}
+
 static int add_region(const struct region *r) {
-    if (g_nregions == g_cap_regions) {
-        size_t cap = g_cap_regions ? 2 * g_cap_regions : 16;
-        struct region *grown = realloc(g_regions, cap * sizeof *grown);
-        if (grown == NULL) return E_OUT_OF_MEMORY;
-        g_regions = grown;
-        g_cap_regions = cap;
-    }
+    if (!grow((void **)&g_regions, &g_cap_regions, g_nregions, sizeof *g_regions))
+        return E_OUT_OF_MEMORY;
     g_regions[g_nregions++] = *r;
     return E_OK;
 }
@@ -759,11 +894,14 @@ static int release_region(size_t i) {
     struct region r = g_regions[i];
     int rc = E_OK;
     g_regions[i] = g_regions[--g_nregions];
-    if (munmap(r.base, r.map_len) != 0) {
-        fprintf(stderr, "p2pcheck-sim: munmap(%p, %zu): %s\n", (void *)r.base, r.map_len,
+    /* A cuMem mapping: its metadata was mapped apart, and its range stays reserved. */
+    unsigned char *unmap = r.cumem ? (unsigned char *)r.meta : r.base;
+    if (munmap(unmap, r.map_len) != 0) {
+        fprintf(stderr, "p2pcheck-sim: munmap(%p, %zu): %s\n", (void *)unmap, r.map_len,
                 strerror(errno));
         rc = E_UNKNOWN;
     }
+    if (r.cumem && re_reserve(r.base, r.size) != E_OK) rc = E_UNKNOWN;
     if (r.fd >= 0 && close(r.fd) != 0) {
         fprintf(stderr, "p2pcheck-sim: close(%d): %s\n", r.fd, strerror(errno));
         rc = E_UNKNOWN;
@@ -818,6 +956,8 @@ struct meta {
     /* Entries ever taken in each table: only those are searched, so that a search touches (and
      * makes resident) no more of the tables than is used. */
     uint32_t contents_used, hs_used;
+    int32_t owner_phys; /* the physical device that owns the memory (read by an importer) */
+    uint32_t pad;
     pthread_mutex_t lock; /* guards all of it; page states are also read without it */
     struct content contents[MAX_CONTENTS]; /* entry 0 unused: state 0 means "raw" */
     struct hs_record hs[MAX_HS];
@@ -1050,6 +1190,15 @@ static int hs_alive(struct hs_side *s) {
     return s->started > s->ended;
 }
 
+/* Writes the metadata of a fresh allocation of n bytes owned by physical device owner (its
+ * memfd is all zeros); nonzero when its mutex cannot be made. */
+static int meta_init(struct meta *m, size_t n, int owner) {
+    m->magic = META_MAGIC;
+    m->npages = round_up(n, page_size()) / page_size();
+    m->owner_phys = owner;
+    return robust_mutex_init(&m->lock);
+}
+
 /* A fresh allocation of n > 0 bytes on the current device (lock held). */
 static int allocate(size_t n, uintptr_t *out) {
     size_t total = mapped_bytes(n);
@@ -1066,8 +1215,6 @@ static int allocate(size_t n, uintptr_t *out) {
     if (ftruncate(fd, (off_t)total) == 0 && fstat(fd, &st) == 0 &&
         (p = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)) != MAP_FAILED) {
         struct meta *m = (struct meta *)(void *)((unsigned char *)p + round_up(n, page_size()));
-        m->magic = META_MAGIC;
-        m->npages = round_up(n, page_size()) / page_size();
         struct region r = {
             .base = p,
             .size = n,
@@ -1080,7 +1227,7 @@ static int allocate(size_t n, uintptr_t *out) {
             .ino = (uint64_t)st.st_ino,
             .dev = (uint64_t)st.st_dev,
         };
-        if (robust_mutex_init(&m->lock) == 0) rc = add_region(&r);
+        if (meta_init(m, n, r.owner_phys) == 0) rc = add_region(&r);
     }
     if (rc == E_OK) {
         *out = (uintptr_t)p;
@@ -1095,17 +1242,21 @@ static int allocate(size_t n, uintptr_t *out) {
 /* Frees the own allocation starting exactly at p (lock held). */
 static int free_allocation(uintptr_t p) {
     for (size_t i = 0; i < g_nregions; i++)
-        if ((uintptr_t)g_regions[i].base == p && !g_regions[i].is_ipc) return release_region(i);
+        if ((uintptr_t)g_regions[i].base == p && !g_regions[i].is_ipc && !g_regions[i].cumem)
+            return release_region(i);
     return E_INVALID_VALUE;
 }
 
 /* ------------------------------------------------------------------------------------------ */
 /* Accesses, with the faults applied */
 
-/* Fault bits for an access to r by this thread: only IPC mappings are ever faulted. */
+/* Fault bits for an access to r by this thread: only peer mappings (IPC, or cuMem of imported
+ * memory) are ever faulted; cumem-drop-writes drops writes through cuMem mappings alone. */
 static unsigned fault_mask(const struct region *r) {
-    if (r == NULL || !r->is_ipc) return 0;
-    return pair_faults(r->owner_phys, current_phys());
+    if (r == NULL || (!r->is_ipc && !r->is_import)) return 0;
+    unsigned bits = pair_faults(r->owner_phys, current_phys());
+    if (r->is_import && (bits & F_CUMEM_DROP)) bits |= F_DROP_WRITES;
+    return bits;
 }
 
 static void say_fault(const char *kind, const struct region *r) {
@@ -1237,6 +1388,9 @@ static int sim_copy(uintptr_t dst, uintptr_t src, size_t n, int kind) {
     if (n == 0) return E_OK;
     if (dst == 0 || src == 0) return E_INVALID_VALUE;
     struct region *rd = find_region(dst), *rs = find_region(src);
+    /* Reserved address space is never host memory, mapped or not. */
+    if ((rd == NULL && in_reservation(dst)) || (rs == NULL && in_reservation(src)))
+        return E_INVALID_VALUE;
     /* A range that starts in device memory must end there too. */
     if (rd != NULL && find_range(dst, n) == NULL) return E_INVALID_VALUE;
     if (rs != NULL && find_range(src, n) == NULL) return E_INVALID_VALUE;
@@ -1940,6 +2094,108 @@ static uint64_t handle_checksum(const struct sim_handle *h) {
 }
 
 /* ------------------------------------------------------------------------------------------ */
+/* Virtual memory: cuMem allocations, their handles, reservations (see VIRTUAL MEMORY above) */
+
+#define SIM_GRANULARITY ((size_t)2 << 20)
+enum { LOC_DEVICE = 1, ALLOC_PINNED = 1, HANDLE_POSIX_FD = 1, ACCESS_NONE = 0, ACCESS_RW = 3 };
+
+/* An allocation handle of this process: its own memfd (cuMemCreate) or a duplicate of an
+ * imported descriptor. */
+struct vmm_handle {
+    unsigned long long id;
+    int fd;
+    size_t size;       /* the memory's bytes (a multiple of the granularity) */
+    int owner_phys;    /* physical device owning the memory */
+    int imported;      /* from cuMemImportFromShareableHandle */
+    int posix_fd;      /* may be exported as a POSIX descriptor */
+    int ctx_dev;       /* local ordinal current when it was made (for cudaDeviceReset) */
+};
+static struct vmm_handle *g_handles;
+static size_t g_nhandles, g_cap_handles;
+static unsigned long long g_next_handle = 0x51a0001;
+
+static struct vmm_handle *find_handle(unsigned long long id) {
+    for (size_t i = 0; i < g_nhandles; i++)
+        if (g_handles[i].id == id) return &g_handles[i];
+    return NULL;
+}
+
+/* Forgets handle i (order is not kept); the memory lives on in its mappings. */
+static int drop_handle(size_t i) {
+    int fd = g_handles[i].fd;
+    g_handles[i] = g_handles[--g_nhandles];
+    if (close(fd) == 0) return E_OK;
+    fprintf(stderr, "p2pcheck-sim: close(%d): %s\n", fd, strerror(errno));
+    return E_UNKNOWN;
+}
+
+static int add_handle(struct vmm_handle *h, unsigned long long *out) {
+    if (!grow((void **)&g_handles, &g_cap_handles, g_nhandles, sizeof *g_handles))
+        return E_OUT_OF_MEMORY;
+    h->id = g_next_handle++;
+    g_handles[g_nhandles++] = *h;
+    *out = h->id;
+    return E_OK;
+}
+
+/* Whether cuMem exports of physical device phys's memory are refused (cumem-export-fails on
+ * any pair from it: a property of the device, never @once). */
+static int export_refused(int phys) {
+    const struct config *c = config();
+    for (int t = 0; t < c->n_phys; t++)
+        if (c->faults[phys][t] & F_CUMEM_EXPORT) return 1;
+    return 0;
+}
+
+/* A valid allocation property: pinned memory on a visible device's location; the local
+ * ordinal, or -1. */
+static int prop_device(const sim_alloc_prop *prop) {
+    if (prop == NULL || prop->type != ALLOC_PINNED || prop->location.type != LOC_DEVICE ||
+        (prop->requested_handle_types & ~HANDLE_POSIX_FD) != 0)
+        return -1;
+    if (prop->location.id < 0 || prop->location.id >= config()->n_visible) return -1;
+    return prop->location.id;
+}
+
+/* The memory bytes of an allocation whose memfd holds `total` bytes (memory, then metadata:
+ * see mapped_bytes, strictly growing with the memory's pages); 0 when no size gives total. */
+static size_t memory_bytes_of(size_t total) {
+    size_t pg = page_size(), lo = 1, hi = total / pg;
+    while (lo <= hi) {
+        size_t k = lo + (hi - lo) / 2, m = mapped_bytes(k * pg);
+        if (m == total) return k * pg;
+        if (m < total)
+            lo = k + 1;
+        else
+            hi = k - 1;
+    }
+    return 0;
+}
+
+/* The metadata of the n-byte allocation in memfd fd, mapped (its length in *len); NULL when it
+ * cannot be mapped. */
+static struct meta *map_meta(int fd, size_t n, size_t *len) {
+    *len = mapped_bytes(n) - n;
+    void *m = mmap(NULL, *len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, (off_t)n);
+    return m == MAP_FAILED ? NULL : m;
+}
+
+static void unmap_meta(struct meta *m, size_t len) {
+    if (munmap(m, len) != 0) fprintf(stderr, "p2pcheck-sim: munmap: %s\n", strerror(errno));
+}
+
+/* The cuMem mapping starting exactly at p of exactly n bytes, or NULL. */
+static struct region *find_mapping(uintptr_t p, size_t n, size_t *index) {
+    for (size_t i = 0; i < g_nregions; i++) {
+        if (g_regions[i].cumem && (uintptr_t)g_regions[i].base == p && g_regions[i].size == n) {
+            if (index) *index = i;
+            return &g_regions[i];
+        }
+    }
+    return NULL;
+}
+
+/* ------------------------------------------------------------------------------------------ */
 /* Exported: identification */
 
 SIM_EXPORT int p2pcheck_sim_abi(void) { return 1; }
@@ -2134,16 +2390,6 @@ SIM_EXPORT int cuCtxGetDevice(int *device) {
     return unlock_return(E_OK);
 }
 
-SIM_EXPORT int cuDeviceGetAttribute(int *value, int attribute, int device) {
-    if (value == NULL) return E_INVALID_VALUE;
-    int rc = driver_begin();
-    if (rc) return rc;
-    if (device < 0 || device >= config()->n_visible) return unlock_return(E_INVALID_DEVICE);
-    if (attribute != ATTR_SM_COUNT) return unlock_return(E_INVALID_VALUE);
-    *value = SIM_SMS;
-    return unlock_return(E_OK);
-}
-
 SIM_EXPORT int cuOccupancyMaxActiveBlocksPerMultiprocessor(int *blocks, void *f, int block,
                                                           size_t shared) {
     if (blocks == NULL || block <= 0 || block > 1024 || shared != 0) return E_INVALID_VALUE;
@@ -2263,6 +2509,256 @@ SIM_EXPORT int cuMemsetD32Async(unsigned long long dst, unsigned value, size_t n
     return unlock_return(E_OK);
 }
 
+SIM_EXPORT int cuDriverGetVersion(int *version) {
+    if (config()->bad || version == NULL) return E_INVALID_VALUE;
+    *version = 13000;
+    return E_OK;
+}
+
+SIM_EXPORT int cuDeviceGet(int *device, int ordinal) {
+    const struct config *c = config();
+    if (c->bad || device == NULL) return E_INVALID_VALUE;
+    lock();
+    int inited = g_driver_initialized;
+    unlock();
+    if (!inited) return E_NOT_INITIALIZED;
+    if (ordinal < 0 || ordinal >= c->n_visible) return E_INVALID_DEVICE;
+    *device = ordinal;
+    return E_OK;
+}
+
+SIM_EXPORT int cuDeviceGetAttribute(int *value, int attribute, int device) {
+    const struct config *c = config();
+    if (c->bad || value == NULL) return E_INVALID_VALUE;
+    lock();
+    int inited = g_driver_initialized;
+    unlock();
+    if (!inited) return E_NOT_INITIALIZED;
+    if (device < 0 || device >= c->n_visible) return E_INVALID_DEVICE;
+    if (attribute == 102) { /* VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED */
+        *value = 1;
+    } else if (attribute == 103) { /* HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED */
+        *value = !export_refused(c->visible[device]);
+    } else if (attribute == ATTR_SM_COUNT) { /* the bandwidth measurement's grid */
+        *value = SIM_SMS;
+    } else {
+        return E_INVALID_VALUE;
+    }
+    return E_OK;
+}
+
+SIM_EXPORT int cuMemGetAllocationGranularity(size_t *granularity, const sim_alloc_prop *prop,
+                                             int option) {
+    if (granularity == NULL || (option != 0 && option != 1)) return E_INVALID_VALUE;
+    int rc = driver_begin();
+    if (rc) return rc;
+    if (prop_device(prop) < 0) return unlock_return(E_INVALID_VALUE);
+    *granularity = SIM_GRANULARITY;
+    return unlock_return(E_OK);
+}
+
+SIM_EXPORT int cuMemCreate(unsigned long long *handle, size_t size, const sim_alloc_prop *prop,
+                           unsigned long long flags) {
+    if (handle == NULL || flags != 0 || size == 0 || size % SIM_GRANULARITY != 0)
+        return E_INVALID_VALUE;
+    int rc = driver_begin();
+    if (rc) return rc;
+    int dev = prop_device(prop);
+    if (dev < 0 || mapped_bytes(size) == 0) return unlock_return(E_INVALID_VALUE);
+    int fd = memfd_create("p2pcheck-sim", MFD_CLOEXEC);
+    if (fd < 0) return unlock_return(E_OUT_OF_MEMORY);
+    struct vmm_handle h = {.fd = fd,
+                           .size = size,
+                           .owner_phys = config()->visible[dev],
+                           .posix_fd = prop->requested_handle_types == HANDLE_POSIX_FD,
+                           .ctx_dev = tl_dev};
+    size_t len = 0;
+    struct meta *m = NULL;
+    rc = E_OUT_OF_MEMORY;
+    if (ftruncate(fd, (off_t)mapped_bytes(size)) == 0 && (m = map_meta(fd, size, &len)) != NULL &&
+        meta_init(m, size, h.owner_phys) == 0)
+        rc = add_handle(&h, handle);
+    if (m != NULL) unmap_meta(m, len);
+    if (rc != E_OK && close(fd) != 0)
+        fprintf(stderr, "p2pcheck-sim: close: %s\n", strerror(errno));
+    return unlock_return(rc);
+}
+
+SIM_EXPORT int cuMemRelease(unsigned long long handle) {
+    int rc = driver_begin();
+    if (rc) return rc;
+    for (size_t i = 0; i < g_nhandles; i++)
+        if (g_handles[i].id == handle) return unlock_return(drop_handle(i));
+    return unlock_return(E_INVALID_VALUE);
+}
+
+SIM_EXPORT int cuMemExportToShareableHandle(void *shareable, unsigned long long handle, int type,
+                                            unsigned long long flags) {
+    if (shareable == NULL || type != HANDLE_POSIX_FD || flags != 0) return E_INVALID_VALUE;
+    int rc = driver_begin();
+    if (rc) return rc;
+    const struct vmm_handle *h = find_handle(handle);
+    if (h == NULL || !h->posix_fd) return unlock_return(E_INVALID_VALUE);
+    if (export_refused(h->owner_phys)) return unlock_return(E_NOT_SUPPORTED);
+    int fd = fcntl(h->fd, F_DUPFD_CLOEXEC, 0);
+    if (fd < 0) return unlock_return(E_OUT_OF_MEMORY);
+    memcpy(shareable, &fd, sizeof fd);
+    return unlock_return(E_OK);
+}
+
+SIM_EXPORT int cuMemImportFromShareableHandle(unsigned long long *handle, void *osHandle,
+                                              int type) {
+    if (handle == NULL || type != HANDLE_POSIX_FD) return E_INVALID_VALUE;
+    int rc = driver_begin();
+    if (rc) return rc;
+    const struct config *c = config();
+    int fd = (int)(intptr_t)osHandle;
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) != 0) return unlock_return(E_INVALID_VALUE);
+    size_t n = S_ISREG(st.st_mode) ? memory_bytes_of((size_t)st.st_size) : 0;
+    size_t len = 0;
+    struct meta *m = n ? map_meta(fd, n, &len) : NULL;
+    int owner = -1;
+    if (m != NULL && m->magic == META_MAGIC && m->npages == n / page_size() &&
+        m->owner_phys >= 0 && m->owner_phys < c->n_phys)
+        owner = m->owner_phys;
+    if (m != NULL) unmap_meta(m, len);
+    if (owner < 0 || n % SIM_GRANULARITY != 0) return unlock_return(E_INVALID_HANDLE);
+    if (pair_faults(owner, current_phys()) & F_CUMEM_IMPORT) return unlock_return(E_NOT_PERMITTED);
+    /* The caller keeps (and closes) its descriptor; the handle holds a duplicate. */
+    int own = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    if (own < 0) return unlock_return(E_OUT_OF_MEMORY);
+    struct vmm_handle h = {
+        .fd = own, .size = n, .owner_phys = owner, .imported = 1, .posix_fd = 1, .ctx_dev = tl_dev};
+    rc = add_handle(&h, handle);
+    if (rc != E_OK && close(own) != 0)
+        fprintf(stderr, "p2pcheck-sim: close: %s\n", strerror(errno));
+    return unlock_return(rc);
+}
+
+SIM_EXPORT int cuMemAddressReserve(unsigned long long *ptr, size_t size, size_t alignment,
+                                   unsigned long long addr, unsigned long long flags) {
+    (void)alignment; /* hints only, as the header says */
+    (void)addr;
+    if (ptr == NULL || flags != 0 || size == 0 || size % SIM_GRANULARITY != 0)
+        return E_INVALID_VALUE;
+    int rc = driver_begin();
+    if (rc) return rc;
+    if (!grow((void **)&g_res, &g_cap_res, g_nres, sizeof *g_res))
+        return unlock_return(E_OUT_OF_MEMORY);
+    void *p = mmap(NULL, size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) return unlock_return(E_OUT_OF_MEMORY);
+    g_res[g_nres++] = (struct reservation){.base = p, .size = size, .ctx_dev = tl_dev};
+    *ptr = (uintptr_t)p;
+    return unlock_return(E_OK);
+}
+
+SIM_EXPORT int cuMemAddressFree(unsigned long long ptr, size_t size) {
+    int rc = driver_begin();
+    if (rc) return rc;
+    for (size_t i = 0; i < g_nres; i++) {
+        struct reservation r = g_res[i];
+        if ((uintptr_t)r.base != ptr || r.size != size) continue;
+        for (size_t k = 0; k < g_nregions; k++)
+            if (g_regions[k].cumem && g_regions[k].base >= r.base &&
+                g_regions[k].base < r.base + r.size)
+                return unlock_return(E_INVALID_VALUE); /* still mapped */
+        g_res[i] = g_res[--g_nres];
+        if (munmap(r.base, r.size) != 0) {
+            fprintf(stderr, "p2pcheck-sim: munmap: %s\n", strerror(errno));
+            return unlock_return(E_UNKNOWN);
+        }
+        return unlock_return(E_OK);
+    }
+    return unlock_return(E_INVALID_VALUE);
+}
+
+SIM_EXPORT int cuMemMap(unsigned long long ptr, size_t size, size_t offset,
+                        unsigned long long handle, unsigned long long flags) {
+    if (offset != 0 || flags != 0 || size == 0) return E_INVALID_VALUE;
+    int rc = driver_begin();
+    if (rc) return rc;
+    const struct vmm_handle *h = find_handle(handle);
+    if (h == NULL) return unlock_return(E_INVALID_HANDLE);
+    uintptr_t p = (uintptr_t)ptr;
+    const struct reservation *in = NULL;
+    for (size_t i = 0; i < g_nres; i++)
+        if (p >= (uintptr_t)g_res[i].base && p - (uintptr_t)g_res[i].base < g_res[i].size)
+            in = &g_res[i];
+    if (size != h->size || in == NULL || size > in->size - (p - (uintptr_t)in->base))
+        return unlock_return(E_INVALID_VALUE);
+    for (size_t k = 0; k < g_nregions; k++) {
+        uintptr_t b = (uintptr_t)g_regions[k].base;
+        if (g_regions[k].cumem && b < p + size && p < b + g_regions[k].size)
+            return unlock_return(E_INVALID_VALUE); /* over another mapping */
+    }
+    struct stat st;
+    size_t len = 0;
+    struct meta *m = NULL;
+    if (fstat(h->fd, &st) != 0 || (m = map_meta(h->fd, size, &len)) == NULL)
+        return unlock_return(E_OUT_OF_MEMORY);
+    void *q = mmap((void *)p, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, h->fd, 0);
+    if (q == MAP_FAILED) {
+        unmap_meta(m, len);
+        (void)re_reserve((unsigned char *)p, size);
+        return unlock_return(E_OUT_OF_MEMORY);
+    }
+    struct region r = {
+        .base = q,
+        .size = size,
+        .map_len = len,
+        .meta = m,
+        .fd = -1,
+        .owner_phys = h->owner_phys,
+        .is_ipc = 0,
+        .is_import = h->imported,
+        .cumem = 1,
+        .access = 0,
+        .ctx_dev = tl_dev,
+        .ino = (uint64_t)st.st_ino,
+        .dev = (uint64_t)st.st_dev,
+    };
+    rc = add_region(&r);
+    if (rc != E_OK) {
+        unmap_meta(m, len);
+        (void)re_reserve((unsigned char *)p, size);
+    }
+    return unlock_return(rc);
+}
+
+SIM_EXPORT int cuMemUnmap(unsigned long long ptr, size_t size) {
+    int rc = driver_begin();
+    if (rc) return rc;
+    size_t i;
+    if (find_mapping((uintptr_t)ptr, size, &i) == NULL) return unlock_return(E_INVALID_VALUE);
+    return unlock_return(release_region(i));
+}
+
+SIM_EXPORT int cuMemSetAccess(unsigned long long ptr, size_t size, const sim_access_desc *desc,
+                              size_t count) {
+    if (desc == NULL || count == 0) return E_INVALID_VALUE;
+    int rc = driver_begin();
+    if (rc) return rc;
+    const struct config *c = config();
+    struct region *r = find_mapping((uintptr_t)ptr, size, NULL);
+    if (r == NULL) return unlock_return(E_INVALID_VALUE);
+    /* Every entry is checked before any applies. */
+    for (size_t i = 0; i < count; i++) {
+        const sim_access_desc *d = &desc[i];
+        if (d->location.type != LOC_DEVICE || d->location.id < 0 ||
+            d->location.id >= c->n_visible || (d->flags != ACCESS_NONE && d->flags != ACCESS_RW))
+            return unlock_return(E_INVALID_VALUE);
+        if (d->flags == ACCESS_RW && r->is_import &&
+            (pair_faults(r->owner_phys, c->visible[d->location.id]) & F_CUMEM_ACCESS))
+            return unlock_return(E_NOT_SUPPORTED);
+    }
+    for (size_t i = 0; i < count; i++) {
+        uint64_t bit = (uint64_t)1 << desc[i].location.id;
+        r->access = desc[i].flags == ACCESS_RW ? r->access | bit : r->access & ~bit;
+    }
+    return unlock_return(E_OK);
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* Exported: runtime API */
 
@@ -2340,6 +2836,22 @@ SIM_EXPORT int cudaDeviceReset(void) {
             i++;
         }
     }
+    for (size_t i = 0; i < g_nhandles;) {
+        if (g_handles[i].ctx_dev == dev) {
+            int r = drop_handle(i);
+            if (rc == E_OK) rc = r;
+        } else {
+            i++;
+        }
+    }
+    for (size_t i = 0; i < g_nres;) {
+        if (g_res[i].ctx_dev == dev) {
+            if (munmap(g_res[i].base, g_res[i].size) != 0 && rc == E_OK) rc = E_UNKNOWN;
+            g_res[i] = g_res[--g_nres];
+        } else {
+            i++;
+        }
+    }
     for (struct module **pp = &g_modules; *pp != NULL;) {
         struct module *m = *pp;
         if (m->ctx_dev == dev) {
@@ -2370,7 +2882,7 @@ SIM_EXPORT int cudaIpcGetMemHandle(cudaIpcMemHandle_t *handle, void *devPtr) {
     int rc = runtime_begin(1);
     if (rc) return rc;
     const struct region *r = find_region((uintptr_t)devPtr);
-    if (r == NULL || r->is_ipc) return unlock_return(E_INVALID_VALUE);
+    if (r == NULL || r->is_ipc || r->cumem) return unlock_return(E_INVALID_VALUE);
     struct sim_handle h;
     memset(&h, 0, sizeof h);
     memcpy(h.magic, HANDLE_MAGIC, sizeof h.magic);

@@ -9,16 +9,17 @@
  * machine without a GPU gets an error status, never a crash. C11 and C++ (any standard).
  *
  * BUILDING AND LINKING
- *   cargo build --release puts both libraries and the worker in target/release/.
- *   Static: cc prog.c -Iinclude target/release/libp2pcheck.a \
+ *   cargo build --release puts both libraries (the crate capi/, so cargo names them
+ *   libp2pcheck_capi.a and libp2pcheck_capi.so) and the worker in target/release/.
+ *   Static: cc prog.c -Iinclude target/release/libp2pcheck_capi.a \
  *             -lgcc_s -lutil -lrt -lpthread -lm -ldl -lc
  *     Those are the system libraries the static library needs, exactly ("native-static-libs"
- *     of rustc; tests/capi.rs links a C and a C++ program with this list). The program needs
- *     no file of p2pcheck at run time but the worker.
- *   Shared, from the build tree: cargo names the file libp2pcheck.so; its soname, the name a
- *   program loads, is libp2pcheck.so.0, so give it that name too:
- *     ln -sf libp2pcheck.so target/release/libp2pcheck.so.0
- *     cc prog.c -Iinclude -Ltarget/release -lp2pcheck -Wl,-rpath,"$PWD/target/release"
+ *     of rustc; capi/tests/capi.rs links a C and a C++ program with this list). The program
+ *     needs no file of p2pcheck at run time but the worker.
+ *   Shared, from the build tree: the library's soname, the name a program loads, is
+ *   libp2pcheck.so.0, so give the file that name too and link it:
+ *     ln -sf libp2pcheck_capi.so target/release/libp2pcheck.so.0
+ *     cc prog.c -Iinclude target/release/libp2pcheck.so.0 -Wl,-rpath,"$PWD/target/release"
  *   Installed: scripts/install.sh PREFIX puts the header in PREFIX/include; libp2pcheck.a,
  *     libp2pcheck.so.0, its libp2pcheck.so link and pkgconfig/p2pcheck.pc in PREFIX/lib; the
  *     worker in PREFIX/bin. There, cc prog.c $(pkg-config --cflags --static --libs p2pcheck)
@@ -198,6 +199,25 @@ typedef enum p2pcheck_visibility {
     P2PCHECK_VISIBILITY_ALL = 1
 } p2pcheck_visibility;
 
+/* A transport: how a pair's two processes reach each other's memory. */
+typedef enum p2pcheck_transport {
+    /* Legacy CUDA IPC (cudaIpcGetMemHandle/cudaIpcOpenMemHandle): what vLLM's check uses. */
+    P2PCHECK_TRANSPORT_IPC = 0,
+    /* cuMemCreate memory exported as a POSIX descriptor, passed over a Unix socket, imported
+       and mapped (PyTorch's symmetric memory, NCCL_CUMEM_ENABLE). */
+    P2PCHECK_TRANSPORT_CUMEM = 1
+} p2pcheck_transport;
+
+/* Which transports a check runs every tier over. */
+typedef enum p2pcheck_transports {
+    /* Legacy IPC alone (default). */
+    P2PCHECK_TRANSPORTS_IPC = 0,
+    /* The cuMem path alone (the parallel engine only). */
+    P2PCHECK_TRANSPORTS_CUMEM = 1,
+    /* Both: the report holds every pair over IPC, then every pair over cuMem. */
+    P2PCHECK_TRANSPORTS_ALL = 2
+} p2pcheck_transports;
+
 /* A pair's verdict. Only OK is true for vLLM. */
 typedef enum p2pcheck_verdict {
     /* Every tier asked for passed, as both processes saw it. */
@@ -236,7 +256,15 @@ typedef enum p2pcheck_class {
     /* Resident kernels never saw each other's flags within the deadline. */
     P2PCHECK_CLASS_TIMEOUT = 5,
     /* Another failed call, or the driver could not be used. */
-    P2PCHECK_CLASS_OTHER = 6
+    P2PCHECK_CLASS_OTHER = 6,
+    /* cuMem transport: cuMemCreate/cuMemExportToShareableHandle refused a POSIX descriptor. */
+    P2PCHECK_CLASS_EXPORT_REFUSED = 7,
+    /* cuMem transport: the descriptor could not be passed over the Unix socket. */
+    P2PCHECK_CLASS_FD_NOT_PASSABLE = 8,
+    /* cuMem transport: cuMemImportFromShareableHandle refused the descriptor. */
+    P2PCHECK_CLASS_IMPORT_REFUSED = 9,
+    /* cuMem transport: cuMemAddressReserve, cuMemMap or cuMemSetAccess refused. */
+    P2PCHECK_CLASS_MAP_REFUSED = 10
 } p2pcheck_class;
 
 /*
@@ -336,6 +364,13 @@ p2pcheck_status p2pcheck_options_set_visibility(p2pcheck_options *opts,
                                                 p2pcheck_visibility visibility, char *msg,
                                                 size_t msg_len);
 
+/* Sets the transports every tier runs over (a p2pcheck_transports). INVALID_ARGUMENT for
+   another value; a check with the vLLM engine and another choice than IPC is INVALID_ARGUMENT
+   too (vLLM's procedure is legacy IPC's). vLLM's cache only ever holds IPC's verdicts. */
+p2pcheck_status p2pcheck_options_set_transport(p2pcheck_options *opts,
+                                               p2pcheck_transports transport, char *msg,
+                                               size_t msg_len);
+
 /* Sets the timeouts in milliseconds: step_ms, how long any single step of a pair may take
    (longer: the pair is HANG), and startup_ms, how long a worker may take to start CUDA. 0
    keeps a value as it is. Each must be from 1 ms to 1 day (86400000 ms), else
@@ -368,7 +403,8 @@ p2pcheck_status p2pcheck_options_set_worker(p2pcheck_options *opts, const char *
 /* Runs the workers on p2pcheck's simulated driver: a machine of `gpus` GPUs (1 to 64) with
    the faults in `faults`, a comma-separated list of SRC->TGT:KIND such as
    "0->1:drop-writes,2->3:hang" (KIND: ipc-open-fails, drop-writes, corrupt, sm-only,
-   late-visibility, hang, crash, one-way, claim-no, partial, shifted, slow, fast-wrong), each
+   late-visibility, hang, crash, one-way, claim-no, partial, shifted, slow, fast-wrong,
+   cumem-export-fails, cumem-import-fails, cumem-access-fails, cumem-drop-writes), each
    optionally followed
    by "@once" (only in the first attempt at the pair of each check: the fresh workers of its
    retry do not see it), or NULL or "" for none. gpus 0 with no faults turns the simulation off. A fault naming a GPU that does not exist,
@@ -412,6 +448,12 @@ p2pcheck_status p2pcheck_report_pair(const p2pcheck_report *report, size_t index
    and none for one GPU's own memory. */
 p2pcheck_status p2pcheck_report_pair_bandwidth(const p2pcheck_report *report, size_t index,
                                                p2pcheck_bandwidth *out);
+
+/* The transport pair `index` was checked over (a p2pcheck_transport, in *out). With
+   P2PCHECK_TRANSPORTS_ALL the report holds every pair over IPC first, then over cuMem; the
+   pair struct's layout is unchanged. */
+p2pcheck_status p2pcheck_report_pair_transport(const p2pcheck_report *report, size_t index,
+                                               int *out);
 
 /* What was seen for pair `index`, one line per detail ('\n' between them): why it failed,
    hung or errored, with the diagnosis and its usual cause in brackets, and what an earlier

@@ -7,7 +7,7 @@
 # folder, -lp2pcheck would link that one, and pkg-config can only add flags for --static, never
 # take one away. So a program built with these flags never depends on libp2pcheck at run time.
 # Libs.private are the system libraries the static library needs (rustc's native-static-libs,
-# the list include/p2pcheck.h states; tests/capi.rs links with them), for `pkg-config --static`
+# the list include/p2pcheck.h states; capi/tests/capi.rs links with them), for `pkg-config --static`
 # (needed with a glibc older than 2.34, where some of them are not part of libc).
 set -eu
 if [ "$#" -ne 1 ] || [ -z "$1" ]; then

@@ -5,7 +5,7 @@
 # (git-ignored) for the device tool's `carry`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --lib --bins --example access_check
+cargo build --release --workspace --lib --bins --example access_check
 test_bin=$(cargo test --release --no-run --test gpu --message-format=json 2>/dev/null |
   python3 -c 'import json,sys
 for l in sys.stdin:
@@ -19,7 +19,9 @@ gcc -O2 -Wall -Wextra -Werror -o .carry/floor scripts/floor.c -ldl
 cp scripts/bench.py .carry/
 # The bandwidth matrix (issue 18), which scripts/gpu-all.sh runs when it is staged.
 cp scripts/gpu-bandwidth.sh scripts/torch-copy-bw.py scripts/bw-agree.py .carry/
+# The cuMem transport's GPU run (issue 21), which scripts/gpu-all.sh runs when it is here.
+cp scripts/gpu-cumem.sh .carry/
 # The C ABI from C++, linked statically with exactly the system libraries the README names.
-g++ -std=c++17 -O2 -Iinclude -x c++ examples/cmake/main.c -x none target/release/libp2pcheck.a \
+g++ -std=c++17 -O2 -Iinclude -x c++ examples/cmake/main.c -x none target/release/libp2pcheck_capi.a \
   -lgcc_s -lutil -lrt -lpthread -lm -ldl -lc -o .carry/verdicts-cpp
 ls -la .carry

@@ -16,7 +16,7 @@ use crate::engine::{self, Options};
 use crate::environment::Environment;
 use crate::error::{CacheErrorKind, Error, Result};
 use crate::fingerprint;
-use crate::model::{Level, PairReport, Report};
+use crate::model::{Level, PairReport, Report, Transport, Transports};
 
 /// How [`access_check`] finds or computes its answer.
 #[derive(Clone, Debug, Default)]
@@ -31,7 +31,7 @@ pub struct AccessOptions {
     pub refresh: bool,
     /// One more user (uid), besides this process's own and root, whose cache folder and files
     /// are trusted: for a folder shared between users on purpose (`--trust-cache-owner`). See
-    /// [`cache::Trust`].
+    /// [`crate::Origin::Untrusted`].
     pub trust_cache_owner: Option<u32>,
 }
 
@@ -93,7 +93,7 @@ fn check_terms(opts: &Options) -> String {
     let mut terms = Vec::new();
     if opts.level >= Level::Kernel {
         terms.push(format!("kernel_bytes={}", opts.kernel_bytes));
-        if opts.test_plant_shifted_stores {
+        if crate::engine::planted_shift() != 0 {
             terms.push("test_plant_shifted_stores".into());
         }
     }
@@ -169,13 +169,13 @@ fn cache_folder(opts: &AccessOptions, env: &Environment) -> Result<PathBuf> {
 }
 
 /// Writes `report`'s verdicts as vLLM's cache file in `opts`' folder, with the fingerprint
-/// that vouches for them (the machine, `opts.check`'s level and settings, the verdicts; see
-/// [`cache::store_checked`]), atomically and under the lock, so that [`access_check`] answers
+/// that vouches for them (the machine, `opts.check`'s level and settings, the verdicts),
+/// atomically and under the lock, so that [`access_check`] answers
 /// from it without CUDA. `opts.check` must be the options the report was checked with.
 ///
 /// Every failure is an error and nothing is written: a verdict that is not a fact
 /// ([`PairReport::persistable`]), a folder, lock or file that is not trusted
-/// ([`cache::Trust`]), a machine whose GPUs `/proc` counts differently from the workers, a
+/// ([`crate::Origin::Untrusted`]), a machine whose GPUs `/proc` counts differently from the workers, a
 /// failed write. Returns the file written and, where the GPUs could not be named without CUDA,
 /// what the fingerprint therefore cannot notice (for a warning).
 ///
@@ -202,7 +202,15 @@ pub fn store_report(report: &Report, opts: &AccessOptions) -> Result<(PathBuf, O
             opts.check.level.name()
         )));
     }
-    if let Some(p) = report.pairs.iter().find(|p| !p.persistable()) {
+    if !report.transport.has(Transport::Ipc) {
+        return Err(refuse(
+            "not written: the report is of the cuMem transport alone, and vLLM's cache holds \
+             legacy CUDA IPC's verdicts (check with --transport ipc or all)"
+                .into(),
+        ));
+    }
+    // The cache holds legacy IPC's verdicts, whatever else the report checked.
+    if let Some(p) = report.on(Transport::Ipc).find(|p| !p.persistable()) {
         return Err(refuse(format!(
             "not written: pair {} is {} ({}): {}",
             p.pair,
@@ -212,7 +220,7 @@ pub fn store_report(report: &Report, opts: &AccessOptions) -> Result<(PathBuf, O
         )));
     }
     let n = report.device_count as usize;
-    let verdicts: Vec<bool> = report.pairs.iter().map(PairReport::ok).collect();
+    let verdicts: Vec<bool> = report.on(Transport::Ipc).map(PairReport::ok).collect();
     if verdicts.len() != n * n {
         return Err(Error::InvalidInput(format!(
             "a report of {} pairs is not the whole {n} x {n} matrix vLLM's cache holds",
@@ -250,7 +258,7 @@ pub fn store_report(report: &Report, opts: &AccessOptions) -> Result<(PathBuf, O
 /// without initialising CUDA); else the check for all pairs, once (one process computes while
 /// others wait on the lock), written atomically with its fingerprint. A pair that hung or
 /// errored only once is answered `false` to this caller and nothing is written. A cache folder
-/// or file that is not trusted ([`cache::Trust`]) is neither read nor written: the pairs are
+/// or file that is not trusted ([`crate::Origin::Untrusted`]) is neither read nor written: the pairs are
 /// checked and a warning says why.
 ///
 /// Where the GPUs cannot be named without CUDA (no `/proc/driver/nvidia`, MIG) the device count
@@ -331,7 +339,12 @@ fn remembered(key: &AnswerKey, src: u32, tgt: u32) -> Option<Access> {
 /// must not be written where one is not a fact. The workers must see the `n` devices this
 /// process counted.
 fn check_all(opts: &Options, n: u32) -> Result<cache::Computed> {
-    let report = engine::run(None, opts)?;
+    // vLLM's cache speaks of legacy CUDA IPC only, whatever transport the options name.
+    let ipc = Options {
+        transport: Transports::Ipc,
+        ..opts.clone()
+    };
+    let report = engine::run(None, &ipc)?;
     if report.device_count != n {
         return Err(Error::DeviceCountChanged {
             workers: report.device_count,

@@ -150,7 +150,9 @@ pub const DISABLE_CUSTOM_ALL_REDUCE: &str = "--disable-custom-all-reduce";
 
 /// The settings `report` calls for (see the module's table).
 pub fn advise(report: &Report) -> Advice {
-    let causes: Vec<Cause> = report.pairs.iter().filter(|p| !p.ok()).map(cause).collect();
+    // The remedies here are for the legacy IPC path (the cuMem transport's alone when only it
+    // was checked).
+    let causes: Vec<Cause> = report.primary().filter(|p| !p.ok()).map(cause).collect();
     let path_broken: Vec<Cause> = causes.iter().filter(|c| !c.copy_proven).copied().collect();
     let mut settings = Vec::new();
     if !path_broken.is_empty() {
@@ -185,7 +187,7 @@ pub fn advise(report: &Report) -> Advice {
     }
     Advice {
         level: report.level,
-        pairs: report.pairs.len(),
+        pairs: report.primary().count(),
         settings,
     }
 }
@@ -352,7 +354,7 @@ fn engine_of(argv: &[String]) -> Option<Consumer> {
 pub(crate) mod test_reports {
     use crate::model::{
         Engine, Evidence, Fault, Hang, Level, Lost, Outcome, Pair, PairReport, Problem, Report,
-        SideVerdict, TierOutcome, Visibility, WorkerFault,
+        SideVerdict, TierOutcome, Transport, Transports, Visibility, WorkerFault,
     };
 
     fn side(copy_ok: bool, kernel: TierOutcome, handshake: TierOutcome) -> SideVerdict {
@@ -370,6 +372,7 @@ pub(crate) mod test_reports {
     fn pair(src: u32, tgt: u32, outcome: Outcome) -> PairReport {
         PairReport {
             pair: Pair { src, tgt },
+            transport: Transport::Ipc,
             outcome,
             attempts: 1,
             other_attempt: None,
@@ -390,7 +393,12 @@ pub(crate) mod test_reports {
 
     /// A report of `pairs` on 4 GPUs at level handshake.
     pub fn report(pairs: Vec<PairReport>) -> Report {
-        let mut r = Report::empty(Engine::Parallel, Level::Handshake, Visibility::One);
+        let mut r = Report::empty(
+            Engine::Parallel,
+            Level::Handshake,
+            Transports::Ipc,
+            Visibility::One,
+        );
         r.device_count = 4;
         r.pairs = pairs;
         r

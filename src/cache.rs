@@ -137,15 +137,6 @@ pub fn cache_dir_from(lookup: impl Fn(&str) -> Option<String>) -> Result<PathBuf
     }))
 }
 
-/// [`cache_dir_from`] this process's environment.
-///
-/// # Errors
-///
-/// As [`cache_dir_from`].
-pub fn cache_dir() -> Result<PathBuf> {
-    cache_dir_from(|name| std::env::var(name).ok())
-}
-
 /// The cache file's name for a `CUDA_VISIBLE_DEVICES` key (`CUDA_VISIBLE_DEVICES` as set, or `0,1,…,n-1` when unset).
 ///
 /// A `/` in the key (old-style MIG ids, `MIG-GPU-<uuid>/1/0`) is written `_`, to keep the name a
@@ -696,10 +687,13 @@ fn write_atomic_steps(path: &Path, contents: &str) -> Fallible<()> {
 pub struct FileLock {
     /// Closing the file (on drop) releases the lock.
     file: File,
+    /// The lock file, for the tests ([`FileLock::path`]).
+    #[cfg(any(test, feature = "test-internals"))]
     path: PathBuf,
 }
 
 impl FileLock {
+    #[cfg(any(test, feature = "test-internals"))]
     /// Locks `path` (created, mode 0644, with its directory, if missing), waiting at most
     /// `timeout` for another holder to let go; the error then names the lock file, the timeout
     /// and the pid that last took the lock. An existing `path` that is not a regular file with
@@ -713,6 +707,7 @@ impl FileLock {
         FileLock::acquire_trusting(path, timeout, Trust::default())
     }
 
+    #[cfg(any(test, feature = "test-internals"))]
     /// [`FileLock::acquire`], trusting `trust`'s users too.
     ///
     /// # Errors
@@ -743,12 +738,14 @@ impl FileLock {
         }
         let mut lock = FileLock {
             file,
+            #[cfg(any(test, feature = "test-internals"))]
             path: path.to_path_buf(),
         };
         lock.record_holder();
         Ok(lock)
     }
 
+    #[cfg(any(test, feature = "test-internals"))]
     /// The lock file.
     pub fn path(&self) -> &Path {
         &self.path
@@ -869,8 +866,11 @@ pub enum Origin {
         /// Why (a pair whose verdict is not a fact: see [`crate::Evidence`]).
         reason: String,
     },
-    /// The cache folder or a file in it is not trusted ([`Trust`]): computed, and nothing
-    /// was read from the folder or written to it.
+    /// The cache folder or a file in it is not trusted: computed, and nothing was read from
+    /// the folder or written to it. Trusted are a folder owned by this process's user, root or
+    /// the user given as [`crate::AccessOptions::trust_cache_owner`], which neither group nor
+    /// others can write unless its sticky bit is set (as on `/tmp`), and the files in it owned
+    /// by such a user which neither group nor others can write.
     Untrusted {
         /// What is not trusted, why, and what to change.
         reason: String,
@@ -1068,6 +1068,7 @@ fn load(
     Ok(Loaded { verdicts, origin })
 }
 
+#[cfg(any(test, feature = "test-internals"))]
 /// vLLM's own semantics, atomic, computed once and safe in a hostile folder: the verdicts for
 /// `n` devices from the cache file `path`, used whatever wrote it, else computed and written
 /// (the file without the lock, then under the lock the file again, else `compute()`),
@@ -1163,6 +1164,7 @@ pub fn load_or_check(
 /// How long a writer waits for another process's lock on the cache file by default.
 pub const LOCK_TIMEOUT: Duration = Duration::from_secs(300);
 
+#[cfg(any(test, feature = "test-internals"))]
 /// Writes `verdicts` for `n` devices (row-major) to the cache file `path`, under its lock, as
 /// vLLM would (no fingerprint).
 ///
@@ -1249,7 +1251,7 @@ fn verdicts_of(bytes: Vec<u8>, n: usize) -> std::result::Result<Vec<bool>, Strin
     }
 }
 
-/// What [`read`] found in place of a cache file.
+/// What [`crate::read_vllm_cache`] found in place of a cache file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CacheFile {
     /// There is none.
@@ -1257,7 +1259,7 @@ pub enum CacheFile {
     /// Its verdicts, row-major.
     Verdicts(Vec<bool>),
     /// It cannot be used (but may be replaced): what is wrong with it, or why it is not
-    /// trusted ([`Trust`]).
+    /// trusted ([`Origin::Untrusted`]).
     Unusable(String),
 }
 

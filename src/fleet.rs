@@ -4,7 +4,7 @@
 //! shows them in use.
 
 use crate::advice::{self, Remedy};
-use crate::model::{Level, PairReport, Report, TierOutcome};
+use crate::model::{Level, PairReport, Report, TierOutcome, Transport};
 
 pub use crate::render::json::JSON_SCHEMA_VERSION;
 
@@ -98,6 +98,10 @@ fn run_metrics(out: &mut String, success: bool, info: &RunInfo) {
 /// A pair's labels: `src`, `tgt`, and their UUIDs where known.
 fn pair_labels(p: &PairReport, uuids: Option<&[String]>) -> String {
     let mut labels = format!("src=\"{}\",tgt=\"{}\"", p.pair.src, p.pair.tgt);
+    // Legacy IPC's series read as they always did; the cuMem transport's are told apart.
+    if p.transport != Transport::Ipc {
+        labels.push_str(&format!(",transport=\"{}\"", p.transport.name()));
+    }
     let uuid = |i: u32| uuids.and_then(|u| u.get(i as usize));
     if let (Some(s), Some(t)) = (uuid(p.pair.src), uuid(p.pair.tgt)) {
         labels.push_str(&format!(
@@ -238,11 +242,19 @@ fn not_ok_pairs(report: &Report) -> String {
         .iter()
         .filter(|p| !p.ok())
         .map(|p| match p.failed_tier() {
-            Some(t) => format!("{} {}", p.pair, t.name()),
-            None => format!("{} {}", p.pair, p.verdict().word()),
+            Some(t) => format!("{}{} {}", p.pair, over(p), t.name()),
+            None => format!("{}{} {}", p.pair, over(p), p.verdict().word()),
         })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// ` over cumem` for the cuMem transport's entries; nothing for legacy IPC's.
+fn over(p: &PairReport) -> String {
+    match p.transport {
+        Transport::Ipc => String::new(),
+        t => format!(" over {}", t.name()),
+    }
 }
 
 /// The longest message node-problem-detector keeps by default (`max_output_length`).

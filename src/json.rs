@@ -1,8 +1,12 @@
 //! A tiny strict JSON (RFC 8259) reader, and a writer ([`Object`], [`Json`]) that cannot
 //! produce invalid JSON.
 //!
+//! Public because it is part of the report's API: [`JsonExtras`](crate::JsonExtras) takes
+//! [`Json`] values (the vLLM cache's state, the doctor's explanations) that a program builds
+//! with this writer, and a program reading p2pcheck's JSON outputs can use the same reader.
+//!
 //! Why not a crate: the only JSON we read is vLLM's small cache file (and our own `--json`
-//! output in tests), and the crate keeps its dependencies to libc, once_cell and anyhow.
+//! output in tests), and the crate keeps its dependencies to libc and once_cell.
 //!
 //! The reader accepts what Python's `json.loads` accepts, with these documented differences:
 //!
@@ -82,6 +86,11 @@ impl fmt::Display for ParseError {
 impl std::error::Error for ParseError {}
 
 /// Parses one JSON value filling all of `text` (whitespace around it allowed).
+///
+/// # Errors
+///
+/// [`ParseError`], with the offset, what was expected and what was found there, for text that
+/// is not exactly one JSON value.
 pub fn parse(text: &str) -> Result<Value, ParseError> {
     let mut p = Parser { text, pos: 0 };
     p.skip_ws();

@@ -16,8 +16,8 @@
 //! checked calls, owned resources), `model` (pairs, problems, verdicts and their causes,
 //! reports: the vocabulary every layer speaks), `protocol` (the model over pipes), `worker`
 //! (the child processes), `engine` (the parent: pool, engines, deadlines, rounds), `render`
-//! (the model as text and JSON), [`cache`],
-//! [`fingerprint`], [`policy`], and this API.
+//! (the model as text and JSON), `cache` (vLLM's file, locked, trusted or not), `fingerprint`
+//! (what vouches for a cached answer), [`policy`], and this API.
 //!
 //! ```no_run
 //! // Which pairs of the visible GPUs really work? (Needs GPUs and the p2pcheck-worker binary.)
@@ -36,20 +36,29 @@
 //! ```
 
 // `unsafe` lives only at the FFI edges: `cuda` (CUDA), `os` (libc), `sys` (bindings),
-// `capi` (the C ABI) and `doctor::nvml` (NVML).
+// and `doctor::nvml` (NVML); the C ABI is the crate `capi/`.
 #![deny(unsafe_code)]
 
 mod access;
 pub mod advice;
+// The cache and the fingerprint are implementation details. This crate's own integration tests
+// reach them through the `test-internals` feature (Cargo.toml): not API, hidden from the docs.
+#[cfg(feature = "test-internals")]
+#[doc(hidden)]
 pub mod cache;
-pub mod capi;
+#[cfg(not(feature = "test-internals"))]
+mod cache;
 mod cuda;
 pub mod doctor;
 mod engine;
 mod environment;
 mod error;
 mod files;
+#[cfg(feature = "test-internals")]
+#[doc(hidden)]
 pub mod fingerprint;
+#[cfg(not(feature = "test-internals"))]
+mod fingerprint;
 pub mod fleet;
 pub mod json;
 mod model;
@@ -71,6 +80,7 @@ use std::path::PathBuf;
 use environment::Environment;
 
 pub use access::{access_check, store_report, Access, AccessOptions};
+pub use cache::{CacheFile, Origin};
 pub use cuda::{Error as CudaError, Library};
 pub use engine::{
     locate_worker, start, this_executable_is_a_worker, Options, Pending, DEFAULT_BANDWIDTH_BYTES,
@@ -79,14 +89,14 @@ pub use engine::{
 pub use error::{CacheErrorKind, Error, Phase, Result};
 pub use model::{
     all_pairs, Attempt, Check, Class, Engine, Evidence, Failure, Fault, Finding, Hang, Level, Lost,
-    OtherAttempt, Outcome, Pair, PairReport, Problem, Report, SideVerdict, TierOutcome, TierParams,
-    Verdict, Visibility, WorkerFault, WorkerInfo,
+    OtherAttempt, Outcome, Pair, PairReport, Problem, Report, Route, SideVerdict, TierOutcome,
+    TierParams, Transport, Transports, Verdict, Visibility, WorkerFault, WorkerInfo,
 };
 pub use model::{
     figure_name, Bandwidth, Direction, Figure, Floor, Link, Mover, PairBandwidth, FIGURES,
     FLOOR_FRACTION,
 };
-pub use protocol::VERSION as PROTOCOL_VERSION;
+pub use protocol::{MAX_DEVICES, VERSION as PROTOCOL_VERSION};
 pub use render::json::JsonExtras;
 pub use render::text::TableExtras;
 pub use sys::BINDINGS_SOURCE;
@@ -143,7 +153,7 @@ pub fn judge_bandwidth_links(report: &mut Report, opts: &Options) {
 /// As [`can_actually_p2p_with`].
 pub fn can_actually_p2p(batch_src: &[u32], batch_tgt: &[u32]) -> Result<Vec<bool>> {
     let report = can_actually_p2p_with(batch_src, batch_tgt, &Options::default())?;
-    Ok(report.pairs.iter().map(PairReport::ok).collect())
+    Ok(report.primary().map(PairReport::ok).collect())
 }
 
 /// [`can_actually_p2p`] with explicit options, returning the full [`Report`].
@@ -169,7 +179,12 @@ pub fn can_actually_p2p_with(
         .map(|(&src, &tgt)| Pair { src, tgt })
         .collect();
     if pairs.is_empty() {
-        return Ok(Report::empty(opts.engine, opts.level, opts.visibility));
+        return Ok(Report::empty(
+            opts.engine,
+            opts.level,
+            opts.transport,
+            opts.visibility,
+        ));
     }
     check(Some(&pairs), opts)
 }
@@ -211,9 +226,12 @@ pub fn vllm_cache_path(n: u32) -> Result<PathBuf> {
 ///
 /// # Errors
 ///
+/// [`Error::Cache`] ([`CacheErrorKind::BadPath`]) for a folder path that cannot hold the cache
+/// (empty, with a NUL byte, or naming something that is not a folder);
 /// [`Error::InvalidInput`] for a `CUDA_VISIBLE_DEVICES` that is not UTF-8 text: it cannot
 /// name a cache file.
 pub fn vllm_cache_path_in(dir: &std::path::Path, n: u32) -> Result<PathBuf> {
+    cache::check_dir(dir)?;
     Environment::read().cache_path_in(dir, n)
 }
 
@@ -226,4 +244,61 @@ pub fn vllm_cache_path_in(dir: &std::path::Path, n: u32) -> Result<PathBuf> {
 /// As [`access_check`].
 pub fn gpu_p2p_access_check(src: u32, tgt: u32) -> Result<bool> {
     access_check(src, tgt, &AccessOptions::default()).map(|a| a.answer)
+}
+
+/// vLLM's cache folder, as vLLM finds it: `$VLLM_CACHE_ROOT`, else `$XDG_CACHE_HOME/vllm`, else
+/// `$HOME/.cache/vllm`.
+///
+/// # Errors
+///
+/// [`Error::Cache`] ([`CacheErrorKind::NoFolder`]) when none of them is set (or one is not
+/// usable as a path).
+pub fn vllm_cache_dir() -> Result<PathBuf> {
+    Environment::read().cache_dir()
+}
+
+/// Checks that `dir` can be a cache folder before anything is checked or written there: not
+/// empty, no NUL byte, and, when it exists, a folder (a symbolic link to one is fine). A
+/// missing folder is created when a cache file is written.
+///
+/// # Errors
+///
+/// [`Error::Cache`] ([`CacheErrorKind::BadPath`]) for a path refused as above.
+pub fn check_cache_dir(dir: &std::path::Path) -> Result<()> {
+    cache::check_dir(dir)
+}
+
+/// What the vLLM cache file at `path` holds for `n` devices ([`vllm_cache_path_in`] names
+/// it): nothing, its verdicts (row-major, `n * n`), or why it cannot be used. Read as
+/// [`gpu_p2p_access_check`] reads it: without following links, only when trusted.
+///
+/// # Errors
+///
+/// [`Error::Cache`] when the folder or the file cannot be read at all.
+pub fn read_vllm_cache(path: &std::path::Path, n: usize) -> Result<CacheFile> {
+    cache::read(path, n)
+}
+
+/// Writes `text` to `path` atomically, as the cache files are written: a new file in the same
+/// folder, flushed, then renamed over `path` (a reader never sees half a file), without
+/// following a link and never over another user's file. For outputs a collector reads
+/// (`p2pcheck --output`).
+///
+/// # Errors
+///
+/// [`Error::Cache`] naming the file when its folder cannot be created or trusted, or a step of
+/// the write fails.
+pub fn write_file_atomic(path: &std::path::Path, text: &str) -> Result<()> {
+    cache::write_atomic(path, text)
+}
+
+/// The visible GPUs' UUIDs in CUDA's numbering (`CUDA_VISIBLE_DEVICES`, `CUDA_DEVICE_ORDER`),
+/// read from `/proc` without CUDA (to label metrics); `None` where they cannot be named so,
+/// for example GPUs of different models without `CUDA_DEVICE_ORDER=PCI_BUS_ID`, or no driver.
+pub fn visible_gpu_uuids() -> Option<Vec<String>> {
+    let env = Environment::read();
+    let machine = fingerprint::read_machine().ok()?;
+    let cvd = env.cvd_text().ok()?;
+    let gpus = fingerprint::resolve_visible(cvd, env.device_order(), &machine).ok()?;
+    Some(gpus.into_iter().map(|g| g.uuid).collect())
 }

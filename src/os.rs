@@ -6,6 +6,8 @@
 
 #![allow(unsafe_code)]
 
+pub mod fdpass;
+
 use std::ffi::{CStr, CString, OsStr};
 use std::fs::File;
 use std::io;
@@ -156,21 +158,33 @@ pub const PROTOCOL_FD: RawFd = 3;
 
 /// Sets up a worker's process in the child, between fork and exec, so that nothing of it
 /// reaches the process that starts it: the piped stdout moved to [`PROTOCOL_FD`] and fd 1
-/// pointed at the child's stderr; `PR_SET_PDEATHSIG` (SIGKILL when the thread that started it
+/// pointed at the child's stderr; `socket`, when given (the child's end of the cuMem
+/// transport's descriptor socket, from [`fdpass::socket_pair`]: at 3 or above), at
+/// [`fdpass::WORKER_SOCKET_FD`]; `PR_SET_PDEATHSIG` (SIGKILL when the thread that started it
 /// ends, so a parent killed by Ctrl-C, SIGTERM or SIGKILL leaves no worker behind); and no exec
-/// at all when the parent died before that was set (the spawn then fails).
-pub fn worker_pre_exec(cmd: &mut std::process::Command) {
+/// at all when the parent died before that was set (the spawn then fails). `socket` must stay
+/// open until `cmd` is spawned.
+pub fn worker_pre_exec(cmd: &mut std::process::Command, socket: Option<&OwnedFd>) {
     use std::os::unix::process::CommandExt;
     let parent = std::process::id() as libc::pid_t;
-    // Descriptor 3 of the child is never std's exec-error pipe: that pipe is made after the
-    // stdin and stdout pipes, which take the lowest free descriptors first. Whatever else it
-    // held is close-on-exec.
+    let socket = socket.map(AsRawFd::as_raw_fd);
+    // Descriptors 3 and 4 of the child are never std's exec-error pipe: that pipe is made after
+    // the stdin, stdout and stderr pipes, which take the six lowest free descriptors first.
+    // Whatever else they held is close-on-exec. The socket moves first, so that making
+    // descriptor 3 cannot close it.
     // SAFETY: the closure runs in the forked child before exec and makes only
-    // async-signal-safe calls (dup2, prctl, getppid) that allocate nothing and touch no memory
-    // shared with the parent.
+    // async-signal-safe calls (dup2, fcntl, prctl, getppid) that allocate nothing and touch no
+    // memory shared with the parent.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::dup2(1, PROTOCOL_FD) < 0 || libc::dup2(2, 1) < 0 {
+            let to = fdpass::WORKER_SOCKET_FD;
+            let moved = match socket {
+                None => 0,
+                // dup2 onto itself would leave it close-on-exec.
+                Some(s) if s == to => libc::fcntl(s, libc::F_SETFD, 0),
+                Some(s) => libc::dup2(s, to),
+            };
+            if moved < 0 || libc::dup2(1, PROTOCOL_FD) < 0 || libc::dup2(2, 1) < 0 {
                 return Err(io::Error::last_os_error());
             }
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
@@ -189,43 +203,54 @@ pub fn worker_pre_exec(cmd: &mut std::process::Command) {
 /// program was not started as a worker), and at every call after one that succeeded: that
 /// call's `File` owns the descriptor.
 pub fn protocol_output() -> io::Result<File> {
-    // Only one call takes it: two Files closing one descriptor would close whatever reused
-    // its number. A call that fails gives it back.
     static TAKEN: AtomicBool = AtomicBool::new(false);
-    if TAKEN.swap(true, Ordering::SeqCst) {
-        return Err(io::Error::new(
-            io::ErrorKind::AlreadyExists,
-            format!("descriptor {PROTOCOL_FD} is owned already (taken by an earlier call)"),
-        ));
-    }
-    let taken = take_protocol_output();
-    if taken.is_err() {
-        TAKEN.store(false, Ordering::SeqCst);
-    }
-    taken
+    take_inherited(&TAKEN, PROTOCOL_FD, libc::S_IFIFO, "a pipe").map(File::from)
 }
 
-fn take_protocol_output() -> io::Result<File> {
+/// Takes descriptor `fd`, set up by the parent between fork and exec, once: it must be of file
+/// type `kind` (`what` in words), and is made close-on-exec. Only one call takes it (`taken`
+/// says whether one did): two owners closing one descriptor would close whatever reused its
+/// number. A call that fails gives it back.
+fn take_inherited(
+    taken: &AtomicBool,
+    fd: RawFd,
+    kind: libc::mode_t,
+    what: &str,
+) -> io::Result<OwnedFd> {
+    if taken.swap(true, Ordering::SeqCst) {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("descriptor {fd} is owned already (taken by an earlier call)"),
+        ));
+    }
+    let result = take_descriptor(fd, kind, what);
+    if result.is_err() {
+        taken.store(false, Ordering::SeqCst);
+    }
+    result
+}
+
+fn take_descriptor(fd: RawFd, kind: libc::mode_t, what: &str) -> io::Result<OwnedFd> {
     // SAFETY: stat is plain data, written by fstat before it is read; fstat on a descriptor
     // that is not open fails with EBADF and touches nothing else.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: st is a valid, writable stat.
-    if unsafe { libc::fstat(PROTOCOL_FD, &mut st) } != 0 {
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    if st.st_mode & libc::S_IFMT != libc::S_IFIFO {
+    if st.st_mode & libc::S_IFMT != kind {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("descriptor {PROTOCOL_FD} is not a pipe"),
+            format!("descriptor {fd} is not {what}"),
         ));
     }
     // SAFETY: fcntl on an open descriptor; F_SETFD touches no memory of ours.
-    if unsafe { libc::fcntl(PROTOCOL_FD, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: the descriptor is open (fstat succeeded) and, taken by one call only (TAKEN),
-    // owned by the File alone from here on.
-    Ok(unsafe { File::from_raw_fd(PROTOCOL_FD) })
+    // SAFETY: the descriptor is open (fstat succeeded) and, taken by one call only, owned by
+    // the OwnedFd alone from here on.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// Whether `fd` is readable (or hung up) right now, without waiting.

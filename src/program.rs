@@ -18,6 +18,10 @@ use crate::os;
 /// Makes this process the reaper of its orphaned descendants (`PR_SET_CHILD_SUBREAPER`), so
 /// that a worker's descendant that escaped its process group (`setsid`) is reparented here
 /// when the worker dies and [`end_adopted_orphans`] can end it.
+///
+/// # Errors
+///
+/// [`Error::Subreaper`] when the kernel refuses (`prctl`).
 pub fn adopt_orphans() -> Result<()> {
     os::become_subreaper().map_err(|e| Error::Subreaper {
         source_text: e.to_string(),
@@ -34,7 +38,7 @@ const CHECKS_WAIT: Duration = Duration::from_secs(20);
 /// a child is a worker's descendant that escaped). It waits first, up to 20 s, until every
 /// check of this process has reaped its workers (so it never races a check's own reaping),
 /// then sends each child SIGKILL through a pidfd and reaps it through that pidfd, and does so
-/// again for the orphans their deaths hand over, for at most [`pool::KILL_WAIT`]. Call it only
+/// again for the orphans their deaths hand over, for at most 5 s. Call it only
 /// where no other code of the process reaps children. Returns the pid of each process ended,
 /// and why for each that could not be (`Err`).
 pub fn end_adopted_orphans() -> Vec<std::result::Result<u32, String>> {

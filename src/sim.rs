@@ -27,7 +27,8 @@ const LIBRARY: &[u8] = include_bytes!(env!("P2PCHECK_SIM_LIB"));
 pub const MAX_GPUS: u32 = 64;
 
 /// How a pair's peer path is broken. Each applies to one ordered pair `src->tgt`: a process on
-/// `tgt` accessing memory owned by `src` through CUDA IPC.
+/// `tgt` accessing memory owned by `src` through a peer mapping, of CUDA IPC or of the cuMem
+/// transport (the kinds named `cumem-*` concern the cuMem path alone).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum FaultKind {
     /// `cudaIpcOpenMemHandle` fails, as in a container without a shared IPC namespace.
@@ -58,11 +59,21 @@ pub enum FaultKind {
     /// Bandwidth: timed transfers through the mapping take their modelled time but move
     /// nothing (a fast wrong copy, for the data check to catch).
     FastWrong,
+    /// `cuMemExportToShareableHandle` of `src`'s memory fails, and `src` says it does not
+    /// support POSIX descriptor handles: every pair from `src` fails on the cuMem path. No
+    /// `@once` (the export is made once per device).
+    CumemExportFails,
+    /// `cuMemImportFromShareableHandle` of `src`'s memory fails on `tgt`.
+    CumemImportFails,
+    /// `cuMemSetAccess` granting `tgt` access to its mapping of `src`'s memory fails.
+    CumemAccessFails,
+    /// Writes through a cuMem mapping vanish; the IPC mapping of the same pair works.
+    CumemDropWrites,
 }
 
 impl FaultKind {
     /// Every kind, in documentation order.
-    pub const ALL: [FaultKind; 13] = [
+    pub const ALL: [FaultKind; 17] = [
         FaultKind::IpcOpenFails,
         FaultKind::DropWrites,
         FaultKind::Corrupt,
@@ -76,6 +87,10 @@ impl FaultKind {
         FaultKind::Shifted,
         FaultKind::Slow,
         FaultKind::FastWrong,
+        FaultKind::CumemExportFails,
+        FaultKind::CumemImportFails,
+        FaultKind::CumemAccessFails,
+        FaultKind::CumemDropWrites,
     ];
 
     /// The name used on the command line and by the simulator.
@@ -94,6 +109,10 @@ impl FaultKind {
             FaultKind::Shifted => "shifted",
             FaultKind::Slow => "slow",
             FaultKind::FastWrong => "fast-wrong",
+            FaultKind::CumemExportFails => "cumem-export-fails",
+            FaultKind::CumemImportFails => "cumem-import-fails",
+            FaultKind::CumemAccessFails => "cumem-access-fails",
+            FaultKind::CumemDropWrites => "cumem-drop-writes",
         }
     }
 }
@@ -157,6 +176,11 @@ impl FromStr for Fault {
             .into_iter()
             .find(|k| k.name() == kind.trim())
             .ok_or_else(|| bad(format!("unknown kind {kind:?} (one of {})", kinds())))?;
+        if once && kind == FaultKind::CumemExportFails {
+            return Err(bad(
+                "cumem-export-fails takes no @once (the export is made once per device)".into(),
+            ));
+        }
         Ok(Fault {
             src: id(src)?,
             tgt: id(tgt)?,
@@ -205,7 +229,7 @@ impl Simulation {
     /// The simulated machine as `/proc/driver/nvidia` would describe it: GPU k has the UUID
     /// the simulator gives it (`csrc/sim.c`), bus id `0000:<k+1>:00.0`, one model; so single-GPU
     /// visibility works on the simulator exactly as on a real machine.
-    pub fn machine(&self) -> crate::fingerprint::Machine {
+    pub(crate) fn machine(&self) -> crate::fingerprint::Machine {
         crate::fingerprint::Machine {
             driver_version: "simulated".into(),
             boot_id: "00000000-0000-0000-0000-000000000000".into(),
@@ -326,7 +350,11 @@ mod tests {
     #[test]
     fn faults_parse_and_print_round_trip() {
         for kind in FaultKind::ALL {
-            for once in [false, true] {
+            let onces: &[bool] = match kind {
+                FaultKind::CumemExportFails => &[false],
+                _ => &[false, true],
+            };
+            for &once in onces {
                 let text = format!("3->1:{}{}", kind.name(), if once { "@once" } else { "" });
                 let f: Fault = text.parse().unwrap();
                 assert_eq!(
@@ -368,6 +396,7 @@ mod tests {
             ("0->1:melt", "drop-writes"),
             ("0->1:hang@twice", "only @once"),
             ("0->1:hang@", "only @once"),
+            ("0->1:cumem-export-fails@once", "no @once"),
         ] {
             let err = text.parse::<Fault>().unwrap_err().to_string();
             assert!(err.contains(needle), "{text}: {err}");

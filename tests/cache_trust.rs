@@ -12,6 +12,8 @@
 //! (65534, `nobody`); as another user they are skipped, saying so.
 
 mod common;
+#[path = "common/crafted.rs"]
+mod crafted;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -50,7 +52,7 @@ fn can_chown() -> bool {
 
 /// The check's conditions on a crafted two-GPU machine.
 fn now() -> Fingerprint {
-    common::crafted_fingerprint("handshake")
+    crafted::crafted_fingerprint("handshake")
 }
 
 /// A cache folder `cache/` (mode 0755) and, beside it, `outside/` with a file that must never

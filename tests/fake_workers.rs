@@ -16,13 +16,13 @@ use common::{output_within, TempDir};
 /// wrong thing would meet. It proves what a run did not wait for, never speed.
 const BOUND: Duration = Duration::from_secs(60);
 
-/// A Barrier frame for pair 0 (0->0), from the producer, stage Copy: length 16, tag 5, job
-/// (index, src, tgt: u32; role, tier: u8), stage.
+/// A Barrier frame for pair 0 (0->0), from the producer, stage Copy: length 17, tag 5, job
+/// (index, src, tgt: u32; role, tier, transport: u8), stage.
 const BARRIER: &str =
-    r"\x10\x00\x00\x00\x05\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00";
+    r"\x11\x00\x00\x00\x05\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00";
 
-/// A Hello frame for one device: length 16, tag 1, "P2PC", version 3, pid 0, ok, count 1.
-const HELLO: &str = r"\x10\x00\x00\x00\x01P2PC\x03\x00\x00\x00\x00\x00\x01\x01\x00\x00\x00";
+/// A Hello frame for one device: length 16, tag 1, "P2PC", version 4, pid 0, ok, count 1.
+const HELLO: &str = r"\x10\x00\x00\x00\x01P2PC\x04\x00\x00\x00\x00\x00\x01\x01\x00\x00\x00";
 
 /// Writes an executable worker script whose body runs after `exec 1>&3 3>&-` (the protocol's
 /// output pipe is descriptor 3; its stdout and stderr are captured by the parent), in a folder
@@ -243,7 +243,7 @@ fn a_descendant_that_escaped_with_setsid_does_not_outlive_the_check() {
 fn a_worker_claiming_more_gpus_than_the_driver_lists_is_refused() {
     // Hello with a device count of 91, on a (simulated) machine of 2 GPUs: nothing is sized by
     // the claim (91 devices would be 8,281 pairs).
-    let hello91 = r"\x10\x00\x00\x00\x01P2PC\x03\x00\x00\x00\x00\x00\x01\x5b\x00\x00\x00";
+    let hello91 = r"\x10\x00\x00\x00\x01P2PC\x04\x00\x00\x00\x00\x00\x01\x5b\x00\x00\x00";
     let (_dir, w) = fake_worker("liar", &format!("printf '{hello91}'; sleep 300"));
     for engine in ["vllm", "parallel"] {
         let (out, took) = run_with(&w, engine, &["--simulate", "2"]);
@@ -262,7 +262,7 @@ fn the_whole_check_has_a_deadline_that_no_number_of_pairs_can_stretch() {
     // Hello with a device count of 20 on a simulated machine of 20 GPUs, then silence: 400
     // pairs, each of which would cost a step timeout (and fresh workers) twice, over two
     // minutes. The whole check's deadline ends it (5 s), every pair accounted for.
-    let hello20 = r"\x10\x00\x00\x00\x01P2PC\x03\x00\x00\x00\x00\x00\x01\x14\x00\x00\x00";
+    let hello20 = r"\x10\x00\x00\x00\x01P2PC\x04\x00\x00\x00\x00\x00\x01\x14\x00\x00\x00";
     let (_dir, w) = fake_worker("silent20", &format!("printf '{hello20}'; sleep 30"));
     let (out, took) = run_with(
         &w,

@@ -200,10 +200,12 @@ fn a_worker_killed_mid_run_is_retried_not_persisted_and_leaves_nothing() {
 #[ignore = "needs NVIDIA GPUs: run with --ignored and P2PCHECK_GPU_TESTS=1"]
 fn a_planted_shifted_store_is_caught_by_the_kernel_tier_as_wrong_data() {
     require_gpu_run();
+    // The test switch, read by the check in this process (the GPU tests run one at a time:
+    // --test-threads=1); removed again at the end.
+    std::env::set_var("P2PCHECK_TEST_PLANT_SHIFTED_STORES", "1");
     for engine in [Engine::Parallel, Engine::Vllm] {
         let opts = Options {
             engine,
-            test_plant_shifted_stores: true,
             ..options()
         };
         let report = p2pcheck::check(None, &opts).expect("the check runs");
@@ -227,4 +229,5 @@ fn a_planted_shifted_store_is_caught_by_the_kernel_tier_as_wrong_data() {
             eprintln!("{engine:?} {}: {why}", p.pair);
         }
     }
+    std::env::remove_var("P2PCHECK_TEST_PLANT_SHIFTED_STORES");
 }

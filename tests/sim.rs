@@ -112,7 +112,8 @@ fn step() -> Duration {
     Duration::from_secs(STEP.parse().expect("STEP is whole seconds"))
 }
 
-/// A finished run's JSON: exit code, device count, and each pair's fields by "src->tgt".
+/// A finished run's JSON: exit code, device count, and each pair's fields by "src->tgt" (legacy
+/// IPC's) or "src->tgt@cumem" (the cuMem transport's).
 struct Run {
     code: i32,
     devices: usize,
@@ -200,7 +201,13 @@ fn simulate(gpus: u32, faults: &[&str], extra: &[&str], env: &[(&str, &str)]) ->
         .iter()
         .map(|p| {
             let p = object(p.clone());
-            (format!("{}->{}", number(&p["src"]), number(&p["tgt"])), p)
+            let over = match &p["transport"] {
+                Value::String(t) if t == "ipc" => String::new(),
+                Value::String(t) => format!("@{t}"),
+                other => panic!("transport {other:?}"),
+            };
+            let key = format!("{}->{}{over}", number(&p["src"]), number(&p["tgt"]));
+            (key, p)
         })
         .collect();
     let run = Run {
@@ -822,7 +829,7 @@ fn a_failure_that_does_not_repeat_is_reported_but_never_written_to_vllms_cache()
     let access = p2pcheck::access_check(0, 1, &opts).unwrap();
     assert!(!access.answer);
     assert!(
-        matches!(access.origin, p2pcheck::cache::Origin::NotPersisted { .. }),
+        matches!(access.origin, p2pcheck::Origin::NotPersisted { .. }),
         "{:?}",
         access.origin
     );
@@ -1276,4 +1283,215 @@ fn a_warm_answer_needs_no_cuda_and_a_changed_machine_is_checked_again() {
         calls(&stderr) > 0 && stderr.contains("a fresh check was asked for"),
         "{stderr}"
     );
+}
+
+/// The diagnosis class of a pair that failed (`None` for one that did not).
+fn class_of(run: &Run, pair: &str) -> Option<String> {
+    match run.field(pair, "diagnosis") {
+        Value::Object(fields) => fields.iter().find_map(|(k, v)| match (k.as_str(), v) {
+            ("class", Value::String(c)) => Some(c.clone()),
+            _ => None,
+        }),
+        _ => None,
+    }
+}
+
+#[test]
+fn every_cumem_fault_is_caught_and_classified_over_cumem_and_all_while_ipc_is_untouched() {
+    // (fault, the cuMem pairs it breaks on 3 GPUs, their class): the export is the producer
+    // device's (every pair from it); the others are the pair's alone.
+    let cases: [(&str, &[&str], &str); 4] = [
+        (
+            "1->2:cumem-export-fails",
+            &["1->0", "1->1", "1->2"],
+            "export-refused",
+        ),
+        ("1->2:cumem-import-fails", &["1->2"], "import-refused"),
+        ("1->2:cumem-access-fails", &["1->2"], "map-refused"),
+        ("1->2:cumem-drop-writes", &["1->2"], "never-written"),
+    ];
+    for (fault, broken, class) in cases {
+        for transport in ["cumem", "all"] {
+            for visibility in ["one", "all"] {
+                let flags = ["--transport", transport, "--visibility", visibility];
+                let (run, _) = simulate(3, &[fault], &flags, &[]);
+                let what = format!("{fault} --transport {transport} --visibility {visibility}");
+                assert_eq!(run.code, 1, "{what}: {}", run.stderr);
+                assert_eq!(
+                    run.top["transport"],
+                    Value::String(transport.into()),
+                    "{what}"
+                );
+                let ipc = if transport == "all" { 9 } else { 0 };
+                assert_eq!(run.pairs.len(), 9 + ipc, "{what}");
+                let broken: Vec<String> = broken.iter().map(|p| format!("{p}@cumem")).collect();
+                for p in &broken {
+                    assert_eq!(run.verdict(p), "fails", "{what} {p}: {}", run.reason(p));
+                    assert_eq!(
+                        run.field(p, "failed_tier"),
+                        &Value::String("copy".into()),
+                        "{what} {p}"
+                    );
+                    assert_eq!(class_of(&run, p).as_deref(), Some(class), "{what} {p}");
+                    // Failed twice the same way: a fact about the machine.
+                    assert_eq!(
+                        run.field(p, "evidence"),
+                        &Value::String("confirmed".into()),
+                        "{what} {p}"
+                    );
+                }
+                // Every other pair passes, over both transports: legacy IPC knows nothing of
+                // the cuMem path's faults.
+                let except: Vec<&str> = broken.iter().map(String::as_str).collect();
+                run.others_ok(&except);
+            }
+        }
+    }
+}
+
+#[test]
+fn the_cumem_path_shares_the_paths_faults_and_keeps_its_own_tiers() {
+    // A fault of the path between the GPUs breaks both transports, each at its own tier.
+    let (run, _) = simulate(
+        2,
+        &["0->1:sm-only"],
+        &["--transport", "all", "--timeout", STEP],
+        &[],
+    );
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    for p in ["0->1", "0->1@cumem"] {
+        assert_eq!(run.verdict(p), "fails", "{p}: {}", run.reason(p));
+        assert_eq!(
+            run.field(p, "failed_tier"),
+            &Value::String("kernel".into()),
+            "{p}"
+        );
+        assert_eq!(run.field(p, "copy_ok"), &Value::Bool(true), "{p}");
+    }
+    run.others_ok(&["0->1", "0->1@cumem"]);
+    // ipc-open-fails is legacy IPC's own: the cuMem path passes every tier.
+    let (run, _) = simulate(2, &["1->0:ipc-open-fails"], &["--transport", "all"], &[]);
+    assert_eq!(class_of(&run, "1->0").as_deref(), Some("open-failed"));
+    run.others_ok(&["1->0"]);
+    for (pair, fields) in run.pairs.iter().filter(|(p, _)| p.ends_with("@cumem")) {
+        assert_eq!(fields["handshake"], Value::String("ok".into()), "{pair}");
+    }
+}
+
+#[test]
+fn legacy_results_and_the_vllm_cache_bytes_do_not_depend_on_the_cumem_transport() {
+    let tmp = TempDir::new("p2pcheck-sim-cumem-cache");
+    let mut files = Vec::new();
+    for transport in ["ipc", "all"] {
+        let dir = tmp.path().join(transport);
+        let dir_s = dir.display().to_string();
+        let (out, _) = cli(
+            &[
+                "--simulate",
+                "2",
+                "--fault",
+                "1->0:drop-writes",
+                "--fault",
+                "0->1:cumem-import-fails",
+                "--transport",
+                transport,
+                "--write-vllm-cache",
+                "--cache-dir",
+                &dir_s,
+            ],
+            &[],
+        );
+        assert_eq!(out.status.code(), Some(1));
+        files.push(std::fs::read(dir.join("gpu_p2p_access_cache_for_0,1.json")).unwrap());
+    }
+    // The cuMem transport's failure of 0->1 is not in vLLM's cache: legacy IPC's verdicts are.
+    assert_eq!(files[0], files[1]);
+    assert_eq!(
+        String::from_utf8_lossy(&files[0]),
+        "{\n    \"0->0\": true,\n    \"0->1\": true,\n    \"1->0\": false,\n    \"1->1\": true\n}"
+    );
+    // The default is legacy IPC, and says so.
+    let (run, _) = simulate(2, &[], &[], &[]);
+    assert_eq!(run.top["transport"], Value::String("ipc".into()));
+    assert_eq!(run.pairs.len(), 4);
+    // The cuMem transport alone cannot write vLLM's cache, and vLLM's procedure has no cuMem.
+    let dir = tmp.path().join("cumem").display().to_string();
+    for args in [
+        &[
+            "--simulate",
+            "2",
+            "--transport",
+            "cumem",
+            "--write-vllm-cache",
+            "--cache-dir",
+            &dir,
+        ][..],
+        &["--simulate", "2", "--transport", "all", "--engine", "vllm"][..],
+        &["--simulate", "2", "--transport", "both"][..],
+    ] {
+        let (out, _) = cli(args, &[]);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("transport"),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn the_trace_records_the_cumem_calls_and_trace_summary_lists_them() {
+    let tmp = TempDir::new("p2pcheck-sim-cumem-trace");
+    let trace = tmp.path().join("trace.jsonl");
+    let trace_s = trace.display().to_string();
+    let (out, _) = cli(
+        &[
+            "--simulate",
+            "2",
+            "--transport",
+            "cumem",
+            "--level",
+            "copy",
+            "--trace",
+            &trace_s,
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0));
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let lines = trace_lines(&text);
+    let calls = |name: &str| -> Vec<&HashMap<String, Value>> {
+        lines
+            .iter()
+            .filter(|l| l["call"] == Value::String(name.into()))
+            .collect()
+    };
+    // Two producers export one allocation each; four consumers (two second workers for the
+    // same-GPU pairs) import, map and grant access: each with its arguments.
+    assert_eq!(calls("cuMemCreate").len(), 2);
+    assert_eq!(calls("cuMemExportToShareableHandle").len(), 2);
+    assert_eq!(calls("cuMemImportFromShareableHandle").len(), 4);
+    assert_eq!(calls("cuMemMap").len(), 6);
+    assert_eq!(calls("cuMemSetAccess").len(), 6);
+    assert_eq!(calls("cuMemUnmap").len(), 6);
+    assert_eq!(calls("cuMemRelease").len(), 6);
+    assert_eq!(calls("cuMemAddressFree").len(), 6);
+    for l in calls("cuMemImportFromShareableHandle") {
+        let Value::Object(args) = &l["args"] else {
+            panic!("{l:?}")
+        };
+        assert!(args.iter().any(|(k, v)| k == "handle_type"
+            && *v == Value::String("CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR".into())));
+    }
+    assert!(!text.contains("cuMulticast"));
+    let (out, _) = cli(&["trace-summary", &trace_s], &[]);
+    let summary = String::from_utf8_lossy(&out.stdout);
+    for name in [
+        "cuMemCreate x1",
+        "cuMemExportToShareableHandle x1",
+        "cuMemImportFromShareableHandle x1",
+        "cuMemSetAccess",
+    ] {
+        assert!(summary.contains(name), "{name}: {summary}");
+    }
 }

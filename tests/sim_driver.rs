@@ -2,7 +2,8 @@
 //! a plain model of the bytes, across two processes; that memory holding a fill or a pattern
 //! takes no memory; a handshake decided by what the other side did, never by a clock; `@once`
 //! faults that hit only the first process of each check; the bandwidth measurement's modelled
-//! time and its faults, through the C shim.
+//! time and its faults, through the C shim; the cuMem path (an allocation exported as a
+//! descriptor, passed with SCM_RIGHTS, imported, mapped, granted access) and its faults.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -80,6 +81,77 @@ fn the_simulated_memory_matches_a_plain_model_across_two_processes() {
     for seed in ["1", "7", "2024"] {
         assert_eq!(run(&["memory", seed, "4000"], &[]), "memory ok 4000\n");
     }
+}
+
+#[test]
+fn the_simulated_memory_matches_the_model_through_a_cumem_mapping_too() {
+    // The same, with the memory made by cuMemCreate and mapped by both processes with
+    // cuMemMap (the importer's metadata is found from the descriptor alone).
+    for seed in ["3", "11"] {
+        assert_eq!(
+            run(&["memory", seed, "4000", "cumem"], &[]),
+            "memory ok 4000\n"
+        );
+    }
+}
+
+#[test]
+fn the_cumem_path_works_and_each_of_its_faults_breaks_its_own_step() {
+    let cumem = |gpus: &str, faults: &str| {
+        run(
+            &["cumem"],
+            &[("P2PCHECK_SIM_GPUS", gpus), ("P2PCHECK_SIM_FAULTS", faults)],
+        )
+    };
+    // Healthy, on one GPU and across two: the importer's 2s reach the owner. On the way the C
+    // program checks the rules: no access before cuMemSetAccess, no IPC handle of cuMem
+    // memory, no freeing a reservation while mapped, nothing read from an unmapped one.
+    assert_eq!(cumem("1", ""), "attribute 1\ncumem sees 2\n");
+    assert_eq!(cumem("2", ""), "attribute 1\ncumem sees 2\n");
+    // Each fault at its own call, with CUDA's code for it.
+    assert_eq!(
+        cumem("1", "0->0:cumem-export-fails"),
+        "attribute 0\nexport rc 801\n"
+    );
+    assert_eq!(
+        cumem("2", "0->1:cumem-import-fails"),
+        "attribute 1\nimport rc 800\n"
+    );
+    assert_eq!(
+        cumem("2", "0->1:cumem-access-fails"),
+        "attribute 1\naccess rc 801\n"
+    );
+    // Writes through the importer's mapping vanish: the owner still sees its 1s. The path's
+    // faults (drop-writes) apply to a cuMem peer mapping as to an IPC one.
+    for fault in ["0->1:cumem-drop-writes", "0->1:drop-writes"] {
+        assert_eq!(cumem("2", fault), "attribute 1\ncumem sees 1\n", "{fault}");
+    }
+    // A fault on another pair changes nothing here; the export fault names a device, so it
+    // applies whatever its TGT.
+    assert_eq!(
+        cumem("2", "1->0:cumem-drop-writes,0->0:cumem-import-fails"),
+        "attribute 1\ncumem sees 2\n"
+    );
+    assert_eq!(
+        cumem("2", "0->0:cumem-export-fails"),
+        "attribute 0\nexport rc 801\n"
+    );
+    // cumem-drop-writes leaves the IPC path alone: the IPC memory model still holds.
+    assert_eq!(
+        run(
+            &["memory", "5", "1000"],
+            &[("P2PCHECK_SIM_FAULTS", "0->0:cumem-drop-writes")]
+        ),
+        "memory ok 1000\n"
+    );
+    // The export fault takes no @once: refused like any invalid fault text.
+    assert_eq!(
+        run(
+            &["count"],
+            &[("P2PCHECK_SIM_FAULTS", "0->0:cumem-export-fails@once")]
+        ),
+        "count rc 1\n"
+    );
 }
 
 #[test]

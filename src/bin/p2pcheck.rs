@@ -13,7 +13,7 @@ use fleet_cli::Format;
 use p2pcheck::json::{Json, Object};
 use p2pcheck::sim::{self, Fault, Simulation};
 use p2pcheck::{
-    cache, AccessOptions, Engine, JsonExtras, Level, Options, Report, TableExtras, Visibility,
+    AccessOptions, Engine, JsonExtras, Level, Options, Report, TableExtras, Transport, Visibility,
 };
 
 const HELP: &str = "\
@@ -31,7 +31,8 @@ Checks every ordered pair (src, tgt) of the visible GPUs in three tiers: copy (a
 owns memory, a process on tgt maps it through CUDA IPC and writes it, both read it back:
 vLLM's can_actually_p2p), kernel (SM-issued stores and loads of a pattern through the mapping)
 and handshake (kernels resident on both sides at once, exchanging flags). A failure is
-classified (never-written, partial, wrong-data, open-failed, timeout) with a hint. By
+classified (never-written, partial, wrong-data, open-failed, timeout; over the cuMem
+transport also export-refused, fd-not-passable, import-refused, map-refused) with a hint. By
 default one worker process per GPU checks every pair at once, each seeing only its own GPU;
 --engine vllm runs vLLM's procedure exactly (two processes, pair after pair, a device reset
 after each). Prints the matrix (rows src, columns tgt) of verdicts - ok, FAIL:TIER (ran; the
@@ -98,7 +99,8 @@ OPTIONS:
                            (at least 1 s), which must fit in 60 % of --timeout: more rounds
                            than that are refused
     --bandwidth            After the tiers, measure every pair whose copy tier passed, one at a
-                           time, through its IPC mapping: copy engine and SM copies, write, read
+                           time, through its legacy IPC mapping (not over --transport cumem):
+                           copy engine and SM copies, write, read
                            and both at once (GB/s, median of 5 timed samples, with their CV),
                            the bytes moved checked; latency of one dependent load. Prints a
                            matrix per figure; a pair of two GPUs whose copy-engine write or read
@@ -110,9 +112,12 @@ OPTIONS:
     --bandwidth-bytes BYTES
                            With --bandwidth: bytes of each timed transfer [default: 67108864;
                            a multiple of 2 MiB up to 512 MiB]
-    --test-only-plant-shifted-stores
-                           TEST ONLY: make the kernel tier's SM stores land 64 bytes off, a
-                           planted fault it must catch; never use it to check a machine
+    --transport WHICH      ipc (default: legacy CUDA IPC, what vLLM's check and its custom
+                           all-reduce use), cumem (cuMemCreate memory exported as a POSIX
+                           descriptor, passed to the other process over a Unix socket,
+                           imported, mapped: PyTorch's symmetric memory, NCCL_CUMEM_ENABLE) or
+                           all (both); every tier runs over each, a matrix per transport. vLLM's
+                           cache holds the ipc verdicts only; cumem needs --engine parallel
     --visibility WHICH     one (default: each worker sees only its GPU, by UUID) or all (each
                            sees every GPU; used anyway where GPUs cannot be named: MIG, no
                            /proc/driver/nvidia)
@@ -146,7 +151,8 @@ OPTIONS:
                            With --simulate: break pair SRC->TGT (physical ids; repeatable).
                            KIND: ipc-open-fails, drop-writes, corrupt, sm-only, late-visibility,
                            hang, crash, one-way, claim-no, partial, shifted, slow,
-                           fast-wrong (see README).
+                           fast-wrong, cumem-export-fails, cumem-import-fails,
+                           cumem-access-fails, cumem-drop-writes (see README).
                            @once: only in the first attempt at the pair; the fresh workers of
                            a retry do not see it
     --write-sim-lib PATH   Write the simulated driver library to PATH, a regular file (created
@@ -283,13 +289,13 @@ fn parse_args(mut it: impl Iterator<Item = OsString>) -> ArgResult<Option<Args>>
             }
             "--sglang-cache-dir" => {
                 let dir = PathBuf::from(it.next().ok_or("--sglang-cache-dir needs a folder")?);
-                cache::check_dir(&dir).map_err(|e| format!("--sglang-cache-dir: {e:#}"))?;
+                p2pcheck::check_cache_dir(&dir)
+                    .map_err(|e| format!("--sglang-cache-dir: {e:#}"))?;
                 args.sglang_cache_dir = Some(dir);
             }
             "--write-vllm-cache" => args.write_cache = true,
             "--refresh" => args.refresh = true,
             "--no-kernel-check" => args.opts.level = Level::Copy,
-            "--test-only-plant-shifted-stores" => args.opts.test_plant_shifted_stores = true,
             "--kernel-bytes" => {
                 let v = text(&a, it.next(), "a number of bytes")?;
                 args.opts.kernel_bytes = v
@@ -326,6 +332,9 @@ fn parse_args(mut it: impl Iterator<Item = OsString>) -> ArgResult<Option<Args>>
                     other => return Err(format!("--engine {other:?}: parallel or vllm")),
                 }
             }
+            "--transport" => {
+                args.opts.transport = text(&a, it.next(), "ipc, cumem or all")?.parse()?
+            }
             "--visibility" => {
                 args.opts.visibility = match text(&a, it.next(), "one or all")?.as_str() {
                     "one" => Visibility::One,
@@ -335,7 +344,8 @@ fn parse_args(mut it: impl Iterator<Item = OsString>) -> ArgResult<Option<Args>>
             }
             "--cache-dir" => {
                 let dir = PathBuf::from(it.next().ok_or("--cache-dir needs a folder")?);
-                cache::check_dir(&dir).map_err(|e| format!("--cache-dir: {}", cache_why(e)))?;
+                p2pcheck::check_cache_dir(&dir)
+                    .map_err(|e| format!("--cache-dir: {}", cache_why(e)))?;
                 args.cache_dir = Some(dir);
             }
             "--trust-cache-owner" => {
@@ -396,6 +406,13 @@ fn parse_args(mut it: impl Iterator<Item = OsString>) -> ArgResult<Option<Args>>
         None if !faults.is_empty() => return Err("--fault needs --simulate".into()),
         None => {}
     }
+    if args.write_cache && !args.opts.transport.has(Transport::Ipc) {
+        return Err(
+            "--write-vllm-cache needs the legacy IPC transport (--transport ipc or \
+                    all): vLLM's cache holds its verdicts"
+                .into(),
+        );
+    }
     args.opts.validate().map_err(|e| e.to_string())?;
     Ok(Some(args))
 }
@@ -419,18 +436,20 @@ fn cache_note(
 ) -> Result<Option<CacheNote>, String> {
     let n = report.device_count as usize;
     let dir = match (&args.cache_dir, &args.opts.simulate) {
+        // vLLM's cache holds legacy IPC's verdicts: a check without them says nothing of it.
+        _ if !report.transport.has(Transport::Ipc) => return Ok(None),
         (Some(d), _) => d.clone(),
         (None, Some(_)) => return Ok(None),
-        (None, None) => cache::cache_dir().map_err(|e| format!("{e:#}"))?,
+        (None, None) => p2pcheck::vllm_cache_dir().map_err(|e| format!("{e:#}"))?,
     };
     let path =
         p2pcheck::vllm_cache_path_in(&dir, report.device_count).map_err(|e| e.to_string())?;
-    let verdicts: Vec<bool> = report.pairs.iter().map(|p| p.ok()).collect();
+    let verdicts: Vec<bool> = report.on(Transport::Ipc).map(|p| p.ok()).collect();
     // An existing file that cannot be read is reported as unusable, not as absent.
-    let existing = match cache::read(&path, n) {
-        Ok(cache::CacheFile::Absent) => None,
-        Ok(cache::CacheFile::Verdicts(v)) => Some(Ok(v == verdicts)),
-        Ok(cache::CacheFile::Unusable(why)) => Some(Err(why)),
+    let existing = match p2pcheck::read_vllm_cache(&path, n) {
+        Ok(p2pcheck::CacheFile::Absent) => None,
+        Ok(p2pcheck::CacheFile::Verdicts(v)) => Some(Ok(v == verdicts)),
+        Ok(p2pcheck::CacheFile::Unusable(why)) => Some(Err(why)),
         Err(e) => Some(Err(cache_why(e))),
     };
     let mut written = false;
@@ -497,7 +516,15 @@ fn print_table(args: &Args, report: &Report, note: Option<&CacheNote>, warnings:
         println!("warning: {w}");
     }
     let Some(note) = note else {
-        println!("vLLM cache: not consulted (simulation; give --cache-dir to write one)");
+        match report.transport.has(Transport::Ipc) {
+            true => {
+                println!("vLLM cache: not consulted (simulation; give --cache-dir to write one)")
+            }
+            false => println!(
+                "vLLM cache: not consulted (it holds legacy IPC's verdicts; this run checked the \
+                 cuMem transport only)"
+            ),
+        }
         return;
     };
     let state = match (&note.existing, note.written, &note.failed) {

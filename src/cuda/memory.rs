@@ -11,10 +11,15 @@
 //!
 //! `release()` frees explicitly and returns CUDA's answer; `Drop` is the fallback for early
 //! returns, where the code is still checked (and traced) but there is no caller to tell.
+//!
+//! The cuMem transport's owners ([`CumemBuffer`], [`CumemMapping`]) hold an allocation handle,
+//! a reservation of address space and the mapping in it; each undoes what it holds, in reverse
+//! order (unmap, release, free the reservation), including what a failed set-up had done.
 
 use std::fmt;
 use std::marker::PhantomData;
 use std::ops::Range;
+use std::os::fd::{BorrowedFd, OwnedFd};
 
 use super::{DevicePtr, Error, Result, IPC_HANDLE_BYTES};
 
@@ -33,6 +38,8 @@ enum Ends {
 enum Kind {
     Buffer,
     Mapping,
+    CumemBuffer,
+    CumemMapping,
 }
 
 /// The memory a view belongs to: its kind, its device and its length.
@@ -48,6 +55,14 @@ impl fmt::Display for Memory {
         match self.kind {
             Kind::Buffer => write!(f, "device {}'s buffer", self.device),
             Kind::Mapping => write!(f, "device {}'s mapping of a peer's buffer", self.device),
+            Kind::CumemBuffer => write!(f, "device {}'s cuMem allocation", self.device),
+            Kind::CumemMapping => {
+                write!(
+                    f,
+                    "device {}'s cuMem mapping of a peer's allocation",
+                    self.device
+                )
+            }
         }?;
         write!(f, " of {} bytes", self.bytes)
     }
@@ -232,6 +247,175 @@ impl Drop for PeerMapping {
             // SAFETY: as in release: the mapping is live and unmapped this once.
             let _ = unsafe { super::ipc_close_mem_handle(self.memory.device, self.ptr) };
         }
+    }
+}
+
+/// A cuMem allocation mapped into this process, as far as its set-up got: the handle, the
+/// reservation and the mapping (with access granted to the device), each undone by
+/// [`Vmm::undo`] (or `Drop`) in reverse order.
+#[derive(Debug)]
+struct Vmm {
+    device: i32,
+    bytes: usize,
+    handle: Option<u64>,
+    reserved: Option<DevicePtr>,
+    mapped: bool,
+}
+
+impl Vmm {
+    /// Maps the allocation `handle` of `bytes` bytes (owned from here on, released on any
+    /// failure): a reservation, the mapping, read-write access for `device`.
+    fn map(device: i32, handle: u64, bytes: usize) -> Result<Vmm> {
+        let mut v = Vmm {
+            device,
+            bytes,
+            handle: Some(handle),
+            reserved: None,
+            mapped: false,
+        };
+        let p = super::mem_address_reserve(device, bytes)?;
+        v.reserved = Some(p);
+        // SAFETY: p starts a fresh reservation of `bytes` bytes with nothing mapped, and the
+        // handle is live (owned by v) and of `bytes` bytes, as its maker said.
+        unsafe { super::mem_map(device, p, bytes, handle) }?;
+        v.mapped = true;
+        // SAFETY: p and bytes are exactly the mapping just made, live while v holds it.
+        unsafe { super::mem_set_access(device, p, bytes) }?;
+        Ok(v)
+    }
+
+    /// The mapping's address (valid while `self` holds it).
+    fn ptr(&self) -> DevicePtr {
+        self.reserved.unwrap_or(DevicePtr(0))
+    }
+
+    /// Unmaps, releases the handle and frees the reservation, whichever it holds; every step is
+    /// tried, the first failure returned.
+    fn undo(&mut self) -> Result<()> {
+        let mut first = Ok(());
+        let mut keep = |r: Result<()>| {
+            if first.is_ok() {
+                first = r;
+            }
+        };
+        if let (true, Some(p)) = (self.mapped, self.reserved) {
+            self.mapped = false;
+            // SAFETY: p and bytes are the mapping made in `map`, unmapped this once; no view
+            // outlives the owner holding self.
+            keep(unsafe { super::mem_unmap(self.device, p, self.bytes) });
+        }
+        if let Some(h) = self.handle.take() {
+            // SAFETY: the handle is live and released this once (taken out of self).
+            keep(unsafe { super::mem_release(self.device, h) });
+        }
+        if let Some(p) = self.reserved.take() {
+            // SAFETY: p is the reservation made in `map`, nothing mapped in it any more (the
+            // unmap above ran first), freed this once.
+            keep(unsafe { super::mem_address_free(self.device, p, self.bytes) });
+        }
+        first
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.undo();
+    }
+}
+
+/// Memory from `cuMemCreate` on the current device, exportable as a POSIX descriptor, mapped
+/// into this process and accessible from its device: the cuMem transport's producer buffer.
+#[derive(Debug)]
+pub(crate) struct CumemBuffer {
+    memory: Memory,
+    vmm: Vmm,
+}
+
+impl CumemBuffer {
+    /// At least `bytes` bytes (rounded up to the allocation granularity) on local ordinal
+    /// `device`, unmapped and released by [`release`](Self::release) or `Drop`.
+    pub(crate) fn new(device: i32, bytes: usize) -> Result<CumemBuffer> {
+        let granularity = super::mem_granularity(device)?.max(1);
+        let size = bytes.div_ceil(granularity) * granularity;
+        let handle = super::mem_create(device, size)?;
+        Ok(CumemBuffer {
+            memory: Memory {
+                kind: Kind::CumemBuffer,
+                device,
+                bytes: size as u64,
+            },
+            vmm: Vmm::map(device, handle, size)?,
+        })
+    }
+
+    /// Its length in bytes (the size asked for, rounded up to the granularity).
+    pub(crate) fn len(&self) -> u64 {
+        self.memory.bytes
+    }
+
+    /// All of it.
+    pub(crate) fn view(&self) -> DeviceView<'_> {
+        DeviceView::whole(self.memory, self.vmm.ptr())
+    }
+
+    /// A new POSIX descriptor of the allocation (`cuMemExportToShareableHandle`), for another
+    /// process to import.
+    pub(crate) fn export(&self) -> Result<OwnedFd> {
+        let handle = self.vmm.handle.ok_or(Error::Cuda {
+            call: "cuMemExportToShareableHandle",
+            device: Some(self.memory.device),
+            code: crate::sys::CUDA_ERROR_INVALID_HANDLE as i32,
+            name: "CUDA_ERROR_INVALID_HANDLE".into(),
+            text: "the allocation's handle was released".into(),
+        })?;
+        super::mem_export_fd(self.memory.device, handle)
+    }
+
+    /// Unmaps and releases it now, returning CUDA's answer.
+    pub(crate) fn release(mut self) -> Result<()> {
+        self.vmm.undo()
+    }
+}
+
+/// A peer's cuMem allocation, imported from its descriptor, mapped and accessible from this
+/// process's device: the cuMem transport's consumer side.
+#[derive(Debug)]
+pub(crate) struct CumemMapping {
+    memory: Memory,
+    vmm: Vmm,
+}
+
+impl CumemMapping {
+    /// Imports the allocation `fd` names (`bytes` long, as its exporter says: the driver maps
+    /// the whole allocation and the mapping must be its size), maps it and grants local
+    /// ordinal `device` access; undone by [`release`](Self::release) or `Drop`. `fd` stays the
+    /// caller's.
+    pub(crate) fn import(device: i32, fd: BorrowedFd<'_>, bytes: u64) -> Result<CumemMapping> {
+        let size = usize::try_from(bytes).map_err(|_| Error::OutOfBounds {
+            memory: format!("a peer's cuMem allocation of {bytes} bytes"),
+            offset: 0,
+            len: bytes,
+            bounds: 0..usize::MAX as u64,
+        })?;
+        let handle = super::mem_import_fd(device, fd)?;
+        Ok(CumemMapping {
+            memory: Memory {
+                kind: Kind::CumemMapping,
+                device,
+                bytes,
+            },
+            vmm: Vmm::map(device, handle, size)?,
+        })
+    }
+
+    /// All of it.
+    pub(crate) fn view(&self) -> DeviceView<'_> {
+        DeviceView::whole(self.memory, self.vmm.ptr())
+    }
+
+    /// Unmaps and releases it now, returning CUDA's answer.
+    pub(crate) fn release(mut self) -> Result<()> {
+        self.vmm.undo()
     }
 }
 

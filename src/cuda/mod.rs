@@ -54,6 +54,7 @@ impl Library {
 }
 
 /// Everything that can go wrong below the check: loading, resolving, or a failed call.
+#[non_exhaustive]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Error {
     /// The library could not be loaded; one line per path tried, each with `dlerror()`'s text.
@@ -611,6 +612,280 @@ pub(crate) fn device_count() -> Result<i32> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Driver API: the cuMem transport (virtual memory, POSIX descriptor handles). The multicast
+// calls (cuMulticast*) are never resolved: p2pcheck does not use them (see docs/nvls.md).
+
+/// `cuDriverGetVersion`: the CUDA version the driver supports (13000 for 13.0).
+pub(crate) fn driver_version() -> Result<i32> {
+    let mut v: c_int = 0;
+    cu!(
+        c"cuDriverGetVersion" as sys::PFN_cuDriverGetVersion_v2020,
+        None,
+        |f| f(&mut v),
+        |t| t.out.int("driver_version", i64::from(v))
+    )?;
+    Ok(v)
+}
+
+/// `cuDeviceGet`: the driver's handle of local ordinal `device`.
+fn device_handle(device: i32) -> Result<sys::CUdevice_v1> {
+    let mut d: sys::CUdevice_v1 = 0;
+    cu!(
+        c"cuDeviceGet" as sys::PFN_cuDeviceGet_v2000,
+        Some(device),
+        |f| f(&mut d, device),
+        |t| {
+            t.args.int("ordinal", i64::from(device));
+            t.out.int("device", i64::from(d));
+        }
+    )?;
+    Ok(d)
+}
+
+/// Whether local ordinal `device` can export cuMem allocations as POSIX file descriptors
+/// (`CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED`).
+pub(crate) fn posix_fd_handles_supported(device: i32) -> Result<bool> {
+    let handle = device_handle(device)?;
+    let mut v: c_int = 0;
+    cu!(
+        c"cuDeviceGetAttribute" as sys::PFN_cuDeviceGetAttribute_v2000,
+        Some(device),
+        |f| f(
+            &mut v,
+            sys::CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED,
+            handle
+        ),
+        |t| {
+            t.args
+                .text(
+                    "attribute",
+                    "CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED",
+                )
+                .int("device", i64::from(handle));
+            t.out.int("value", i64::from(v));
+        }
+    )?;
+    Ok(v != 0)
+}
+
+/// The properties of a pinned allocation on `device` exportable as a POSIX descriptor.
+fn vmm_prop(device: sys::CUdevice_v1) -> sys::CUmemAllocationProp_v1 {
+    sys::CUmemAllocationProp_v1 {
+        type_: sys::CU_MEM_ALLOCATION_TYPE_PINNED,
+        requestedHandleTypes: sys::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
+        location: sys::CUmemLocation {
+            type_: sys::CU_MEM_LOCATION_TYPE_DEVICE,
+            id: device,
+        },
+        ..Default::default()
+    }
+}
+
+/// `cuMemGetAllocationGranularity(MINIMUM)` for [`vmm_prop`] on local ordinal `device`: every
+/// cuMem size and reservation is a multiple of it.
+fn mem_granularity(device: i32) -> Result<usize> {
+    let prop = vmm_prop(device_handle(device)?);
+    let mut g: usize = 0;
+    cu!(
+        c"cuMemGetAllocationGranularity" as sys::PFN_cuMemGetAllocationGranularity_v10020,
+        Some(device),
+        |f| f(&mut g, &prop, sys::CU_MEM_ALLOC_GRANULARITY_MINIMUM),
+        |t| {
+            t.args
+                .int("location", i64::from(prop.location.id))
+                .text("option", "CU_MEM_ALLOC_GRANULARITY_MINIMUM");
+            t.out.uint("granularity", g as u64);
+        }
+    )?;
+    Ok(g)
+}
+
+/// `cuMemCreate(bytes)` of pinned memory on local ordinal `device`, exportable as a POSIX
+/// descriptor: the allocation's handle (owned by the caller: [`mem_release`]).
+fn mem_create(device: i32, bytes: usize) -> Result<u64> {
+    let prop = vmm_prop(device_handle(device)?);
+    let mut h: sys::CUmemGenericAllocationHandle_v1 = 0;
+    cu!(
+        c"cuMemCreate" as sys::PFN_cuMemCreate_v10020,
+        Some(device),
+        |f| f(&mut h, bytes, &prop, 0),
+        |t| {
+            t.args
+                .uint("bytes", bytes as u64)
+                .int("location", i64::from(prop.location.id))
+                .text("handle_types", "CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR");
+            t.out.uint("handle", h);
+        }
+    )?;
+    Ok(h)
+}
+
+/// `cuMemRelease`: forgets an allocation handle (the memory lives on while mapped).
+///
+/// # Safety
+///
+/// `handle` must come from [`mem_create`] or [`mem_import_fd`], not released yet, and nothing
+/// may use it afterwards.
+unsafe fn mem_release(device: i32, handle: u64) -> Result<()> {
+    cu!(
+        c"cuMemRelease" as sys::PFN_cuMemRelease_v10020,
+        Some(device),
+        |f| f(handle),
+        |t| t.args.uint("handle", handle)
+    )
+}
+
+/// `cuMemExportToShareableHandle(POSIX_FILE_DESCRIPTOR)`: a new descriptor of the allocation,
+/// owned by the caller.
+fn mem_export_fd(device: i32, handle: u64) -> Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let mut fd: c_int = -1;
+    cu!(
+        c"cuMemExportToShareableHandle" as sys::PFN_cuMemExportToShareableHandle_v10020,
+        Some(device),
+        |f| f(
+            (&mut fd as *mut c_int).cast(),
+            handle,
+            sys::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
+            0
+        ),
+        |t| {
+            t.args
+                .uint("handle", handle)
+                .text("handle_type", "CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR");
+            t.out.int("fd", i64::from(fd));
+        }
+    )?;
+    if fd < 0 {
+        return Err(Error::Cuda {
+            call: "cuMemExportToShareableHandle",
+            device: Some(device),
+            code: sys::CUDA_ERROR_INVALID_HANDLE as i32,
+            name: "CUDA_ERROR_INVALID_HANDLE".into(),
+            text: format!("it succeeded but gave descriptor {fd}"),
+        });
+    }
+    // SAFETY: the driver returned a new descriptor, owned by the caller alone.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// `cuMemImportFromShareableHandle(fd, POSIX_FILE_DESCRIPTOR)`: a handle of this process to
+/// the memory `fd` names (owned by the caller: [`mem_release`]). `fd` stays the caller's.
+fn mem_import_fd(device: i32, fd: std::os::fd::BorrowedFd<'_>) -> Result<u64> {
+    use std::os::fd::AsRawFd;
+    let raw = fd.as_raw_fd();
+    let mut h: sys::CUmemGenericAllocationHandle_v1 = 0;
+    cu!(
+        c"cuMemImportFromShareableHandle" as sys::PFN_cuMemImportFromShareableHandle_v10020,
+        Some(device),
+        // The POSIX handle type passes the descriptor's number as the pointer's value.
+        |f| f(
+            &mut h,
+            raw as isize as *mut c_void,
+            sys::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
+        ),
+        |t| {
+            t.args
+                .int("fd", i64::from(raw))
+                .text("handle_type", "CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR");
+            t.out.uint("handle", h);
+        }
+    )?;
+    Ok(h)
+}
+
+/// `cuMemAddressReserve(bytes)`: address space for a mapping (owned by the caller:
+/// [`mem_address_free`]).
+fn mem_address_reserve(device: i32, bytes: usize) -> Result<DevicePtr> {
+    let mut p: sys::CUdeviceptr_v2 = 0;
+    cu!(
+        c"cuMemAddressReserve" as sys::PFN_cuMemAddressReserve_v10020,
+        Some(device),
+        |f| f(&mut p, bytes, 0, 0, 0),
+        |t| {
+            t.args.uint("bytes", bytes as u64);
+            t.out.ptr("ptr", p);
+        }
+    )?;
+    Ok(DevicePtr(p))
+}
+
+/// `cuMemAddressFree`.
+///
+/// # Safety
+///
+/// `p` and `bytes` must be exactly one reservation of [`mem_address_reserve`], with nothing
+/// mapped in it any more, that nothing uses afterwards.
+unsafe fn mem_address_free(device: i32, p: DevicePtr, bytes: usize) -> Result<()> {
+    cu!(
+        c"cuMemAddressFree" as sys::PFN_cuMemAddressFree_v10020,
+        Some(device),
+        |f| f(p.0, bytes),
+        |t| t.args.ptr("ptr", p.0).uint("bytes", bytes as u64)
+    )
+}
+
+/// `cuMemMap(p, bytes, 0, handle)`: maps all of an allocation of `bytes` bytes at `p`.
+///
+/// # Safety
+///
+/// `p` must start `bytes` bytes of a live reservation with nothing mapped there, and `handle`
+/// a live allocation handle of exactly `bytes` bytes.
+unsafe fn mem_map(device: i32, p: DevicePtr, bytes: usize, handle: u64) -> Result<()> {
+    cu!(
+        c"cuMemMap" as sys::PFN_cuMemMap_v10020,
+        Some(device),
+        |f| f(p.0, bytes, 0, handle, 0),
+        |t| t
+            .args
+            .ptr("ptr", p.0)
+            .uint("bytes", bytes as u64)
+            .uint("offset", 0)
+            .uint("handle", handle)
+    )
+}
+
+/// `cuMemUnmap`.
+///
+/// # Safety
+///
+/// `p` and `bytes` must be exactly one mapping of [`mem_map`], that nothing uses afterwards.
+unsafe fn mem_unmap(device: i32, p: DevicePtr, bytes: usize) -> Result<()> {
+    cu!(
+        c"cuMemUnmap" as sys::PFN_cuMemUnmap_v10020,
+        Some(device),
+        |f| f(p.0, bytes),
+        |t| t.args.ptr("ptr", p.0).uint("bytes", bytes as u64)
+    )
+}
+
+/// `cuMemSetAccess(p, bytes, {local ordinal `device`: read-write})`.
+///
+/// # Safety
+///
+/// `p` and `bytes` must be exactly one live mapping of [`mem_map`].
+unsafe fn mem_set_access(device: i32, p: DevicePtr, bytes: usize) -> Result<()> {
+    let desc = sys::CUmemAccessDesc_v1 {
+        location: sys::CUmemLocation {
+            type_: sys::CU_MEM_LOCATION_TYPE_DEVICE,
+            id: device_handle(device)?,
+        },
+        flags: sys::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+    };
+    cu!(
+        c"cuMemSetAccess" as sys::PFN_cuMemSetAccess_v10020,
+        Some(device),
+        |f| f(p.0, bytes, &desc, 1),
+        |t| t
+            .args
+            .ptr("ptr", p.0)
+            .uint("bytes", bytes as u64)
+            .int("location", i64::from(desc.location.id))
+            .text("flags", "CU_MEM_ACCESS_FLAGS_PROT_READWRITE")
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
 // Runtime API
 
 /// A device allocation or IPC mapping, by address (never dereferenced on the host). Private to
@@ -824,4 +1099,4 @@ pub(crate) fn runtime_claims_peer(src: i32, tgt: i32) -> Result<bool> {
 mod fatbin;
 mod kernels;
 pub(crate) use kernels::{Engine as Mover, Kernels, PatternCount, HANDSHAKE_AREA_BYTES};
-pub(crate) use memory::{DeviceBuffer, DeviceView, PeerMapping};
+pub(crate) use memory::{CumemBuffer, CumemMapping, DeviceBuffer, DeviceView, PeerMapping};

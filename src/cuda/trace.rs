@@ -54,6 +54,9 @@ pub(crate) struct JobContext {
     pub(crate) role: &'static str,
     /// `copy`, `kernel` or `handshake`.
     pub(crate) tier: &'static str,
+    /// `cumem` for the cuMem transport; `None` for legacy IPC (written only when set, so a
+    /// legacy check's trace reads as before).
+    pub(crate) transport: Option<&'static str>,
 }
 
 /// The variable that turns the trace on: `1` (stderr) or a file path.
@@ -425,13 +428,19 @@ struct Line<'a> {
 fn job_json(job: Option<JobContext>) -> Json {
     match job {
         None => Json::null(),
-        Some(j) => Object::new()
-            .uint("index", j.index.into())
-            .uint("src", j.src.into())
-            .uint("tgt", j.tgt.into())
-            .str("role", j.role)
-            .str("tier", j.tier)
-            .finish(),
+        Some(j) => {
+            let mut o = Object::new();
+            o.uint("index", j.index.into())
+                .uint("src", j.src.into())
+                .uint("tgt", j.tgt.into())
+                .str("role", j.role)
+                .str("tier", j.tier);
+            // Written only for the cuMem transport: a legacy check's trace reads as before.
+            if let Some(t) = j.transport {
+                o.str("transport", t);
+            }
+            o.finish()
+        }
     }
 }
 
@@ -633,6 +642,7 @@ mod tests {
             tgt: 0,
             role: "consumer",
             tier: "copy",
+            transport: None,
         }
     }
 

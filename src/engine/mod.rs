@@ -34,7 +34,7 @@ use crate::error::{Error, Result};
 use crate::fingerprint::{self, Gpu};
 use crate::model::{
     deadline_passed, Bandwidth, Engine, Evidence, Level, Link, Lost, Outcome, Pair, PairBandwidth,
-    PairReport, Problem, Report, TierParams, Visibility, WorkerInfo,
+    PairReport, Problem, Report, Route, TierParams, Transports, Visibility, WorkerInfo,
 };
 use crate::sim::Simulation;
 use crate::visible::{self, VisibleDevices};
@@ -63,11 +63,11 @@ pub struct Options {
     /// check whose rounds need more than that cap is refused, since a healthy pair could then
     /// fail for want of time.
     pub handshake_budget: Duration,
-    /// Test only: the consumer's SM stores land 64 bytes off, a planted fault the kernel tier
-    /// must catch (as `wrong-data`). Never set it to check a machine.
-    pub test_plant_shifted_stores: bool,
     /// What each parallel-engine worker sees (the vLLM engine ignores it).
     pub visibility: Visibility,
+    /// Which transports every tier runs over [default: legacy IPC, what vLLM's check does].
+    /// The cuMem transport needs the parallel engine: vLLM's procedure is legacy IPC's.
+    pub transport: Transports,
     /// How long a worker may take to start CUDA, say Hello and set up its device.
     pub startup_timeout: Duration,
     /// How long the parent waits for any single step of a pair; a pair that takes longer is
@@ -88,9 +88,9 @@ pub struct Options {
     /// (the first CUDA call, or [`open_trace`](crate::open_trace), decides it once per
     /// process). `None`: as `P2PCHECK_TRACE` says.
     pub trace: Option<PathBuf>,
-    /// Measure every pair's bandwidth and latency through its IPC mapping after the tiers
-    /// (README, "Bandwidth"), into [`Report::bandwidth`] [default: off; the parallel engine
-    /// only]. Each pair whose copy tier passed is measured alone; about 60 ms a pair over
+    /// Measure every pair's bandwidth and latency through its legacy IPC mapping after the
+    /// tiers (README, "Bandwidth"), into [`Report::bandwidth`] [default: off; the parallel
+    /// engine only, with the IPC transport]. Each pair whose copy tier passed is measured alone; about 60 ms a pair over
     /// NVLink.
     pub bandwidth: bool,
     /// Bytes of each timed transfer of the bandwidth measurement: a multiple of 2 MiB from
@@ -111,8 +111,8 @@ impl Default for Options {
             kernel_bytes: DEFAULT_KERNEL_BYTES,
             handshake_rounds: 16,
             handshake_budget: Duration::from_secs(1),
-            test_plant_shifted_stores: false,
             visibility: Visibility::One,
+            transport: Transports::Ipc,
             startup_timeout: Duration::from_secs(60),
             step_timeout: Duration::from_secs(5),
             check_timeout: None,
@@ -163,6 +163,11 @@ pub const TIMEOUT_RANGE: (Duration, Duration) =
 
 impl Options {
     /// Checks the options: timeouts within [`TIMEOUT_RANGE`], a valid simulation.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidInput`] naming the option out of range or inconsistent (a timeout,
+    /// the handshake rounds against the step timeout), and the simulation's own error.
     pub fn validate(&self) -> Result<()> {
         for (name, t) in [
             ("step timeout", self.step_timeout),
@@ -180,6 +185,13 @@ impl Options {
                     "the check timeout {t:?} is outside 1 ms to 1 day"
                 )));
             }
+        }
+        if self.engine == Engine::Vllm && self.transport != Transports::Ipc {
+            return Err(Error::InvalidInput(format!(
+                "transport {}: vLLM's procedure (--engine vllm) checks legacy CUDA IPC only, as \
+                 vLLM's own check does; the cuMem transport runs on the parallel engine",
+                self.transport.name()
+            )));
         }
         let kb = self.kernel_bytes;
         if kb % (256 << 10) != 0 || !((256 << 10)..=(1 << 30)).contains(&kb) {
@@ -216,6 +228,13 @@ impl Options {
             return Err(Error::InvalidInput(format!(
                 "bandwidth transfer bytes {bb}: must be a multiple of 2 MiB from 2 MiB to 512 MiB"
             )));
+        }
+        if self.bandwidth && self.transport == Transports::Cumem {
+            return Err(Error::InvalidInput(
+                "the bandwidth measurement goes through the legacy IPC mapping: give --transport \
+                 ipc or all with it, not cumem alone"
+                    .into(),
+            ));
         }
         if self.bandwidth && self.engine == Engine::Vllm {
             return Err(Error::InvalidInput(
@@ -387,6 +406,12 @@ impl Pending {
 
     /// Waits for the result (the check's own deadlines bound it). The workers may still be
     /// exiting: see [`Pending::finish`].
+    ///
+    /// # Errors
+    ///
+    /// The check's error, as [`crate::check`] gives it; [`Error::Cancelled`] after
+    /// [`Pending::cancel`]; [`Error::InvalidInput`] in another process than the one that
+    /// started the check.
     pub fn wait(&self) -> Result<Report> {
         self.wait_timeout(Duration::MAX)
             .unwrap_or(Err(Error::Internal {
@@ -608,9 +633,9 @@ impl Ctx<'_> {
 pub(crate) struct RoundOut {
     /// Devices the workers see.
     pub n: u32,
-    /// The pairs of the round.
-    pub pairs: Vec<Pair>,
-    /// One per pair: its outcome, or `None` when a broken worker interrupted it before it ran.
+    /// The pairs of the round, each over its transport.
+    pub routes: Vec<Route>,
+    /// One per route: its outcome, or `None` when a broken worker interrupted it before it ran.
     pub outcomes: Vec<Option<Outcome>>,
     /// The bandwidth measured in the round, per pair (empty without the measurement).
     pub measured: Vec<parallel::Measured>,
@@ -692,14 +717,21 @@ fn run_rounds(
         peak_in_flight: 0,
         measured: BTreeMap::new(),
     };
-    let first = rounds.round(&mut ctx, pairs, usize::MAX)?;
+    let routes: Option<Vec<Route>> = pairs.map(|pairs| {
+        opts.transport
+            .list()
+            .iter()
+            .flat_map(|&transport| pairs.iter().map(move |&pair| Route { transport, pair }))
+            .collect()
+    });
+    let first = rounds.round(&mut ctx, routes.as_deref(), usize::MAX)?;
     let n = first.n;
-    let batch = first.pairs.clone();
+    let batch = first.routes.clone();
     let (tries, restarts) = rounds.attempt_all(&mut ctx, &batch, first)?;
     let pairs: Vec<PairReport> = batch
         .iter()
         .zip(tries)
-        .map(|(&pair, tries)| PairReport::settle(pair, tries, ctx.budget()))
+        .map(|(&route, tries)| PairReport::settle(route, tries, ctx.budget()))
         .collect();
     let mut warnings = rounds.warnings;
     warnings.extend(settling_warnings(&ctx, &pairs));
@@ -708,6 +740,7 @@ fn run_rounds(
         pairs,
         engine: opts.engine,
         level: opts.level,
+        transport: opts.transport,
         visibility: ctx.visibility,
         answer: started.elapsed(),
         worker: ctx.path,
@@ -803,12 +836,12 @@ impl Rounds<'_> {
     /// One round on fresh workers; `hold`: pairs from this position on are second attempts,
     /// run after the others, so that a second hang cannot interrupt them. A visibility that
     /// does not work here falls back to every GPU, with a warning, and the round runs again.
-    fn round(&mut self, ctx: &mut Ctx, pairs: Option<&[Pair]>, hold: usize) -> Result<RoundOut> {
+    fn round(&mut self, ctx: &mut Ctx, routes: Option<&[Route]>, hold: usize) -> Result<RoundOut> {
         loop {
             let out = match ctx.opts.engine {
-                Engine::Parallel => parallel::round(ctx, pairs, hold, self.graveyard),
+                Engine::Parallel => parallel::round(ctx, routes, hold, self.graveyard),
                 // The vLLM engine runs its batch in order: the second attempts are last already.
-                Engine::Vllm => vllm::round(ctx, pairs, self.graveyard),
+                Engine::Vllm => vllm::round(ctx, routes, self.graveyard),
             };
             match out {
                 Ok(out) => return Ok(out),
@@ -829,7 +862,7 @@ impl Rounds<'_> {
     fn attempt_all(
         &mut self,
         ctx: &mut Ctx,
-        batch: &[Pair],
+        batch: &[Route],
         first: RoundOut,
     ) -> Result<(Vec<Vec<Outcome>>, u32)> {
         // Each pair's attempts so far; it is final once it passed or was attempted twice.
@@ -852,7 +885,7 @@ impl Rounds<'_> {
                 break;
             }
             restarts += 1;
-            let rerun: Vec<Pair> = next.iter().map(|&i| batch[i]).collect();
+            let rerun: Vec<Route> = next.iter().map(|&i| batch[i]).collect();
             let fresh = if restarts > max_rounds(batch.len()) {
                 Err(Error::GaveUp { rounds: restarts })
             } else {
@@ -902,6 +935,19 @@ fn record_round(
     (next, hold)
 }
 
+/// The environment variable of the test switch that plants a fault on real GPUs: set to `1`,
+/// the consumer's SM stores land 64 bytes off, which the kernel tier must catch (as
+/// `wrong-data`) while the copy tier passes (tests/gpu.rs). Never set it to check a machine.
+pub(crate) const PLANT_SHIFTED_STORES_ENV: &str = "P2PCHECK_TEST_PLANT_SHIFTED_STORES";
+
+/// The kernel tier's store offset: 64 bytes under [`PLANT_SHIFTED_STORES_ENV`], else 0.
+pub(crate) fn planted_shift() -> u32 {
+    match std::env::var_os(PLANT_SHIFTED_STORES_ENV) {
+        Some(v) if v == "1" => 64,
+        _ => 0,
+    }
+}
+
 /// The tiers' parameters for a run: the options, and a seed of its own (time and pid), so
 /// that nothing left from an earlier run can pass for this one's pattern.
 fn tier_params(opts: &Options) -> TierParams {
@@ -916,11 +962,7 @@ fn tier_params(opts: &Options) -> TierParams {
             0
         },
         seed: now ^ (u64::from(std::process::id()) << 32),
-        shift: if opts.test_plant_shifted_stores {
-            64
-        } else {
-            0
-        },
+        shift: planted_shift(),
         rounds: opts.handshake_rounds,
         bandwidth_bytes: match (opts.bandwidth, &opts.simulate) {
             (false, _) => 0,

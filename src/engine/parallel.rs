@@ -16,21 +16,33 @@
 //! involve it finish here. A lost worker is killed without waiting; the graveyard reaps it.
 //! When the whole check's deadline passes, every unfinished pair is interrupted and every
 //! worker killed.
+//!
+//! Transports: a pair asked over both is two jobs on the same workers, each with its own
+//! steps, verdicts and retries. For the cuMem transport each worker gets a descriptor socket
+//! at spawn; a producer exports its cuMem allocation at set-up and sends its descriptor to
+//! the parent (which holds it for the round), and the parent relays it to each consumer just
+//! before that consumer's first step with it. So the descriptor crosses two process
+//! boundaries by `SCM_RIGHTS`, the way PyTorch's symmetric memory hands it between ranks.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::pool::{next_event, Event, Graveyard, SendError, Worker};
 use super::{check_ids, hello_count, Ctx, RoundError, RoundOut};
 use crate::error::{Error, Phase};
 use crate::model::{
-    all_pairs, Bandwidth, Fault, Hang, Level, Lost, Outcome, Pair, Problem, Role, SideVerdict,
-    TierOutcome, Visibility, WorkerInfo,
+    all_pairs, Bandwidth, Class, Fault, Hang, Level, Lost, Outcome, Pair, Problem, Role, Route,
+    SideVerdict, TierOutcome, Transport, Visibility, WorkerInfo,
 };
 use crate::protocol::{Job, Message, Op, IPC_HANDLE_BYTES};
 use crate::visible;
-use crate::worker::CONSUMER_FILL;
+use crate::worker::{descriptor_payload, CONSUMER_FILL};
+
+/// How long a descriptor may take to cross a socket between the parent and a worker: it is
+/// sent before the message that announces it, so it is there at once unless something is wrong.
+const DESCRIPTOR_WAIT: Duration = Duration::from_secs(5);
 
 /// The steps of one pair at `level`: who does what, in order.
 fn steps(level: Level) -> Vec<(Who, StepKind)> {
@@ -125,6 +137,10 @@ enum State {
 struct Member {
     part: Part,
     state: State,
+    /// The cuMem transport, when asked for: a primary's allocation (its length and the
+    /// descriptor the parent received; a length of 0 for a worker that exports none), or why
+    /// this worker cannot take part in it.
+    cumem: Option<Result<(u64, Option<OwnedFd>), Problem>>,
     /// Steps sent and not yet answered, oldest first: (job, step number, role in the job).
     queue: VecDeque<(usize, usize, Role)>,
     /// A handshake step is in its queue: no second one may be sent (two workers each running
@@ -136,6 +152,7 @@ struct Member {
 
 struct JobState {
     pair: Pair,
+    transport: Transport,
     producer: usize,
     consumer: usize,
     /// The next step to send.
@@ -167,7 +184,7 @@ fn fresh_side() -> SideVerdict {
 /// other pair has finished, so that a second hang interrupts nothing else.
 pub(super) fn round(
     ctx: &Ctx,
-    pairs: Option<&[Pair]>,
+    routes: Option<&[Route]>,
     hold: usize,
     graveyard: &mut Graveyard,
 ) -> Result<RoundOut, RoundError> {
@@ -181,8 +198,9 @@ pub(super) fn round(
         peak_in_flight: 0,
         n: 0,
         handshakes_waiting: VecDeque::new(),
+        relayed: BTreeSet::new(),
     };
-    let result = run.go(pairs, hold);
+    let result = run.go(routes, hold);
     let infos: Vec<WorkerInfo> = run.members.iter().map(|m| m.info.clone()).collect();
     for w in run.workers.drain(..).flatten() {
         if result.is_ok() {
@@ -194,10 +212,10 @@ pub(super) fn round(
     for w in run.lost.drain(..) {
         graveyard.kill(w);
     }
-    let (pairs, outcomes, measured) = result?;
+    let (routes, outcomes, measured) = result?;
     Ok(RoundOut {
         n: run.n,
-        pairs,
+        routes,
         outcomes,
         measured,
         workers: infos,
@@ -217,15 +235,17 @@ struct Run<'a> {
     n: u32,
     /// Jobs whose handshake waits for one of its workers to finish another.
     handshakes_waiting: VecDeque<usize>,
+    /// (producer, consumer) members whose producer's cuMem descriptor went to the consumer.
+    relayed: BTreeSet<(usize, usize)>,
 }
 
-type Outcomes = (Vec<Pair>, Vec<Option<Outcome>>, Vec<Measured>);
+type Outcomes = (Vec<Route>, Vec<Option<Outcome>>, Vec<Measured>);
 
 /// A pair's bandwidth measurement, or why it has none.
 pub(super) type Measured = (Pair, Result<Bandwidth, Problem>);
 
 impl Run<'_> {
-    fn go(&mut self, pairs: Option<&[Pair]>, hold: usize) -> Result<Outcomes, RoundError> {
+    fn go(&mut self, routes: Option<&[Route]>, hold: usize) -> Result<Outcomes, RoundError> {
         // The device count: known from /proc when the GPUs could be named; otherwise one
         // worker seeing every GPU is started first and asked.
         let n = match &self.ctx.gpus {
@@ -237,20 +257,32 @@ impl Run<'_> {
         };
         self.n = n;
         self.ctx.arm_deadline(n);
-        let batch = match pairs {
-            Some(p) => {
-                check_ids(p, n, self.ctx.environment)?;
-                p.to_vec()
+        let batch: Vec<Route> = match routes {
+            Some(r) => {
+                let pairs: Vec<Pair> = r.iter().map(|r| r.pair).collect();
+                check_ids(&pairs, n, self.ctx.environment)?;
+                r.to_vec()
             }
-            None => all_pairs(n),
+            None => self
+                .ctx
+                .opts
+                .transport
+                .list()
+                .iter()
+                .flat_map(|&transport| {
+                    all_pairs(n)
+                        .into_iter()
+                        .map(move |pair| Route { transport, pair })
+                })
+                .collect(),
         };
         // A pair asked twice runs once: both positions get its outcome.
-        let mut unique: BTreeMap<Pair, Vec<usize>> = BTreeMap::new();
-        for (i, p) in batch.iter().enumerate() {
-            unique.entry(*p).or_default().push(i);
+        let mut unique: BTreeMap<Route, Vec<usize>> = BTreeMap::new();
+        for (i, r) in batch.iter().enumerate() {
+            unique.entry(*r).or_default().push(i);
         }
         let mut parts: Vec<Part> = Vec::new();
-        for p in unique.keys() {
+        for p in unique.keys().map(|r| r.pair) {
             let needed = if p.src == p.tgt {
                 vec![Part::Primary(p.src), Part::Secondary(p.src)]
             } else {
@@ -273,7 +305,7 @@ impl Run<'_> {
                 .position(|m| m.part == part)
                 .expect("every part was spawned")
         };
-        for (&pair, positions) in &unique {
+        for (&Route { transport, pair }, positions) in &unique {
             let consumer = if pair.src == pair.tgt {
                 Part::Secondary(pair.src)
             } else {
@@ -281,6 +313,7 @@ impl Run<'_> {
             };
             self.jobs.push(JobState {
                 pair,
+                transport,
                 producer: index_of(&self.members, Part::Primary(pair.src)),
                 consumer: index_of(&self.members, consumer),
                 next: 0,
@@ -305,23 +338,31 @@ impl Run<'_> {
             0 => Vec::new(),
             _ => self.measure_all()?,
         };
-        let by_pair: BTreeMap<Pair, Option<Outcome>> = self
+        let by_pair: BTreeMap<Route, Option<Outcome>> = self
             .jobs
             .iter()
-            .map(|j| (j.pair, j.outcome.clone()))
+            .map(|j| {
+                let route = Route {
+                    transport: j.transport,
+                    pair: j.pair,
+                };
+                (route, j.outcome.clone())
+            })
             .collect();
         let outcomes = batch.iter().map(|p| by_pair[p].clone()).collect();
         Ok((batch, outcomes, measured))
     }
 
     /// The bandwidth phase, after every pair's tiers: each pair whose copy tier passed on both
-    /// sides, measured by its consumer one at a time (so that no two pairs share a link while
+    /// sides over legacy IPC, measured by its consumer one at a time (so that no two pairs share a link while
     /// measured), in pair order, until the whole check's deadline.
     fn measure_all(&mut self) -> Result<Vec<Measured>, RoundError> {
         let mut out = Vec::new();
         for j in 0..self.jobs.len() {
             let job = &self.jobs[j];
-            let copied = matches!(&job.outcome, Some(Outcome::Done { producer, consumer })
+            // Through the legacy IPC mapping: the cuMem transport's jobs are not measured.
+            let copied = job.transport == Transport::Ipc
+                && matches!(&job.outcome, Some(Outcome::Done { producer, consumer })
                 if producer.copy.is_ok() && consumer.copy.is_ok());
             let alive =
                 self.workers[job.producer].is_some() && self.workers[job.consumer].is_some();
@@ -348,6 +389,7 @@ impl Run<'_> {
             pair,
             role: Role::Consumer,
             tier: Level::Copy,
+            transport: Transport::Ipc,
         };
         let message = Message::Step {
             job,
@@ -422,11 +464,13 @@ impl Run<'_> {
             let gpu = &gpus[part.device() as usize];
             env.push((visible::VAR.into(), gpu.uuid.clone().into()));
         }
-        let mut w = Worker::spawn(&self.ctx.path, part.label(), &env)?;
+        let cumem = self.ctx.opts.transport.has(Transport::Cumem);
+        let mut w = Worker::spawn(&self.ctx.path, part.label(), &env, cumem)?;
         w.deadline = Some(Instant::now() + self.ctx.opts.startup_timeout);
         self.members.push(Member {
             part,
             state: State::Starting,
+            cumem: None,
             queue: VecDeque::new(),
             in_handshake: false,
             info: WorkerInfo {
@@ -480,12 +524,14 @@ impl Run<'_> {
         let deadline = Instant::now() + self.ctx.opts.startup_timeout;
         self.worker(i).deadline = Some(deadline);
         let tiers = self.ctx.tiers;
+        let cumem = self.ctx.opts.transport.has(Transport::Cumem);
         let w = self.worker(i);
         w.send(
             &Message::Setup {
                 device,
                 slots,
                 tiers,
+                cumem,
             },
             deadline,
         )
@@ -608,8 +654,14 @@ impl Run<'_> {
                 }
                 Ok(())
             }
-            (State::SettingUp, Message::Ready { result }) => {
+            (State::SettingUp, Message::Ready { result, cumem }) => {
                 self.worker(from).deadline = None;
+                // A worker names devices as its CUDA sees them: as this process numbers them.
+                let device = self.members[from].part.device() as i32;
+                self.members[from].cumem = cumem.map(|c| {
+                    self.take_descriptor(from, c)
+                        .map_err(|p| renumbered(p, device))
+                });
                 self.members[from].state = match result {
                     Ok(handle) => State::Ready(handle),
                     Err(p) => State::Failed(p),
@@ -637,7 +689,11 @@ impl Run<'_> {
                     return Ok(());
                 };
                 let expected = &self.jobs[j];
-                if job.pair != expected.pair || job.role != role || job.index != j as u32 {
+                if job.pair != expected.pair
+                    || job.role != role
+                    || job.index != j as u32
+                    || job.transport != expected.transport
+                {
                     self.lose_to(from, Fault::WrongJob(format!("{job:?}")));
                     return Ok(());
                 }
@@ -665,6 +721,48 @@ impl Run<'_> {
         }
     }
 
+    /// What worker `from`'s `Ready` said of the cuMem transport, with the descriptor of its
+    /// allocation taken from its socket (where it waits already) when it exported one.
+    fn take_descriptor(
+        &mut self,
+        from: usize,
+        said: Result<u64, Problem>,
+    ) -> Result<(u64, Option<OwnedFd>), Problem> {
+        let bytes = said?;
+        if bytes == 0 {
+            return Ok((0, None)); // a worker that exports none
+        }
+        let mut payload = [0u8; 12];
+        let (n, fd) = self
+            .worker(from)
+            .recv_descriptor(&mut payload, Instant::now() + DESCRIPTOR_WAIT)
+            .map_err(|e| Problem::Descriptor(format!("receiving it from the producer: {e}")))?;
+        let said = u64::from_le_bytes(payload[4..].try_into().unwrap_or_default());
+        if n != payload.len() || said != bytes {
+            return Err(Problem::Descriptor(format!(
+                "the producer's came with {n} bytes saying {said} bytes, not {bytes}"
+            )));
+        }
+        Ok((bytes, Some(fd)))
+    }
+
+    /// Why member `m` cannot take part in a job of `transport` as `role`, if it cannot: its
+    /// set-up failed, or (a producer, cuMem transport) it has no allocation to share. A
+    /// consumer needs nothing of its own for the cuMem transport: what it lacks shows in its
+    /// step.
+    fn unable(&self, m: usize, transport: Transport, role: Role) -> Option<Problem> {
+        match (
+            &self.members[m].state,
+            transport,
+            role,
+            &self.members[m].cumem,
+        ) {
+            (State::Failed(why), _, _, _) => Some(why.clone()),
+            (_, Transport::Cumem, Role::Producer, Some(Err(why))) => Some(why.clone()),
+            _ => None,
+        }
+    }
+
     /// Starts every job whose two workers are set up (retries once the others are done).
     fn start_ready_jobs(&mut self) {
         let others_done = self.jobs.iter().all(|j| j.held || j.finished);
@@ -673,19 +771,17 @@ impl Run<'_> {
             if job.started || job.finished || (job.held && !others_done) {
                 continue;
             }
-            let (p, c) = (job.producer, job.consumer);
-            let failed = |m: &Member| match &m.state {
-                State::Failed(why) => Some(why.clone()),
-                _ => None,
-            };
-            if let Some(why) = failed(&self.members[p]) {
+            let (p, c, t) = (job.producer, job.consumer, job.transport);
+            // A worker that could not set up (or, for the cuMem transport, could not export or
+            // has no socket) fails its pairs at the copy tier, as vLLM's would.
+            if let Some(why) = self.unable(p, t, Role::Producer) {
                 let job = &mut self.jobs[j];
                 job.p.copy = Err(why.clone());
                 job.c.copy = Err(Problem::Peer(Box::new(why)));
                 self.finish(j);
                 continue;
             }
-            if let Some(why) = failed(&self.members[c]) {
+            if let Some(why) = self.unable(c, t, Role::Consumer) {
                 let job = &mut self.jobs[j];
                 job.c.copy = Err(why.clone());
                 job.p.copy = Err(Problem::Peer(Box::new(why)));
@@ -726,18 +822,33 @@ impl Run<'_> {
             State::Ready(Some(h)) => *h,
             _ => [0; IPC_HANDLE_BYTES],
         };
-        let op = match kind {
-            StepKind::Write => Op::Write {
+        let transport = self.jobs[j].transport;
+        let op = match (kind, transport) {
+            (StepKind::Write, Transport::Ipc) => Op::Write {
                 handle,
                 value: CONSUMER_FILL,
             },
-            StepKind::VerifyCopy => Op::Verify {
+            (StepKind::Write, Transport::Cumem) => match self.relay(p, c) {
+                Ok(bytes) => Op::WriteCumem {
+                    bytes,
+                    value: CONSUMER_FILL,
+                },
+                Err(why) => {
+                    // Nothing reached the consumer: the pair fails here, at the copy tier.
+                    let job = &mut self.jobs[j];
+                    job.c.copy = Err(why.clone());
+                    job.p.copy = Err(Problem::Peer(Box::new(why)));
+                    self.finish(j);
+                    return;
+                }
+            },
+            (StepKind::VerifyCopy, _) => Op::Verify {
                 expect: CONSUMER_FILL,
             },
-            StepKind::KernelStore => Op::KernelStore,
-            StepKind::VerifyStores => Op::VerifyStores,
-            StepKind::KernelLoad => Op::KernelLoad,
-            StepKind::Handshake => Op::Handshake,
+            (StepKind::KernelStore, _) => Op::KernelStore,
+            (StepKind::VerifyStores, _) => Op::VerifyStores,
+            (StepKind::KernelLoad, _) => Op::KernelLoad,
+            (StepKind::Handshake, _) => Op::Handshake,
         };
         let targets: &[(usize, Role)] = match who {
             Who::Producer => &[(p, Role::Producer)],
@@ -753,6 +864,7 @@ impl Run<'_> {
                     pair: self.jobs[j].pair,
                     role,
                     tier: kind.tier(),
+                    transport,
                 },
                 slot: self.jobs[j].pair.tgt,
                 op: op.clone(),
@@ -777,6 +889,38 @@ impl Run<'_> {
                 Err(SendError::Gone) => {}
             }
         }
+    }
+
+    /// The length of producer `p`'s cuMem allocation, its descriptor sent to consumer `c`
+    /// first unless it was already (the consumer maps each producer's once); or why it could
+    /// not be.
+    fn relay(&mut self, p: usize, c: usize) -> Result<u64, Problem> {
+        let (bytes, fd) = match &self.members[p].cumem {
+            Some(Ok((bytes, Some(fd)))) => (*bytes, fd),
+            _ => {
+                return Err(Problem::Descriptor(
+                    "the producer exported no cuMem allocation".into(),
+                ))
+            }
+        };
+        if self.relayed.contains(&(p, c)) {
+            return Ok(bytes);
+        }
+        let Some(consumer) = self.workers[c].as_ref() else {
+            return Err(Problem::Descriptor("the consumer is gone".into()));
+        };
+        let src = match self.members[p].part {
+            Part::Primary(d) | Part::Secondary(d) => d,
+        };
+        consumer
+            .send_descriptor(
+                fd.as_fd(),
+                &descriptor_payload(src, bytes),
+                Instant::now() + DESCRIPTOR_WAIT,
+            )
+            .map_err(|e| Problem::Descriptor(format!("sending it to the consumer: {e}")))?;
+        self.relayed.insert((p, c));
+        Ok(bytes)
     }
 
     /// Sends the handshakes that waited for a worker that is free now.
@@ -808,33 +952,30 @@ impl Run<'_> {
         // A worker names devices as its CUDA sees them (ordinal 0 when it sees only its own
         // GPU): report the device as this process numbers it.
         let pair = self.jobs[j].pair;
-        let result = result.map_err(|p| match p {
-            Problem::Cuda {
-                call,
-                device: Some(_),
-                code,
-                name,
-                text,
-            } => Problem::Cuda {
-                call,
-                device: Some(match role {
+        let result = result.map_err(|p| {
+            renumbered(
+                p,
+                match role {
                     Role::Producer => pair.src as i32,
                     Role::Consumer => pair.tgt as i32,
-                }),
-                code,
-                name,
-                text,
-            },
-            p => p,
+                },
+            )
         });
         let job = &mut self.jobs[j];
         match kind {
             StepKind::Write => {
                 job.c.claim = claim;
                 // Without a mapping nothing else can run: the producer's side is the peer's
-                // failure, as in vLLM when the open fails.
-                let unmapped = matches!(&result, Err(Problem::Cuda { call, .. }) if call == "cudaIpcOpenMemHandle")
-                    || matches!(&result, Err(Problem::Driver(_)));
+                // failure, as in vLLM when the open fails (or, for the cuMem transport, the
+                // descriptor could not come, be imported or mapped).
+                let unmapped = matches!(&result, Err(Problem::Driver(_)))
+                    || matches!(&result, Err(p) if matches!(
+                        p.class(),
+                        Class::OpenFailed
+                            | Class::FdNotPassable
+                            | Class::ImportRefused
+                            | Class::MapRefused
+                    ));
                 if let (true, Err(why)) = (unmapped, &result) {
                     job.p.copy = Err(Problem::Peer(Box::new(why.clone())));
                     job.c.copy = result;
@@ -965,6 +1106,27 @@ impl Run<'_> {
         if self.jobs.iter().any(|j| j.held && !j.started) {
             self.start_ready_jobs();
         }
+    }
+}
+
+/// `p` with the device of its failed call, if it names one, as `device` (this process's
+/// numbering of the worker's GPU).
+fn renumbered(p: Problem, device: i32) -> Problem {
+    match p {
+        Problem::Cuda {
+            call,
+            device: Some(_),
+            code,
+            name,
+            text,
+        } => Problem::Cuda {
+            call,
+            device: Some(device),
+            code,
+            name,
+            text,
+        },
+        p => p,
     }
 }
 

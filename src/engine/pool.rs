@@ -44,6 +44,11 @@ use crate::worker::WORKER_FLAG;
 ///    worker ([`this_executable_is_a_worker`]: the `p2pcheck` CLI does); an embedding host's
 ///    executable is never run, whatever its name;
 /// 5. `p2pcheck-worker` on `$PATH`.
+///
+/// # Errors
+///
+/// [`Error::WorkerUnusable`] when the one named explicitly or by `$P2PCHECK_WORKER` is not an
+/// executable file; [`Error::WorkerNotFound`], listing the places tried, when none is found.
 pub fn locate_worker(explicit: Option<&Path>) -> Result<PathBuf> {
     if let Some(p) = explicit {
         return executable(p).map_err(|why| Error::WorkerUnusable {
@@ -260,17 +265,31 @@ pub(crate) struct Worker {
     pub sees: Option<u32>,
     /// Its peak resident memory as it last reported it, in KiB.
     pub peak_rss_kb: u32,
+    /// This side of its descriptor socket (the cuMem transport), when it was given one.
+    socket: Option<OwnedFd>,
 }
 
 impl Worker {
-    /// Starts `path` as a worker with `env` added to this process's environment. Everything
+    /// Starts `path` as a worker with `env` added to this process's environment, and with a
+    /// descriptor socket when `socket` (the cuMem transport's: see [`os::fdpass`]). Everything
     /// that sets the worker up (its descriptors, `PR_SET_PDEATHSIG`) happens in the child
     /// before exec ([`os::worker_pre_exec`]): nothing of this process changes.
     pub(crate) fn spawn(
         path: &Path,
         label: String,
         env: &[(OsString, OsString)],
+        socket: bool,
     ) -> Result<Worker> {
+        let pipes = |e: std::io::Error| Error::WorkerPipes {
+            source_text: format!("the descriptor socket: {e}"),
+        };
+        let (ours, theirs) = match socket {
+            true => {
+                let (a, b) = os::fdpass::socket_pair().map_err(pipes)?;
+                (Some(a), Some(b))
+            }
+            false => (None, None),
+        };
         // The audit trace to stderr (P2PCHECK_TRACE=1) asks for every process's lines there:
         // then the worker shares this process's stderr instead of having it captured.
         let trace_var = match env.iter().rev().find(|(k, _)| k == trace::VAR) {
@@ -290,11 +309,13 @@ impl Worker {
             })
             // Its own process group, so a kill reaches anything it started too.
             .process_group(0);
-        os::worker_pre_exec(&mut cmd);
+        os::worker_pre_exec(&mut cmd, theirs.as_ref());
         let mut child = cmd.spawn().map_err(|e| Error::WorkerSpawn {
             path: path.to_path_buf(),
             source_text: e.to_string(),
         })?;
+        // The child has its copy at its socket descriptor now.
+        drop(theirs);
         let pid = child.id();
         let stdin = child.stdin.take();
         let stdout = child.stdout.take().expect("stdout was piped");
@@ -319,6 +340,7 @@ impl Worker {
             listening: true,
             sees: None,
             peak_rss_kb: 0,
+            socket: ours,
         };
         // Writes must never block (a worker that stops reading would stall the parent), nor
         // reads of its output once poll said there is some (a drain reads until empty). On an
@@ -334,6 +356,35 @@ impl Worker {
             os::set_nonblocking(&c.pipe).map_err(blocking)?;
         }
         Ok(worker)
+    }
+
+    /// Sends `fd` with `payload` over its descriptor socket, by `deadline`.
+    pub(crate) fn send_descriptor(
+        &self,
+        fd: BorrowedFd<'_>,
+        payload: &[u8],
+        deadline: Instant,
+    ) -> std::io::Result<()> {
+        os::fdpass::send_fd(self.descriptor_socket()?, fd, payload, deadline)
+    }
+
+    /// Receives a descriptor and its message (into `buf`: its length) from its descriptor
+    /// socket, by `deadline`.
+    pub(crate) fn recv_descriptor(
+        &self,
+        buf: &mut [u8],
+        deadline: Instant,
+    ) -> std::io::Result<(usize, OwnedFd)> {
+        os::fdpass::recv_fd(self.descriptor_socket()?, buf, deadline)
+    }
+
+    fn descriptor_socket(&self) -> std::io::Result<BorrowedFd<'_>> {
+        self.socket.as_ref().map(AsFd::as_fd).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "the worker was started without a descriptor socket",
+            )
+        })
     }
 
     /// The worker's pid.

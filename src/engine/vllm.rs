@@ -9,8 +9,8 @@ use super::pool::{next_event, Event, Graveyard, Worker};
 use super::{check_ids, hello_count, Ctx, RoundError, RoundOut};
 use crate::error::{Error, Phase};
 use crate::model::{
-    all_pairs, Fault, Hang, Level, Lost, Outcome, Pair, Role, SideVerdict, TierParams, WorkerFault,
-    WorkerInfo,
+    all_pairs, Fault, Hang, Level, Lost, Outcome, Pair, Role, Route, SideVerdict, TierParams,
+    Transport, WorkerFault, WorkerInfo,
 };
 use crate::protocol::{self, Job, Message};
 
@@ -19,15 +19,19 @@ use crate::protocol::{self, Job, Message};
 const MAX_MESSAGES_PER_PAIR: u32 = 16;
 
 /// Runs `pairs` (all pairs when `None`) on a fresh producer and consumer.
+/// Runs `routes` (all pairs when `None`), legacy IPC only: vLLM's procedure knows no other
+/// transport (the options refuse one).
 pub(super) fn round(
     ctx: &Ctx,
-    pairs: Option<&[Pair]>,
+    routes: Option<&[Route]>,
     graveyard: &mut Graveyard,
 ) -> Result<RoundOut, RoundError> {
+    let pairs: Option<Vec<Pair>> = routes.map(|r| r.iter().map(|r| r.pair).collect());
+    let pairs = pairs.as_deref();
     let mut workers: Vec<Option<Worker>> = Vec::new();
     let mut result = Ok(());
     for role in [Role::Producer, Role::Consumer] {
-        match Worker::spawn(&ctx.path, role.name().to_string(), &ctx.env) {
+        match Worker::spawn(&ctx.path, role.name().to_string(), &ctx.env, false) {
             Ok(w) => workers.push(Some(w)),
             Err(e) => {
                 result = Err(RoundError::Fatal(e));
@@ -60,7 +64,13 @@ pub(super) fn round(
     let (n, pairs, outcomes) = result?;
     Ok(RoundOut {
         n,
-        pairs,
+        routes: pairs
+            .into_iter()
+            .map(|pair| Route {
+                transport: Transport::Ipc,
+                pair,
+            })
+            .collect(),
         outcomes,
         // The vLLM engine does not measure bandwidth (Options::validate refuses it).
         measured: Vec::new(),

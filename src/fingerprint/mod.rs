@@ -75,7 +75,8 @@ impl Fingerprint {
     /// [`Fingerprint::machine_difference`].
     ///
     /// `self` is what holds now and `other` what was recorded, so arrows point from `other` to
-    /// `self`.
+    /// `self`. (The two in one, for the tests.)
+    #[cfg(test)]
     pub fn difference(&self, other: &Fingerprint) -> Option<String> {
         self.check_difference(other)
             .or_else(|| self.machine_difference(other))

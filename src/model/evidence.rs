@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use super::{
-    Class, Failure, Finding, Level, Lost, Outcome, Pair, Problem, Role, SideVerdict, TierOutcome,
-    Verdict,
+    Class, Failure, Finding, Level, Lost, Outcome, Pair, Problem, Role, Route, SideVerdict,
+    TierOutcome, Transport, Verdict,
 };
 
 /// What a pair's attempts show, and so whether its verdict is a fact that may be written to
@@ -91,6 +91,9 @@ impl Evidence {
 pub struct PairReport {
     /// The pair (local device ids).
     pub pair: Pair,
+    /// The transport it was checked over (only [`Transport::Ipc`]'s verdicts go to vLLM's
+    /// cache).
+    pub transport: Transport,
     /// The attempt its verdict is read from: the one that did not pass (the later one when
     /// neither did), so that a failure that did not repeat is still reported, and answered
     /// `false`.
@@ -124,11 +127,13 @@ pub enum Attempt {
 }
 
 impl PairReport {
-    /// The report of `pair` from its attempts' outcomes, in order (none: never attempted
-    /// within the check's `budget`).
-    pub(crate) fn settle(pair: Pair, tries: Vec<Outcome>, budget: Duration) -> PairReport {
+    /// The report of `route` (a pair over a transport) from its attempts' outcomes, in order
+    /// (none: never attempted within the check's `budget`).
+    pub(crate) fn settle(route: Route, tries: Vec<Outcome>, budget: Duration) -> PairReport {
+        let pair = route.pair;
         let report = |outcome: Outcome, evidence, other_attempt| PairReport {
             pair,
+            transport: route.transport,
             outcome,
             attempts: tries.len() as u32,
             other_attempt,
@@ -392,7 +397,11 @@ mod tests {
     }
 
     fn settle(tries: Vec<Outcome>) -> PairReport {
-        PairReport::settle(PAIR, tries, Duration::from_secs(320))
+        let route = Route {
+            transport: Transport::Ipc,
+            pair: PAIR,
+        };
+        PairReport::settle(route, tries, Duration::from_secs(320))
     }
 
     #[test]

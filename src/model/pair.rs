@@ -37,6 +37,91 @@ impl fmt::Display for Pair {
     }
 }
 
+/// How a pair's processes reach each other's memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Transport {
+    /// Legacy CUDA IPC: `cudaIpcGetMemHandle`/`cudaIpcOpenMemHandle`, what vLLM's custom
+    /// all-reduce and its check use (the vLLM cache speaks of this transport only).
+    Ipc = 0,
+    /// The driver's virtual memory API: `cuMemCreate` with POSIX descriptor handles, the
+    /// descriptor exported (`cuMemExportToShareableHandle`), passed to the other process over a
+    /// Unix socket (`SCM_RIGHTS`), imported, mapped and granted access there (`cuMemMap`,
+    /// `cuMemSetAccess`): what PyTorch's symmetric memory and NCCL (`NCCL_CUMEM_ENABLE`) use.
+    Cumem = 1,
+}
+
+impl Transport {
+    /// Every transport, in report order.
+    pub const ALL: [Transport; 2] = [Transport::Ipc, Transport::Cumem];
+
+    /// `ipc` or `cumem`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Ipc => "ipc",
+            Transport::Cumem => "cumem",
+        }
+    }
+}
+
+/// Which transports a check runs every tier over (`--transport`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Transports {
+    /// Legacy IPC alone (the default: what vLLM's check does).
+    #[default]
+    Ipc,
+    /// The cuMem path alone.
+    Cumem,
+    /// Both, legacy IPC first.
+    All,
+}
+
+impl Transports {
+    /// Every choice.
+    pub const ALL: [Transports; 3] = [Transports::Ipc, Transports::Cumem, Transports::All];
+
+    /// `ipc`, `cumem` or `all`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Transports::Ipc => "ipc",
+            Transports::Cumem => "cumem",
+            Transports::All => "all",
+        }
+    }
+
+    /// The transports chosen, in report order.
+    pub fn list(self) -> &'static [Transport] {
+        match self {
+            Transports::Ipc => &[Transport::Ipc],
+            Transports::Cumem => &[Transport::Cumem],
+            Transports::All => &Transport::ALL,
+        }
+    }
+
+    /// Whether `t` is among them.
+    pub fn has(self, t: Transport) -> bool {
+        self.list().contains(&t)
+    }
+}
+
+impl std::str::FromStr for Transports {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Transports, String> {
+        Transports::ALL
+            .into_iter()
+            .find(|t| t.name() == s)
+            .ok_or_else(|| format!("unknown transport {s:?} (ipc, cumem or all)"))
+    }
+}
+
+/// One ordered pair over one transport: what one attempt checks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Route {
+    /// The transport (first: a batch sorted by route runs legacy IPC first).
+    pub transport: Transport,
+    /// The pair.
+    pub pair: Pair,
+}
+
 /// Every ordered pair of `n` devices, row-major (src outer), as vLLM's cache orders them.
 pub fn all_pairs(n: u32) -> Vec<Pair> {
     (0..n)

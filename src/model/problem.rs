@@ -118,6 +118,9 @@ pub enum Problem {
     },
     /// The other side could not do its part, so this side could not test: what it said.
     Peer(Box<Problem>),
+    /// The cuMem transport's descriptor could not be passed between the processes (over the
+    /// Unix socket, `SCM_RIGHTS`): why.
+    Descriptor(String),
 }
 
 impl fmt::Display for Problem {
@@ -178,6 +181,12 @@ impl fmt::Display for Problem {
                 Ok(())
             }
             Problem::Peer(p) => write!(f, "the other side could not take part: {p}"),
+            Problem::Descriptor(why) => {
+                write!(
+                    f,
+                    "the cuMem allocation's descriptor could not be passed: {why}"
+                )
+            }
         }
     }
 }
@@ -195,12 +204,24 @@ pub enum Class {
     OpenFailed,
     /// A flag from the other kernel never became visible within the deadline.
     Timeout,
+    /// cuMem transport: the driver refused to make or export the allocation as a POSIX
+    /// descriptor (`cuMemCreate`, `cuMemExportToShareableHandle`).
+    ExportRefused,
+    /// cuMem transport: the descriptor could not be passed to the other process.
+    FdNotPassable,
+    /// cuMem transport: the driver refused to import the descriptor
+    /// (`cuMemImportFromShareableHandle`).
+    ImportRefused,
+    /// cuMem transport: the imported memory could not be mapped or made accessible
+    /// (`cuMemAddressReserve`, `cuMemMap`, `cuMemSetAccess`).
+    MapRefused,
     /// Another failed call, or the driver could not be used.
     Other,
 }
 
 impl Class {
-    /// `never-written`, `partial`, `wrong-data`, `open-failed`, `timeout`, `other`.
+    /// `never-written`, `partial`, `wrong-data`, `open-failed`, `timeout`, `export-refused`,
+    /// `fd-not-passable`, `import-refused`, `map-refused`, `other`.
     pub fn name(self) -> &'static str {
         match self {
             Class::NeverWritten => "never-written",
@@ -208,6 +229,10 @@ impl Class {
             Class::WrongData => "wrong-data",
             Class::OpenFailed => "open-failed",
             Class::Timeout => "timeout",
+            Class::ExportRefused => "export-refused",
+            Class::FdNotPassable => "fd-not-passable",
+            Class::ImportRefused => "import-refused",
+            Class::MapRefused => "map-refused",
             Class::Other => "other",
         }
     }
@@ -229,6 +254,28 @@ impl Class {
                 "kernels running at the same time did not see each other's flags: a peer \
                  path that does not keep resident kernels coherent (what all-reduce needs)"
             }
+            Class::ExportRefused => {
+                "the driver would not export the allocation as a POSIX file descriptor: the \
+                 reason says whether the device supports it \
+                 (CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED) and the \
+                 driver's version; the cuMem path needs a driver of CUDA 10.2 or later"
+            }
+            Class::FdNotPassable => {
+                "the descriptor could not cross between the processes over a Unix socket \
+                 (SCM_RIGHTS): a seccomp or LSM policy, or a descriptor limit (ulimit -n), \
+                 stops it; in containers the processes must be able to share a socket"
+            }
+            Class::ImportRefused => {
+                "the driver would not import the other process's descriptor: in a container \
+                 the processes need the same driver and access to each other's GPU device \
+                 files (/dev/nvidia*); PyTorch's symmetric memory and NCCL's cuMem path fail \
+                 the same way"
+            }
+            Class::MapRefused => {
+                "the imported memory could not be mapped or made accessible from this GPU \
+                 (cuMemMap, cuMemSetAccess): the driver does not allow peer access between the \
+                 two GPUs over this path"
+            }
             Class::Other => "see the failing call",
         }
     }
@@ -238,8 +285,15 @@ impl Problem {
     /// The diagnosis.
     pub fn class(&self) -> Class {
         match self {
-            Problem::Cuda { call, .. } if call == "cudaIpcOpenMemHandle" => Class::OpenFailed,
-            Problem::Cuda { .. } | Problem::Driver(_) => Class::Other,
+            Problem::Cuda { call, .. } => match call.as_str() {
+                "cudaIpcOpenMemHandle" => Class::OpenFailed,
+                "cuMemCreate" | "cuMemExportToShareableHandle" => Class::ExportRefused,
+                "cuMemImportFromShareableHandle" => Class::ImportRefused,
+                "cuMemAddressReserve" | "cuMemMap" | "cuMemSetAccess" => Class::MapRefused,
+                _ => Class::Other,
+            },
+            Problem::Descriptor(_) => Class::FdNotPassable,
+            Problem::Driver(_) => Class::Other,
             // A pattern's byte equals the old pattern's by chance at about 1 offset in 256,
             // and such bytes cannot be told wrong: "all" allows for them (1/64 of the bytes).
             Problem::Mismatch {
@@ -312,12 +366,39 @@ mod tests {
         assert_eq!(hs(true, 0).class(), Class::Timeout);
         assert_eq!(hs(false, 5).class(), Class::WrongData);
         assert_eq!(Problem::Driver("x".into()).class(), Class::Other);
+        let call = |name: &str| Problem::Cuda {
+            call: name.into(),
+            device: Some(0),
+            code: 801,
+            name: "CUDA_ERROR_NOT_SUPPORTED".into(),
+            text: "operation not supported".into(),
+        };
+        for (name, class) in [
+            ("cuMemCreate", Class::ExportRefused),
+            ("cuMemExportToShareableHandle", Class::ExportRefused),
+            ("cuMemImportFromShareableHandle", Class::ImportRefused),
+            ("cuMemAddressReserve", Class::MapRefused),
+            ("cuMemMap", Class::MapRefused),
+            ("cuMemSetAccess", Class::MapRefused),
+            ("cuMemRelease", Class::Other),
+        ] {
+            assert_eq!(call(name).class(), class, "{name}");
+            assert_eq!(Problem::Peer(Box::new(call(name))).class(), class, "{name}");
+        }
+        assert_eq!(
+            Problem::Descriptor("sendmsg: EPERM".into()).class(),
+            Class::FdNotPassable
+        );
         for c in [
             Class::NeverWritten,
             Class::Partial,
             Class::WrongData,
             Class::OpenFailed,
             Class::Timeout,
+            Class::ExportRefused,
+            Class::FdNotPassable,
+            Class::ImportRefused,
+            Class::MapRefused,
         ] {
             assert!(!c.hint().is_empty() && !c.name().is_empty());
         }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{Level, Link, Pair, PairBandwidth, PairReport};
+use super::{Level, Link, Pair, PairBandwidth, PairReport, Transport, Transports};
 
 /// Which procedure checks the pairs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,12 +66,15 @@ pub struct WorkerInfo {
 pub struct Report {
     /// Devices checked (the devices this process sees).
     pub device_count: u32,
-    /// One entry per pair, in batch order; every pair is accounted for.
+    /// One entry per pair and transport, in batch order, transport by transport (legacy IPC
+    /// first); every pair is accounted for over every transport asked for.
     pub pairs: Vec<PairReport>,
     /// The engine used.
     pub engine: Engine,
     /// The level checked.
     pub level: Level,
+    /// The transports every tier ran over.
+    pub transport: Transports,
     /// What the workers saw (after any fallback).
     pub visibility: Visibility,
     /// Time from the start of the check to the last verdict (worker exit is not included:
@@ -98,12 +101,18 @@ pub struct Report {
 
 impl Report {
     /// A report of no pair: what an empty batch gives, without a worker.
-    pub fn empty(engine: Engine, level: Level, visibility: Visibility) -> Report {
+    pub fn empty(
+        engine: Engine,
+        level: Level,
+        transport: Transports,
+        visibility: Visibility,
+    ) -> Report {
         Report {
             device_count: 0,
             pairs: Vec::new(),
             engine,
             level,
+            transport,
             visibility,
             answer: Duration::ZERO,
             worker: PathBuf::new(),
@@ -129,9 +138,26 @@ impl Report {
         self.bandwidth.iter().find(|b| b.pair == Pair { src, tgt })
     }
 
-    /// The report for `pair`, if it was checked.
+    /// The report for `pair` over the first transport checked (legacy IPC unless only the
+    /// cuMem transport was), if it was checked.
     pub fn get(&self, src: u32, tgt: u32) -> Option<&PairReport> {
-        self.pairs.iter().find(|p| p.pair == Pair { src, tgt })
+        self.get_on(self.transport.list()[0], src, tgt)
+    }
+
+    /// The report for `pair` over `transport`, if it was checked.
+    pub fn get_on(&self, transport: Transport, src: u32, tgt: u32) -> Option<&PairReport> {
+        self.on(transport).find(|p| p.pair == Pair { src, tgt })
+    }
+
+    /// The entries of `transport`, in batch order.
+    pub fn on(&self, transport: Transport) -> impl Iterator<Item = &PairReport> {
+        self.pairs.iter().filter(move |p| p.transport == transport)
+    }
+
+    /// The entries of the first transport checked: legacy IPC's (the answers vLLM's
+    /// functions give), or the cuMem transport's when only it was checked.
+    pub fn primary(&self) -> impl Iterator<Item = &PairReport> {
+        self.on(self.transport.list()[0])
     }
 
     /// The largest peak resident memory any worker reported, in KiB.
@@ -143,8 +169,9 @@ impl Report {
             .max()
     }
 
-    /// Whether every verdict may be written to vLLM's cache (see [`PairReport::persistable`]).
+    /// Whether every verdict for vLLM's cache (legacy IPC's) may be written to it (see
+    /// [`PairReport::persistable`]).
     pub fn persistable(&self) -> bool {
-        self.pairs.iter().all(PairReport::persistable)
+        self.on(Transport::Ipc).all(PairReport::persistable)
     }
 }

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use super::{Class, Level, Pair, PairReport, Problem, Role};
+use super::{Class, Level, Pair, PairReport, Problem, Role, Route, Transport};
 
 /// Outcome of a tier beyond copy as one side saw it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -225,7 +225,11 @@ pub enum Outcome {
 impl Outcome {
     /// Whether the pair ran to the end and passed.
     pub(crate) fn passed(&self) -> bool {
-        PairReport::settle(Pair { src: 0, tgt: 0 }, vec![self.clone()], Duration::ZERO).ok()
+        let route = Route {
+            transport: Transport::Ipc,
+            pair: Pair { src: 0, tgt: 0 },
+        };
+        PairReport::settle(route, vec![self.clone()], Duration::ZERO).ok()
     }
 
     /// The verdict of a pair that did not run to the end (`None` for one that did).

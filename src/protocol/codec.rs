@@ -7,6 +7,7 @@ use super::{
 };
 use crate::model::{
     Bandwidth, Check, Figure, Level, Pair, Problem, Role, SideVerdict, TierOutcome, TierParams,
+    Transport,
 };
 
 struct Enc(Vec<u8>);
@@ -62,6 +63,7 @@ impl Enc {
         self.pair(j.pair);
         self.u8(j.role as u8);
         self.u8(j.tier as u8);
+        self.u8(j.transport as u8);
     }
     fn problem(&mut self, p: &Problem) {
         match p {
@@ -122,6 +124,10 @@ impl Enc {
                 self.u64(*payload_errors);
                 self.u8(u8::from(*timed_out));
                 self.u64(*elapsed_ns);
+            }
+            Problem::Descriptor(why) => {
+                self.u8(5);
+                self.text(why);
             }
             Problem::Peer(inner) => {
                 self.u8(3);
@@ -257,13 +263,15 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             device,
             slots,
             tiers,
+            cumem,
         } => {
             e.u8(TAG_SETUP);
             e.u32(*device);
             e.u32(*slots);
             e.tiers(tiers);
+            e.u8(u8::from(*cumem));
         }
-        Message::Ready { result } => {
+        Message::Ready { result, cumem } => {
             e.u8(TAG_READY);
             match result {
                 Ok(None) => e.u8(1),
@@ -273,6 +281,17 @@ pub fn encode(msg: &Message) -> Vec<u8> {
                 }
                 Err(why) => {
                     e.u8(0);
+                    e.problem(why);
+                }
+            }
+            match cumem {
+                None => e.u8(0),
+                Some(Ok(bytes)) => {
+                    e.u8(1);
+                    e.u64(*bytes);
+                }
+                Some(Err(why)) => {
+                    e.u8(2);
                     e.problem(why);
                 }
             }
@@ -291,11 +310,16 @@ pub fn encode(msg: &Message) -> Vec<u8> {
                     e.u8(2);
                     e.u8(*expect);
                 }
+                Op::WriteCumem { bytes, value } => {
+                    e.u8(7);
+                    e.u64(*bytes);
+                    e.u8(*value);
+                }
                 Op::KernelStore => e.u8(3),
                 Op::VerifyStores => e.u8(4),
                 Op::KernelLoad => e.u8(5),
                 Op::Handshake => e.u8(6),
-                Op::Bandwidth => e.u8(7),
+                Op::Bandwidth => e.u8(8),
             }
         }
         Message::Done {
@@ -445,6 +469,11 @@ impl<'a> Dec<'a> {
             pair: self.pair()?,
             role: self.role()?,
             tier: self.level()?,
+            transport: match self.u8("transport")? {
+                0 => Transport::Ipc,
+                1 => Transport::Cumem,
+                v => return malformed(format!("unknown transport {v}")),
+            },
         })
     }
     fn check(&mut self) -> Result<Check, ProtocolError> {
@@ -488,6 +517,7 @@ impl<'a> Dec<'a> {
                 elapsed_ns: self.u64("elapsed")?,
             },
             3 if depth == 0 => Problem::Peer(Box::new(self.problem(1)?)),
+            5 => Problem::Descriptor(self.text("descriptor problem")?),
             v => return malformed(format!("unknown problem kind {v} at depth {depth}")),
         })
     }
@@ -613,6 +643,7 @@ pub fn decode(body: &[u8]) -> Result<Message, ProtocolError> {
             device: d.device("device")?,
             slots: d.device("slots")?,
             tiers: d.tiers()?,
+            cumem: d.flag("cumem")?,
         },
         TAG_READY => Message::Ready {
             result: match d.u8("ready status")? {
@@ -620,6 +651,12 @@ pub fn decode(body: &[u8]) -> Result<Message, ProtocolError> {
                 1 => Ok(None),
                 2 => Ok(Some(d.array("IPC handle")?)),
                 v => return malformed(format!("unknown ready status {v}")),
+            },
+            cumem: match d.u8("cumem status")? {
+                0 => None,
+                1 => Some(Ok(d.u64("cumem bytes")?)),
+                2 => Some(Err(d.problem(0)?)),
+                v => return malformed(format!("unknown cumem status {v}")),
             },
         },
         TAG_STEP => {
@@ -637,7 +674,11 @@ pub fn decode(body: &[u8]) -> Result<Message, ProtocolError> {
                 4 => Op::VerifyStores,
                 5 => Op::KernelLoad,
                 6 => Op::Handshake,
-                7 => Op::Bandwidth,
+                7 => Op::WriteCumem {
+                    bytes: d.u64("cumem bytes")?,
+                    value: d.u8("value")?,
+                },
+                8 => Op::Bandwidth,
                 v => return malformed(format!("unknown op {v}")),
             };
             Message::Step { job, slot, op }

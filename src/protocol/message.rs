@@ -4,7 +4,7 @@ use std::fmt;
 use std::io;
 
 use super::IPC_HANDLE_BYTES;
-use crate::model::{Bandwidth, Level, Pair, Problem, Role, SideVerdict, TierParams};
+use crate::model::{Bandwidth, Level, Pair, Problem, Role, SideVerdict, TierParams, Transport};
 
 /// What a message is about: the pair's position in its batch, the pair, the sender's or
 /// receiver's role in it, and the tier it belongs to.
@@ -18,6 +18,8 @@ pub struct Job {
     pub role: Role,
     /// The tier the step belongs to.
     pub tier: Level,
+    /// The transport the step uses (the vLLM engine's are all [`Transport::Ipc`]).
+    pub transport: Transport,
 }
 
 /// Rendezvous points of one pair in the vLLM engine, in the order they happen.
@@ -42,6 +44,15 @@ pub enum Op {
     Write {
         /// The producer's buffer.
         handle: [u8; IPC_HANDLE_BYTES],
+        /// The byte.
+        value: u8,
+    },
+    /// Consumer, cuMem transport: map the producer's cuMem allocation (once: its descriptor
+    /// waits on the worker's socket, sent by the parent just before this step, when this
+    /// worker has not mapped that producer's yet), then as [`Op::Write`].
+    WriteCumem {
+        /// The allocation's length, as its producer said.
+        bytes: u64,
         /// The byte.
         value: u8,
     },
@@ -127,12 +138,18 @@ pub enum Message {
         slots: u32,
         /// How the tiers beyond copy run (the slot layout follows from it).
         tiers: TierParams,
+        /// Also export the slots as a cuMem allocation (with `slots` > 0), its descriptor sent
+        /// over the worker's socket; and, either way, map peers' cuMem allocations on request.
+        cumem: bool,
     },
     /// Worker -> parent (parallel engine): the device is set up; the buffer's handle if one
     /// was asked for.
     Ready {
         /// The handle (`None` when no slots were asked for), or why set-up failed.
         result: Result<Option<[u8; IPC_HANDLE_BYTES]>, Problem>,
+        /// The cuMem allocation when one was asked for: its length (its descriptor was sent
+        /// over the worker's socket just before this message), or why there is none.
+        cumem: Option<Result<u64, Problem>>,
     },
     /// Parent -> worker (parallel engine): do `op` on `slot` for `job`.
     Step {

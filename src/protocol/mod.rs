@@ -11,7 +11,11 @@
 //! CUDA call with its code, or the mismatch count and first bad offset, never just a string.
 //! The IPC handle travels as its raw 64 bytes.
 //!
-//! Version 3: the tiers' parameters carry the bandwidth transfer size, a `Step` may ask for
+//! Version 3: a job names its transport (legacy IPC or cuMem); a parallel worker may be asked
+//! to export a cuMem allocation too (`Setup`), whose descriptor then travels beside the pipe,
+//! over a Unix socket (`os::fdpass`), never in a frame.
+//!
+//! Version 4: the tiers' parameters carry the bandwidth transfer size, a `Step` may ask for
 //! the bandwidth measurement (`Op::Bandwidth`), answered by `Measured` (figures as `f64` bits).
 
 //! The domain values it carries ([`Pair`](crate::model::Pair), [`Problem`](crate::model::Problem),
@@ -27,7 +31,7 @@ pub use frames::{recv_blocking, send, FrameReader};
 pub use message::{Job, Message, Op, ProtocolError, Stage};
 
 /// Protocol version; bumped on any change to the encoding.
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 /// Magic bytes at the start of a Hello payload.
 pub const MAGIC: [u8; 4] = *b"P2PC";
 /// Largest frame accepted, tag included: far above any real message (a Start of 8 x 8 pairs is
@@ -35,8 +39,8 @@ pub const MAGIC: [u8; 4] = *b"P2PC";
 pub const MAX_FRAME: usize = 64 * 1024;
 /// Longest string carried (error texts), in bytes; longer ones are cut at a char boundary.
 pub const MAX_TEXT: usize = 4096;
-/// Most devices a worker may claim to see, or a Setup may name: far above any machine (NVLink
-/// domains reach 72 GPUs), small enough that N x N pairs stay cheap.
+/// The most devices a check takes (a worker that sees more is refused): far above any machine
+/// (NVLink domains reach 72 GPUs), small enough that N x N pairs stay cheap.
 pub const MAX_DEVICES: u32 = 256;
 
 /// Bytes of a CUDA IPC memory handle (`cudaIpcMemHandle_t`), carried raw. The worker passes

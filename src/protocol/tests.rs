@@ -3,6 +3,7 @@ use super::codec::{TAG_HELLO, TAG_START};
 use super::*;
 use crate::model::{
     Bandwidth, Check, Figure, Level, Pair, Problem, Role, SideVerdict, TierOutcome, TierParams,
+    Transport,
 };
 use crate::os;
 use std::io::Write;
@@ -14,6 +15,7 @@ fn job(role: Role) -> Job {
         pair: Pair { src: 7, tgt: 2 },
         role,
         tier: Level::Kernel,
+        transport: Transport::Cumem,
     }
 }
 
@@ -129,13 +131,27 @@ fn samples() -> Vec<Message> {
             device: 5,
             slots: 8,
             tiers: tiers(),
+            cumem: true,
         },
         Message::Ready {
             result: Ok(Some(h)),
+            cumem: Some(Ok(2 << 20)),
         },
-        Message::Ready { result: Ok(None) },
+        Message::Ready {
+            result: Ok(None),
+            cumem: None,
+        },
         Message::Ready {
             result: Err(cuda_problem()),
+            cumem: Some(Err(Problem::Descriptor("no socket".into()))),
+        },
+        Message::Step {
+            job: job(Role::Consumer),
+            slot: 2,
+            op: Op::WriteCumem {
+                bytes: 2 << 20,
+                value: 2,
+            },
         },
         Message::Step {
             job: job(Role::Consumer),
@@ -224,9 +240,9 @@ fn the_handle_travels_as_its_raw_64_bytes() {
         job: job(Role::Producer),
         handle: Ok(h),
     });
-    // length(4) tag(1) job(4+8+1+1) status(1) handle(64)
-    assert_eq!(frame.len(), 4 + 1 + 14 + 1 + 64);
-    assert_eq!(&frame[20..], &h[..]);
+    // length(4) tag(1) job(4+8+1+1+1: index, pair, role, tier, transport) status(1) handle(64)
+    assert_eq!(frame.len(), 4 + 1 + 15 + 1 + 64);
+    assert_eq!(&frame[21..], &h[..]);
 }
 
 #[test]
@@ -293,6 +309,7 @@ fn trailing_bytes_unknown_tags_and_bad_values_are_rejected() {
         device: 0,
         slots: 1,
         tiers: tiers(),
+        cumem: false,
     });
     let mut huge = setup[4..].to_vec();
     huge[5..9].copy_from_slice(&u32::MAX.to_le_bytes());

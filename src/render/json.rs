@@ -49,6 +49,7 @@ fn pair(p: &PairReport, report: &Report) -> Json {
     let mut o = Object::new();
     o.uint("src", p.pair.src.into())
         .uint("tgt", p.pair.tgt.into())
+        .str("transport", p.transport.name())
         .bool("ok", p.ok())
         .str("verdict", verdict.word())
         .str("reason", &verdict.reason())
@@ -135,6 +136,7 @@ impl Report {
             .str("level", self.level.name())
             .bool("kernel_check", self.level >= Level::Kernel)
             .str("visibility", self.visibility.name())
+            .str("transport", self.transport.name())
             .fixed("answer_s", answer, 4)
             .fixed("elapsed_s", answer, 4)
             .uint("restarts", self.restarts.into())

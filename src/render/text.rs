@@ -5,7 +5,8 @@ use std::fmt::{self, Display, Formatter};
 
 use crate::model::{
     deadline_passed, figure_name, Attempt, Evidence, Failure, Fault, Finding, Floor, Hang, Lost,
-    OtherAttempt, Outcome, PairReport, Problem, Report, Verdict, Visibility, WorkerFault, FIGURES,
+    OtherAttempt, Outcome, PairReport, Problem, Report, Transport, Transports, Verdict, Visibility,
+    WorkerFault, FIGURES,
 };
 
 /// What a failure is and what usually causes it: "… [never-written: writes … (hint)]".
@@ -191,8 +192,14 @@ impl PairReport {
             (Outcome::Done { .. }, _) => Vec::new(),
         };
         out.extend(self.other_attempt.as_ref().map(OtherAttempt::to_string));
-        if self.evidence != Evidence::Passed {
-            out.push(self.evidence.describe().to_string());
+        match (self.evidence, self.transport) {
+            (Evidence::Passed, _) => {}
+            (e, Transport::Ipc) => out.push(e.describe().to_string()),
+            // What the attempts show, without the cache: it never holds this transport's.
+            (e, _) => out.push(format!(
+                "evidence: {} (vLLM's cache holds legacy IPC's verdicts only)",
+                e.name()
+            )),
         }
         out
     }
@@ -292,16 +299,22 @@ pub struct TableExtras<'a> {
 
 impl Report {
     /// The report as the CLI's table: a header line, the matrix (rows src, columns tgt: `ok`,
-    /// `FAIL:<tier>`, `HANG`, `ERROR`, with the driver's claim where it disagrees) and each
-    /// troubled pair's details. Every line ends with a newline.
+    /// `FAIL:<tier>`, `HANG`, `ERROR`, with the driver's claim where it disagrees) of each
+    /// transport checked (headed by its name unless legacy IPC alone was) and each troubled
+    /// pair's details (the cuMem transport's saying so). Every line ends with a newline.
     pub fn table(&self, extras: &TableExtras<'_>) -> String {
         use std::fmt::Write as _;
         let n = self.device_count;
         let mut out = String::new();
+        // Legacy IPC alone reads as it always did; another choice is named.
+        let transport = match self.transport {
+            Transports::Ipc => String::new(),
+            t => format!(", transport {}", t.name()),
+        };
         let _ = writeln!(
             out,
             "p2pcheck: {n} visible device(s) (CUDA_VISIBLE_DEVICES={}; {}), engine {}, level \
-             {}, workers see {}, {:.2} s to answer, {} worker(s), {} restart(s)",
+             {}{transport}, workers see {}, {:.2} s to answer, {} worker(s), {} restart(s)",
             extras.cuda_visible_devices,
             extras.machine,
             self.engine.name(),
@@ -314,8 +327,41 @@ impl Report {
             self.workers_started,
             self.restarts
         );
+        for &t in self.transport.list() {
+            if self.transport != Transports::Ipc {
+                let _ = writeln!(out, "transport {}:", t.name());
+            }
+            self.matrix(t, &mut out);
+        }
+        let troubled: Vec<_> = self
+            .pairs
+            .iter()
+            .filter(|p| !p.details().is_empty())
+            .collect();
+        if !troubled.is_empty() {
+            out.push_str("details:\n");
+            for p in troubled {
+                // Legacy IPC's read as they always did; the cuMem transport's say so.
+                let over = match p.transport {
+                    Transport::Ipc => String::new(),
+                    t => format!(" over {}", t.name()),
+                };
+                for d in p.details() {
+                    let _ = writeln!(out, "  {}{over}: {d}", p.pair);
+                }
+            }
+        }
+        if !self.bandwidth.is_empty() {
+            out.push_str(&self.bandwidth_table());
+        }
+        out
+    }
+
+    /// The verdict matrix of `transport` into `out`.
+    fn matrix(&self, transport: Transport, out: &mut String) {
+        let n = self.device_count;
         let cell = |src: u32, tgt: u32| -> String {
-            let Some(p) = self.get(src, tgt) else {
+            let Some(p) = self.get_on(transport, src, tgt) else {
                 return "-".into();
             };
             let word = match p.verdict() {
@@ -331,24 +377,7 @@ impl Report {
                 _ => word,
             }
         };
-        matrix(&mut out, n, cell);
-        let troubled: Vec<_> = self
-            .pairs
-            .iter()
-            .filter(|p| !p.details().is_empty())
-            .collect();
-        if !troubled.is_empty() {
-            out.push_str("details:\n");
-            for p in troubled {
-                for d in p.details() {
-                    let _ = writeln!(out, "  {}: {d}", p.pair);
-                }
-            }
-        }
-        if !self.bandwidth.is_empty() {
-            out.push_str(&self.bandwidth_table());
-        }
-        out
+        grid(out, n, cell);
     }
 
     /// The bandwidth measurement as tables: one matrix per figure (rows src, columns tgt,
@@ -372,10 +401,10 @@ impl Report {
         };
         for (i, &(mover, direction)) in FIGURES.iter().enumerate() {
             let _ = writeln!(out, "bandwidth {}, GB/s:", figure_name(mover, direction));
-            matrix(&mut out, n, figure(i));
+            grid(&mut out, n, figure(i));
         }
         out.push_str("latency, ns:\n");
-        matrix(&mut out, n, |src, tgt| match self.bandwidth_of(src, tgt) {
+        grid(&mut out, n, |src, tgt| match self.bandwidth_of(src, tgt) {
             Some(b) => b
                 .measured
                 .as_ref()
@@ -422,7 +451,7 @@ impl Report {
 }
 
 /// An `n` x `n` matrix of `cell(src, tgt)`, rows src and columns tgt, right-aligned.
-fn matrix(out: &mut String, n: u32, cell: impl Fn(u32, u32) -> String) {
+fn grid(out: &mut String, n: u32, cell: impl Fn(u32, u32) -> String) {
     use std::fmt::Write as _;
     let cells: Vec<Vec<String>> = (0..n)
         .map(|s| (0..n).map(|t| cell(s, t)).collect())

@@ -326,6 +326,100 @@ pub const CUDA_ERROR_KEY_ROTATION: cudaError_enum = 916;
 pub const CUDA_ERROR_UNKNOWN: cudaError_enum = 999;
 pub type cudaError_enum = ::std::os::raw::c_uint;
 pub use self::cudaError_enum as CUresult;
+pub type CUmemGenericAllocationHandle_v1 = ::std::os::raw::c_ulonglong;
+pub const CU_MEM_HANDLE_TYPE_NONE: CUmemAllocationHandleType_enum = 0;
+pub const CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR: CUmemAllocationHandleType_enum = 1;
+pub const CU_MEM_HANDLE_TYPE_WIN32: CUmemAllocationHandleType_enum = 2;
+pub const CU_MEM_HANDLE_TYPE_WIN32_KMT: CUmemAllocationHandleType_enum = 4;
+pub const CU_MEM_HANDLE_TYPE_FABRIC: CUmemAllocationHandleType_enum = 8;
+pub const CU_MEM_HANDLE_TYPE_MAX: CUmemAllocationHandleType_enum = 2147483647;
+pub type CUmemAllocationHandleType_enum = ::std::os::raw::c_uint;
+pub use self::CUmemAllocationHandleType_enum as CUmemAllocationHandleType;
+pub const CU_MEM_ACCESS_FLAGS_PROT_NONE: CUmemAccess_flags_enum = 0;
+pub const CU_MEM_ACCESS_FLAGS_PROT_READ: CUmemAccess_flags_enum = 1;
+pub const CU_MEM_ACCESS_FLAGS_PROT_READWRITE: CUmemAccess_flags_enum = 3;
+pub const CU_MEM_ACCESS_FLAGS_PROT_MAX: CUmemAccess_flags_enum = 2147483647;
+pub type CUmemAccess_flags_enum = ::std::os::raw::c_uint;
+pub use self::CUmemAccess_flags_enum as CUmemAccess_flags;
+pub const CU_MEM_LOCATION_TYPE_INVALID: CUmemLocationType_enum = 0;
+pub const CU_MEM_LOCATION_TYPE_NONE: CUmemLocationType_enum = 0;
+pub const CU_MEM_LOCATION_TYPE_DEVICE: CUmemLocationType_enum = 1;
+pub const CU_MEM_LOCATION_TYPE_HOST: CUmemLocationType_enum = 2;
+pub const CU_MEM_LOCATION_TYPE_HOST_NUMA: CUmemLocationType_enum = 3;
+pub const CU_MEM_LOCATION_TYPE_HOST_NUMA_CURRENT: CUmemLocationType_enum = 4;
+pub const CU_MEM_LOCATION_TYPE_MAX: CUmemLocationType_enum = 2147483647;
+pub type CUmemLocationType_enum = ::std::os::raw::c_uint;
+pub use self::CUmemLocationType_enum as CUmemLocationType;
+pub const CU_MEM_ALLOCATION_TYPE_INVALID: CUmemAllocationType_enum = 0;
+pub const CU_MEM_ALLOCATION_TYPE_PINNED: CUmemAllocationType_enum = 1;
+pub const CU_MEM_ALLOCATION_TYPE_MANAGED: CUmemAllocationType_enum = 2;
+pub const CU_MEM_ALLOCATION_TYPE_MAX: CUmemAllocationType_enum = 2147483647;
+pub type CUmemAllocationType_enum = ::std::os::raw::c_uint;
+pub use self::CUmemAllocationType_enum as CUmemAllocationType;
+pub const CU_MEM_ALLOC_GRANULARITY_MINIMUM: CUmemAllocationGranularity_flags_enum = 0;
+pub const CU_MEM_ALLOC_GRANULARITY_RECOMMENDED: CUmemAllocationGranularity_flags_enum = 1;
+pub type CUmemAllocationGranularity_flags_enum = ::std::os::raw::c_uint;
+pub use self::CUmemAllocationGranularity_flags_enum as CUmemAllocationGranularity_flags;
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct CUmemLocation_st {
+    pub type_: CUmemLocationType,
+    pub id: ::std::os::raw::c_int,
+}
+impl Default for CUmemLocation_st {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+pub type CUmemLocation_v1 = CUmemLocation_st;
+pub type CUmemLocation = CUmemLocation_v1;
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct CUmemAllocationProp_st {
+    pub type_: CUmemAllocationType,
+    pub requestedHandleTypes: CUmemAllocationHandleType,
+    pub location: CUmemLocation,
+    pub win32HandleMetaData: *mut ::std::os::raw::c_void,
+    pub allocFlags: CUmemAllocationProp_st__bindgen_ty_1,
+}
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct CUmemAllocationProp_st__bindgen_ty_1 {
+    pub compressionType: ::std::os::raw::c_uchar,
+    pub gpuDirectRDMACapable: ::std::os::raw::c_uchar,
+    pub usage: ::std::os::raw::c_ushort,
+    pub reserved: [::std::os::raw::c_uchar; 4usize],
+}
+impl Default for CUmemAllocationProp_st {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+pub type CUmemAllocationProp_v1 = CUmemAllocationProp_st;
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct CUmemAccessDesc_st {
+    pub location: CUmemLocation,
+    pub flags: CUmemAccess_flags,
+}
+impl Default for CUmemAccessDesc_st {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+pub type CUmemAccessDesc_v1 = CUmemAccessDesc_st;
 pub type PFN_cuGetErrorString_v6000 = ::std::option::Option<
     unsafe extern "C" fn(error: CUresult, pStr: *mut *const ::std::os::raw::c_char) -> CUresult,
 >;
@@ -334,6 +428,12 @@ pub type PFN_cuGetErrorName_v6000 = ::std::option::Option<
 >;
 pub type PFN_cuInit_v2000 =
     ::std::option::Option<unsafe extern "C" fn(Flags: ::std::os::raw::c_uint) -> CUresult>;
+pub type PFN_cuDriverGetVersion_v2020 = ::std::option::Option<
+    unsafe extern "C" fn(driverVersion: *mut ::std::os::raw::c_int) -> CUresult,
+>;
+pub type PFN_cuDeviceGet_v2000 = ::std::option::Option<
+    unsafe extern "C" fn(device: *mut CUdevice_v1, ordinal: ::std::os::raw::c_int) -> CUresult,
+>;
 pub type PFN_cuDeviceGetCount_v2000 =
     ::std::option::Option<unsafe extern "C" fn(count: *mut ::std::os::raw::c_int) -> CUresult>;
 pub type PFN_cuDeviceGetAttribute_v2000 = ::std::option::Option<
@@ -367,6 +467,69 @@ pub type PFN_cuMemAlloc_v3020 = ::std::option::Option<
 >;
 pub type PFN_cuMemFree_v3020 =
     ::std::option::Option<unsafe extern "C" fn(dptr: CUdeviceptr_v2) -> CUresult>;
+pub type PFN_cuMemAddressReserve_v10020 = ::std::option::Option<
+    unsafe extern "C" fn(
+        ptr: *mut CUdeviceptr_v2,
+        size: usize,
+        alignment: usize,
+        addr: CUdeviceptr_v2,
+        flags: ::std::os::raw::c_ulonglong,
+    ) -> CUresult,
+>;
+pub type PFN_cuMemAddressFree_v10020 =
+    ::std::option::Option<unsafe extern "C" fn(ptr: CUdeviceptr_v2, size: usize) -> CUresult>;
+pub type PFN_cuMemCreate_v10020 = ::std::option::Option<
+    unsafe extern "C" fn(
+        handle: *mut CUmemGenericAllocationHandle_v1,
+        size: usize,
+        prop: *const CUmemAllocationProp_v1,
+        flags: ::std::os::raw::c_ulonglong,
+    ) -> CUresult,
+>;
+pub type PFN_cuMemRelease_v10020 = ::std::option::Option<
+    unsafe extern "C" fn(handle: CUmemGenericAllocationHandle_v1) -> CUresult,
+>;
+pub type PFN_cuMemMap_v10020 = ::std::option::Option<
+    unsafe extern "C" fn(
+        ptr: CUdeviceptr_v2,
+        size: usize,
+        offset: usize,
+        handle: CUmemGenericAllocationHandle_v1,
+        flags: ::std::os::raw::c_ulonglong,
+    ) -> CUresult,
+>;
+pub type PFN_cuMemUnmap_v10020 =
+    ::std::option::Option<unsafe extern "C" fn(ptr: CUdeviceptr_v2, size: usize) -> CUresult>;
+pub type PFN_cuMemSetAccess_v10020 = ::std::option::Option<
+    unsafe extern "C" fn(
+        ptr: CUdeviceptr_v2,
+        size: usize,
+        desc: *const CUmemAccessDesc_v1,
+        count: usize,
+    ) -> CUresult,
+>;
+pub type PFN_cuMemExportToShareableHandle_v10020 = ::std::option::Option<
+    unsafe extern "C" fn(
+        shareableHandle: *mut ::std::os::raw::c_void,
+        handle: CUmemGenericAllocationHandle_v1,
+        handleType: CUmemAllocationHandleType,
+        flags: ::std::os::raw::c_ulonglong,
+    ) -> CUresult,
+>;
+pub type PFN_cuMemImportFromShareableHandle_v10020 = ::std::option::Option<
+    unsafe extern "C" fn(
+        handle: *mut CUmemGenericAllocationHandle_v1,
+        osHandle: *mut ::std::os::raw::c_void,
+        shHandleType: CUmemAllocationHandleType,
+    ) -> CUresult,
+>;
+pub type PFN_cuMemGetAllocationGranularity_v10020 = ::std::option::Option<
+    unsafe extern "C" fn(
+        granularity: *mut usize,
+        prop: *const CUmemAllocationProp_v1,
+        option: CUmemAllocationGranularity_flags,
+    ) -> CUresult,
+>;
 pub type PFN_cuStreamCreate_v2000 = ::std::option::Option<
     unsafe extern "C" fn(phStream: *mut CUstream, Flags: ::std::os::raw::c_uint) -> CUresult,
 >;

@@ -3,7 +3,7 @@
 //! neither the model nor the wire format).
 
 use crate::cuda::{self, trace::JobContext};
-use crate::model::Problem;
+use crate::model::{Problem, Transport};
 use crate::protocol::Job;
 
 impl From<cuda::Error> for Problem {
@@ -35,6 +35,7 @@ impl From<Job> for JobContext {
             tgt: job.pair.tgt,
             role: job.role.name(),
             tier: job.tier.name(),
+            transport: (job.transport != Transport::Ipc).then(|| job.transport.name()),
         }
     }
 }

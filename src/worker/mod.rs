@@ -16,6 +16,7 @@ mod parallel;
 mod tiers;
 mod vllm;
 
+pub(crate) use parallel::descriptor_payload;
 pub(crate) use tiers::Layout;
 
 use std::io::{self, Read, Write};
@@ -111,7 +112,13 @@ pub fn serve(input: impl Read, output: impl Write) -> Result<i32, ProtocolError>
     let Ok(sees) = count else {
         return Ok(EXIT_NO_CUDA);
     };
-    match link.recv()? {
+    let first = match link.recv() {
+        // The parent had every answer before it needed this worker (its pairs were decided by
+        // another worker's set-up): the normal end.
+        Err(ProtocolError::Eof) => return Ok(0),
+        other => other?,
+    };
+    match first {
         Message::Start {
             role,
             level,
@@ -122,7 +129,8 @@ pub fn serve(input: impl Read, output: impl Write) -> Result<i32, ProtocolError>
             device,
             slots,
             tiers,
-        } => parallel::run(&mut link, device, slots, &tiers, sees)?,
+            cumem,
+        } => parallel::run(&mut link, device, slots, &tiers, sees, cumem)?,
         other => return unexpected("Start or Setup", other),
     }
     Ok(0)

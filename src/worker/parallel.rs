@@ -5,23 +5,49 @@
 //! order, for any number of pairs: as the producer of its own buffer, as the consumer of its
 //! peers'. Peer buffers are mapped once per handle and kept; the kernels' module is loaded
 //! once; everything is freed by `Drop` at the end.
+//!
+//! With the cuMem transport it also exports the same slots as a `cuMemCreate` allocation (laid
+//! out and filled as the IPC buffer), whose POSIX descriptor it sends to the parent over its
+//! socket ([`os::fdpass`]); as a consumer it takes a producer's descriptor from that socket
+//! (the parent relays it just before the first step that needs it), imports and maps it once.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::{Duration, Instant};
 
 use super::{bandwidth, peak_rss_kb, unexpected, verify, Layout, Link, PRODUCER_FILL, TEST_BYTES};
 use crate::cuda::trace::{self, ProcessRole};
-use crate::cuda::{self, DeviceBuffer, DeviceView, Kernels, PeerMapping, IPC_HANDLE_BYTES};
-use crate::model::{Bandwidth, Check, Problem, Role, TierParams};
+use crate::cuda::{
+    self, CumemBuffer, CumemMapping, DeviceBuffer, DeviceView, Kernels, PeerMapping,
+    IPC_HANDLE_BYTES,
+};
+use crate::model::{Bandwidth, Check, Problem, Role, TierParams, Transport};
+use crate::os::fdpass;
 use crate::protocol::{Job, Message, Op, ProtocolError, MAX_DEVICES};
 
-/// Serves the parallel engine on local device `device`, exporting `slots` slots.
+/// How long a consumer waits for a producer's descriptor on its socket: the parent sends it
+/// before the step that needs it, so it is there already unless something is wrong.
+const DESCRIPTOR_WAIT: Duration = Duration::from_secs(5);
+
+/// What a descriptor's message says: the producer's device (the parent's numbering) and the
+/// allocation's length, little-endian.
+pub(crate) fn descriptor_payload(src: u32, bytes: u64) -> [u8; 12] {
+    let mut p = [0u8; 12];
+    p[..4].copy_from_slice(&src.to_le_bytes());
+    p[4..].copy_from_slice(&bytes.to_le_bytes());
+    p
+}
+
+/// Serves the parallel engine on local device `device`, exporting `slots` slots (also as a
+/// cuMem allocation when `cumem`).
 pub(super) fn run<R: Read, W: Write>(
     link: &mut Link<R, W>,
     device: u32,
     slots: u32,
     tiers: &TierParams,
     sees: u32,
+    cumem: bool,
 ) -> Result<(), ProtocolError> {
     let d = device as i32;
     trace::set_role(ProcessRole::Worker, &part(device, slots));
@@ -52,11 +78,26 @@ pub(super) fn run<R: Read, W: Write>(
     let (kernels, buffer, handle) = match set_up {
         Ok(ok) => ok,
         Err(why) => {
-            link.send(Message::Ready { result: Err(why) })?;
+            link.send(Message::Ready {
+                result: Err(why),
+                cumem: None,
+            })?;
             return Ok(());
         }
     };
-    link.send(Message::Ready { result: Ok(handle) })?;
+    let (socket, cumem_buffer, cumem_ready) = match cumem {
+        false => (None, None, None),
+        true => cumem_set_up(d, slots, &layout, kernels.as_ref(), tiers),
+    };
+    match link.send(Message::Ready {
+        result: Ok(handle),
+        cumem: cumem_ready,
+    }) {
+        // The parent had every answer before this worker was ready (its pairs were decided by
+        // another worker's set-up) and closed the pipe: the normal end.
+        Err(ProtocolError::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+        sent => sent?,
+    }
     let mut worker = Worker {
         device: d,
         sees,
@@ -67,6 +108,9 @@ pub(super) fn run<R: Read, W: Write>(
         buffer,
         local: None,
         mappings: HashMap::new(),
+        socket,
+        cumem_buffer,
+        cumem_mappings: HashMap::new(),
     };
     loop {
         let (job, slot, op) = match link.recv() {
@@ -100,6 +144,97 @@ pub(super) fn run<R: Read, W: Write>(
     Ok(())
 }
 
+/// The cuMem transport's set-up: the descriptor socket, and with `slots` > 0 the allocation,
+/// filled and prepared as the IPC buffer, its descriptor sent to the parent. What `Ready` says
+/// of it: `None` never (it was asked for), its length, or why there is none; a failure here
+/// leaves the IPC transport untouched.
+fn cumem_set_up(
+    d: i32,
+    slots: u32,
+    layout: &Layout,
+    kernels: Option<&Kernels>,
+    tiers: &TierParams,
+) -> (
+    Option<OwnedFd>,
+    Option<CumemBuffer>,
+    Option<Result<u64, Problem>>,
+) {
+    let socket = match fdpass::worker_socket() {
+        Ok(s) => s,
+        Err(e) => {
+            let why = format!("this worker has no descriptor socket: {e}");
+            return (None, None, Some(Err(Problem::Descriptor(why))));
+        }
+    };
+    if slots == 0 {
+        return (Some(socket), None, Some(Ok(0)));
+    }
+    let made = (|| {
+        let bytes = slots as usize * layout.slot_bytes() as usize;
+        let buffer = CumemBuffer::new(d, bytes).map_err(|e| with_cumem_facts(d, e.into()))?;
+        buffer.view().memset(PRODUCER_FILL)?;
+        cuda::device_synchronize(d)?;
+        if let Some(k) = kernels {
+            for slot in 0..slots {
+                let at = buffer.view().slice(layout.slot_range(slot))?;
+                layout.prepare(k, d, at, tiers)?;
+            }
+        }
+        let fd = buffer.export().map_err(|e| with_cumem_facts(d, e.into()))?;
+        // The parent knows whose it is; the device here is this worker's own numbering.
+        let payload = descriptor_payload(d as u32, buffer.len());
+        fdpass::send_fd(
+            socket.as_fd(),
+            fd.as_fd(),
+            &payload,
+            Instant::now() + DESCRIPTOR_WAIT,
+        )
+        .map_err(|e| Problem::Descriptor(format!("sending it to the parent: {e}")))?;
+        Ok::<_, Problem>(buffer)
+    })();
+    match made {
+        Ok(buffer) => {
+            let len = buffer.len();
+            (Some(socket), Some(buffer), Some(Ok(len)))
+        }
+        Err(why) => (Some(socket), None, Some(Err(why))),
+    }
+}
+
+/// A failed cuMem allocation or export, with what the driver says of the device: whether it
+/// supports POSIX descriptor handles, and the driver's version (the hint of `export-refused`).
+fn with_cumem_facts(d: i32, problem: Problem) -> Problem {
+    let Problem::Cuda {
+        call,
+        device,
+        code,
+        name,
+        text,
+    } = problem
+    else {
+        return problem;
+    };
+    let support = match cuda::posix_fd_handles_supported(d) {
+        Ok(true) => "supported".to_string(),
+        Ok(false) => "NOT supported".to_string(),
+        Err(e) => format!("unknown ({e})"),
+    };
+    let driver = match cuda::driver_version() {
+        Ok(v) => format!("{}.{}", v / 1000, v % 1000 / 10),
+        Err(e) => format!("unknown ({e})"),
+    };
+    Problem::Cuda {
+        call,
+        device,
+        code,
+        name,
+        text: format!(
+            "{text}; this device: POSIX descriptor handles {support} \
+             (CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED), driver CUDA {driver}"
+        ),
+    }
+}
+
 /// This worker's part in words, for the trace: its device in its own numbering (the parent's
 /// GPU number is in each job), and what it sees when that is one GPU.
 fn part(device: u32, slots: u32) -> String {
@@ -126,6 +261,14 @@ fn slot_of<'a>(
         .map_err(|e| Problem::Driver(format!("slot {slot} from the parent: {e}")))
 }
 
+/// The consumer's copy test on `q`: a copy-engine memset to `value`, a synchronise, and the
+/// read-back of every byte (vLLM's consumer half).
+fn write_and_read_back(d: i32, q: DeviceView<'_>, value: u8) -> Result<(), Problem> {
+    q.memset(value)?;
+    cuda::device_synchronize(d)?;
+    verify(q, value, Check::CopyReadBack)
+}
+
 struct Worker {
     device: i32,
     /// Devices this worker's CUDA sees: the driver's claim can be asked only when it sees both.
@@ -139,6 +282,12 @@ struct Worker {
     local: Option<DeviceBuffer>,
     /// Peer buffers, by the producer's device.
     mappings: HashMap<u32, PeerMapping>,
+    /// The cuMem transport's descriptor socket (when it was asked for).
+    socket: Option<OwnedFd>,
+    /// Its own slots as a cuMem allocation (a producer, with the cuMem transport).
+    cumem_buffer: Option<CumemBuffer>,
+    /// Peers' cuMem allocations, by the producer's device.
+    cumem_mappings: HashMap<u32, CumemMapping>,
 }
 
 impl Worker {
@@ -147,19 +296,20 @@ impl Worker {
         let (layout, tiers) = (self.layout, self.tiers);
         let same_gpu = job.pair.src == job.pair.tgt;
         let copy_bytes = 0..TEST_BYTES as u64;
+        let t = job.transport;
         match (job.role, op) {
             (Role::Producer, Op::Verify { expect }) => (
-                self.own(slot)
+                self.own(slot, t)
                     .and_then(|v| verify(v.slice(copy_bytes)?, expect, Check::CopyReadBack)),
                 None,
             ),
             (Role::Producer, Op::VerifyStores) => (
-                self.own(slot)
+                self.own(slot, t)
                     .and_then(|v| layout.verify_stores(self.kernels()?, v, &tiers)),
                 None,
             ),
             (Role::Producer, Op::Handshake) => (
-                self.own(slot)
+                self.own(slot, t)
                     .and_then(|v| layout.handshake(self.kernels()?, v, 0, same_gpu, &tiers)),
                 None,
             ),
@@ -167,24 +317,30 @@ impl Worker {
                 let claim = self.claim(job);
                 let result = self.map(job.pair.src, &handle).and_then(|m| {
                     let q = slot_of(m.view(), &layout, slot)?.slice(copy_bytes)?;
-                    q.memset(value)?;
-                    cuda::device_synchronize(d)?;
-                    verify(q, value, Check::CopyReadBack)
+                    write_and_read_back(d, q, value)
+                });
+                (result, claim)
+            }
+            (Role::Consumer, Op::WriteCumem { bytes, value }) => {
+                let claim = self.claim(job);
+                let result = self.map_cumem(job.pair.src, bytes).and_then(|m| {
+                    let q = slot_of(m.view(), &layout, slot)?.slice(copy_bytes)?;
+                    write_and_read_back(d, q, value)
                 });
                 (result, claim)
             }
             (Role::Consumer, Op::KernelStore) => (
-                self.peer(job.pair.src, slot)
+                self.peer(job.pair.src, slot, t)
                     .and_then(|v| layout.store(self.kernels()?, v, &tiers)),
                 None,
             ),
             (Role::Consumer, Op::KernelLoad) => (
-                self.peer(job.pair.src, slot)
+                self.peer(job.pair.src, slot, t)
                     .and_then(|v| layout.load(self.kernels()?, v, &tiers)),
                 None,
             ),
             (Role::Consumer, Op::Handshake) => (
-                self.peer(job.pair.src, slot)
+                self.peer(job.pair.src, slot, t)
                     .and_then(|v| layout.handshake(self.kernels()?, v, 1, same_gpu, &tiers)),
                 None,
             ),
@@ -229,19 +385,65 @@ impl Worker {
         })
     }
 
-    /// Slot `slot` of this worker's own buffer.
-    fn own(&self, slot: u32) -> Result<DeviceView<'_>, Problem> {
-        match &self.buffer {
-            Some(b) => slot_of(b.view(), &self.layout, slot),
+    /// Slot `slot` of this worker's own buffer of transport `t`.
+    fn own(&self, slot: u32, t: Transport) -> Result<DeviceView<'_>, Problem> {
+        let view = match t {
+            Transport::Ipc => self.buffer.as_ref().map(DeviceBuffer::view),
+            Transport::Cumem => self.cumem_buffer.as_ref().map(CumemBuffer::view),
+        };
+        match view {
+            Some(v) => slot_of(v, &self.layout, slot),
             None => Err(Problem::Driver(format!(
-                "slot {slot} of this worker's buffer: it exports none"
+                "slot {slot} of this worker's {} buffer: it exports none",
+                t.name()
             ))),
         }
     }
 
-    /// Slot `slot` of `src`'s buffer, through its mapping.
-    fn peer(&self, src: u32, slot: u32) -> Result<DeviceView<'_>, Problem> {
-        slot_of(self.mapped(src)?.view(), &self.layout, slot)
+    /// Slot `slot` of `src`'s buffer of transport `t`, through its mapping.
+    fn peer(&self, src: u32, slot: u32, t: Transport) -> Result<DeviceView<'_>, Problem> {
+        let view = match t {
+            Transport::Ipc => self.mapped(src)?.view(),
+            Transport::Cumem => self
+                .cumem_mappings
+                .get(&src)
+                .ok_or_else(|| {
+                    Problem::Driver(format!(
+                        "no cuMem mapping of device {src}'s allocation: it never opened"
+                    ))
+                })?
+                .view(),
+        };
+        slot_of(view, &self.layout, slot)
+    }
+
+    /// The cuMem mapping of `src`'s allocation of `bytes` bytes, made now when there is none:
+    /// its descriptor is taken from the socket (the parent sent it before this step).
+    fn map_cumem(&mut self, src: u32, bytes: u64) -> Result<&CumemMapping, Problem> {
+        if !self.cumem_mappings.contains_key(&src) {
+            let socket = self.socket.as_ref().ok_or_else(|| {
+                Problem::Descriptor("this worker was given no descriptor socket".into())
+            })?;
+            let mut payload = [0u8; 12];
+            let (n, fd) = fdpass::recv_fd(
+                socket.as_fd(),
+                &mut payload,
+                Instant::now() + DESCRIPTOR_WAIT,
+            )
+            .map_err(|e| Problem::Descriptor(format!("receiving device {src}'s: {e}")))?;
+            let said = u64::from_le_bytes(payload[4..12].try_into().unwrap_or_default());
+            if n != payload.len() || said != bytes {
+                return Err(Problem::Descriptor(format!(
+                    "device {src}'s came with {n} bytes saying {said} bytes, not {bytes}"
+                )));
+            }
+            let m = CumemMapping::import(self.device, fd.as_fd(), bytes)?;
+            // The mapping holds the memory: the descriptor closes here (`fd` drops).
+            self.cumem_mappings.insert(src, m);
+        }
+        self.cumem_mappings
+            .get(&src)
+            .ok_or_else(|| Problem::Driver(format!("device {src}'s cuMem mapping vanished")))
     }
 
     /// The driver's claim for the job's pair, where this worker sees both devices.
@@ -297,7 +499,13 @@ impl Worker {
         for (_, m) in self.mappings {
             let _ = m.release();
         }
+        for (_, m) in self.cumem_mappings {
+            let _ = m.release();
+        }
         if let Some(b) = self.buffer {
+            let _ = b.release();
+        }
+        if let Some(b) = self.cumem_buffer {
             let _ = b.release();
         }
         if let Some(b) = self.local {
@@ -337,6 +545,9 @@ mod tests {
             buffer: (slots > 0).then(|| DeviceBuffer::unbacked(0, bytes)),
             local: None,
             mappings: HashMap::from([(1, PeerMapping::unbacked(0, handle, bytes))]),
+            socket: None,
+            cumem_buffer: None,
+            cumem_mappings: HashMap::new(),
         }
     }
 
@@ -346,6 +557,7 @@ mod tests {
             pair: Pair { src: 1, tgt: 0 },
             role,
             tier: Level::Copy,
+            transport: Transport::Ipc,
         }
     }
 
@@ -400,7 +612,36 @@ mod tests {
         let (result, _) = second.step(job(Role::Producer), 0, Op::Verify { expect: 2 });
         assert_eq!(
             refusal(result),
-            "slot 0 of this worker's buffer: it exports none"
+            "slot 0 of this worker's ipc buffer: it exports none"
+        );
+        // Nor a worker asked for no cuMem allocation one of that transport; and a consumer
+        // without a descriptor socket cannot map one.
+        let cumem = Job {
+            transport: Transport::Cumem,
+            ..job(Role::Producer)
+        };
+        let (result, _) = w.step(cumem, 0, Op::Verify { expect: 2 });
+        assert_eq!(
+            refusal(result),
+            "slot 0 of this worker's cumem buffer: it exports none"
+        );
+        let write = Op::WriteCumem {
+            bytes: 2 << 20,
+            value: 2,
+        };
+        let (result, _) = w.step(
+            Job {
+                role: Role::Consumer,
+                ..cumem
+            },
+            0,
+            write,
+        );
+        assert_eq!(
+            result,
+            Err(Problem::Descriptor(
+                "this worker was given no descriptor socket".into()
+            ))
         );
     }
 }

@@ -10,7 +10,9 @@ use super::{
 };
 use crate::cuda::trace::{self, ProcessRole};
 use crate::cuda::{self, DeviceBuffer, Kernels, PeerMapping, IPC_HANDLE_BYTES};
-use crate::model::{Check, Level, Pair, Problem, Role, SideVerdict, TierOutcome, TierParams};
+use crate::model::{
+    Check, Level, Pair, Problem, Role, SideVerdict, TierOutcome, TierParams, Transport,
+};
 use crate::protocol::{Job, Message, ProtocolError, Stage};
 
 impl<R: Read, W: Write> Link<R, W> {
@@ -63,6 +65,7 @@ pub(super) fn run<R: Read, W: Write>(
             pair,
             role,
             tier: Level::Copy,
+            transport: Transport::Ipc,
         };
         trace::set_job(Some(job.into()));
         let device = match role {

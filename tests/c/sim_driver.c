@@ -2,10 +2,13 @@
  * against a reference, its memory use, its handshake and its @once faults. The library is
  * loaded from $P2PCHECK_LIBCUDA; the simulator's own variables configure it.
  *
- *   sim_driver memory SEED OPS   random memsets, pattern stores, copies and checks by two
- *                                processes (the owner and one mapping it through IPC) taking
- *                                turns; every read and check is compared with a plain model of
- *                                the bytes. Prints "memory ok OPS".
+ *   sim_driver memory SEED OPS [cumem]
+ *                                random memsets, pattern stores, copies and checks by two
+ *                                processes (the owner and one mapping it through IPC, or with
+ *                                "cumem" through cuMemCreate/export, the descriptor passed with
+ *                                SCM_RIGHTS, import/map/set access) taking turns; every read and
+ *                                check is compared with a plain model of the bytes. Prints
+ *                                "memory ok OPS".
  *   sim_driver resident MIB      fills MIB MiB as the parallel worker does (memset, then four
  *                                patterns, checked, replaced, checked) and prints
  *                                "resident KIB" (this process's VmRSS) and the checks' counts.
@@ -14,6 +17,14 @@
  *                                DRIVER_DELAY_MS; DRIVER_DIES_MS > 0 makes the driver's process
  *                                die that long into its kernel, before the server starts.
  *                                Prints "server|driver DONE ERRORS TIMED_OUT ELAPSED_NS".
+ *   sim_driver cumem             the cuMem path step by step: the owner (device 0) creates, maps
+ *                                and fills 1s, exports a descriptor and passes it to a second
+ *                                process (device 0, or 1 when 2 GPUs are simulated), which
+ *                                imports, reserves, maps, grants itself access and writes 2s;
+ *                                the calls' rules are checked on the way. Prints "attribute A"
+ *                                (POSIX-descriptor support of device 0), then "export rc N",
+ *                                "import rc N" or "access rc N" where a call failed, else
+ *                                "cumem sees V" (the owner's byte after the write).
  *   sim_driver once PROCESSES    the owner's memory is written through IPC by PROCESSES fresh
  *                                processes, one after the other: prints "writer K sees V" (the
  *                                value read back after writing 2 over 1).
@@ -31,6 +42,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -54,6 +66,34 @@ static int (*p_launch)(void *, unsigned, unsigned, unsigned, unsigned, unsigned,
                        unsigned, void *, void **, void **);
 
 static void *f_store, *f_check, *f_handshake;
+
+/* The cuMem calls and their structures (cuda.h's layout). */
+typedef struct {
+    int type, id;
+} location_t;
+typedef struct {
+    int type, handle_types;
+    location_t location;
+    void *win32;
+    unsigned char flags[8];
+} prop_t;
+typedef struct {
+    location_t location;
+    int flags;
+} access_t;
+static int (*p_init)(unsigned);
+static int (*p_attr)(int *, int, int);
+static int (*p_gran)(size_t *, const prop_t *, int);
+static int (*p_create)(unsigned long long *, size_t, const prop_t *, unsigned long long);
+static int (*p_release)(unsigned long long);
+static int (*p_export)(void *, unsigned long long, int, unsigned long long);
+static int (*p_import)(unsigned long long *, void *, int);
+static int (*p_reserve)(unsigned long long *, size_t, size_t, unsigned long long,
+                        unsigned long long);
+static int (*p_afree)(unsigned long long, size_t);
+static int (*p_map)(unsigned long long, size_t, size_t, unsigned long long, unsigned long long);
+static int (*p_unmap)(unsigned long long, size_t);
+static int (*p_access)(unsigned long long, size_t, const access_t *, size_t);
 
 #define FAIL(...)                                                                                  \
     do {                                                                                           \
@@ -87,6 +127,18 @@ static void load(void) {
     *(void **)&p_load = sym(lib, "cuModuleLoadData");
     *(void **)&p_func = sym(lib, "cuModuleGetFunction");
     *(void **)&p_launch = sym(lib, "cuLaunchKernel");
+    *(void **)&p_init = sym(lib, "cuInit");
+    *(void **)&p_attr = sym(lib, "cuDeviceGetAttribute");
+    *(void **)&p_gran = sym(lib, "cuMemGetAllocationGranularity");
+    *(void **)&p_create = sym(lib, "cuMemCreate");
+    *(void **)&p_release = sym(lib, "cuMemRelease");
+    *(void **)&p_export = sym(lib, "cuMemExportToShareableHandle");
+    *(void **)&p_import = sym(lib, "cuMemImportFromShareableHandle");
+    *(void **)&p_reserve = sym(lib, "cuMemAddressReserve");
+    *(void **)&p_afree = sym(lib, "cuMemAddressFree");
+    *(void **)&p_map = sym(lib, "cuMemMap");
+    *(void **)&p_unmap = sym(lib, "cuMemUnmap");
+    *(void **)&p_access = sym(lib, "cuMemSetAccess");
 }
 
 /* The first CUDA calls of a process: device 0, the kernels. */
@@ -142,6 +194,64 @@ static void put(int fd, const void *b, size_t n) {
 }
 static void get(int fd, void *b, size_t n) {
     if (read(fd, b, n) != (ssize_t)n) FAIL("pipe read (the other process ended)");
+}
+
+/* Passes descriptor fd over the Unix socket sock (SCM_RIGHTS). */
+static void send_fd(int sock, int fd) {
+    char byte = 'f';
+    struct iovec iov = {&byte, 1};
+    union {
+        struct cmsghdr h;
+        char buf[CMSG_SPACE(sizeof(int))];
+    } ctl;
+    memset(&ctl, 0, sizeof ctl);
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl.buf,
+                         .msg_controllen = sizeof ctl.buf};
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(c), &fd, sizeof fd);
+    if (sendmsg(sock, &msg, 0) != 1) FAIL("sendmsg");
+}
+
+static int recv_fd(int sock) {
+    char byte;
+    struct iovec iov = {&byte, 1};
+    union {
+        struct cmsghdr h;
+        char buf[CMSG_SPACE(sizeof(int))];
+    } ctl;
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl.buf,
+                         .msg_controllen = sizeof ctl.buf};
+    if (recvmsg(sock, &msg, MSG_CMSG_CLOEXEC) != 1) FAIL("recvmsg");
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    if (c == NULL || c->cmsg_type != SCM_RIGHTS) FAIL("no descriptor arrived");
+    int fd;
+    memcpy(&fd, CMSG_DATA(c), sizeof fd);
+    return fd;
+}
+
+#define GRANULE ((size_t)2 << 20)
+
+static prop_t device_prop(int device) {
+    prop_t prop;
+    memset(&prop, 0, sizeof prop);
+    prop.type = 1;         /* pinned */
+    prop.handle_types = 1; /* POSIX descriptor */
+    prop.location.type = 1;
+    prop.location.id = device;
+    return prop;
+}
+
+/* Reserves room for `bytes`, maps handle h there and grants `device` read-write access. */
+static unsigned long long map_with_access(unsigned long long h, size_t bytes, int device) {
+    unsigned long long va;
+    OK(p_reserve(&va, bytes, 0, 0, 0));
+    OK(p_map(va, bytes, 0, h, 0));
+    access_t a = {{1, device}, 3};
+    OK(p_access(va, bytes, &a, 1));
+    return va;
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -212,9 +322,10 @@ static void memory_op(int act, unsigned char *model, uint64_t base, uint64_t cou
     }
 }
 
-static int memory(uint64_t seed, long ops) {
-    int to_child[2], to_parent[2];
+static int memory(uint64_t seed, long ops, int cumem) {
+    int to_child[2], to_parent[2], sock[2];
     if (pipe(to_child) || pipe(to_parent)) FAIL("pipe");
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sock)) FAIL("socketpair");
     pid_t pid = fork();
     if (pid < 0) FAIL("fork");
     int me = pid == 0; /* 0: the owner, 1: the mapper */
@@ -223,7 +334,23 @@ static int memory(uint64_t seed, long ops) {
     void *p;
     OK(p_malloc(&p, 64));
     counters = (uint64_t)p;
-    if (me == 0) {
+    if (cumem) {
+        unsigned long long h;
+        if (me == 0) {
+            prop_t prop = device_prop(0);
+            OK(p_create(&h, GRANULE, &prop, 0));
+            int fd;
+            OK(p_export(&fd, h, 1, 0));
+            send_fd(sock[0], fd);
+            close(fd);
+        } else {
+            int fd = recv_fd(sock[1]);
+            OK(p_import(&h, (void *)(intptr_t)fd, 1));
+            close(fd);
+        }
+        base = map_with_access(h, GRANULE, 0);
+        OK(p_release(h)); /* the mapping keeps the memory */
+    } else if (me == 0) {
         OK(p_malloc(&p, MEM_BYTES));
         base = (uint64_t)p;
         handle_t h;
@@ -360,6 +487,89 @@ static int handshake(uint32_t rounds, uint64_t budget, long delay_ms, long dies_
 }
 
 /* ---------------------------------------------------------------------------------------- */
+
+/* The owner's and the importer's sides of the cuMem path (see the header). */
+static int cumem(void) {
+    int sock[2], done[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sock) || pipe(done)) FAIL("socketpair");
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid < 0) FAIL("fork");
+    start();
+    int n = 0;
+    OK(p_count(&n));
+    if (pid == 0) {
+        int device = n > 1 ? 1 : 0;
+        OK(p_setdev(device));
+        int fd = recv_fd(sock[1]);
+        unsigned long long h;
+        int rc = p_import(&h, (void *)(intptr_t)fd, 1);
+        close(fd);
+        if (rc != 0) {
+            printf("import rc %d\n", rc);
+            _exit(0);
+        }
+        unsigned long long va;
+        OK(p_reserve(&va, GRANULE, 0, 0, 0));
+        OK(p_map(va, GRANULE, 0, h, 0));
+        OK(p_release(h));
+        /* No access granted yet: the memory cannot be touched. */
+        if (p_memset((void *)va, 2, 4096) != 1) FAIL("a write before cuMemSetAccess worked");
+        access_t a = {{1, device}, 3};
+        rc = p_access(va, GRANULE, &a, 1);
+        if (rc != 0) {
+            printf("access rc %d\n", rc);
+            _exit(0);
+        }
+        OK(p_memset((void *)va, 2, 4096));
+        if (p_afree(va, GRANULE) != 1) FAIL("a reservation was freed while mapped");
+        OK(p_unmap(va, GRANULE));
+        unsigned char b;
+        if (p_memcpy(&b, (void *)va, 1, 4) != 1) FAIL("an unmapped reservation was read");
+        OK(p_afree(va, GRANULE));
+        put(done[1], "w", 1);
+        _exit(0);
+    }
+    int attr = -1;
+    OK(p_attr(&attr, 103, 0));
+    printf("attribute %d\n", attr);
+    prop_t prop = device_prop(0);
+    size_t granule = 0;
+    OK(p_gran(&granule, &prop, 0));
+    if (granule != GRANULE) FAIL("granularity %zu", granule);
+    unsigned long long h;
+    OK(p_create(&h, GRANULE, &prop, 0));
+    unsigned long long va = map_with_access(h, GRANULE, 0);
+    OK(p_memset((void *)va, 1, 4096));
+    handle_t ipc;
+    if (p_get(&ipc, (void *)va) != 1) FAIL("an IPC handle of cuMem memory");
+    int fd = -1;
+    int rc = p_export(&fd, h, 1, 0);
+    if (rc != 0) {
+        printf("export rc %d\n", rc);
+        kill(pid, SIGKILL);
+        waitpid(pid, NULL, 0);
+        return 0;
+    }
+    send_fd(sock[0], fd);
+    close(fd);
+    close(done[1]);
+    char c;
+    ssize_t got = read(done[0], &c, 1); /* 0: the importer stopped early (it said why) */
+    int status;
+    if (waitpid(pid, &status, 0) != pid || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
+        FAIL("the importer failed");
+    if (got == 1) {
+        unsigned char b[4096];
+        OK(p_memcpy(b, (void *)va, sizeof b, 2));
+        for (size_t i = 1; i < sizeof b; i++)
+            if (b[i] != b[0]) FAIL("byte %zu is %u, byte 0 %u", i, b[i], b[0]);
+        printf("cumem sees %u\n", b[0]);
+    }
+    OK(p_unmap(va, GRANULE));
+    OK(p_release(h));
+    return 0;
+}
 
 static int once(int processes) {
     start();
@@ -517,8 +727,10 @@ static int bandwidth(uint64_t mib) {
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     load();
-    if (argc == 4 && strcmp(argv[1], "memory") == 0)
-        return memory(strtoull(argv[2], NULL, 10), atol(argv[3]));
+    if ((argc == 4 || argc == 5) && strcmp(argv[1], "memory") == 0)
+        return memory(strtoull(argv[2], NULL, 10), atol(argv[3]),
+                      argc == 5 && strcmp(argv[4], "cumem") == 0);
+    if (argc == 2 && strcmp(argv[1], "cumem") == 0) return cumem();
     if (argc == 3 && strcmp(argv[1], "resident") == 0) return resident(atol(argv[2]));
     if (argc == 6 && strcmp(argv[1], "handshake") == 0)
         return handshake((uint32_t)atol(argv[2]), strtoull(argv[3], NULL, 10), atol(argv[4]),

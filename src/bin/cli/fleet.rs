@@ -8,7 +8,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use p2pcheck::advice::{self, Advice};
 use p2pcheck::fleet::{self, RunInfo};
 use p2pcheck::json::{Json, Object};
-use p2pcheck::{cache, AccessOptions, Report};
+use p2pcheck::{AccessOptions, Report};
 
 use super::Args;
 
@@ -64,12 +64,7 @@ fn visible_uuids(args: &Args, devices: Option<u32>) -> Option<Vec<String>> {
     if args.opts.simulate.is_some() {
         return None;
     }
-    let machine = p2pcheck::fingerprint::read_machine().ok()?;
-    let cvd = std::env::var("CUDA_VISIBLE_DEVICES").ok();
-    let order = std::env::var("CUDA_DEVICE_ORDER").ok();
-    let gpus =
-        p2pcheck::fingerprint::resolve_visible(cvd.as_deref(), order.as_deref(), &machine).ok()?;
-    let uuids: Vec<String> = gpus.into_iter().map(|g| g.uuid).collect();
+    let uuids = p2pcheck::visible_gpu_uuids()?;
     match devices {
         Some(n) if n as usize != uuids.len() => None,
         _ => Some(uuids),
@@ -84,7 +79,7 @@ fn emit(args: &Args, text: &str) -> Result<(), String> {
             print!("{text}");
             Ok(())
         }
-        Some(path) => cache::write_atomic(path, text)
+        Some(path) => p2pcheck::write_file_atomic(path, text)
             .map_err(|e| format!("--output {}: {e:#}", path.display())),
     }
 }
@@ -184,7 +179,7 @@ fn write_caches(args: &Args, report: &Report) -> Vec<CacheWrite> {
     let vllm = match (&args.cache_dir, simulated) {
         (Some(d), _) => Some(Ok(d.clone())),
         (None, true) => None,
-        (None, false) => Some(cache::cache_dir().map_err(|e| format!("{e:#}"))),
+        (None, false) => Some(p2pcheck::vllm_cache_dir().map_err(|e| format!("{e:#}"))),
     };
     let sglang = match (&args.sglang_cache_dir, simulated) {
         (Some(d), _) => Some(Ok(d.clone())),

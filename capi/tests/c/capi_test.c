@@ -99,6 +99,7 @@ static int main_mode(const char *dir) {
     bool results[3], b = false;
     char small[16], path[4096];
     size_t needed = 0, count = 0;
+    int transport = -1;
     uint32_t u = 0;
     uint64_t bytes = 0;
     double seconds = 0;
@@ -133,6 +134,10 @@ static int main_mode(const char *dir) {
         p2pcheck_options_set_visibility(o, P2PCHECK_VISIBILITY_ALL, m(), sizeof msg));
     stm("set_visibility.one",
         p2pcheck_options_set_visibility(o, P2PCHECK_VISIBILITY_ONE, m(), sizeof msg));
+    stm("set_transport.3",
+        p2pcheck_options_set_transport(o, (p2pcheck_transports)3, m(), sizeof msg));
+    stm("set_transport.ipc",
+        p2pcheck_options_set_transport(o, P2PCHECK_TRANSPORTS_IPC, m(), sizeof msg));
     stm("set_timeouts.day_and_1ms",
         p2pcheck_options_set_timeouts_ms(o, 86400001, 0, m(), sizeof msg));
     stm("set_timeouts", p2pcheck_options_set_timeouts_ms(o, 5000, 60000, m(), sizeof msg));
@@ -186,6 +191,10 @@ static int main_mode(const char *dir) {
     printf("report.warning_count.value: %zu\n", count);
     st("report.warning.0", p2pcheck_report_warning(r, 0, small, sizeof small, &needed));
     st("report.pair.16", p2pcheck_report_pair(r, 16, &pair));
+    st("report.pair_transport.0", p2pcheck_report_pair_transport(r, 0, &transport));
+    printf("report.pair_transport.0.value: %d\n", transport);
+    st("report.pair_transport.16", p2pcheck_report_pair_transport(r, 16, &transport));
+    st("report.pair_transport.null_out", p2pcheck_report_pair_transport(r, 0, NULL));
     st("report.pair.null_out", p2pcheck_report_pair(r, 0, NULL));
     st("report.pair.null_report", p2pcheck_report_pair(NULL, 0, &pair));
     st("report.device_count.null", p2pcheck_report_device_count(NULL, &u));

@@ -1,7 +1,10 @@
-//! The C ABI: every function `include/p2pcheck.h` declares, `#[no_mangle] extern "C"`, built
-//! into `libp2pcheck.a` and `libp2pcheck.so` (soname `libp2pcheck.so.0`).
+//! The C ABI of p2pcheck: every function `include/p2pcheck.h` declares, `#[no_mangle] extern
+//! "C"`, built into `libp2pcheck_capi.a` and `libp2pcheck_capi.so` (soname `libp2pcheck.so.0`;
+//! `scripts/install.sh` installs them as `libp2pcheck.a` and `libp2pcheck.so.0`). A crate of its
+//! own, on the library's public API only, so that a Rust dependent of `p2pcheck` builds no C
+//! library.
 //!
-//! The header is the reference for C callers; this module is the Rust side of it. Every export
+//! The header is the reference for C callers; this crate is the Rust side of it. Every export
 //! runs its body inside [`std::panic::catch_unwind`], so no panic crosses the boundary (it
 //! becomes [`Status::Panic`]); a NULL where a pointer is required is [`Status::NullArgument`]
 //! and a value out of range [`Status::InvalidArgument`], never a crash. Functions whose failures
@@ -20,7 +23,6 @@
 //! enums and struct; `tests/capi.rs` compiles the header as C and C++ and compares every
 //! constant, size, alignment and offset with these.
 
-#![allow(unsafe_code)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
 use std::ffi::{c_char, c_int, CStr, CString, OsStr};
@@ -32,15 +34,13 @@ use std::time::Duration;
 
 use once_cell::sync::Lazy;
 
-use crate::engine::{Options, Owner, Pending};
-use crate::error::Error;
-use crate::model::{
-    Class, Engine, Level, Pair, PairBandwidth, PairReport, Report, TierOutcome, Verdict, Visibility,
+use p2pcheck::policy::{self, ComputeCapability, PolicyConfig};
+use p2pcheck::sim::{Fault, Simulation};
+use p2pcheck::{
+    AccessOptions, Class, Engine, Error, Level, Options, Pair, PairBandwidth, PairReport, Pending,
+    Report, TierOutcome, Transport, Transports, Verdict, Visibility, DEFAULT_BANDWIDTH_BYTES,
+    MAX_DEVICES,
 };
-use crate::policy::{self, ComputeCapability, PolicyConfig};
-use crate::protocol::MAX_DEVICES;
-use crate::sim::{Fault, Simulation};
-use crate::AccessOptions;
 
 /// `p2pcheck_status`: what a call of the C ABI gave. `Ok` is 0; one code per [`Error`] variant
 /// follows, then the ABI's own.
@@ -109,8 +109,6 @@ impl Status {
 
     /// The status for an [`Error`].
     pub fn of(e: &Error) -> Status {
-        // Exhaustive inside the crate: a new variant fails to compile here until it has a
-        // status (older callers see its value as unknown; `Other` is for them to fall back on).
         match e {
             Error::Cuda(_) => Status::Cuda,
             Error::WorkerCuda { .. } => Status::WorkerCuda,
@@ -138,6 +136,9 @@ impl Status {
             // The simulator's set-up failing was an invalid argument before it had a variant
             // of its own; a trace is never read through the C ABI.
             Error::Simulator { .. } | Error::BadTrace { .. } => Status::InvalidArgument,
+            // `Error` is non-exhaustive outside its crate: a variant added later is `Other`
+            // until it is given a status here.
+            _ => Status::Other,
         }
     }
 
@@ -210,6 +211,52 @@ pub enum VisibilityCode {
     All = 1,
 }
 
+/// `p2pcheck_transport`: a [`Transport`] as a C value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TransportCode {
+    /// `P2PCHECK_TRANSPORT_IPC`: [`Transport::Ipc`].
+    Ipc = 0,
+    /// `P2PCHECK_TRANSPORT_CUMEM`: [`Transport::Cumem`].
+    Cumem = 1,
+}
+
+impl TransportCode {
+    /// The code for a [`Transport`].
+    pub fn of(t: Transport) -> TransportCode {
+        match t {
+            Transport::Ipc => TransportCode::Ipc,
+            Transport::Cumem => TransportCode::Cumem,
+        }
+    }
+}
+
+/// `p2pcheck_transports`: a [`Transports`] choice as a C value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TransportsCode {
+    /// `P2PCHECK_TRANSPORTS_IPC`: [`Transports::Ipc`].
+    Ipc = 0,
+    /// `P2PCHECK_TRANSPORTS_CUMEM`: [`Transports::Cumem`].
+    Cumem = 1,
+    /// `P2PCHECK_TRANSPORTS_ALL`: [`Transports::All`].
+    All = 2,
+}
+
+impl TransportsCode {
+    /// The [`Transports`] of a C value, if it is one.
+    pub fn from_c(v: c_int) -> Option<Transports> {
+        [
+            (TransportsCode::Ipc, Transports::Ipc),
+            (TransportsCode::Cumem, Transports::Cumem),
+            (TransportsCode::All, Transports::All),
+        ]
+        .into_iter()
+        .find(|(code, _)| *code as c_int == v)
+        .map(|(_, t)| t)
+    }
+}
+
 /// `p2pcheck_verdict`: the kind of [`Verdict`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -254,6 +301,14 @@ pub enum ClassCode {
     Timeout = 5,
     /// `P2PCHECK_CLASS_OTHER`: [`Class::Other`].
     Other = 6,
+    /// `P2PCHECK_CLASS_EXPORT_REFUSED`: [`Class::ExportRefused`].
+    ExportRefused = 7,
+    /// `P2PCHECK_CLASS_FD_NOT_PASSABLE`: [`Class::FdNotPassable`].
+    FdNotPassable = 8,
+    /// `P2PCHECK_CLASS_IMPORT_REFUSED`: [`Class::ImportRefused`].
+    ImportRefused = 9,
+    /// `P2PCHECK_CLASS_MAP_REFUSED`: [`Class::MapRefused`].
+    MapRefused = 10,
 }
 
 impl ClassCode {
@@ -265,6 +320,10 @@ impl ClassCode {
             Class::WrongData => ClassCode::WrongData,
             Class::OpenFailed => ClassCode::OpenFailed,
             Class::Timeout => ClassCode::Timeout,
+            Class::ExportRefused => ClassCode::ExportRefused,
+            Class::FdNotPassable => ClassCode::FdNotPassable,
+            Class::ImportRefused => ClassCode::ImportRefused,
+            Class::MapRefused => ClassCode::MapRefused,
             Class::Other => ClassCode::Other,
         }
     }
@@ -279,11 +338,15 @@ impl ClassCode {
             ClassCode::OpenFailed => Class::OpenFailed,
             ClassCode::Timeout => Class::Timeout,
             ClassCode::Other => Class::Other,
+            ClassCode::ExportRefused => Class::ExportRefused,
+            ClassCode::FdNotPassable => Class::FdNotPassable,
+            ClassCode::ImportRefused => Class::ImportRefused,
+            ClassCode::MapRefused => Class::MapRefused,
         })
     }
 
     /// Every code, in value order.
-    pub const ALL: [ClassCode; 7] = [
+    pub const ALL: [ClassCode; 11] = [
         ClassCode::None,
         ClassCode::NeverWritten,
         ClassCode::Partial,
@@ -291,6 +354,10 @@ impl ClassCode {
         ClassCode::OpenFailed,
         ClassCode::Timeout,
         ClassCode::Other,
+        ClassCode::ExportRefused,
+        ClassCode::FdNotPassable,
+        ClassCode::ImportRefused,
+        ClassCode::MapRefused,
     ];
 }
 
@@ -317,7 +384,7 @@ pub struct PairResult {
     pub failed_tier: i32,
     /// A [`ClassCode`]: the diagnosis of the failed tier.
     pub diagnosis: i32,
-    /// Attempts made: 1, or 2 when the first did not pass (see [`crate::Evidence`]).
+    /// Attempts made: 1, or 2 when the first did not pass (see [`p2pcheck::Evidence`]).
     pub attempts: u32,
     /// The driver's claim (`cudaDeviceCanAccessPeer`): 1, 0, or -1 where it could not be asked.
     pub driver_claim: i32,
@@ -337,7 +404,7 @@ pub struct BandwidthResult {
     pub slow: i32,
     /// The floor judged against, GB/s; 0 when there was none.
     pub floor_gbps: f64,
-    /// Median GB/s of each figure, in [`crate::FIGURES`] order: copy engine write, read, both;
+    /// Median GB/s of each figure, in [`p2pcheck::FIGURES`] order: copy engine write, read, both;
     /// SM write, read, both.
     pub gbps: [f64; 6],
     /// The coefficient of variation of each figure's samples (0.01 = 1 %).
@@ -438,6 +505,31 @@ impl<T> Handle<T> {
             owner: Owner::current(),
             value,
         }))
+    }
+}
+
+/// The process that made a handle (its pid, asked again at each check: a child of `fork` has
+/// its own).
+#[derive(Clone, Copy)]
+struct Owner(u32);
+
+impl Owner {
+    /// This process.
+    fn current() -> Owner {
+        Owner(std::process::id())
+    }
+
+    /// `Err` naming both processes when called from another process than the owner's.
+    fn check(self, what: &str) -> Result<(), String> {
+        let here = std::process::id();
+        match here == self.0 {
+            true => Ok(()),
+            false => Err(format!(
+                "{what} was made by process {}, and this is process {here} (a child of fork?): \
+                 a handle is used only in the process that made it",
+                self.0
+            )),
+        }
     }
 }
 
@@ -733,7 +825,7 @@ pub extern "C" fn p2pcheck_version() -> *const c_char {
 /// `uint32_t p2pcheck_protocol_version(void)`: the worker protocol version this library speaks.
 #[no_mangle]
 pub extern "C" fn p2pcheck_protocol_version() -> u32 {
-    catch_unwind(|| u32::from(crate::PROTOCOL_VERSION)).unwrap_or(0)
+    catch_unwind(|| u32::from(p2pcheck::PROTOCOL_VERSION)).unwrap_or(0)
 }
 
 /// `const char *p2pcheck_status_text(p2pcheck_status)`: what a status means, a static string
@@ -908,6 +1000,31 @@ pub unsafe extern "C" fn p2pcheck_options_set_visibility(
     })
 }
 
+/// `p2pcheck_options_set_transport(opts, transport, msg, msg_len)`: which transports every
+/// tier runs over ([`Transports`]: 0 ipc, 1 cumem, 2 all).
+///
+/// # Safety
+/// `opts` is NULL or a live `p2pcheck_options`; `msg` is NULL or valid for `msg_len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn p2pcheck_options_set_transport(
+    opts: *mut OptionsHandle,
+    transport: c_int,
+    msg: *mut c_char,
+    msg_len: usize,
+) -> Status {
+    // SAFETY: the caller's promises.
+    let (opts, msg) = unsafe { (opts.as_ref(), TextBuf::new(msg, msg_len)) };
+    update(opts, msg, |o| {
+        o.transport = TransportsCode::from_c(transport).ok_or_else(|| {
+            Failure::invalid(format!(
+                "transport {transport}: P2PCHECK_TRANSPORTS_IPC (0), \
+                     P2PCHECK_TRANSPORTS_CUMEM (1) or P2PCHECK_TRANSPORTS_ALL (2)"
+            ))
+        })?;
+        Ok(())
+    })
+}
+
 /// `p2pcheck_options_set_timeouts_ms(opts, step_ms, startup_ms, msg, msg_len)`: 0 keeps a
 /// value; each must be from 1 ms to 1 day.
 ///
@@ -973,7 +1090,7 @@ pub unsafe extern "C" fn p2pcheck_options_set_bandwidth(
     update(opts, msg, |o| {
         o.bandwidth = on;
         o.bandwidth_bytes = match transfer_bytes {
-            0 => crate::DEFAULT_BANDWIDTH_BYTES,
+            0 => DEFAULT_BANDWIDTH_BYTES,
             b => b,
         };
         o.min_gbps = (min_gbps != 0.0).then_some(min_gbps);
@@ -1023,10 +1140,10 @@ pub unsafe extern "C" fn p2pcheck_options_set_simulation(
     // SAFETY: the caller's promises.
     let (opts, spec, msg) = unsafe { (opts.as_ref(), c_str(faults), TextBuf::new(msg, msg_len)) };
     update(opts, msg, |o| {
-        if gpus > crate::sim::MAX_GPUS {
+        if gpus > p2pcheck::sim::MAX_GPUS {
             return Err(Failure::invalid(format!(
                 "{gpus} simulated GPUs: at most {}",
-                crate::sim::MAX_GPUS
+                p2pcheck::sim::MAX_GPUS
             )));
         }
         let spec = match spec {
@@ -1078,7 +1195,7 @@ pub unsafe extern "C" fn p2pcheck_check(
         // SAFETY: the caller's promise about src, tgt and n_pairs.
         let (s, t) = unsafe { (devices(src, n_pairs, "src")?, devices(tgt, n_pairs, "tgt")?) };
         out.required("out")?;
-        let report = crate::check(batch(s, t).as_deref(), &options_or_default(opts)?)?;
+        let report = p2pcheck::check(batch(s, t).as_deref(), &options_or_default(opts)?)?;
         give_report(&out, report)
     })
 }
@@ -1158,8 +1275,28 @@ pub unsafe extern "C" fn p2pcheck_report_pair(
     })
 }
 
+/// `p2pcheck_report_pair_transport(report, index, out)`: the transport pair `index` was
+/// checked over (0 ipc, 1 cumem).
+///
+/// # Safety
+/// `report` is NULL or a live `p2pcheck_report`; `out` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn p2pcheck_report_pair_transport(
+    report: *const ReportHandle,
+    index: usize,
+    out: *mut c_int,
+) -> Status {
+    // SAFETY: the caller's promises.
+    let (report, out) = unsafe { (report.as_ref(), Out::new(out)) };
+    with_report(report, |r| {
+        let i = in_range(index, r.pairs.len(), "pair")?;
+        out.put("out", TransportCode::of(r.pairs[i].transport) as c_int)
+    })
+}
+
 /// `p2pcheck_report_pair_bandwidth(report, index, out)`: pair `index`'s bandwidth
-/// measurement as plain data (state 0 when it was not measured).
+/// measurement as plain data (state 0 when it was not measured: over the cuMem transport
+/// never, the measurement goes through the legacy IPC mapping).
 ///
 /// # Safety
 /// `report` is NULL or a live `p2pcheck_report`; `out` is NULL or valid for a write.
@@ -1173,11 +1310,12 @@ pub unsafe extern "C" fn p2pcheck_report_pair_bandwidth(
     let (report, out) = unsafe { (report.as_ref(), Out::new(out)) };
     with_report(report, |r| {
         let i = in_range(index, r.pairs.len(), "pair")?;
-        let pair = r.pairs[i].pair;
-        out.put(
-            "out",
-            BandwidthResult::of(r.bandwidth_of(pair.src, pair.tgt)),
-        )
+        let p = &r.pairs[i];
+        let measured = match p.transport {
+            Transport::Ipc => r.bandwidth_of(p.pair.src, p.pair.tgt),
+            _ => None,
+        };
+        out.put("out", BandwidthResult::of(measured))
     })
 }
 
@@ -1308,11 +1446,11 @@ pub unsafe extern "C" fn p2pcheck_can_actually_p2p(
         if results.is_null() {
             return Err(Failure::null("results"));
         }
-        let report = crate::can_actually_p2p_with(s, t, &options_or_default(opts)?)?;
+        let report = p2pcheck::can_actually_p2p_with(s, t, &options_or_default(opts)?)?;
         // SAFETY: not NULL, and the caller's promise of n writable elements (n is bounded by
         // devices() above).
         let results = unsafe { std::slice::from_raw_parts_mut(results, n) };
-        for (r, p) in results.iter_mut().zip(&report.pairs) {
+        for (r, p) in results.iter_mut().zip(report.primary()) {
             *r = p.ok();
         }
         Ok(Status::Ok)
@@ -1335,7 +1473,7 @@ pub unsafe extern "C" fn p2pcheck_gpu_p2p_access_check(
     let (result, msg) = unsafe { (Out::new(result), TextBuf::new(msg, msg_len)) };
     guard(msg, || {
         result.required("result")?;
-        result.put("result", crate::gpu_p2p_access_check(src, tgt)?)
+        result.put("result", p2pcheck::gpu_p2p_access_check(src, tgt)?)
     })
 }
 
@@ -1373,7 +1511,7 @@ pub unsafe extern "C" fn p2pcheck_access_check_with(
             refresh,
             ..AccessOptions::default()
         };
-        result.put("result", crate::access_check(src, tgt, &access)?.answer)
+        result.put("result", p2pcheck::access_check(src, tgt, &access)?.answer)
     })
 }
 
@@ -1409,11 +1547,8 @@ pub unsafe extern "C" fn p2pcheck_cache_path(
             )));
         }
         let path = match cache_folder(cache_dir)? {
-            Some(dir) => {
-                crate::cache::check_dir(&dir)?;
-                crate::vllm_cache_path_in(&dir, n_devices)?
-            }
-            None => crate::vllm_cache_path(n_devices)?,
+            Some(dir) => p2pcheck::vllm_cache_path_in(&dir, n_devices)?,
+            None => p2pcheck::vllm_cache_path(n_devices)?,
         };
         buf.output(needed, path.as_os_str().as_bytes())
     })
@@ -1441,7 +1576,7 @@ pub unsafe extern "C" fn p2pcheck_start(
         let (s, t) = unsafe { (devices(src, n_pairs, "src")?, devices(tgt, n_pairs, "tgt")?) };
         out.required("out")?;
         let opts = options_or_default(opts)?;
-        out.put("out", Handle::into_raw(crate::start(batch(s, t), opts)))
+        out.put("out", Handle::into_raw(p2pcheck::start(batch(s, t), opts)))
     })
 }
 
@@ -1730,7 +1865,7 @@ mod tests {
             (
                 Error::Cache {
                     path: "p".into(),
-                    kind: crate::CacheErrorKind::BadPath("m".into()),
+                    kind: p2pcheck::CacheErrorKind::BadPath("m".into()),
                 },
                 Status::Cache,
             ),

@@ -1,23 +1,23 @@
-//! The C ABI (`include/p2pcheck.h`, `src/capi.rs`) from C, C++ and Python, on the simulated
+//! The C ABI (`include/p2pcheck.h`, `capi/src/lib.rs`) from C, C++ and Python, on the simulated
 //! driver (no GPU):
 //!
 //! * the header's constants, enum sizes and `p2pcheck_pair_result`'s size, alignment, offsets
 //!   and field types, compiled as C and as C++, equal the library's;
 //! * every function the shared and the static library export is declared and documented in
-//!   the header (and the other way round), and called by `tests/c/capi_test.c`;
+//!   the header (and the other way round), and called by `capi/tests/c/capi_test.c`;
 //! * the static library defines no global C name without the `p2pcheck_` prefix but the Rust
 //!   runtime's own (`nm`), so a host defining the shim's old names links;
-//! * `libp2pcheck.so` has its soname; the header's shared-link lines work from a tree laid out
+//! * the shared library has its soname `libp2pcheck.so.0`; the header's shared-link lines work from a tree laid out
 //!   as cargo leaves it; `scripts/install.sh` lays out what the header documents, where
 //!   `pkg-config --static` gives a link with no dynamic dependency on libp2pcheck (`readelf`,
 //!   `ldd`); the pkg-config file, the CMake snippet and the header name the same system
 //!   libraries;
-//! * `tests/c/capi_test.c`, linked statically and dynamically, calls every function and its
+//! * `capi/tests/c/capi_test.c`, linked statically and dynamically, calls every function and its
 //!   output is asserted line by line: verdicts and diagnoses of a 4-GPU machine with 0->1
 //!   broken, NULL and out-of-range arguments, message truncation, vLLM's cache file, the
-//!   background check and its kept result, the policy; `tests/c/capi_test.cpp` from C++; the
+//!   background check and its kept result, the policy; `capi/tests/c/capi_test.cpp` from C++; the
 //!   CMake example's program; `examples/python/access_check.py` through ctypes;
-//! * `tests/c/capi_process.c`, inside a host's process: a wait cancelled from another thread,
+//! * `capi/tests/c/capi_process.c`, inside a host's process: a wait cancelled from another thread,
 //!   a child of `fork` using inherited handles, a child of the host living through checks with
 //!   hangs and crashes, a failed libcuda load retried after the environment is fixed, a host
 //!   called `p2pcheck` never run as a worker (and the CLI, alone, run as its own).
@@ -32,20 +32,19 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime};
 
-use p2pcheck::capi::{
-    BandwidthResult, ClassCode, EngineCode, LevelCode, PairResult, Status, TierCode, VerdictCode,
-    VisibilityCode,
-};
 use p2pcheck::policy::{self, ComputeCapability, PolicyConfig};
 use p2pcheck::Class;
+use p2pcheck_capi::{
+    BandwidthResult, ClassCode, EngineCode, LevelCode, PairResult, Status, TierCode, TransportCode,
+    TransportsCode, VerdictCode, VisibilityCode,
+};
 
+#[path = "../../tests/common/mod.rs"]
 mod common;
 use common::TempDir;
-
-const WORKER: &str = env!("CARGO_BIN_EXE_p2pcheck-worker");
-const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
 /// The system libraries `libp2pcheck.a` needs: rustc's `native-static-libs` (`cargo rustc
 /// --release --lib --crate-type staticlib -- --print native-static-libs`), as the header, the
@@ -71,8 +70,31 @@ const CXX_FLAGS: [&str; 7] = [
     "-Wzero-as-null-pointer-constant",
 ];
 
+/// `rel` in the workspace (the folder above this crate's).
 fn root(rel: &str) -> PathBuf {
-    Path::new(ROOT).join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .join(rel)
+}
+
+/// The folder cargo builds into for this test run (`target/<profile>/`): this test's
+/// executable is in its `deps/`.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().to_path_buf()
+}
+
+/// The worker, `p2pcheck-worker`: a binary of the p2pcheck package, which cargo builds with
+/// that package's tests (a plain `cargo test` in the workspace builds both), checked fresh.
+fn worker() -> &'static Path {
+    static WORKER: OnceLock<PathBuf> = OnceLock::new();
+    WORKER.get_or_init(|| fresh(profile_dir().join("p2pcheck-worker"), LIBRARY_SOURCES))
+}
+
+/// The CLI, `p2pcheck`, built and checked as [`worker`].
+fn cli_exe() -> PathBuf {
+    fresh(profile_dir().join("p2pcheck"), LIBRARY_SOURCES)
 }
 
 fn header_text() -> String {
@@ -85,8 +107,13 @@ fn mtime(p: &Path) -> SystemTime {
     fs::metadata(p).unwrap().modified().unwrap()
 }
 
-/// The newest source file the library is built from.
-fn newest_source() -> (SystemTime, PathBuf) {
+/// The folders of the p2pcheck package's sources (the binaries are built from them alone).
+const LIBRARY_SOURCES: &[&str] = &["src", "csrc"];
+/// The folders of the C libraries' sources: the library's and this crate's.
+const CAPI_SOURCES: &[&str] = &["src", "csrc", "capi/src"];
+
+/// The newest file in `dirs` and the build script.
+fn newest_source(dirs: &[&str]) -> (SystemTime, PathBuf) {
     fn walk(dir: &Path, best: &mut (SystemTime, PathBuf)) {
         for e in fs::read_dir(dir).unwrap().flatten() {
             let p = e.path();
@@ -98,23 +125,28 @@ fn newest_source() -> (SystemTime, PathBuf) {
         }
     }
     let mut best = (mtime(&root("build.rs")), root("build.rs"));
-    walk(&root("src"), &mut best);
-    walk(&root("csrc"), &mut best);
+    for dir in dirs {
+        walk(&root(dir), &mut best);
+    }
     best
 }
 
 /// A library cargo built with this test's dependencies, checked to be newer than every source.
 fn built(name: &str) -> PathBuf {
-    let p = Path::new(WORKER).parent().unwrap().join("deps").join(name);
+    fresh(profile_dir().join("deps").join(name), CAPI_SOURCES)
+}
+
+/// `p`, asserted to exist and to be newer than every file of `sources`.
+fn fresh(p: PathBuf, sources: &[&str]) -> PathBuf {
     assert!(
         p.is_file(),
-        "{} is missing: cargo builds it with the library (crate-type staticlib, cdylib)",
+        "{} is missing: a plain `cargo test` (or `cargo build`) in the workspace builds it",
         p.display()
     );
-    let (newest, source) = newest_source();
+    let (newest, source) = newest_source(sources);
     assert!(
         mtime(&p) >= newest,
-        "{} is older than {}: stale",
+        "{} is older than {}: stale (a plain `cargo test` rebuilds it)",
         p.display(),
         source.display()
     );
@@ -122,11 +154,11 @@ fn built(name: &str) -> PathBuf {
 }
 
 fn static_lib() -> PathBuf {
-    built("libp2pcheck.a")
+    built("libp2pcheck_capi.a")
 }
 
 fn shared_lib() -> PathBuf {
-    built("libp2pcheck.so")
+    built("libp2pcheck_capi.so")
 }
 
 // ---- Processes ----------------------------------------------------------------------------
@@ -269,9 +301,9 @@ fn build_dir(dir: &Path) -> PathBuf {
     let build = dir.join("build");
     fs::create_dir_all(&build).unwrap();
     for (name, file) in [
-        ("libp2pcheck.a", static_lib()),
-        ("libp2pcheck.so", shared_lib()),
-        ("p2pcheck-worker", PathBuf::from(WORKER)),
+        ("libp2pcheck_capi.a", static_lib()),
+        ("libp2pcheck_capi.so", shared_lib()),
+        ("p2pcheck-worker", PathBuf::from(worker())),
     ] {
         std::os::unix::fs::symlink(file, build.join(name)).unwrap();
     }
@@ -327,7 +359,7 @@ fn install_shared(lib: &Path) {
     fs::create_dir_all(lib).unwrap();
     std::os::unix::fs::symlink(shared_lib(), lib.join("libp2pcheck.so.0")).unwrap();
     std::os::unix::fs::symlink("libp2pcheck.so.0", lib.join("libp2pcheck.so")).unwrap();
-    std::os::unix::fs::symlink(WORKER, lib.join("p2pcheck-worker")).unwrap();
+    std::os::unix::fs::symlink(worker(), lib.join("p2pcheck-worker")).unwrap();
 }
 
 // ---- The header against the library -------------------------------------------------------
@@ -365,6 +397,11 @@ fn rust_constants() -> Vec<(&'static str, i64)> {
         ("P2PCHECK_LEVEL_HANDSHAKE", LevelCode::Handshake as i64),
         ("P2PCHECK_VISIBILITY_ONE", VisibilityCode::One as i64),
         ("P2PCHECK_VISIBILITY_ALL", VisibilityCode::All as i64),
+        ("P2PCHECK_TRANSPORT_IPC", TransportCode::Ipc as i64),
+        ("P2PCHECK_TRANSPORT_CUMEM", TransportCode::Cumem as i64),
+        ("P2PCHECK_TRANSPORTS_IPC", TransportsCode::Ipc as i64),
+        ("P2PCHECK_TRANSPORTS_CUMEM", TransportsCode::Cumem as i64),
+        ("P2PCHECK_TRANSPORTS_ALL", TransportsCode::All as i64),
         ("P2PCHECK_VERDICT_OK", VerdictCode::Ok as i64),
         ("P2PCHECK_VERDICT_FAILS", VerdictCode::Fails as i64),
         ("P2PCHECK_VERDICT_HANG", VerdictCode::Hang as i64),
@@ -382,6 +419,19 @@ fn rust_constants() -> Vec<(&'static str, i64)> {
         ("P2PCHECK_CLASS_OPEN_FAILED", ClassCode::OpenFailed as i64),
         ("P2PCHECK_CLASS_TIMEOUT", ClassCode::Timeout as i64),
         ("P2PCHECK_CLASS_OTHER", ClassCode::Other as i64),
+        (
+            "P2PCHECK_CLASS_EXPORT_REFUSED",
+            ClassCode::ExportRefused as i64,
+        ),
+        (
+            "P2PCHECK_CLASS_FD_NOT_PASSABLE",
+            ClassCode::FdNotPassable as i64,
+        ),
+        (
+            "P2PCHECK_CLASS_IMPORT_REFUSED",
+            ClassCode::ImportRefused as i64,
+        ),
+        ("P2PCHECK_CLASS_MAP_REFUSED", ClassCode::MapRefused as i64),
     ]
 }
 
@@ -404,6 +454,16 @@ fn rust_enums() -> Vec<(&'static str, usize, usize)> {
             "p2pcheck_visibility",
             size_of::<VisibilityCode>(),
             align_of::<VisibilityCode>(),
+        ),
+        (
+            "p2pcheck_transport",
+            size_of::<TransportCode>(),
+            align_of::<TransportCode>(),
+        ),
+        (
+            "p2pcheck_transports",
+            size_of::<TransportsCode>(),
+            align_of::<TransportsCode>(),
         ),
         (
             "p2pcheck_verdict",
@@ -690,7 +750,7 @@ fn every_exported_function_is_declared_documented_and_called() {
         "no comment right before: {undocumented:?}"
     );
     let names: BTreeSet<String> = declared.into_iter().map(|d| d.0).collect();
-    assert_eq!(names.len(), 41, "{names:?}");
+    assert_eq!(names.len(), 43, "{names:?}");
 
     let (shared, others) = exported(&["-D", "--defined-only"], &shared_lib());
     assert_eq!(shared, names, "exported by the shared library vs declared");
@@ -706,14 +766,14 @@ fn every_exported_function_is_declared_documented_and_called() {
         "defined by the static library vs declared"
     );
 
-    let c_test = fs::read_to_string(root("tests/c/capi_test.c")).unwrap();
+    let c_test = fs::read_to_string(root("capi/tests/c/capi_test.c")).unwrap();
     let uncalled: Vec<&String> = names
         .iter()
         .filter(|n| !c_test.contains(&format!("{n}(")))
         .collect();
     assert!(
         uncalled.is_empty(),
-        "tests/c/capi_test.c never calls {uncalled:?}"
+        "capi/tests/c/capi_test.c never calls {uncalled:?}"
     );
 }
 
@@ -1088,6 +1148,13 @@ fn main_lines(dir: &Path) -> Lines {
     e.ok("set_visibility.all");
     e.ok("set_visibility.one");
     e.msg(
+        "set_transport.3",
+        InvalidArgument,
+        "transport 3: P2PCHECK_TRANSPORTS_IPC (0), P2PCHECK_TRANSPORTS_CUMEM (1) or \
+         P2PCHECK_TRANSPORTS_ALL (2)",
+    );
+    e.ok("set_transport.ipc");
+    e.msg(
         "set_timeouts.day_and_1ms",
         InvalidArgument,
         "the step timeout 86400.001s is outside 1 ms to 1 day",
@@ -1165,7 +1232,11 @@ fn main_lines(dir: &Path) -> Lines {
     e.is("report.warning_count.value", "0");
     e.status("report.warning.0", InvalidArgument);
     e.status("report.pair.16", InvalidArgument);
+    e.status("report.pair_transport.0", Ok);
+    e.is("report.pair_transport.0.value", "0");
+    e.status("report.pair_transport.16", InvalidArgument);
     for key in [
+        "report.pair_transport.null_out",
         "report.pair.null_out",
         "report.pair.null_report",
         "report.device_count.null",
@@ -1458,7 +1529,7 @@ fn run_main_and_warm(exe: &Path, dir: &Path, env: &[(&str, &str)]) {
 fn a_c_program_linked_with_the_static_library_and_exactly_its_system_libraries() {
     let dir = TempDir::new("p2pcheck-capi-static");
     let mut args = strings(&C_FLAGS);
-    args.push(root("tests/c/capi_test.c").display().to_string());
+    args.push(root("capi/tests/c/capi_test.c").display().to_string());
     // Exactly the flags `pkg-config --cflags --static --libs p2pcheck` gives in the installed
     // layout, where the shared library sits beside the static one: the static library and
     // the system libraries, nothing else.
@@ -1490,7 +1561,7 @@ fn a_c_program_linked_with_the_static_library_and_exactly_its_system_libraries()
     let root_dir = dir.path().join("vllm-cache");
     let mut cmd = program(&exe);
     cmd.arg("env")
-        .env("P2PCHECK_WORKER", WORKER)
+        .env("P2PCHECK_WORKER", worker())
         .env("P2PCHECK_LIBCUDA", &sim)
         .env("P2PCHECK_LIBCUDART", &sim)
         .env("P2PCHECK_SIM_GPUS", "2")
@@ -1559,7 +1630,7 @@ fn a_c_program_linked_with_the_shared_library_finds_the_worker_beside_it() {
     let lib = dir.path().join("lib");
     install_shared(&lib);
     let mut args = strings(&C_FLAGS);
-    args.push(root("tests/c/capi_test.c").display().to_string());
+    args.push(root("capi/tests/c/capi_test.c").display().to_string());
     args.push(format!("-I{}", root("include").display()));
     args.push(format!("-L{}", lib.display()));
     args.push("-lp2pcheck".into());
@@ -1585,10 +1656,10 @@ fn a_c_program_linked_with_the_shared_library_finds_the_worker_beside_it() {
 #[test]
 fn the_headers_shared_link_lines_work_from_the_build_tree() {
     // The header's lines, run as they are in a tree laid out as cargo leaves it (the shared
-    // library only as libp2pcheck.so).
+    // library only as libp2pcheck_capi.so).
     let lines = [
-        "ln -sf libp2pcheck.so target/release/libp2pcheck.so.0",
-        "cc prog.c -Iinclude -Ltarget/release -lp2pcheck -Wl,-rpath,\"$PWD/target/release\"",
+        "ln -sf libp2pcheck_capi.so target/release/libp2pcheck.so.0",
+        "cc prog.c -Iinclude target/release/libp2pcheck.so.0 -Wl,-rpath,\"$PWD/target/release\"",
     ];
     let h = header_text();
     let readme = fs::read_to_string(root("README.md")).unwrap();
@@ -1627,10 +1698,10 @@ fn the_headers_shared_link_lines_work_from_the_build_tree() {
     );
 }
 
-/// `tests/c/capi_process.c` linked with the static library as `dir/name`.
+/// `capi/tests/c/capi_process.c` linked with the static library as `dir/name`.
 fn process_program(dir: &Path, name: &str) -> PathBuf {
     let mut args = strings(&C_FLAGS);
-    args.push(root("tests/c/capi_process.c").display().to_string());
+    args.push(root("capi/tests/c/capi_process.c").display().to_string());
     args.push(format!("-I{}", root("include").display()));
     args.push(static_lib().display().to_string());
     args.extend(strings(&NATIVE_STATIC_LIBS));
@@ -1651,7 +1722,7 @@ fn a_wait_cancelled_from_another_thread_returns_cancelled_at_once() {
     let dir = TempDir::new("p2pcheck-capi-cancel");
     let exe = process_program(dir.path(), "capi_process");
     let mut cmd = program(&exe);
-    cmd.arg("cancel").env("P2PCHECK_WORKER", WORKER);
+    cmd.arg("cancel").env("P2PCHECK_WORKER", worker());
     let out = run(&mut cmd, Duration::from_secs(120));
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
@@ -1705,7 +1776,7 @@ fn a_child_of_fork_gets_a_status_from_inherited_handles_at_once() {
     let mut cmd = program(&exe);
     cmd.arg("fork")
         .arg(&err_file)
-        .env("P2PCHECK_WORKER", WORKER);
+        .env("P2PCHECK_WORKER", worker());
     let out = run(&mut cmd, Duration::from_secs(120));
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
@@ -1757,7 +1828,7 @@ fn a_child_of_the_host_lives_through_checks_with_hangs_and_crashes() {
     let dir = TempDir::new("p2pcheck-capi-bystander");
     let exe = process_program(dir.path(), "capi_process");
     let mut cmd = program(&exe);
-    cmd.arg("bystander").env("P2PCHECK_WORKER", WORKER);
+    cmd.arg("bystander").env("P2PCHECK_WORKER", worker());
     let out = run(&mut cmd, Duration::from_secs(240));
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
@@ -1797,7 +1868,7 @@ fn the_c_abis_access_check_answers_the_machine_not_a_planted_cache() {
     }
     let access = |dir: &Path| {
         let mut cmd = program(&exe);
-        cmd.arg("access").arg(dir).env("P2PCHECK_WORKER", WORKER);
+        cmd.arg("access").arg(dir).env("P2PCHECK_WORKER", worker());
         let out = run(&mut cmd, Duration::from_secs(120));
         let stdout = text(&out.stdout);
         assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
@@ -1872,7 +1943,7 @@ fn a_failed_libcuda_load_is_tried_again_after_the_environment_is_fixed() {
     let mut cmd = program(&exe);
     cmd.arg("reload")
         .arg(&sim)
-        .env("P2PCHECK_WORKER", WORKER)
+        .env("P2PCHECK_WORKER", worker())
         .env("P2PCHECK_LIBCUDART", &sim)
         .env("P2PCHECK_SIM_GPUS", "2")
         .env("P2PCHECK_SIM_FAULTS", "0->1:drop-writes")
@@ -1926,7 +1997,7 @@ fn only_an_executable_that_serves_as_a_worker_is_run_as_one() {
     // the executable's path is where the worker is looked for), it runs its check with itself.
     let cli = dir.path().join("cli");
     fs::create_dir_all(&cli).unwrap();
-    fs::copy(env!("CARGO_BIN_EXE_p2pcheck"), cli.join("p2pcheck")).unwrap();
+    fs::copy(cli_exe(), cli.join("p2pcheck")).unwrap();
     let mut cmd = program(&cli.join("p2pcheck"));
     cmd.args(["--simulate", "2", "--fault", "0->1:drop-writes"])
         .env("PATH", "/nonexistent");
@@ -1947,14 +2018,14 @@ fn only_an_executable_that_serves_as_a_worker_is_run_as_one() {
 fn a_cpp_program_uses_the_header_and_the_static_library() {
     let dir = TempDir::new("p2pcheck-capi-cpp");
     let mut args = strings(&CXX_FLAGS);
-    args.push(root("tests/c/capi_test.cpp").display().to_string());
+    args.push(root("capi/tests/c/capi_test.cpp").display().to_string());
     args.push(format!("-I{}", root("include").display()));
     args.push(static_lib().display().to_string());
     args.extend(strings(&NATIVE_STATIC_LIBS));
     let exe = dir.path().join("capi_test_cpp");
     compile("c++", &args, &exe);
     let mut cmd = program(&exe);
-    cmd.env("P2PCHECK_WORKER", WORKER);
+    cmd.env("P2PCHECK_WORKER", worker());
     let out = run(&mut cmd, Duration::from_secs(120));
     assert!(out.status.success(), "{}", text(&out.stderr));
     // 1->0 passes vLLM's copy test; the kernel tier sees wrong data.
@@ -2029,7 +2100,7 @@ fn the_cmake_examples_program_prints_the_matrix() {
     let exe = dir.path().join("p2p_matrix");
     compile("cc", &args, &exe);
     // The worker beside the program, as the CMake snippet copies it.
-    std::os::unix::fs::symlink(WORKER, dir.path().join("p2pcheck-worker")).unwrap();
+    std::os::unix::fs::symlink(worker(), dir.path().join("p2pcheck-worker")).unwrap();
     let mut cmd = program(&exe);
     cmd.env("P2PCHECK_LIBCUDA", &sim)
         .env("P2PCHECK_LIBCUDART", &sim)
