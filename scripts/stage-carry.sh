@@ -21,6 +21,9 @@ cp scripts/bench.py .carry/
 cp scripts/gpu-bandwidth.sh scripts/torch-copy-bw.py scripts/bw-agree.py .carry/
 # The cuMem transport's GPU run (issue 21), which scripts/gpu-all.sh runs when it is here.
 cp scripts/gpu-cumem.sh .carry/
+# The Python package (issue 20): the wheel of these very binaries, and its GPU comparison.
+cp scripts/gpu-python.sh .carry/
+P2PCHECK_PREBUILT="$PWD/target/release" python3 -m pip wheel -q --no-deps -w .carry/wheels .
 # The C ABI from C++, linked statically with exactly the system libraries the README names.
 g++ -std=c++17 -O2 -Iinclude -x c++ examples/cmake/main.c -x none target/release/libp2pcheck_capi.a \
   -lgcc_s -lutil -lrt -lpthread -lm -ldl -lc -o .carry/verdicts-cpp
