@@ -79,8 +79,8 @@ def main(d):
         if t["figure"] == "torch-copy":
             for (s, tg, f), g in sorted(medians.items()):
                 # torch's copy runs on its current device, GPU 0.
-                if s == tg == 0 and f == "ce_write":
-                    print(f"own memory GPU {s}: p2pcheck ce_write {g:.1f} vs torch copy_ "
+                if s == tg == 0 and f in ("ce_write", "ce_read", "sm_write", "sm_read"):
+                    print(f"own memory GPU {s}: p2pcheck {f} {g:.1f} vs torch copy_ "
                           f"{t['gbps']:.1f} ({t['mib']} MiB): {100 * (g / t['gbps'] - 1):+.1f} %")
         elif t["figure"] == "torch-peer":
             g = medians.get((t["src"], t["tgt"], "ce_read"))

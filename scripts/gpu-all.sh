@@ -13,22 +13,31 @@ OUT=${OUT:-/tmp/p2pcheck-out}
 mkdir -p "$OUT"
 ls .carry >"$OUT/carry.txt"
 summary() { echo "=== $1: exit $2"; tail -n "${3:-12}" "$OUT/$1.log"; }
-STEPS=${STEPS:-1 2 3 4 5 8} OUT="$OUT/run" bash scripts/gpu-run.sh >"$OUT/gpu-run.log" 2>&1
-rc_run=$?
-bash .carry/gpu-python.sh .carry/wheels .carry/vllm_style_reference.py >"$OUT/gpu-python.log" 2>&1
-rc_py=$?
+# PARTS chooses among run, python, cumem and bandwidth (default: all four).
+PARTS=${PARTS:-run python cumem bandwidth}
+part() { [[ " $PARTS " == *" $1 "* ]]; }
+rc_run=skipped
+if part run; then
+  STEPS=${STEPS:-1 2 3 4 5 8} OUT="$OUT/run" bash scripts/gpu-run.sh >"$OUT/gpu-run.log" 2>&1
+  rc_run=$?
+fi
+rc_py=skipped
+if part python; then
+  bash .carry/gpu-python.sh .carry/wheels .carry/vllm_style_reference.py >"$OUT/gpu-python.log" 2>&1
+  rc_py=$?
+fi
 rc_cumem=skipped
-if [ -f .carry/gpu-cumem.sh ]; then
+if part cumem && [ -f .carry/gpu-cumem.sh ]; then
   OUT="$OUT/cumem" CARRY=.carry bash .carry/gpu-cumem.sh >"$OUT/gpu-cumem.log" 2>&1; rc_cumem=$?
 fi
 rc_bw=skipped
-if [ -f .carry/gpu-bandwidth.sh ]; then
+if part bandwidth && [ -f .carry/gpu-bandwidth.sh ]; then
   CARRY=.carry bash .carry/gpu-bandwidth.sh >"$OUT/gpu-bandwidth.log" 2>&1; rc_bw=$?
 fi
-echo "=== gpu-run summary: exit $rc_run"; cat "$OUT/run/summary.txt"
+[ "$rc_run" != skipped ] && { echo "=== gpu-run summary: exit $rc_run"; cat "$OUT/run/summary.txt"; }
 # Every part's folder in one archive, the folders removed: the device tool returns few files.
 (cd "$OUT" && tar -czf logs.tgz -- */ && rm -rf -- */)
-summary gpu-python "$rc_py" 8
+[ "$rc_py" != skipped ] && summary gpu-python "$rc_py" 8
 [ "$rc_cumem" != skipped ] && summary gpu-cumem "$rc_cumem" 20
 [ "$rc_bw" != skipped ] && summary gpu-bandwidth "$rc_bw" 25
 exit 0

@@ -10,6 +10,8 @@ set -uo pipefail
 C=${CARRY:-.carry}
 OUT=${OUT:-/tmp/p2pcheck-out}/bandwidth
 RUNS=${RUNS:-5}
+# The transfer size, in MiB, of p2pcheck's measurement and of torch's copies alike.
+BW_MIB=${BW_MIB:-64}
 mkdir -p "$OUT"
 export P2PCHECK_WORKER="$C/p2pcheck-worker"
 nvidia-smi --query-gpu=index,name,uuid,driver_version,clocks.sm,clocks.max.sm --format=csv |
@@ -18,12 +20,13 @@ nvidia-smi topo -m >"$OUT/topo.txt" 2>&1
 for r in $(seq 1 "$RUNS"); do
   "$C/p2pcheck" --json >"$OUT/base-run$r.json" 2>"$OUT/base-run$r.err"
   echo "run $r: plain check exit $?"
-  "$C/p2pcheck" --json --bandwidth >"$OUT/bw-run$r.json" 2>"$OUT/bw-run$r.err"
+  "$C/p2pcheck" --json --bandwidth --bandwidth-bytes $((BW_MIB << 20)) >"$OUT/bw-run$r.json" \
+    2>"$OUT/bw-run$r.err"
   echo "run $r: --bandwidth exit $?"
 done
 n=$(nvidia-smi -L | wc -l)
-torch_args="64:4"
-[ "$n" -gt 1 ] && torch_args="64:4 peer:64:4"
+torch_args="$BW_MIB:4"
+[ "$n" -gt 1 ] && torch_args="$BW_MIB:4 peer:$BW_MIB:4"
 python3 "$C/torch-copy-bw.py" $torch_args >"$OUT/torch.jsonl" 2>"$OUT/torch.err" ||
   echo "torch failed: $(tail -2 "$OUT/torch.err")"
 python3 "$C/bw-agree.py" "$OUT" | tee "$OUT/table.txt"
