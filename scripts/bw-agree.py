@@ -76,11 +76,13 @@ def main(d):
               f"slow {slow} of {len(measured)}{note}")
     print(f"largest CV across runs: {worst_cv:.2f} % (target under 3 %)")
     for t in torch:
-        if t["figure"] == "torch-copy":
+        if t["figure"] in ("torch-copy", "torch-sm-copy"):
+            # copy_ is cudaMemcpy (the copy engines' figures); the elementwise kernel is SM work.
+            mine = ("ce_write", "ce_read") if t["figure"] == "torch-copy" else ("sm_write", "sm_read")
             for (s, tg, f), g in sorted(medians.items()):
                 # torch's copy runs on its current device, GPU 0.
-                if s == tg == 0 and f in ("ce_write", "ce_read", "sm_write", "sm_read"):
-                    print(f"own memory GPU {s}: p2pcheck {f} {g:.1f} vs torch copy_ "
+                if s == tg == 0 and f in mine:
+                    print(f"own memory GPU {s}: p2pcheck {f} {g:.1f} vs {t['figure']} "
                           f"{t['gbps']:.1f} ({t['mib']} MiB): {100 * (g / t['gbps'] - 1):+.1f} %")
         elif t["figure"] == "torch-peer":
             g = medians.get((t["src"], t["tgt"], "ce_read"))

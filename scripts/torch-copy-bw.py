@@ -7,7 +7,10 @@ With "peer:MIB:LOOPS", the same for every ordered pair of distinct GPUs (src, tg
 tgt copied from one on src, on tgt's current stream (the data flows src -> tgt, as p2pcheck's
 read figure of the pair src->tgt), one line per pair.
 
-usage: torch-copy-bw.py [[peer:]MIB:LOOPS...]   (default 64:4 256:2); SAMPLES=5 from the
+With "sm:MIB:LOOPS", an own-memory copy by an elementwise kernel (torch.bitwise_or(a, 0,
+out=b): SM loads and stores) instead of copy_ (cudaMemcpy, the copy engines' figure).
+
+usage: torch-copy-bw.py [[peer:|sm:]MIB:LOOPS...]   (default 64:4 256:2); SAMPLES=5 from the
 environment
 """
 import json
@@ -18,7 +21,7 @@ import sys
 import torch
 
 
-def figure(mib, loops, samples, src="cuda", tgt="cuda"):
+def figure(mib, loops, samples, src="cuda", tgt="cuda", sm=False):
     n = mib << 20
     a = torch.empty(n, dtype=torch.uint8, device=src).random_(0, 255)
     b = torch.empty(n, dtype=torch.uint8, device=tgt)
@@ -28,14 +31,19 @@ def figure(mib, loops, samples, src="cuda", tgt="cuda"):
         for s in range(samples + 1):
             start.record()
             for _ in range(loops):
-                b.copy_(a)
+                if sm:
+                    # An elementwise kernel (SM loads and stores), not cudaMemcpy: the
+                    # independent figure for p2pcheck's SM copies.
+                    torch.bitwise_or(a, 0, out=b)
+                else:
+                    b.copy_(a)
             end.record()
             torch.cuda.synchronize()
             if s > 0:  # the first is the warm-up
                 rates.append(n * loops / (start.elapsed_time(end) * 1e6))
     assert torch.equal(a.to(b.device), b), "torch copy_ gave wrong bytes"
     mean = statistics.fmean(rates)
-    return {"figure": "torch-copy", "mib": mib, "loops": loops,
+    return {"figure": "torch-sm-copy" if sm else "torch-copy", "mib": mib, "loops": loops,
             "gbps": round(statistics.median(rates), 1),
             "cv_pct": round(100 * statistics.pstdev(rates) / mean, 2)}
 
@@ -54,8 +62,13 @@ def main():
     samples = int(os.environ.get("SAMPLES", "5"))
     for arg in sys.argv[1:] or ["64:4", "256:2"]:
         peer = arg.startswith("peer:")
-        mib, loops = (int(x) for x in arg.removeprefix("peer:").split(":"))
-        for f in peers(mib, loops, samples) if peer else [figure(mib, loops, samples)]:
+        sm = arg.startswith("sm:")
+        mib, loops = (int(x) for x in arg.removeprefix("peer:").removeprefix("sm:").split(":"))
+        if peer:
+            results = peers(mib, loops, samples)
+        else:
+            results = [figure(mib, loops, samples, sm=sm)]
+        for f in results:
             print(json.dumps(f), flush=True)
 
 
