@@ -76,7 +76,7 @@ def main(d):
               f"slow {slow} of {len(measured)}{note}")
     print(f"largest CV across runs: {worst_cv:.2f} % (target under 3 %)")
     for t in torch:
-        if t["figure"] in ("torch-copy", "torch-sm-copy"):
+        if t["figure"] in ("torch-copy", "torch-sm-copy", "triton-sm-copy"):
             # copy_ is cudaMemcpy (the copy engines' figures); the elementwise kernel is SM work.
             mine = ("ce_write", "ce_read") if t["figure"] == "torch-copy" else ("sm_write", "sm_read")
             for (s, tg, f), g in sorted(medians.items()):

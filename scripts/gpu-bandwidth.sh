@@ -25,7 +25,7 @@ for r in $(seq 1 "$RUNS"); do
   echo "run $r: --bandwidth exit $?"
 done
 n=$(nvidia-smi -L | wc -l)
-torch_args="$BW_MIB:4 sm:$BW_MIB:4"
+torch_args="$BW_MIB:4 sm:$BW_MIB:4 triton:$BW_MIB:4"
 [ "$n" -gt 1 ] && torch_args="$BW_MIB:4 peer:$BW_MIB:4"
 python3 "$C/torch-copy-bw.py" $torch_args >"$OUT/torch.jsonl" 2>"$OUT/torch.err" ||
   echo "torch failed: $(tail -2 "$OUT/torch.err")"

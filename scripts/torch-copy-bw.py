@@ -10,7 +10,10 @@ read figure of the pair src->tgt), one line per pair.
 With "sm:MIB:LOOPS", an own-memory copy by an elementwise kernel (torch.bitwise_or(a, 0,
 out=b): SM loads and stores) instead of copy_ (cudaMemcpy, the copy engines' figure).
 
-usage: torch-copy-bw.py [[peer:|sm:]MIB:LOOPS...]   (default 64:4 256:2); SAMPLES=5 from the
+With "triton:MIB:LOOPS", the same copy by a Triton kernel (16-byte accesses), a second
+independent SM figure.
+
+usage: torch-copy-bw.py [[peer:|sm:|triton:]MIB:LOOPS...]   (default 64:4 256:2); SAMPLES=5 from the
 environment
 """
 import json
@@ -21,7 +24,27 @@ import sys
 import torch
 
 
-def figure(mib, loops, samples, src="cuda", tgt="cuda", sm=False):
+def triton_copy():
+    """A Triton kernel copying int32 words (16-byte vector accesses): an SM copy compiled by
+    another compiler from another source than p2pcheck's p2pc_copy."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def copy_kernel(src, dst, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)
+
+    def run(a, b):
+        x, y = a.view(torch.int32), b.view(torch.int32)
+        block = 4096
+        copy_kernel[(triton.cdiv(x.numel(), block),)](x, y, x.numel(), BLOCK=block, num_warps=8)
+
+    return run
+
+
+def figure(mib, loops, samples, src="cuda", tgt="cuda", sm=False, kernel=None):
     n = mib << 20
     a = torch.empty(n, dtype=torch.uint8, device=src).random_(0, 255)
     b = torch.empty(n, dtype=torch.uint8, device=tgt)
@@ -31,7 +54,9 @@ def figure(mib, loops, samples, src="cuda", tgt="cuda", sm=False):
         for s in range(samples + 1):
             start.record()
             for _ in range(loops):
-                if sm:
+                if kernel is not None:
+                    kernel(a, b)
+                elif sm:
                     # An elementwise kernel (SM loads and stores), not cudaMemcpy: the
                     # independent figure for p2pcheck's SM copies.
                     torch.bitwise_or(a, 0, out=b)
@@ -43,7 +68,8 @@ def figure(mib, loops, samples, src="cuda", tgt="cuda", sm=False):
                 rates.append(n * loops / (start.elapsed_time(end) * 1e6))
     assert torch.equal(a.to(b.device), b), "torch copy_ gave wrong bytes"
     mean = statistics.fmean(rates)
-    return {"figure": "torch-sm-copy" if sm else "torch-copy", "mib": mib, "loops": loops,
+    name = "triton-sm-copy" if kernel is not None else "torch-sm-copy" if sm else "torch-copy"
+    return {"figure": name, "mib": mib, "loops": loops,
             "gbps": round(statistics.median(rates), 1),
             "cv_pct": round(100 * statistics.pstdev(rates) / mean, 2)}
 
@@ -61,13 +87,18 @@ def peers(mib, loops, samples):
 def main():
     samples = int(os.environ.get("SAMPLES", "5"))
     for arg in sys.argv[1:] or ["64:4", "256:2"]:
-        peer = arg.startswith("peer:")
-        sm = arg.startswith("sm:")
-        mib, loops = (int(x) for x in arg.removeprefix("peer:").removeprefix("sm:").split(":"))
-        if peer:
+        kind = arg.split(":")[0] if arg.count(":") == 2 else ""
+        mib, loops = (int(x) for x in arg.split(":")[-2:])
+        if kind == "peer":
             results = peers(mib, loops, samples)
+        elif kind == "triton":
+            try:
+                results = [figure(mib, loops, samples, kernel=triton_copy())]
+            except Exception as e:  # no Triton here: say so, measure the rest
+                print(f"triton copy not measured: {e}", file=sys.stderr)
+                results = []
         else:
-            results = [figure(mib, loops, samples, sm=sm)]
+            results = [figure(mib, loops, samples, sm=kind == "sm")]
         for f in results:
             print(json.dumps(f), flush=True)
 
