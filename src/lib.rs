@@ -53,6 +53,7 @@ pub mod doctor;
 mod engine;
 mod environment;
 mod error;
+mod failed_call;
 mod files;
 #[cfg(feature = "test-internals")]
 #[doc(hidden)]

@@ -156,41 +156,9 @@ impl fmt::Display for Error {
                 code,
                 name,
                 text,
-            } => fmt_failure(f, call, *device, *code, name, text),
+            } => crate::failed_call::describe(f, call, *device, *code, name, text),
         }
     }
-}
-
-/// How a failed CUDA call reads, with the hint that fits (shared by [`Error`] and
-/// `model::Problem`, which carries the same parts across the pipe).
-pub(crate) fn fmt_failure(
-    f: &mut fmt::Formatter<'_>,
-    call: &str,
-    device: Option<i32>,
-    code: i32,
-    name: &str,
-    text: &str,
-) -> fmt::Result {
-    write!(f, "{call}")?;
-    if let Some(d) = device {
-        write!(f, " on device {d}")?;
-    }
-    write!(f, " failed: {name} ({text}, code {code})")?;
-    if code == sys::CUDA_ERROR_STUB_LIBRARY as i32 {
-        write!(
-            f,
-            "; this is CUDA's stub library, not a driver: no NVIDIA driver is installed or the \
-             stub shadows it on the library path"
-        )?;
-    }
-    if call == "cudaIpcOpenMemHandle" {
-        write!(
-            f,
-            "; inside a container this usually means the processes do not share an IPC/PID \
-             namespace (docker: --ipc=host --pid=host)"
-        )?;
-    }
-    Ok(())
 }
 
 impl std::error::Error for Error {}
@@ -1100,3 +1068,15 @@ mod fatbin;
 mod kernels;
 pub(crate) use kernels::{Engine as Mover, Kernels, PatternCount, HANDSHAKE_AREA_BYTES};
 pub(crate) use memory::{CumemBuffer, CumemMapping, DeviceBuffer, DeviceView, PeerMapping};
+
+#[cfg(test)]
+mod tests {
+    /// The sentence's own copy of the stub library's code is the bindings' constant.
+    #[test]
+    fn the_stub_librarys_code_is_the_bindings() {
+        assert_eq!(
+            crate::failed_call::CUDA_ERROR_STUB_LIBRARY,
+            super::sys::CUDA_ERROR_STUB_LIBRARY as i32
+        );
+    }
+}

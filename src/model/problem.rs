@@ -3,42 +3,7 @@
 
 use std::fmt;
 
-/// CUDA's `CUDA_ERROR_STUB_LIBRARY`: the code of CUDA's stub library, which stands in for a
-/// missing driver.
-const CUDA_ERROR_STUB_LIBRARY: i32 = 34;
-
-/// A failed CUDA call in words: `call[ on device d] failed: name (text, code c)`, with what it
-/// usually means for the codes and calls that have a known cause. The same sentence as the
-/// driver layer's own error (`cuda::Error`), which the worker turns into a [`Problem::Cuda`].
-fn fmt_cuda_failure(
-    f: &mut fmt::Formatter<'_>,
-    call: &str,
-    device: Option<i32>,
-    code: i32,
-    name: &str,
-    text: &str,
-) -> fmt::Result {
-    write!(f, "{call}")?;
-    if let Some(d) = device {
-        write!(f, " on device {d}")?;
-    }
-    write!(f, " failed: {name} ({text}, code {code})")?;
-    if code == CUDA_ERROR_STUB_LIBRARY {
-        write!(
-            f,
-            "; this is CUDA's stub library, not a driver: no NVIDIA driver is installed or the \
-             stub shadows it on the library path"
-        )?;
-    }
-    if call == "cudaIpcOpenMemHandle" {
-        write!(
-            f,
-            "; inside a container this usually means the processes do not share an IPC/PID \
-             namespace (docker: --ipc=host --pid=host)"
-        )?;
-    }
-    Ok(())
-}
+use crate::failed_call;
 
 /// Which read-back found wrong bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -132,7 +97,7 @@ impl fmt::Display for Problem {
                 code,
                 name,
                 text,
-            } => fmt_cuda_failure(f, call, *device, *code, name, text),
+            } => failed_call::describe(f, call, *device, *code, name, text),
             Problem::Driver(why) => f.write_str(why),
             Problem::Mismatch {
                 check,
