@@ -344,7 +344,8 @@ fn check_all(opts: &Options, n: u32) -> Result<cache::Computed> {
         transport: Transports::Ipc,
         ..opts.clone()
     };
-    let report = engine::run(None, &ipc)?;
+    // No bandwidth here (the cache holds verdicts only): nothing to judge.
+    let report = engine::run(None, &ipc, |_, _| {})?;
     if report.device_count != n {
         return Err(Error::DeviceCountChanged {
             workers: report.device_count,

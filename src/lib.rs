@@ -84,7 +84,7 @@ pub use access::{access_check, store_report, Access, AccessOptions};
 pub use cache::{CacheFile, Origin};
 pub use cuda::{Error as CudaError, Library};
 pub use engine::{
-    locate_worker, start, this_executable_is_a_worker, Options, Pending, DEFAULT_BANDWIDTH_BYTES,
+    locate_worker, this_executable_is_a_worker, Options, Pending, DEFAULT_BANDWIDTH_BYTES,
     DEFAULT_KERNEL_BYTES, TIMEOUT_RANGE,
 };
 pub use error::{CacheErrorKind, Error, Phase, Result};
@@ -112,18 +112,27 @@ pub use worker::{main as worker_main, TEST_BYTES, WORKER_FLAG};
 /// [`Error`] when the check cannot be carried out at all (no worker, no CUDA, no device, bad
 /// options, cancelled); a pair that fails, hangs or errors is an outcome in the [`Report`].
 pub fn check(pairs: Option<&[Pair]>, opts: &Options) -> Result<Report> {
-    let mut report = engine::run(pairs, opts)?;
-    judge_bandwidth_links(&mut report, opts);
-    Ok(report)
+    engine::run(pairs, opts, judge_bandwidth_links)
+}
+
+/// Starts checking `pairs` (all pairs of the visible devices when `None`) in the background
+/// and returns at once, so a caller can overlap the check with its own start-up: the
+/// [`Pending`] gives the same report as [`check`] would.
+///
+/// The check runs on its own thread, which spawns the workers and outlives them: after the
+/// report is handed over it reaps every worker (they tear their contexts down off the critical
+/// path). Dropping the [`Pending`] before the check has a result cancels it.
+pub fn start(pairs: Option<Vec<Pair>>, opts: Options) -> Pending {
+    engine::start(pairs, opts, judge_bandwidth_links)
 }
 
 /// Judges a report's bandwidth figures ([`Report::bandwidth`]) against the links NVML
-/// describes (the doctor's [`doctor::Facts::link`]): the engine knows only one GPU's own
-/// memory and the simulator's link, so a report from [`start`] and [`Pending::wait`] is
-/// judged here ([`check`] does it itself). Nothing changes when the check was simulated or
-/// measured nothing, or when the GPUs cannot be numbered as CUDA numbers them without CUDA
-/// (then each link stays unknown: no floor, unless [`Options::min_gbps`] gives one).
-pub fn judge_bandwidth_links(report: &mut Report, opts: &Options) {
+/// describes (the doctor's [`doctor::Facts::link`]), on the check's thread before the report
+/// is handed over: the engine knows only one GPU's own memory and the simulator's link.
+/// Nothing changes when the check was simulated or measured nothing, or when the GPUs cannot
+/// be numbered as CUDA numbers them without CUDA (then each link stays unknown: no floor,
+/// unless [`Options::min_gbps`] gives one).
+fn judge_bandwidth_links(report: &mut Report, opts: &Options) {
     if report.bandwidth.is_empty() || opts.simulate.is_some() {
         return;
     }

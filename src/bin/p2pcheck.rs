@@ -572,8 +572,7 @@ fn print_json(args: &Args, report: &Report, note: Option<&CacheNote>, warnings: 
 /// that was asked for failed (the verdicts are printed all the same).
 fn run(args: &Args) -> Result<u8, String> {
     let pending = p2pcheck::start(None, args.opts.clone());
-    let mut report = pending.wait().map_err(|e| e.to_string())?;
-    p2pcheck::judge_bandwidth_links(&mut report, &args.opts);
+    let report = pending.wait().map_err(|e| e.to_string())?;
     let mut warnings = report.warnings.clone();
     let note = cache_note(args, &report, &mut warnings)?;
     if args.json {

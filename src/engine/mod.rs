@@ -280,7 +280,7 @@ impl Options {
     }
 }
 
-/// A check running in the background (see [`start`]).
+/// A check running in the background (see [`start`](crate::start)).
 ///
 /// Every method takes `&self`, and `Pending` is `Send + Sync`: one thread may wait while
 /// another cancels (share it with `std::sync::Arc` or a scoped thread). The result is kept:
@@ -501,13 +501,18 @@ pub(crate) fn wait_for_checks(deadline: Instant) -> bool {
     true
 }
 
+/// What the check's thread does to a finished report before handing it over, with what only a
+/// layer above the engine knows (the links NVML describes, for the bandwidth verdicts).
+pub(crate) type Finish = fn(&mut Report, &Options);
+
 /// Starts checking `pairs` (all pairs of the visible devices when `None`) in the background
-/// and returns at once, so a caller can overlap the check with its own start-up.
+/// and returns at once, so a caller can overlap the check with its own start-up; `finish` is
+/// applied to the report on the check's thread before it is handed over.
 ///
 /// The check runs on its own thread, which spawns the workers and outlives them: after the
 /// report is handed over it reaps every worker (they tear their contexts down off the critical
 /// path). Dropping the [`Pending`] before the check has a result cancels it.
-pub fn start(pairs: Option<Vec<Pair>>, opts: Options) -> Pending {
+pub(crate) fn start(pairs: Option<Vec<Pair>>, opts: Options, finish: Finish) -> Pending {
     // The caller's environment at the call, read once: the check's thread never reads it again.
     let environment = Environment::read();
     let shared = Arc::new(Shared::new());
@@ -529,6 +534,10 @@ pub fn start(pairs: Option<Vec<Pair>>, opts: Options) -> Pending {
                     &mut graveyard,
                     &settle.0.cancel,
                 )
+                .map(|mut report| {
+                    finish(&mut report, &opts);
+                    report
+                })
             }))
             .unwrap_or_else(|panic| {
                 let what = panic
@@ -566,8 +575,8 @@ pub fn start(pairs: Option<Vec<Pair>>, opts: Options) -> Pending {
 /// is a fact; pairs a broken worker interrupted are rerun. The whole check has a deadline
 /// ([`Options::check_timeout`]). `Err` means the check could not be carried out at all (no
 /// worker, no CUDA, bad device ids), and names why.
-pub fn run(pairs: Option<&[Pair]>, opts: &Options) -> Result<Report> {
-    start(pairs.map(<[Pair]>::to_vec), opts.clone()).wait()
+pub(crate) fn run(pairs: Option<&[Pair]>, opts: &Options, finish: Finish) -> Result<Report> {
+    start(pairs.map(<[Pair]>::to_vec), opts.clone(), finish).wait()
 }
 
 /// What an engine needs for one round.
