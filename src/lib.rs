@@ -84,8 +84,8 @@ pub use access::{access_check, store_report, Access, AccessOptions};
 pub use cache::{CacheFile, Origin};
 pub use cuda::{Error as CudaError, Library};
 pub use engine::{
-    locate_worker, this_executable_is_a_worker, Options, Pending, DEFAULT_BANDWIDTH_BYTES,
-    DEFAULT_KERNEL_BYTES, TIMEOUT_RANGE,
+    locate_worker, this_executable_is_a_worker, Options, Pending, ProcessOwner,
+    DEFAULT_BANDWIDTH_BYTES, DEFAULT_KERNEL_BYTES, TIMEOUT_RANGE,
 };
 pub use error::{CacheErrorKind, Error, Phase, Result};
 pub use model::{

@@ -38,8 +38,8 @@ use p2pcheck::policy::{self, ComputeCapability, PolicyConfig};
 use p2pcheck::sim::{Fault, Simulation};
 use p2pcheck::{
     AccessOptions, Class, Engine, Error, Level, Options, Pair, PairBandwidth, PairReport, Pending,
-    Report, TierOutcome, Transport, Transports, Verdict, Visibility, DEFAULT_BANDWIDTH_BYTES,
-    MAX_DEVICES,
+    ProcessOwner, Report, TierOutcome, Transport, Transports, Verdict, Visibility,
+    DEFAULT_BANDWIDTH_BYTES, MAX_DEVICES,
 };
 
 /// `p2pcheck_status`: what a call of the C ABI gave. `Ok` is 0; one code per [`Error`] variant
@@ -494,7 +494,7 @@ impl LevelCode {
 /// a `fork` it answers [`Status::WrongProcess`] before anything of it is touched (a lock the
 /// parent's threads held at the fork stays held in the child for ever).
 pub struct Handle<T> {
-    owner: Owner,
+    owner: ProcessOwner,
     value: T,
 }
 
@@ -502,34 +502,9 @@ impl<T> Handle<T> {
     /// `value`, boxed, as C gets it.
     fn into_raw(value: T) -> *mut Handle<T> {
         Box::into_raw(Box::new(Handle {
-            owner: Owner::current(),
+            owner: ProcessOwner::current(),
             value,
         }))
-    }
-}
-
-/// The process that made a handle (its pid, asked again at each check: a child of `fork` has
-/// its own).
-#[derive(Clone, Copy)]
-struct Owner(u32);
-
-impl Owner {
-    /// This process.
-    fn current() -> Owner {
-        Owner(std::process::id())
-    }
-
-    /// `Err` naming both processes when called from another process than the owner's.
-    fn check(self, what: &str) -> Result<(), String> {
-        let here = std::process::id();
-        match here == self.0 {
-            true => Ok(()),
-            false => Err(format!(
-                "{what} was made by process {}, and this is process {here} (a child of fork?): \
-                 a handle is used only in the process that made it",
-                self.0
-            )),
-        }
     }
 }
 
@@ -712,7 +687,7 @@ fn required<'a, T>(h: Option<&'a Handle<T>>, what: &str) -> Result<&'a T, Failur
     let h = h.ok_or_else(|| Failure::null(what))?;
     h.owner
         .check(what)
-        .map_err(|why| Failure::new(Status::WrongProcess, why))?;
+        .map_err(|e| Failure::new(Status::WrongProcess, e.to_string()))?;
     Ok(&h.value)
 }
 
@@ -1802,7 +1777,7 @@ mod tests {
         );
         // A handle whose lock a panic poisoned is still usable.
         let h: OptionsHandle = Handle {
-            owner: Owner::current(),
+            owner: ProcessOwner::current(),
             value: Mutex::new(Options::default()),
         };
         let status = update(Some(&h), TextBuf::none(), |_| panic!("inside the lock"));

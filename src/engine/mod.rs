@@ -292,7 +292,7 @@ impl Options {
 pub struct Pending {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<Vec<String>>>,
-    owner: Owner,
+    owner: ProcessOwner,
 }
 
 /// What a [`Pending`] and its check's thread share.
@@ -342,28 +342,34 @@ impl Drop for SettleOnExit {
     }
 }
 
-/// The process that made a handle: after a `fork`, the child's copy must not touch locks or
-/// threads that only exist in the parent.
+/// The process that made a handle (a [`Pending`], or a C ABI handle): after a `fork`, the
+/// child's copy must not touch locks or threads that only exist in the parent. Public for
+/// programs that wrap p2pcheck's handles in their own, as the C ABI does.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Owner(u32);
+pub struct ProcessOwner(u32);
 
-impl Owner {
+impl ProcessOwner {
     /// This process.
-    pub(crate) fn current() -> Owner {
-        Owner(std::process::id())
+    pub fn current() -> ProcessOwner {
+        ProcessOwner(std::process::id())
     }
 
-    /// `Err` naming both processes when called from another process than the owner's (the
-    /// pid is asked each time: a child of `fork` has its own).
-    pub(crate) fn check(self, what: &str) -> std::result::Result<(), String> {
+    /// Whether this is still the owner's process (the pid is asked each time: a child of
+    /// `fork` has its own).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidInput`] naming `what` and both processes when called from another
+    /// process than the owner's.
+    pub fn check(self, what: &str) -> Result<()> {
         let here = std::process::id();
         match here == self.0 {
             true => Ok(()),
-            false => Err(format!(
+            false => Err(Error::InvalidInput(format!(
                 "{what} was made by process {}, and this is process {here} (a child of fork?): \
                  a handle is used only in the process that made it",
                 self.0
-            )),
+            ))),
         }
     }
 }
@@ -378,8 +384,8 @@ impl Pending {
     /// [`Pending::cancel`] from another thread ends the wait at once with
     /// [`Error::Cancelled`] (unless the result was complete already).
     pub fn wait_timeout(&self, timeout: Duration) -> Option<Result<Report>> {
-        if let Err(why) = self.owner.check("this check") {
-            return Some(Err(Error::InvalidInput(why)));
+        if let Err(e) = self.owner.check("this check") {
+            return Some(Err(e));
         }
         // A timeout too long for the clock is no timeout.
         let deadline = Instant::now().checked_add(timeout);
@@ -562,7 +568,7 @@ pub(crate) fn start(pairs: Option<Vec<Pair>>, opts: Options, finish: Finish) -> 
     Pending {
         shared,
         thread,
-        owner: Owner::current(),
+        owner: ProcessOwner::current(),
     }
 }
 
