@@ -19,6 +19,8 @@ pub use bandwidth::{
 pub use evidence::{Attempt, Evidence, OtherAttempt, PairReport};
 pub use link::{Link, FLOOR_FRACTION};
 pub use pair::{all_pairs, Level, Pair, Role, Route, TierParams, Transport, Transports};
+#[cfg(test)]
+pub(crate) use problem::tests::cuda_problem;
 pub use problem::{Check, Class, Problem};
 pub use report::{Engine, Report, Visibility, WorkerInfo};
 pub use verdict::{

@@ -281,10 +281,11 @@ impl Problem {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn cuda_problem() -> Problem {
+    /// A failed `cudaIpcOpenMemHandle`, as the tests here and the wire format's use it.
+    pub(crate) fn cuda_problem() -> Problem {
         Problem::Cuda {
             call: "cudaIpcOpenMemHandle".into(),
             device: Some(1),

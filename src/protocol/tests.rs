@@ -1,6 +1,7 @@
 //! The wire format's tests: every message round-trips, and no input makes decoding panic.
 use super::codec::{TAG_HELLO, TAG_START};
 use super::*;
+use crate::model::cuda_problem;
 use crate::model::{
     Bandwidth, Check, Figure, Level, Pair, Problem, Role, SideVerdict, TierOutcome, TierParams,
     Transport,
@@ -16,16 +17,6 @@ fn job(role: Role) -> Job {
         role,
         tier: Level::Kernel,
         transport: Transport::Cumem,
-    }
-}
-
-fn cuda_problem() -> Problem {
-    Problem::Cuda {
-        call: "cudaIpcOpenMemHandle".into(),
-        device: Some(1),
-        code: 205,
-        name: "cudaErrorMapBufferObjectFailed".into(),
-        text: "mapping of buffer object failed".into(),
     }
 }
 
