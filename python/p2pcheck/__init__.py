@@ -75,18 +75,24 @@ def version() -> str:
     return _native.library().p2pcheck_version().decode()
 
 
-def check(pairs: Optional[Sequence[Tuple[int, int]]] = None, **options: Any) -> Report:
-    """Checks `pairs` ((src, tgt) tuples; None: every ordered pair of the visible GPUs) and
-    returns when every verdict is known. A pair that fails is in the report, not an error;
-    P2PCheckError when the check could not run (no GPU, no driver, a device not visible)."""
-    lib = _native.library()
+def _run(what: str, pairs: Optional[Sequence[Tuple[int, int]]], options: dict) -> int:
+    """Calls p2pcheck_check or p2pcheck_start (`what`) on `pairs` with `options`: the handle
+    it gives (a report or a pending check)."""
     src, tgt, n = _native.pair_arrays(pairs)
     with _native.Options(**options) as opts:
         out = ctypes.c_void_p()
         msg = _native.message_buffer()
-        status = lib.p2pcheck_check(opts.handle, src, tgt, n, ctypes.byref(out), msg, len(msg))
-        _native.raise_for(status, msg, "check")
-    return _native.take_report(out.value)
+        call = getattr(_native.library(), f"p2pcheck_{what}")
+        status = call(opts.handle, src, tgt, n, ctypes.byref(out), msg, len(msg))
+        _native.raise_for(status, msg, what)
+    return out.value
+
+
+def check(pairs: Optional[Sequence[Tuple[int, int]]] = None, **options: Any) -> Report:
+    """Checks `pairs` ((src, tgt) tuples; None: every ordered pair of the visible GPUs) and
+    returns when every verdict is known. A pair that fails is in the report, not an error;
+    P2PCheckError when the check could not run (no GPU, no driver, a device not visible)."""
+    return _native.take_report(_run("check", pairs, options))
 
 
 class Pending:
@@ -154,14 +160,7 @@ class Pending:
 def start(pairs: Optional[Sequence[Tuple[int, int]]] = None, **options: Any) -> Pending:
     """check() on a thread of the library's own: returns at once; the report comes from the
     Pending's wait() or poll()."""
-    lib = _native.library()
-    src, tgt, n = _native.pair_arrays(pairs)
-    with _native.Options(**options) as opts:
-        out = ctypes.c_void_p()
-        msg = _native.message_buffer()
-        status = lib.p2pcheck_start(opts.handle, src, tgt, n, ctypes.byref(out), msg, len(msg))
-        _native.raise_for(status, msg, "start")
-    return Pending(out.value)
+    return Pending(_run("start", pairs, options))
 
 
 def can_actually_p2p(batch_src: Sequence[int], batch_tgt: Sequence[int], **options: Any) -> List[bool]:
